@@ -1,0 +1,85 @@
+"""Server settings: one object holding every option and limit, read by the
+native side attribute by attribute."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+__all__ = ["ServerConfig", "TlsConfig"]
+
+MiB = 1024 * 1024
+
+
+@dataclass
+class TlsConfig:
+    """Certificate, key and client-certificate policy for a secure server."""
+
+    certificate_path: str
+    key_path: str
+    certificate_password: str | None = None
+    #: Ask clients for a certificate; without ``client_ca_path`` it is handed
+    #: to the application unverified (like dart:io's requestClientCertificate).
+    request_client_certificate: bool = False
+    #: Refuse clients that present no certificate.
+    require_client_certificate: bool = False
+    #: PEM bundle of CAs that client certificates must chain to.
+    client_ca_path: str | None = None
+    http2: bool = True
+
+    def __post_init__(self) -> None:
+        self.certificate_path = _existing_file(self.certificate_path, "certificate_path")
+        self.key_path = _existing_file(self.key_path, "key_path")
+        if self.client_ca_path is not None:
+            self.client_ca_path = _existing_file(self.client_ca_path, "client_ca_path")
+
+
+def _existing_file(path: str | os.PathLike[str], what: str) -> str:
+    text = os.fspath(path)
+    if not text:
+        raise ValueError(f"{what} must name a PEM file")
+    if not os.path.isfile(text):
+        raise FileNotFoundError(2, f"{what}: no such file", text)
+    return text
+
+
+@dataclass
+class ServerConfig:
+    """Socket options, protocol switches, limits and timeouts (seconds; 0 = none)."""
+
+    backlog: int = 0
+    v6_only: bool = False
+    shared: bool = False
+    http2: bool = True
+    http3: bool = True
+    tls: TlsConfig | None = None
+    #: Largest request head (431 beyond it) and most header lines.
+    max_header_size: int = 64 * 1024
+    max_headers: int = 100
+    #: Largest request body (413 beyond it).
+    max_body_size: int = 32 * MiB
+    #: Open connections; further clients wait in the kernel's accept queue.
+    max_connections: int = 10_000
+    #: Requests handed to Python and not yet answered; the native side waits
+    #: (and so do its clients) beyond this.
+    max_pending_requests: int = 1024
+    max_concurrent_streams: int = 250
+    header_read_timeout: float = 30.0
+    tls_handshake_timeout: float = 10.0
+    #: Keep-alive: a connection idle this long is closed.
+    idle_timeout: float = 120.0
+    #: How long a graceful close waits for in-flight requests.
+    shutdown_timeout: float = 5.0
+    auto_compress: bool = False
+    #: Benchmark ceiling: the native side answers every request with these
+    #: bytes without calling Python.
+    native_response: bytes | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_header_size", "max_headers", "max_body_size", "max_connections", "max_pending_requests"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if not 0 <= self.backlog < 2**31:
+            raise ValueError("backlog must be between 0 and 2**31-1")
+        if self.native_response is not None:
+            self.native_response = bytes(self.native_response)

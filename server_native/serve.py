@@ -1,0 +1,216 @@
+"""Callback-style boot helpers: bind, call a handler for every request, and
+run until a shutdown signal (an awaitable, SIGINT or SIGTERM)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import threading
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .http_server import NativeHttpServer, RequestHandler
+
+__all__ = [
+    "NativeMultiServer",
+    "NativeServerBind",
+    "serve_native",
+    "serve_native_http",
+    "serve_native_multi",
+    "serve_secure_native",
+    "serve_secure_native_http",
+    "serve_secure_native_multi",
+]
+
+
+@dataclass(frozen=True)
+class NativeServerBind:
+    """One listener of a multi-bind server."""
+
+    host: str
+    port: int
+
+
+async def serve_native_http(
+    handler: RequestHandler,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    *,
+    echo: bool = True,
+    shutdown_signal: Awaitable[Any] | None = None,
+    **options: Any,
+) -> None:
+    """Serves ``handler`` on ``host:port`` until ``shutdown_signal``
+    completes or the process gets SIGINT/SIGTERM (the first drains, the
+    second stops at once). ``options`` are those of ``NativeHttpServer.bind``."""
+    server = await NativeHttpServer.bind(host, port, **options)
+    await _serve([server], handler, echo, shutdown_signal)
+
+
+async def serve_secure_native_http(
+    handler: RequestHandler,
+    address: str = "localhost",
+    port: int = 443,
+    *,
+    certificate_path: str | os.PathLike[str],
+    key_path: str | os.PathLike[str],
+    echo: bool = True,
+    shutdown_signal: Awaitable[Any] | None = None,
+    **options: Any,
+) -> None:
+    """:func:`serve_native_http` over TLS (``NativeHttpServer.bind_secure``)."""
+    server = await NativeHttpServer.bind_secure(
+        address, port, certificate_path=certificate_path, key_path=key_path, **options
+    )
+    await _serve([server], handler, echo, shutdown_signal)
+
+
+serve_native = serve_native_http
+serve_secure_native = serve_secure_native_http
+
+
+async def serve_native_multi(
+    handler: RequestHandler,
+    binds: Sequence[NativeServerBind],
+    *,
+    echo: bool = True,
+    shutdown_signal: Awaitable[Any] | None = None,
+    **options: Any,
+) -> None:
+    """One handler on an explicit list of listeners."""
+    servers = await _bind_all(binds, lambda b: NativeHttpServer.bind(b.host, b.port, **options))
+    await _serve(servers, handler, echo, shutdown_signal)
+
+
+async def serve_secure_native_multi(
+    handler: RequestHandler,
+    binds: Sequence[NativeServerBind],
+    *,
+    certificate_path: str | os.PathLike[str],
+    key_path: str | os.PathLike[str],
+    echo: bool = True,
+    shutdown_signal: Awaitable[Any] | None = None,
+    **options: Any,
+) -> None:
+    servers = await _bind_all(
+        binds,
+        lambda b: NativeHttpServer.bind_secure(
+            b.host, b.port, certificate_path=certificate_path, key_path=key_path, **options
+        ),
+    )
+    await _serve(servers, handler, echo, shutdown_signal)
+
+
+class NativeMultiServer:
+    """Callback-style serving with http_multi_server address semantics:
+    ``"localhost"`` is every loopback interface, ``"any"`` every interface."""
+
+    @staticmethod
+    async def bind(handler: RequestHandler, address: str, port: int = 0, **options: Any) -> None:
+        await serve_native_http(handler, address, port, **options)
+
+    @staticmethod
+    async def loopback(handler: RequestHandler, port: int = 0, **options: Any) -> None:
+        await serve_native_http(handler, "localhost", port, **options)
+
+    @staticmethod
+    async def bind_secure(handler: RequestHandler, address: str, port: int = 0, **options: Any) -> None:
+        await serve_secure_native_http(handler, address, port, **options)
+
+    @staticmethod
+    async def loopback_secure(handler: RequestHandler, port: int = 0, **options: Any) -> None:
+        await serve_secure_native_http(handler, "localhost", port, **options)
+
+
+async def _bind_all(binds: Sequence[NativeServerBind], bind: Any) -> list[NativeHttpServer]:
+    if not binds:
+        raise ValueError("binds must name at least one NativeServerBind")
+    servers: list[NativeHttpServer] = []
+    try:
+        for spec in binds:
+            servers.append(await bind(spec))
+    except BaseException:
+        for server in servers:
+            await server.close(force=True)
+        raise
+    return servers
+
+
+async def _serve(
+    servers: list[NativeHttpServer],
+    handler: RequestHandler,
+    echo: bool,
+    shutdown_signal: Awaitable[Any] | None,
+) -> None:
+    loop = asyncio.get_running_loop()
+    stop: asyncio.Future[None] = loop.create_future()
+    for server in servers:
+        server.serve(handler)
+        if echo:
+            _echo(server)
+    signals = _SignalHandlers(loop, stop, servers)
+    watcher = asyncio.ensure_future(_after(shutdown_signal, stop)) if shutdown_signal is not None else None
+    try:
+        await stop
+        await asyncio.gather(*(server.close() for server in servers))
+    finally:
+        signals.remove()
+        if watcher is not None:
+            watcher.cancel()
+    if signals.second is not None:
+        raise SystemExit(128 + signals.second)
+
+
+async def _after(shutdown_signal: Awaitable[Any], stop: asyncio.Future[None]) -> None:
+    await shutdown_signal
+    if not stop.done():
+        stop.set_result(None)
+
+
+class _SignalHandlers:
+    """SIGINT/SIGTERM while serving: the first drains, a second one aborts
+    the drain and exits with 128 + the signal number. Installed only where
+    asyncio allows it (the main thread, not Windows)."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, stop: asyncio.Future[None], servers: list[NativeHttpServer]
+    ) -> None:
+        self._loop = loop
+        self._stop = stop
+        self._servers = servers
+        self._installed: list[signal.Signals] = []
+        self.second: int | None = None
+        if threading.current_thread() is not threading.main_thread() or sys.platform == "win32":
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, self._on_signal, sig)
+            except (NotImplementedError, RuntimeError, ValueError):
+                continue
+            self._installed.append(sig)
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        if not self._stop.done():
+            self._stop.set_result(None)
+            return
+        self.second = int(sig)
+        for server in self._servers:
+            self._loop.create_task(server.close(force=True))
+
+    def remove(self) -> None:
+        for sig in self._installed:
+            self._loop.remove_signal_handler(sig)
+        self._installed.clear()
+
+
+def _echo(server: NativeHttpServer) -> None:
+    scheme = "https" if server.secure else "http"
+    protocols = ["HTTP/1.1"]
+    if server.config.http2:
+        protocols.append("HTTP/2")
+    for host, port in server.addresses:
+        shown = f"[{host}]" if ":" in host else host
+        print(f"Server listening on {scheme}://{shown}:{port} via server_native ({', '.join(protocols)})", flush=True)

@@ -1,0 +1,320 @@
+//! Bodies in both directions, each with bounded buffering: the request body is
+//! pumped from the connection into a buffer the application reads, and the
+//! response body is a buffer the application fills and hyper drains.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use parking_lot::Mutex;
+use pyo3::prelude::*;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::boundary::queue::{Event, EventQueue};
+
+/// How much of a request body is read ahead of the application.
+const REQUEST_HIGH_WATER: usize = 256 * 1024;
+/// How much response body the application may queue before it must wait.
+const RESPONSE_HIGH_WATER: usize = 256 * 1024;
+
+/// How a request body stopped, if it did.
+#[derive(Clone, Debug, PartialEq)]
+pub enum BodyEnd {
+    Complete,
+    TooLarge,
+    Disconnected,
+    Failed(String),
+}
+
+/// One step of reading the request body.
+pub enum BodyRead {
+    Data(Bytes),
+    End,
+    /// Nothing yet: the waiter is woken through the event queue.
+    Pending,
+    Error(BodyEnd),
+}
+
+struct RequestBodyState {
+    chunks: VecDeque<Bytes>,
+    buffered: usize,
+    end: Option<BodyEnd>,
+    waiter: Option<Py<PyAny>>,
+}
+
+/// The request body between the pump task and the application.
+pub struct RequestBody {
+    state: Mutex<RequestBodyState>,
+    space: Notify,
+    events: Arc<EventQueue>,
+}
+
+impl RequestBody {
+    pub fn new(events: Arc<EventQueue>, end: Option<BodyEnd>) -> Self {
+        RequestBody {
+            state: Mutex::new(RequestBodyState { chunks: VecDeque::new(), buffered: 0, end, waiter: None }),
+            space: Notify::new(),
+            events,
+        }
+    }
+
+    /// Takes the next chunk, or parks `waiter` until there is one.
+    pub fn read(&self, waiter: impl FnOnce() -> Py<PyAny>) -> BodyRead {
+        let mut state = self.state.lock();
+        if let Some(chunk) = state.chunks.pop_front() {
+            state.buffered -= chunk.len();
+            if state.buffered < REQUEST_HIGH_WATER {
+                self.space.notify_one();
+            }
+            return BodyRead::Data(chunk);
+        }
+        match &state.end {
+            Some(BodyEnd::Complete) => BodyRead::End,
+            Some(end) => BodyRead::Error(end.clone()),
+            None => {
+                state.waiter = Some(waiter());
+                BodyRead::Pending
+            }
+        }
+    }
+
+    fn push(&self, chunk: Bytes) {
+        let mut state = self.state.lock();
+        state.buffered += chunk.len();
+        state.chunks.push_back(chunk);
+        self.wake(&mut state);
+    }
+
+    /// Records how the body ended; the first ending wins.
+    pub fn finish(&self, end: BodyEnd) {
+        let mut state = self.state.lock();
+        if state.end.is_none() {
+            state.end = Some(end);
+            self.wake(&mut state);
+        }
+    }
+
+    fn wake(&self, state: &mut RequestBodyState) {
+        if let Some(waiter) = state.waiter.take() {
+            self.events.push(Event::Wake(waiter));
+        }
+    }
+
+    fn has_room(&self) -> bool {
+        self.state.lock().buffered < REQUEST_HIGH_WATER
+    }
+}
+
+/// Moves a request body from the connection into `target`, enforcing the size
+/// limit. Stops when the body ends or `stop` fires (the exchange is over).
+/// Returns true when the body was refused for its size.
+pub async fn pump<B>(body: B, target: Arc<RequestBody>, limit: u64, stop: CancellationToken) -> bool
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    let mut body = body;
+    let mut total: u64 = 0;
+    loop {
+        loop {
+            let room = target.space.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            if target.has_room() {
+                break;
+            }
+            tokio::select! {
+                _ = room => {}
+                _ = stop.cancelled() => return false,
+            }
+        }
+        let frame = tokio::select! {
+            frame = body.frame() => frame,
+            _ = stop.cancelled() => return false,
+        };
+        match frame {
+            None => {
+                target.finish(BodyEnd::Complete);
+                return false;
+            }
+            Some(Err(error)) => {
+                target.finish(BodyEnd::Failed(error.to_string()));
+                return false;
+            }
+            Some(Ok(frame)) => {
+                let Ok(data) = frame.into_data() else { continue };
+                total += data.len() as u64;
+                if total > limit {
+                    target.finish(BodyEnd::TooLarge);
+                    return true;
+                }
+                if !data.is_empty() {
+                    target.push(data);
+                }
+            }
+        }
+    }
+}
+
+struct ResponseStreamState {
+    chunks: VecDeque<Bytes>,
+    buffered: usize,
+    finished: bool,
+    aborted: bool,
+    peer_gone: bool,
+    reader: Option<Waker>,
+    writer: Option<Py<PyAny>>,
+}
+
+/// Outcome of queueing a response chunk.
+pub enum WriteResult {
+    /// Queued; the application may write more at once.
+    Ready,
+    /// Queued, but the buffer is full: the waiter fires when it drains.
+    Wait,
+    /// The client is gone; nothing was queued.
+    PeerGone,
+}
+
+/// A streamed response body between the application and hyper.
+pub struct ResponseStream {
+    state: Mutex<ResponseStreamState>,
+    events: Arc<EventQueue>,
+}
+
+impl ResponseStream {
+    pub fn new(events: Arc<EventQueue>) -> Arc<Self> {
+        Arc::new(ResponseStream {
+            state: Mutex::new(ResponseStreamState {
+                chunks: VecDeque::new(),
+                buffered: 0,
+                finished: false,
+                aborted: false,
+                peer_gone: false,
+                reader: None,
+                writer: None,
+            }),
+            events,
+        })
+    }
+
+    pub fn write(&self, chunk: Bytes, waiter: impl FnOnce() -> Py<PyAny>) -> WriteResult {
+        let mut state = self.state.lock();
+        if state.peer_gone {
+            return WriteResult::PeerGone;
+        }
+        if !chunk.is_empty() {
+            state.buffered += chunk.len();
+            state.chunks.push_back(chunk);
+            if let Some(reader) = state.reader.take() {
+                reader.wake();
+            }
+        }
+        if state.buffered > RESPONSE_HIGH_WATER {
+            state.writer = Some(waiter());
+            WriteResult::Wait
+        } else {
+            WriteResult::Ready
+        }
+    }
+
+    /// Ends the body normally (`aborted == false`) or with an error that makes
+    /// hyper reset the stream or close the connection.
+    pub fn end(&self, aborted: bool) {
+        let mut state = self.state.lock();
+        state.finished = true;
+        state.aborted |= aborted;
+        if let Some(reader) = state.reader.take() {
+            reader.wake();
+        }
+    }
+
+    fn poll_chunk(&self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, std::io::Error>>> {
+        let mut state = self.state.lock();
+        if let Some(chunk) = state.chunks.pop_front() {
+            state.buffered -= chunk.len();
+            if state.buffered <= RESPONSE_HIGH_WATER / 2 {
+                if let Some(writer) = state.writer.take() {
+                    self.events.push(Event::Wake(writer));
+                }
+            }
+            return Poll::Ready(Some(Ok(chunk)));
+        }
+        if state.aborted {
+            return Poll::Ready(Some(Err(std::io::Error::other("response aborted by the application"))));
+        }
+        if state.finished {
+            return Poll::Ready(None);
+        }
+        state.reader = Some(cx.waker().clone());
+        Poll::Pending
+    }
+
+    fn peer_gone(&self) {
+        let mut state = self.state.lock();
+        if !state.finished {
+            state.peer_gone = true;
+        }
+        if let Some(writer) = state.writer.take() {
+            self.events.push(Event::Wake(writer));
+        }
+    }
+}
+
+/// What hyper sends as a response body.
+pub enum ResponseBody {
+    Full(Option<Bytes>),
+    Stream(StreamBody),
+}
+
+impl ResponseBody {
+    pub fn full(bytes: impl Into<Bytes>) -> Self {
+        let bytes = bytes.into();
+        ResponseBody::Full((!bytes.is_empty()).then_some(bytes))
+    }
+
+    pub fn empty() -> Self {
+        ResponseBody::Full(None)
+    }
+}
+
+/// hyper's handle on a `ResponseStream`; when hyper drops it before the end,
+/// the client went away and the application is told so.
+pub struct StreamBody(pub Arc<ResponseStream>);
+
+impl Drop for StreamBody {
+    fn drop(&mut self) {
+        self.0.peer_gone();
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.get_mut() {
+            ResponseBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            ResponseBody::Stream(stream) => stream.0.poll_chunk(cx).map(|c| c.map(|r| r.map(Frame::data))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self, ResponseBody::Full(None))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ResponseBody::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+            ResponseBody::Stream(_) => SizeHint::default(),
+        }
+    }
+}

@@ -1,0 +1,84 @@
+//! The one road from tokio threads to the asyncio loop: a queue of events and a
+//! wake-up byte written only when the loop is not already due to drain it.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use pyo3::prelude::*;
+
+use crate::exchange::Exchange;
+
+/// What the loop thread picks up in one `drain()`.
+pub enum Event {
+    /// A new request for the application.
+    Request(Arc<Exchange>),
+    /// A Python future parked by the application (body data, writable, closed).
+    Wake(Py<PyAny>),
+}
+
+/// Tokio threads never take the GIL: they queue events and, once per batch,
+/// write one byte to a socket the asyncio loop watches with `add_reader`.
+pub struct EventQueue {
+    events: Mutex<Vec<Event>>,
+    wake_pending: AtomicBool,
+    signal: WakeSignal,
+}
+
+impl EventQueue {
+    pub fn new(signal: WakeSignal) -> Self {
+        EventQueue { events: Mutex::new(Vec::with_capacity(64)), wake_pending: AtomicBool::new(false), signal }
+    }
+
+    pub fn push(&self, event: Event) {
+        self.events.lock().push(event);
+        if !self.wake_pending.swap(true, Ordering::AcqRel) {
+            self.signal.notify();
+        }
+    }
+
+    /// Takes everything queued. The flag is cleared first, so an event pushed
+    /// while the loop drains writes a new wake-up byte rather than being lost.
+    pub fn take(&self) -> Vec<Event> {
+        self.wake_pending.store(false, Ordering::Release);
+        std::mem::take(&mut *self.events.lock())
+    }
+}
+
+/// The write end of the loop's wake-up socket pair, duplicated so its lifetime
+/// is ours. Writes never block: a full buffer already means "wake up".
+pub struct WakeSignal {
+    #[cfg(unix)]
+    stream: std::os::unix::net::UnixStream,
+    #[cfg(windows)]
+    stream: std::net::TcpStream,
+}
+
+impl WakeSignal {
+    /// `fd` is the `fileno()` of the Python socket; it is duplicated, not taken.
+    pub fn from_fd(fd: i64) -> std::io::Result<Self> {
+        #[cfg(unix)]
+        let stream = {
+            use std::os::fd::{BorrowedFd, OwnedFd};
+            let raw = i32::try_from(fd).map_err(|_| std::io::ErrorKind::InvalidInput)?;
+            // SAFETY: Python keeps the socket open for this call; we only clone it.
+            let owned: OwnedFd = unsafe { BorrowedFd::borrow_raw(raw) }.try_clone_to_owned()?;
+            std::os::unix::net::UnixStream::from(owned)
+        };
+        #[cfg(windows)]
+        let stream = {
+            use std::os::windows::io::{BorrowedSocket, OwnedSocket};
+            let raw = u64::try_from(fd).map_err(|_| std::io::ErrorKind::InvalidInput)?;
+            // SAFETY: Python keeps the socket open for this call; we only clone it.
+            let owned: OwnedSocket = unsafe { BorrowedSocket::borrow_raw(raw as _) }.try_clone_to_owned()?;
+            std::net::TcpStream::from(owned)
+        };
+        stream.set_nonblocking(true)?;
+        Ok(WakeSignal { stream })
+    }
+
+    fn notify(&self) {
+        let _ = (&self.stream).write(&[1]);
+    }
+}

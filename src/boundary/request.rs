@@ -1,0 +1,285 @@
+//! `NativeRequest`: one exchange as the loop thread sees it. Every method is
+//! a short, non-blocking call; waiting happens on asyncio futures that the
+//! event queue resolves.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, HOST};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version};
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::intern;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
+
+use crate::body::{BodyEnd, BodyRead, ResponseBody, ResponseStream, StreamBody, WriteResult};
+use crate::errors::{BodyTooLarge, ClientDisconnected, ProtocolError};
+use crate::exchange::{Exchange, SendError};
+use crate::server::ServerShared;
+
+#[pyclass(frozen, module = "server_native._native")]
+pub struct NativeRequest {
+    exchange: Arc<Exchange>,
+    server: Arc<ServerShared>,
+}
+
+impl NativeRequest {
+    pub fn new(exchange: Arc<Exchange>, server: Arc<ServerShared>) -> Self {
+        NativeRequest { exchange, server }
+    }
+
+    fn response(&self, status: u16, headers: Option<&Bound<'_, PyAny>>, body: ResponseBody) -> PyResult<Response<ResponseBody>> {
+        let status = StatusCode::from_u16(status)
+            .ok()
+            .filter(|s| s.as_u16() >= 200)
+            .ok_or_else(|| PyValueError::new_err(format!("invalid response status {status}")))?;
+        let mut response = Response::new(body);
+        *response.status_mut() = status;
+        *response.headers_mut() = match headers {
+            Some(headers) => header_map(headers)?,
+            None => self.server.default_headers.read().clone(),
+        };
+        Ok(response)
+    }
+
+    fn send(&self, response: Response<ResponseBody>) -> PyResult<bool> {
+        match self.exchange.send(response) {
+            Ok(()) => Ok(true),
+            Err(SendError::PeerGone) => Ok(false),
+            Err(SendError::AlreadySent) => Err(PyRuntimeError::new_err("the response was already sent")),
+        }
+    }
+}
+
+#[pymethods]
+impl NativeRequest {
+    #[getter]
+    fn method<'py>(&self, py: Python<'py>) -> Bound<'py, PyString> {
+        let method = &self.exchange.head.method;
+        match *method {
+            Method::GET => intern!(py, "GET").clone(),
+            Method::POST => intern!(py, "POST").clone(),
+            Method::HEAD => intern!(py, "HEAD").clone(),
+            Method::PUT => intern!(py, "PUT").clone(),
+            Method::DELETE => intern!(py, "DELETE").clone(),
+            _ => PyString::new(py, method.as_str()),
+        }
+    }
+
+    /// The path as sent, still percent-encoded.
+    #[getter]
+    fn path(&self) -> &str {
+        self.exchange.head.uri.path()
+    }
+
+    /// The query string as sent, without `?`; empty when there is none.
+    #[getter]
+    fn query(&self) -> &str {
+        self.exchange.head.uri.query().unwrap_or("")
+    }
+
+    #[getter]
+    fn scheme<'py>(&self, py: Python<'py>) -> Bound<'py, PyString> {
+        if self.exchange.conn.tls {
+            intern!(py, "https").clone()
+        } else {
+            intern!(py, "http").clone()
+        }
+    }
+
+    /// `:authority` (HTTP/2), the absolute-form target, or the Host header.
+    #[getter]
+    fn authority(&self) -> Option<String> {
+        let head = &self.exchange.head;
+        if let Some(authority) = head.uri.authority() {
+            return Some(authority.as_str().to_owned());
+        }
+        head.headers.get(HOST).map(|v| latin1(v.as_bytes()))
+    }
+
+    #[getter]
+    fn http_version<'py>(&self, py: Python<'py>) -> Bound<'py, PyString> {
+        match self.exchange.head.version {
+            Version::HTTP_2 => intern!(py, "2").clone(),
+            Version::HTTP_3 => intern!(py, "3").clone(),
+            Version::HTTP_10 => intern!(py, "1.0").clone(),
+            Version::HTTP_09 => intern!(py, "0.9").clone(),
+            _ => intern!(py, "1.1").clone(),
+        }
+    }
+
+    #[getter]
+    fn remote_addr(&self) -> (String, u16) {
+        let peer = self.exchange.conn.peer;
+        (peer.ip().to_string(), peer.port())
+    }
+
+    #[getter]
+    fn local_addr(&self) -> (String, u16) {
+        let local = self.exchange.conn.local;
+        (local.ip().to_string(), local.port())
+    }
+
+    #[getter]
+    fn tls(&self) -> bool {
+        self.exchange.conn.tls
+    }
+
+    /// The client's certificate (DER) when it sent one.
+    #[getter]
+    fn peer_certificate<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyBytes>> {
+        self.exchange.conn.peer_certificate.as_ref().map(|c| PyBytes::new(py, c.as_ref()))
+    }
+
+    /// Request headers as `(name, value)` pairs in order, names lowercase,
+    /// values decoded as latin-1.
+    fn headers<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let list = PyList::empty(py);
+        for (name, value) in &self.exchange.head.headers {
+            list.append(PyTuple::new(py, [name.as_str(), &latin1(value.as_bytes())])?)?;
+        }
+        Ok(list)
+    }
+
+    /// Request headers as `(name, value)` byte pairs, as ASGI wants them.
+    fn raw_headers<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let list = PyList::empty(py);
+        for (name, value) in &self.exchange.head.headers {
+            let pair = (PyBytes::new(py, name.as_str().as_bytes()), PyBytes::new(py, value.as_bytes()));
+            list.append(pair)?;
+        }
+        Ok(list)
+    }
+
+    /// The first value of a header, by case-insensitive name.
+    fn header(&self, name: &str) -> Option<String> {
+        self.exchange.head.headers.get(name.to_ascii_lowercase().as_str()).map(|v| latin1(v.as_bytes()))
+    }
+
+    #[getter]
+    fn content_length(&self) -> Option<u64> {
+        let value = self.exchange.head.headers.get(CONTENT_LENGTH)?;
+        value.to_str().ok()?.trim().parse().ok()
+    }
+
+    /// The next body chunk; `b""` at the end; or, when nothing has arrived yet,
+    /// a future made by `create_future` that resolves when it is worth asking
+    /// again.
+    fn read<'py>(&self, py: Python<'py>, create_future: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+        let mut future = None;
+        let step = self.exchange.body.read(|| {
+            let made = create_future.call0();
+            let handle = made.as_ref().map(|f| f.clone().unbind()).unwrap_or_else(|_| py.None());
+            future = Some(made);
+            handle
+        });
+        match step {
+            BodyRead::Data(chunk) => Ok(PyBytes::new(py, &chunk).into_any()),
+            BodyRead::End => Ok(PyBytes::new(py, b"").into_any()),
+            BodyRead::Pending => future.expect("a pending read made a future"),
+            BodyRead::Error(BodyEnd::TooLarge) => Err(BodyTooLarge::new_err("request body exceeds max_body_size")),
+            BodyRead::Error(BodyEnd::Disconnected) => Err(ClientDisconnected::new_err("the client disconnected")),
+            BodyRead::Error(BodyEnd::Failed(reason)) => Err(ProtocolError::new_err(reason)),
+            BodyRead::Error(BodyEnd::Complete) => unreachable!("a complete body reads as End"),
+        }
+    }
+
+    /// Sends a whole response at once. `headers=None` sends the server's
+    /// default headers. Returns False when the client is already gone.
+    #[pyo3(signature = (status, headers, body))]
+    fn respond(&self, status: u16, headers: Option<&Bound<'_, PyAny>>, body: &[u8]) -> PyResult<bool> {
+        let response = self.response(status, headers, ResponseBody::full(Bytes::copy_from_slice(body)))?;
+        self.send(response)
+    }
+
+    /// Sends the response head; the body follows with `write` and `finish`.
+    #[pyo3(signature = (status, headers))]
+    fn start(&self, status: u16, headers: Option<&Bound<'_, PyAny>>) -> PyResult<bool> {
+        let stream = ResponseStream::new(self.server.events.clone());
+        let response = self.response(status, headers, ResponseBody::Stream(StreamBody(stream.clone())))?;
+        self.exchange.set_stream(stream);
+        self.send(response)
+    }
+
+    /// Queues a body chunk. Returns None when more may be written at once, or
+    /// a future to await first (the client is reading slower than we write).
+    fn write<'py>(&self, py: Python<'py>, data: &[u8], create_future: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, PyAny>>> {
+        let stream = self.exchange.stream().ok_or_else(|| PyRuntimeError::new_err("write() before start()"))?;
+        let mut future = None;
+        let result = stream.write(Bytes::copy_from_slice(data), || {
+            let made = create_future.call0();
+            let handle = made.as_ref().map(|f| f.clone().unbind()).unwrap_or_else(|_| py.None());
+            future = Some(made);
+            handle
+        });
+        match result {
+            WriteResult::Ready => Ok(None),
+            WriteResult::Wait => future.expect("a full buffer made a future").map(Some),
+            WriteResult::PeerGone => Err(ClientDisconnected::new_err("the client disconnected")),
+        }
+    }
+
+    /// Ends a streamed body.
+    fn finish(&self) {
+        if let Some(stream) = self.exchange.stream() {
+            stream.end(false);
+        }
+    }
+
+    /// Gives up on the response: a streamed body is cut off (the client sees
+    /// an error, not a short success); an unsent one becomes a 500.
+    fn abort(&self) {
+        match self.exchange.stream() {
+            Some(stream) => stream.end(true),
+            None => {
+                let _ = self.exchange.send(crate::service::error_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal server error",
+                ));
+            }
+        }
+    }
+
+    #[getter]
+    fn head_sent(&self) -> bool {
+        self.exchange.head_sent()
+    }
+}
+
+/// Header values as Python text: bytes map to code points one to one.
+fn latin1(bytes: &[u8]) -> String {
+    match std::str::from_utf8(bytes) {
+        Ok(text) if text.is_ascii() => text.to_owned(),
+        _ => bytes.iter().map(|&b| b as char).collect(),
+    }
+}
+
+/// Text for the wire: latin-1 when every character fits, else UTF-8.
+fn header_bytes(value: &Bound<'_, PyAny>) -> PyResult<Vec<u8>> {
+    if let Ok(bytes) = value.cast::<PyBytes>() {
+        return Ok(bytes.as_bytes().to_vec());
+    }
+    let text = value.cast::<PyString>()?.to_str()?;
+    if text.is_ascii() || text.chars().any(|c| c as u32 > 0xFF) {
+        return Ok(text.as_bytes().to_vec());
+    }
+    Ok(text.chars().map(|c| c as u8).collect())
+}
+
+/// Builds a header map from an iterable of `(name, value)` pairs of str or bytes.
+pub fn header_map(headers: &Bound<'_, PyAny>) -> PyResult<HeaderMap> {
+    let mut map = HeaderMap::new();
+    for item in headers.try_iter()? {
+        let (name, value): (Bound<'_, PyAny>, Bound<'_, PyAny>) = item?.extract()?;
+        let name = header_bytes(&name)?;
+        let value = header_bytes(&value)?;
+        let name = HeaderName::from_bytes(&name).map_err(|_| {
+            PyValueError::new_err(format!("invalid header name {:?}", String::from_utf8_lossy(&name)))
+        })?;
+        let value = HeaderValue::from_bytes(&value).map_err(|_| {
+            PyValueError::new_err(format!("invalid value for header {name}: {:?}", String::from_utf8_lossy(&value)))
+        })?;
+        map.append(name, value);
+    }
+    Ok(map)
+}

@@ -1,0 +1,42 @@
+//! Server settings, read from the Python `ServerConfig` object by attribute.
+
+use std::time::Duration;
+
+use pyo3::prelude::*;
+
+/// TLS material as given by the user; loaded and checked in `tls`.
+#[derive(FromPyObject, Clone)]
+pub struct TlsSettings {
+    pub certificate_path: String,
+    pub key_path: String,
+    pub certificate_password: Option<String>,
+    pub request_client_certificate: bool,
+    pub require_client_certificate: bool,
+    pub client_ca_path: Option<String>,
+    pub http2: bool,
+}
+
+#[derive(FromPyObject, Clone)]
+pub struct ServerConfig {
+    pub backlog: i32,
+    pub v6_only: bool,
+    pub shared: bool,
+    pub http2: bool,
+    pub tls: Option<TlsSettings>,
+    pub max_header_size: usize,
+    pub max_headers: usize,
+    pub max_body_size: u64,
+    pub max_connections: usize,
+    pub max_pending_requests: usize,
+    pub max_concurrent_streams: u32,
+    pub header_read_timeout: f64,
+    pub tls_handshake_timeout: f64,
+    pub idle_timeout: f64,
+    pub auto_compress: bool,
+    pub native_response: Option<Vec<u8>>,
+}
+
+/// Seconds from Python to a `Duration`; zero or negative means "no limit".
+pub fn seconds(value: f64) -> Option<Duration> {
+    (value > 0.0 && value.is_finite()).then(|| Duration::from_secs_f64(value))
+}

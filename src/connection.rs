@@ -1,0 +1,200 @@
+//! One accepted TCP connection: optional TLS handshake, then HTTP/1.1 or
+//! HTTP/2 through hyper-util's auto builder, closed gracefully on shutdown or
+//! when idle, and aborted on a forced close.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper::rt::{Read, ReadBufCursor, Write};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+
+use crate::exchange::ConnInfo;
+use crate::server::ServerShared;
+use crate::service;
+
+/// Per-connection state shared by the connection task and its requests.
+pub struct Connection {
+    pub server: Arc<ServerShared>,
+    pub info: Arc<ConnInfo>,
+    in_flight: AtomicUsize,
+    /// Milliseconds since `server.epoch` of the last byte read or written.
+    last_activity: AtomicU64,
+}
+
+impl Connection {
+    fn touch(&self) {
+        let now = self.server.epoch.elapsed().as_millis() as u64;
+        self.last_activity.store(now, Ordering::Relaxed);
+    }
+
+    fn idle_for(&self) -> Duration {
+        let last = self.last_activity.load(Ordering::Relaxed);
+        let now = self.server.epoch.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(last))
+    }
+
+    /// Counts a request as in flight until the returned guard drops.
+    pub fn begin_request(self: &Arc<Self>) -> InFlight {
+        if self.in_flight.fetch_add(1, Ordering::AcqRel) == 0 {
+            self.server.stats.active.fetch_add(1, Ordering::Relaxed);
+        }
+        InFlight(self.clone())
+    }
+}
+
+pub struct InFlight(Arc<Connection>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.server.stats.active.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.0.touch();
+    }
+}
+
+/// Serves one accepted socket until it closes; `permit` holds its place under
+/// `max_connections`.
+pub async fn serve(stream: TcpStream, peer: SocketAddr, server: Arc<ServerShared>, permit: OwnedSemaphorePermit) {
+    let _permit = permit;
+    let counter = server.clone();
+    let _counted = counter.stats.open();
+    let _ = stream.set_nodelay(true);
+    let local = stream.local_addr().unwrap_or(peer);
+    match server.tls.clone() {
+        None => {
+            let info = ConnInfo { peer, local, tls: false, peer_certificate: None };
+            run(stream, info, server).await;
+        }
+        Some(acceptor) => {
+            let handshake = tokio::time::timeout(server.handshake_timeout, acceptor.accept(stream));
+            let stream = tokio::select! {
+                result = handshake => match result {
+                    Ok(Ok(stream)) => stream,
+                    _ => return,
+                },
+                _ = server.force.cancelled() => return,
+            };
+            let peer_certificate =
+                stream.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.clone().into_owned());
+            let info = ConnInfo { peer, local, tls: true, peer_certificate };
+            run(stream, info, server).await;
+        }
+    }
+}
+
+async fn run<S>(stream: S, info: ConnInfo, server: Arc<ServerShared>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let conn = Arc::new(Connection {
+        server: server.clone(),
+        info: Arc::new(info),
+        in_flight: AtomicUsize::new(0),
+        last_activity: AtomicU64::new(0),
+    });
+    conn.touch();
+    let io = Tracked { inner: TokioIo::new(stream), conn: conn.clone() };
+    let handler = conn.clone();
+    let service = service_fn(move |request| service::handle(request, handler.clone()));
+    let http = server.builder.serve_connection_with_upgrades(io, service);
+    tokio::pin!(http);
+    let mut closing = None;
+    loop {
+        tokio::select! {
+            _ = http.as_mut() => break,
+            _ = server.force.cancelled() => break,
+            _ = server.shutdown.cancelled(), if closing.is_none() => {
+                http.as_mut().graceful_shutdown();
+                closing = Some(server.stats.closing());
+            }
+            _ = idle(&conn), if closing.is_none() => {
+                http.as_mut().graceful_shutdown();
+                closing = Some(server.stats.closing());
+            }
+        }
+    }
+}
+
+/// Resolves once the connection has had no request in flight and no traffic
+/// for the server's current `idle_timeout`.
+async fn idle(conn: &Connection) {
+    loop {
+        let Some(timeout) = conn.server.idle_timeout() else {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        };
+        let idle_for = conn.idle_for();
+        if conn.in_flight.load(Ordering::Acquire) == 0 && idle_for >= timeout {
+            return;
+        }
+        let wait = timeout.saturating_sub(idle_for).max(Duration::from_millis(50));
+        tokio::time::sleep_until(Instant::now() + wait).await;
+    }
+}
+
+/// The connection's socket, noting the time of every read and write so idle
+/// connections can be closed.
+struct Tracked<S> {
+    inner: TokioIo<S>,
+    conn: Arc<Connection>,
+}
+
+impl<S> Read for Tracked<S>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: ReadBufCursor<'_>) -> Poll<io::Result<()>> {
+        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if poll.is_ready() {
+            self.conn.touch();
+        }
+        poll
+    }
+}
+
+impl<S> Write for Tracked<S>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if poll.is_ready() {
+            self.conn.touch();
+        }
+        poll
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if poll.is_ready() {
+            self.conn.touch();
+        }
+        poll
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

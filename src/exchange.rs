@@ -1,0 +1,91 @@
+//! One request/response exchange as the application sees it, whatever the
+//! protocol underneath: head, body reader, and the way back to the client.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::request::Parts;
+use http::Response;
+use parking_lot::Mutex;
+use rustls::pki_types::CertificateDer;
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+use crate::body::{BodyEnd, RequestBody, ResponseBody, ResponseStream};
+
+/// What a connection knows about itself, shared by its requests.
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+    pub tls: bool,
+    pub peer_certificate: Option<CertificateDer<'static>>,
+}
+
+/// Why the response could not be handed over.
+#[derive(Debug, PartialEq)]
+pub enum SendError {
+    /// A response head was already sent for this exchange.
+    AlreadySent,
+    /// The client is gone (or the exchange was answered natively, e.g. 413).
+    PeerGone,
+}
+
+pub struct Exchange {
+    pub head: Parts,
+    pub conn: Arc<ConnInfo>,
+    pub body: Arc<RequestBody>,
+    responder: Mutex<Option<oneshot::Sender<Response<ResponseBody>>>>,
+    stream: Mutex<Option<Arc<ResponseStream>>>,
+    /// Fires when nobody can use the request body any more.
+    pub over: CancellationToken,
+}
+
+impl Exchange {
+    pub fn new(
+        head: Parts,
+        conn: Arc<ConnInfo>,
+        body: Arc<RequestBody>,
+        responder: oneshot::Sender<Response<ResponseBody>>,
+    ) -> Self {
+        Exchange {
+            head,
+            conn,
+            body,
+            responder: Mutex::new(Some(responder)),
+            stream: Mutex::new(None),
+            over: CancellationToken::new(),
+        }
+    }
+
+    /// Hands the response head (and a full or streamed body) to hyper.
+    pub fn send(&self, response: Response<ResponseBody>) -> Result<(), SendError> {
+        let responder = self.responder.lock().take().ok_or(SendError::AlreadySent)?;
+        responder.send(response).map_err(|_| SendError::PeerGone)
+    }
+
+    pub fn set_stream(&self, stream: Arc<ResponseStream>) {
+        *self.stream.lock() = Some(stream);
+    }
+
+    pub fn stream(&self) -> Option<Arc<ResponseStream>> {
+        self.stream.lock().clone()
+    }
+
+    pub fn head_sent(&self) -> bool {
+        self.responder.lock().is_none()
+    }
+
+    /// The protocol side gave up on this exchange (client gone, or the
+    /// request refused natively): wake whoever waits on it.
+    pub fn abandon(&self) {
+        self.responder.lock().take();
+        self.body.finish(BodyEnd::Disconnected);
+        self.over.cancel();
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        self.over.cancel();
+    }
+}

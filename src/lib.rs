@@ -1,0 +1,41 @@
+//! The native side of server_native: hyper, tokio and rustls own the sockets
+//! and the protocols; Python owns the application.
+
+mod body;
+mod boundary;
+mod compress;
+mod config;
+mod connection;
+mod errors;
+mod exchange;
+mod listener;
+mod runtime;
+mod server;
+mod service;
+mod tls;
+
+use pyo3::prelude::*;
+
+/// Bumped whenever the Python package and this library stop fitting each
+/// other; the loader refuses a library whose number differs.
+const ABI_VERSION: u32 = 1;
+
+#[pymodule]
+mod _native {
+    #[pymodule_export]
+    use crate::boundary::request::NativeRequest;
+    #[pymodule_export]
+    use crate::boundary::server::NativeServer;
+    #[pymodule_export]
+    use crate::errors::{BodyTooLarge, ClientDisconnected, ProtocolError, TlsConfigError};
+
+    use pyo3::prelude::*;
+
+    #[pymodule_init]
+    fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
+        m.add("ABI_VERSION", super::ABI_VERSION)?;
+        m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+        m.add("FEATURES", ("tls-rustls-ring", "http1", "http2"))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,204 @@
+//! A running server: its listeners, shared settings, counters, and the
+//! two-step shutdown (drain, then abort).
+
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::HeaderMap;
+use parking_lot::RwLock;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::boundary::queue::EventQueue;
+use crate::config::{seconds, ServerConfig};
+use crate::connection;
+
+/// Everything connections and requests of one server share.
+pub struct ServerShared {
+    pub config: ServerConfig,
+    pub builder: auto::Builder<TokioExecutor>,
+    pub tls: Option<TlsAcceptor>,
+    pub handshake_timeout: Duration,
+    pub events: Arc<EventQueue>,
+    /// Requests handed to Python and not yet answered: the backpressure bound.
+    pub pending: Arc<Semaphore>,
+    pub native_response: Option<Bytes>,
+    pub epoch: Instant,
+    idle_timeout_ms: AtomicU64,
+    pub stats: ConnectionStats,
+    /// Stop accepting; ask connections to finish what they have.
+    pub shutdown: CancellationToken,
+    /// Drop every connection now.
+    pub force: CancellationToken,
+    pub tasks: TaskTracker,
+    /// Headers added to responses the application sends without its own list.
+    pub default_headers: RwLock<HeaderMap>,
+}
+
+impl ServerShared {
+    pub fn new(config: ServerConfig, tls: Option<TlsAcceptor>, events: Arc<EventQueue>) -> Self {
+        let builder = http_builder(&config);
+        let native_response = config.native_response.clone().map(Bytes::from);
+        ServerShared {
+            handshake_timeout: seconds(config.tls_handshake_timeout).unwrap_or(Duration::from_secs(3600)),
+            pending: Arc::new(Semaphore::new(config.max_pending_requests.max(1))),
+            idle_timeout_ms: AtomicU64::new(millis(config.idle_timeout)),
+            config,
+            builder,
+            tls,
+            events,
+            native_response,
+            epoch: Instant::now(),
+            stats: ConnectionStats::default(),
+            shutdown: CancellationToken::new(),
+            force: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            default_headers: RwLock::new(HeaderMap::new()),
+        }
+    }
+
+    pub fn idle_timeout(&self) -> Option<Duration> {
+        match self.idle_timeout_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(Duration::from_millis(ms)),
+        }
+    }
+
+    pub fn set_idle_timeout(&self, value: f64) {
+        self.idle_timeout_ms.store(millis(value), Ordering::Relaxed);
+    }
+
+    /// Starts one accept loop per listener on the runtime.
+    pub fn listen(self: &Arc<Self>, listeners: Vec<StdListener>) -> std::io::Result<Vec<SocketAddr>> {
+        let limit = Arc::new(Semaphore::new(self.config.max_connections.max(1)));
+        let mut addresses = Vec::with_capacity(listeners.len());
+        for listener in listeners {
+            addresses.push(listener.local_addr()?);
+            let listener = {
+                let _entered = crate::runtime::runtime().enter();
+                TcpListener::from_std(listener)?
+            };
+            self.tasks.spawn_on(accept_loop(listener, self.clone(), limit.clone()), crate::runtime::runtime().handle());
+        }
+        Ok(addresses)
+    }
+
+    /// Graceful close: stop accepting, let connections finish within
+    /// `timeout`, then abort what is left. `force` skips the wait.
+    pub async fn close(self: Arc<Self>, force: bool, timeout: Option<Duration>) {
+        self.shutdown.cancel();
+        self.tasks.close();
+        if force {
+            self.force.cancel();
+        }
+        let drained = match timeout {
+            Some(limit) => tokio::time::timeout(limit, self.tasks.wait()).await.is_ok(),
+            None => {
+                self.tasks.wait().await;
+                true
+            }
+        };
+        if !drained {
+            self.force.cancel();
+            self.tasks.wait().await;
+        }
+        self.pending.close();
+    }
+}
+
+async fn accept_loop(listener: TcpListener, server: Arc<ServerShared>, limit: Arc<Semaphore>) {
+    loop {
+        let permit = tokio::select! {
+            permit = limit.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return,
+            },
+            _ = server.shutdown.cancelled() => return,
+        };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = server.shutdown.cancelled() => return,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                server.tasks.spawn(connection::serve(stream, peer, server.clone(), permit));
+            }
+            // Out of file descriptors or a connection reset before accept:
+            // back off briefly instead of spinning.
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+}
+
+fn http_builder(config: &ServerConfig) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(seconds(config.header_read_timeout))
+        .max_buf_size(config.max_header_size.max(8192))
+        .max_headers(config.max_headers)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(config.max_concurrent_streams)
+        .max_header_list_size(config.max_header_size as u32)
+        .enable_connect_protocol();
+    let http2 = config.tls.as_ref().map_or(config.http2, |tls| tls.http2);
+    if http2 {
+        builder
+    } else {
+        builder.http1_only()
+    }
+}
+
+fn millis(value: f64) -> u64 {
+    seconds(value).map_or(0, |d| d.as_millis().max(1) as u64)
+}
+
+/// dart:io's `HttpConnectionsInfo` counters.
+#[derive(Default)]
+pub struct ConnectionStats {
+    pub total: AtomicUsize,
+    pub active: AtomicUsize,
+    pub closing: AtomicUsize,
+}
+
+/// Decrements a counter when dropped.
+pub struct Counted<'a>(&'a AtomicUsize);
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl ConnectionStats {
+    pub fn open(&self) -> Counted<'_> {
+        self.total.fetch_add(1, Ordering::Relaxed);
+        Counted(&self.total)
+    }
+
+    pub fn closing(&self) -> Counted<'_> {
+        self.closing.fetch_add(1, Ordering::Relaxed);
+        Counted(&self.closing)
+    }
+
+    /// (total, active, idle, closing)
+    pub fn snapshot(&self) -> (usize, usize, usize, usize) {
+        let total = self.total.load(Ordering::Relaxed);
+        let active = self.active.load(Ordering::Relaxed);
+        let closing = self.closing.load(Ordering::Relaxed);
+        (total, active, total.saturating_sub(active + closing), closing)
+    }
+}

@@ -1,0 +1,134 @@
+//! One request through the native side: refuse what must never reach Python,
+//! then hand the exchange to the application and wait for its response.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{CONNECTION, CONTENT_TYPE, HOST};
+use http::{HeaderValue, Request, Response, StatusCode, Version};
+use http_body::Body;
+use hyper::body::Incoming;
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+use crate::body::{pump, BodyEnd, RequestBody, ResponseBody};
+use crate::boundary::queue::Event;
+use crate::compress;
+use crate::connection::Connection;
+use crate::exchange::Exchange;
+
+pub async fn handle(
+    request: Request<Incoming>,
+    conn: Arc<Connection>,
+) -> Result<Response<ResponseBody>, Infallible> {
+    let server = &conn.server;
+    if let Some(refusal) = refuse(&request, server.config.max_body_size) {
+        return Ok(refusal);
+    }
+    if let Some(body) = &server.native_response {
+        return Ok(canned(body.clone()));
+    }
+    let _in_flight = conn.begin_request();
+    let gzip = server.config.auto_compress && compress::accepts_gzip(request.headers());
+    let response = dispatch(request, &conn).await;
+    Ok(if gzip { compress::gzip(response) } else { response })
+}
+
+/// Requests answered natively with 400 or 413, never reaching Python.
+fn refuse(request: &Request<Incoming>, max_body_size: u64) -> Option<Response<ResponseBody>> {
+    let mut hosts = request.headers().get_all(HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Some(error_response(StatusCode::BAD_REQUEST, "more than one Host header"));
+    }
+    match host {
+        Some(value) if !valid_host(value) => {
+            return Some(error_response(StatusCode::BAD_REQUEST, "invalid Host header"));
+        }
+        None if request.version() == Version::HTTP_11 && request.uri().authority().is_none() => {
+            return Some(error_response(StatusCode::BAD_REQUEST, "missing Host header"));
+        }
+        _ => {}
+    }
+    if request.body().size_hint().lower() > max_body_size {
+        return Some(error_response(StatusCode::PAYLOAD_TOO_LARGE, "request body too large"));
+    }
+    None
+}
+
+/// A Host value is an authority without user info: `name[:port]` or `[v6]:port`.
+fn valid_host(value: &HeaderValue) -> bool {
+    let bytes = value.as_bytes();
+    !bytes.is_empty()
+        && !bytes.contains(&b'@')
+        && http::uri::Authority::try_from(bytes).is_ok_and(|a| !a.host().is_empty())
+}
+
+async fn dispatch(request: Request<Incoming>, conn: &Arc<Connection>) -> Response<ResponseBody> {
+    let server = &conn.server;
+    let Ok(_permit) = server.pending.clone().acquire_owned().await else {
+        return error_response(StatusCode::SERVICE_UNAVAILABLE, "server is closing");
+    };
+    let (head, body) = request.into_parts();
+    let complete = body.is_end_stream().then_some(BodyEnd::Complete);
+    let request_body = Arc::new(RequestBody::new(server.events.clone(), complete.clone()));
+    let (responder, response) = oneshot::channel();
+    let exchange = Arc::new(Exchange::new(head, conn.info.clone(), request_body.clone(), responder));
+    let too_large = CancellationToken::new();
+    if complete.is_none() {
+        let stop = exchange.over.clone();
+        let flag = too_large.clone();
+        let limit = server.config.max_body_size;
+        tokio::spawn(async move {
+            if pump(body, request_body, limit, stop).await {
+                flag.cancel();
+            }
+        });
+    }
+    server.events.push(Event::Request(exchange.clone()));
+    let mut guard = AbandonOnDrop(Some(exchange));
+    let outcome = tokio::select! {
+        biased;
+        response = response => response.ok(),
+        _ = too_large.cancelled() => Some(error_response(StatusCode::PAYLOAD_TOO_LARGE, "request body too large")),
+    };
+    match outcome {
+        Some(response) => {
+            guard.0.take();
+            response
+        }
+        None => error_response(StatusCode::INTERNAL_SERVER_ERROR, "the application dropped the request"),
+    }
+}
+
+/// When hyper drops a request future early, the client went away: tell the
+/// application instead of leaving it waiting on a body that will not come.
+struct AbandonOnDrop(Option<Arc<Exchange>>);
+
+impl Drop for AbandonOnDrop {
+    fn drop(&mut self) {
+        if let Some(exchange) = self.0.take() {
+            exchange.abandon();
+        }
+    }
+}
+
+pub fn error_response(status: StatusCode, message: &'static str) -> Response<ResponseBody> {
+    let mut response = Response::new(ResponseBody::full(Bytes::from_static(message.as_bytes())));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    if status.is_client_error() {
+        headers.insert(CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}
+
+fn canned(body: Bytes) -> Response<ResponseBody> {
+    let mut response = Response::new(ResponseBody::full(body));
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    response
+}
