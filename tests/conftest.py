@@ -1,0 +1,147 @@
+"""Shared fixtures: real servers on loopback in a background event loop, and
+certificates made by trustme for every run."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+from cryptography.hazmat.primitives import serialization
+
+from server_native import NativeHttpServer
+from server_native.addresses import ipv6_available
+
+requires_ipv6 = pytest.mark.skipif(not ipv6_available(), reason="IPv6 loopback is not available here")
+requires_curl = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+
+
+class LoopThread:
+    """An asyncio loop on its own thread, so tests can drive servers with
+    blocking clients (http.client, httpx, curl) from the test thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="test-loop", daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Awaitable[Any], timeout: float = 30) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)  # type: ignore[arg-type]
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+
+
+@pytest.fixture
+def loop_thread() -> Iterator[LoopThread]:
+    thread = LoopThread()
+    yield thread
+    thread.stop()
+
+
+@dataclass
+class RunningServer:
+    server: NativeHttpServer
+    loop_thread: LoopThread
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    def url(self, path: str = "/", host: str = "127.0.0.1") -> str:
+        scheme = "https" if self.server.secure else "http"
+        shown = f"[{host}]" if ":" in host else host
+        return f"{scheme}://{shown}:{self.port}{path}"
+
+    def close(self, force: bool = False) -> None:
+        self.loop_thread.run(self.server.close(force=force))
+
+
+Handler = Callable[[Any], Awaitable[None]]
+
+
+@pytest.fixture
+def serve(loop_thread: LoopThread) -> Iterator[Callable[..., RunningServer]]:
+    """``serve(handler, address="127.0.0.1", port=0, secure=False, **options)``
+    binds a real server that calls ``handler`` for every request."""
+    started: list[RunningServer] = []
+
+    def start(handler: Handler | None, address: str = "127.0.0.1", port: int = 0, **options: Any) -> RunningServer:
+        async def bind() -> NativeHttpServer:
+            options.setdefault("http3", False)
+            if "certificate_path" in options:
+                server = await NativeHttpServer.bind_secure(address, port, **options)
+            else:
+                server = await NativeHttpServer.bind(address, port, **options)
+            if handler is not None:
+                server.serve(handler)
+            return server
+
+        running = RunningServer(loop_thread.run(bind()), loop_thread)
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        with contextlib.suppress(Exception):
+            running.close(force=True)
+
+
+@dataclass
+class Certificates:
+    ca: trustme.CA
+    ca_path: Path
+    cert_path: Path
+    key_path: Path
+    encrypted_key_path: Path
+    password: str
+    client_cert_path: Path
+    client_key_path: Path
+    client_ca: trustme.CA
+    client_ca_path: Path
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
+    directory = tmp_path_factory.mktemp("certs")
+    ca = trustme.CA()
+    server_cert = ca.issue_cert("localhost", "127.0.0.1", "::1")
+    ca_path = directory / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_path))
+    cert_path = directory / "server.pem"
+    server_cert.cert_chain_pems[0].write_to_path(str(cert_path))
+    for extra in server_cert.cert_chain_pems[1:]:
+        extra.write_to_path(str(cert_path), append=True)
+    key_path = directory / "server.key"
+    server_cert.private_key_pem.write_to_path(str(key_path))
+    password = "correct horse"
+    key = serialization.load_pem_private_key(server_cert.private_key_pem.bytes(), password=None)
+    encrypted_key_path = directory / "server-encrypted.key"
+    encrypted_key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(password.encode()),
+        )
+    )
+    client_ca = trustme.CA()
+    client = client_ca.issue_cert("client@example.test")
+    client_cert_path = directory / "client.pem"
+    client.cert_chain_pems[0].write_to_path(str(client_cert_path))
+    client_key_path = directory / "client.key"
+    client.private_key_pem.write_to_path(str(client_key_path))
+    client_ca_path = directory / "client-ca.pem"
+    client_ca.cert_pem.write_to_path(str(client_ca_path))
+    return Certificates(
+        ca, ca_path, cert_path, key_path, encrypted_key_path, password,
+        client_cert_path, client_key_path, client_ca, client_ca_path,
+    )
