@@ -18,6 +18,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 use crate::exchange::ConnInfo;
+use crate::h1_guard::H1Guard;
 use crate::server::ServerShared;
 use crate::service;
 
@@ -73,7 +74,8 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, server: Arc<ServerShared
     match server.tls.clone() {
         None => {
             let info = ConnInfo { peer, local, tls: false, peer_certificate: None };
-            run(stream, info, server).await;
+            let guarded = H1Guard::new(stream, server.config.max_header_size);
+            run(guarded, info, server).await;
         }
         Some(acceptor) => {
             let handshake = tokio::time::timeout(server.handshake_timeout, acceptor.accept(stream));
@@ -86,8 +88,14 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, server: Arc<ServerShared
             };
             let peer_certificate =
                 stream.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.clone().into_owned());
+            let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
             let info = ConnInfo { peer, local, tls: true, peer_certificate };
-            run(stream, info, server).await;
+            if h2 {
+                run(stream, info, server).await;
+            } else {
+                let guarded = H1Guard::new(stream, server.config.max_header_size);
+                run(guarded, info, server).await;
+            }
         }
     }
 }

@@ -8,6 +8,7 @@ mod config;
 mod connection;
 mod errors;
 mod exchange;
+mod h1_guard;
 mod listener;
 mod runtime;
 mod server;
