@@ -1,0 +1,156 @@
+"""Every README snippet is an example file, and every example runs: started
+as a real process on a free port and asked over a real socket."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from conftest import Certificates, requires_ipv6
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+
+
+def free_port(count: int = 1) -> int:
+    """A port p with p .. p+count-1 free on 127.0.0.1 (bounded retries)."""
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port + count > 65535:
+            continue
+        try:
+            for offset in range(1, count):
+                with socket.socket() as other:
+                    other.bind(("127.0.0.1", port + offset))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port range found")
+
+
+@contextmanager
+def example(name: str, port: int, **env: str) -> Iterator[subprocess.Popen[str]]:
+    environment = {**os.environ, "PORT": str(port), "PYTHONPATH": str(ROOT), **env}
+    process = subprocess.Popen(
+        [sys.executable, str(EXAMPLES / name)],
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_for_port(port, process)
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.communicate(timeout=10)
+
+
+def wait_for_port(port: int, process: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            output = process.stdout.read() if process.stdout else ""
+            raise AssertionError(f"example exited with {process.returncode}: {output}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"example never listened on {port}")
+
+
+def get(url: str, context: ssl.SSLContext | None = None) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10, context=context) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def test_every_readme_snippet_is_an_example_file() -> None:
+    readme = (ROOT / "README.md").read_text()
+    snippets = re.findall(r"```python\n(.*?)```", readme, flags=re.DOTALL)
+    assert snippets, "the README has python snippets"
+    examples = {path.read_text() for path in EXAMPLES.glob("*.py")}
+    for snippet in snippets:
+        assert snippet in examples, f"README snippet is not an examples/ file:\n{snippet[:200]}"
+
+
+def test_quickstart() -> None:
+    port = free_port()
+    with example("quickstart.py", port):
+        assert get(f"http://127.0.0.1:{port}/health") == (200, '{"ok":true}')
+        assert get(f"http://127.0.0.1:{port}/missing") == (404, "Not Found")
+
+
+def test_localhost_multi() -> None:
+    port = free_port()
+    with example("localhost_multi.py", port):
+        assert get(f"http://127.0.0.1:{port}/") == (200, "localhost multi-server ok")
+
+
+@requires_ipv6
+def test_localhost_multi_answers_on_ipv6_too() -> None:
+    port = free_port()
+    with example("localhost_multi.py", port):
+        assert get(f"http://[::1]:{port}/") == (200, "localhost multi-server ok")
+
+
+def test_callback_drains_on_sigterm() -> None:
+    port = free_port()
+    with example("callback.py", port) as process:
+        assert get(f"http://127.0.0.1:{port}/hi") == (200, "hello from /hi")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0
+
+
+def test_multi_bind_localhost() -> None:
+    port = free_port()
+    with example("multi_bind.py", port):
+        assert get(f"http://127.0.0.1:{port}/") == (200, f"served on port {port}")
+
+
+def test_multi_bind_explicit_list() -> None:
+    port = free_port(2)
+    with example("multi_bind.py", port, MODE="explicit") as process:
+        wait_for_port(port + 1, process)
+        assert get(f"http://127.0.0.1:{port}/") == (200, f"served on port {port}")
+        assert get(f"http://127.0.0.1:{port + 1}/") == (200, f"served on port {port + 1}")
+
+
+def test_tls_server(certs: Certificates) -> None:
+    port = free_port()
+    with example("tls_server.py", port, CERT=str(certs.cert_path), KEY=str(certs.key_path)):
+        context = ssl.create_default_context(cafile=str(certs.ca_path))
+        assert get(f"https://127.0.0.1:{port}/", context) == (200, "secure ok over HTTP/1.1")
+
+
+def test_graceful_shutdown_by_signal_future() -> None:
+    port = free_port()
+    with example("graceful_shutdown.py", port) as process:
+        assert get(f"http://127.0.0.1:{port}/shutdown") == (200, "bye")
+        assert process.wait(timeout=20) == 0
+        assert process.stdout is not None
+        assert "server stopped" in process.stdout.read()
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("*.py")))
+def test_every_example_is_tested(name: str) -> None:
+    tests = Path(__file__).read_text()
+    assert f'"{name}"' in tests, f"examples/{name} has no test here"
