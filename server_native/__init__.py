@@ -10,7 +10,7 @@ from __future__ import annotations
 from ._loader import native as _native
 from .config import ServerConfig, TlsConfig
 from .cookies import Cookie, SameSite
-from .errors import HttpException
+from .errors import HttpBodyError, HttpException
 from .headers import ContentType, HttpHeaders
 from .http_server import HttpConnectionsInfo, NativeHttpServer
 from .request import HttpConnectionInfo, HttpRequest, Uri
@@ -40,6 +40,7 @@ __all__ = [
     "Cookie",
     "HttpConnectionInfo",
     "HttpConnectionsInfo",
+    "HttpBodyError",
     "HttpException",
     "HttpHeaders",
     "HttpRequest",

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._loader import native
 from .cookies import Cookie
-from .errors import HttpException
+from .errors import HttpBodyError, HttpException
 from .headers import HttpHeaders
 
 if TYPE_CHECKING:
@@ -165,7 +165,7 @@ class HttpResponse:
     def add(self, data: bytes | bytearray | memoryview) -> None:
         if self._state == _CLOSED:
             raise HttpException("the response is closed", uri=self._request.uri.path)
-        chunk = bytes(data)
+        chunk = data if data.__class__ is bytes else bytes(data)
         if not chunk:
             return
         if self._state == _STREAMING or not self.buffer_output:
@@ -221,8 +221,9 @@ class HttpResponse:
             await backlog
 
     async def close(self) -> None:
-        """Finishes the response. Raises ``HttpException`` when the body did
-        not match a declared ``content_length``."""
+        """Finishes the response. Raises ``HttpBodyError`` (an
+        ``HttpException``) when the body did not match a declared
+        ``content_length``."""
         if self._state == _CLOSED:
             return
         if self._state == _OPEN:
@@ -233,7 +234,7 @@ class HttpResponse:
         self._state = _CLOSED
         if self._done is not None and not self._done.done():
             self._settle(self._done)
-        if self._error is not None and self._error.message.startswith("Content size"):
+        if isinstance(self._error, HttpBodyError):
             raise self._error
 
     def _respond(self) -> None:
@@ -311,11 +312,11 @@ class HttpResponse:
         self._request._native.respond(status, [("content-type", "text/plain; charset=utf-8")], message)
 
 
-def _too_long(size: int, declared: int, uri: str) -> HttpException:
-    return HttpException(f"Content size exceeds specified contentLength. {size} bytes written while expected {declared}.", uri=uri)
+def _too_long(size: int, declared: int, uri: str) -> HttpBodyError:
+    return HttpBodyError(f"Content size exceeds specified contentLength. {size} bytes written while expected {declared}.", uri=uri)
 
 
-def _too_short(size: int, declared: int, uri: str) -> HttpException:
-    return HttpException(f"Content size below specified contentLength.  {size} bytes written but expected {declared}.", uri=uri)
+def _too_short(size: int, declared: int, uri: str) -> HttpBodyError:
+    return HttpBodyError(f"Content size below specified contentLength.  {size} bytes written but expected {declared}.", uri=uri)
 
 
