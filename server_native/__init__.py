@@ -29,7 +29,6 @@ from .serve import (
 ClientDisconnected = _native.ClientDisconnected
 BodyTooLarge = _native.BodyTooLarge
 TlsConfigError = _native.TlsConfigError
-ProtocolError = _native.ProtocolError
 
 __version__ = "0.1.0"
 
@@ -48,7 +47,6 @@ __all__ = [
     "NativeHttpServer",
     "NativeMultiServer",
     "NativeServerBind",
-    "ProtocolError",
     "SameSite",
     "ServerConfig",
     "TlsConfig",

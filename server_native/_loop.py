@@ -99,6 +99,11 @@ def _resume(coro: Coroutine[Any, Any, Any], yielded: Any) -> Generator[Any, Any,
     while True:
         try:
             value = yield yielded
+        except GeneratorExit:
+            # The Task was destroyed unfinished (its loop closed): close the
+            # coroutine too, rather than throwing into it.
+            coro.close()
+            raise
         except BaseException as exc:  # noqa: BLE001 - forwarded into the coroutine
             try:
                 yielded = coro.throw(exc)

@@ -68,6 +68,8 @@ class ServerConfig:
     tls_handshake_timeout: float = 10.0
     #: Keep-alive: a connection idle this long is closed.
     idle_timeout: float = 120.0
+    #: How long the application may take to start its response (504 after).
+    response_timeout: float = 0.0
     #: How long a graceful close waits for in-flight requests.
     shutdown_timeout: float = 5.0
     auto_compress: bool = False

@@ -8,15 +8,14 @@ import collections
 import logging
 import os
 from collections.abc import AsyncIterator, Callable, Coroutine
-from dataclasses import replace
-from typing import Any, NamedTuple
+from typing import Any
 
 from ._loader import native
-from ._loop import EventPump, start_coroutine
-from .addresses import resolve_bind_hosts
-from .config import ServerConfig, TlsConfig
+from ._loop import start_coroutine
+from .config import ServerConfig
 from .headers import ContentType, HttpHeaders
 from .request import HttpRequest
+from .server import BoundServer, HttpConnectionsInfo, bind_settings, tls_settings
 
 __all__ = ["HttpConnectionsInfo", "NativeHttpServer", "RequestHandler"]
 
@@ -29,23 +28,13 @@ _DEFAULT_HEADERS = (
 )
 
 _BodyTooLarge = native.BodyTooLarge
-logger = logging.getLogger("server_native")
 
 
-class HttpConnectionsInfo(NamedTuple):
-    total: int
-    active: int
-    idle: int
-    closing: int
-
-
-class NativeHttpServer:
+class NativeHttpServer(BoundServer):
     """A bound server. Iterate it (``async for request in server``) or give
     it a handler with :meth:`serve`; close it with :meth:`close`."""
 
     def __init__(self, config: ServerConfig, hosts: list[str], port: int) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._config = config
         self.default_response_headers = HttpHeaders(_DEFAULT_HEADERS)
         self.server_header: str | None = None
         self._synced: tuple[int, str | None] | None = None
@@ -55,40 +44,17 @@ class NativeHttpServer:
         self._waiter: asyncio.Future[None] | None = None
         self._listeners = 0
         self._handler: RequestHandler | None = None
-        self._closing: asyncio.Future[None] | None = None
-        self._pump = EventPump(self._loop, self._on_request)
-        try:
-            self._native = native.NativeServer(config, hosts, port, self._pump.wake_fd)
-        except BaseException:
-            self._pump.detach()
-            raise
-        self._pump.attach(self._native)
-        self._closed = self._loop.create_future()
+        super().__init__(config, hosts, port)
 
     # -- binding ------------------------------------------------------------
 
     @classmethod
-    async def bind(
-        cls,
-        address: str,
-        port: int = 0,
-        *,
-        backlog: int = 0,
-        v6_only: bool = False,
-        shared: bool = False,
-        http2: bool = True,
-        http3: bool = True,
-        native_callback: bool = True,
-        config: ServerConfig | None = None,
-        **limits: Any,
-    ) -> NativeHttpServer:
+    async def bind(cls, address: str, port: int = 0, **options: Any) -> NativeHttpServer:
         """Binds ``address`` (an IP, a host name, ``"localhost"`` or
         ``"any"``) on ``port`` (0 picks one free port for every interface).
-        ``limits`` are :class:`ServerConfig` fields (``max_body_size``...)."""
-        _check_transport(native_callback)
-        base = config or ServerConfig()
-        settings = replace(base, backlog=backlog, v6_only=v6_only, shared=shared, http2=http2, http3=http3, **limits)
-        return cls(settings, resolve_bind_hosts(address, v6_only=v6_only), _port(port))
+        Options: ``backlog``, ``v6_only``, ``shared``, ``http2``, ``http3``,
+        ``native_callback``, ``config`` and any :class:`ServerConfig` field."""
+        return cls(*bind_settings(address, port, **options))
 
     @classmethod
     async def loopback(cls, port: int = 0, **options: Any) -> NativeHttpServer:
@@ -112,13 +78,13 @@ class NativeHttpServer:
     ) -> NativeHttpServer:
         """Like :meth:`bind`, over TLS. A missing file, a bad key or a wrong
         password raises here, before anything is bound."""
-        tls = TlsConfig(
-            certificate_path=os.fspath(certificate_path),
-            key_path=os.fspath(key_path),
+        tls = tls_settings(
+            certificate_path=certificate_path,
+            key_path=key_path,
             certificate_password=certificate_password,
             request_client_certificate=request_client_certificate,
             require_client_certificate=require_client_certificate,
-            client_ca_path=None if client_ca_path is None else os.fspath(client_ca_path),
+            client_ca_path=client_ca_path,
             http2=http2,
         )
         return await cls.bind(address, port, http2=http2, tls=tls, **options)
@@ -130,42 +96,8 @@ class NativeHttpServer:
     # -- properties ---------------------------------------------------------
 
     @property
-    def port(self) -> int:
-        return self._native.port  # type: ignore[no-any-return]
-
-    @property
-    def address(self) -> str:
-        """The first bound address."""
-        return self._native.addresses[0][0]  # type: ignore[no-any-return]
-
-    @property
-    def addresses(self) -> list[tuple[str, int]]:
-        return self._native.addresses  # type: ignore[no-any-return]
-
-    @property
-    def secure(self) -> bool:
-        return self._config.tls is not None
-
-    @property
-    def config(self) -> ServerConfig:
-        return self._config
-
-    @property
-    def idle_timeout(self) -> float | None:
-        """Seconds an idle keep-alive connection stays open; None for ever."""
-        value = self._native.idle_timeout
-        return None if value == 0 else value  # type: ignore[no-any-return]
-
-    @idle_timeout.setter
-    def idle_timeout(self, seconds: float | None) -> None:
-        self._native.idle_timeout = 0.0 if seconds is None else float(seconds)
-
-    @property
     def auto_compress(self) -> bool:
         return self._config.auto_compress
-
-    def connections_info(self) -> HttpConnectionsInfo:
-        return HttpConnectionsInfo(*self._native.connections_info())
 
     def _native_defaults(self) -> None:
         """Syncs the native copy of the default headers and returns None, the
@@ -187,7 +119,7 @@ class NativeHttpServer:
         request = HttpRequest(native_request, self, self._loop)
         handler = self._handler
         if handler is not None:
-            start_coroutine(self._loop, _handle(handler, request), _unexpected)
+            start_coroutine(self._loop, _handle(handler, request), self._report)
         elif self._listeners:
             self._queue.append(request)
             waiter = self._waiter
@@ -218,25 +150,10 @@ class NativeHttpServer:
 
     # -- closing ------------------------------------------------------------
 
-    async def close(self, force: bool = False) -> None:
-        """Stops accepting, lets in-flight requests finish (up to
-        ``config.shutdown_timeout`` seconds), then closes. ``force`` aborts
-        every connection at once."""
-        if self._closing is None:
-            self._closing = self._loop.create_future()
-            self._native.close(force, None if force else self._config.shutdown_timeout, self._closing)
-            waiter = self._waiter
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
-        elif force:
-            self._native.close(True, 0.0, self._loop.create_future())
-        await asyncio.shield(self._closing)
-        if not self._closed.done():
-            self._pump.detach()
-            self._closed.set_result(None)
-
-    async def wait_closed(self) -> None:
-        await asyncio.shield(self._closed)
+    def _on_closing(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def __aenter__(self) -> NativeHttpServer:
         return self
@@ -256,24 +173,7 @@ async def _handle(handler: RequestHandler, request: HttpRequest) -> None:
     except _BodyTooLarge:
         response._respond_status(413, b"Request body too large")
     except Exception:
-        logger.exception("request handler failed: %s %s", request.method, request.uri.path)
+        logging.getLogger("server_native").exception("request handler failed: %s %s", request.method, request.uri.path)
         response._abort_for_error()
     else:
         await response.close()
-
-
-def _unexpected(exc: BaseException) -> None:
-    if not isinstance(exc, asyncio.CancelledError):
-        asyncio.get_running_loop().call_exception_handler({"message": "server_native handler crashed", "exception": exc})
-
-
-def _check_transport(native_callback: bool) -> None:
-    if not native_callback:
-        raise NotImplementedError("native_callback=False (the socket bridge transport) is not available yet")
-
-
-def _port(port: int) -> int:
-    port = int(port)
-    if not 0 <= port <= 65535:
-        raise ValueError(f"port must be between 0 and 65535, not {port}")
-    return port

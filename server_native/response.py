@@ -43,6 +43,7 @@ class HttpResponse:
         "_backlog",
         "_done",
         "_error",
+        "_gone",
         "buffer_output",
     )
 
@@ -60,6 +61,7 @@ class HttpResponse:
         self._backlog: asyncio.Future[None] | None = None
         self._done: asyncio.Future[None] | None = None
         self._error: HttpException | None = None
+        self._gone = False
         self.buffer_output = True
 
     # -- head ---------------------------------------------------------------
@@ -182,6 +184,7 @@ class HttpResponse:
             self.add(chunk)
             if self._state == _STREAMING:
                 await self._drain()
+            self._raise_if_gone()
 
     async def flush(self) -> None:
         """Sends the head and everything written so far; the rest streams."""
@@ -190,11 +193,21 @@ class HttpResponse:
         if self._state == _OPEN:
             self._start()
         await self._drain()
+        self._raise_if_gone()
+
+    def _raise_if_gone(self) -> None:
+        """Streaming code learns at its next flush that nobody is reading."""
+        if self._gone:
+            raise _ClientDisconnected("the client disconnected")
+
+    def _client_gone(self) -> None:
+        self._gone = True
+        self._fail(HttpException("the client disconnected", uri=self._request.uri.path))
 
     def _start(self) -> None:
         self._state = _STREAMING
-        if not self._request._native.start(self._status, self._head()):
-            self._fail(HttpException("the client disconnected", uri=self._request.uri.path))
+        if not self._request._native.start(self._status, self._head(), self._reason):
+            self._client_gone()
         buffered, self._buffer = self._buffer, []
         for chunk in buffered:
             self._send_chunk(chunk)
@@ -210,7 +223,7 @@ class HttpResponse:
         try:
             backlog = self._request._native.write(chunk, self._request._loop.create_future)
         except _ClientDisconnected:
-            self._fail(HttpException("the client disconnected", uri=self._request.uri.path))
+            self._client_gone()
             return
         if backlog is not None:
             self._backlog = backlog
@@ -250,13 +263,13 @@ class HttpResponse:
                 # The head promises more than there is: send what there is and
                 # cut the connection, so the client sees a truncated response.
                 self._state = _STREAMING
-                native_request.start(self._status, self._head())
+                native_request.start(self._status, self._head(), self._reason)
                 self._send_chunk(body)
                 self._fail(_too_short(len(body), declared, self._request.uri.path))
                 native_request.abort()
                 return
-        if not native_request.respond(self._status, self._head(), body):
-            self._fail(HttpException("the client disconnected", uri=self._request.uri.path))
+        if not native_request.respond(self._status, self._head(), body, self._reason):
+            self._client_gone()
 
     def _finish_stream(self) -> None:
         native_request = self._request._native

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::boundary::queue::{Event, EventQueue};
 
 /// How much of a request body is read ahead of the application.
-const REQUEST_HIGH_WATER: usize = 256 * 1024;
+pub const REQUEST_HIGH_WATER: usize = 256 * 1024;
 /// How much response body the application may queue before it must wait.
 const RESPONSE_HIGH_WATER: usize = 256 * 1024;
 
@@ -28,7 +28,6 @@ pub enum BodyEnd {
     Complete,
     TooLarge,
     Disconnected,
-    Failed(String),
 }
 
 /// One step of reading the request body.
@@ -105,27 +104,26 @@ impl RequestBody {
         }
     }
 
-    fn has_room(&self) -> bool {
-        self.state.lock().buffered < REQUEST_HIGH_WATER
+    fn has_room(&self, high_water: u64) -> bool {
+        (self.state.lock().buffered as u64) < high_water
     }
 }
 
 /// Moves a request body from the connection into `target`, enforcing the size
-/// limit. Stops when the body ends or `stop` fires (the exchange is over).
-/// Returns true when the body was refused for its size.
-pub async fn pump<B>(body: B, target: Arc<RequestBody>, limit: u64, stop: CancellationToken) -> bool
+/// limit and reading ahead at most `high_water` bytes. Stops when the body
+/// ends or `stop` fires (the exchange is over). Returns true when the body
+/// was refused for its size.
+pub async fn pump<B>(body: &mut B, target: Arc<RequestBody>, limit: u64, high_water: u64, stop: CancellationToken) -> bool
 where
     B: Body<Data = Bytes> + Unpin,
-    B::Error: std::fmt::Display,
 {
-    let mut body = body;
     let mut total: u64 = 0;
     loop {
         loop {
             let room = target.space.notified();
             tokio::pin!(room);
             room.as_mut().enable();
-            if target.has_room() {
+            if target.has_room(high_water) {
                 break;
             }
             tokio::select! {
@@ -142,8 +140,10 @@ where
                 target.finish(BodyEnd::Complete);
                 return false;
             }
-            Some(Err(error)) => {
-                target.finish(BodyEnd::Failed(error.to_string()));
+            // The client closed or reset the stream mid-body: either way it
+            // will not read a response.
+            Some(Err(_)) => {
+                target.finish(BodyEnd::Disconnected);
                 return false;
             }
             Some(Ok(frame)) => {
@@ -166,6 +166,8 @@ struct ResponseStreamState {
     buffered: usize,
     finished: bool,
     aborted: bool,
+    /// An abort was seen once: hyper has been given a turn to flush.
+    abort_flushed: bool,
     peer_gone: bool,
     reader: Option<Waker>,
     writer: Option<Py<PyAny>>,
@@ -195,6 +197,7 @@ impl ResponseStream {
                 buffered: 0,
                 finished: false,
                 aborted: false,
+                abort_flushed: false,
                 peer_gone: false,
                 reader: None,
                 writer: None,
@@ -246,6 +249,14 @@ impl ResponseStream {
             return Poll::Ready(Some(Ok(chunk)));
         }
         if state.aborted {
+            if !state.abort_flushed {
+                // hyper flushes its buffer when the body is not ready; only
+                // then does the error cut the connection, so the client gets
+                // what was sent before the abort.
+                state.abort_flushed = true;
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
             return Poll::Ready(Some(Err(std::io::Error::other("response aborted by the application"))));
         }
         if state.finished {

@@ -32,6 +32,7 @@ pub struct ServerConfig {
     pub header_read_timeout: f64,
     pub tls_handshake_timeout: f64,
     pub idle_timeout: f64,
+    pub response_timeout: f64,
     pub auto_compress: bool,
     pub native_response: Option<Vec<u8>>,
 }

@@ -11,7 +11,10 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::rt::{Read, ReadBufCursor, Write};
+use hyper::server::conn::http1;
 use hyper::service::service_fn;
+use hyper_util::server::conn::auto;
+use std::future::Future;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
@@ -19,7 +22,7 @@ use tokio::time::Instant;
 
 use crate::exchange::ConnInfo;
 use crate::h1_guard::H1Guard;
-use crate::server::ServerShared;
+use crate::server::{Protocols, ServerShared};
 use crate::service;
 
 /// Per-connection state shared by the connection task and its requests.
@@ -114,7 +117,51 @@ where
     let io = Tracked { inner: TokioIo::new(stream), conn: conn.clone() };
     let handler = conn.clone();
     let service = service_fn(move |request| service::handle(request, handler.clone()));
-    let http = server.builder.serve_connection_with_upgrades(io, service);
+    match &server.protocols {
+        Protocols::Auto(builder) => drive(builder.serve_connection_with_upgrades(io, service), &conn).await,
+        Protocols::Http1(builder) => drive(builder.serve_connection(io, service).with_upgrades(), &conn).await,
+    }
+}
+
+/// A hyper connection that can be asked to finish its current exchanges and
+/// close (HTTP/1: after the response in flight; HTTP/2: GOAWAY).
+trait Graceful: Future {
+    fn graceful_shutdown(self: Pin<&mut Self>);
+}
+
+impl<I, S, E, B> Graceful for auto::UpgradeableConnection<'_, I, S, E>
+where
+    Self: Future,
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: Read + Write + Unpin + Send + 'static,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        auto::UpgradeableConnection::graceful_shutdown(self)
+    }
+}
+
+impl<I, S, B> Graceful for http1::UpgradeableConnection<I, S>
+where
+    Self: Future,
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: Read + Write + Unpin + Send + 'static,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        http1::UpgradeableConnection::graceful_shutdown(self)
+    }
+}
+
+/// Runs a connection until it ends, asking it to close gracefully on server
+/// shutdown or when idle, and dropping it on a forced close.
+async fn drive<C: Graceful>(http: C, conn: &Connection) {
+    let server = &conn.server;
     tokio::pin!(http);
     let mut closing = None;
     loop {
@@ -125,7 +172,7 @@ where
                 http.as_mut().graceful_shutdown();
                 closing = Some(server.stats.closing());
             }
-            _ = idle(&conn), if closing.is_none() => {
+            _ = idle(conn), if closing.is_none() => {
                 http.as_mut().graceful_shutdown();
                 closing = Some(server.stats.closing());
             }

@@ -1,7 +1,7 @@
 //! Python exception types raised by the native module.
 
 use pyo3::create_exception;
-use pyo3::exceptions::{PyConnectionError, PyException, PyValueError};
+use pyo3::exceptions::{PyConnectionError, PyValueError};
 
 create_exception!(
     _native,
@@ -20,10 +20,4 @@ create_exception!(
     TlsConfigError,
     PyValueError,
     "A certificate, key or password could not be used."
-);
-create_exception!(
-    _native,
-    ProtocolError,
-    PyException,
-    "The peer broke the protocol while a body was in transit."
 );

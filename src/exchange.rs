@@ -30,11 +30,18 @@ pub enum SendError {
     PeerGone,
 }
 
+/// Where the response stands.
+enum Responder {
+    Waiting(oneshot::Sender<Response<ResponseBody>>),
+    Sent,
+    Gone,
+}
+
 pub struct Exchange {
     pub head: Parts,
     pub conn: Arc<ConnInfo>,
     pub body: Arc<RequestBody>,
-    responder: Mutex<Option<oneshot::Sender<Response<ResponseBody>>>>,
+    responder: Mutex<Responder>,
     stream: Mutex<Option<Arc<ResponseStream>>>,
     /// Fires when nobody can use the request body any more.
     pub over: CancellationToken,
@@ -51,7 +58,7 @@ impl Exchange {
             head,
             conn,
             body,
-            responder: Mutex::new(Some(responder)),
+            responder: Mutex::new(Responder::Waiting(responder)),
             stream: Mutex::new(None),
             over: CancellationToken::new(),
         }
@@ -59,8 +66,18 @@ impl Exchange {
 
     /// Hands the response head (and a full or streamed body) to hyper.
     pub fn send(&self, response: Response<ResponseBody>) -> Result<(), SendError> {
-        let responder = self.responder.lock().take().ok_or(SendError::AlreadySent)?;
-        responder.send(response).map_err(|_| SendError::PeerGone)
+        let mut state = self.responder.lock();
+        match std::mem::replace(&mut *state, Responder::Sent) {
+            Responder::Waiting(responder) => responder.send(response).map_err(|_| {
+                *state = Responder::Gone;
+                SendError::PeerGone
+            }),
+            Responder::Sent => Err(SendError::AlreadySent),
+            Responder::Gone => {
+                *state = Responder::Gone;
+                Err(SendError::PeerGone)
+            }
+        }
     }
 
     pub fn set_stream(&self, stream: Arc<ResponseStream>) {
@@ -72,13 +89,13 @@ impl Exchange {
     }
 
     pub fn head_sent(&self) -> bool {
-        self.responder.lock().is_none()
+        matches!(*self.responder.lock(), Responder::Sent)
     }
 
     /// The protocol side gave up on this exchange (client gone, or the
     /// request refused natively): wake whoever waits on it.
     pub fn abandon(&self) {
-        self.responder.lock().take();
+        *self.responder.lock() = Responder::Gone;
         self.body.finish(BodyEnd::Disconnected);
         self.over.cancel();
     }

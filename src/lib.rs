@@ -24,11 +24,13 @@ const ABI_VERSION: u32 = 1;
 #[pymodule]
 mod _native {
     #[pymodule_export]
+    use crate::boundary::direct::DirectResponse;
+    #[pymodule_export]
     use crate::boundary::request::NativeRequest;
     #[pymodule_export]
     use crate::boundary::server::NativeServer;
     #[pymodule_export]
-    use crate::errors::{BodyTooLarge, ClientDisconnected, ProtocolError, TlsConfigError};
+    use crate::errors::{BodyTooLarge, ClientDisconnected, TlsConfigError};
 
     use pyo3::prelude::*;
 

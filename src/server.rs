@@ -10,6 +10,7 @@ use bytes::Bytes;
 use http::HeaderMap;
 use parking_lot::RwLock;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper::server::conn::http1;
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -25,7 +26,7 @@ use crate::connection;
 /// Everything connections and requests of one server share.
 pub struct ServerShared {
     pub config: ServerConfig,
-    pub builder: auto::Builder<TokioExecutor>,
+    pub protocols: Protocols,
     pub tls: Option<TlsAcceptor>,
     pub handshake_timeout: Duration,
     pub events: Arc<EventQueue>,
@@ -46,14 +47,14 @@ pub struct ServerShared {
 
 impl ServerShared {
     pub fn new(config: ServerConfig, tls: Option<TlsAcceptor>, events: Arc<EventQueue>) -> Self {
-        let builder = http_builder(&config);
+        let protocols = Protocols::new(&config);
         let native_response = config.native_response.clone().map(Bytes::from);
         ServerShared {
             handshake_timeout: seconds(config.tls_handshake_timeout).unwrap_or(Duration::from_secs(3600)),
             pending: Arc::new(Semaphore::new(config.max_pending_requests.max(1))),
             idle_timeout_ms: AtomicU64::new(millis(config.idle_timeout)),
             config,
-            builder,
+            protocols,
             tls,
             events,
             native_response,
@@ -139,26 +140,42 @@ async fn accept_loop(listener: TcpListener, server: Arc<ServerShared>, limit: Ar
     }
 }
 
-fn http_builder(config: &ServerConfig) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(seconds(config.header_read_timeout))
-        .max_buf_size(config.max_header_size.max(8192))
-        .max_headers(config.max_headers)
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(config.max_concurrent_streams)
-        .max_header_list_size(config.max_header_size as u32)
-        .enable_connect_protocol();
-    let http2 = config.tls.as_ref().map_or(config.http2, |tls| tls.http2);
-    if http2 {
+/// The HTTP versions a server speaks. HTTP/1.1 alone uses hyper's own
+/// builder: hyper-util's auto builder still accepts h2c prior knowledge when
+/// told `http1_only` on connections with upgrades.
+pub enum Protocols {
+    Auto(auto::Builder<TokioExecutor>),
+    Http1(http1::Builder),
+}
+
+impl Protocols {
+    fn new(config: &ServerConfig) -> Self {
+        let http2 = config.tls.as_ref().map_or(config.http2, |tls| tls.http2);
+        if !http2 {
+            let mut builder = http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(seconds(config.header_read_timeout))
+                .max_buf_size(config.max_header_size.max(8192))
+                .max_headers(config.max_headers)
+                .keep_alive(true);
+            return Protocols::Http1(builder);
+        }
+        let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
-    } else {
-        builder.http1_only()
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(seconds(config.header_read_timeout))
+            .max_buf_size(config.max_header_size.max(8192))
+            .max_headers(config.max_headers)
+            .keep_alive(true);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(config.max_concurrent_streams)
+            .max_header_list_size(config.max_header_size as u32)
+            .enable_connect_protocol();
+        Protocols::Auto(builder)
     }
 }
 

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::body::{pump, BodyEnd, RequestBody, ResponseBody};
 use crate::boundary::queue::Event;
 use crate::compress;
+use crate::config::seconds;
 use crate::connection::Connection;
 use crate::exchange::Exchange;
 
@@ -51,18 +52,30 @@ fn refuse(request: &Request<Incoming>, max_body_size: u64) -> Option<Response<Re
         }
         _ => {}
     }
+    if request.uri().authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Some(error_response(StatusCode::BAD_REQUEST, "user info in the request authority"));
+    }
     if request.body().size_hint().lower() > max_body_size {
         return Some(error_response(StatusCode::PAYLOAD_TOO_LARGE, "request body too large"));
     }
     None
 }
 
-/// A Host value is an authority without user info: `name[:port]` or `[v6]:port`.
+/// A Host value is an authority without user info: `name[:port]` or
+/// `[v6]:port`, the port a number that fits 16 bits.
 fn valid_host(value: &HeaderValue) -> bool {
     let bytes = value.as_bytes();
-    !bytes.is_empty()
-        && !bytes.contains(&b'@')
-        && http::uri::Authority::try_from(bytes).is_ok_and(|a| !a.host().is_empty())
+    if bytes.is_empty() || bytes.contains(&b'@') {
+        return false;
+    }
+    let Ok(authority) = http::uri::Authority::try_from(bytes) else { return false };
+    let host = authority.host();
+    let rest = &authority.as_str()[authority.as_str().find(host).map_or(0, |at| at + host.len())..];
+    let port_ok = match rest.strip_prefix(']').unwrap_or(rest).strip_prefix(':') {
+        None => rest.is_empty() || rest == "]",
+        Some(port) => port.is_empty() || port.parse::<u16>().is_ok(),
+    };
+    !host.is_empty() && port_ok
 }
 
 async fn dispatch(request: Request<Incoming>, conn: &Arc<Connection>) -> Response<ResponseBody> {
@@ -70,9 +83,17 @@ async fn dispatch(request: Request<Incoming>, conn: &Arc<Connection>) -> Respons
     let Ok(_permit) = server.pending.clone().acquire_owned().await else {
         return error_response(StatusCode::SERVICE_UNAVAILABLE, "server is closing");
     };
-    let (head, body) = request.into_parts();
-    let complete = body.is_end_stream().then_some(BodyEnd::Complete);
+    let (head, mut body) = request.into_parts();
+    let mut complete = body.is_end_stream().then_some(BodyEnd::Complete);
     let request_body = Arc::new(RequestBody::new(server.events.clone(), complete.clone()));
+    if complete.is_none() && server.events.is_thread() {
+        // A synchronous handler cannot wait for a body: read it all first.
+        let stop = CancellationToken::new();
+        if pump(&mut body, request_body.clone(), server.config.max_body_size, u64::MAX, stop).await {
+            return error_response(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
+        }
+        complete = Some(BodyEnd::Complete);
+    }
     let (responder, response) = oneshot::channel();
     let exchange = Arc::new(Exchange::new(head, conn.info.clone(), request_body.clone(), responder));
     let too_large = CancellationToken::new();
@@ -81,17 +102,24 @@ async fn dispatch(request: Request<Incoming>, conn: &Arc<Connection>) -> Respons
         let flag = too_large.clone();
         let limit = server.config.max_body_size;
         tokio::spawn(async move {
-            if pump(body, request_body, limit, stop).await {
+            if pump(&mut body, request_body, limit, crate::body::REQUEST_HIGH_WATER as u64, stop).await {
                 flag.cancel();
             }
         });
     }
     server.events.push(Event::Request(exchange.clone()));
     let mut guard = AbandonOnDrop(Some(exchange));
+    let timeout = async {
+        match seconds(server.config.response_timeout) {
+            Some(limit) => tokio::time::sleep(limit).await,
+            None => std::future::pending().await,
+        }
+    };
     let outcome = tokio::select! {
         biased;
         response = response => response.ok(),
         _ = too_large.cancelled() => Some(error_response(StatusCode::PAYLOAD_TOO_LARGE, "request body too large")),
+        _ = timeout => Some(error_response(StatusCode::GATEWAY_TIMEOUT, "the application did not answer in time")),
     };
     match outcome {
         Some(response) => {

@@ -5,7 +5,7 @@ use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 use pyo3::prelude::*;
 
 use crate::exchange::Exchange;
@@ -18,24 +18,74 @@ pub enum Event {
     Wake(Py<PyAny>),
 }
 
+/// How the consumer is woken.
+pub enum Consumer {
+    /// An asyncio loop watching a socket with `add_reader`.
+    Loop(WakeSignal),
+    /// A Python thread blocked in `wait` (the `native_direct` mode).
+    Thread(Condvar),
+}
+
 /// Tokio threads never take the GIL: they queue events and, once per batch,
-/// write one byte to a socket the asyncio loop watches with `add_reader`.
+/// wake the consumer (one byte on a socket, or one condvar signal).
 pub struct EventQueue {
     events: Mutex<Vec<Event>>,
     wake_pending: AtomicBool,
-    signal: WakeSignal,
+    consumer: Consumer,
+    /// Set once the server is closed and every event before that is queued.
+    closed: AtomicBool,
 }
 
 impl EventQueue {
-    pub fn new(signal: WakeSignal) -> Self {
-        EventQueue { events: Mutex::new(Vec::with_capacity(64)), wake_pending: AtomicBool::new(false), signal }
+    pub fn new(consumer: Consumer) -> Self {
+        EventQueue {
+            events: Mutex::new(Vec::with_capacity(64)),
+            wake_pending: AtomicBool::new(false),
+            consumer,
+            closed: AtomicBool::new(false),
+        }
     }
 
     pub fn push(&self, event: Event) {
         self.events.lock().push(event);
         if !self.wake_pending.swap(true, Ordering::AcqRel) {
-            self.signal.notify();
+            self.wake();
         }
+    }
+
+    fn wake(&self) {
+        match &self.consumer {
+            Consumer::Loop(signal) => signal.notify(),
+            Consumer::Thread(condvar) => {
+                condvar.notify_one();
+            }
+        }
+    }
+
+    /// Whether a blocked consumer thread wants the whole body up front.
+    pub fn is_thread(&self) -> bool {
+        matches!(self.consumer, Consumer::Thread(_))
+    }
+
+    /// No event will follow: a waiting consumer thread returns.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        let _guard = self.events.lock();
+        self.wake();
+    }
+
+    /// Blocks until there are events; None once closed and empty.
+    pub fn wait(&self) -> Option<Vec<Event>> {
+        let Consumer::Thread(condvar) = &self.consumer else { return Some(self.take()) };
+        let mut events = self.events.lock();
+        while events.is_empty() {
+            if self.closed.load(Ordering::Acquire) {
+                return None;
+            }
+            condvar.wait(&mut events);
+        }
+        self.wake_pending.store(false, Ordering::Release);
+        Some(std::mem::take(&mut *events))
     }
 
     /// Takes everything queued. The flag is cleared first, so an event pushed

@@ -8,12 +8,14 @@ use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, HOST};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use hyper::ext::ReasonPhrase;
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
 
+use super::direct::DirectResponse;
 use crate::body::{BodyEnd, BodyRead, ResponseBody, ResponseStream, StreamBody, WriteResult};
-use crate::errors::{BodyTooLarge, ClientDisconnected, ProtocolError};
+use crate::errors::{BodyTooLarge, ClientDisconnected};
 use crate::exchange::{Exchange, SendError};
 use crate::server::ServerShared;
 
@@ -28,7 +30,13 @@ impl NativeRequest {
         NativeRequest { exchange, server }
     }
 
-    fn response(&self, status: u16, headers: Option<&Bound<'_, PyAny>>, body: ResponseBody) -> PyResult<Response<ResponseBody>> {
+    fn response(
+        &self,
+        status: u16,
+        headers: Option<&Bound<'_, PyAny>>,
+        reason: Option<&str>,
+        body: ResponseBody,
+    ) -> PyResult<Response<ResponseBody>> {
         let status = StatusCode::from_u16(status)
             .ok()
             .filter(|s| s.as_u16() >= 200)
@@ -39,6 +47,11 @@ impl NativeRequest {
             Some(headers) => header_map(headers)?,
             None => self.server.default_headers.read().clone(),
         };
+        if let Some(reason) = reason {
+            let phrase = ReasonPhrase::try_from(reason.as_bytes().to_vec())
+                .map_err(|_| PyValueError::new_err(format!("invalid reason phrase {reason:?}")))?;
+            response.extensions_mut().insert(phrase);
+        }
         Ok(response)
     }
 
@@ -108,16 +121,18 @@ impl NativeRequest {
         }
     }
 
+    /// The client's address; IPv4 clients of a dual-stack socket appear as
+    /// IPv4, not as `::ffff:a.b.c.d`.
     #[getter]
     fn remote_addr(&self) -> (String, u16) {
         let peer = self.exchange.conn.peer;
-        (peer.ip().to_string(), peer.port())
+        (peer.ip().to_canonical().to_string(), peer.port())
     }
 
     #[getter]
     fn local_addr(&self) -> (String, u16) {
         let local = self.exchange.conn.local;
-        (local.ip().to_string(), local.port())
+        (local.ip().to_canonical().to_string(), local.port())
     }
 
     #[getter]
@@ -179,24 +194,23 @@ impl NativeRequest {
             BodyRead::Pending => future.expect("a pending read made a future"),
             BodyRead::Error(BodyEnd::TooLarge) => Err(BodyTooLarge::new_err("request body exceeds max_body_size")),
             BodyRead::Error(BodyEnd::Disconnected) => Err(ClientDisconnected::new_err("the client disconnected")),
-            BodyRead::Error(BodyEnd::Failed(reason)) => Err(ProtocolError::new_err(reason)),
             BodyRead::Error(BodyEnd::Complete) => unreachable!("a complete body reads as End"),
         }
     }
 
     /// Sends a whole response at once. `headers=None` sends the server's
     /// default headers. Returns False when the client is already gone.
-    #[pyo3(signature = (status, headers, body))]
-    fn respond(&self, status: u16, headers: Option<&Bound<'_, PyAny>>, body: &[u8]) -> PyResult<bool> {
-        let response = self.response(status, headers, ResponseBody::full(Bytes::copy_from_slice(body)))?;
+    #[pyo3(signature = (status, headers, body, reason = None))]
+    fn respond(&self, status: u16, headers: Option<&Bound<'_, PyAny>>, body: &[u8], reason: Option<&str>) -> PyResult<bool> {
+        let response = self.response(status, headers, reason, ResponseBody::full(Bytes::copy_from_slice(body)))?;
         self.send(response)
     }
 
     /// Sends the response head; the body follows with `write` and `finish`.
-    #[pyo3(signature = (status, headers))]
-    fn start(&self, status: u16, headers: Option<&Bound<'_, PyAny>>) -> PyResult<bool> {
+    #[pyo3(signature = (status, headers, reason = None))]
+    fn start(&self, status: u16, headers: Option<&Bound<'_, PyAny>>, reason: Option<&str>) -> PyResult<bool> {
         let stream = ResponseStream::new(self.server.events.clone());
-        let response = self.response(status, headers, ResponseBody::Stream(StreamBody(stream.clone())))?;
+        let response = self.response(status, headers, reason, ResponseBody::Stream(StreamBody(stream.clone())))?;
         self.exchange.set_stream(stream);
         self.send(response)
     }
@@ -217,6 +231,12 @@ impl NativeRequest {
             WriteResult::Wait => future.expect("a full buffer made a future").map(Some),
             WriteResult::PeerGone => Err(ClientDisconnected::new_err("the client disconnected")),
         }
+    }
+
+    /// Sends a `NativeDirectResponse` (a whole one; streamed ones go through
+    /// `start`/`write`). Returns False when the client is already gone.
+    fn send_direct(&self, response: &Bound<'_, DirectResponse>) -> PyResult<bool> {
+        self.send(response.get().to_response())
     }
 
     /// Ends a streamed body.
@@ -247,7 +267,7 @@ impl NativeRequest {
 }
 
 /// Header values as Python text: bytes map to code points one to one.
-fn latin1(bytes: &[u8]) -> String {
+pub fn latin1(bytes: &[u8]) -> String {
     match std::str::from_utf8(bytes) {
         Ok(text) if text.is_ascii() => text.to_owned(),
         _ => bytes.iter().map(|&b| b as char).collect(),

@@ -4,12 +4,15 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use pyo3::exceptions::{PyFileNotFoundError, PyOSError, PyValueError};
+use pyo3::exceptions::{PyFileNotFoundError, PyOSError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyList;
 use tokio_rustls::TlsAcceptor;
 
-use super::queue::{Event, EventQueue, WakeSignal};
+use parking_lot::Condvar;
+
+use super::direct::DirectResponse;
+use super::queue::{Consumer, Event, EventQueue, WakeSignal};
 use super::request::{header_map, NativeRequest};
 use crate::config::{seconds, ServerConfig};
 use crate::errors::TlsConfigError;
@@ -26,9 +29,11 @@ pub struct NativeServer {
 #[pymethods]
 impl NativeServer {
     /// Binds every host on `port` (0: one free port for all of them) and
-    /// starts serving. `wake_fd` is the write end of the loop's wake-up pair.
+    /// starts serving. `wake_fd` is the write end of the asyncio loop's
+    /// wake-up pair; None means a thread will consume in `serve_direct`.
     #[new]
-    fn new(config: ServerConfig, hosts: Vec<String>, port: u16, wake_fd: i64) -> PyResult<Self> {
+    #[pyo3(signature = (config, hosts, port, wake_fd))]
+    fn new(config: ServerConfig, hosts: Vec<String>, port: u16, wake_fd: Option<i64>) -> PyResult<Self> {
         let ips = hosts
             .iter()
             .map(|h| h.parse::<IpAddr>().map_err(|_| PyValueError::new_err(format!("not an IP address: {h:?}"))))
@@ -37,7 +42,11 @@ impl NativeServer {
             Some(settings) => Some(TlsAcceptor::from(Arc::new(tls::server_config(settings).map_err(tls_error)?))),
             None => None,
         };
-        let events = Arc::new(EventQueue::new(WakeSignal::from_fd(wake_fd)?));
+        let consumer = match wake_fd {
+            Some(fd) => Consumer::Loop(WakeSignal::from_fd(fd)?),
+            None => Consumer::Thread(Condvar::new()),
+        };
+        let events = Arc::new(EventQueue::new(consumer));
         let options = SocketOptions { backlog: config.backlog, v6_only: config.v6_only, shared: config.shared };
         let listeners = bind_all(&ips, port, options).map_err(bind_error)?;
         let shared = Arc::new(ServerShared::new(config, tls, events));
@@ -58,6 +67,55 @@ impl NativeServer {
             }
         }
         Ok(list)
+    }
+
+    /// The `native_direct` loop: blocks this thread (without the GIL while
+    /// idle) and calls `handler(wrap(request))` for every request until the
+    /// server is closed. The handler must return a `NativeDirectResponse`;
+    /// anything else, or an exception, is passed to `on_error` and answered
+    /// with 500. Futures queued for an asyncio loop are resolved on it.
+    fn serve_direct(
+        &self,
+        py: Python<'_>,
+        handler: &Bound<'_, PyAny>,
+        wrap: &Bound<'_, PyAny>,
+        on_error: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let events = self.shared.events.clone();
+        while let Some(batch) = py.detach(|| events.wait()) {
+            for event in batch {
+                match event {
+                    Event::Request(exchange) => {
+                        let request = Bound::new(py, NativeRequest::new(exchange.clone(), self.shared.clone()))?;
+                        let outcome = wrap.call1((request,)).and_then(|r| handler.call1((r,)));
+                        let response = match outcome {
+                            Ok(value) => match value.cast::<DirectResponse>() {
+                                Ok(response) => response.get().to_response(),
+                                Err(_) => {
+                                    let message = format!(
+                                        "a native_direct handler must return a NativeDirectResponse, not {}",
+                                        value.get_type().name()?
+                                    );
+                                    on_error.call1((PyTypeError::new_err(message),))?;
+                                    internal_error()
+                                }
+                            },
+                            Err(error) => {
+                                on_error.call1((error,))?;
+                                internal_error()
+                            }
+                        };
+                        let _ = exchange.send(response);
+                    }
+                    Event::Wake(future) => {
+                        let future = future.bind(py);
+                        let set_result = future.getattr("set_result")?;
+                        future.call_method0("get_loop")?.call_method1("call_soon_threadsafe", (set_result, py.None()))?;
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The bound addresses as `(host, port)`.
@@ -81,6 +139,7 @@ impl NativeServer {
         crate::runtime::runtime().spawn(async move {
             shared.clone().close(force, limit).await;
             shared.events.push(Event::Wake(future));
+            shared.events.close();
         });
     }
 
@@ -111,7 +170,12 @@ impl Drop for NativeServer {
     fn drop(&mut self) {
         self.shared.shutdown.cancel();
         self.shared.force.cancel();
+        self.shared.events.close();
     }
+}
+
+fn internal_error() -> http::Response<crate::body::ResponseBody> {
+    crate::service::error_response(http::StatusCode::INTERNAL_SERVER_ERROR, "internal server error")
 }
 
 fn tls_error(error: TlsError) -> PyErr {

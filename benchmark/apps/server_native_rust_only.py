@@ -1,0 +1,20 @@
+"""server_native's ceiling: the native side answers every request without calling Python."""
+
+from __future__ import annotations
+
+import asyncio
+
+from _runner import run
+from server_native import NativeHttpServer
+
+
+async def serve(port: int) -> None:
+    # Held in a local so the listener lives as long as this coroutine.
+    _server = await NativeHttpServer.bind(
+        "127.0.0.1", port, http3=False, native_response=b"Hello, World!"
+    )
+    await asyncio.Event().wait()
+
+
+if __name__ == "__main__":
+    run(serve)

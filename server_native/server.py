@@ -1,0 +1,159 @@
+"""What every server API shares: turning bind arguments into settings, the
+native server with its loop plumbing, properties, and closing."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import replace
+from typing import Any, NamedTuple
+
+from ._loader import native
+from ._loop import EventPump
+from .addresses import resolve_bind_hosts
+from .config import ServerConfig, TlsConfig
+
+__all__ = ["BoundServer", "HttpConnectionsInfo", "bind_settings", "tls_settings"]
+
+logger = logging.getLogger("server_native")
+
+
+class HttpConnectionsInfo(NamedTuple):
+    total: int
+    active: int
+    idle: int
+    closing: int
+
+
+def bind_settings(
+    address: str,
+    port: int = 0,
+    *,
+    backlog: int = 0,
+    v6_only: bool = False,
+    shared: bool = False,
+    http2: bool = True,
+    http3: bool = True,
+    native_callback: bool = True,
+    config: ServerConfig | None = None,
+    **limits: Any,
+) -> tuple[ServerConfig, list[str], int]:
+    """The settings, IP addresses and port for a bind call. ``limits`` are
+    :class:`ServerConfig` fields (``max_body_size``...)."""
+    if not native_callback:
+        raise NotImplementedError("native_callback=False (the socket bridge transport) is not available yet")
+    port = int(port)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port must be between 0 and 65535, not {port}")
+    settings = replace(
+        config or ServerConfig(), backlog=backlog, v6_only=v6_only, shared=shared, http2=http2, http3=http3, **limits
+    )
+    return settings, resolve_bind_hosts(address, v6_only=v6_only), port
+
+
+def tls_settings(
+    *,
+    certificate_path: str | os.PathLike[str],
+    key_path: str | os.PathLike[str],
+    certificate_password: str | None = None,
+    request_client_certificate: bool = False,
+    require_client_certificate: bool = False,
+    client_ca_path: str | os.PathLike[str] | None = None,
+    http2: bool = True,
+) -> TlsConfig:
+    """Checks that the files exist; the native side checks their contents."""
+    return TlsConfig(
+        certificate_path=os.fspath(certificate_path),
+        key_path=os.fspath(key_path),
+        certificate_password=certificate_password,
+        request_client_certificate=request_client_certificate,
+        require_client_certificate=require_client_certificate,
+        client_ca_path=None if client_ca_path is None else os.fspath(client_ca_path),
+        http2=http2,
+    )
+
+
+class BoundServer:
+    """A native server bound to its addresses, and its asyncio plumbing.
+    Subclasses say what a request becomes (``_on_request``). With
+    ``threaded`` no loop is woken: a thread consumes requests natively."""
+
+    def __init__(self, config: ServerConfig, hosts: list[str], port: int, *, threaded: bool = False) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._config = config
+        self._closing: asyncio.Future[None] | None = None
+        self._pump = None if threaded else EventPump(self._loop, self._on_request)
+        try:
+            wake_fd = None if self._pump is None else self._pump.wake_fd
+            self._native = native.NativeServer(config, hosts, port, wake_fd)
+        except BaseException:
+            if self._pump is not None:
+                self._pump.detach()
+            raise
+        if self._pump is not None:
+            self._pump.attach(self._native)
+        self._closed = self._loop.create_future()
+
+    def _on_request(self, native_request: Any) -> None:
+        raise NotImplementedError
+
+    @property
+    def port(self) -> int:
+        return self._native.port  # type: ignore[no-any-return]
+
+    @property
+    def address(self) -> str:
+        """The first bound address."""
+        return self._native.addresses[0][0]  # type: ignore[no-any-return]
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        return self._native.addresses  # type: ignore[no-any-return]
+
+    @property
+    def secure(self) -> bool:
+        return self._config.tls is not None
+
+    @property
+    def config(self) -> ServerConfig:
+        return self._config
+
+    @property
+    def idle_timeout(self) -> float | None:
+        """Seconds an idle keep-alive connection stays open; None for ever."""
+        value = self._native.idle_timeout
+        return None if value == 0 else value  # type: ignore[no-any-return]
+
+    @idle_timeout.setter
+    def idle_timeout(self, seconds: float | None) -> None:
+        self._native.idle_timeout = 0.0 if seconds is None else float(seconds)
+
+    def connections_info(self) -> HttpConnectionsInfo:
+        return HttpConnectionsInfo(*self._native.connections_info())
+
+    async def close(self, force: bool = False) -> None:
+        """Stops accepting, lets in-flight requests finish (up to
+        ``config.shutdown_timeout`` seconds), then closes. ``force`` aborts
+        every connection at once."""
+        if self._closing is None:
+            self._closing = self._loop.create_future()
+            self._native.close(force, None if force else self._config.shutdown_timeout, self._closing)
+            self._on_closing()
+        elif force:
+            self._native.close(True, 0.0, self._loop.create_future())
+        await asyncio.shield(self._closing)
+        if not self._closed.done():
+            if self._pump is not None:
+                self._pump.detach()
+            self._closed.set_result(None)
+
+    def _on_closing(self) -> None:
+        """Called once when closing starts."""
+
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self._closed)
+
+    def _report(self, exc: BaseException) -> None:
+        if not isinstance(exc, asyncio.CancelledError):
+            logger.error("request handler failed", exc_info=exc)

@@ -1,0 +1,100 @@
+//! `NativeDirectResponse`: a response built once in Rust form. Returning the
+//! same object for every request costs one header-map clone and no encoding.
+
+use bytes::Bytes;
+use http::{HeaderMap, Response, StatusCode};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
+
+use super::request::{header_map, latin1};
+use crate::body::ResponseBody;
+
+#[pyclass(frozen, name = "NativeDirectResponse", module = "server_native._native")]
+pub struct DirectResponse {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+    stream: Option<Py<PyAny>>,
+}
+
+impl DirectResponse {
+    pub fn to_response(&self) -> Response<ResponseBody> {
+        let mut response = Response::new(ResponseBody::full(self.body.clone()));
+        *response.status_mut() = self.status;
+        *response.headers_mut() = self.headers.clone();
+        response
+    }
+}
+
+fn status_code(status: u16) -> PyResult<StatusCode> {
+    StatusCode::from_u16(status)
+        .ok()
+        .filter(|s| s.as_u16() >= 200)
+        .ok_or_else(|| PyValueError::new_err(format!("invalid response status {status}")))
+}
+
+fn body_bytes(body: &Bound<'_, PyAny>) -> PyResult<Bytes> {
+    if let Ok(text) = body.cast::<PyString>() {
+        return Ok(Bytes::copy_from_slice(text.to_str()?.as_bytes()));
+    }
+    let bytes: &[u8] = body.extract()?;
+    Ok(Bytes::copy_from_slice(bytes))
+}
+
+fn headers_of(headers: Option<&Bound<'_, PyAny>>) -> PyResult<HeaderMap> {
+    headers.map_or_else(|| Ok(HeaderMap::new()), header_map)
+}
+
+#[pymethods]
+impl DirectResponse {
+    /// A whole response; `body` is bytes (or text, sent as UTF-8). Build it
+    /// once and return it many times: it is already in wire form.
+    #[staticmethod]
+    #[pyo3(signature = (status = 200, headers = None, body = None))]
+    fn bytes(status: u16, headers: Option<&Bound<'_, PyAny>>, body: Option<&Bound<'_, PyAny>>) -> PyResult<Self> {
+        Ok(DirectResponse {
+            status: status_code(status)?,
+            headers: headers_of(headers)?,
+            body: body.map(body_bytes).transpose()?.unwrap_or_default(),
+            stream: None,
+        })
+    }
+
+    /// A streamed response: `body` is an async iterable of bytes.
+    #[staticmethod]
+    #[pyo3(signature = (status = 200, headers = None, *, body))]
+    fn stream(status: u16, headers: Option<&Bound<'_, PyAny>>, body: Py<PyAny>) -> PyResult<Self> {
+        Ok(DirectResponse { status: status_code(status)?, headers: headers_of(headers)?, body: Bytes::new(), stream: Some(body) })
+    }
+
+    #[getter]
+    fn status(&self) -> u16 {
+        self.status.as_u16()
+    }
+
+    #[getter]
+    fn headers<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let list = PyList::empty(py);
+        for (name, value) in &self.headers {
+            list.append(PyTuple::new(py, [name.as_str(), &latin1(value.as_bytes())])?)?;
+        }
+        Ok(list)
+    }
+
+    #[getter]
+    fn body<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.body)
+    }
+
+    /// The async iterable of a streamed response, else None.
+    #[getter]
+    fn stream_body(&self, py: Python<'_>) -> Option<Py<PyAny>> {
+        self.stream.as_ref().map(|s| s.clone_ref(py))
+    }
+
+    fn __repr__(&self) -> String {
+        let kind = if self.stream.is_some() { "stream" } else { "bytes" };
+        format!("<NativeDirectResponse {} {kind}, {} bytes>", self.status.as_u16(), self.body.len())
+    }
+}
