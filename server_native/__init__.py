@@ -10,6 +10,7 @@ from __future__ import annotations
 from ._loader import native as _native
 from .config import ServerConfig, TlsConfig
 from .cookies import Cookie, SameSite
+from .direct import NativeDirectRequest, NativeDirectResponse, serve_native_direct, serve_secure_native_direct
 from .errors import HttpBodyError, HttpException
 from .headers import ContentType, HttpHeaders
 from .http_server import HttpConnectionsInfo, NativeHttpServer
@@ -44,6 +45,8 @@ __all__ = [
     "HttpHeaders",
     "HttpRequest",
     "HttpResponse",
+    "NativeDirectRequest",
+    "NativeDirectResponse",
     "NativeHttpServer",
     "NativeMultiServer",
     "NativeServerBind",
@@ -53,9 +56,11 @@ __all__ = [
     "TlsConfigError",
     "Uri",
     "serve_native",
+    "serve_native_direct",
     "serve_native_http",
     "serve_native_multi",
     "serve_secure_native",
+    "serve_secure_native_direct",
     "serve_secure_native_http",
     "serve_secure_native_multi",
 ]

@@ -47,7 +47,7 @@ async def serve_native_http(
     completes or the process gets SIGINT/SIGTERM (the first drains, the
     second stops at once). ``options`` are those of ``NativeHttpServer.bind``."""
     server = await NativeHttpServer.bind(host, port, **options)
-    await _serve([server], handler, echo, shutdown_signal)
+    await serve_bound([server], handler, echo, shutdown_signal)
 
 
 async def serve_secure_native_http(
@@ -65,7 +65,7 @@ async def serve_secure_native_http(
     server = await NativeHttpServer.bind_secure(
         address, port, certificate_path=certificate_path, key_path=key_path, **options
     )
-    await _serve([server], handler, echo, shutdown_signal)
+    await serve_bound([server], handler, echo, shutdown_signal)
 
 
 serve_native = serve_native_http
@@ -82,7 +82,7 @@ async def serve_native_multi(
 ) -> None:
     """One handler on an explicit list of listeners."""
     servers = await _bind_all(binds, lambda b: NativeHttpServer.bind(b.host, b.port, **options))
-    await _serve(servers, handler, echo, shutdown_signal)
+    await serve_bound(servers, handler, echo, shutdown_signal)
 
 
 async def serve_secure_native_multi(
@@ -101,7 +101,7 @@ async def serve_secure_native_multi(
             b.host, b.port, certificate_path=certificate_path, key_path=key_path, **options
         ),
     )
-    await _serve(servers, handler, echo, shutdown_signal)
+    await serve_bound(servers, handler, echo, shutdown_signal)
 
 
 class NativeMultiServer:
@@ -139,12 +139,14 @@ async def _bind_all(binds: Sequence[NativeServerBind], bind: Any) -> list[Native
     return servers
 
 
-async def _serve(
-    servers: list[NativeHttpServer],
-    handler: RequestHandler,
+async def serve_bound(
+    servers: Sequence[Any],
+    handler: Any,
     echo: bool,
     shutdown_signal: Awaitable[Any] | None,
 ) -> None:
+    """Serves ``handler`` on bound servers until the shutdown signal, then
+    drains them. Shared by every callback-style API."""
     loop = asyncio.get_running_loop()
     stop: asyncio.Future[None] = loop.create_future()
     for server in servers:
@@ -175,9 +177,7 @@ class _SignalHandlers:
     the drain and exits with 128 + the signal number. Installed only where
     asyncio allows it (the main thread, not Windows)."""
 
-    def __init__(
-        self, loop: asyncio.AbstractEventLoop, stop: asyncio.Future[None], servers: list[NativeHttpServer]
-    ) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, stop: asyncio.Future[None], servers: Sequence[Any]) -> None:
         self._loop = loop
         self._stop = stop
         self._servers = servers
@@ -206,7 +206,7 @@ class _SignalHandlers:
         self._installed.clear()
 
 
-def _echo(server: NativeHttpServer) -> None:
+def _echo(server: Any) -> None:
     scheme = "https" if server.secure else "http"
     protocols = ["HTTP/1.1"]
     if server.config.http2:

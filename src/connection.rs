@@ -5,7 +5,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -20,6 +20,7 @@ use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
+use crate::config::seconds;
 use crate::exchange::ConnInfo;
 use crate::h1_guard::H1Guard;
 use crate::server::{Protocols, ServerShared};
@@ -30,6 +31,10 @@ pub struct Connection {
     pub server: Arc<ServerShared>,
     pub info: Arc<ConnInfo>,
     in_flight: AtomicUsize,
+    /// Whether any request has started: until one does, the connection lives
+    /// only `header_read_timeout` (hyper's own timer starts later than the
+    /// HTTP/1-or-2 detection, which has none).
+    started: AtomicBool,
     /// Milliseconds since `server.epoch` of the last byte read or written.
     last_activity: AtomicU64,
 }
@@ -48,6 +53,7 @@ impl Connection {
 
     /// Counts a request as in flight until the returned guard drops.
     pub fn begin_request(self: &Arc<Self>) -> InFlight {
+        self.started.store(true, Ordering::Relaxed);
         if self.in_flight.fetch_add(1, Ordering::AcqRel) == 0 {
             self.server.stats.active.fetch_add(1, Ordering::Relaxed);
         }
@@ -111,6 +117,7 @@ where
         server: server.clone(),
         info: Arc::new(info),
         in_flight: AtomicUsize::new(0),
+        started: AtomicBool::new(false),
         last_activity: AtomicU64::new(0),
     });
     conn.touch();
@@ -163,11 +170,23 @@ where
 async fn drive<C: Graceful>(http: C, conn: &Connection) {
     let server = &conn.server;
     tokio::pin!(http);
+    let first_head = async {
+        match seconds(server.config.header_read_timeout) {
+            Some(limit) => tokio::time::sleep(limit).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(first_head);
     let mut closing = None;
     loop {
         tokio::select! {
             _ = http.as_mut() => break,
             _ = server.force.cancelled() => break,
+            _ = first_head.as_mut(), if !conn.started.load(Ordering::Relaxed) => {
+                if !conn.started.load(Ordering::Relaxed) {
+                    break;
+                }
+            }
             _ = server.shutdown.cancelled(), if closing.is_none() => {
                 http.as_mut().graceful_shutdown();
                 closing = Some(server.stats.closing());

@@ -450,22 +450,64 @@ def test_chunked_body_under_max_body_size_is_read(serve: Any) -> None:
     assert seen == [b"c" * 800]
 
 
-def test_header_read_timeout_disconnects_a_stalled_client(serve: Any) -> None:
+def read_until_closed(sock: socket.socket, deadline: float = TIMEOUT) -> tuple[bytes, bool]:
+    """(everything received, whether the server closed the connection)
+    within ``deadline`` seconds; a reset counts as closed."""
+    data = b""
+    end = time.monotonic() + deadline
+    while True:
+        left = end - time.monotonic()
+        if left <= 0:
+            return data, False
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(65536)
+        except socket.timeout:
+            return data, False
+        except ConnectionResetError:
+            return data, True
+        if not chunk:
+            return data, True
+        data += chunk
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [
+        pytest.param(b"GET /slow HTTP/1.1\r\nHost: x\r\n", id="half a head"),
+        pytest.param(b"GET /slow HT", id="part of the request line"),
+        pytest.param(b"", id="nothing at all"),
+    ],
+)
+def test_header_read_timeout_disconnects_a_stalled_client(serve: Any, sent: bytes) -> None:
     calls = Calls()
     server = serve(calls, header_read_timeout=0.5)
     with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as sock:
-        sock.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n")  # half a head, then nothing
-        response = read_response(sock, deadline=TIMEOUT)
-        # the server closed the connection (EOF), possibly after a 408
-        assert response == b"" or status_of(response) == 408, response
-        sock.settimeout(TIMEOUT)
-        try:
-            rest = sock.recv(1024)
-        except (ConnectionResetError, socket.timeout):
-            rest = b""
-        assert rest == b"", "the connection is still open after header_read_timeout"
+        sock.sendall(sent)  # then nothing
+        received, closed = read_until_closed(sock, deadline=TIMEOUT)
+    assert closed, "the connection is still open 5 s after a 0.5 s header_read_timeout"
+    assert received == b"" or status_of(received) == 408, received
     assert calls.paths == []
     assert get_ok(server.port) == 200
+
+
+def test_header_read_timeout_spares_a_complete_head(serve: Any) -> None:
+    """The control case: a head sent in time is served even when the body
+    then takes longer than header_read_timeout."""
+    seen: list[bytes] = []
+
+    async def handler(request: Any) -> None:
+        seen.append(await request.read())
+        request.response.write("got it")
+
+    server = serve(handler, header_read_timeout=0.5)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as sock:
+        sock.sendall(b"POST /slow-body HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nab")
+        time.sleep(1.0)  # the body is not covered by header_read_timeout
+        sock.sendall(b"cd")
+        response = read_response(sock)
+    assert status_of(response) == 200, response
+    assert seen == [b"abcd"]
 
 
 def test_max_connections_holds_back_a_third_connection(serve: Any) -> None:

@@ -273,7 +273,7 @@ class FrameClient:
         elif isinstance(frame, frames.PingFrame) and "ACK" not in frame.flags:
             self.sock.sendall(frames.PingFrame(0, opaque_data=frame.opaque_data, flags=["ACK"]).serialize())
         elif isinstance(frame, frames.HeadersFrame):
-            headers = dict(self.decoder.decode(frame.data))
+            headers: dict[Any, Any] = dict(self.decoder.decode(frame.data))
             self.statuses[frame.stream_id] = int(headers[":status"])
         elif isinstance(frame, frames.DataFrame):
             self.bodies[frame.stream_id] = self.bodies.get(frame.stream_id, b"") + frame.data

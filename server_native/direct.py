@@ -1,0 +1,245 @@
+"""The direct handler API: the lowest-overhead way to answer requests.
+
+``handler(NativeDirectRequest) -> NativeDirectResponse``, sync or async. With
+``native_direct=True`` a synchronous handler is called from a dedicated
+thread straight out of the native queue: no event loop, no Task, no
+per-request Python plumbing beyond the handler call itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from ._loader import native
+from ._loop import start_coroutine
+from .config import ServerConfig
+from .serve import serve_bound
+from .server import BoundServer, bind_settings, logger, tls_settings
+
+__all__ = [
+    "DirectHandler",
+    "NativeDirectRequest",
+    "NativeDirectResponse",
+    "serve_native_direct",
+    "serve_secure_native_direct",
+]
+
+NativeDirectResponse = native.NativeDirectResponse
+_ClientDisconnected = native.ClientDisconnected
+_INTERNAL_ERROR = NativeDirectResponse.bytes(500, [("content-type", "text/plain; charset=utf-8")], b"Internal Server Error")
+
+
+class NativeDirectRequest:
+    """A request as plain fields: ``method``, ``scheme``, ``authority``,
+    ``path``, ``query``, ``protocol``, ``headers`` (pairs, repeats kept),
+    ``header(name)``, ``body`` (async iterator of bytes), ``uri`` and
+    ``client`` (address, port)."""
+
+    __slots__ = ("_native", "_loop")
+
+    def __init__(self, native_request: Any, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self._native = native_request
+        self._loop = loop
+
+    @property
+    def method(self) -> str:
+        return self._native.method  # type: ignore[no-any-return]
+
+    @property
+    def scheme(self) -> str:
+        return self._native.scheme  # type: ignore[no-any-return]
+
+    @property
+    def authority(self) -> str | None:
+        return self._native.authority  # type: ignore[no-any-return]
+
+    @property
+    def path(self) -> str:
+        return self._native.path  # type: ignore[no-any-return]
+
+    @property
+    def query(self) -> str:
+        return self._native.query  # type: ignore[no-any-return]
+
+    @property
+    def protocol(self) -> str:
+        """``"1.0"``, ``"1.1"``, ``"2"`` or ``"3"``."""
+        return self._native.http_version  # type: ignore[no-any-return]
+
+    @property
+    def headers(self) -> list[tuple[str, str]]:
+        return self._native.headers()  # type: ignore[no-any-return]
+
+    def header(self, name: str) -> str | None:
+        """The first value of a header, by case-insensitive name."""
+        return self._native.header(name)  # type: ignore[no-any-return]
+
+    @property
+    def uri(self) -> str:
+        """The request target: path, and ``?query`` when there is one."""
+        query = self._native.query
+        return f"{self._native.path}?{query}" if query else self._native.path  # type: ignore[no-any-return]
+
+    @property
+    def client(self) -> tuple[str, int]:
+        """The client's real address and port."""
+        return self._native.remote_addr  # type: ignore[no-any-return]
+
+    @property
+    def body(self) -> AsyncIterator[bytes]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        create_future = (self._loop or asyncio.get_running_loop()).create_future
+        native_request = self._native
+        while True:
+            step = native_request.read(create_future)
+            if step.__class__ is bytes:
+                if not step:
+                    return
+                yield step
+            else:
+                await step
+
+    async def read(self) -> bytes:
+        """The whole body."""
+        return b"".join([chunk async for chunk in self.body])
+
+    def body_bytes(self) -> bytes:
+        """The whole body, synchronously. With ``native_direct=True`` the
+        body has always arrived before the handler runs; elsewhere this
+        raises if it has not."""
+        chunks: list[bytes] = []
+        while True:
+            step = self._native.read(_not_ready)
+            if step.__class__ is not bytes:
+                raise RuntimeError("the body has not fully arrived: use `await request.read()`")
+            if not step:
+                return b"".join(chunks)
+            chunks.append(step)
+
+    def __repr__(self) -> str:
+        return f"<NativeDirectRequest {self.method} {self.uri}>"
+
+
+def _not_ready() -> None:
+    return None
+
+
+#: Returns a NativeDirectResponse, or an awaitable of one.
+DirectHandler = Callable[[NativeDirectRequest], Any]
+
+
+class DirectServer(BoundServer):
+    """A bound server answering through a direct handler."""
+
+    def __init__(self, config: ServerConfig, hosts: list[str], port: int, *, native_direct: bool = False) -> None:
+        self._handler: DirectHandler | None = None
+        self._native_direct = native_direct
+        super().__init__(config, hosts, port, threaded=native_direct)
+
+    def serve(self, handler: DirectHandler) -> None:
+        if self._native_direct:
+            if inspect.iscoroutinefunction(handler):
+                raise TypeError("native_direct=True needs a synchronous handler (it runs outside the event loop)")
+            thread = threading.Thread(
+                target=self._native.serve_direct,
+                args=(handler, NativeDirectRequest, self._report),
+                name="server-native-direct",
+                daemon=True,
+            )
+            thread.start()
+        self._handler = handler
+
+    def _on_request(self, native_request: Any) -> None:
+        handler = self._handler
+        if handler is None:
+            native_request.respond(503, [("content-type", "text/plain; charset=utf-8")], b"Service Unavailable")
+            return
+        try:
+            result = handler(NativeDirectRequest(native_request, self._loop))
+        except Exception as exc:  # noqa: BLE001 - the client gets a 500
+            self._fail(native_request, exc)
+            return
+        if result.__class__ is NativeDirectResponse and result.stream_body is None:
+            native_request.send_direct(result)
+        else:
+            start_coroutine(self._loop, self._finish(native_request, result), self._report)
+
+    async def _finish(self, native_request: Any, result: Any) -> None:
+        try:
+            response = await result if inspect.isawaitable(result) else result
+            if response.__class__ is not NativeDirectResponse:
+                raise TypeError(f"a direct handler must return a NativeDirectResponse, not {type(response).__name__}")
+            if response.stream_body is None:
+                native_request.send_direct(response)
+            else:
+                await _stream(native_request, response, self._loop)
+        except _ClientDisconnected:
+            pass
+        except Exception as exc:  # noqa: BLE001 - the client gets a 500
+            self._fail(native_request, exc)
+
+    def _fail(self, native_request: Any, exc: BaseException) -> None:
+        self._report(exc)
+        if native_request.head_sent:
+            native_request.abort()
+        else:
+            native_request.send_direct(_INTERNAL_ERROR)
+
+
+async def _stream(native_request: Any, response: Any, loop: asyncio.AbstractEventLoop) -> None:
+    if not native_request.start(response.status, response.headers):
+        return
+    create_future = loop.create_future
+    async for chunk in response.stream_body:
+        backlog = native_request.write(chunk if chunk.__class__ is bytes else bytes(chunk), create_future)
+        if backlog is not None:
+            await backlog
+    native_request.finish()
+
+
+async def serve_native_direct(
+    handler: DirectHandler,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    *,
+    native_direct: bool = False,
+    echo: bool = True,
+    shutdown_signal: Awaitable[Any] | None = None,
+    response_timeout: float = 30.0,
+    **options: Any,
+) -> None:
+    """Serves a direct handler until ``shutdown_signal`` or SIGINT/SIGTERM.
+    A handler that does not answer within ``response_timeout`` seconds gets
+    its client a 504; one that raises, a 500. ``options`` are those of
+    ``NativeHttpServer.bind``."""
+    config, hosts, port = bind_settings(host, port, response_timeout=response_timeout, **options)
+    server = DirectServer(config, hosts, port, native_direct=native_direct)
+    await serve_bound([server], handler, echo, shutdown_signal)
+
+
+async def serve_secure_native_direct(
+    handler: DirectHandler,
+    address: str = "localhost",
+    port: int = 443,
+    *,
+    certificate_path: str | os.PathLike[str],
+    key_path: str | os.PathLike[str],
+    certificate_password: str | None = None,
+    http2: bool = True,
+    **options: Any,
+) -> None:
+    """:func:`serve_native_direct` over TLS."""
+    tls = tls_settings(
+        certificate_path=certificate_path,
+        key_path=key_path,
+        certificate_password=certificate_password,
+        http2=http2,
+    )
+    await serve_native_direct(handler, address, port, http2=http2, tls=tls, **options)
