@@ -48,14 +48,20 @@ impl EventQueue {
 
     pub fn push(&self, event: Event) {
         self.events.lock().push(event);
-        if !self.wake_pending.swap(true, Ordering::AcqRel) {
-            self.wake();
-        }
+        self.wake();
     }
 
     fn wake(&self) {
         match &self.consumer {
-            Consumer::Loop(signal) => signal.notify(),
+            // A wake-up byte stays in the socket until the loop reads it, so
+            // one per batch is enough.
+            Consumer::Loop(signal) => {
+                if !self.wake_pending.swap(true, Ordering::AcqRel) {
+                    signal.notify();
+                }
+            }
+            // A condvar signal is lost when nobody waits, so every push
+            // signals; with no waiter that is one atomic load.
             Consumer::Thread(condvar) => {
                 condvar.notify_one();
             }
@@ -84,7 +90,6 @@ impl EventQueue {
             }
             condvar.wait(&mut events);
         }
-        self.wake_pending.store(false, Ordering::Release);
         Some(std::mem::take(&mut *events))
     }
 
