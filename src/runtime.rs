@@ -18,12 +18,8 @@ pub fn runtime() -> &'static Runtime {
         let workers = std::env::var("SERVER_NATIVE_THREADS")
             .ok()
             .and_then(|v| v.parse::<usize>().ok())
-            .unwrap_or_else(|| {
-                std::thread::available_parallelism()
-                    .map(|n| n.get())
-                    .unwrap_or(2)
-            })
-            .clamp(2, 64);
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()).max(2))
+            .clamp(1, 64);
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(workers)
             .thread_name("server-native-io")
