@@ -8,7 +8,6 @@ use bytes::Bytes;
 use http::header::{CONNECTION, CONTENT_TYPE, HOST};
 use http::{HeaderValue, Request, Response, StatusCode, Version};
 use http_body::Body;
-use hyper::body::Incoming;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
@@ -19,8 +18,13 @@ use crate::config::seconds;
 use crate::connection::Connection;
 use crate::exchange::Exchange;
 
-pub async fn handle(
-    request: Request<Incoming>,
+/// A request body from any protocol (hyper's `Incoming`, HTTP/3 streams).
+pub trait RequestBodySource: Body<Data = Bytes> + Send + Unpin + 'static {}
+
+impl<B: Body<Data = Bytes> + Send + Unpin + 'static> RequestBodySource for B {}
+
+pub async fn handle<B: RequestBodySource>(
+    request: Request<B>,
     conn: Arc<Connection>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let server = &conn.server;
@@ -37,7 +41,7 @@ pub async fn handle(
 }
 
 /// Requests answered natively with 400 or 413, never reaching Python.
-fn refuse(request: &Request<Incoming>, max_body_size: u64) -> Option<Response<ResponseBody>> {
+fn refuse<B: Body>(request: &Request<B>, max_body_size: u64) -> Option<Response<ResponseBody>> {
     let mut hosts = request.headers().get_all(HOST).iter();
     let host = hosts.next();
     if hosts.next().is_some() {
@@ -78,7 +82,7 @@ fn valid_host(value: &HeaderValue) -> bool {
     !host.is_empty() && port_ok
 }
 
-async fn dispatch(request: Request<Incoming>, conn: &Arc<Connection>) -> Response<ResponseBody> {
+async fn dispatch<B: RequestBodySource>(request: Request<B>, conn: &Arc<Connection>) -> Response<ResponseBody> {
     let server = &conn.server;
     let Ok(_permit) = server.pending.clone().acquire_owned().await else {
         return error_response(StatusCode::SERVICE_UNAVAILABLE, "server is closing");
