@@ -51,7 +51,15 @@ class ServerConfig:
     v6_only: bool = False
     shared: bool = False
     http2: bool = True
+    #: HTTP/3 over QUIC on the same port (UDP); only with TLS.
     http3: bool = True
+    #: Serve without HTTP/3 rather than fail when its UDP port is taken.
+    http3_best_effort: bool = False
+    #: Accept 0-RTT requests; they can be replayed, so they carry
+    #: ``early-data: 1`` (RFC 8470) and the application may answer 425.
+    http3_early_data: bool = False
+    #: How long browsers may remember the ``Alt-Svc`` advertisement.
+    alt_svc_max_age: int = 86400
     tls: TlsConfig | None = None
     #: Largest request head (431 beyond it) and most header lines.
     max_header_size: int = 64 * 1024

@@ -22,6 +22,12 @@ pub struct ServerConfig {
     pub v6_only: bool,
     pub shared: bool,
     pub http2: bool,
+    pub http3: bool,
+    /// Serve without HTTP/3 (instead of failing) when its UDP port is taken.
+    pub http3_best_effort: bool,
+    /// Accept 0-RTT requests (replayable: marked with `early-data: 1`).
+    pub http3_early_data: bool,
+    pub alt_svc_max_age: u64,
     pub tls: Option<TlsSettings>,
     pub max_header_size: usize,
     pub max_headers: usize,

@@ -51,6 +51,18 @@ impl Connection {
         Duration::from_millis(now.saturating_sub(last))
     }
 
+    pub fn new(server: Arc<ServerShared>, info: ConnInfo) -> Arc<Self> {
+        let conn = Arc::new(Connection {
+            server,
+            info: Arc::new(info),
+            in_flight: AtomicUsize::new(0),
+            started: AtomicBool::new(false),
+            last_activity: AtomicU64::new(0),
+        });
+        conn.touch();
+        conn
+    }
+
     /// Counts a request as in flight until the returned guard drops.
     pub fn begin_request(self: &Arc<Self>) -> InFlight {
         self.started.store(true, Ordering::Relaxed);
@@ -113,14 +125,7 @@ async fn run<S>(stream: S, info: ConnInfo, server: Arc<ServerShared>)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let conn = Arc::new(Connection {
-        server: server.clone(),
-        info: Arc::new(info),
-        in_flight: AtomicUsize::new(0),
-        started: AtomicBool::new(false),
-        last_activity: AtomicU64::new(0),
-    });
-    conn.touch();
+    let conn = Connection::new(server.clone(), info);
     let io = Tracked { inner: TokioIo::new(stream), conn: conn.clone() };
     let handler = conn.clone();
     let service = service_fn(move |request| service::handle(request, handler.clone()));

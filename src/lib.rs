@@ -9,6 +9,7 @@ mod connection;
 mod errors;
 mod exchange;
 mod h1_guard;
+mod http3;
 mod listener;
 mod runtime;
 mod server;
@@ -38,7 +39,7 @@ mod _native {
     fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
         m.add("ABI_VERSION", super::ABI_VERSION)?;
         m.add("__version__", env!("CARGO_PKG_VERSION"))?;
-        m.add("FEATURES", ("tls-rustls-ring", "http1", "http2"))?;
+        m.add("FEATURES", ("tls-rustls-ring", "http1", "http2", "http3"))?;
         Ok(())
     }
 }

@@ -41,6 +41,8 @@ pub struct ServerShared {
     /// Drop every connection now.
     pub force: CancellationToken,
     pub tasks: TaskTracker,
+    /// `Alt-Svc` for TCP responses once HTTP/3 is listening.
+    pub alt_svc: std::sync::OnceLock<http::HeaderValue>,
     /// Headers added to responses the application sends without its own list.
     pub default_headers: RwLock<HeaderMap>,
 }
@@ -64,6 +66,7 @@ impl ServerShared {
             force: CancellationToken::new(),
             tasks: TaskTracker::new(),
             default_headers: RwLock::new(HeaderMap::new()),
+            alt_svc: std::sync::OnceLock::new(),
         }
     }
 
@@ -90,7 +93,27 @@ impl ServerShared {
             };
             self.tasks.spawn_on(accept_loop(listener, self.clone(), limit.clone()), crate::runtime::runtime().handle());
         }
+        self.listen_http3(&addresses)?;
         Ok(addresses)
+    }
+
+    /// HTTP/3 on the same addresses and ports, over UDP, when TLS is on.
+    /// A port that cannot be bound is an error unless `http3_best_effort`.
+    fn listen_http3(self: &Arc<Self>, addresses: &[SocketAddr]) -> std::io::Result<()> {
+        let Some(tls) = self.tls.as_ref().filter(|_| self.config.http3) else { return Ok(()) };
+        let _entered = crate::runtime::runtime().enter();
+        let endpoints = match crate::http3::bind(addresses, tls.config(), self) {
+            Ok(endpoints) => endpoints,
+            Err(_) if self.config.http3_best_effort => return Ok(()),
+            Err(error) => return Err(error),
+        };
+        for endpoint in endpoints {
+            self.tasks.spawn(crate::http3::accept_loop(endpoint, self.clone()));
+        }
+        if let Some(port) = addresses.first().map(|a| a.port()) {
+            let _ = self.alt_svc.set(crate::http3::alt_svc(port, self.config.alt_svc_max_age));
+        }
+        Ok(())
     }
 
     /// Graceful close: stop accepting, let connections finish within

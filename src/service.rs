@@ -5,7 +5,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::header::{CONNECTION, CONTENT_TYPE, HOST};
+use http::header::{ALT_SVC, CONNECTION, CONTENT_TYPE, HOST};
 use http::{HeaderValue, Request, Response, StatusCode, Version};
 use http_body::Body;
 use tokio::sync::oneshot;
@@ -36,8 +36,15 @@ pub async fn handle<B: RequestBodySource>(
     }
     let _in_flight = conn.begin_request();
     let gzip = server.config.auto_compress && compress::accepts_gzip(request.headers());
-    let response = dispatch(request, &conn).await;
-    Ok(if gzip { compress::gzip(response) } else { response })
+    let over_tcp = request.version() != Version::HTTP_3;
+    let mut response = dispatch(request, &conn).await;
+    if gzip {
+        response = compress::gzip(response);
+    }
+    if let Some(alt_svc) = server.alt_svc.get().filter(|_| over_tcp) {
+        response.headers_mut().entry(ALT_SVC).or_insert_with(|| alt_svc.clone());
+    }
+    Ok(response)
 }
 
 /// Requests answered natively with 400 or 413, never reaching Python.

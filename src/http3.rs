@@ -1,0 +1,223 @@
+//! HTTP/3: a QUIC endpoint (quinn) on the UDP port of each TCP listener,
+//! with the TCP certificate and ALPN `h3`, serving requests through h3 into
+//! the same service as HTTP/1.1 and HTTP/2.
+
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use h3::server::RequestStream;
+use http::header::{CONTENT_LENGTH, DATE};
+use http::{HeaderValue, Method, Request, Response, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use quinn::crypto::rustls::QuicServerConfig;
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::config::seconds;
+use crate::connection::Connection;
+use crate::exchange::ConnInfo;
+use crate::server::ServerShared;
+use crate::service;
+
+/// H3_NO_ERROR: how a connection is closed once it has drained.
+const H3_NO_ERROR: u32 = 0x100;
+
+/// Binds one QUIC endpoint per address, on the same ports as TCP.
+pub fn bind(addresses: &[SocketAddr], tls: &rustls::ServerConfig, shared: &ServerShared) -> io::Result<Vec<quinn::Endpoint>> {
+    let mut crypto = tls.clone();
+    crypto.alpn_protocols = vec![b"h3".to_vec()];
+    crypto.max_early_data_size = if shared.config.http3_early_data { u32::MAX } else { 0 };
+    let crypto = QuicServerConfig::try_from(crypto).map_err(io::Error::other)?;
+    let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_concurrent_bidi_streams(shared.config.max_concurrent_streams.into())
+        .max_concurrent_uni_streams(100u32.into())
+        .max_idle_timeout(
+            seconds(shared.config.idle_timeout)
+                .map(|d| d.min(Duration::from_secs(600)))
+                .and_then(|d| quinn::IdleTimeout::try_from(d).ok()),
+        );
+    server_config.transport_config(Arc::new(transport));
+    let runtime = quinn::default_runtime().ok_or_else(|| io::Error::other("no async runtime for QUIC"))?;
+    addresses
+        .iter()
+        .map(|addr| {
+            let socket = udp_socket(*addr, shared.config.v6_only)
+                .map_err(|e| io::Error::new(e.kind(), format!("cannot bind HTTP/3 (UDP) on {addr}: {e}")))?;
+            quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server_config.clone()), socket, runtime.clone())
+        })
+        .collect()
+}
+
+fn udp_socket(addr: SocketAddr, v6_only: bool) -> io::Result<UdpSocket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(v6_only)?;
+    }
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
+/// Accepts QUIC connections until shutdown, then lets them drain.
+pub async fn accept_loop(endpoint: quinn::Endpoint, server: Arc<ServerShared>) {
+    loop {
+        let incoming = tokio::select! {
+            incoming = endpoint.accept() => incoming,
+            _ = server.shutdown.cancelled() => break,
+        };
+        let Some(incoming) = incoming else { break };
+        let local = endpoint.local_addr().unwrap_or_else(|_| incoming.local_ip().map_or(incoming.remote_address(), |ip| SocketAddr::new(ip, 0)));
+        server.tasks.spawn(serve_connection(incoming, local, server.clone()));
+    }
+    // New handshakes are refused; established connections finish on their own.
+    endpoint.set_server_config(None);
+    server.force.cancelled().await;
+    endpoint.close(0u32.into(), b"server closed");
+}
+
+async fn serve_connection(incoming: quinn::Incoming, local: SocketAddr, server: Arc<ServerShared>) {
+    let _counted = server.stats.open();
+    let early = Arc::new(AtomicBool::new(false));
+    let Some(quic) = establish(incoming, &server, &early).await else { return };
+    let peer_certificate = quic
+        .peer_identity()
+        .and_then(|identity| identity.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok())
+        .and_then(|chain| chain.first().cloned());
+    let info = ConnInfo { peer: quic.remote_address(), local, tls: true, peer_certificate };
+    let conn = Connection::new(server.clone(), info);
+    let mut builder = h3::server::builder();
+    builder.max_field_section_size(server.config.max_header_size as u64);
+    let Ok(mut h3) = builder.build(h3_quinn::Connection::new(quic.clone())).await else { return };
+    let requests = tokio_util::task::TaskTracker::new();
+    let mut closing = None;
+    loop {
+        tokio::select! {
+            accepted = h3.accept() => match accepted {
+                Ok(Some(resolver)) => {
+                    let conn = conn.clone();
+                    let early = early.clone();
+                    requests.spawn(async move {
+                        if let Ok((mut request, stream)) = resolver.resolve_request().await {
+                            if early.load(Ordering::Acquire) {
+                                // RFC 8470: the application may answer 425.
+                                request.headers_mut().insert("early-data", HeaderValue::from_static("1"));
+                            }
+                            serve_request(request, stream, conn).await;
+                        }
+                    });
+                }
+                _ => break,
+            },
+            _ = server.shutdown.cancelled(), if closing.is_none() => {
+                closing = Some(server.stats.closing());
+                // GOAWAY: requests already accepted are still answered.
+                if h3.shutdown(0).await.is_err() {
+                    break;
+                }
+            }
+            _ = server.force.cancelled() => {
+                quic.close(0u32.into(), b"server closed");
+                return;
+            }
+        }
+    }
+    requests.close();
+    tokio::select! {
+        _ = requests.wait() => quic.close(H3_NO_ERROR.into(), b""),
+        _ = server.force.cancelled() => quic.close(0u32.into(), b"server closed"),
+    }
+}
+
+/// Completes the handshake. With 0-RTT on, the connection is used at once
+/// and `early` stays set until the handshake confirms the client.
+async fn establish(incoming: quinn::Incoming, server: &ServerShared, early: &Arc<AtomicBool>) -> Option<quinn::Connection> {
+    let connecting = incoming.accept().ok()?;
+    let connecting = if server.config.http3_early_data {
+        match connecting.into_0rtt() {
+            Ok((quic, accepted)) => {
+                early.store(true, Ordering::Release);
+                let early = early.clone();
+                tokio::spawn(async move {
+                    accepted.await;
+                    early.store(false, Ordering::Release);
+                });
+                return Some(quic);
+            }
+            Err(connecting) => connecting,
+        }
+    } else {
+        connecting
+    };
+    tokio::select! {
+        result = tokio::time::timeout(server.handshake_timeout, connecting) => result.ok()?.ok(),
+        _ = server.force.cancelled() => None,
+    }
+}
+
+type Stream = RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
+
+async fn serve_request(request: Request<()>, stream: Stream, conn: Arc<Connection>) {
+    let (mut send, recv) = stream.split();
+    let head_only = request.method() == Method::HEAD;
+    let (mut parts, ()) = request.into_parts();
+    parts.version = Version::HTTP_3;
+    let Ok(response) = service::handle(Request::from_parts(parts, H3Body(recv)), conn).await;
+    let (mut head, mut body) = response.into_parts();
+    if let Some(length) = body.size_hint().exact() {
+        head.headers.entry(CONTENT_LENGTH).or_insert_with(|| HeaderValue::from(length));
+    }
+    head.headers.entry(DATE).or_insert_with(|| {
+        HeaderValue::from_str(&httpdate::fmt_http_date(std::time::SystemTime::now())).expect("an HTTP date is a valid header value")
+    });
+    if send.send_response(Response::from_parts(head, ())).await.is_err() {
+        return;
+    }
+    if !head_only {
+        while let Some(frame) = body.frame().await {
+            let Ok(frame) = frame else {
+                // The application aborted: reset rather than end cleanly.
+                send.stop_stream(h3::error::Code::H3_INTERNAL_ERROR);
+                return;
+            };
+            if let Ok(data) = frame.into_data() {
+                if send.send_data(data).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+    let _ = send.finish().await;
+}
+
+/// The request body of an HTTP/3 stream, as an `http_body::Body`.
+struct H3Body(RequestStream<h3_quinn::RecvStream, Bytes>);
+
+impl Body for H3Body {
+    type Data = Bytes;
+    type Error = h3::error::StreamError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.0.poll_recv_data(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(Some(mut data))) => Poll::Ready(Some(Ok(Frame::data(data.copy_to_bytes(data.remaining()))))),
+            Poll::Ready(Ok(None)) => Poll::Ready(None),
+            Poll::Ready(Err(error)) => Poll::Ready(Some(Err(error))),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}
+
+/// `Alt-Svc` for TCP responses: where the same server answers over HTTP/3.
+pub fn alt_svc(port: u16, max_age: u64) -> HeaderValue {
+    HeaderValue::from_str(&format!("h3=\":{port}\"; ma={max_age}")).expect("Alt-Svc is ASCII")
+}
