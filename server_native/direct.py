@@ -116,8 +116,8 @@ class NativeDirectRequest:
         raises if it has not."""
         chunks: list[bytes] = []
         while True:
-            step = self._native.read(_not_ready)
-            if step.__class__ is not bytes:
+            step = self._native.read()
+            if step is None:
                 raise RuntimeError("the body has not fully arrived: use `await request.read()`")
             if not step:
                 return b"".join(chunks)
@@ -125,10 +125,6 @@ class NativeDirectRequest:
 
     def __repr__(self) -> str:
         return f"<NativeDirectRequest {self.method} {self.uri}>"
-
-
-def _not_ready() -> None:
-    return None
 
 
 #: Returns a NativeDirectResponse, or an awaitable of one.

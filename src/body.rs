@@ -62,8 +62,9 @@ impl RequestBody {
         }
     }
 
-    /// Takes the next chunk, or parks `waiter` until there is one.
-    pub fn read(&self, waiter: impl FnOnce() -> Py<PyAny>) -> BodyRead {
+    /// Takes the next chunk, or parks the waiter (if one is given) until
+    /// there is one.
+    pub fn read(&self, waiter: impl FnOnce() -> Option<Py<PyAny>>) -> BodyRead {
         let mut state = self.state.lock();
         if let Some(chunk) = state.chunks.pop_front() {
             state.buffered -= chunk.len();
@@ -76,7 +77,9 @@ impl RequestBody {
             Some(BodyEnd::Complete) => BodyRead::End,
             Some(end) => BodyRead::Error(end.clone()),
             None => {
-                state.waiter = Some(waiter());
+                if let Some(waiter) = waiter() {
+                    state.waiter = Some(waiter);
+                }
                 BodyRead::Pending
             }
         }

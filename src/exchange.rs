@@ -8,10 +8,12 @@ use http::request::Parts;
 use http::Response;
 use parking_lot::Mutex;
 use rustls::pki_types::CertificateDer;
+use pyo3::prelude::*;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::body::{BodyEnd, RequestBody, ResponseBody, ResponseStream};
+use crate::boundary::queue::{Event, EventQueue};
 
 /// What a connection knows about itself, shared by its requests.
 pub struct ConnInfo {
@@ -45,6 +47,10 @@ pub struct Exchange {
     stream: Mutex<Option<Arc<ResponseStream>>>,
     /// Fires when nobody can use the request body any more.
     pub over: CancellationToken,
+    /// A Python future to resolve when the client goes away (ASGI's
+    /// `http.disconnect`).
+    disconnect_waiter: Mutex<Option<Py<PyAny>>>,
+    events: Arc<EventQueue>,
 }
 
 impl Exchange {
@@ -53,6 +59,7 @@ impl Exchange {
         conn: Arc<ConnInfo>,
         body: Arc<RequestBody>,
         responder: oneshot::Sender<Response<ResponseBody>>,
+        events: Arc<EventQueue>,
     ) -> Self {
         Exchange {
             head,
@@ -61,7 +68,18 @@ impl Exchange {
             responder: Mutex::new(Responder::Waiting(responder)),
             stream: Mutex::new(None),
             over: CancellationToken::new(),
+            disconnect_waiter: Mutex::new(None),
+            events,
         }
+    }
+
+    /// Parks `waiter` until the client goes away; false if it already has.
+    pub fn watch_disconnect(&self, waiter: impl FnOnce() -> Py<PyAny>) -> bool {
+        if matches!(*self.responder.lock(), Responder::Gone) {
+            return false;
+        }
+        *self.disconnect_waiter.lock() = Some(waiter());
+        true
     }
 
     /// Hands the response head (and a full or streamed body) to hyper.
@@ -96,6 +114,9 @@ impl Exchange {
     /// request refused natively): wake whoever waits on it.
     pub fn abandon(&self) {
         *self.responder.lock() = Responder::Gone;
+        if let Some(waiter) = self.disconnect_waiter.lock().take() {
+            self.events.push(Event::Wake(waiter));
+        }
         self.body.finish(BodyEnd::Disconnected);
         self.over.cancel();
     }

@@ -106,7 +106,7 @@ async fn dispatch<B: RequestBodySource>(request: Request<B>, conn: &Arc<Connecti
         complete = Some(BodyEnd::Complete);
     }
     let (responder, response) = oneshot::channel();
-    let exchange = Arc::new(Exchange::new(head, conn.info.clone(), request_body.clone(), responder));
+    let exchange = Arc::new(Exchange::new(head, conn.info.clone(), request_body.clone(), responder, server.events.clone()));
     let too_large = CancellationToken::new();
     if complete.is_none() {
         let stop = exchange.over.clone();

@@ -179,19 +179,15 @@ impl NativeRequest {
 
     /// The next body chunk; `b""` at the end; or, when nothing has arrived yet,
     /// a future made by `create_future` that resolves when it is worth asking
-    /// again.
-    fn read<'py>(&self, py: Python<'py>, create_future: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
-        let mut future = None;
-        let step = self.exchange.body.read(|| {
-            let made = create_future.call0();
-            let handle = made.as_ref().map(|f| f.clone().unbind()).unwrap_or_else(|_| py.None());
-            future = Some(made);
-            handle
-        });
+    /// again (None without `create_future`: just "not yet").
+    #[pyo3(signature = (create_future = None))]
+    fn read<'py>(&self, py: Python<'py>, create_future: Option<&Bound<'py, PyAny>>) -> PyResult<Option<Bound<'py, PyAny>>> {
+        let mut future = create_future.map(Parked::new);
+        let step = self.exchange.body.read(|| future.as_mut().map(Parked::make));
         match step {
-            BodyRead::Data(chunk) => Ok(PyBytes::new(py, &chunk).into_any()),
-            BodyRead::End => Ok(PyBytes::new(py, b"").into_any()),
-            BodyRead::Pending => future.expect("a pending read made a future"),
+            BodyRead::Data(chunk) => Ok(Some(PyBytes::new(py, &chunk).into_any())),
+            BodyRead::End => Ok(Some(PyBytes::new(py, b"").into_any())),
+            BodyRead::Pending => future.map(Parked::take).transpose(),
             BodyRead::Error(BodyEnd::TooLarge) => Err(BodyTooLarge::new_err("request body exceeds max_body_size")),
             BodyRead::Error(BodyEnd::Disconnected) => Err(ClientDisconnected::new_err("the client disconnected")),
             BodyRead::Error(BodyEnd::Complete) => unreachable!("a complete body reads as End"),
@@ -217,18 +213,13 @@ impl NativeRequest {
 
     /// Queues a body chunk. Returns None when more may be written at once, or
     /// a future to await first (the client is reading slower than we write).
-    fn write<'py>(&self, py: Python<'py>, data: &[u8], create_future: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, PyAny>>> {
+    fn write<'py>(&self, data: &[u8], create_future: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, PyAny>>> {
         let stream = self.exchange.stream().ok_or_else(|| PyRuntimeError::new_err("write() before start()"))?;
-        let mut future = None;
-        let result = stream.write(Bytes::copy_from_slice(data), || {
-            let made = create_future.call0();
-            let handle = made.as_ref().map(|f| f.clone().unbind()).unwrap_or_else(|_| py.None());
-            future = Some(made);
-            handle
-        });
+        let mut future = Parked::new(create_future);
+        let result = stream.write(Bytes::copy_from_slice(data), || future.make());
         match result {
             WriteResult::Ready => Ok(None),
-            WriteResult::Wait => future.expect("a full buffer made a future").map(Some),
+            WriteResult::Wait => future.take().map(Some),
             WriteResult::PeerGone => Err(ClientDisconnected::new_err("the client disconnected")),
         }
     }
@@ -237,6 +228,17 @@ impl NativeRequest {
     /// `start`/`write`). Returns False when the client is already gone.
     fn send_direct(&self, response: &Bound<'_, DirectResponse>) -> PyResult<bool> {
         self.send(response.get().to_response())
+    }
+
+    /// None when the client is already gone, else a future (made by
+    /// `create_future`) resolved when it goes.
+    fn wait_disconnect<'py>(&self, create_future: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, PyAny>>> {
+        let mut future = Parked::new(create_future);
+        if self.exchange.watch_disconnect(|| future.make()) {
+            future.take().map(Some)
+        } else {
+            Ok(None)
+        }
     }
 
     /// Ends a streamed body.
@@ -266,6 +268,32 @@ impl NativeRequest {
     }
 }
 
+/// The asyncio future a parked operation hands back: made by the caller's
+/// `create_future` only when the operation really has to wait.
+struct Parked<'a, 'py> {
+    create_future: &'a Bound<'py, PyAny>,
+    made: Option<PyResult<Bound<'py, PyAny>>>,
+}
+
+impl<'a, 'py> Parked<'a, 'py> {
+    fn new(create_future: &'a Bound<'py, PyAny>) -> Self {
+        Parked { create_future, made: None }
+    }
+
+    /// The handle the native side keeps (None if making the future failed;
+    /// the failure is raised by `take`).
+    fn make(&mut self) -> Py<PyAny> {
+        let made = self.create_future.call0();
+        let handle = made.as_ref().map_or_else(|_| self.create_future.py().None(), |f| f.clone().unbind());
+        self.made = Some(made);
+        handle
+    }
+
+    fn take(self) -> PyResult<Bound<'py, PyAny>> {
+        self.made.expect("the operation parked, so it made a future")
+    }
+}
+
 /// Header values as Python text: bytes map to code points one to one.
 pub fn latin1(bytes: &[u8]) -> String {
     match std::str::from_utf8(bytes) {
@@ -290,7 +318,9 @@ fn header_bytes(value: &Bound<'_, PyAny>) -> PyResult<Vec<u8>> {
 pub fn header_map(headers: &Bound<'_, PyAny>) -> PyResult<HeaderMap> {
     let mut map = HeaderMap::new();
     for item in headers.try_iter()? {
-        let (name, value): (Bound<'_, PyAny>, Bound<'_, PyAny>) = item?.extract()?;
+        // Pairs may be tuples or (as some ASGI apps send them) lists.
+        let item = item?;
+        let (name, value) = (item.get_item(0)?, item.get_item(1)?);
         let name = header_bytes(&name)?;
         let value = header_bytes(&value)?;
         let name = HeaderName::from_bytes(&name).map_err(|_| {

@@ -1,0 +1,328 @@
+"""ASGI 3 on the native transport: ``http`` (streaming both ways,
+``http.disconnect``, ``http.response.pathsend``, the TLS extension) and
+``lifespan`` with state."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+from urllib.parse import unquote
+
+from ._loader import native
+from ._loop import start_coroutine
+from .config import ServerConfig
+from .serve import serve_bound
+from .server import BoundServer, bind_settings, logger
+
+__all__ = ["ASGIApp", "ASGIServer", "Lifespan", "LifespanFailure", "serve_asgi"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+ASGIApp = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]]
+
+_ClientDisconnected = native.ClientDisconnected
+_BodyTooLarge = native.BodyTooLarge
+_HTTP_ASGI = {"version": "3.0", "spec_version": "2.4"}
+_PLAIN = [(b"content-type", b"text/plain; charset=utf-8")]
+_BEFORE_START, _STARTED, _STREAMING, _COMPLETE = range(4)
+
+
+class _HttpCycle:
+    """One request's ``receive`` and ``send``, straight onto the native
+    exchange. A response whose start and (only) body arrive together leaves
+    in one native call."""
+
+    __slots__ = ("_native", "_loop", "_state", "_status", "_headers", "_body_done", "_gone", "_waiting")
+
+    def __init__(self, native_request: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self._native = native_request
+        self._loop = loop
+        self._state = _BEFORE_START
+        self._status = 200
+        self._headers: Any = ()
+        self._body_done = False
+        self._gone = False
+        self._waiting: asyncio.Future[None] | None = None
+
+    async def receive(self) -> Message:
+        if self._body_done or self._gone or self._state == _COMPLETE:
+            return await self._disconnect()
+        native_request = self._native
+        create_future = self._loop.create_future
+        while True:
+            try:
+                step = native_request.read(create_future)
+            except (_ClientDisconnected, _BodyTooLarge):
+                self._gone = True
+                return {"type": "http.disconnect"}
+            if step.__class__ is bytes:
+                break
+            await step
+        if not step:
+            self._body_done = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        # Say "no more" with the last chunk when the end is already known.
+        end = native_request.read()
+        if end == b"":
+            self._body_done = True
+            return {"type": "http.request", "body": step, "more_body": False}
+        if end:
+            step += end
+        return {"type": "http.request", "body": step, "more_body": True}
+
+    async def _disconnect(self) -> Message:
+        """Once the request is read, receive() waits for the client to leave
+        (or the response to complete), as ASGI's ``http.disconnect`` asks."""
+        if not self._gone and self._state != _COMPLETE:
+            waiter = self._native.wait_disconnect(self._loop.create_future)
+            if waiter is not None:
+                self._waiting = waiter
+                await waiter
+        self._gone = self._gone or self._state != _COMPLETE
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.body":
+            await self._body(message.get("body", b""), message.get("more_body", False))
+        elif kind == "http.response.start":
+            if self._state != _BEFORE_START:
+                raise RuntimeError("ASGI: http.response.start sent twice")
+            self._status = message["status"]
+            self._headers = message.get("headers", ())
+            self._state = _STARTED
+        elif kind == "http.response.pathsend":
+            await self._pathsend(message["path"])
+        else:
+            raise RuntimeError(f"ASGI: unexpected message {kind!r} on an http connection")
+
+    async def _body(self, body: bytes, more: bool) -> None:
+        state = self._state
+        if state == _STARTED and not more:
+            self._complete()
+            self._native.respond(self._status, self._headers, body)
+            return
+        if state == _STARTED:
+            self._state = _STREAMING
+            if not self._native.start(self._status, self._headers):
+                self._gone = True
+        elif state != _STREAMING:
+            raise RuntimeError("ASGI: http.response.body before http.response.start" if state == _BEFORE_START else "ASGI: response already complete")
+        if body and not self._gone:
+            await self._write(body)
+        if not more:
+            self._complete()
+            self._native.finish()
+
+    async def _write(self, chunk: bytes) -> None:
+        try:
+            backlog = self._native.write(chunk, self._loop.create_future)
+        except _ClientDisconnected:
+            # As uvicorn does: writes after a disconnect are dropped; the app
+            # learns of it from receive().
+            self._gone = True
+            return
+        if backlog is not None:
+            await backlog
+
+    async def _pathsend(self, path: str) -> None:
+        if self._state != _STARTED:
+            raise RuntimeError("ASGI: http.response.pathsend needs a started, empty response")
+        with open(path, "rb") as file:
+            self._state = _STREAMING
+            if not self._native.start(self._status, self._headers):
+                self._gone = True
+            while not self._gone and (chunk := file.read(256 * 1024)):
+                await self._write(chunk)
+        self._complete()
+        self._native.finish()
+
+    def _complete(self) -> None:
+        self._state = _COMPLETE
+        waiting = self._waiting
+        if waiting is not None and not waiting.done():
+            waiting.set_result(None)
+
+    def close_for_app(self, error: BaseException | None) -> None:
+        """The app returned or raised: make sure the client gets an answer."""
+        state = self._state
+        if state == _COMPLETE:
+            return
+        self._complete()
+        if state == _STREAMING:
+            if error is None:
+                self._native.finish()
+            else:
+                self._native.abort()
+        elif state == _STARTED and error is None:
+            self._native.respond(self._status, self._headers, b"")
+        else:
+            self._native.respond(500, _PLAIN, b"Internal Server Error")
+
+
+class ASGIServer(BoundServer):
+    """A bound server running an ASGI application."""
+
+    def __init__(self, config: ServerConfig, hosts: list[str], port: int, *, root_path: str = "") -> None:
+        self._app: ASGIApp | None = None
+        self._root_path = root_path
+        self.state: dict[str, Any] = {}
+        super().__init__(config, hosts, port)
+
+    def serve(self, app: ASGIApp) -> None:
+        self._app = app
+
+    def _on_request(self, native_request: Any) -> None:
+        app = self._app
+        if app is None:
+            native_request.respond(503, _PLAIN, b"Service Unavailable")
+            return
+        path = native_request.path
+        root_path = self._root_path
+        scope = {
+            "type": "http",
+            "asgi": _HTTP_ASGI,
+            "http_version": native_request.http_version,
+            "method": native_request.method,
+            "scheme": native_request.scheme,
+            "path": root_path + (unquote(path) if "%" in path else path),
+            "raw_path": path.encode(),
+            "query_string": native_request.query.encode(),
+            "root_path": root_path,
+            "headers": native_request.raw_headers(),
+            "client": native_request.remote_addr,
+            "server": native_request.local_addr,
+            "state": self.state.copy(),
+            "extensions": _extensions(native_request),
+        }
+        cycle = _HttpCycle(native_request, self._loop)
+        start_coroutine(self._loop, _run(app, scope, cycle), self._report)
+
+
+def _extensions(native_request: Any) -> dict[str, Any]:
+    if not native_request.tls:
+        return {"http.response.pathsend": {}}
+    certificate = native_request.peer_certificate
+    chain = [ssl.DER_cert_to_PEM_cert(certificate)] if certificate else []
+    return {
+        "http.response.pathsend": {},
+        "tls": {
+            "server_cert": None,
+            "client_cert_chain": chain,
+            "client_cert_name": None,
+            "client_cert_error": None,
+            "tls_version": None,
+            "cipher_suite": None,
+        },
+    }
+
+
+async def _run(app: ASGIApp, scope: Scope, cycle: _HttpCycle) -> None:
+    try:
+        await app(scope, cycle.receive, cycle.send)
+    except BaseException as exc:
+        cycle.close_for_app(exc)
+        if not isinstance(exc, asyncio.CancelledError):
+            logger.error("ASGI app failed: %s %s", scope["method"], scope["path"], exc_info=exc)
+    else:
+        cycle.close_for_app(None)
+
+
+class LifespanFailure(RuntimeError):
+    """The application refused to start (``lifespan.startup.failed``)."""
+
+
+class Lifespan:
+    """Runs an app's ``lifespan`` scope. ``mode``: "auto" (an app that does
+    not support lifespan is served anyway), "on" (it must), "off"."""
+
+    def __init__(self, app: ASGIApp, state: dict[str, Any], mode: str = "auto") -> None:
+        if mode not in ("auto", "on", "off"):
+            raise ValueError(f"lifespan must be 'auto', 'on' or 'off', not {mode!r}")
+        self._app = app
+        self._state = state
+        self._mode = mode
+        self._inbox: asyncio.Queue[Message] = asyncio.Queue()
+        self._startup: asyncio.Future[None] | None = None
+        self._shutdown: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def startup(self) -> None:
+        if self._mode == "off":
+            return
+        loop = asyncio.get_running_loop()
+        self._startup = loop.create_future()
+        self._shutdown = loop.create_future()
+        scope = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"}, "state": self._state}
+        self._task = loop.create_task(self._main(scope))
+        await self._inbox.put({"type": "lifespan.startup"})
+        await self._startup
+
+    async def _main(self, scope: Scope) -> None:
+        try:
+            await self._app(scope, self._inbox.get, self._send)
+        except BaseException as exc:
+            if self._startup is not None and not self._startup.done():
+                if self._mode == "on":
+                    self._startup.set_exception(LifespanFailure(f"lifespan failed: {exc!r}"))
+                else:
+                    logging.getLogger("server_native").info("the app does not support lifespan (%r): serving without it", exc)
+                    self._mode = "off"
+                    self._startup.set_result(None)
+            elif self._shutdown is not None and not self._shutdown.done():
+                self._shutdown.set_exception(LifespanFailure(f"lifespan failed: {exc!r}"))
+        finally:
+            for future in (self._startup, self._shutdown):
+                if future is not None and not future.done():
+                    future.set_result(None)
+
+    async def _send(self, message: Message) -> None:
+        kind = message["type"]
+        target = self._startup if kind.startswith("lifespan.startup") else self._shutdown
+        if target is None or target.done():
+            raise RuntimeError(f"ASGI lifespan: unexpected {kind!r}")
+        if kind.endswith(".failed"):
+            target.set_exception(LifespanFailure(message.get("message", "") or kind))
+        else:
+            target.set_result(None)
+
+    async def shutdown(self) -> None:
+        if self._mode == "off" or self._task is None or self._shutdown is None:
+            return
+        await self._inbox.put({"type": "lifespan.shutdown"})
+        try:
+            await self._shutdown
+        finally:
+            if not self._task.done():
+                self._task.cancel()
+
+
+async def serve_asgi(
+    app: ASGIApp,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    lifespan: str = "auto",
+    root_path: str = "",
+    echo: bool = True,
+    shutdown_signal: Awaitable[Any] | None = None,
+    **options: Any,
+) -> None:
+    """Serves an ASGI app until ``shutdown_signal`` or SIGINT/SIGTERM, with
+    its lifespan around it. ``options`` are those of ``NativeHttpServer.bind``
+    (``certificate_path``/``key_path`` included: see ``tls_settings``)."""
+    config, hosts, port = bind_settings(host, port, **options)
+    server = ASGIServer(config, hosts, port, root_path=root_path)
+    life = Lifespan(app, server.state, lifespan)
+    try:
+        await life.startup()
+    except BaseException:
+        await server.close(force=True)
+        raise
+    try:
+        await serve_bound([server], app, echo, shutdown_signal)
+    finally:
+        await life.shutdown()
