@@ -1,6 +1,7 @@
 //! The one road from tokio threads to the asyncio loop: a queue of events and a
 //! wake-up byte written only when the loop is not already due to drain it.
 
+use std::collections::VecDeque;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -29,7 +30,7 @@ pub enum Consumer {
 /// Tokio threads never take the GIL: they queue events and, once per batch,
 /// wake the consumer (one byte on a socket, or one condvar signal).
 pub struct EventQueue {
-    events: Mutex<Vec<Event>>,
+    events: Mutex<VecDeque<Event>>,
     wake_pending: AtomicBool,
     consumer: Consumer,
     /// Set once the server is closed and every event before that is queued.
@@ -39,7 +40,7 @@ pub struct EventQueue {
 impl EventQueue {
     pub fn new(consumer: Consumer) -> Self {
         EventQueue {
-            events: Mutex::new(Vec::with_capacity(64)),
+            events: Mutex::new(VecDeque::with_capacity(64)),
             wake_pending: AtomicBool::new(false),
             consumer,
             closed: AtomicBool::new(false),
@@ -47,7 +48,7 @@ impl EventQueue {
     }
 
     pub fn push(&self, event: Event) {
-        self.events.lock().push(event);
+        self.events.lock().push_back(event);
         self.wake();
     }
 
@@ -80,8 +81,26 @@ impl EventQueue {
         self.wake();
     }
 
+    /// Blocks until there is an event and takes the first; None once closed
+    /// and empty. For a pool of consumer threads (WSGI).
+    pub fn wait_one(&self) -> Option<Event> {
+        let Consumer::Thread(condvar) = &self.consumer else { return self.take().pop_front() };
+        let mut events = self.events.lock();
+        loop {
+            if let Some(event) = events.pop_front() {
+                return Some(event);
+            }
+            if self.closed.load(Ordering::Acquire) {
+                // Let the other consumers see the end too.
+                condvar.notify_all();
+                return None;
+            }
+            condvar.wait(&mut events);
+        }
+    }
+
     /// Blocks until there are events; None once closed and empty.
-    pub fn wait(&self) -> Option<Vec<Event>> {
+    pub fn wait(&self) -> Option<VecDeque<Event>> {
         let Consumer::Thread(condvar) = &self.consumer else { return Some(self.take()) };
         let mut events = self.events.lock();
         while events.is_empty() {
@@ -95,7 +114,7 @@ impl EventQueue {
 
     /// Takes everything queued. The flag is cleared first, so an event pushed
     /// while the loop drains writes a new wake-up byte rather than being lost.
-    pub fn take(&self) -> Vec<Event> {
+    pub fn take(&self) -> VecDeque<Event> {
         self.wake_pending.store(false, Ordering::Release);
         std::mem::take(&mut *self.events.lock())
     }

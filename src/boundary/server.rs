@@ -107,15 +107,25 @@ impl NativeServer {
                         };
                         let _ = exchange.send(response);
                     }
-                    Event::Wake(future) => {
-                        let future = future.bind(py);
-                        let set_result = future.getattr("set_result")?;
-                        future.call_method0("get_loop")?.call_method1("call_soon_threadsafe", (set_result, py.None()))?;
-                    }
+                    Event::Wake(future) => resolve(future.bind(py))?,
                 }
             }
         }
         Ok(())
+    }
+
+    /// For a pool of consumer threads: blocks (without the GIL) until a
+    /// request comes and returns it; None once the server is closed. Futures
+    /// met on the way are resolved.
+    fn next_request(&self, py: Python<'_>) -> PyResult<Option<NativeRequest>> {
+        let events = self.shared.events.clone();
+        loop {
+            match py.detach(|| events.wait_one()) {
+                None => return Ok(None),
+                Some(Event::Request(exchange)) => return Ok(Some(NativeRequest::new(exchange, self.shared.clone()))),
+                Some(Event::Wake(future)) => resolve(future.bind(py))?,
+            }
+        }
     }
 
     /// The bound addresses as `(host, port)`.
@@ -172,6 +182,19 @@ impl Drop for NativeServer {
         self.shared.force.cancel();
         self.shared.events.close();
     }
+}
+
+/// Resolves a parked future from a consumer thread: an asyncio future on its
+/// own loop, a `concurrent.futures.Future` (thread-safe) directly.
+fn resolve(future: &Bound<'_, PyAny>) -> PyResult<()> {
+    let py = future.py();
+    if let Ok(get_loop) = future.getattr("get_loop") {
+        let set_result = future.getattr("set_result")?;
+        get_loop.call0()?.call_method1("call_soon_threadsafe", (set_result, py.None()))?;
+    } else if !future.call_method0("done")?.is_truthy()? {
+        future.call_method1("set_result", (py.None(),))?;
+    }
+    Ok(())
 }
 
 fn internal_error() -> http::Response<crate::body::ResponseBody> {

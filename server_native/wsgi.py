@@ -1,0 +1,263 @@
+"""WSGI (PEP 3333) on a bounded pool of threads that take requests straight
+from the native queue: no event loop between the socket and the app."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import sys
+import threading
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from typing import IO, Any
+from urllib.parse import unquote_to_bytes
+
+from ._loader import native
+from .config import ServerConfig
+from .serve import serve_bound
+from .server import BoundServer, bind_settings, logger
+
+__all__ = ["FileWrapper", "WSGIApp", "WSGIServer", "serve_wsgi"]
+
+WSGIApp = Callable[[dict[str, Any], Callable[..., Callable[[bytes], None]]], Iterable[bytes]]
+
+_ClientDisconnected = native.ClientDisconnected
+_BodyTooLarge = native.BodyTooLarge
+_PLAIN = [("content-type", "text/plain; charset=utf-8")]
+_CHUNK = 64 * 1024
+
+
+def _wait(future: concurrent.futures.Future[None]) -> None:
+    """Blocks this worker thread until the native side wakes the future."""
+    future.result()
+
+
+class FileWrapper:
+    """``wsgi.file_wrapper``: iterates a file in blocks; the server streams
+    it without the app reading it into memory."""
+
+    def __init__(self, filelike: IO[bytes], blksize: int = _CHUNK) -> None:
+        self.filelike = filelike
+        self.blksize = blksize
+
+    def __iter__(self) -> Iterator[bytes]:
+        while chunk := self.filelike.read(self.blksize):
+            yield chunk
+
+    def close(self) -> None:
+        close = getattr(self.filelike, "close", None)
+        if close is not None:
+            close()
+
+
+class InputStream:
+    """``wsgi.input``: the request body, read as it arrives."""
+
+    def __init__(self, native_request: Any) -> None:
+        self._native = native_request
+        self._buffer = b""
+        self._done = False
+
+    def _fill(self) -> bool:
+        """Appends the next chunk; False at the end of the body."""
+        if self._done:
+            return False
+        while True:
+            try:
+                step = self._native.read(concurrent.futures.Future)
+            except (_ClientDisconnected, _BodyTooLarge) as exc:
+                raise OSError(f"request body unavailable: {exc}") from exc
+            if step.__class__ is bytes:
+                break
+            _wait(step)
+        if not step:
+            self._done = True
+            return False
+        self._buffer += step
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            while self._fill():
+                pass
+            data, self._buffer = self._buffer, b""
+            return data
+        while len(self._buffer) < size and self._fill():
+            pass
+        data, self._buffer = self._buffer[:size], self._buffer[size:]
+        return data
+
+    def readline(self, size: int | None = -1) -> bytes:
+        limit = sys.maxsize if size is None or size < 0 else size
+        while b"\n" not in self._buffer and len(self._buffer) < limit and self._fill():
+            pass
+        end = self._buffer.find(b"\n") + 1 or len(self._buffer)
+        end = min(end, limit)
+        line, self._buffer = self._buffer[:end], self._buffer[end:]
+        return line
+
+    def readlines(self, hint: int = -1) -> list[bytes]:
+        lines = []
+        total = 0
+        while line := self.readline():
+            lines.append(line)
+            total += len(line)
+            if 0 < hint <= total:
+                break
+        return lines
+
+    def __iter__(self) -> Iterator[bytes]:
+        while line := self.readline():
+            yield line
+
+
+class _Response:
+    """``start_response`` and ``write`` for one request."""
+
+    __slots__ = ("_native", "status", "reason", "headers", "started", "streaming", "gone")
+
+    def __init__(self, native_request: Any) -> None:
+        self._native = native_request
+        self.status = 0
+        self.reason: str | None = None
+        self.headers: list[tuple[str, str]] = []
+        self.started = False
+        self.streaming = False
+        self.gone = False
+
+    def start_response(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable[[bytes], None]:
+        if exc_info is not None:
+            try:
+                if self.streaming:
+                    raise exc_info[1].with_traceback(exc_info[2])
+            finally:
+                exc_info = None
+        elif self.started:
+            raise AssertionError("start_response called twice without exc_info")
+        code, _, reason = status.partition(" ")
+        self.status = int(code)
+        self.reason = reason or None
+        self.headers = headers
+        self.started = True
+        return self.write
+
+    def write(self, data: bytes) -> None:
+        if not self.started:
+            raise AssertionError("write() before start_response()")
+        if not self.streaming:
+            self.streaming = True
+            if not self._native.start(self.status, self.headers, self.reason):
+                self.gone = True
+        if data and not self.gone:
+            try:
+                backlog = self._native.write(data, concurrent.futures.Future)
+            except _ClientDisconnected:
+                self.gone = True
+                return
+            if backlog is not None:
+                _wait(backlog)
+
+
+class WSGIServer(BoundServer):
+    """A bound server running a WSGI app on ``threads`` worker threads."""
+
+    def __init__(self, config: ServerConfig, hosts: list[str], port: int, *, threads: int = 4, root_path: str = "") -> None:
+        if threads < 1:
+            raise ValueError("threads must be at least 1")
+        self._threads = threads
+        self._root_path = root_path
+        super().__init__(config, hosts, port, threaded=True)
+        host, server_port = self.addresses[0]
+        self._base = {
+            "SERVER_NAME": host,
+            "SERVER_PORT": str(server_port),
+            "SCRIPT_NAME": root_path,
+            "wsgi.version": (1, 0),
+            "wsgi.errors": sys.stderr,
+            "wsgi.multithread": threads > 1,
+            "wsgi.multiprocess": False,
+            "wsgi.run_once": False,
+            "wsgi.file_wrapper": FileWrapper,
+        }
+
+    def serve(self, app: WSGIApp) -> None:
+        for index in range(self._threads):
+            threading.Thread(target=self._work, args=(app,), name=f"server-native-wsgi-{index}", daemon=True).start()
+
+    def _work(self, app: WSGIApp) -> None:
+        next_request = self._native.next_request
+        while (native_request := next_request()) is not None:
+            try:
+                self._call(app, native_request)
+            except Exception as exc:  # noqa: BLE001 - one request failed, the worker goes on
+                self._report(exc)
+
+    def _environ(self, native_request: Any) -> dict[str, Any]:
+        environ = self._base.copy()
+        path = native_request.path
+        environ["REQUEST_METHOD"] = native_request.method
+        environ["PATH_INFO"] = unquote_to_bytes(path).decode("latin-1") if "%" in path else path
+        environ["QUERY_STRING"] = native_request.query
+        environ["SERVER_PROTOCOL"] = "HTTP/" + native_request.http_version
+        environ["REMOTE_ADDR"], port = native_request.remote_addr
+        environ["REMOTE_PORT"] = str(port)
+        environ["wsgi.url_scheme"] = native_request.scheme
+        environ["wsgi.input"] = InputStream(native_request)
+        for name, value in native_request.headers():
+            if name == "content-type":
+                environ["CONTENT_TYPE"] = value
+            elif name == "content-length":
+                environ["CONTENT_LENGTH"] = value
+            else:
+                key = "HTTP_" + name.upper().replace("-", "_")
+                environ[key] = f"{environ[key]},{value}" if key in environ else value
+        return environ
+
+    def _call(self, app: WSGIApp, native_request: Any) -> None:
+        response = _Response(native_request)
+        try:
+            result = app(self._environ(native_request), response.start_response)
+        except Exception as exc:  # noqa: BLE001 - the client gets a 500
+            self._fail(native_request, response, exc)
+            return
+        try:
+            if not response.streaming and isinstance(result, (list, tuple)) and len(result) <= 1:
+                if not response.started:
+                    raise AssertionError("the WSGI app returned without calling start_response()")
+                native_request.respond(response.status, response.headers, result[0] if result else b"", response.reason)
+                return
+            for chunk in result:
+                response.write(chunk)
+                if response.gone:
+                    break
+            if not response.streaming:
+                response.write(b"")
+            native_request.finish()
+        except Exception as exc:  # noqa: BLE001 - the client gets a 500 or a cut stream
+            self._fail(native_request, response, exc)
+        finally:
+            close = getattr(result, "close", None)
+            if close is not None:
+                close()
+
+    def _fail(self, native_request: Any, response: _Response, exc: BaseException) -> None:
+        self._report(exc)
+        if response.streaming:
+            native_request.abort()
+        else:
+            native_request.respond(500, _PLAIN, b"Internal Server Error")
+
+
+async def serve_wsgi(
+    app: WSGIApp,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    threads: int = 4,
+    root_path: str = "",
+    echo: bool = True,
+    shutdown_signal: Awaitable[Any] | None = None,
+    **options: Any,
+) -> None:
+    """Serves a WSGI app until ``shutdown_signal`` or SIGINT/SIGTERM."""
+    config, hosts, port = bind_settings(host, port, **options)
+    server = WSGIServer(config, hosts, port, threads=threads, root_path=root_path)
+    await serve_bound([server], app, echo, shutdown_signal)
