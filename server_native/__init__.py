@@ -16,6 +16,7 @@ from .headers import ContentType, HttpHeaders
 from .http_server import HttpConnectionsInfo, NativeHttpServer
 from .request import HttpConnectionInfo, HttpRequest, Uri
 from .response import HttpResponse
+from .runner import run
 from .serve import (
     NativeMultiServer,
     NativeServerBind,
@@ -55,6 +56,7 @@ __all__ = [
     "TlsConfig",
     "TlsConfigError",
     "Uri",
+    "run",
     "serve_native",
     "serve_native_direct",
     "serve_native_http",

@@ -14,6 +14,7 @@ from urllib.parse import unquote
 from ._loader import native
 from ._loop import start_coroutine
 from .config import ServerConfig
+from .proxy import ProxyHeaders
 from .serve import serve_bound
 from .server import BoundServer, bind_settings, logger
 
@@ -28,6 +29,7 @@ _BodyTooLarge = native.BodyTooLarge
 _HTTP_ASGI = {"version": "3.0", "spec_version": "2.4"}
 _PLAIN = [(b"content-type", b"text/plain; charset=utf-8")]
 _BEFORE_START, _STARTED, _STREAMING, _COMPLETE = range(4)
+_access = logging.getLogger("server_native.access")
 
 
 class _HttpCycle:
@@ -72,6 +74,11 @@ class _HttpCycle:
         if end:
             step += end
         return {"type": "http.request", "body": step, "more_body": True}
+
+    @property
+    def status(self) -> int:
+        """The status sent (500 when the app sent none)."""
+        return self._status if self._state != _BEFORE_START else 500
 
     async def _disconnect(self) -> Message:
         """Once the request is read, receive() waits for the client to leave
@@ -166,9 +173,20 @@ class _HttpCycle:
 class ASGIServer(BoundServer):
     """A bound server running an ASGI application."""
 
-    def __init__(self, config: ServerConfig, hosts: list[str], port: int, *, root_path: str = "") -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        hosts: list[str],
+        port: int,
+        *,
+        root_path: str = "",
+        proxy: ProxyHeaders | None = None,
+        access_log: bool = False,
+    ) -> None:
         self._app: ASGIApp | None = None
         self._root_path = root_path
+        self._proxy = proxy
+        self._access_log = access_log
         self.state: dict[str, Any] = {}
         super().__init__(config, hosts, port)
 
@@ -182,24 +200,29 @@ class ASGIServer(BoundServer):
             return
         path = native_request.path
         root_path = self._root_path
+        headers = native_request.raw_headers()
+        client = native_request.remote_addr
+        scheme = native_request.scheme
+        if self._proxy is not None:
+            client, scheme = self._proxy.resolve(client, scheme, headers)
         scope = {
             "type": "http",
             "asgi": _HTTP_ASGI,
             "http_version": native_request.http_version,
             "method": native_request.method,
-            "scheme": native_request.scheme,
+            "scheme": scheme,
             "path": root_path + (unquote(path) if "%" in path else path),
             "raw_path": path.encode(),
             "query_string": native_request.query.encode(),
             "root_path": root_path,
-            "headers": native_request.raw_headers(),
-            "client": native_request.remote_addr,
+            "headers": headers,
+            "client": client,
             "server": native_request.local_addr,
             "state": self.state.copy(),
             "extensions": _extensions(native_request),
         }
         cycle = _HttpCycle(native_request, self._loop)
-        start_coroutine(self._loop, _run(app, scope, cycle), self._report)
+        start_coroutine(self._loop, _run(app, scope, cycle, self._access_log), self._report)
 
 
 def _extensions(native_request: Any) -> dict[str, Any]:
@@ -220,7 +243,7 @@ def _extensions(native_request: Any) -> dict[str, Any]:
     }
 
 
-async def _run(app: ASGIApp, scope: Scope, cycle: _HttpCycle) -> None:
+async def _run(app: ASGIApp, scope: Scope, cycle: _HttpCycle, access_log: bool) -> None:
     try:
         await app(scope, cycle.receive, cycle.send)
     except BaseException as exc:
@@ -229,6 +252,16 @@ async def _run(app: ASGIApp, scope: Scope, cycle: _HttpCycle) -> None:
             logger.error("ASGI app failed: %s %s", scope["method"], scope["path"], exc_info=exc)
     else:
         cycle.close_for_app(None)
+    if access_log:
+        _access.info(
+            '%s:%d - "%s %s HTTP/%s" %d',
+            scope["client"][0],
+            scope["client"][1],
+            scope["method"],
+            scope["raw_path"].decode("latin-1"),
+            scope["http_version"],
+            cycle.status,
+        )
 
 
 class LifespanFailure(RuntimeError):
@@ -307,15 +340,16 @@ async def serve_asgi(
     *,
     lifespan: str = "auto",
     root_path: str = "",
+    proxy: ProxyHeaders | None = None,
+    access_log: bool = False,
     echo: bool = True,
     shutdown_signal: Awaitable[Any] | None = None,
     **options: Any,
 ) -> None:
     """Serves an ASGI app until ``shutdown_signal`` or SIGINT/SIGTERM, with
-    its lifespan around it. ``options`` are those of ``NativeHttpServer.bind``
-    (``certificate_path``/``key_path`` included: see ``tls_settings``)."""
+    its lifespan around it. ``options`` are those of ``NativeHttpServer.bind``."""
     config, hosts, port = bind_settings(host, port, **options)
-    server = ASGIServer(config, hosts, port, root_path=root_path)
+    server = ASGIServer(config, hosts, port, root_path=root_path, proxy=proxy, access_log=access_log)
     life = Lifespan(app, server.state, lifespan)
     try:
         await life.startup()

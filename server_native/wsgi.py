@@ -12,6 +12,7 @@ from urllib.parse import unquote_to_bytes
 
 from ._loader import native
 from .config import ServerConfig
+from .proxy import ProxyHeaders
 from .serve import serve_bound
 from .server import BoundServer, bind_settings, logger
 
@@ -159,11 +160,21 @@ class _Response:
 class WSGIServer(BoundServer):
     """A bound server running a WSGI app on ``threads`` worker threads."""
 
-    def __init__(self, config: ServerConfig, hosts: list[str], port: int, *, threads: int = 4, root_path: str = "") -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        hosts: list[str],
+        port: int,
+        *,
+        threads: int = 4,
+        root_path: str = "",
+        proxy: ProxyHeaders | None = None,
+    ) -> None:
         if threads < 1:
             raise ValueError("threads must be at least 1")
         self._threads = threads
         self._root_path = root_path
+        self._proxy = proxy
         super().__init__(config, hosts, port, threaded=True)
         host, server_port = self.addresses[0]
         self._base = {
@@ -197,9 +208,12 @@ class WSGIServer(BoundServer):
         environ["PATH_INFO"] = unquote_to_bytes(path).decode("latin-1") if "%" in path else path
         environ["QUERY_STRING"] = native_request.query
         environ["SERVER_PROTOCOL"] = "HTTP/" + native_request.http_version
-        environ["REMOTE_ADDR"], port = native_request.remote_addr
+        client, scheme = native_request.remote_addr, native_request.scheme
+        if self._proxy is not None:
+            client, scheme = self._proxy.resolve(client, scheme, native_request.raw_headers())
+        environ["REMOTE_ADDR"], port = client
         environ["REMOTE_PORT"] = str(port)
-        environ["wsgi.url_scheme"] = native_request.scheme
+        environ["wsgi.url_scheme"] = scheme
         environ["wsgi.input"] = InputStream(native_request)
         for name, value in native_request.headers():
             if name == "content-type":
@@ -253,11 +267,12 @@ async def serve_wsgi(
     *,
     threads: int = 4,
     root_path: str = "",
+    proxy: ProxyHeaders | None = None,
     echo: bool = True,
     shutdown_signal: Awaitable[Any] | None = None,
     **options: Any,
 ) -> None:
     """Serves a WSGI app until ``shutdown_signal`` or SIGINT/SIGTERM."""
     config, hosts, port = bind_settings(host, port, **options)
-    server = WSGIServer(config, hosts, port, threads=threads, root_path=root_path)
+    server = WSGIServer(config, hosts, port, threads=threads, root_path=root_path, proxy=proxy)
     await serve_bound([server], app, echo, shutdown_signal)

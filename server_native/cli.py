@@ -1,0 +1,152 @@
+"""The command line: ``server-native serve module:app`` (also
+``python -m server_native serve``), with options a uvicorn or Granian user
+knows. A thin layer over :func:`server_native.run`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from .runner import INTERFACES, AppLoadError, load_app, run
+
+__all__ = ["main"]
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="server-native", description="A Rust-backed HTTP server for Python apps.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve an ASGI, WSGI or direct-handler app")
+    serve.add_argument("app", help="the app as module:attribute, e.g. myproject.main:app")
+    serve.add_argument("--interface", choices=INTERFACES, default="auto", help="app interface (default: detected)")
+    serve.add_argument("--factory", action="store_true", help="APP is a factory: call it to get the app")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind: an IP, a name, 'localhost' or 'any'")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--uds", help="bind a Unix domain socket instead of a TCP port")
+    serve.add_argument("--backlog", type=int, default=0)
+    serve.add_argument("--workers", type=int, default=1, help="worker processes sharing the port (SO_REUSEPORT)")
+    serve.add_argument("--threads", type=int, default=4, help="WSGI worker threads per process")
+    serve.add_argument("--http", choices=("auto", "1", "2"), default="auto", help="HTTP versions over TCP")
+    serve.add_argument("--http3", action=argparse.BooleanOptionalAction, default=True, help="HTTP/3 over QUIC (with TLS)")
+    serve.add_argument("--ssl-certfile")
+    serve.add_argument("--ssl-keyfile")
+    serve.add_argument("--ssl-keyfile-password")
+    serve.add_argument("--ssl-ca-certs", "--ssl-ca", dest="ssl_ca", help="CA bundle that client certificates must chain to")
+    serve.add_argument(
+        "--ssl-cert-reqs", type=int, choices=(0, 1, 2), default=0, help="client certificates: 0 none, 1 optional, 2 required"
+    )
+    serve.add_argument("--lifespan", choices=("auto", "on", "off"), default="auto")
+    serve.add_argument("--root-path", default="")
+    serve.add_argument("--proxy-headers", action=argparse.BooleanOptionalAction, default=True, help="trust X-Forwarded-* / Forwarded from --forwarded-allow-ips")
+    serve.add_argument("--forwarded-allow-ips", default=os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1,::1"))
+    serve.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+    serve.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=False, help="log every request (stdlib logging)")
+    serve.add_argument("--max-body-size", type=int, help="bytes (default 32 MiB)")
+    serve.add_argument("--max-header-size", type=int, help="bytes (default 64 KiB)")
+    serve.add_argument("--max-connections", type=int)
+    serve.add_argument("--header-read-timeout", type=float)
+    serve.add_argument("--keep-alive-timeout", "--timeout-keep-alive", dest="idle_timeout", type=float)
+    serve.add_argument("--response-timeout", type=float)
+    serve.add_argument("--shutdown-timeout", "--timeout-graceful-shutdown", dest="shutdown_timeout", type=float)
+    serve.add_argument("--reload", action="store_true", help="restart when Python files change (needs watchfiles)")
+    serve.add_argument("--reload-dir", action="append", default=[], help="directories to watch (default: the current one)")
+    serve.add_argument("--shared", action="store_true", help=argparse.SUPPRESS)
+    return parser
+
+
+def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    if args.uds:
+        parser.error("--uds: Unix domain sockets are not supported yet; use --host/--port")
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port must be between 0 and 65535, not {args.port}")
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
+    if args.workers > 1 and args.port == 0:
+        parser.error("--workers needs an explicit --port (every worker binds the same one)")
+    if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
+        parser.error("--ssl-certfile and --ssl-keyfile go together")
+    if args.ssl_cert_reqs and not args.ssl_certfile:
+        parser.error("--ssl-cert-reqs needs --ssl-certfile and --ssl-keyfile")
+
+
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    """run() keyword arguments from the parsed command line."""
+    options: dict[str, Any] = {"interface": args.interface, "backlog": args.backlog, "shared": args.shared}
+    if args.http != "auto":
+        options["http2"] = args.http == "2"
+    options["http3"] = args.http3 and bool(args.ssl_certfile)
+    for name in ("max_body_size", "max_header_size", "max_connections", "header_read_timeout", "idle_timeout", "response_timeout", "shutdown_timeout"):
+        value = getattr(args, name)
+        if value is not None:
+            options[name] = value
+    if args.ssl_certfile:
+        from .server import tls_settings
+
+        options["tls"] = tls_settings(
+            certificate_path=args.ssl_certfile,
+            key_path=args.ssl_keyfile,
+            certificate_password=args.ssl_keyfile_password,
+            request_client_certificate=args.ssl_cert_reqs >= 1,
+            require_client_certificate=args.ssl_cert_reqs == 2,
+            client_ca_path=args.ssl_ca,
+            http2=options.get("http2", True),
+        )
+    interface = args.interface
+    if interface in ("auto", "asgi", "wsgi"):
+        options["root_path"] = args.root_path
+        if args.proxy_headers:
+            from .proxy import ProxyHeaders
+
+            options["proxy"] = ProxyHeaders(args.forwarded_allow_ips.split(","))
+    if interface in ("auto", "asgi"):
+        options["lifespan"] = args.lifespan
+        options["access_log"] = args.access_log
+    if interface in ("auto", "wsgi"):
+        options["threads"] = args.threads
+    return options
+
+
+def _serve_one(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    sys.path.insert(0, os.getcwd())
+    try:
+        app = load_app(args.app, factory=args.factory)
+    except AppLoadError as exc:
+        print(f"server-native: error: {exc}", file=sys.stderr)
+        return 1
+    options = _options(args)
+    if options["interface"] == "auto":
+        from .runner import detect_interface
+
+        options["interface"] = detect_interface(app)
+    adapter_only = {"asgi": ("lifespan", "access_log", "root_path", "proxy"), "wsgi": ("threads", "root_path", "proxy")}
+    keep = set(adapter_only.get(options["interface"], ()))
+    for name in ("lifespan", "access_log", "threads", "root_path", "proxy"):
+        if name not in keep:
+            options.pop(name, None)
+    try:
+        run(app, args.host, args.port, **options)
+    except OSError as exc:
+        print(f"server-native: error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - lifespan failures and the like: one line, non-zero
+        print(f"server-native: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(raw)
+    _check(args, parser)
+    if args.workers > 1 or args.reload:
+        from .supervisor import supervise
+
+        return supervise(raw, workers=args.workers, reload=args.reload, reload_dirs=args.reload_dir or [os.getcwd()])
+    return _serve_one(args)

@@ -1,0 +1,72 @@
+"""Trusted proxy headers: the client address and scheme a reverse proxy
+reports in ``X-Forwarded-For`` / ``X-Forwarded-Proto`` or ``Forwarded``,
+believed only when the connection comes from an address we trust."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+
+__all__ = ["ProxyHeaders"]
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ProxyHeaders:
+    """``trusted``: addresses or networks (``"127.0.0.1"``, ``"10.0.0.0/8"``),
+    or ``"*"`` for any peer."""
+
+    def __init__(self, trusted: Iterable[str] = ("127.0.0.1", "::1")) -> None:
+        self._any = False
+        self._networks: list[Network] = []
+        for item in trusted:
+            item = item.strip()
+            if not item:
+                continue
+            if item == "*":
+                self._any = True
+            else:
+                self._networks.append(ipaddress.ip_network(item, strict=False))
+
+    def trusts(self, host: str) -> bool:
+        if self._any:
+            return True
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return any(address in network for network in self._networks)
+
+    def resolve(
+        self, client: tuple[str, int], scheme: str, headers: Iterable[tuple[bytes, bytes]]
+    ) -> tuple[tuple[str, int], str]:
+        """The client and scheme after believing a trusted proxy's headers.
+        With a chain of proxies, the nearest untrusted hop is the client."""
+        if not self.trusts(client[0]):
+            return client, scheme
+        forwarded_for: list[str] = []
+        proto = None
+        for name, value in headers:
+            if name == b"x-forwarded-for":
+                forwarded_for += [part.strip() for part in value.decode("latin-1").split(",")]
+            elif name == b"x-forwarded-proto":
+                proto = value.decode("latin-1").split(",")[-1].strip().lower()
+            elif name == b"forwarded":
+                for element in value.decode("latin-1").split(","):
+                    for pair in element.split(";"):
+                        key, _, item = pair.strip().partition("=")
+                        item = item.strip().strip('"')
+                        if key.lower() == "for":
+                            forwarded_for.append(item[1:item.index("]")] if item.startswith("[") else item.split(":")[0])
+                        elif key.lower() == "proto":
+                            proto = item.lower()
+        host = client[0]
+        for hop in reversed(forwarded_for):
+            host = hop
+            if not self.trusts(hop):
+                break
+        if host != client[0]:
+            client = (host, 0)
+        if proto in ("http", "https"):
+            scheme = proto
+        return client, scheme
