@@ -1,0 +1,196 @@
+"""The command line, run as real processes: serving, workers, signals,
+respawn, proxy headers and clear failures."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+APP = '''
+import asyncio, os
+
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            await send({"type": message["type"] + ".complete"})
+            if message["type"] == "lifespan.shutdown":
+                return
+    if scope["path"] == "/slow":
+        await asyncio.sleep(1)
+    body = f"{os.getpid()} {scope['client'][0]} {scope['scheme']}".encode()
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+    await send({"type": "http.response.body", "body": body})
+
+def wsgi(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"wsgi " + environ["PATH_INFO"].encode()]
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture
+def app_dir(tmp_path: Path) -> Path:
+    (tmp_path / "cliapp.py").write_text(APP)
+    return tmp_path
+
+
+def command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "server_native", *args]
+
+
+def environment() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+@contextmanager
+def serving(app_dir: Path, *args: str) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    port = free_port()
+    process = subprocess.Popen(
+        command("serve", *args, "--port", str(port)),
+        cwd=app_dir,
+        env=environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            assert process.poll() is None, process.stdout.read() if process.stdout else ""
+            try:
+                get(port, "/")
+                break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            raise AssertionError("the server never answered")
+        yield process, port
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(10)
+
+
+def get(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.request("GET", path, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        connection.close()
+
+
+def test_serves_an_asgi_app(app_dir: Path) -> None:
+    with serving(app_dir, "cliapp:app") as (_, port):
+        status, body = get(port, "/")
+    assert status == 200
+    assert body.split()[1:] == ["127.0.0.1", "http"]
+
+
+def test_detects_a_wsgi_app(app_dir: Path) -> None:
+    with serving(app_dir, "cliapp:wsgi") as (_, port):
+        assert get(port, "/hello") == (200, "wsgi /hello")
+
+
+def test_trusted_proxy_headers_are_believed(app_dir: Path) -> None:
+    with serving(app_dir, "cliapp:app") as (_, port):
+        _, body = get(port, "/", {"X-Forwarded-For": "203.0.113.7", "X-Forwarded-Proto": "https"})
+    assert body.split()[1:] == ["203.0.113.7", "https"]
+
+
+def test_untrusted_proxy_headers_are_ignored(app_dir: Path) -> None:
+    with serving(app_dir, "cliapp:app", "--forwarded-allow-ips", "10.0.0.1") as (_, port):
+        _, body = get(port, "/", {"X-Forwarded-For": "203.0.113.7", "X-Forwarded-Proto": "https"})
+    assert body.split()[1:] == ["127.0.0.1", "http"]
+
+
+def pids_seen(port: int, attempts: int = 200) -> set[str]:
+    return {get(port, "/")[1].split()[0] for _ in range(attempts)}
+
+
+def test_two_workers_share_the_port(app_dir: Path) -> None:
+    with serving(app_dir, "cliapp:app", "--workers", "2") as (_, port):
+        deadline = time.monotonic() + 30
+        pids: set[str] = set()
+        while len(pids) < 2 and time.monotonic() < deadline:
+            pids |= pids_seen(port, 50)
+    assert len(pids) == 2
+
+
+def test_a_killed_worker_is_replaced(app_dir: Path) -> None:
+    with serving(app_dir, "cliapp:app", "--workers", "2") as (_, port):
+        victim = int(get(port, "/")[1].split()[0])
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        replaced = False
+        while not replaced and time.monotonic() < deadline:
+            try:
+                pids = pids_seen(port, 20)
+            except OSError:
+                continue
+            replaced = len(pids - {str(victim)}) == 2
+        assert replaced, "no second live worker appeared after the kill"
+
+
+def test_sigterm_drains_requests_in_flight(app_dir: Path) -> None:
+    with serving(app_dir, "cliapp:app", "--workers", "2") as (process, port):
+        results: list[int] = []
+        threads = [threading.Thread(target=lambda: results.append(get(port, "/slow")[0])) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.3)  # let the requests reach the workers; not an assertion
+        os.kill(process.pid, signal.SIGTERM)
+        for thread in threads:
+            thread.join(20)
+        assert process.wait(30) == 0
+    assert results == [200] * 6
+
+
+def test_a_bad_app_path_is_one_line_and_non_zero(app_dir: Path) -> None:
+    result = subprocess.run(command("serve", "cliapp:nothing"), cwd=app_dir, env=environment(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == ["server-native: error: module 'cliapp' has no attribute 'nothing'"]
+
+
+def test_an_unimportable_module_is_one_line_and_non_zero(app_dir: Path) -> None:
+    result = subprocess.run(command("serve", "nosuchmodule:app"), cwd=app_dir, env=environment(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "cannot import module 'nosuchmodule'" in result.stderr
+
+
+def test_a_bad_option_exits_with_usage(app_dir: Path) -> None:
+    result = subprocess.run(command("serve", "cliapp:app", "--http", "3"), cwd=app_dir, env=environment(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "invalid choice" in result.stderr
+
+
+def test_the_console_script_entry_point_is_main() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", "import server_native.__main__ as m; print(m.main.__module__)"],
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.stdout.strip() == "server_native.cli"
