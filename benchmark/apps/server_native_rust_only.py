@@ -1,17 +1,21 @@
-"""server_native's ceiling: the native side answers every request without calling Python."""
+"""server_native's ceiling: the native side answers every request without calling Python.
+
+`native_response` is one fixed body for every path, so this case serves the hello
+workload only."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 
 from _runner import run
 from server_native import NativeHttpServer
 
 
-async def serve(port: int) -> None:
+async def serve(options: argparse.Namespace) -> None:
     # Held in a local so the listener lives as long as this coroutine.
     _server = await NativeHttpServer.bind(
-        "127.0.0.1", port, http3=False, native_response=b"Hello, World!"
+        "127.0.0.1", options.port, http3=False, native_response=b"Hello, World!"
     )
     await asyncio.Event().wait()
 

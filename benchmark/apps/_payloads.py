@@ -1,0 +1,19 @@
+"""The three workloads every app serves, by path, so one server process serves them all.
+
+- ``GET /``: ``Hello, World!`` (13 bytes)
+- ``GET /10k``: 10 KiB
+- ``POST /echo``: the request body (256 bytes in the benchmark) sent back
+
+The harness checks these bodies before measuring; ``wrk/echo256.lua`` holds the same
+256-byte request body as ``ECHO_REQUEST``.
+"""
+
+from __future__ import annotations
+
+HELLO = b"Hello, World!"
+TEN_K = b"0123456789abcdef" * 640  # 10,240 bytes
+ECHO_REQUEST = b"0123456789abcdef" * 16  # 256 bytes; the harness posts this to /echo
+
+HELLO_PATH = "/"
+TEN_K_PATH = "/10k"
+ECHO_PATH = "/echo"
