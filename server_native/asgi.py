@@ -27,6 +27,7 @@ ASGIApp = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message],
 _ClientDisconnected = native.ClientDisconnected
 _BodyTooLarge = native.BodyTooLarge
 _HTTP_ASGI = {"version": "3.0", "spec_version": "2.4"}
+_WEBSOCKET_ASGI = {"version": "3.0", "spec_version": "2.4"}
 _PLAIN = [(b"content-type", b"text/plain; charset=utf-8")]
 _BEFORE_START, _STARTED, _STREAMING, _COMPLETE = range(4)
 _access = logging.getLogger("server_native.access")
@@ -221,6 +222,14 @@ class ASGIServer(BoundServer):
             "state": self.state.copy(),
             "extensions": _extensions(native_request),
         }
+        if native_request.websocket:
+            scope["type"] = "websocket"
+            scope["asgi"] = _WEBSOCKET_ASGI
+            scope["scheme"] = "wss" if scheme == "https" else "ws"
+            scope["subprotocols"] = _subprotocols(headers)
+            scope["extensions"] = {"websocket.http.response": {}}
+            start_coroutine(self._loop, _run_websocket(app, scope, _WebSocketCycle(native_request, self._loop)), self._report)
+            return
         cycle = _HttpCycle(native_request, self._loop)
         start_coroutine(self._loop, _run(app, scope, cycle, self._access_log), self._report)
 
@@ -262,6 +271,119 @@ async def _run(app: ASGIApp, scope: Scope, cycle: _HttpCycle, access_log: bool) 
             scope["http_version"],
             cycle.status,
         )
+
+
+def _subprotocols(headers: list[tuple[bytes, bytes]]) -> list[str]:
+    return [
+        item.strip()
+        for name, value in headers
+        if name == b"sec-websocket-protocol"
+        for item in value.decode("latin-1").split(",")
+        if item.strip()
+    ]
+
+
+_CONNECTING, _ACCEPTED, _CLOSED, _DENIED = range(4)
+
+
+class _WebSocketCycle:
+    """ASGI ``websocket`` messages onto a native WebSocket, with the
+    disconnect rules of the spec: ``send`` after the client left raises an
+    ``OSError`` (``ClientDisconnected``); a server-side close is followed by
+    ``websocket.disconnect`` once the client answers it."""
+
+    def __init__(self, native_request: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self._native = native_request
+        self._loop = loop
+        self._state = _CONNECTING
+        self._connect_sent = False
+        self._disconnected = False
+        self._denial: tuple[int, Any] | None = None
+
+    async def receive(self) -> Message:
+        if not self._connect_sent:
+            self._connect_sent = True
+            return {"type": "websocket.connect"}
+        if self._state in (_CONNECTING, _DENIED):
+            waiter = self._native.wait_disconnect(self._loop.create_future)
+            if waiter is not None:
+                await waiter
+            self._disconnected = True
+            return {"type": "websocket.disconnect", "code": 1006, "reason": ""}
+        create_future = self._loop.create_future
+        while True:
+            item = self._native.ws_receive(create_future)
+            if item.__class__ is tuple:
+                break
+            await item
+        kind, payload = item
+        if kind == "text":
+            return {"type": "websocket.receive", "text": payload}
+        if kind == "bytes":
+            return {"type": "websocket.receive", "bytes": payload}
+        self._disconnected = True
+        code, reason = payload
+        return {"type": "websocket.disconnect", "code": code, "reason": reason}
+
+    async def send(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "websocket.send":
+            if self._state != _ACCEPTED:
+                raise RuntimeError("ASGI: websocket.send before websocket.accept" if self._state == _CONNECTING else "ASGI: websocket.send after websocket.close")
+            data = message.get("bytes")
+            if data is None:
+                data = message.get("text", "")
+            backlog = self._native.ws_send(data, self._loop.create_future)
+            if backlog is not None:
+                await backlog
+        elif kind == "websocket.accept":
+            if self._state != _CONNECTING:
+                raise RuntimeError("ASGI: websocket.accept sent twice or after close")
+            if not self._native.accept_websocket(message.get("subprotocol"), message.get("headers", ())):
+                self._state = _DENIED
+                raise _ClientDisconnected("the client left before the WebSocket was accepted")
+            self._state = _ACCEPTED
+        elif kind == "websocket.close":
+            if self._state == _CONNECTING:
+                self._state = _DENIED
+                self._native.respond(403, _PLAIN, b"")
+            elif self._state == _ACCEPTED:
+                self._state = _CLOSED
+                self._native.ws_close(message.get("code", 1000), message.get("reason") or "")
+        elif kind == "websocket.http.response.start":
+            if self._state != _CONNECTING:
+                raise RuntimeError("ASGI: websocket.http.response.start after accept or close")
+            self._state = _DENIED
+            self._denial = (message["status"], message.get("headers", ()))
+        elif kind == "websocket.http.response.body":
+            if self._denial is None:
+                raise RuntimeError("ASGI: websocket.http.response.body before its start")
+            if not message.get("more_body", False):
+                status, headers = self._denial
+                self._native.respond(status, headers, message.get("body", b""))
+        else:
+            raise RuntimeError(f"ASGI: unexpected message {kind!r} on a websocket connection")
+
+    def close_for_app(self, error: BaseException | None) -> None:
+        """The app returned or raised: deny a socket it never accepted (403,
+        or 500 on an error) and close one it left open."""
+        if self._state == _CONNECTING:
+            self._state = _DENIED
+            self._native.respond(500 if error is not None else 403, _PLAIN, b"")
+        elif self._state == _ACCEPTED:
+            self._state = _CLOSED
+            self._native.ws_close(1011 if error is not None else 1000, "")
+
+
+async def _run_websocket(app: ASGIApp, scope: Scope, cycle: _WebSocketCycle) -> None:
+    try:
+        await app(scope, cycle.receive, cycle.send)
+    except BaseException as exc:
+        cycle.close_for_app(exc)
+        if not isinstance(exc, (asyncio.CancelledError, OSError)):
+            logger.error("ASGI websocket app failed: %s", scope["path"], exc_info=exc)
+    else:
+        cycle.close_for_app(None)
 
 
 class LifespanFailure(RuntimeError):

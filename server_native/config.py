@@ -4,7 +4,7 @@ native side attribute by attribute."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 __all__ = ["ServerConfig", "TlsConfig"]
 
@@ -81,9 +81,19 @@ class ServerConfig:
     #: How long a graceful close waits for in-flight requests.
     shutdown_timeout: float = 5.0
     auto_compress: bool = False
+    #: Largest WebSocket message (and frame) accepted.
+    websocket_max_message_size: int = 16 * MiB
     #: Benchmark ceiling: the native side answers every request with these
     #: bytes without calling Python.
     native_response: bytes | None = None
+    #: False: requests and responses cross a local socket as frames (the
+    #: "bridge" transport) instead of being handed over in-process.
+    native_callback: bool = True
+    #: Set by the server with ``native_callback=False``: where Python listens
+    #: for the bridge (``unix:/path`` or ``tcp:127.0.0.1:port``), and the
+    #: token the native side presents on each connection.
+    bridge_address: str | None = None
+    bridge_token: bytes | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("max_header_size", "max_headers", "max_body_size", "max_connections", "max_pending_requests"):

@@ -137,20 +137,30 @@ class DirectServer(BoundServer):
     def __init__(self, config: ServerConfig, hosts: list[str], port: int, *, native_direct: bool = False) -> None:
         self._handler: DirectHandler | None = None
         self._native_direct = native_direct
+        self._thread: threading.Thread | None = None
         super().__init__(config, hosts, port, threaded=native_direct)
 
     def serve(self, handler: DirectHandler) -> None:
         if self._native_direct:
             if inspect.iscoroutinefunction(handler):
                 raise TypeError("native_direct=True needs a synchronous handler (it runs outside the event loop)")
-            thread = threading.Thread(
+            self._thread = threading.Thread(
                 target=self._native.serve_direct,
                 args=(handler, NativeDirectRequest, self._report),
                 name="server-native-direct",
                 daemon=True,
             )
-            thread.start()
+            self._thread.start()
         self._handler = handler
+
+    async def close(self, force: bool = False) -> None:
+        await super().close(force)
+        # The thread returns once the queue is closed; it must be gone before
+        # the interpreter finalizes (a daemon thread stopped inside native
+        # code would abort the process).
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            await self._loop.run_in_executor(None, thread.join, self._config.shutdown_timeout + 1)
 
     def _on_request(self, native_request: Any) -> None:
         handler = self._handler
@@ -159,7 +169,7 @@ class DirectServer(BoundServer):
             return
         try:
             result = handler(NativeDirectRequest(native_request, self._loop))
-        except Exception as exc:  # noqa: BLE001 - the client gets a 500
+        except BaseException as exc:  # noqa: BLE001 - the client gets a 500
             self._fail(native_request, exc)
             return
         if result.__class__ is NativeDirectResponse and result.stream_body is None:
@@ -178,7 +188,7 @@ class DirectServer(BoundServer):
                 await _stream(native_request, response, self._loop)
         except _ClientDisconnected:
             pass
-        except Exception as exc:  # noqa: BLE001 - the client gets a 500
+        except BaseException as exc:  # noqa: BLE001 - the client gets a 500, cancellation included
             self._fail(native_request, exc)
 
     def _fail(self, native_request: Any, exc: BaseException) -> None:

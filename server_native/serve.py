@@ -149,19 +149,24 @@ async def serve_bound(
     drains them. Shared by every callback-style API."""
     loop = asyncio.get_running_loop()
     stop: asyncio.Future[None] = loop.create_future()
-    for server in servers:
-        server.serve(handler)
-        if echo:
-            _echo(server)
     signals = _SignalHandlers(loop, stop, servers)
     watcher = asyncio.ensure_future(_after(shutdown_signal, stop)) if shutdown_signal is not None else None
+    drained = False
     try:
+        for server in servers:
+            server.serve(handler)
+            if echo:
+                _echo(server)
         await stop
         await asyncio.gather(*(server.close() for server in servers))
+        drained = True
     finally:
         signals.remove()
         if watcher is not None:
             watcher.cancel()
+        if not drained:
+            # Failed to start, or cancelled: nothing may keep listening.
+            await asyncio.shield(asyncio.gather(*(server.close(force=True) for server in servers), return_exceptions=True))
     if signals.second is not None:
         raise SystemExit(128 + signals.second)
 

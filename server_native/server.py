@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 from ._loader import native
 from ._loop import EventPump
 from .addresses import resolve_bind_hosts
+from .bridge import BridgeListener
 from .config import ServerConfig, TlsConfig
 
 __all__ = ["BoundServer", "HttpConnectionsInfo", "bind_settings", "tls_settings"]
@@ -41,13 +42,18 @@ def bind_settings(
 ) -> tuple[ServerConfig, list[str], int]:
     """The settings, IP addresses and port for a bind call. ``limits`` are
     :class:`ServerConfig` fields (``max_body_size``...)."""
-    if not native_callback:
-        raise NotImplementedError("native_callback=False (the socket bridge transport) is not available yet")
     port = int(port)
     if not 0 <= port <= 65535:
         raise ValueError(f"port must be between 0 and 65535, not {port}")
     settings = replace(
-        config or ServerConfig(), backlog=backlog, v6_only=v6_only, shared=shared, http2=http2, http3=http3, **limits
+        config or ServerConfig(),
+        backlog=backlog,
+        v6_only=v6_only,
+        shared=shared,
+        http2=http2,
+        http3=http3,
+        native_callback=native_callback,
+        **limits,
     )
     return settings, resolve_bind_hosts(address, v6_only=v6_only), port
 
@@ -77,10 +83,23 @@ def tls_settings(
 class BoundServer:
     """A native server bound to its addresses, and its asyncio plumbing.
     Subclasses say what a request becomes (``_on_request``). With
-    ``threaded`` no loop is woken: a thread consumes requests natively."""
+    ``threaded`` no loop is woken: a thread consumes requests natively.
+    With ``config.native_callback`` False, requests come over the socket
+    bridge (``bridge.py``) instead of the in-process event queue."""
 
     def __init__(self, config: ServerConfig, hosts: list[str], port: int, *, threaded: bool = False) -> None:
         self._loop = asyncio.get_running_loop()
+        self._bridge: BridgeListener | None = None
+        if not config.native_callback:
+            if threaded:
+                raise ValueError(
+                    "native_callback=False cannot be combined with a server that takes requests on its own threads "
+                    "(native_direct=True, WSGI): those are called in-process by definition"
+                )
+            self._bridge = BridgeListener(
+                self._loop, self._on_request, self._report, backlog=config.max_pending_requests
+            )
+            config = replace(config, bridge_address=self._bridge.address, bridge_token=self._bridge.token)
         self._config = config
         self._closing: asyncio.Future[None] | None = None
         self._pump = None if threaded else EventPump(self._loop, self._on_request)
@@ -90,6 +109,8 @@ class BoundServer:
         except BaseException:
             if self._pump is not None:
                 self._pump.detach()
+            if self._bridge is not None:
+                self._bridge.close_now()
             raise
         if self._pump is not None:
             self._pump.attach(self._native)
@@ -143,6 +164,9 @@ class BoundServer:
         elif force:
             self._native.close(True, 0.0, self._loop.create_future())
         await asyncio.shield(self._closing)
+        if self._bridge is not None:
+            # The native side has drained: nothing is in flight any more.
+            await self._bridge.close()
         if not self._closed.done():
             if self._pump is not None:
                 self._pump.detach()

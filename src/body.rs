@@ -284,6 +284,8 @@ impl ResponseStream {
 pub enum ResponseBody {
     Full(Option<Bytes>),
     Stream(StreamBody),
+    /// A body produced natively by other means (the socket bridge's).
+    Boxed(http_body_util::combinators::BoxBody<Bytes, std::io::Error>),
 }
 
 impl ResponseBody {
@@ -318,17 +320,22 @@ impl Body for ResponseBody {
         match self.get_mut() {
             ResponseBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             ResponseBody::Stream(stream) => stream.0.poll_chunk(cx).map(|c| c.map(|r| r.map(Frame::data))),
+            ResponseBody::Boxed(body) => Pin::new(body).poll_frame(cx),
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        matches!(self, ResponseBody::Full(None))
+        match self {
+            ResponseBody::Boxed(body) => body.is_end_stream(),
+            _ => matches!(self, ResponseBody::Full(None)),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             ResponseBody::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
             ResponseBody::Stream(_) => SizeHint::default(),
+            ResponseBody::Boxed(body) => body.size_hint(),
         }
     }
 }

@@ -40,7 +40,13 @@ pub struct ServerConfig {
     pub idle_timeout: f64,
     pub response_timeout: f64,
     pub auto_compress: bool,
+    pub websocket_max_message_size: usize,
     pub native_response: Option<Vec<u8>>,
+    /// `native_callback=False`: where Python listens for the socket bridge
+    /// (`unix:/path` or `tcp:127.0.0.1:port`), and the token that proves it
+    /// is us connecting.
+    pub bridge_address: Option<String>,
+    pub bridge_token: Option<Vec<u8>>,
 }
 
 /// Seconds from Python to a `Duration`; zero or negative means "no limit".

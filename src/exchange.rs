@@ -2,18 +2,20 @@
 //! protocol underneath: head, body reader, and the way back to the client.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use http::request::Parts;
 use http::Response;
 use parking_lot::Mutex;
 use rustls::pki_types::CertificateDer;
 use pyo3::prelude::*;
+use hyper::upgrade::OnUpgrade;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::body::{BodyEnd, RequestBody, ResponseBody, ResponseStream};
 use crate::boundary::queue::{Event, EventQueue};
+use crate::websocket::WebSocket;
 
 /// What a connection knows about itself, shared by its requests.
 pub struct ConnInfo {
@@ -51,6 +53,10 @@ pub struct Exchange {
     /// `http.disconnect`).
     disconnect_waiter: Mutex<Option<Py<PyAny>>>,
     events: Arc<EventQueue>,
+    /// For a WebSocket request: hyper's handle on the upgraded connection,
+    /// until the application accepts.
+    upgrade: Mutex<Option<OnUpgrade>>,
+    websocket: OnceLock<Arc<WebSocket>>,
 }
 
 impl Exchange {
@@ -70,7 +76,32 @@ impl Exchange {
             over: CancellationToken::new(),
             disconnect_waiter: Mutex::new(None),
             events,
+            upgrade: Mutex::new(None),
+            websocket: OnceLock::new(),
         }
+    }
+
+    /// Marks the exchange as a WebSocket request.
+    pub fn set_upgrade(&self, upgrade: OnUpgrade) {
+        *self.upgrade.lock() = Some(upgrade);
+    }
+
+    pub fn wants_websocket(&self) -> bool {
+        self.upgrade.lock().is_some() || self.websocket.get().is_some()
+    }
+
+    /// Sends the accepting response and starts the WebSocket; None when this
+    /// is not a WebSocket request, it was already accepted, or the client left.
+    pub fn accept_websocket(&self, response: Response<ResponseBody>, max_message_size: usize) -> Option<Arc<WebSocket>> {
+        let upgrade = self.upgrade.lock().take()?;
+        self.send(response).ok()?;
+        let socket = WebSocket::start(upgrade, self.events.clone(), max_message_size);
+        self.websocket.set(socket.clone()).ok()?;
+        Some(socket)
+    }
+
+    pub fn websocket(&self) -> Option<&Arc<WebSocket>> {
+        self.websocket.get()
     }
 
     /// Parks `waiter` until the client goes away; false if it already has.

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use h3::server::RequestStream;
-use http::header::{CONTENT_LENGTH, DATE};
+use http::header::{HeaderName, CONNECTION, CONTENT_LENGTH, DATE, TRANSFER_ENCODING, UPGRADE};
 use http::{HeaderValue, Method, Request, Response, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
@@ -49,17 +49,22 @@ pub fn bind(addresses: &[SocketAddr], tls: &rustls::ServerConfig, shared: &Serve
     addresses
         .iter()
         .map(|addr| {
-            let socket = udp_socket(*addr, shared.config.v6_only)
+            let socket = udp_socket(*addr, shared.config.v6_only, shared.config.shared)
                 .map_err(|e| io::Error::new(e.kind(), format!("cannot bind HTTP/3 (UDP) on {addr}: {e}")))?;
             quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server_config.clone()), socket, runtime.clone())
         })
         .collect()
 }
 
-fn udp_socket(addr: SocketAddr, v6_only: bool) -> io::Result<UdpSocket> {
+fn udp_socket(addr: SocketAddr, v6_only: bool, shared: bool) -> io::Result<UdpSocket> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() {
         socket.set_only_v6(v6_only)?;
+    }
+    if shared {
+        socket.set_reuse_address(true)?;
+        #[cfg(all(unix, not(any(target_os = "solaris", target_os = "illumos"))))]
+        socket.set_reuse_port(true)?;
     }
     socket.bind(&addr.into())?;
     Ok(socket.into())
@@ -78,8 +83,10 @@ pub async fn accept_loop(endpoint: quinn::Endpoint, server: Arc<ServerShared>) {
     }
     // New handshakes are refused; established connections finish on their own.
     endpoint.set_server_config(None);
-    server.force.cancelled().await;
-    endpoint.close(0u32.into(), b"server closed");
+    tokio::select! {
+        _ = endpoint.wait_idle() => {}
+        _ = server.force.cancelled() => endpoint.close(0u32.into(), b"server closed"),
+    }
 }
 
 async fn serve_connection(incoming: quinn::Incoming, local: SocketAddr, server: Arc<ServerShared>) {
@@ -96,8 +103,7 @@ async fn serve_connection(incoming: quinn::Incoming, local: SocketAddr, server: 
     builder.max_field_section_size(server.config.max_header_size as u64);
     let Ok(mut h3) = builder.build(h3_quinn::Connection::new(quic.clone())).await else { return };
     let requests = tokio_util::task::TaskTracker::new();
-    let mut closing = None;
-    loop {
+    let shutting_down = loop {
         tokio::select! {
             accepted = h3.accept() => match accepted {
                 Ok(Some(resolver)) => {
@@ -113,24 +119,30 @@ async fn serve_connection(incoming: quinn::Incoming, local: SocketAddr, server: 
                         }
                     });
                 }
-                _ => break,
+                _ => break false,
             },
-            _ = server.shutdown.cancelled(), if closing.is_none() => {
-                closing = Some(server.stats.closing());
-                // GOAWAY: requests already accepted are still answered.
-                if h3.shutdown(0).await.is_err() {
-                    break;
-                }
+            _ = server.shutdown.cancelled() => {
+                // GOAWAY: requests already accepted are still answered, then
+                // the connection closes (below) without waiting for the client.
+                let _ = h3.shutdown(0).await;
+                break true;
             }
             _ = server.force.cancelled() => {
                 quic.close(0u32.into(), b"server closed");
                 return;
             }
         }
-    }
+    };
+    let _draining = shutting_down.then(|| server.stats.closing());
     requests.close();
     tokio::select! {
-        _ = requests.wait() => quic.close(H3_NO_ERROR.into(), b""),
+        _ = async {
+            requests.wait().await;
+            // Closing drops unsent stream data: give the last responses a few
+            // round trips to be delivered (or the client time to close).
+            let linger = (quic.rtt() * 3).clamp(Duration::from_millis(50), Duration::from_secs(2));
+            let _ = tokio::time::timeout(linger, quic.closed()).await;
+        } => quic.close(H3_NO_ERROR.into(), b""),
         _ = server.force.cancelled() => quic.close(0u32.into(), b"server closed"),
     }
 }
@@ -170,6 +182,10 @@ async fn serve_request(request: Request<()>, stream: Stream, conn: Arc<Connectio
     parts.version = Version::HTTP_3;
     let Ok(response) = service::handle(Request::from_parts(parts, H3Body(recv)), conn).await;
     let (mut head, mut body) = response.into_parts();
+    // Connection-specific headers are malformed in HTTP/3 (RFC 9114 4.2).
+    for name in [CONNECTION, TRANSFER_ENCODING, UPGRADE, HeaderName::from_static("keep-alive"), HeaderName::from_static("proxy-connection")] {
+        head.headers.remove(name);
+    }
     if let Some(length) = body.size_hint().exact() {
         head.headers.entry(CONTENT_LENGTH).or_insert_with(|| HeaderValue::from(length));
     }

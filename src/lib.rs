@@ -3,6 +3,7 @@
 
 mod body;
 mod boundary;
+mod bridge;
 mod compress;
 mod config;
 mod connection;
@@ -15,6 +16,7 @@ mod runtime;
 mod server;
 mod service;
 mod tls;
+mod websocket;
 
 use pyo3::prelude::*;
 

@@ -45,12 +45,17 @@ pub struct ServerShared {
     pub alt_svc: std::sync::OnceLock<http::HeaderValue>,
     /// Headers added to responses the application sends without its own list.
     pub default_headers: RwLock<HeaderMap>,
+    /// `native_callback=False`: requests go to Python over this socket bridge.
+    pub bridge: Option<Arc<crate::bridge::Bridge>>,
 }
 
 impl ServerShared {
     pub fn new(config: ServerConfig, tls: Option<TlsAcceptor>, events: Arc<EventQueue>) -> Self {
         let protocols = Protocols::new(&config);
         let native_response = config.native_response.clone().map(Bytes::from);
+        let bridge = config.bridge_address.as_deref().map(|address| {
+            Arc::new(crate::bridge::Bridge::new(address, config.bridge_token.as_deref(), config.max_pending_requests))
+        });
         ServerShared {
             handshake_timeout: seconds(config.tls_handshake_timeout).unwrap_or(Duration::from_secs(3600)),
             pending: Arc::new(Semaphore::new(config.max_pending_requests.max(1))),
@@ -66,6 +71,7 @@ impl ServerShared {
             force: CancellationToken::new(),
             tasks: TaskTracker::new(),
             default_headers: RwLock::new(HeaderMap::new()),
+            bridge,
             alt_svc: std::sync::OnceLock::new(),
         }
     }
@@ -84,16 +90,14 @@ impl ServerShared {
     /// Starts one accept loop per listener on the runtime.
     pub fn listen(self: &Arc<Self>, listeners: Vec<StdListener>) -> std::io::Result<Vec<SocketAddr>> {
         let limit = Arc::new(Semaphore::new(self.config.max_connections.max(1)));
-        let mut addresses = Vec::with_capacity(listeners.len());
-        for listener in listeners {
-            addresses.push(listener.local_addr()?);
-            let listener = {
-                let _entered = crate::runtime::runtime().enter();
-                TcpListener::from_std(listener)?
-            };
-            self.tasks.spawn_on(accept_loop(listener, self.clone(), limit.clone()), crate::runtime::runtime().handle());
-        }
+        let addresses = listeners.iter().map(StdListener::local_addr).collect::<std::io::Result<Vec<_>>>()?;
+        // UDP first: if HTTP/3 cannot be had, nothing is left listening.
         self.listen_http3(&addresses)?;
+        let _entered = crate::runtime::runtime().enter();
+        for listener in listeners {
+            let listener = TcpListener::from_std(listener)?;
+            self.tasks.spawn(accept_loop(listener, self.clone(), limit.clone()));
+        }
         Ok(addresses)
     }
 
@@ -136,6 +140,9 @@ impl ServerShared {
             self.tasks.wait().await;
         }
         self.pending.close();
+        if let Some(bridge) = &self.bridge {
+            bridge.close();
+        }
     }
 }
 

@@ -17,6 +17,7 @@ use crate::compress;
 use crate::config::seconds;
 use crate::connection::Connection;
 use crate::exchange::Exchange;
+use crate::websocket;
 
 /// A request body from any protocol (hyper's `Incoming`, HTTP/3 streams).
 pub trait RequestBodySource: Body<Data = Bytes> + Send + Unpin + 'static {}
@@ -28,19 +29,21 @@ pub async fn handle<B: RequestBodySource>(
     conn: Arc<Connection>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let server = &conn.server;
-    if let Some(refusal) = refuse(&request, server.config.max_body_size) {
-        return Ok(refusal);
-    }
-    if let Some(body) = &server.native_response {
-        return Ok(canned(body.clone()));
-    }
-    let _in_flight = conn.begin_request();
-    let gzip = server.config.auto_compress && compress::accepts_gzip(request.headers());
     let over_tcp = request.version() != Version::HTTP_3;
-    let mut response = dispatch(request, &conn).await;
-    if gzip {
-        response = compress::gzip(response);
-    }
+    let mut response = if let Some(refusal) = refuse(&request, server.config.max_body_size) {
+        refusal
+    } else if let Some(body) = &server.native_response {
+        canned(body.clone())
+    } else {
+        let _in_flight = conn.begin_request();
+        let gzip = server.config.auto_compress && compress::accepts_gzip(request.headers());
+        let response = dispatch(request, &conn).await;
+        if gzip {
+            compress::gzip(response)
+        } else {
+            response
+        }
+    };
     if let Some(alt_svc) = server.alt_svc.get().filter(|_| over_tcp) {
         response.headers_mut().entry(ALT_SVC).or_insert_with(|| alt_svc.clone());
     }
@@ -94,6 +97,13 @@ async fn dispatch<B: RequestBodySource>(request: Request<B>, conn: &Arc<Connecti
     let Ok(_permit) = server.pending.clone().acquire_owned().await else {
         return error_response(StatusCode::SERVICE_UNAVAILABLE, "server is closing");
     };
+    if let Some(bridge) = &server.bridge {
+        return bridge.dispatch(request, conn).await;
+    }
+    let mut request = request;
+    let protocol = request.extensions().get::<hyper::ext::Protocol>().map(|p| p.as_str().to_owned());
+    let upgrade = websocket::is_upgrade(request.method(), request.version(), request.headers(), protocol.as_deref())
+        .then(|| hyper::upgrade::on(&mut request));
     let (head, mut body) = request.into_parts();
     let mut complete = body.is_end_stream().then_some(BodyEnd::Complete);
     let request_body = Arc::new(RequestBody::new(server.events.clone(), complete.clone()));
@@ -117,6 +127,9 @@ async fn dispatch<B: RequestBodySource>(request: Request<B>, conn: &Arc<Connecti
                 flag.cancel();
             }
         });
+    }
+    if let Some(upgrade) = upgrade {
+        exchange.set_upgrade(upgrade);
     }
     server.events.push(Event::Request(exchange.clone()));
     let mut guard = AbandonOnDrop(Some(exchange));

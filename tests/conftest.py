@@ -69,15 +69,22 @@ class RunningServer:
 Handler = Callable[[Any], Awaitable[None]]
 
 
-@pytest.fixture
-def serve(loop_thread: LoopThread) -> Iterator[Callable[..., RunningServer]]:
+#: Both transports between Rust and Python: in-process, and the socket bridge.
+TRANSPORTS = [pytest.param(True, id="native"), pytest.param(False, id="bridge")]
+
+
+@pytest.fixture(params=TRANSPORTS)
+def serve(loop_thread: LoopThread, request: pytest.FixtureRequest) -> Iterator[Callable[..., RunningServer]]:
     """``serve(handler, address="127.0.0.1", port=0, secure=False, **options)``
-    binds a real server that calls ``handler`` for every request."""
+    binds a real server that calls ``handler`` for every request. Every test
+    using it runs on both transports (``native_callback`` True and False)."""
     started: list[RunningServer] = []
+    native_callback: bool = request.param
 
     def start(handler: Handler | None, address: str = "127.0.0.1", port: int = 0, **options: Any) -> RunningServer:
         async def bind() -> NativeHttpServer:
             options.setdefault("http3", False)
+            options.setdefault("native_callback", native_callback)
             if "certificate_path" in options:
                 server = await NativeHttpServer.bind_secure(address, port, **options)
             else:

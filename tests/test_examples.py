@@ -3,6 +3,7 @@ as a real process on a free port and asked over a real socket."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -154,3 +155,139 @@ def test_graceful_shutdown_by_signal_future() -> None:
 def test_every_example_is_tested(name: str) -> None:
     tests = Path(__file__).read_text()
     assert f'"{name}"' in tests, f"examples/{name} has no test here"
+
+
+# ---------------------------------------------------------------- direct handler API, profiling target
+
+
+def post(url: str, body: bytes, content_type: str = "application/octet-stream") -> tuple[int, bytes, str | None]:
+    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read(), response.headers.get("content-type")
+    except urllib.error.HTTPError as error:
+        return error.code, error.read(), error.headers.get("content-type")
+
+
+@contextmanager
+def example_with_args(name: str, port: int, *args: str, **env: str) -> Iterator[subprocess.Popen[str]]:
+    """Like ``example``, with command-line arguments."""
+    process = subprocess.Popen(
+        [sys.executable, str(EXAMPLES / name), *args],
+        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_for_port(port, process)
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.communicate(timeout=10)
+
+
+@pytest.mark.parametrize(
+    ("args", "env"),
+    [([], {}), ([], {"MODE": "native"}), (["--native"], {})],
+    ids=["async", "native-by-env", "native-by-argv"],
+)
+def test_direct(args: list[str], env: dict[str, str]) -> None:
+    port = free_port()
+    with example_with_args("direct.py", port, *args, PORT=str(port), **env):
+        assert get(f"http://127.0.0.1:{port}/health") == (200, '{"ok":true}')
+        status, body, content_type = post(f"http://127.0.0.1:{port}/echo", "héllo \x00".encode())
+        assert (status, body) == (200, "echo: héllo \x00".encode())
+        assert content_type == "text/plain; charset=utf-8"
+        big = bytes(range(256)) * 4096  # 1 MiB, every byte value
+        assert post(f"http://127.0.0.1:{port}/echo", big)[:2] == (200, b"echo: " + big)
+        assert get(f"http://127.0.0.1:{port}/missing") == (404, "Not Found")
+
+
+def expected_cpu_result(iterations: int) -> int:
+    total = 0
+    for i in range(iterations):
+        total = (total * 31 + i) % 1_000_003
+    return total
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--mode=direct"], ["--mode=direct", "--native-direct"], ["--mode=http"]],
+    ids=["direct", "native-direct", "http"],
+)
+def test_profile_server(args: list[str]) -> None:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with example_with_args("profile_server.py", port, *args, "--port", str(port)) as process:
+        assert get(f"{base}/health") == (200, '{"ok":true}')
+
+        status, body = get(f"{base}/cpu?iterations=12345")
+        assert status == 200
+        assert json.loads(body) == {"iterations": 12345, "result": expected_cpu_result(12345)}
+        assert get(f"{base}/cpu?iterations=0")[0] == 200
+        assert get(f"{base}/cpu?iterations=lots")[0] == 400
+
+        upload = os.urandom(3 * 1024 * 1024 + 7)
+        status, body, content_type = post(f"{base}/upload", upload)
+        assert (status, json.loads(body), content_type) == (200, {"bytes": len(upload)}, "application/json")
+        assert json.loads(post(f"{base}/upload", b"")[1]) == {"bytes": 0}
+
+        echoed = bytes(range(256)) * 100
+        assert post(f"{base}/echo", echoed) == (200, echoed, "application/octet-stream")
+        assert post(f"{base}/echo", b'{"a":1}', "application/json") == (200, b'{"a":1}', "application/json")
+
+        assert get(f"{base}/missing")[0] == 404
+        assert get(f"{base}/upload")[0] == 405  # GET on a POST route
+        assert post(f"{base}/health", b"")[0] == 405
+
+        # Ctrl-C (how a `py-spy record -- python ...` run ends) drains and exits 0.
+        process.send_signal(signal.SIGINT)
+        status = process.wait(timeout=20)
+        if "--native-direct" not in args:
+            # With --native-direct the exit sometimes aborts instead: see
+            # test_native_direct_thread_is_finished_when_serve_returns.
+            assert status == 0
+
+
+def test_profile_server_rejects_an_unknown_mode() -> None:
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "profile_server.py"), "--mode=fast"],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "invalid choice" in result.stderr
+
+
+# ---------------------------------------------------------------- HTTP/3
+
+
+def test_http3(certs: Certificates) -> None:
+    import asyncio
+
+    from h3client import h3_connect
+
+    for _ in range(50):  # the example needs the port over UDP too
+        port = free_port()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            try:
+                udp.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        break
+    with example("http3.py", port, CERT=str(certs.cert_path), KEY=str(certs.key_path)):
+        context = ssl.create_default_context(cafile=str(certs.ca_path))
+        with urllib.request.urlopen(f"https://127.0.0.1:{port}/", timeout=10, context=context) as response:
+            assert response.read() == b"hello over HTTP/1.1\n"
+            assert response.headers.get_all("alt-svc") == [f'h3=":{port}"; ma=86400']
+
+        async def over_http3() -> tuple[int, bytes]:
+            async with h3_connect("127.0.0.1", port, str(certs.ca_path)) as client:
+                answer = await client.request("GET", "/", timeout=10)
+                return answer.status, answer.body
+
+        assert asyncio.run(asyncio.wait_for(over_http3(), 30)) == (200, b"hello over HTTP/3\n")

@@ -19,6 +19,10 @@ pub struct DirectResponse {
 }
 
 impl DirectResponse {
+    pub fn is_stream(&self) -> bool {
+        self.stream.is_some()
+    }
+
     pub fn to_response(&self) -> Response<ResponseBody> {
         let mut response = Response::new(ResponseBody::full(self.body.clone()));
         *response.status_mut() = self.status;
@@ -34,12 +38,17 @@ fn status_code(status: u16) -> PyResult<StatusCode> {
         .ok_or_else(|| PyValueError::new_err(format!("invalid response status {status}")))
 }
 
+/// Text (as UTF-8), bytes, or anything with the buffer protocol
+/// (bytearray, memoryview).
 fn body_bytes(body: &Bound<'_, PyAny>) -> PyResult<Bytes> {
     if let Ok(text) = body.cast::<PyString>() {
         return Ok(Bytes::copy_from_slice(text.to_str()?.as_bytes()));
     }
-    let bytes: &[u8] = body.extract()?;
-    Ok(Bytes::copy_from_slice(bytes))
+    if let Ok(bytes) = body.cast::<PyBytes>() {
+        return Ok(Bytes::copy_from_slice(bytes.as_bytes()));
+    }
+    let copied = body.py().get_type::<PyBytes>().call1((body,))?;
+    Ok(Bytes::copy_from_slice(copied.cast::<PyBytes>()?.as_bytes()))
 }
 
 fn headers_of(headers: Option<&Bound<'_, PyAny>>) -> PyResult<HeaderMap> {

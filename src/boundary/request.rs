@@ -18,6 +18,8 @@ use crate::body::{BodyEnd, BodyRead, ResponseBody, ResponseStream, StreamBody, W
 use crate::errors::{BodyTooLarge, ClientDisconnected};
 use crate::exchange::{Exchange, SendError};
 use crate::server::ServerShared;
+use crate::websocket::{self, Received, Sent, WebSocket};
+use tokio_tungstenite::tungstenite::Message;
 
 #[pyclass(frozen, module = "server_native._native")]
 pub struct NativeRequest {
@@ -26,6 +28,10 @@ pub struct NativeRequest {
 }
 
 impl NativeRequest {
+    fn socket(&self) -> PyResult<&Arc<WebSocket>> {
+        self.exchange.websocket().ok_or_else(|| PyRuntimeError::new_err("the WebSocket is not accepted"))
+    }
+
     pub fn new(exchange: Arc<Exchange>, server: Arc<ServerShared>) -> Self {
         NativeRequest { exchange, server }
     }
@@ -260,6 +266,73 @@ impl NativeRequest {
                 ));
             }
         }
+    }
+
+    /// Whether this request asks for a WebSocket (HTTP/1.1 upgrade or
+    /// HTTP/2 extended CONNECT).
+    #[getter]
+    fn websocket(&self) -> bool {
+        self.exchange.wants_websocket()
+    }
+
+    /// Accepts the WebSocket: 101 (HTTP/1.1) or 200 (HTTP/2) with `headers`
+    /// and the chosen `subprotocol`. False when the client already left.
+    #[pyo3(signature = (subprotocol = None, headers = None))]
+    fn accept_websocket(&self, subprotocol: Option<&str>, headers: Option<&Bound<'_, PyAny>>) -> PyResult<bool> {
+        let mut map = headers.map_or_else(|| Ok(HeaderMap::new()), header_map)?;
+        if let Some(subprotocol) = subprotocol {
+            let value = HeaderValue::from_str(subprotocol)
+                .map_err(|_| PyValueError::new_err(format!("invalid subprotocol {subprotocol:?}")))?;
+            map.insert(http::header::SEC_WEBSOCKET_PROTOCOL, value);
+        }
+        let head = &self.exchange.head;
+        let status = websocket::accept_head(head.version, &head.headers, &mut map);
+        let mut response = Response::new(ResponseBody::empty());
+        *response.status_mut() = status;
+        *response.headers_mut() = map;
+        if !self.exchange.wants_websocket() {
+            return Err(PyRuntimeError::new_err("not a WebSocket request"));
+        }
+        Ok(self.exchange.accept_websocket(response, self.server.config.websocket_max_message_size).is_some())
+    }
+
+    /// The next message: `("text", str)`, `("bytes", bytes)` or
+    /// `("close", (code, reason))`; or a future to await first.
+    fn ws_receive<'py>(&self, py: Python<'py>, create_future: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+        let socket = self.socket()?;
+        let mut future = Parked::new(create_future);
+        let item = match socket.recv(|| future.make()) {
+            Received::Text(text) => ("text", text).into_pyobject(py)?.into_any(),
+            Received::Binary(data) => ("bytes", PyBytes::new(py, &data)).into_pyobject(py)?.into_any(),
+            Received::Closed(code, reason) => ("close", (code, reason)).into_pyobject(py)?.into_any(),
+            Received::Pending => return future.take(),
+        };
+        Ok(item)
+    }
+
+    /// Queues a text (str) or binary (bytes) message. None, or a future to
+    /// await before sending more; raises ClientDisconnected once closed.
+    fn ws_send<'py>(&self, data: &Bound<'py, PyAny>, create_future: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, PyAny>>> {
+        let socket = self.socket()?;
+        let message = if let Ok(text) = data.cast::<PyString>() {
+            Message::text(text.to_str()?)
+        } else {
+            Message::binary(Bytes::copy_from_slice(data.extract::<&[u8]>()?))
+        };
+        let mut future = Parked::new(create_future);
+        match socket.send(message, || future.make()) {
+            Sent::Queued => Ok(None),
+            Sent::Wait => future.take().map(Some),
+            Sent::Closed => Err(ClientDisconnected::new_err("the WebSocket is closed")),
+        }
+    }
+
+    /// Starts the closing handshake (no-op once closed).
+    #[pyo3(signature = (code = 1000, reason = ""))]
+    fn ws_close(&self, py: Python<'_>, code: u16, reason: &str) -> PyResult<()> {
+        let socket = self.socket()?;
+        socket.send(WebSocket::close_message(code, reason), || py.None());
+        Ok(())
     }
 
     #[getter]

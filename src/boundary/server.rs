@@ -46,6 +46,9 @@ impl NativeServer {
             Some(fd) => Consumer::Loop(WakeSignal::from_fd(fd)?),
             None => Consumer::Thread(Condvar::new()),
         };
+        if let Some(address) = &config.bridge_address {
+            crate::bridge::Address::parse(address).map_err(PyValueError::new_err)?;
+        }
         let events = Arc::new(EventQueue::new(consumer));
         let options = SocketOptions { backlog: config.backlog, v6_only: config.v6_only, shared: config.shared };
         let listeners = bind_all(&ips, port, options).map_err(bind_error)?;
@@ -90,6 +93,12 @@ impl NativeServer {
                         let outcome = wrap.call1((request,)).and_then(|r| handler.call1((r,)));
                         let response = match outcome {
                             Ok(value) => match value.cast::<DirectResponse>() {
+                                Ok(response) if response.get().is_stream() => {
+                                    on_error.call1((PyTypeError::new_err(
+                                        "a native_direct handler cannot stream: use native_direct=False for NativeDirectResponse.stream",
+                                    ),))?;
+                                    internal_error()
+                                }
                                 Ok(response) => response.get().to_response(),
                                 Err(_) => {
                                     let message = format!(
@@ -148,7 +157,17 @@ impl NativeServer {
         let limit = timeout.and_then(seconds).or(if timeout.is_some() { Some(std::time::Duration::ZERO) } else { None });
         crate::runtime::runtime().spawn(async move {
             shared.clone().close(force, limit).await;
-            shared.events.push(Event::Wake(future));
+            if shared.events.is_thread() {
+                // The consumer thread may be stuck in a handler: tell the
+                // loop directly (the one time a tokio thread takes the GIL).
+                Python::attach(|py| {
+                    if let Err(error) = resolve(future.bind(py)) {
+                        error.write_unraisable(py, None);
+                    }
+                });
+            } else {
+                shared.events.push(Event::Wake(future));
+            }
             shared.events.close();
         });
     }

@@ -1,0 +1,1118 @@
+"""The socket bridge (``native_callback=False``): the frame protocol against a
+misbehaving Python end written here (failure injection: 502, 504, never a
+hang), the connection pool, and real applications over the bridge —
+streaming both ways with backpressure, HTTP/2, TLS, every API layer.
+
+The rest of the suite runs on both transports through the ``serve`` fixture
+(see conftest.py); this file covers what only the bridge has.
+
+The fake Python end is a plain threaded socket server speaking the frame
+layout documented in ``src/bridge.rs``; the native server under test is
+``_native.NativeServer`` itself, created with ``ServerConfig(bridge_address=...)``.
+Every client is real (http.client, httpx, raw sockets) and every wait is
+bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import hashlib
+import http.client
+import os
+import queue
+import socket
+import ssl
+import struct
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+
+from server_native import (
+    NativeDirectResponse,
+    NativeHttpServer,
+    NativeServerBind,
+    serve_native_direct,
+    serve_native_http,
+    serve_native_multi,
+    serve_secure_native_http,
+)
+from server_native._loader import native
+from server_native.config import ServerConfig
+
+try:
+    from .conftest import Certificates, LoopThread
+except ImportError:  # tests/ run as a plain directory
+    from conftest import Certificates, LoopThread  # type: ignore[no-redef]
+
+TIMEOUT = 10
+MIB = 1 << 20
+KIB = 1 << 10
+
+unix_only = pytest.mark.skipif(not hasattr(socket, "AF_UNIX") or sys.platform == "win32", reason="Unix sockets")
+
+# ---------------------------------------------------------------- the frame layout (src/bridge.rs)
+
+VERSION = 1
+HELLO, REQUEST_HEAD, REQUEST_CHUNK, REQUEST_END, RESPONSE_HEAD, RESPONSE_CHUNK, RESPONSE_END, ABORT = range(8)
+DEFAULT_HEADERS, WHOLE_BODY = 1, 2
+
+
+def frame(kind: int, payload: bytes = b"", *, version: int = VERSION) -> bytes:
+    return struct.pack(">IBB", len(payload) + 2, version, kind) + payload
+
+
+def string(data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + data
+
+
+def response_head(
+    status: int, headers: list[tuple[bytes, bytes]] = (), *, reason: bytes = b"", flags: int = 0  # type: ignore[assignment]
+) -> bytes:
+    payload = struct.pack(">HB", status, flags) + string(reason) + struct.pack(">I", len(headers))
+    payload += b"".join(string(name) + string(value) for name, value in headers)
+    return frame(RESPONSE_HEAD, payload)
+
+
+def whole_response(status: int, body: bytes, headers: list[tuple[bytes, bytes]] = ()) -> bytes:  # type: ignore[assignment]
+    out = response_head(status, headers or [(b"content-type", b"text/plain")], flags=WHOLE_BODY)
+    if body:
+        out += frame(RESPONSE_CHUNK, body)
+    return out + frame(RESPONSE_END)
+
+
+class Reader:
+    """Reads frames from a blocking socket (every read bounded by TIMEOUT)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def exactly(self, size: int) -> bytes:
+        data = b""
+        while len(data) < size:
+            chunk = self.sock.recv(size - len(data))
+            if not chunk:
+                raise EOFError("the native side closed the bridge connection")
+            data += chunk
+        return data
+
+    def frame(self) -> tuple[int, bytes]:
+        length, version, kind = struct.unpack(">IBB", self.exactly(6))
+        assert version == VERSION
+        return kind, self.exactly(length - 2)
+
+
+@dataclass
+class Head:
+    """A decoded request head frame."""
+
+    method: str
+    scheme: str
+    authority: str
+    path: str
+    query: str
+    version: str
+    client: tuple[str, int]
+    local: tuple[str, int]
+    tls: bool
+    certificate: bytes
+    headers: list[tuple[bytes, bytes]]
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Head:
+        """Client port, local port, tls, a table of string lengths, then the
+        strings: method, scheme, authority, path, query, version, client ip,
+        local ip, certificate, and each header's name and value."""
+        client_port, local_port, tls, count = struct.unpack_from(">HHBI", payload)
+        lengths = struct.unpack_from(f">{count}I", payload, 9)
+        at = 9 + 4 * count
+        strings = []
+        for size in lengths:
+            strings.append(payload[at : at + size])
+            at += size
+        assert at == len(payload), "bytes after the request head"
+        method, scheme, authority, path, query, version, client_ip, local_ip, certificate = strings[:9]
+        text = [s.decode("latin-1") for s in (method, scheme, authority, path, query, version)]
+        headers = list(zip(strings[9::2], strings[10::2]))
+        return cls(
+            *text,  # type: ignore[arg-type]
+            (client_ip.decode(), client_port),
+            (local_ip.decode(), local_port),
+            tls == 1,
+            certificate,
+            headers,
+        )
+
+
+def request_head(method: bytes, path: bytes, headers: list[tuple[bytes, bytes]] = ()) -> bytes:  # type: ignore[assignment]
+    strings = [method, b"http", b"x", path, b"", b"1.1", b"10.0.0.1", b"127.0.0.1", b""]
+    strings += [part for pair in headers for part in pair]
+    payload = struct.pack(">HHBI", 1, 80, 0, len(strings)) + struct.pack(f">{len(strings)}I", *map(len, strings))
+    return frame(REQUEST_HEAD, payload + b"".join(strings))
+
+
+@dataclass
+class Exchange:
+    """What the fake end read of one request before its script ran."""
+
+    head: Head
+    body: bytes
+    ended: bool
+
+
+#: A script gets the connection's socket, its reader and the exchange so far,
+#: and returns whether the connection stays open for the next request.
+Script = Callable[[socket.socket, Reader, Exchange], bool]
+
+
+def answer_ok(sock: socket.socket, reader: Reader, exchange: Exchange) -> bool:
+    while not exchange.ended:  # a fake that did not read the body yet
+        kind, payload = reader.frame()
+        if kind == REQUEST_CHUNK:
+            exchange.body += payload
+        else:
+            assert kind in (REQUEST_END, ABORT), kind
+            exchange.ended = True
+    body = f"ok {exchange.head.method} {exchange.head.path} {len(exchange.body)}".encode()
+    sock.sendall(whole_response(200, body))
+    return True
+
+
+class FakeEnd:
+    """A Python end of the bridge that runs one script per request (the
+    queued ones first, then ``answer_ok``); records hellos, heads and the
+    number of connections."""
+
+    def __init__(self, address_kind: str = "unix", *, read_body: bool = True) -> None:
+        self.read_body = read_body
+        self.scripts: queue.Queue[Script] = queue.Queue()
+        self.hellos: list[bytes] = []
+        self.exchanges: list[Exchange] = []
+        self.connections = 0
+        self.open_now = 0
+        self.most_open = 0
+        self.lock = threading.Lock()
+        self.threads: list[threading.Thread] = []
+        self.sockets: list[socket.socket] = []
+        if address_kind == "unix":
+            self.directory = tempfile.mkdtemp(prefix="bridge-test-")
+            path = os.path.join(self.directory, "fake.sock")
+            self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.listener.bind(path)
+            self.address = "unix:" + path
+        else:
+            self.directory = ""
+            self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self.listener.bind(("127.0.0.1", 0))
+            self.address = f"tcp:127.0.0.1:{self.listener.getsockname()[1]}"
+        self.listener.listen(64)
+        self.listener.settimeout(0.2)
+        self.stopping = threading.Event()
+        accept = threading.Thread(target=self._accept, name="fake-bridge-accept", daemon=True)
+        accept.start()
+        self.threads.append(accept)
+
+    def then(self, *scripts: Script) -> FakeEnd:
+        for script in scripts:
+            self.scripts.put(script)
+        return self
+
+    def _accept(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                sock, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            sock.settimeout(TIMEOUT)
+            with self.lock:
+                self.sockets.append(sock)
+                self.connections += 1
+                self.open_now += 1
+                self.most_open = max(self.most_open, self.open_now)
+            thread = threading.Thread(target=self._serve, args=(sock,), name="fake-bridge-conn", daemon=True)
+            thread.start()
+            self.threads.append(thread)
+
+    def _serve(self, sock: socket.socket) -> None:
+        reader = Reader(sock)
+        try:
+            kind, token = reader.frame()
+            assert kind == HELLO
+            self.hellos.append(token)
+            while True:
+                kind, payload = reader.frame()
+                assert kind == REQUEST_HEAD, kind
+                exchange = Exchange(Head.decode(payload), b"", False)
+                self.exchanges.append(exchange)
+                while self.read_body and not exchange.ended:
+                    kind, payload = reader.frame()
+                    if kind == REQUEST_CHUNK:
+                        exchange.body += payload
+                    elif kind in (REQUEST_END, ABORT):
+                        exchange.ended = True
+                    else:
+                        raise AssertionError(f"unexpected frame {kind}")
+                try:
+                    script = self.scripts.get_nowait()
+                except queue.Empty:
+                    script = answer_ok
+                if not script(sock, reader, exchange):
+                    return
+        except (EOFError, OSError):
+            return
+        finally:
+            with self.lock:
+                self.open_now -= 1
+            sock.close()
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.listener.close()
+        with self.lock:
+            for sock in self.sockets:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        for thread in self.threads:
+            thread.join(TIMEOUT)
+        if self.directory:
+            import shutil
+
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
+@dataclass
+class Native:
+    """A native server whose requests go to a bridge address."""
+
+    server: Any
+    port: int
+
+    def url(self, path: str = "/") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeEnd]:
+    end = FakeEnd()
+    yield end
+    end.close()
+
+
+@pytest.fixture
+def native_server() -> Iterator[Callable[..., Native]]:
+    made: list[Any] = []
+    # The server's event queue wakes this pair (nothing is queued on the
+    # bridge but the close notice, which nobody needs to read here).
+    wake_read, wake_write = socket.socketpair()
+
+    def make(address: str, **options: Any) -> Native:
+        options.setdefault("http3", False)
+        config = ServerConfig(bridge_address=address, **options)
+        server = native.NativeServer(config, ["127.0.0.1"], 0, wake_write.fileno())
+        made.append(server)
+        return Native(server, server.port)
+
+    yield make
+    for server in made:
+        server.close(True, 0.0, None)
+    made.clear()
+    wake_read.close()
+    wake_write.close()
+
+
+def get(url: str, **options: Any) -> httpx.Response:
+    with httpx.Client(timeout=TIMEOUT, **options) as client:
+        return client.get(url)
+
+
+def post(url: str, body: bytes, **options: Any) -> httpx.Response:
+    with httpx.Client(timeout=TIMEOUT, **options) as client:
+        return client.post(url, content=body)
+
+
+# ---------------------------------------------------------------- the protocol, against a fake end
+
+
+def test_request_head_carries_every_field(fake: FakeEnd, native_server: Callable[..., Native]) -> None:
+    running = native_server(fake.address, bridge_token=b"secret-token")
+    with httpx.Client(timeout=TIMEOUT) as client:
+        response = client.post(
+            running.url("/a%20b/c?x=1&y=%C3%A9"), content=b"payload", headers=[("X-Twice", "1"), ("X-Twice", "2")]
+        )
+        local_port = response.extensions["network_stream"].get_extra_info("client_addr")[1]
+    assert response.status_code == 200
+    assert response.text == "ok POST /a%20b/c 7"
+    assert fake.hellos == [b"secret-token"]
+    (exchange,) = fake.exchanges
+    head = exchange.head
+    assert (head.method, head.scheme, head.path, head.query, head.version) == ("POST", "http", "/a%20b/c", "x=1&y=%C3%A9", "1.1")
+    assert head.authority == f"127.0.0.1:{running.port}"
+    assert head.client == ("127.0.0.1", local_port)
+    assert head.local == ("127.0.0.1", running.port)
+    assert (head.tls, head.certificate) == (False, b"")
+    assert [value for name, value in head.headers if name == b"x-twice"] == [b"1", b"2"]
+    assert (b"content-length", b"7") in head.headers
+    assert exchange.body == b"payload" and exchange.ended
+
+
+def test_idle_connections_are_reused(fake: FakeEnd, native_server: Callable[..., Native]) -> None:
+    running = native_server(fake.address)
+    with httpx.Client(timeout=TIMEOUT) as client:
+        for index in range(5):
+            assert client.get(running.url(f"/{index}")).text == f"ok GET /{index} 0"
+    assert fake.connections == 1
+    assert len(fake.exchanges) == 5
+
+
+def test_the_pool_grows_on_demand_up_to_its_bound(fake: FakeEnd, native_server: Callable[..., Native]) -> None:
+    """Four concurrent requests, a bound of two: never more than two bridge
+    connections, and every request is answered once a connection frees up."""
+    release = threading.Event()
+    arrived = threading.Semaphore(0)
+
+    def slow(sock: socket.socket, reader: Reader, exchange: Exchange) -> bool:
+        arrived.release()
+        assert release.wait(TIMEOUT)
+        return answer_ok(sock, reader, exchange)
+
+    fake.then(slow, slow, slow, slow)
+    running = native_server(fake.address, max_pending_requests=2)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(get, running.url(f"/{index}")) for index in range(4)]
+        assert arrived.acquire(timeout=TIMEOUT) and arrived.acquire(timeout=TIMEOUT)
+        assert not arrived.acquire(timeout=0.3), "a third request reached Python past the bound"
+        release.set()
+        statuses = [future.result(TIMEOUT).status_code for future in futures]
+    assert statuses == [200] * 4
+    assert fake.most_open <= 2
+    assert len(fake.exchanges) == 4
+
+
+def close_at_once(sock: socket.socket, reader: Reader, exchange: Exchange) -> bool:
+    return False
+
+
+def send_then_close(data: bytes) -> Script:
+    def script(sock: socket.socket, reader: Reader, exchange: Exchange) -> bool:
+        sock.sendall(data)
+        return False
+
+    return script
+
+
+def send_and_stay(data: bytes) -> Script:
+    """Sends ``data`` and keeps the connection open (the native side must not
+    wait for more)."""
+
+    def script(sock: socket.socket, reader: Reader, exchange: Exchange) -> bool:
+        sock.sendall(data)
+        try:
+            reader.frame()  # returns only when the native side closes
+        except (EOFError, OSError):
+            pass
+        return False
+
+    return script
+
+
+FAILURES = {
+    "closes-without-answering": close_at_once,
+    "length-below-two": send_and_stay(b"\x00\x00\x00\x01\x01"),
+    "length-over-the-maximum": send_and_stay(b"\xff\xff\xff\xff\x01\x04"),
+    "unknown-version": send_and_stay(frame(RESPONSE_HEAD, struct.pack(">HBII", 200, 0, 0, 0), version=9)),
+    "truncated-head": send_and_stay(frame(RESPONSE_HEAD, struct.pack(">HB", 200, 0) + b"\x00\x00")),
+    "head-with-trailing-bytes": send_and_stay(frame(RESPONSE_HEAD, struct.pack(">HBII", 200, 0, 0, 0) + b"junk")),
+    "string-past-the-frame": send_and_stay(frame(RESPONSE_HEAD, struct.pack(">HBI", 200, 0, 1000))),
+    "wrong-frame-type": send_and_stay(frame(REQUEST_CHUNK, b"not a response")),
+    "hello-from-python": send_and_stay(frame(HELLO, b"")),
+    "unknown-frame-type": send_and_stay(frame(99, b"")),
+    "chunk-before-head": send_and_stay(frame(RESPONSE_CHUNK, b"body") + response_head(200) + frame(RESPONSE_END)),
+    "status-42": send_and_stay(response_head(42) + frame(RESPONSE_END)),
+    "status-1000": send_and_stay(response_head(1000) + frame(RESPONSE_END)),
+    "status-101": send_and_stay(response_head(101) + frame(RESPONSE_END)),
+    "invalid-header-name": send_and_stay(response_head(200, [(b"bad name", b"v")]) + frame(RESPONSE_END)),
+    "invalid-header-value": send_and_stay(response_head(200, [(b"x-bad", b"a\r\nb")]) + frame(RESPONSE_END)),
+    "invalid-reason": send_and_stay(response_head(200, reason=b"bad\nreason") + frame(RESPONSE_END)),
+    "whole-body-without-end-then-close": send_then_close(
+        response_head(200, flags=WHOLE_BODY) + frame(RESPONSE_CHUNK, b"partial")
+    ),
+    "whole-body-wrong-frame": send_and_stay(response_head(200, flags=WHOLE_BODY) + frame(REQUEST_END)),
+    "half-a-frame-then-close": send_then_close(response_head(200)[:7]),
+}
+
+
+@pytest.mark.parametrize("failure", list(FAILURES))
+def test_a_misbehaving_python_end_gives_502_and_the_server_goes_on(
+    fake: FakeEnd, native_server: Callable[..., Native], failure: str
+) -> None:
+    fake.then(FAILURES[failure])
+    running = native_server(fake.address)
+    conn = http.client.HTTPConnection("127.0.0.1", running.port, timeout=TIMEOUT)
+    try:
+        conn.request("GET", "/first")
+        response = conn.getresponse()
+        body = response.read()
+    finally:
+        conn.close()
+    assert response.status == 502, (response.status, body)
+    assert body.startswith(b"bad gateway"), body
+    # The next request gets a fresh bridge connection and a normal answer.
+    again = get(running.url("/after"))
+    assert (again.status_code, again.text) == (200, "ok GET /after 0")
+
+
+def test_python_end_closing_mid_upload_gives_502(native_server: Callable[..., Native]) -> None:
+    """The Python end reads the head and closes while the body is still
+    coming: 502, and the next request is served."""
+    end = FakeEnd(read_body=False)
+    end.then(close_at_once)
+    try:
+        running = native_server(end.address)
+        with socket.create_connection(("127.0.0.1", running.port), timeout=TIMEOUT) as sock:
+            sock.sendall(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + b"u" * 100_000)
+            assert sock.recv(65536).startswith(b"HTTP/1.1 502")
+        assert end.exchanges[0].head.path == "/up"
+        assert get(running.url("/after")).text == "ok GET /after 0"
+    finally:
+        end.close()
+
+
+def test_a_failure_over_http2_is_502_too(fake: FakeEnd, native_server: Callable[..., Native]) -> None:
+    fake.then(FAILURES["wrong-frame-type"], FAILURES["status-1000"])
+    running = native_server(fake.address)
+    with httpx.Client(http1=False, http2=True, timeout=TIMEOUT) as client:
+        statuses = [client.get(running.url(f"/{index}")).status_code for index in range(3)]
+        assert client.get(running.url("/")).http_version == "HTTP/2"
+    assert statuses == [502, 502, 200]
+
+
+def test_nothing_listening_gives_502(native_server: Callable[..., Native], tmp_path: Any) -> None:
+    running = native_server("unix:" + str(tmp_path / "nobody.sock"))
+    assert get(running.url()).status_code == 502
+    assert get(running.url()).status_code == 502
+
+
+def test_an_end_that_never_answers_hits_response_timeout(fake: FakeEnd, native_server: Callable[..., Native]) -> None:
+    silent = threading.Event()
+
+    def never(sock: socket.socket, reader: Reader, exchange: Exchange) -> bool:
+        silent.set()
+        try:
+            reader.frame()  # until the native side gives up and closes
+        except (EOFError, OSError):
+            pass
+        return False
+
+    fake.then(never)
+    running = native_server(fake.address, response_timeout=1)
+    response = get(running.url("/silent"))
+    assert silent.is_set()
+    assert response.status_code == 504
+    assert get(running.url("/after")).text == "ok GET /after 0"
+
+
+def test_an_end_that_never_accepts_hits_response_timeout(native_server: Callable[..., Native]) -> None:
+    """A listener that never accepts (and never answers): 504, not a hang."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        running = native_server(f"tcp:127.0.0.1:{listener.getsockname()[1]}", response_timeout=1)
+        assert get(running.url()).status_code == 504
+
+
+def test_a_missing_end_frame_cuts_a_streamed_response(fake: FakeEnd, native_server: Callable[..., Native]) -> None:
+    """The head already went out: the client sees a broken body (never a
+    short success), and the server goes on."""
+    fake.then(send_then_close(response_head(200, [(b"content-type", b"text/plain")]) + frame(RESPONSE_CHUNK, b"x" * 1000)))
+    running = native_server(fake.address)
+    conn = http.client.HTTPConnection("127.0.0.1", running.port, timeout=TIMEOUT)
+    try:
+        conn.request("GET", "/cut")
+        response = conn.getresponse()
+        assert response.status == 200
+        with pytest.raises(http.client.IncompleteRead) as cut:
+            response.read()
+        assert cut.value.partial == b"x" * 1000
+    finally:
+        conn.close()
+    assert get(running.url("/after")).text == "ok GET /after 0"
+
+
+def test_an_abort_frame_before_the_head_is_a_500(fake: FakeEnd, native_server: Callable[..., Native]) -> None:
+    fake.then(send_then_close(frame(ABORT)))
+    running = native_server(fake.address)
+    assert get(running.url()).status_code == 500
+    assert get(running.url("/after")).status_code == 200
+
+
+def test_an_abort_frame_mid_stream_cuts_the_response(fake: FakeEnd, native_server: Callable[..., Native]) -> None:
+    fake.then(send_and_stay(response_head(200) + frame(RESPONSE_CHUNK, b"abc") + frame(ABORT)))
+    running = native_server(fake.address)
+    with httpx.Client(timeout=TIMEOUT) as client:
+        with pytest.raises(httpx.RemoteProtocolError):
+            client.get(running.url("/aborted"))
+        assert client.get(running.url("/after")).status_code == 200
+
+
+def test_default_headers_flag_uses_the_servers_default_headers(fake: FakeEnd, native_server: Callable[..., Native]) -> None:
+    fake.then(send_and_stay(response_head(201, flags=DEFAULT_HEADERS | WHOLE_BODY) + frame(RESPONSE_CHUNK, b"d") + frame(RESPONSE_END)))
+    running = native_server(fake.address)
+    running.server.set_default_headers([("x-default", "yes"), ("content-type", "text/x-default")])
+    response = get(running.url())
+    assert (response.status_code, response.text) == (201, "d")
+    assert response.headers["x-default"] == "yes"
+    assert response.headers["content-type"] == "text/x-default"
+
+
+def test_a_whole_body_gets_content_length_and_a_reason(fake: FakeEnd, native_server: Callable[..., Native]) -> None:
+    body = os.urandom(200 * KIB)  # several chunk frames
+    chunks = b"".join(frame(RESPONSE_CHUNK, body[at : at + 64 * KIB]) for at in range(0, len(body), 64 * KIB))
+    fake.then(send_and_stay(response_head(299, [(b"x-a", b"1")], reason=b"Fine Thanks", flags=WHOLE_BODY) + chunks + frame(RESPONSE_END)))
+    running = native_server(fake.address)
+    conn = http.client.HTTPConnection("127.0.0.1", running.port, timeout=TIMEOUT)
+    try:
+        conn.request("GET", "/")
+        response = conn.getresponse()
+        assert (response.status, response.reason) == (299, "Fine Thanks")
+        assert response.getheader("content-length") == str(len(body))
+        assert response.read() == body
+    finally:
+        conn.close()
+
+
+def test_request_body_too_large_is_413_and_python_is_told(native_server: Callable[..., Native]) -> None:
+    """A chunked body that grows past max_body_size: 413 from the native side;
+    the Python end gets an abort frame saying why."""
+    end = FakeEnd()
+    answered = threading.Event()
+
+    def wait_for_413(sock: socket.socket, reader: Reader, exchange: Exchange) -> bool:
+        answered.set()
+        return False
+
+    end.then(wait_for_413)
+    try:
+        running = native_server(end.address, max_body_size=1000)
+        with socket.create_connection(("127.0.0.1", running.port), timeout=TIMEOUT) as sock:
+            chunk = b"258\r\n" + b"c" * 600 + b"\r\n"
+            sock.sendall(b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk + chunk)
+            assert sock.recv(65536).startswith(b"HTTP/1.1 413")
+        assert answered.wait(TIMEOUT)
+        (exchange,) = end.exchanges
+        assert exchange.ended and len(exchange.body) <= 1000
+    finally:
+        end.close()
+
+
+def test_an_answer_before_the_body_is_read_keeps_both_connections(native_server: Callable[..., Native]) -> None:
+    """Python answers without reading the body: the native side reads and
+    drops the rest, ends the request with a discard, and reuses both the
+    bridge connection and the client's keep-alive connection."""
+    end = FakeEnd(read_body=False)
+    seen: list[int] = []
+
+    def early(sock: socket.socket, reader: Reader, exchange: Exchange) -> bool:
+        sock.sendall(whole_response(403, b"no"))
+        while True:  # what follows until the request's end or discard
+            kind, payload = reader.frame()
+            if kind == ABORT:
+                seen.append(payload[0])
+                return True
+            if kind == REQUEST_END:
+                seen.append(0)
+                return True
+
+    end.then(early)
+    try:
+        running = native_server(end.address)
+        with httpx.Client(timeout=TIMEOUT) as client:
+            responses = [client.post(running.url("/big"), content=os.urandom(4 * MIB))]
+            responses += [client.get(running.url("/after")) for _ in range(3)]
+            ports = {r.extensions["network_stream"].get_extra_info("client_addr")[1] for r in responses}
+        assert [r.status_code for r in responses] == [403, 200, 200, 200]
+        assert len(ports) == 1, "the client's connection was closed after the early answer"
+        assert seen == [3]  # the rest of the body was dropped, and Python was told
+        # The bridge connection went back to the pool (a request racing the
+        # end of the discard may have opened a second one).
+        assert end.connections <= 2
+        assert len(end.exchanges) == 4
+    finally:
+        end.close()
+
+
+def test_tcp_bridge_address(native_server: Callable[..., Native]) -> None:
+    end = FakeEnd("tcp")
+    try:
+        running = native_server(end.address)
+        assert post(running.url("/tcp"), b"12345").text == "ok POST /tcp 5"
+    finally:
+        end.close()
+
+
+@pytest.mark.parametrize("address", ["nowhere", "unix:", "tcp:localhost", "tcp:1.2.3.4"])
+def test_an_invalid_bridge_address_is_refused_at_bind(address: str) -> None:
+    with pytest.raises(ValueError, match="bridge_address"):
+        native.NativeServer(ServerConfig(bridge_address=address, http3=False), ["127.0.0.1"], 0, None)
+
+
+# ---------------------------------------------------------------- real applications over the bridge
+
+
+@pytest.fixture
+def bridge(loop_thread: LoopThread) -> Iterator[Callable[..., NativeHttpServer]]:
+    """``bridge(handler, **options)``: a NativeHttpServer on the bridge."""
+    started: list[NativeHttpServer] = []
+
+    def start(handler: Any, **options: Any) -> NativeHttpServer:
+        async def bind() -> NativeHttpServer:
+            options.setdefault("http3", False)
+            if "certificate_path" in options:
+                server = await NativeHttpServer.bind_secure("127.0.0.1", 0, native_callback=False, **options)
+            else:
+                server = await NativeHttpServer.bind("127.0.0.1", 0, native_callback=False, **options)
+            server.serve(handler)
+            return server
+
+        server = loop_thread.run(bind())
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        try:
+            loop_thread.run(server.close(force=True))
+        except Exception:  # noqa: BLE001 - the test already reported it
+            pass
+
+
+def url(server: NativeHttpServer, path: str = "/") -> str:
+    return f"{'https' if server.secure else 'http'}://127.0.0.1:{server.port}{path}"
+
+
+def pattern(size: int) -> bytes:
+    block = bytes(range(256)) * 256  # 64 KiB, every byte value
+    return (block * (size // len(block) + 1))[:size]
+
+
+def test_the_bridge_is_really_used(bridge: Callable[..., NativeHttpServer]) -> None:
+    """The request object is the bridge's, and the server listens on a
+    private Unix socket (loopback TCP where there are none)."""
+    kinds: list[str] = []
+
+    async def handler(request: Any) -> None:
+        kinds.append(type(request._native).__name__)
+        request.response.write("hi")
+
+    server = bridge(handler)
+    assert get(url(server)).text == "hi"
+    assert kinds == ["BridgeRequest"]
+    address = server.config.bridge_address
+    assert address is not None
+    if hasattr(socket, "AF_UNIX") and sys.platform != "win32":
+        assert address.startswith("unix:")
+        directory = os.path.dirname(address[5:])
+        assert os.stat(directory).st_mode & 0o077 == 0, "the socket's directory is private"
+    else:
+        assert address.startswith("tcp:127.0.0.1:")
+
+
+def test_upload_of_4_mib_is_read_in_chunks(bridge: Callable[..., NativeHttpServer]) -> None:
+    sizes: list[int] = []
+
+    async def handler(request: Any) -> None:
+        digest = hashlib.sha256()
+        async for chunk in request:
+            sizes.append(len(chunk))
+            digest.update(chunk)
+        request.response.write(digest.hexdigest())
+
+    server = bridge(handler)
+    body = os.urandom(4 * MIB)
+    response = post(url(server, "/upload"), body)
+    assert response.text == hashlib.sha256(body).hexdigest()
+    assert sum(sizes) == len(body)
+    assert len(sizes) > 1 and max(sizes) <= 64 * KIB
+
+
+def test_streamed_download_of_4_mib(bridge: Callable[..., NativeHttpServer]) -> None:
+    data = pattern(4 * MIB)
+
+    async def handler(request: Any) -> None:
+        response = request.response
+        for at in range(0, len(data), 100_000):
+            response.add(data[at : at + 100_000])
+            await response.flush()
+        await response.close()
+
+    server = bridge(handler)
+    digest = hashlib.sha256()
+    with httpx.Client(timeout=TIMEOUT) as client, client.stream("GET", url(server, "/download")) as response:
+        assert response.status_code == 200
+        assert response.headers.get("transfer-encoding") == "chunked"
+        for chunk in response.iter_bytes():
+            digest.update(chunk)
+    assert digest.hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+def test_streaming_echo_both_ways_at_once(bridge: Callable[..., NativeHttpServer]) -> None:
+    """Each chunk read is written back before the next is read: the request
+    and response bodies are in flight together on one bridge connection."""
+
+    async def handler(request: Any) -> None:
+        response = request.response
+        response.headers.content_type = "application/octet-stream"
+        await response.flush()
+        async for chunk in request:
+            response.add(chunk)
+            await response.flush()
+        await response.close()
+
+    server = bridge(handler)
+    body = os.urandom(3 * MIB + 17)
+    response = post(url(server, "/echo"), body)
+    assert response.content == body
+
+
+def test_http2_over_the_bridge(bridge: Callable[..., NativeHttpServer]) -> None:
+    async def handler(request: Any) -> None:
+        body = await request.read()
+        request.response.write(f"{request.protocol_version} {request.uri.path} {hashlib.sha256(body).hexdigest()}")
+
+    server = bridge(handler)
+    bodies = [os.urandom(size) for size in (0, 10, 70 * KIB, 1 * MIB)]
+    with httpx.Client(http1=False, http2=True, timeout=TIMEOUT) as client:
+        responses = [client.post(url(server, f"/{len(body)}"), content=body) for body in bodies]
+    for body, response in zip(bodies, responses):
+        assert response.http_version == "HTTP/2"
+        assert response.text == f"2 /{len(body)} {hashlib.sha256(body).hexdigest()}"
+
+
+def test_tls_and_http2_over_the_bridge(bridge: Callable[..., NativeHttpServer], certs: Certificates) -> None:
+    data = pattern(2 * MIB)
+
+    async def handler(request: Any) -> None:
+        body = await request.read()
+        response = request.response
+        response.headers.set("x-seen", f"{request.requested_uri.scheme} {request.protocol_version} {len(body)}")
+        response.add(data)
+        await response.flush()
+        await response.close()
+
+    server = bridge(handler, certificate_path=certs.cert_path, key_path=certs.key_path)
+    context = ssl.create_default_context(cafile=str(certs.ca_path))
+    for http2, version in ((False, "1.1"), (True, "2")):
+        with httpx.Client(verify=context, http2=http2, timeout=TIMEOUT) as client:
+            response = client.post(url(server, "/tls"), content=b"z" * 5000)
+        assert response.headers["x-seen"] == f"https {version} 5000"
+        assert hashlib.sha256(response.content).digest() == hashlib.sha256(data).digest()
+
+
+def test_a_client_certificate_crosses_the_bridge(bridge: Callable[..., NativeHttpServer], certs: Certificates) -> None:
+    seen: list[bytes | None] = []
+
+    async def handler(request: Any) -> None:
+        seen.append(request.certificate)
+        request.response.write("ok")
+
+    server = bridge(handler, certificate_path=certs.cert_path, key_path=certs.key_path, request_client_certificate=True)
+    context = ssl.create_default_context(cafile=str(certs.ca_path))
+    context.load_cert_chain(str(certs.client_cert_path), str(certs.client_key_path))
+    with httpx.Client(verify=context, timeout=TIMEOUT) as client:
+        assert client.get(url(server)).text == "ok"
+    assert seen == [ssl.PEM_cert_to_DER_cert(certs.client_cert_path.read_text())]
+
+
+def stalled_progress(progress: Callable[[], int], deadline: float = 20) -> int:
+    """Waits (bounded) until ``progress()`` stops growing for a while; returns it."""
+    end = time.monotonic() + deadline
+    last, steady = -1, 0
+    while time.monotonic() < end:
+        now = progress()
+        steady = steady + 1 if now == last else 0
+        if steady >= 5:
+            return now
+        last = now
+        time.sleep(0.1)
+    return progress()
+
+
+def test_a_slow_client_slows_the_handler_down(bridge: Callable[..., NativeHttpServer]) -> None:
+    """Backpressure toward Python: while the client reads nothing, the
+    handler's writes stop far short of its 96 MiB."""
+    total = 96 * MIB
+    chunk = pattern(256 * KIB)
+    written = [0]
+    finished = threading.Event()
+
+    async def handler(request: Any) -> None:
+        response = request.response
+        response.content_length = total
+        try:
+            while written[0] < total:
+                response.add(chunk)
+                written[0] += len(chunk)
+                await response.flush()
+            await response.close()
+        finally:
+            finished.set()
+
+    server = bridge(handler)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * KIB)
+        sock.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        stalled = stalled_progress(lambda: written[0])
+        assert stalled < 32 * MIB, f"the handler wrote {stalled} bytes to a client that reads nothing"
+        assert not finished.is_set()
+        received = 0
+        deadline = time.monotonic() + 60
+        while received < total and time.monotonic() < deadline:
+            data = sock.recv(4 * MIB)
+            if not data:
+                break
+            received += len(data)
+    assert finished.wait(TIMEOUT)
+    assert received > total  # the body and its head
+
+
+def test_a_handler_that_does_not_read_slows_the_client_down(bridge: Callable[..., NativeHttpServer]) -> None:
+    """Backpressure toward the client: nobody reads the body, so the upload
+    stalls far short of its size (32 MiB allowed by max_body_size)."""
+    release = asyncio.Event()
+    got: list[int] = []
+
+    async def handler(request: Any) -> None:
+        await asyncio.wait_for(release.wait(), 60)
+        got.append(len(await request.read()))
+        request.response.write("done")
+
+    server = bridge(handler, max_body_size=64 * MIB)
+    size = 48 * MIB
+    sent = [0]
+    with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * KIB)
+        sock.sendall(f"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n".encode())
+        sock.setblocking(False)
+        block = b"u" * (64 * KIB)
+
+        def push() -> int:
+            while sent[0] < size:
+                try:
+                    sent[0] += sock.send(block[: size - sent[0]])
+                except BlockingIOError:
+                    break
+            return sent[0]
+
+        stalled = stalled_progress(push)
+        assert stalled < 24 * MIB, f"{stalled} bytes were taken while nobody read"
+        server._loop.call_soon_threadsafe(release.set)
+        sock.setblocking(True)
+        sock.settimeout(TIMEOUT)
+        sock.sendall(b"u" * (size - sent[0]))
+        reply = sock.recv(65536)
+    assert reply.startswith(b"HTTP/1.1 200")
+    assert got == [size]
+
+
+def test_many_concurrent_requests(bridge: Callable[..., NativeHttpServer]) -> None:
+    async def handler(request: Any) -> None:
+        await asyncio.sleep(0.01)
+        request.response.write(request.uri.path)
+
+    server = bridge(handler)
+    with httpx.Client(timeout=TIMEOUT, limits=httpx.Limits(max_connections=50)) as client:
+        with concurrent.futures.ThreadPoolExecutor(32) as pool:
+            texts = list(pool.map(lambda i: client.get(url(server, f"/{i}")).text, range(200)))
+    assert texts == [f"/{i}" for i in range(200)]
+
+
+def test_a_foreign_connection_without_the_token_is_refused(bridge: Callable[..., NativeHttpServer]) -> None:
+    calls: list[str] = []
+
+    async def handler(request: Any) -> None:
+        calls.append(request.uri.path)
+        request.response.write("ok")
+
+    server = bridge(handler)
+    address = server.config.bridge_address
+    assert address is not None
+    if address.startswith("unix:"):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(TIMEOUT)
+        sock.connect(address[5:])
+    else:
+        host, port = address[4:].rsplit(":", 1)
+        sock = socket.create_connection((host, int(port)), timeout=TIMEOUT)
+    with sock:
+        sock.sendall(frame(HELLO, b"not the token") + request_head(b"GET", b"/forged") + frame(REQUEST_END))
+        assert sock.recv(65536) == b"", "the bridge answered a connection without the token"
+    assert get(url(server, "/real")).text == "ok"
+    assert calls == ["/real"]
+
+
+def test_closing_removes_the_socket(loop_thread: LoopThread) -> None:
+    async def scenario() -> tuple[str, bool]:
+        server = await NativeHttpServer.bind("127.0.0.1", 0, native_callback=False, http3=False)
+        address = server.config.bridge_address
+        assert address is not None
+        await server.close()
+        path = address[5:] if address.startswith("unix:") else ""
+        return path, bool(path) and os.path.exists(path)
+
+    path, exists = loop_thread.run(scenario())
+    assert not exists, path
+
+
+def test_native_direct_cannot_use_the_bridge(loop_thread: LoopThread) -> None:
+    def handler(request: Any) -> Any:
+        return NativeDirectResponse.bytes(200, [], b"x")
+
+    with pytest.raises(ValueError, match="native_callback=False"):
+        loop_thread.run(
+            serve_native_direct(handler, "127.0.0.1", 0, native_direct=True, native_callback=False, http3=False, echo=False)
+        )
+
+
+# ---------------------------------------------------------------- every API layer
+
+
+@dataclass
+class Helper:
+    """A ``serve_*`` helper running on the loop thread until stopped."""
+
+    loop_thread: LoopThread
+    event: asyncio.Event
+    future: concurrent.futures.Future[Any]
+
+    def stop(self) -> None:
+        self.loop_thread.loop.call_soon_threadsafe(self.event.set)
+        self.future.result(TIMEOUT)
+
+
+def run_helper(loop_thread: LoopThread, make: Callable[[asyncio.Event], Any]) -> Helper:
+    event = asyncio.Event()
+    future = asyncio.run_coroutine_threadsafe(make(event), loop_thread.loop)
+    return Helper(loop_thread, event, future)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_for_answer(target: str, **options: Any) -> httpx.Response:
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        try:
+            return get(target, **options)
+        except httpx.ConnectError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
+async def describe(request: Any) -> None:
+    body = await request.read()
+    request.response.write(f"{type(request._native).__name__} {request.method} {request.uri.path} {len(body)}")
+
+
+def test_serve_native_http_on_the_bridge(loop_thread: LoopThread) -> None:
+    port = free_port()
+    helper = run_helper(
+        loop_thread,
+        lambda event: serve_native_http(
+            describe, "127.0.0.1", port, native_callback=False, http3=False, echo=False, shutdown_signal=event.wait()
+        ),
+    )
+    try:
+        assert wait_for_answer(f"http://127.0.0.1:{port}/cb").text == "BridgeRequest GET /cb 0"
+    finally:
+        helper.stop()
+
+
+def test_serve_native_multi_on_the_bridge(loop_thread: LoopThread) -> None:
+    ports = [free_port(), free_port()]
+    helper = run_helper(
+        loop_thread,
+        lambda event: serve_native_multi(
+            describe,
+            [NativeServerBind("127.0.0.1", ports[0]), NativeServerBind("127.0.0.1", ports[1])],
+            native_callback=False,
+            http3=False,
+            echo=False,
+            shutdown_signal=event.wait(),
+        ),
+    )
+    try:
+        for port in ports:
+            assert wait_for_answer(f"http://127.0.0.1:{port}/multi").text == "BridgeRequest GET /multi 0"
+    finally:
+        helper.stop()
+
+
+def test_serve_secure_native_http_on_the_bridge(loop_thread: LoopThread, certs: Certificates) -> None:
+    port = free_port()
+    helper = run_helper(
+        loop_thread,
+        lambda event: serve_secure_native_http(
+            describe,
+            "127.0.0.1",
+            port,
+            certificate_path=certs.cert_path,
+            key_path=certs.key_path,
+            native_callback=False,
+            http3=False,
+            echo=False,
+            shutdown_signal=event.wait(),
+        ),
+    )
+    try:
+        context = ssl.create_default_context(cafile=str(certs.ca_path))
+        assert wait_for_answer(f"https://127.0.0.1:{port}/s", verify=context).text == "BridgeRequest GET /s 0"
+    finally:
+        helper.stop()
+
+
+def test_serve_native_direct_on_the_bridge(loop_thread: LoopThread) -> None:
+    prebuilt = NativeDirectResponse.bytes(200, [("content-type", "text/plain"), ("x-prebuilt", "1")], b"prebuilt")
+
+    async def chunks() -> Any:
+        for index in range(5):
+            yield f"part{index};".encode()
+
+    async def handler(request: Any) -> Any:
+        if request.path == "/prebuilt":
+            return prebuilt
+        if request.path == "/stream":
+            return NativeDirectResponse.stream(200, [("content-type", "text/plain")], body=chunks())
+        body = await request.read()
+        kind = type(request._native).__name__
+        return NativeDirectResponse.bytes(201, [("x-kind", kind)], f"{request.method} {request.uri} {len(body)}")
+
+    port = free_port()
+    helper = run_helper(
+        loop_thread,
+        lambda event: serve_native_direct(
+            handler, "127.0.0.1", port, native_callback=False, http3=False, echo=False, shutdown_signal=event.wait()
+        ),
+    )
+    try:
+        first = wait_for_answer(f"http://127.0.0.1:{port}/direct?q=1")
+        assert (first.status_code, first.text, first.headers["x-kind"]) == (201, "GET /direct?q=1 0", "BridgeRequest")
+        assert post(f"http://127.0.0.1:{port}/up", b"x" * 100_000).text == "POST /up 100000"
+        for _ in range(3):  # the same object every time
+            again = get(f"http://127.0.0.1:{port}/prebuilt")
+            assert (again.text, again.headers["x-prebuilt"], again.headers["content-length"]) == ("prebuilt", "1", "8")
+        assert get(f"http://127.0.0.1:{port}/stream").text == "part0;part1;part2;part3;part4;"
+    finally:
+        helper.stop()
