@@ -291,3 +291,44 @@ def test_http3(certs: Certificates) -> None:
                 return answer.status, answer.body
 
         assert asyncio.run(asyncio.wait_for(over_http3(), 30)) == (200, b"hello over HTTP/3\n")
+
+
+def test_asgi_app() -> None:
+    import asyncio
+
+    import websockets
+
+    port = free_port()
+    with example("asgi_app.py", port):
+        assert get(f"http://127.0.0.1:{port}/x") == (200, "hello from /x")
+
+        async def talk() -> str:
+            async with websockets.connect(f"ws://127.0.0.1:{port}/ws") as ws:
+                await ws.send("hi")
+                return str(await ws.recv())
+
+        assert asyncio.run(talk()) == "echo: hi"
+
+
+def test_wsgi_app() -> None:
+    port = free_port()
+    with example("wsgi_app.py", port):
+        assert get(f"http://127.0.0.1:{port}/y") == (200, "hello from /y")
+
+
+def test_websocket_echo() -> None:
+    import asyncio
+
+    import websockets
+
+    port = free_port()
+    with example("websocket_echo.py", port):
+        assert get(f"http://127.0.0.1:{port}/") == (200, "connect with a WebSocket client")
+
+        async def talk() -> list[object]:
+            async with websockets.connect(f"ws://127.0.0.1:{port}/") as ws:
+                await ws.send("text")
+                await ws.send(b"\x00\x01")
+                return [await ws.recv(), await ws.recv()]
+
+        assert asyncio.run(talk()) == ["text", b"\x00\x01"]
