@@ -8,12 +8,10 @@ drains the whole batch with one native call, and dispatches it.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import socket
 import sys
 import threading
-import types
-from collections.abc import Callable, Coroutine, Generator
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from ._loader import native
@@ -92,53 +90,22 @@ class EventPump:
         self._write.close()
 
 
-@types.coroutine
-def _resume(coro: Coroutine[Any, Any, Any], yielded: Any) -> Generator[Any, Any, Any]:
-    """Continues a coroutine that was stepped once outside a Task: passes what
-    it yields to the Task and what the Task sends back to it."""
-    while True:
-        try:
-            value = yield yielded
-        except GeneratorExit:
-            # The Task was destroyed unfinished (its loop closed): close the
-            # coroutine too, rather than throwing into it.
-            coro.close()
-            raise
-        except BaseException as exc:  # noqa: BLE001 - forwarded into the coroutine
-            try:
-                yielded = coro.throw(exc)
-            except StopIteration as stop:
-                return stop.value
-        else:
-            try:
-                yielded = coro.send(value)
-            except StopIteration as stop:
-                return stop.value
-
-
-_EAGER = sys.version_info >= (3, 11)
+_EAGER = sys.version_info >= (3, 12)
 
 
 def start_coroutine(
     loop: asyncio.AbstractEventLoop,
     coro: Coroutine[Any, Any, Any],
     on_error: Callable[[BaseException], None],
-) -> asyncio.Task[Any] | None:
-    """Runs ``coro`` at once, in its own context, and creates a Task only if
-    it suspends: a handler that answers without awaiting costs no Task."""
-    if not _EAGER:  # create_task(context=...) needs 3.11
+) -> asyncio.Task[Any]:
+    """Runs ``coro`` in its own Task. Always a real Task, since frameworks
+    rely on ``asyncio.current_task()`` (anyio, ``asyncio.timeout``); from
+    Python 3.12 it starts eagerly, so a handler that answers without
+    awaiting finishes before this returns, without a loop iteration."""
+    if _EAGER:
+        task: asyncio.Task[Any] = asyncio.Task(coro, loop=loop, eager_start=True)  # type: ignore[call-arg]
+    else:
         task = loop.create_task(coro)
-        task.add_done_callback(lambda t: _report(t, on_error))
-        return task
-    context = contextvars.copy_context()
-    try:
-        yielded = context.run(coro.send, None)
-    except StopIteration:
-        return None
-    except BaseException as exc:  # noqa: BLE001 - the handler's failure is reported
-        on_error(exc)
-        return None
-    task = loop.create_task(_resume(coro, yielded), context=context)  # type: ignore[call-arg]
     task.add_done_callback(lambda t: _report(t, on_error))
     return task
 

@@ -26,7 +26,9 @@ ASGIApp = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message],
 
 _ClientDisconnected = native.ClientDisconnected
 _BodyTooLarge = native.BodyTooLarge
-_HTTP_ASGI = {"version": "3.0", "spec_version": "2.4"}
+# 2.3: an HTTP send() after the client left is dropped, not raised (as in
+# uvicorn); Starlette then keeps listening for http.disconnect itself.
+_HTTP_ASGI = {"version": "3.0", "spec_version": "2.3"}
 _WEBSOCKET_ASGI = {"version": "3.0", "spec_version": "2.4"}
 _PLAIN = [(b"content-type", b"text/plain; charset=utf-8")]
 _BEFORE_START, _STARTED, _STREAMING, _COMPLETE = range(4)
@@ -68,7 +70,11 @@ class _HttpCycle:
             self._body_done = True
             return {"type": "http.request", "body": b"", "more_body": False}
         # Say "no more" with the last chunk when the end is already known.
-        end = native_request.read()
+        try:
+            end = native_request.read()
+        except (_ClientDisconnected, _BodyTooLarge):
+            self._gone = True
+            return {"type": "http.request", "body": step, "more_body": True}
         if end == b"":
             self._body_done = True
             return {"type": "http.request", "body": step, "more_body": False}
@@ -132,6 +138,7 @@ class _HttpCycle:
             # As uvicorn does: writes after a disconnect are dropped; the app
             # learns of it from receive().
             self._gone = True
+            self._wake_receive()
             return
         if backlog is not None:
             await backlog
@@ -150,6 +157,9 @@ class _HttpCycle:
 
     def _complete(self) -> None:
         self._state = _COMPLETE
+        self._wake_receive()
+
+    def _wake_receive(self) -> None:
         waiting = self._waiting
         if waiting is not None and not waiting.done():
             waiting.set_result(None)
@@ -202,6 +212,8 @@ class ASGIServer(BoundServer):
         path = native_request.path
         root_path = self._root_path
         headers = native_request.raw_headers()
+        if native_request.http_version in ("2", "3"):
+            _add_host(headers, native_request.authority)
         client = native_request.remote_addr
         scheme = native_request.scheme
         if self._proxy is not None:
@@ -232,6 +244,13 @@ class ASGIServer(BoundServer):
             return
         cycle = _HttpCycle(native_request, self._loop)
         start_coroutine(self._loop, _run(app, scope, cycle, self._access_log), self._report)
+
+
+def _add_host(headers: list[tuple[bytes, bytes]], authority: str | None) -> None:
+    """HTTP/2 and HTTP/3 carry the host as ``:authority``; ASGI wants it as
+    the first ``host`` header."""
+    if authority and not any(name == b"host" for name, _ in headers):
+        headers.insert(0, (b"host", authority.encode("latin-1")))
 
 
 def _extensions(native_request: Any) -> dict[str, Any]:
@@ -471,14 +490,13 @@ async def serve_asgi(
     """Serves an ASGI app until ``shutdown_signal`` or SIGINT/SIGTERM, with
     its lifespan around it. ``options`` are those of ``NativeHttpServer.bind``."""
     config, hosts, port = bind_settings(host, port, **options)
-    server = ASGIServer(config, hosts, port, root_path=root_path, proxy=proxy, access_log=access_log)
-    life = Lifespan(app, server.state, lifespan)
+    state: dict[str, Any] = {}
+    life = Lifespan(app, state, lifespan)
+    # Like uvicorn: the port opens only once startup has completed.
+    await life.startup()
     try:
-        await life.startup()
-    except BaseException:
-        await server.close(force=True)
-        raise
-    try:
+        server = ASGIServer(config, hosts, port, root_path=root_path, proxy=proxy, access_log=access_log)
+        server.state = state
         await serve_bound([server], app, echo, shutdown_signal)
     finally:
         await life.shutdown()

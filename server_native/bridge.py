@@ -24,7 +24,6 @@ import sys
 import tempfile
 import weakref
 from collections import deque
-from itertools import accumulate
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -34,6 +33,7 @@ __all__ = ["BridgeListener", "BridgeRequest"]
 
 VERSION = 1
 HELLO, REQUEST_HEAD, REQUEST_CHUNK, REQUEST_END, RESPONSE_HEAD, RESPONSE_CHUNK, RESPONSE_END, ABORT = range(8)
+WS_ACCEPT, WS_MESSAGE, WS_CLOSE = 8, 9, 10
 #: Largest body chunk in one frame.
 CHUNK = 64 * 1024
 #: Largest frame either side accepts.
@@ -53,6 +53,7 @@ _FLAG_WHOLE_BODY = 2
 _U32 = struct.Struct(">I")
 _FRAME = struct.Struct(">IBB")
 _HEAD_START = struct.Struct(">HBI")
+_U16 = struct.Struct(">H")
 
 _END_FRAME = _FRAME.pack(2, VERSION, RESPONSE_END)
 _ABORT_FRAME = _FRAME.pack(2, VERSION, ABORT)
@@ -67,7 +68,14 @@ _BodyTooLarge = native.BodyTooLarge
 _token = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+").fullmatch
 _field_value = re.compile(rb"[\t\x20-\x7e\x80-\xff]*").fullmatch
 
-_WAITING, _STREAMING, _DONE = 0, 1, 2
+_WAITING, _STREAMING, _DONE, _WEBSOCKET = 0, 1, 2, 3
+
+#: Request head flags.
+_HEAD_TLS, _HEAD_WEBSOCKET = 1, 2
+#: WebSocket message flags.
+_WS_TEXT, _WS_BINARY, _WS_MORE = 1, 2, 4
+#: WebSocket messages buffered ahead of the application before reading pauses.
+_WS_INBOX_HIGH_WATER = 1024 * 1024
 
 
 class _ProtocolError(Exception):
@@ -147,7 +155,7 @@ def _add_chunks(parts: list[bytes], body: bytes) -> None:
         parts += (_CHUNK_HEADER if len(piece) == CHUNK else _FRAME.pack(len(piece) + 2, VERSION, RESPONSE_CHUNK), piece)  # type: ignore[arg-type]
 
 
-#: Encoded `NativeDirectResponse`s (head and body frames), for the
+#: Encoded `NativeDirectResponse`s (head, body and end frames), for the
 #: pre-encoded form that is returned for every request. Bounded.
 _direct_cache: dict[int, tuple[Any, bytes]] = {}
 _direct_cache_bytes = 0
@@ -163,6 +171,7 @@ def _direct_frames(response: Any) -> bytes:
     parts = _head_frame(response.status, response.headers, None, True)
     body = response.body
     _add_chunks(parts, body)
+    parts.append(_END_FRAME)
     frames = b"".join(parts)
     if len(body) <= _DIRECT_CACHE_BODY:
         if _direct_cache_bytes + len(frames) > _DIRECT_CACHE_LIMIT:
@@ -203,6 +212,7 @@ class BridgeRequest:
         "remote_addr",
         "local_addr",
         "tls",
+        "websocket",
         "peer_certificate",
         "content_length",
         "_raw",
@@ -214,18 +224,21 @@ class BridgeRequest:
         "_state",
         "_gone",
         "_disconnect_waiter",
+        "_ws",
     )
 
     def __init__(self, conn: _BridgeConnection, payload: bytes) -> None:
-        # Two struct calls and C-level slicing: this runs for every request.
-        remote_port, local_port, tls, count = _HEAD_FIXED.unpack_from(payload)
+        # Two struct calls for every length at once: this runs for every request.
+        remote_port, local_port, flags, count = _HEAD_FIXED.unpack_from(payload)
         if count < 9 or not count & 1:
             raise _ProtocolError("a malformed request head")
-        lengths = _lengths(count).unpack_from(payload, _HEAD_FIXED.size)
-        offsets = list(accumulate(lengths, initial=_HEAD_FIXED.size + 4 * count))
-        if offsets[-1] != len(payload):
+        at = _HEAD_FIXED.size + 4 * count
+        fields = []
+        for size in _lengths(count).unpack_from(payload, _HEAD_FIXED.size):
+            fields.append(payload[at : at + size])
+            at += size
+        if at != len(payload):
             raise _ProtocolError("a malformed request head")
-        fields = list(map(payload.__getitem__, map(slice, offsets, offsets[1:])))
         method, scheme, authority, path, query, version, remote_ip, local_ip, certificate = fields[:9]
         raw = list(zip(fields[9::2], fields[10::2]))
         content_length: int | None = None
@@ -244,7 +257,10 @@ class BridgeRequest:
         self.http_version = version.decode("latin-1")
         self.remote_addr = (remote_ip.decode("latin-1"), remote_port)
         self.local_addr = (local_ip.decode("latin-1"), local_port)
-        self.tls = bool(tls)
+        self.tls = bool(flags & _HEAD_TLS)
+        #: Whether the request asks for a WebSocket (HTTP/1.1 upgrade or
+        #: HTTP/2 extended CONNECT).
+        self.websocket = bool(flags & _HEAD_WEBSOCKET)
         self.peer_certificate = certificate or None
         self.content_length = content_length
         self._raw = raw
@@ -259,6 +275,7 @@ class BridgeRequest:
         #: The native side dropped the exchange: nothing can be sent.
         self._gone = False
         self._disconnect_waiter: Any = None
+        self._ws: _WebSocket | None = None
 
     # -- head -------------------------------------------------------------
 
@@ -332,6 +349,8 @@ class BridgeRequest:
         """The connection closed: the native side gave up on the exchange."""
         self._set_gone()
         self._finish_body((_ClientDisconnected, "the client disconnected"))
+        if self._ws is not None:
+            self._ws.closed_with(1006, "")
 
     def _set_gone(self) -> None:
         self._gone = True
@@ -378,7 +397,7 @@ class BridgeRequest:
         if self._gone:
             return False
         self._state = _DONE
-        self._conn._send(frames + _END_FRAME)
+        self._conn._send(frames)
         self._conn._response_done(self)
         return True
 
@@ -430,7 +449,7 @@ class BridgeRequest:
     def abort(self) -> None:
         """Gives up on the response: a streamed body is cut off (the client
         sees an error, not a short success); an unsent one becomes a 500."""
-        if self._state == _DONE:
+        if self._state == _DONE or self._state == _WEBSOCKET:
             return
         self._state = _DONE
         if not self._gone:
@@ -438,8 +457,147 @@ class BridgeRequest:
             self._conn._send(_ABORT_FRAME)
             self._conn._close()
 
+    # -- WebSocket --------------------------------------------------------
+
+    def accept_websocket(self, subprotocol: str | None = None, headers: Iterable[tuple[Any, Any]] | None = None) -> bool:
+        """Accepts the WebSocket: 101 (HTTP/1.1) or 200 (HTTP/2) with
+        ``headers`` and the chosen ``subprotocol``. False when the client
+        already left (or it was accepted before)."""
+        parts: list[bytes] = [b"", b"", b""]
+        count = 0 if headers is None else _headers_payload(headers, parts)
+        chosen = b"" if subprotocol is None else _wire(subprotocol)
+        if subprotocol is not None and not (chosen and _field_value(chosen)):
+            raise ValueError(f"invalid subprotocol {subprotocol!r}")
+        if not self.websocket:
+            raise RuntimeError("not a WebSocket request")
+        if self._state != _WAITING or self._gone:
+            return False
+        parts[1] = _U32.pack(len(chosen)) + chosen
+        parts[2] = _U32.pack(count)
+        size = sum(map(len, parts))
+        parts[0] = _FRAME.pack(size + 2, VERSION, WS_ACCEPT)
+        self._state = _WEBSOCKET
+        self._ws = _WebSocket(self._conn)
+        self._conn._send(b"".join(parts))
+        return True
+
+    def _socket(self) -> _WebSocket:
+        if self._ws is None:
+            raise RuntimeError("the WebSocket is not accepted")
+        return self._ws
+
+    def ws_receive(self, create_future: Callable[[], Any]) -> Any:
+        """The next message: ``("text", str)``, ``("bytes", bytes)`` or
+        ``("close", (code, reason))``; or a future to await first."""
+        return self._socket().receive(create_future)
+
+    def ws_send(self, data: str | bytes, create_future: Callable[[], Any]) -> Any:
+        """Queues a text (str) or binary (bytes) message. None, or a future to
+        await before sending more; raises ClientDisconnected once closed."""
+        return self._socket().send(data, create_future)
+
+    def ws_close(self, code: int = 1000, reason: str = "") -> None:
+        """Starts the closing handshake (no-op once closed)."""
+        self._socket().close(code, reason)
+
     def __repr__(self) -> str:
         return f"<BridgeRequest {self.method} {self.path}>"
+
+
+class _WebSocket:
+    """An accepted WebSocket on a bridge connection: messages in (buffered,
+    reading pauses past a bound) and out (``send`` waits when the native side
+    reads slower than we write)."""
+
+    __slots__ = ("_conn", "_inbox", "_buffered", "_closed", "_waiter", "_sending_closed", "_partial")
+
+    def __init__(self, conn: _BridgeConnection) -> None:
+        self._conn = conn
+        self._inbox: deque[tuple[str, Any]] = deque()
+        self._buffered = 0
+        self._closed: tuple[int, str] | None = None
+        self._waiter: Any = None
+        self._sending_closed = False
+        self._partial: list[bytes] = []
+
+    def receive(self, create_future: Callable[[], Any]) -> Any:
+        inbox = self._inbox
+        if inbox:
+            item = inbox.popleft()
+            self._buffered -= len(item[1])
+            conn = self._conn
+            if conn._reading_paused and self._buffered < _WS_INBOX_HIGH_WATER:
+                conn._resume_reading()
+            return item
+        if self._closed is not None:
+            return ("close", self._closed)
+        future = create_future()
+        self._waiter = future
+        return future
+
+    def send(self, data: str | bytes, create_future: Callable[[], Any]) -> Any:
+        if isinstance(data, str):
+            kind, payload = _WS_TEXT, data.encode("utf-8")
+        elif isinstance(data, (bytes, bytearray, memoryview)):
+            kind, payload = _WS_BINARY, bytes(data)
+        else:
+            raise TypeError(f"a WebSocket message is str or bytes, not {type(data).__name__}")
+        if self._sending_closed or self._closed is not None:
+            raise _ClientDisconnected("the WebSocket is closed")
+        conn = self._conn
+        size = len(payload)
+        if size <= CHUNK:
+            conn._send(_FRAME.pack(size + 3, VERSION, WS_MESSAGE) + bytes((kind,)) + payload)
+        else:
+            view = memoryview(payload)
+            parts: list[bytes] = []
+            for start in range(0, size, CHUNK):
+                piece = view[start : start + CHUNK]
+                flags = kind if start + CHUNK >= size else kind | _WS_MORE
+                parts += (_FRAME.pack(len(piece) + 3, VERSION, WS_MESSAGE), bytes((flags,)), piece)  # type: ignore[arg-type]
+            conn._send(b"".join(parts))
+        if conn._writing_paused:
+            future = create_future()
+            conn._drain_waiters.append(future)
+            return future
+        return None
+
+    def close(self, code: int, reason: str) -> None:
+        if self._sending_closed or self._closed is not None:
+            return
+        self._sending_closed = True
+        encoded = reason.encode("utf-8")
+        self._conn._send(_FRAME.pack(len(encoded) + 4, VERSION, WS_CLOSE) + _U16.pack(code) + encoded)
+
+    def _message(self, payload: bytes) -> None:
+        flags = payload[0]
+        self._partial.append(payload[1:])
+        if flags & _WS_MORE:
+            return
+        data = b"".join(self._partial) if len(self._partial) > 1 else self._partial[0]
+        self._partial = []
+        item = ("text", data.decode("utf-8")) if flags & _WS_TEXT else ("bytes", data)
+        self._inbox.append(item)
+        self._buffered += len(data)
+        if self._buffered >= _WS_INBOX_HIGH_WATER:
+            self._conn._pause_reading()
+        self._wake()
+
+    def closed_with(self, code: int, reason: str) -> None:
+        if self._closed is None:
+            self._closed = (code, reason)
+            self._sending_closed = True
+            self._wake()
+            # The messages still buffered stay readable; reading goes on to
+            # see the connection end.
+            self._conn._resume_reading()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
 
 
 # ---------------------------------------------------------------- one connection
@@ -543,6 +701,15 @@ class _BridgeConnection(asyncio.Protocol):
                     else:
                         request._set_gone()
                         request._finish_body((_ClientDisconnected, "the client disconnected"))
+                elif kind == WS_MESSAGE:
+                    if request is None or request._ws is None or length < 3:
+                        raise _ProtocolError("a WebSocket message outside a WebSocket")
+                    request._ws._message(data[offset + 6 : end])
+                elif kind == WS_CLOSE:
+                    if request is None or request._ws is None or length < 4:
+                        raise _ProtocolError("a WebSocket close outside a WebSocket")
+                    code = _U16.unpack_from(data, offset + 6)[0]
+                    request._ws.closed_with(code, data[offset + 8 : end].decode("utf-8", "replace"))
                 elif kind == HELLO:
                     token = self._listener.token
                     if self._greeted or (token is not None and not secrets.compare_digest(data[offset + 6 : end], token)):

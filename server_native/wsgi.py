@@ -187,6 +187,9 @@ class WSGIServer(BoundServer):
             "wsgi.multiprocess": False,
             "wsgi.run_once": False,
             "wsgi.file_wrapper": FileWrapper,
+            # The whole body is read before the app runs, and reading it to
+            # the end is safe without a Content-Length (chunked uploads).
+            "wsgi.input_terminated": True,
         }
 
     def serve(self, app: WSGIApp) -> None:
@@ -222,7 +225,12 @@ class WSGIServer(BoundServer):
                 environ["CONTENT_LENGTH"] = value
             else:
                 key = "HTTP_" + name.upper().replace("-", "_")
-                environ[key] = f"{environ[key]},{value}" if key in environ else value
+                if key in environ:
+                    # HTTP/2 splits cookies into fields; they rejoin with "; ".
+                    value = f"{environ[key]}{'; ' if name == 'cookie' else ','}{value}"
+                environ[key] = value
+        if "HTTP_HOST" not in environ and native_request.authority:
+            environ["HTTP_HOST"] = native_request.authority
         return environ
 
     def _call(self, app: WSGIApp, native_request: Any) -> None:

@@ -457,8 +457,11 @@ def test_max_concurrent_streams_is_the_quic_stream_limit(serve: Any, loop_thread
 
     async def scenario() -> int:
         async with connect(running.port, certs) as client:
-            await client.request("GET", "/")
-            return int(client._quic._remote_max_streams_bidi)  # the server's transport parameter
+            # The server's transport parameter, read before any stream ends
+            # (each finished stream raises the cumulative limit by one).
+            limit = int(client._quic._remote_max_streams_bidi)
+            assert (await client.request("GET", "/")).status == 200
+            return limit
 
     assert run(loop_thread, scenario()) == 7
 
