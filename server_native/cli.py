@@ -56,6 +56,14 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--reload", action="store_true", help="restart when Python files change (needs watchfiles)")
     serve.add_argument("--reload-dir", action="append", default=[], help="directories to watch (default: the current one)")
     serve.add_argument("--shared", action="store_true", help=argparse.SUPPRESS)
+    from . import prebuilt
+
+    setup = commands.add_parser("setup", help="download the prebuilt native library of a release into a cache")
+    prebuilt.add_setup_arguments(setup)
+    setup.set_defaults(run_command=prebuilt.run_setup)
+    info = commands.add_parser("info", help="which native library is loaded, from where, and what was tried")
+    prebuilt.add_info_arguments(info)
+    info.set_defaults(run_command=prebuilt.run_info)
     return parser
 
 
@@ -144,6 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     raw = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(raw)
+    if args.command in ("setup", "info"):
+        return int(args.run_command(args))
     _check(args, parser)
     if args.workers > 1 or args.reload:
         from .supervisor import supervise
