@@ -11,12 +11,12 @@ import asyncio
 import socket
 import sys
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 from ._loader import native
 
-__all__ = ["EventPump", "start_coroutine"]
+__all__ = ["EventPump", "body_chunks", "start_coroutine"]
 
 NativeRequest = native.NativeRequest
 
@@ -117,3 +117,15 @@ def _report(task: asyncio.Task[Any], on_error: Callable[[BaseException], None]) 
     exc = task.exception()
     if exc is not None:
         on_error(exc)
+
+
+async def body_chunks(native_request: Any, create_future: Callable[[], Any]) -> AsyncIterator[bytes]:
+    """A request body as it arrives, waiting on the native side's futures."""
+    while True:
+        step = native_request.read(create_future)
+        if step.__class__ is bytes:
+            if not step:
+                return
+            yield step
+        else:
+            await step

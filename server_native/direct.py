@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from ._loader import native
-from ._loop import start_coroutine
+from ._loop import body_chunks, start_coroutine
 from .config import ServerConfig
 from .serve import serve_bound
 from .server import BoundServer, bind_settings, logger, tls_settings
@@ -92,19 +92,7 @@ class NativeDirectRequest:
 
     @property
     def body(self) -> AsyncIterator[bytes]:
-        return self._chunks()
-
-    async def _chunks(self) -> AsyncIterator[bytes]:
-        create_future = (self._loop or asyncio.get_running_loop()).create_future
-        native_request = self._native
-        while True:
-            step = native_request.read(create_future)
-            if step.__class__ is bytes:
-                if not step:
-                    return
-                yield step
-            else:
-                await step
+        return body_chunks(self._native, (self._loop or asyncio.get_running_loop()).create_future)
 
     async def read(self) -> bytes:
         """The whole body."""

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import SplitResult, parse_qs, parse_qsl
 
+from ._loop import body_chunks
 from .cookies import Cookie, parse_cookie_header
 from .headers import HttpHeaders
 from .response import HttpResponse
@@ -118,17 +119,8 @@ class HttpRequest:
     def persistent_connection(self) -> bool:
         return self.headers.persistent_connection
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        native = self._native
-        create_future = self._loop.create_future
-        while True:
-            step = native.read(create_future)
-            if step.__class__ is bytes:
-                if not step:
-                    return
-                yield step
-            else:
-                await step
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return body_chunks(self._native, self._loop.create_future)
 
     async def read(self) -> bytes:
         """The whole body."""
