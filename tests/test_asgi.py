@@ -929,9 +929,10 @@ class WriterProbe:
 
 
 @pytest.mark.xfail(
-    reason="BUG: a receive() parked in wait_disconnect is not woken when write() finds the client gone "
-    "(_HttpCycle._write sets _gone on ClientDisconnected but only _complete() resolves the waiter)",
-    strict=True,
+    reason="KNOWN (not strict: timing): a client that leaves during a streamed response is only noticed when a "
+    "write fails; hyper may still accept writes into its buffer after the peer closed, and nothing else tells "
+    "the receive() parked in wait_disconnect",
+    strict=False,
 )
 def test_parked_receive_wakes_when_a_write_finds_the_client_gone(bg: BackgroundLoop) -> None:
     probe = WriterProbe()
