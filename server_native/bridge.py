@@ -159,8 +159,8 @@ def _add_chunks(parts: list[bytes], body: bytes) -> None:
 #: pre-encoded form that is returned for every request. Bounded.
 _direct_cache: dict[int, tuple[Any, bytes]] = {}
 _direct_cache_bytes = 0
-_DIRECT_CACHE_LIMIT = 4 * 1024 * 1024
-_DIRECT_CACHE_BODY = 64 * 1024
+_DIRECT_CACHE_LIMIT = 1024 * 1024
+_DIRECT_CACHE_BODY = 16 * 1024
 
 
 def _direct_frames(response: Any) -> bytes:

@@ -11,13 +11,21 @@
 //! | type | name           | direction     | payload |
 //! |------|----------------|---------------|---------|
 //! | 0    | hello          | Rust → Python | token (bytes); the first frame of every connection |
-//! | 1    | request head   | Rust → Python | client port u16, local port u16, tls u8, string count u32, that many u32 lengths, then the strings back to back: method, scheme, authority (empty: none), path, query, HTTP version, client ip, local ip, peer certificate DER (empty: none), then name and value of each header in order |
+//! | 1    | request head   | Rust → Python | client port u16, local port u16, flags u8 (1 TLS, 2 a WebSocket request), string count u32, that many u32 lengths, then the strings back to back: method, scheme, authority (empty: none), path, query, HTTP version, client ip, local ip, peer certificate DER (empty: none), then name and value of each header in order |
 //! | 2    | request chunk  | Rust → Python | body bytes (at most 64 KiB) |
 //! | 3    | request end    | Rust → Python | — |
 //! | 4    | response head  | Python → Rust | status u16, flags u8 (1: the server's default headers; 2: a whole body follows, collected before the head goes out), reason (empty: the standard one), header count u32, (name, value)… |
 //! | 5    | response chunk | Python → Rust | body bytes (at most 64 KiB) |
 //! | 6    | response end   | Python → Rust | — |
 //! | 7    | abort          | both          | Rust → Python: reason u8 (1 client gone, 2 body too large, 3 body discarded: the response was complete before it was read); Python → Rust: none (a 500, or the stream is cut off) |
+//! | 8    | websocket accept | Python → Rust | instead of a response head, for a WebSocket request: subprotocol (empty: none), header count u32, (name, value)… |
+//! | 9    | websocket message | both       | flags u8 (1 text, 2 binary; +4 more fragments follow), data (at most 64 KiB per frame) |
+//! | 10   | websocket close | both         | code u16, reason (the rest). Python → Rust: start the closing handshake; Rust → Python: the socket is closed (last frame) |
+//!
+//! The request head's flags say whether the request asks for a WebSocket
+//! (HTTP/1.1 upgrade or HTTP/2 extended CONNECT). Once Python accepts it, the
+//! connection carries that socket's messages both ways until it closes, and
+//! is not reused.
 //!
 //! A connection goes back to the pool only after a clean exchange: the
 //! request end (or a discard abort) written, the response end read, nothing
@@ -55,6 +63,13 @@ use crate::connection::Connection;
 use crate::exchange::ConnInfo;
 use crate::server::ServerShared;
 use crate::service::{error_response, RequestBodySource};
+use crate::websocket::{self, WebSocket};
+use futures_util::{SinkExt, StreamExt};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
 
 pub const VERSION: u8 = 1;
 /// Largest body chunk in one frame.
@@ -74,6 +89,9 @@ pub mod kind {
     pub const RESPONSE_CHUNK: u8 = 5;
     pub const RESPONSE_END: u8 = 6;
     pub const ABORT: u8 = 7;
+    pub const WS_ACCEPT: u8 = 8;
+    pub const WS_MESSAGE: u8 = 9;
+    pub const WS_CLOSE: u8 = 10;
 }
 
 /// Why Rust gives up on a request (the payload of its abort frame).
@@ -83,6 +101,16 @@ const ABORT_DISCARDED: u8 = 3;
 
 const FLAG_DEFAULT_HEADERS: u8 = 1;
 const FLAG_WHOLE_BODY: u8 = 2;
+/// Request head flags.
+const HEAD_TLS: u8 = 1;
+const HEAD_WEBSOCKET: u8 = 2;
+/// WebSocket message flags.
+const WS_TEXT: u8 = 1;
+const WS_BINARY: u8 = 2;
+const WS_MORE: u8 = 4;
+/// 1006: the connection ended without a close frame; 1011: server error.
+const WS_ABNORMAL: u16 = 1006;
+const WS_SERVER_ERROR: u16 = 1011;
 
 // ------------------------------------------------------------------ address
 
@@ -346,7 +374,7 @@ fn version_text(version: Version) -> &'static [u8] {
 /// The request head: the fixed fields, then every string's `u32` length
 /// (a table), then the strings back to back — so the Python end takes them
 /// apart with two `struct` calls instead of one per string.
-fn encode_request_head(out: &mut BytesMut, head: &Parts, info: &ConnInfo) {
+fn encode_request_head(out: &mut BytesMut, head: &Parts, info: &ConnInfo, websocket: bool) {
     let peer_ip = info.peer.ip().to_canonical().to_string();
     let local_ip = info.local.ip().to_canonical().to_string();
     let authority = match head.uri.authority() {
@@ -370,7 +398,7 @@ fn encode_request_head(out: &mut BytesMut, head: &Parts, info: &ConnInfo) {
     put_header(out, kind::REQUEST_HEAD, 9 + 4 * count + bytes);
     out.put_u16(info.peer.port());
     out.put_u16(info.local.port());
-    out.put_u8(info.tls as u8);
+    out.put_u8(if info.tls { HEAD_TLS } else { 0 } | if websocket { HEAD_WEBSOCKET } else { 0 });
     out.put_u32(count as u32);
     for field in fixed.iter().copied().chain(headers()) {
         out.put_u32(field.len() as u32);
@@ -555,10 +583,14 @@ impl Bridge {
         info: &ConnInfo,
         server: &ServerShared,
     ) -> Result<Response<ResponseBody>, Failure> {
+        let mut request = request;
+        let protocol = request.extensions().get::<hyper::ext::Protocol>().map(|p| p.as_str().to_owned());
+        let upgrade = websocket::is_upgrade(request.method(), request.version(), request.headers(), protocol.as_deref())
+            .then(|| hyper::upgrade::on(&mut request));
         let mut lease = self.checkout().await?;
         let (head, body) = request.into_parts();
         let mut out = BytesMut::with_capacity(512);
-        encode_request_head(&mut out, &head, info);
+        encode_request_head(&mut out, &head, info, upgrade.is_some());
         let too_large = CancellationToken::new();
         if body.is_end_stream() {
             put_frame(&mut out, kind::REQUEST_END, &[]);
@@ -583,6 +615,10 @@ impl Bridge {
         };
         match frame.kind {
             kind::RESPONSE_HEAD => {}
+            kind::WS_ACCEPT if upgrade.is_some() => {
+                let upgrade = upgrade.expect("checked above");
+                return accept_websocket(lease, upgrade, &head, frame.payload, server.config.websocket_max_message_size).await;
+            }
             kind::ABORT => {
                 return Ok(error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal server error"));
             }
@@ -614,6 +650,187 @@ impl Bridge {
                 other => return Err(BridgeError::UnexpectedFrame(other).into()),
             }
         }
+    }
+}
+
+/// Python accepted a WebSocket: the accepting response goes to the client,
+/// and the connection becomes that socket's tunnel.
+async fn accept_websocket(
+    mut lease: Lease,
+    upgrade: OnUpgrade,
+    request: &Parts,
+    payload: Bytes,
+    max_message_size: usize,
+) -> Result<Response<ResponseBody>, Failure> {
+    let mut fields = Fields { payload };
+    let subprotocol = fields.bytes()?;
+    let count = fields.u32()?;
+    let mut headers = HeaderMap::new();
+    for _ in 0..count {
+        let name = HeaderName::from_bytes(&fields.bytes()?).map_err(|_| BridgeError::Malformed("invalid header name"))?;
+        let value = HeaderValue::from_maybe_shared(fields.bytes()?).map_err(|_| BridgeError::Malformed("invalid header value"))?;
+        headers.append(name, value);
+    }
+    if !subprotocol.is_empty() {
+        let value = HeaderValue::from_maybe_shared(subprotocol).map_err(|_| BridgeError::Malformed("invalid subprotocol"))?;
+        headers.insert(http::header::SEC_WEBSOCKET_PROTOCOL, value);
+    }
+    let status = websocket::accept_head(request.version, &request.headers, &mut headers);
+    // The request side is through before the socket starts (an upgrade
+    // request has no body; should one come, it is written out first).
+    let writer = match std::mem::replace(&mut lease.writer, Writer::Gone) {
+        Writer::Here(writer) => writer,
+        Writer::Pumping { task, signals: _ } => match task.await {
+            Ok(Some(writer)) => writer,
+            _ => return Err(BridgeError::Closed.into()),
+        },
+        Writer::Gone => return Err(BridgeError::Closed.into()),
+    };
+    let reader = lease.reader.take().expect("the lease keeps its reader");
+    // The connection leaves the pool for good: a long-lived socket must not
+    // hold one of the slots that bound requests in flight.
+    drop(lease);
+    tokio::spawn(tunnel(upgrade, reader, writer, max_message_size));
+    let mut response = Response::new(ResponseBody::empty());
+    *response.status_mut() = status;
+    *response.headers_mut() = headers;
+    Ok(response)
+}
+
+/// Appends a message as frames of at most `CHUNK` bytes.
+fn put_ws_message(out: &mut BytesMut, kind: u8, data: &[u8]) {
+    let mut pieces = data.chunks(CHUNK).peekable();
+    if pieces.peek().is_none() {
+        put_frame(out, kind::WS_MESSAGE, &[kind]);
+        return;
+    }
+    while let Some(piece) = pieces.next() {
+        let flags = if pieces.peek().is_some() { kind | WS_MORE } else { kind };
+        put_header(out, kind::WS_MESSAGE, 1 + piece.len());
+        out.put_u8(flags);
+        out.extend_from_slice(piece);
+    }
+}
+
+fn ws_close_frame(code: u16, reason: &str) -> BytesMut {
+    let mut out = BytesMut::with_capacity(8 + reason.len());
+    put_header(&mut out, kind::WS_CLOSE, 2 + reason.len());
+    out.put_u16(code);
+    out.extend_from_slice(reason.as_bytes());
+    out
+}
+
+/// Carries one accepted WebSocket's messages between the client and Python
+/// until either side closes. The two directions run independently, so a
+/// full buffer one way never stops the other; each frame is written whole.
+async fn tunnel(upgrade: OnUpgrade, mut reader: FrameReader, mut writer: WriteHalf, max_message_size: usize) {
+    let Ok(upgraded) = upgrade.await else {
+        let _ = writer.write_all(&ws_close_frame(WS_ABNORMAL, "")).await;
+        return;
+    };
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(max_message_size))
+        .max_frame_size(Some(max_message_size));
+    let stream = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
+    let (mut sink, mut source) = stream.split();
+    let client_done = CancellationToken::new();
+    let we_closed = CancellationToken::new();
+    let python_gone = std::sync::atomic::AtomicBool::new(false);
+    let from_client = async {
+        let mut out = BytesMut::new();
+        let outcome = loop {
+            let next = tokio::select! {
+                biased;
+                next = source.next() => next,
+                // After our close frame, the client has a moment to answer.
+                _ = async {
+                    we_closed.cancelled().await;
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                } => break (WS_ABNORMAL, String::new()),
+            };
+            let (kind, data) = match next {
+                Some(Ok(Message::Text(text))) => (WS_TEXT, Bytes::from(text)),
+                Some(Ok(Message::Binary(data))) => (WS_BINARY, data),
+                Some(Ok(Message::Close(frame))) => {
+                    break frame.map_or((1005, String::new()), |f| (f.code.into(), f.reason.to_string()));
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => break (WS_ABNORMAL, String::new()),
+            };
+            if python_gone.load(std::sync::atomic::Ordering::Relaxed) {
+                continue;
+            }
+            out.clear();
+            put_ws_message(&mut out, kind, &data);
+            if writer.write_all(&out).await.is_err() {
+                python_gone.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        };
+        client_done.cancel();
+        outcome
+    };
+    let from_python = async {
+        let mut message: Option<(u8, BytesMut)> = None;
+        let limit = max_message_size.max(MAX_FRAME);
+        loop {
+            let frame = tokio::select! {
+                biased;
+                _ = client_done.cancelled() => return,
+                frame = reader.next() => frame,
+            };
+            let close = match frame {
+                Ok(FrameIn { kind: kind::WS_MESSAGE, mut payload }) if !payload.is_empty() => {
+                    let flags = payload.get_u8();
+                    let (kind, data) = message.get_or_insert_with(|| (flags & (WS_TEXT | WS_BINARY), BytesMut::new()));
+                    data.extend_from_slice(&payload);
+                    if data.len() > limit {
+                        Some((WS_SERVER_ERROR, "message too large"))
+                    } else if flags & WS_MORE != 0 {
+                        continue;
+                    } else {
+                        let (kind, data) = (*kind, std::mem::take(data).freeze());
+                        message = None;
+                        let outgoing = if kind == WS_TEXT {
+                            match String::from_utf8(data.to_vec()) {
+                                Ok(text) => Message::text(text),
+                                Err(_) => {
+                                    python_gone.store(true, std::sync::atomic::Ordering::Relaxed);
+                                    let _ = sink.send(WebSocket::close_message(WS_SERVER_ERROR, "")).await;
+                                    we_closed.cancel();
+                                    return;
+                                }
+                            }
+                        } else {
+                            Message::binary(data)
+                        };
+                        if sink.send(outgoing).await.is_err() {
+                            return;
+                        }
+                        None
+                    }
+                }
+                Ok(FrameIn { kind: kind::WS_CLOSE, payload }) if payload.len() >= 2 => {
+                    let code = u16::from_be_bytes([payload[0], payload[1]]);
+                    let reason = String::from_utf8_lossy(&payload[2..]).into_owned();
+                    let _ = sink.send(WebSocket::close_message(code, &reason)).await;
+                    we_closed.cancel();
+                    return;
+                }
+                // Python went away or broke the protocol: the client is told.
+                _ => Some((WS_SERVER_ERROR, "")),
+            };
+            if let Some((code, reason)) = close {
+                python_gone.store(true, std::sync::atomic::Ordering::Relaxed);
+                let _ = sink.send(WebSocket::close_message(code, reason)).await;
+                we_closed.cancel();
+                return;
+            }
+        }
+    };
+    let ((code, reason), ()) = tokio::join!(from_client, from_python);
+    let _ = sink.close().await;
+    if !python_gone.load(std::sync::atomic::Ordering::Relaxed) {
+        let _ = writer.write_all(&ws_close_frame(code, &reason)).await;
     }
 }
 

@@ -35,6 +35,7 @@ import httpx
 import pytest
 
 from server_native import (
+    ClientDisconnected,
     NativeDirectResponse,
     NativeHttpServer,
     NativeServerBind,
@@ -45,6 +46,7 @@ from server_native import (
 )
 from server_native._loader import native
 from server_native.config import ServerConfig
+from server_native.websocket import is_upgrade_request, upgrade_websocket
 
 try:
     from .conftest import Certificates, LoopThread
@@ -61,6 +63,7 @@ unix_only = pytest.mark.skipif(not hasattr(socket, "AF_UNIX") or sys.platform ==
 
 VERSION = 1
 HELLO, REQUEST_HEAD, REQUEST_CHUNK, REQUEST_END, RESPONSE_HEAD, RESPONSE_CHUNK, RESPONSE_END, ABORT = range(8)
+WS_ACCEPT, WS_MESSAGE, WS_CLOSE = 8, 9, 10
 DEFAULT_HEADERS, WHOLE_BODY = 1, 2
 
 
@@ -123,13 +126,14 @@ class Head:
     tls: bool
     certificate: bytes
     headers: list[tuple[bytes, bytes]]
+    websocket: bool = False
 
     @classmethod
     def decode(cls, payload: bytes) -> Head:
         """Client port, local port, tls, a table of string lengths, then the
         strings: method, scheme, authority, path, query, version, client ip,
         local ip, certificate, and each header's name and value."""
-        client_port, local_port, tls, count = struct.unpack_from(">HHBI", payload)
+        client_port, local_port, flags, count = struct.unpack_from(">HHBI", payload)
         lengths = struct.unpack_from(f">{count}I", payload, 9)
         at = 9 + 4 * count
         strings = []
@@ -144,9 +148,10 @@ class Head:
             *text,  # type: ignore[arg-type]
             (client_ip.decode(), client_port),
             (local_ip.decode(), local_port),
-            tls == 1,
+            bool(flags & 1),
             certificate,
             headers,
+            bool(flags & 2),
         )
 
 
@@ -447,6 +452,7 @@ FAILURES = {
         response_head(200, flags=WHOLE_BODY) + frame(RESPONSE_CHUNK, b"partial")
     ),
     "whole-body-wrong-frame": send_and_stay(response_head(200, flags=WHOLE_BODY) + frame(REQUEST_END)),
+    "websocket-accept-for-a-plain-request": send_and_stay(frame(WS_ACCEPT, string(b"") + struct.pack(">I", 0))),
     "half-a-frame-then-close": send_then_close(response_head(200)[:7]),
 }
 
@@ -1116,3 +1122,252 @@ def test_serve_native_direct_on_the_bridge(loop_thread: LoopThread) -> None:
         assert get(f"http://127.0.0.1:{port}/stream").text == "part0;part1;part2;part3;part4;"
     finally:
         helper.stop()
+
+
+# ---------------------------------------------------------------- WebSocket (both transports, through `serve`)
+
+
+class EchoSocket:
+    """Echoes every message; ``close-please`` makes it close with 4000;
+    ``/refuse`` answers 403 instead of accepting. Records how each socket
+    ended."""
+
+    def __init__(self) -> None:
+        self.closed: list[tuple[int | None, str]] = []
+        self.done = threading.Event()
+        self.kinds: list[str] = []
+
+    async def __call__(self, request: Any) -> None:
+        self.kinds.append(type(request._native).__name__)
+        if not is_upgrade_request(request):
+            request.response.status_code = 426
+            request.response.write("a WebSocket endpoint")
+            return
+        if request.uri.path == "/refuse":
+            request.response.status_code = 403
+            request.response.write("no")
+            return
+        socket_ = await upgrade_websocket(request, protocol_selector=lambda offered: offered[-1])
+        try:
+            async for message in socket_:
+                if message == "close-please":
+                    await socket_.close(4000, "bye")
+                    break
+                await socket_.send(message)
+        finally:
+            self.closed.append((socket_.close_code, socket_.close_reason))
+            self.done.set()
+
+
+def ws_url(running: Any, path: str = "/") -> str:
+    return f"ws://127.0.0.1:{running.port}{path}"
+
+
+def test_websocket_echo_text_binary_and_large_messages(serve: Any) -> None:
+    from websockets.sync.client import connect
+
+    handler = EchoSocket()
+    running = serve(handler)
+    big = os.urandom(3 * MIB)
+    text = "é" * 100_000  # 200 KB of UTF-8, several frames on the bridge
+    with connect(ws_url(running), subprotocols=["chat", "superchat"], max_size=None, open_timeout=TIMEOUT, close_timeout=TIMEOUT) as ws:
+        assert ws.subprotocol == "superchat"
+        ws.send("hello")
+        assert ws.recv(timeout=TIMEOUT) == "hello"
+        ws.send(b"\x00\x01\xff")
+        assert ws.recv(timeout=TIMEOUT) == b"\x00\x01\xff"
+        ws.send(big)
+        assert ws.recv(timeout=TIMEOUT) == big
+        ws.send(text)
+        assert ws.recv(timeout=TIMEOUT) == text
+        ws.send(b"")
+        assert ws.recv(timeout=TIMEOUT) == b""
+    assert handler.done.wait(TIMEOUT)
+    assert handler.closed == [(1000, "")]
+    # the plain request to the same path is still plain HTTP
+    assert get(running.url("/")).status_code == 426
+
+
+def test_websocket_closed_by_the_server(serve: Any) -> None:
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    handler = EchoSocket()
+    running = serve(handler)
+    with connect(ws_url(running), open_timeout=TIMEOUT, close_timeout=TIMEOUT) as ws:
+        ws.send("close-please")
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=TIMEOUT)
+    assert closed.value.rcvd is not None
+    assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4000, "bye")
+    assert handler.done.wait(TIMEOUT)
+    assert handler.closed == [(4000, "bye")]
+    assert get(running.url("/after")).status_code == 426
+
+
+def test_websocket_client_vanishing_is_1006(serve: Any) -> None:
+    from websockets.sync.client import connect
+
+    handler = EchoSocket()
+    running = serve(handler)
+    with connect(ws_url(running), open_timeout=TIMEOUT, close_timeout=1) as ws:
+        ws.send("one")
+        assert ws.recv(timeout=TIMEOUT) == "one"
+        ws.socket.shutdown(socket.SHUT_RDWR)  # gone, without a close frame
+    assert handler.done.wait(TIMEOUT), "the handler never learned that its client left"
+    assert handler.closed == [(1006, "")]
+
+
+def test_websocket_refused_with_a_plain_response(serve: Any) -> None:
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    handler = EchoSocket()
+    running = serve(handler)
+    with pytest.raises(InvalidStatus) as refused:
+        connect(ws_url(running, "/refuse"), open_timeout=TIMEOUT)
+    assert refused.value.response.status_code == 403
+    assert refused.value.response.body == b"no"
+
+
+def test_websocket_send_after_close_raises(serve: Any, loop_thread: LoopThread) -> None:
+    from websockets.sync.client import connect
+
+    outcome: list[object] = []
+    done = threading.Event()
+
+    async def handler(request: Any) -> None:
+        socket_ = await upgrade_websocket(request)
+        assert await socket_.receive() == "go"
+        socket_._native.ws_close(1000, "")
+        try:
+            await socket_.send("too late")
+        except ClientDisconnected as error:
+            outcome.append(error)
+        while await socket_.receive() is not None:
+            pass
+        outcome.append(socket_.close_code)
+        done.set()
+
+    running = serve(handler)
+    with connect(ws_url(running), open_timeout=TIMEOUT, close_timeout=TIMEOUT) as ws:
+        ws.send("go")
+        assert done.wait(TIMEOUT)
+    assert isinstance(outcome[0], ClientDisconnected) and outcome[1] == 1000
+
+
+def h2_websocket_exchange(port: int, messages: list[bytes]) -> tuple[int, list[bytes]]:
+    """RFC 8441: a WebSocket over an HTTP/2 extended CONNECT stream, by hand
+    (h2 + wsproto's frame layer). Returns the status and the echoed messages."""
+    import h2.config
+    import h2.connection
+    import h2.events
+    from wsproto.frame_protocol import FrameProtocol, Opcode
+
+    sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    conn.initiate_connection()
+    sock.sendall(conn.data_to_send())
+    ws = FrameProtocol(client=True, extensions=[])
+    status = 0
+    echoed: list[bytes] = []
+    partial = bytearray()
+    sent = False
+    with sock:
+        while len(echoed) < len(messages):
+            data = sock.recv(65536)
+            if not data:
+                break
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.RemoteSettingsChanged) and not sent:
+                    conn.send_headers(
+                        1,
+                        [(":method", "CONNECT"), (":protocol", "websocket"), (":scheme", "http"), (":path", "/h2"),
+                         (":authority", f"127.0.0.1:{port}"), ("sec-websocket-version", "13")],
+                    )
+                    sent = True
+                elif isinstance(event, h2.events.ResponseReceived):
+                    status = int(dict(event.headers)[":status"])
+                    if status != 200:
+                        return status, echoed
+                    for message in messages:
+                        data = ws.send_data(message, fin=True)
+                        for at in range(0, len(data), 16_384):  # the default frame size
+                            conn.send_data(1, data[at : at + 16_384])
+                elif isinstance(event, h2.events.DataReceived):
+                    conn.acknowledge_received_data(event.flow_controlled_length, 1)
+                    ws.receive_bytes(event.data)
+                    for frame in ws.received_frames():  # wsproto hands over partial frames
+                        if frame.opcode in (Opcode.BINARY, Opcode.TEXT, Opcode.CONTINUATION):
+                            partial += frame.payload if isinstance(frame.payload, bytes) else frame.payload.encode()
+                            if frame.message_finished:
+                                echoed.append(bytes(partial))
+                                partial.clear()
+            sock.sendall(conn.data_to_send())
+    return status, echoed
+
+
+def test_websocket_over_http2(serve: Any) -> None:
+    handler = EchoSocket()
+    running = serve(handler)
+    messages = [b"first", os.urandom(40_000)]  # within the default flow-control window
+    status, echoed = h2_websocket_exchange(running.port, messages)
+    assert status == 200
+    assert echoed == messages
+    assert handler.kinds[0] in ("NativeRequest", "BridgeRequest")
+
+
+def test_websocket_through_a_fake_python_end(fake: FakeEnd, native_server: Callable[..., Native]) -> None:
+    """The frames themselves: the head says "WebSocket", Python accepts with
+    a subprotocol, messages cross both ways, Python closes with 4001 and
+    hears the client's answer."""
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    heard: list[tuple[int, bytes]] = []
+
+    def accept(sock: socket.socket, reader: Reader, exchange: Exchange) -> bool:
+        assert exchange.head.websocket
+        sock.sendall(frame(WS_ACCEPT, string(b"proto-x") + struct.pack(">I", 1) + string(b"x-extra") + string(b"1")))
+        for _ in range(2):
+            kind, payload = reader.frame()
+            assert kind == WS_MESSAGE
+            heard.append((payload[0], payload[1:]))
+        sock.sendall(frame(WS_MESSAGE, b"\x01" + "hé".encode()) + frame(WS_MESSAGE, b"\x06" + b"ab") + frame(WS_MESSAGE, b"\x02" + b"cd"))
+        sock.sendall(frame(WS_CLOSE, struct.pack(">H", 4001) + b"done"))
+        kind, payload = reader.frame()  # the socket's end, with the client's code
+        heard.append((kind, payload))
+        return False
+
+    fake.then(accept)
+    running = native_server(fake.address)
+    with connect(f"ws://127.0.0.1:{running.port}/fake", subprotocols=["proto-x"], open_timeout=TIMEOUT, close_timeout=TIMEOUT) as ws:
+        assert ws.subprotocol == "proto-x"
+        assert ws.response.headers["x-extra"] == "1"
+        ws.send("tx")
+        ws.send(b"\x00bin")
+        assert ws.recv(timeout=TIMEOUT) == "hé"
+        assert ws.recv(timeout=TIMEOUT) == b"abcd"  # two fragments, one message
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=TIMEOUT)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 4001
+    deadline = time.monotonic() + TIMEOUT
+    while len(heard) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert heard[:2] == [(1, b"tx"), (2, b"\x00bin")]
+    assert heard[2][0] == WS_CLOSE and struct.unpack(">H", heard[2][1][:2])[0] == 4001
+
+
+def test_open_websockets_do_not_hold_the_pool(bridge: Callable[..., NativeHttpServer]) -> None:
+    """An accepted WebSocket leaves the pool: with room for one request in
+    flight, two open sockets still leave plain requests served."""
+    from websockets.sync.client import connect
+
+    handler = EchoSocket()
+    server = bridge(handler, max_pending_requests=1)
+    with connect(f"ws://127.0.0.1:{server.port}/a", open_timeout=TIMEOUT) as first:
+        with connect(f"ws://127.0.0.1:{server.port}/b", open_timeout=TIMEOUT) as second:
+            first.send("1")
+            second.send("2")
+            assert (first.recv(timeout=TIMEOUT), second.recv(timeout=TIMEOUT)) == ("1", "2")
+            assert get(url(server, "/plain")).status_code == 426
