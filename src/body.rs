@@ -4,7 +4,7 @@
 
 use std::collections::VecDeque;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
@@ -16,6 +16,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::boundary::queue::{Event, EventQueue};
+use crate::exchange::Exchange;
 
 /// How much of a request body is read ahead of the application.
 pub const REQUEST_HIGH_WATER: usize = 256 * 1024;
@@ -269,14 +270,15 @@ impl ResponseStream {
         Poll::Pending
     }
 
-    fn peer_gone(&self) {
+    /// hyper let go of the body; true when that was before its end.
+    fn peer_gone(&self) -> bool {
         let mut state = self.state.lock();
-        if !state.finished {
-            state.peer_gone = true;
-        }
+        let cut_short = !state.finished;
+        state.peer_gone |= cut_short;
         if let Some(writer) = state.writer.take() {
             self.events.push(Event::Wake(writer));
         }
+        cut_short
     }
 }
 
@@ -300,12 +302,26 @@ impl ResponseBody {
 }
 
 /// hyper's handle on a `ResponseStream`; when hyper drops it before the end,
-/// the client went away and the application is told so.
-pub struct StreamBody(pub Arc<ResponseStream>);
+/// the client went away: a blocked writer and a parked `wait_disconnect`
+/// (ASGI's `http.disconnect`) are both told, even if the app writes nothing.
+pub struct StreamBody {
+    stream: Arc<ResponseStream>,
+    exchange: Weak<Exchange>,
+}
+
+impl StreamBody {
+    pub fn new(stream: Arc<ResponseStream>, exchange: &Arc<Exchange>) -> Self {
+        StreamBody { stream, exchange: Arc::downgrade(exchange) }
+    }
+}
 
 impl Drop for StreamBody {
     fn drop(&mut self) {
-        self.0.peer_gone();
+        if self.stream.peer_gone() {
+            if let Some(exchange) = self.exchange.upgrade() {
+                exchange.abandon();
+            }
+        }
     }
 }
 
@@ -319,7 +335,7 @@ impl Body for ResponseBody {
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.get_mut() {
             ResponseBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            ResponseBody::Stream(stream) => stream.0.poll_chunk(cx).map(|c| c.map(|r| r.map(Frame::data))),
+            ResponseBody::Stream(stream) => stream.stream.poll_chunk(cx).map(|c| c.map(|r| r.map(Frame::data))),
             ResponseBody::Boxed(body) => Pin::new(body).poll_frame(cx),
         }
     }

@@ -212,7 +212,7 @@ impl NativeRequest {
     #[pyo3(signature = (status, headers, reason = None))]
     fn start(&self, status: u16, headers: Option<&Bound<'_, PyAny>>, reason: Option<&str>) -> PyResult<bool> {
         let stream = ResponseStream::new(self.server.events.clone());
-        let response = self.response(status, headers, reason, ResponseBody::Stream(StreamBody(stream.clone())))?;
+        let response = self.response(status, headers, reason, ResponseBody::Stream(StreamBody::new(stream.clone(), &self.exchange)))?;
         self.exchange.set_stream(stream);
         self.send(response)
     }
