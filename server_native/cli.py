@@ -25,6 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("app", help="the app as module:attribute, e.g. myproject.main:app")
     serve.add_argument("--interface", choices=INTERFACES, default="auto", help="app interface (default: detected)")
     serve.add_argument("--factory", action="store_true", help="APP is a factory: call it to get the app")
+    serve.add_argument("--app-dir", default="", help="import the app from this directory (default: the current one)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind: an IP, a name, 'localhost' or 'any'")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--uds", help="bind a Unix domain socket instead of a TCP port")
@@ -121,7 +122,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
 
 def _serve_one(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    sys.path.insert(0, os.getcwd())
+    sys.path.insert(0, os.path.abspath(args.app_dir))
     try:
         app = load_app(args.app, factory=args.factory)
     except AppLoadError as exc:

@@ -179,6 +179,15 @@ def test_an_unimportable_module_is_one_line_and_non_zero(app_dir: Path) -> None:
     assert "cannot import module 'nosuchmodule'" in result.stderr
 
 
+def test_app_dir_is_where_the_app_is_imported_from(app_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    args = ("serve", "cliapp:nothing", "--app-dir", str(app_dir))
+    result = subprocess.run(command(*args), cwd=elsewhere, env=environment(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    # found and imported (the attribute is what is missing), though the cwd has no cliapp
+    assert result.stderr.strip().splitlines() == ["server-native: error: module 'cliapp' has no attribute 'nothing'"]
+
+
 def test_a_bad_option_exits_with_usage(app_dir: Path) -> None:
     result = subprocess.run(command("serve", "cliapp:app", "--http", "3"), cwd=app_dir, env=environment(), capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
