@@ -131,13 +131,42 @@ def server_native_app(script: str, *flags: str) -> Callable[[Ports, Path], list[
     return command
 
 
-def uvicorn_command(ports: Ports, scratch: Path) -> list[str]:
-    return [
-        sys.executable, "-m", "uvicorn", "asgi_hello:app", "--app-dir", str(APPS),
-        "--host", HOST, "--port", str(ports.h1), "--workers", "1",
-        "--loop", "uvloop", "--http", "httptools",
-        "--no-access-log", "--log-level", "warning",
-    ]  # fmt: skip
+def server_native_serve(interface: str, target: str) -> Callable[[Ports, Path], list[str]]:
+    """An ASGI/WSGI app through `server-native serve`, as a user would run it."""
+
+    def command(ports: Ports, scratch: Path) -> list[str]:
+        return [
+            sys.executable, "-m", "server_native", "serve", target, "--app-dir", str(APPS),
+            "--interface", interface, "--host", HOST, "--port", str(ports.h1),
+            "--no-http3", "--log-level", "warning",
+        ]  # fmt: skip
+
+    return command
+
+
+def uvicorn_app(target: str) -> Callable[[Ports, Path], list[str]]:
+    def command(ports: Ports, scratch: Path) -> list[str]:
+        return [
+            sys.executable, "-m", "uvicorn", target, "--app-dir", str(APPS),
+            "--host", HOST, "--port", str(ports.h1), "--workers", "1",
+            "--loop", "uvloop", "--http", "httptools",
+            "--no-access-log", "--log-level", "warning",
+        ]  # fmt: skip
+
+    return command
+
+
+def gunicorn_app(target: str) -> Callable[[Ports, Path], list[str]]:
+    # gthread: keep-alive and the same 4 threads as server-native's WSGI default
+    # (the sync worker closes every connection).
+    def command(ports: Ports, scratch: Path) -> list[str]:
+        return [
+            sys.executable, "-m", "gunicorn", target, "--chdir", str(APPS),
+            "--bind", f"{HOST}:{ports.h1}", "--workers", "1",
+            "--worker-class", "gthread", "--threads", "4", "--log-level", "warning",
+        ]  # fmt: skip
+
+    return command
 
 
 def granian_app(interface: str, target: str) -> Callable[[Ports, Path], list[str]]:
@@ -177,6 +206,7 @@ def nginx_command(ports: Ports, scratch: Path) -> list[str]:
     return [find_nginx() or "nginx", "-p", str(scratch), "-c", str(config), "-e", "stderr"]
 
 
+NO_H2C_UVICORN = (("h2c", "uvicorn has no HTTP/2"),)
 RUST_ONLY_BODY = (
     ("get10k", "native_response is one fixed body for every path"),
     ("echo256", "native_response is one fixed body for every path"),
@@ -207,11 +237,36 @@ CASES = (
     Case("granian_asgi", "Granian ASGI + uvloop, raw ASGI app, 1 worker, 1 runtime thread",
          granian_app("asgi", "asgi_hello:app"), modules=("granian", "uvloop")),
     Case("uvicorn_asgi", "uvicorn + httptools + uvloop, raw ASGI app, 1 worker",
-         uvicorn_command, modules=("uvicorn", "httptools", "uvloop"),
-         not_run=(("h2c", "uvicorn has no HTTP/2"),)),
+         uvicorn_app("asgi_hello:app"), modules=("uvicorn", "httptools", "uvloop"),
+         not_run=NO_H2C_UVICORN),
     Case("nginx", "nginx `return 200`, 1 process, no access log; h2c on a port of its own",
          nginx_command, needs_nginx=True, h2c_own_port=True,
          not_run=(("echo256", "nginx-light cannot echo a request body (no echo module)"),)),
+    # Issue 5's apps: the same app file on every server.
+    Case("native_asgi", "server-native serve, raw ASGI app (the uvicorn/Granian one)",
+         server_native_serve("asgi", "asgi_hello:app")),
+    *(case
+      for app, label in (("starlette", "Starlette"), ("fastapi", "FastAPI"))
+      for case in (
+          Case(f"native_{app}", f"server-native serve, {label} app",
+               server_native_serve("asgi", f"{app}_hello:app"), modules=(app,)),
+          Case(f"granian_{app}", f"Granian ASGI + uvloop, {label} app, 1 worker, 1 runtime thread",
+               granian_app("asgi", f"{app}_hello:app"), modules=("granian", "uvloop", app)),
+          Case(f"uvicorn_{app}", f"uvicorn + httptools + uvloop, {label} app, 1 worker",
+               uvicorn_app(f"{app}_hello:app"), modules=("uvicorn", "httptools", "uvloop", app),
+               not_run=NO_H2C_UVICORN),
+      )),
+    *(case
+      for app, label, modules in (("wsgi", "raw WSGI", ()), ("flask", "Flask", ("flask",)))
+      for case in (
+          Case(f"native_{app}", f"server-native serve, {label} app, 4 threads",
+               server_native_serve("wsgi", f"{app}_hello:app"), modules=modules),
+          Case(f"granian_{app}", f"Granian WSGI, {label} app, 1 worker, 1 runtime thread",
+               granian_app("wsgi", f"{app}_hello:app"), modules=("granian", *modules)),
+          Case(f"gunicorn_{app}", f"gunicorn gthread, {label} app, 1 worker, 4 threads",
+               gunicorn_app(f"{app}_hello:app"), modules=("gunicorn", *modules),
+               not_run=(("h2c", "gunicorn has no HTTP/2"),)),
+      )),
 )  # fmt: skip
 CASES_BY_NAME = {case.name: case for case in CASES}
 
@@ -812,6 +867,14 @@ TARGETS = (
            "native_http", "uvicorn_asgi", 1.3, 1.1, ("h1",), ("hello",)),
     Target("Rust-only >= nginx `return 200`",
            "native_rust_only", "nginx", 1.0, 1.0, ("h1",), ("hello",), show_client_cpu=True),
+    Target("raw ASGI hello >= 1.1x Granian ASGI",
+           "native_asgi", "granian_asgi", 1.1, 1.1, ("h1",), ("hello",)),
+    Target("raw WSGI hello >= 1.1x Granian WSGI",
+           "native_wsgi", "granian_wsgi", 1.1, 1.1, ("h1",), ("hello",)),
+    Target("Starlette >= 1.2x Starlette on uvicorn",
+           "native_starlette", "uvicorn_starlette", 1.2, 1.2, ("h1",), ALL_WORKLOADS),
+    Target("FastAPI >= 1.2x FastAPI on uvicorn",
+           "native_fastapi", "uvicorn_fastapi", 1.2, 1.2, ("h1",), ALL_WORKLOADS),
 )  # fmt: skip
 
 
@@ -1144,8 +1207,15 @@ def load_until(port: int, target: int, rate: float, soak: Soak, args: argparse.N
     return rate
 
 
+def checkpoint_list(text: str) -> tuple[int, ...]:
+    points = tuple(int(part) for part in text.split(","))
+    if not points or list(points) != sorted(set(points)) or points[0] <= 0:
+        raise argparse.ArgumentTypeError("increasing positive request counts, e.g. 50000,500000")
+    return points
+
+
 def rss_soak(case: Case, pinned: bool, args: argparse.Namespace) -> Soak:
-    """Steady wrk load; RSS of the server tree read at each checkpoint of SOAK_CHECKPOINTS."""
+    """Steady wrk load; RSS of the server tree read at each of --soak-checkpoints."""
     soak = Soak(case.name, pinned)
     deadline = time.monotonic() + SOAK_TIME_LIMIT_S
     with tempfile.TemporaryDirectory(prefix=f"soak-{case.name}-") as scratch:
@@ -1154,7 +1224,7 @@ def rss_soak(case: Case, pinned: bool, args: argparse.Namespace) -> Soak:
                 soak.idle_rss_mib = tree_rss_mib(server.pid)
                 port = server.port("h1")
                 rate = load(port, 1, soak, args)  # calibration
-                for target in SOAK_CHECKPOINTS:
+                for target in args.soak_checkpoints:
                     rate = load_until(port, target, rate, soak, args, deadline)
                     soak.points.append(SoakPoint(soak.served, tree_rss_mib(server.pid)))
         except BenchError as exc:
@@ -1279,6 +1349,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--rss-soak", action="store_true",
         help=f"report server RSS after ~{SOAK_CHECKPOINTS[0]:,} and ~{SOAK_CHECKPOINTS[1]:,}"
         " requests of steady HTTP/1.1 GET hello load instead of the matrix",
+    )  # fmt: skip
+    parser.add_argument(
+        "--soak-checkpoints", type=checkpoint_list, default=SOAK_CHECKPOINTS, metavar="N,N,...",
+        help="request counts at which --rss-soak reads RSS (default: 50000,500000); more points"
+        " tell allocator warm-up from a leak",
     )  # fmt: skip
     args = parser.parse_args(argv)
     if args.concurrency < args.threads:
