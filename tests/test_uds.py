@@ -25,11 +25,12 @@ import httpx
 import pytest
 
 from apps.harness import serving
-from conftest import LoopThread, requires_curl
+from conftest import Certificates, LoopThread, requires_curl
 from server_native import NativeHttpServer
 from server_native.asgi import serve_asgi
 from server_native.direct import NativeDirectResponse, serve_native_direct
 from server_native.proxy import ProxyHeaders
+from server_native.server import tls_settings
 from server_native.wsgi import serve_wsgi
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="Unix domain sockets")
@@ -158,6 +159,17 @@ def test_http_server_bind_unix_with_curl(sock_path: str, loop_thread: LoopThread
         ]
     assert outputs == ["('', 0, 0) http://app/x?y=1"] * 2
     assert not os.path.lexists(sock_path)
+
+
+@requires_curl
+def test_tls_over_the_socket(sock_path: str, loop_thread: LoopThread, certs: Certificates) -> None:
+    tls = tls_settings(certificate_path=certs.cert_path, key_path=certs.key_path)
+    with http_server_on(sock_path, loop_thread, True, tls=tls):
+        output = subprocess.run(
+            ["curl", "-sS", "--max-time", "10", "--cacert", str(certs.ca_path), "--unix-socket", sock_path, "https://localhost/"],
+            capture_output=True, text=True, timeout=30, check=True,
+        ).stdout
+    assert output == "('', 0, 0) https://localhost/"
 
 
 def test_socket_file_mode(sock_path: str, loop_thread: LoopThread) -> None:
