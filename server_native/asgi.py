@@ -281,10 +281,10 @@ async def _run(app: ASGIApp, scope: Scope, cycle: _HttpCycle, access_log: bool) 
     else:
         cycle.close_for_app(None)
     if access_log:
+        client = scope["client"]
         _access.info(
-            '%s:%d - "%s %s HTTP/%s" %d',
-            scope["client"][0],
-            scope["client"][1],
+            '%s - "%s %s HTTP/%s" %d',
+            "%s:%d" % client if client else "unix socket",
             scope["method"],
             scope["raw_path"].decode("latin-1"),
             scope["http_version"],

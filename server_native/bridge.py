@@ -71,7 +71,7 @@ _field_value = re.compile(rb"[\t\x20-\x7e\x80-\xff]*").fullmatch
 _WAITING, _STREAMING, _DONE, _WEBSOCKET = 0, 1, 2, 3
 
 #: Request head flags.
-_HEAD_TLS, _HEAD_WEBSOCKET = 1, 2
+_HEAD_TLS, _HEAD_WEBSOCKET, _HEAD_UNIX = 1, 2, 4
 #: WebSocket message flags.
 _WS_TEXT, _WS_BINARY, _WS_MORE = 1, 2, 4
 #: WebSocket messages buffered ahead of the application before reading pauses.
@@ -255,8 +255,13 @@ class BridgeRequest:
         self.path = path.decode("latin-1")
         self.query = query.decode("latin-1")
         self.http_version = version.decode("latin-1")
-        self.remote_addr = (remote_ip.decode("latin-1"), remote_port)
-        self.local_addr = (local_ip.decode("latin-1"), local_port)
+        if flags & _HEAD_UNIX:
+            # Over a Unix socket: no client address, the server is its path.
+            self.remote_addr: tuple[str, int] | None = None
+            self.local_addr: tuple[str, int | None] = (local_ip.decode("utf-8"), None)
+        else:
+            self.remote_addr = (remote_ip.decode("latin-1"), remote_port)
+            self.local_addr = (local_ip.decode("latin-1"), local_port)
         self.tls = bool(flags & _HEAD_TLS)
         #: Whether the request asks for a WebSocket (HTTP/1.1 upgrade or
         #: HTTP/2 extended CONNECT).

@@ -26,11 +26,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--interface", choices=INTERFACES, default="auto", help="app interface (default: detected)")
     serve.add_argument("--factory", action="store_true", help="APP is a factory: call it to get the app")
     serve.add_argument("--app-dir", default="", help="import the app from this directory (default: the current one)")
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind: an IP, a name, 'localhost' or 'any'")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--uds", help="bind a Unix domain socket instead of a TCP port")
+    serve.add_argument("--host", help="address to bind: an IP, a name, 'localhost' or 'any' (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="default 8000")
+    serve.add_argument("--uds", help="bind a Unix domain socket at this path instead of a TCP port")
+    serve.add_argument("--uds-mode", type=_octal, help="the Unix socket file's mode, e.g. 660 (default: from the umask)")
+    serve.add_argument("--fd", type=int, help="serve on this inherited listening socket (TCP or Unix) instead of binding")
     serve.add_argument("--backlog", type=int, default=0)
-    serve.add_argument("--workers", type=int, default=1, help="worker processes sharing the port (SO_REUSEPORT)")
+    serve.add_argument("--workers", type=int, default=1, help="worker processes sharing the port (SO_REUSEPORT) or the Unix socket")
     serve.add_argument("--threads", type=int, default=4, help="WSGI worker threads per process")
     serve.add_argument("--http", choices=("auto", "1", "2"), default="auto", help="HTTP versions over TCP")
     serve.add_argument("--http3", action=argparse.BooleanOptionalAction, default=True, help="HTTP/3 over QUIC (with TLS)")
@@ -68,14 +70,34 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _octal(text: str) -> int:
+    try:
+        mode = int(text.removeprefix("0o"), 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an octal file mode: {text!r}") from None
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"file mode must be between 000 and 777, not {text!r}")
+    return mode
+
+
 def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    if args.uds:
-        parser.error("--uds: Unix domain sockets are not supported yet; use --host/--port")
+    """Refuses contradictory options, then fills in the TCP defaults."""
+    tcp_given = args.host is not None or args.port is not None
+    if args.uds is not None and tcp_given:
+        parser.error("--uds replaces --host/--port: give one or the other")
+    if args.fd is not None and (tcp_given or args.uds is not None):
+        parser.error("--fd replaces --host/--port and --uds: give one or the other")
+    if args.uds_mode is not None and args.uds is None:
+        parser.error("--uds-mode needs --uds")
+    if args.uds == "":
+        parser.error("--uds needs a socket file path")
+    args.host = "127.0.0.1" if args.host is None else args.host
+    args.port = 8000 if args.port is None else args.port
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be between 0 and 65535, not {args.port}")
     if args.workers < 1:
         parser.error("--workers must be at least 1")
-    if args.workers > 1 and args.port == 0:
+    if args.workers > 1 and args.port == 0 and args.uds is None and args.fd is None:
         parser.error("--workers needs an explicit --port (every worker binds the same one)")
     if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
         parser.error("--ssl-certfile and --ssl-keyfile go together")
@@ -86,6 +108,9 @@ def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
 def _options(args: argparse.Namespace) -> dict[str, Any]:
     """run() keyword arguments from the parsed command line."""
     options: dict[str, Any] = {"interface": args.interface, "backlog": args.backlog, "shared": args.shared}
+    for name in ("uds", "uds_mode", "fd"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
     if args.http != "auto":
         options["http2"] = args.http == "2"
     options["http3"] = args.http3 and bool(args.ssl_certfile)
@@ -159,5 +184,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.workers > 1 or args.reload:
         from .supervisor import supervise
 
-        return supervise(raw, workers=args.workers, reload=args.reload, reload_dirs=args.reload_dir or [os.getcwd()])
+        return supervise(
+            raw,
+            workers=args.workers,
+            reload=args.reload,
+            reload_dirs=args.reload_dir or [os.getcwd()],
+            uds=args.uds,
+            uds_mode=args.uds_mode,
+            fd=args.fd,
+            backlog=args.backlog,
+        )
     return _serve_one(args)

@@ -50,6 +50,16 @@ class ServerConfig:
     backlog: int = 0
     v6_only: bool = False
     shared: bool = False
+    #: Serve on this Unix domain socket path instead of a TCP host and port
+    #: (HTTP/1.1 and h2c; no HTTP/3). A stale socket file is replaced, any
+    #: other file is an error; the file is removed on close.
+    uds: str | None = None
+    #: The socket file's mode, e.g. ``0o660``; None leaves it to the umask.
+    uds_mode: int | None = None
+    #: Serve on this already listening socket (TCP or Unix, e.g. inherited
+    #: from a supervisor) instead of binding. The server uses a duplicate:
+    #: the descriptor stays the caller's.
+    fd: int | None = None
     http2: bool = True
     #: HTTP/3 over QUIC on the same port (UDP); only with TLS.
     http3: bool = True
@@ -101,5 +111,13 @@ class ServerConfig:
                 raise ValueError(f"{name} must be positive")
         if not 0 <= self.backlog < 2**31:
             raise ValueError("backlog must be between 0 and 2**31-1")
+        if self.uds is not None:
+            self.uds = os.fspath(self.uds)
+        if self.uds is not None and self.fd is not None:
+            raise ValueError("uds and fd are two ways to say where to listen: give one")
+        if self.uds_mode is not None and (self.uds is None or not 0 <= self.uds_mode <= 0o777):
+            raise ValueError("uds_mode needs uds and must be between 0 and 0o777")
+        if self.fd is not None and self.fd < 0:
+            raise ValueError("fd must be a file descriptor number")
         if self.native_response is not None:
             self.native_response = bytes(self.native_response)

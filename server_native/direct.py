@@ -38,7 +38,7 @@ class NativeDirectRequest:
     """A request as plain fields: ``method``, ``scheme``, ``authority``,
     ``path``, ``query``, ``protocol``, ``headers`` (pairs, repeats kept),
     ``header(name)``, ``body`` (async iterator of bytes), ``uri`` and
-    ``client`` (address, port)."""
+    ``client`` (address, port; None over a Unix socket)."""
 
     __slots__ = ("_native", "_loop")
 
@@ -86,8 +86,8 @@ class NativeDirectRequest:
         return f"{self._native.path}?{query}" if query else self._native.path  # type: ignore[no-any-return]
 
     @property
-    def client(self) -> tuple[str, int]:
-        """The client's real address and port."""
+    def client(self) -> tuple[str, int] | None:
+        """The client's real address and port; None over a Unix socket."""
         return self._native.remote_addr  # type: ignore[no-any-return]
 
     @property

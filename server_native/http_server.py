@@ -57,6 +57,13 @@ class NativeHttpServer(BoundServer):
         return cls(*bind_settings(address, port, **options))
 
     @classmethod
+    async def bind_unix(cls, path: str | os.PathLike[str], **options: Any) -> NativeHttpServer:
+        """Binds a Unix domain socket at ``path`` (HTTP/1.1 and h2c). A stale
+        socket file is replaced; the file is removed on close. Options as for
+        :meth:`bind`, and ``uds_mode`` (e.g. ``0o660``)."""
+        return cls(*bind_settings("", uds=path, **options))
+
+    @classmethod
     async def loopback(cls, port: int = 0, **options: Any) -> NativeHttpServer:
         """Binds every loopback interface (127.0.0.1 and ::1 when available)."""
         return await cls.bind("localhost", port, **options)

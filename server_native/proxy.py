@@ -38,11 +38,13 @@ class ProxyHeaders:
         return any(address in network for network in self._networks)
 
     def resolve(
-        self, client: tuple[str, int], scheme: str, headers: Iterable[tuple[bytes, bytes]]
-    ) -> tuple[tuple[str, int], str]:
+        self, client: tuple[str, int] | None, scheme: str, headers: Iterable[tuple[bytes, bytes]]
+    ) -> tuple[tuple[str, int] | None, str]:
         """The client and scheme after believing a trusted proxy's headers.
-        With a chain of proxies, the nearest untrusted hop is the client."""
-        if not self.trusts(client[0]):
+        With a chain of proxies, the nearest untrusted hop is the client.
+        A Unix socket peer (``client`` None) is trusted, as gunicorn does:
+        the socket file's permissions say who may connect."""
+        if client is not None and not self.trusts(client[0]):
             return client, scheme
         forwarded_for: list[str] = []
         proto = None
@@ -60,12 +62,12 @@ class ProxyHeaders:
                             forwarded_for.append(item[1:item.index("]")] if item.startswith("[") else item.split(":")[0])
                         elif key.lower() == "proto":
                             proto = item.lower()
-        host = client[0]
+        host = None if client is None else client[0]
         for hop in reversed(forwarded_for):
             host = hop
             if not self.trusts(hop):
                 break
-        if host != client[0]:
+        if host is not None and (client is None or host != client[0]):
             client = (host, 0)
         if proto in ("http", "https"):
             scheme = proto

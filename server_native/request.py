@@ -71,7 +71,8 @@ class HttpRequest:
     def requested_uri(self) -> Uri:
         """The full URL the client asked for: scheme, authority, path, query."""
         native = self._native
-        authority = native.authority or f"{native.local_addr[0]}:{native.local_addr[1]}"
+        host, port = native.local_addr
+        authority = native.authority or (f"{host}:{port}" if port is not None else "localhost")
         return Uri(native.scheme, authority, native.path, native.query, "")
 
     @property
@@ -93,9 +94,13 @@ class HttpRequest:
 
     @property
     def connection_info(self) -> HttpConnectionInfo:
-        """The real client address and port, and the local port."""
-        host, port = self._native.remote_addr
-        return HttpConnectionInfo(host, port, self._native.local_addr[1])
+        """The real client address and port, and the local port. Over a Unix
+        socket there are none: ``("", 0, 0)`` (dart:io reports port 0 there,
+        gunicorn an empty ``REMOTE_ADDR``)."""
+        remote = self._native.remote_addr
+        if remote is None:
+            return HttpConnectionInfo("", 0, 0)
+        return HttpConnectionInfo(remote[0], remote[1], self._native.local_addr[1])
 
     @property
     def certificate(self) -> bytes | None:

@@ -216,6 +216,9 @@ def _echo(server: Any) -> None:
     protocols = ["HTTP/1.1"]
     if server.config.http2:
         protocols.append("HTTP/2")
+    via = f"via server_native ({', '.join(protocols)})"
+    if server.uds is not None:
+        print(f"Server listening on unix:{server.uds} ({scheme}) {via}", flush=True)
     for host, port in server.addresses:
         shown = f"[{host}]" if ":" in host else host
-        print(f"Server listening on {scheme}://{shown}:{port} via server_native ({', '.join(protocols)})", flush=True)
+        print(f"Server listening on {scheme}://{shown}:{port} {via}", flush=True)

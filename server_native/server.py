@@ -14,6 +14,7 @@ from ._loop import EventPump
 from .addresses import resolve_bind_hosts
 from .bridge import BridgeListener
 from .config import ServerConfig, TlsConfig
+from .unix_socket import UnixSocketFile, bind_unix_socket
 
 __all__ = ["BoundServer", "HttpConnectionsInfo", "bind_settings", "tls_settings"]
 
@@ -37,11 +38,16 @@ def bind_settings(
     http2: bool = True,
     http3: bool = True,
     native_callback: bool = True,
+    uds: str | os.PathLike[str] | None = None,
     config: ServerConfig | None = None,
     **limits: Any,
 ) -> tuple[ServerConfig, list[str], int]:
     """The settings, IP addresses and port for a bind call. ``limits`` are
-    :class:`ServerConfig` fields (``max_body_size``...)."""
+    :class:`ServerConfig` fields (``max_body_size``...). ``uds`` (a Unix
+    socket path) or ``fd`` (a listening socket) replace ``address`` and
+    ``port``."""
+    if uds is not None:
+        limits["uds"] = os.fspath(uds)
     port = int(port)
     if not 0 <= port <= 65535:
         raise ValueError(f"port must be between 0 and 65535, not {port}")
@@ -55,6 +61,8 @@ def bind_settings(
         native_callback=native_callback,
         **limits,
     )
+    if settings.uds is not None or settings.fd is not None:
+        return settings, [], 0
     return settings, resolve_bind_hosts(address, v6_only=v6_only), port
 
 
@@ -103,14 +111,23 @@ class BoundServer:
         self._config = config
         self._closing: asyncio.Future[None] | None = None
         self._pump = None if threaded else EventPump(self._loop, self._on_request)
+        #: The Unix socket file this server made, removed once it has closed.
+        self._socket_file: UnixSocketFile | None = None
         try:
             wake_fd = None if self._pump is None else self._pump.wake_fd
-            self._native = native.NativeServer(config, hosts, port, wake_fd)
+            if config.uds is None:
+                self._native = native.NativeServer(config, hosts, port, wake_fd)
+            else:
+                sock, self._socket_file = bind_unix_socket(config.uds, backlog=config.backlog, mode=config.uds_mode)
+                with sock:  # The native side serves its own duplicate.
+                    adopted = replace(config, uds=None, uds_mode=None, fd=sock.fileno())
+                    self._native = native.NativeServer(adopted, hosts, port, wake_fd)
         except BaseException:
             if self._pump is not None:
                 self._pump.detach()
             if self._bridge is not None:
                 self._bridge.close_now()
+            self._remove_socket_file()
             raise
         if self._pump is not None:
             self._pump.attach(self._native)
@@ -125,12 +142,19 @@ class BoundServer:
 
     @property
     def address(self) -> str:
-        """The first bound address."""
-        return self._native.addresses[0][0]  # type: ignore[no-any-return]
+        """The first bound address, or the Unix socket path."""
+        uds = self.uds
+        return uds if uds is not None else self._native.addresses[0][0]  # type: ignore[no-any-return]
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
+        """The TCP addresses and ports (none for a Unix socket server)."""
         return self._native.addresses  # type: ignore[no-any-return]
+
+    @property
+    def uds(self) -> str | None:
+        """The Unix socket path served on, or None."""
+        return self._native.unix_path  # type: ignore[no-any-return]
 
     @property
     def secure(self) -> bool:
@@ -164,6 +188,7 @@ class BoundServer:
         elif force:
             self._native.close(True, 0.0, self._loop.create_future())
         await asyncio.shield(self._closing)
+        self._remove_socket_file()
         if self._bridge is not None:
             # The native side has drained: nothing is in flight any more.
             await self._bridge.close()
@@ -171,6 +196,11 @@ class BoundServer:
             if self._pump is not None:
                 self._pump.detach()
             self._closed.set_result(None)
+
+    def _remove_socket_file(self) -> None:
+        if self._socket_file is not None:
+            self._socket_file.remove()
+            self._socket_file = None
 
     def _on_closing(self) -> None:
         """Called once when closing starts."""

@@ -1,5 +1,8 @@
 """Worker processes for ``--workers N`` and ``--reload``: each worker is the
-same command line serving on one shared port (SO_REUSEPORT). A worker that
+same command line serving on one shared port (SO_REUSEPORT). A Unix socket
+cannot be shared by path: the supervisor binds it once, every worker serves
+its listening descriptor (``--fd``), and the file goes when the supervisor
+does. A worker that
 dies is replaced; SIGTERM drains every worker; SIGINT drains, and a second
 SIGINT stops them at once; with ``--reload`` a change to a Python file
 replaces the workers."""
@@ -13,6 +16,8 @@ import sys
 import time
 from collections.abc import Sequence
 
+from .unix_socket import bind_unix_socket
+
 __all__ = ["supervise"]
 
 logger = logging.getLogger("server_native.supervisor")
@@ -21,26 +26,32 @@ _POLL = 0.2
 _DRAIN_LIMIT = 30.0
 
 
-def _worker_command(argv: Sequence[str]) -> list[str]:
-    """The same serve command for one worker: no --workers, no --reload."""
+def _worker_command(argv: Sequence[str], *, listening_fd: int | None = None) -> list[str]:
+    """The same serve command for one worker: no --workers, no --reload;
+    with ``listening_fd`` (the supervisor's Unix socket), ``--fd`` in place of
+    ``--uds``."""
+    dropped = ("--workers", "--reload-dir") + (("--uds", "--uds-mode") if listening_fd is not None else ())
     command: list[str] = []
     skip = False
     for arg in argv:
         if skip:
             skip = False
             continue
-        if arg in ("--workers", "--reload-dir"):
+        if arg in dropped:
             skip = True
             continue
-        if arg.startswith(("--workers=", "--reload-dir=")) or arg == "--reload":
+        if arg.startswith(tuple(f"{option}=" for option in dropped)) or arg == "--reload":
             continue
         command.append(arg)
+    if listening_fd is not None:
+        command += ["--fd", str(listening_fd)]
     return [sys.executable, "-m", "server_native", *command, "--workers", "1", "--shared"]
 
 
 class _Supervisor:
-    def __init__(self, command: list[str], workers: int) -> None:
+    def __init__(self, command: list[str], workers: int, pass_fds: tuple[int, ...] = ()) -> None:
         self.command = command
+        self.pass_fds = pass_fds
         self.count = workers
         self.workers: list[subprocess.Popen[bytes]] = []
         self.stopping = False
@@ -48,7 +59,7 @@ class _Supervisor:
 
     def start(self) -> None:
         while len(self.workers) < self.count:
-            self.workers.append(subprocess.Popen(self.command))
+            self.workers.append(subprocess.Popen(self.command, pass_fds=self.pass_fds))
 
     def on_signal(self, signum: int, _frame: object) -> None:
         if signum == signal.SIGINT:
@@ -95,9 +106,35 @@ class _Supervisor:
         return 0 if all(code in (0, -signal.SIGTERM, -signal.SIGINT) for code in codes) else 1
 
 
-def supervise(argv: Sequence[str], *, workers: int, reload: bool, reload_dirs: Sequence[str]) -> int:
+def supervise(
+    argv: Sequence[str],
+    *,
+    workers: int,
+    reload: bool,
+    reload_dirs: Sequence[str],
+    uds: str | None = None,
+    uds_mode: int | None = None,
+    fd: int | None = None,
+    backlog: int = 0,
+) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    supervisor = _Supervisor(_worker_command(argv), workers)
+    if uds is None:
+        passed = () if fd is None else (fd,)
+        return _supervise(_Supervisor(_worker_command(argv), workers, passed), reload, reload_dirs)
+    try:
+        sock, socket_file = bind_unix_socket(uds, backlog=backlog, mode=uds_mode)
+    except OSError as exc:
+        print(f"server-native: error: {exc}", file=sys.stderr)
+        return 1
+    try:
+        with sock:
+            command = _worker_command(argv, listening_fd=sock.fileno())
+            return _supervise(_Supervisor(command, workers, (sock.fileno(),)), reload, reload_dirs)
+    finally:
+        socket_file.remove()
+
+
+def _supervise(supervisor: _Supervisor, reload: bool, reload_dirs: Sequence[str]) -> int:
     signal.signal(signal.SIGTERM, supervisor.on_signal)
     signal.signal(signal.SIGINT, supervisor.on_signal)
     supervisor.start()

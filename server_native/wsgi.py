@@ -176,7 +176,10 @@ class WSGIServer(BoundServer):
         self._root_path = root_path
         self._proxy = proxy
         super().__init__(config, hosts, port, threaded=True)
-        host, server_port = self.addresses[0]
+        # Over a Unix socket, gunicorn's values: the path and no port, unless
+        # the request's Host says better (see _environ).
+        self._uds = self.uds
+        host, server_port = (self._uds, "") if self._uds is not None else self.addresses[0]
         self._base = {
             "SERVER_NAME": host,
             "SERVER_PORT": str(server_port),
@@ -214,8 +217,14 @@ class WSGIServer(BoundServer):
         client, scheme = native_request.remote_addr, native_request.scheme
         if self._proxy is not None:
             client, scheme = self._proxy.resolve(client, scheme, native_request.raw_headers())
-        environ["REMOTE_ADDR"], port = client
-        environ["REMOTE_PORT"] = str(port)
+        if client is None:
+            # A Unix socket peer has no address: gunicorn's empty REMOTE_ADDR.
+            environ["REMOTE_ADDR"] = ""
+        else:
+            environ["REMOTE_ADDR"], port = client
+            environ["REMOTE_PORT"] = str(port)
+        if self._uds is not None and native_request.authority:
+            environ["SERVER_NAME"], environ["SERVER_PORT"] = _split_host(native_request.authority, scheme)
         environ["wsgi.url_scheme"] = scheme
         environ["wsgi.input"] = InputStream(native_request)
         for name, value in native_request.headers():
@@ -266,6 +275,14 @@ class WSGIServer(BoundServer):
             native_request.abort()
         else:
             native_request.respond(500, _PLAIN, b"Internal Server Error")
+
+
+def _split_host(authority: str, scheme: str) -> tuple[str, str]:
+    """``SERVER_NAME`` and ``SERVER_PORT`` from a Host header value."""
+    name, colon, port = authority.rpartition(":")
+    if colon and port.isdigit():
+        return name, port
+    return authority, "443" if scheme == "https" else "80"
 
 
 async def serve_wsgi(

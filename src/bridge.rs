@@ -11,7 +11,7 @@
 //! | type | name           | direction     | payload |
 //! |------|----------------|---------------|---------|
 //! | 0    | hello          | Rust → Python | token (bytes); the first frame of every connection |
-//! | 1    | request head   | Rust → Python | client port u16, local port u16, flags u8 (1 TLS, 2 a WebSocket request), string count u32, that many u32 lengths, then the strings back to back: method, scheme, authority (empty: none), path, query, HTTP version, client ip, local ip, peer certificate DER (empty: none), then name and value of each header in order |
+//! | 1    | request head   | Rust → Python | client port u16, local port u16, flags u8 (1 TLS, 2 a WebSocket request, 4 over a Unix socket: no client address, local ip is the socket path), string count u32, that many u32 lengths, then the strings back to back: method, scheme, authority (empty: none), path, query, HTTP version, client ip, local ip, peer certificate DER (empty: none), then name and value of each header in order |
 //! | 2    | request chunk  | Rust → Python | body bytes (at most 64 KiB) |
 //! | 3    | request end    | Rust → Python | — |
 //! | 4    | response head  | Python → Rust | status u16, flags u8 (1: the server's default headers; 2: a whole body follows, collected before the head goes out), reason (empty: the standard one), header count u32, (name, value)… |
@@ -104,6 +104,7 @@ const FLAG_WHOLE_BODY: u8 = 2;
 /// Request head flags.
 const HEAD_TLS: u8 = 1;
 const HEAD_WEBSOCKET: u8 = 2;
+const HEAD_UNIX: u8 = 4;
 /// WebSocket message flags.
 const WS_TEXT: u8 = 1;
 const WS_BINARY: u8 = 2;
@@ -375,8 +376,8 @@ fn version_text(version: Version) -> &'static [u8] {
 /// (a table), then the strings back to back — so the Python end takes them
 /// apart with two `struct` calls instead of one per string.
 fn encode_request_head(out: &mut BytesMut, head: &Parts, info: &ConnInfo, websocket: bool) {
-    let peer_ip = info.peer.ip().to_canonical().to_string();
-    let local_ip = info.local.ip().to_canonical().to_string();
+    let (peer_ip, peer_port) = info.addresses.remote().unwrap_or_default();
+    let (local_ip, local_port) = info.addresses.local();
     let authority = match head.uri.authority() {
         Some(authority) => authority.as_str().as_bytes(),
         None => head.headers.get(HOST).map_or(&b""[..], |v| v.as_bytes()),
@@ -396,9 +397,10 @@ fn encode_request_head(out: &mut BytesMut, head: &Parts, info: &ConnInfo, websoc
     let count = fixed.len() + 2 * head.headers.len();
     let bytes: usize = fixed.iter().map(|s| s.len()).sum::<usize>() + headers().map(<[u8]>::len).sum::<usize>();
     put_header(out, kind::REQUEST_HEAD, 9 + 4 * count + bytes);
-    out.put_u16(info.peer.port());
-    out.put_u16(info.local.port());
-    out.put_u8(if info.tls { HEAD_TLS } else { 0 } | if websocket { HEAD_WEBSOCKET } else { 0 });
+    out.put_u16(peer_port);
+    out.put_u16(local_port.unwrap_or(0));
+    let unix = if local_port.is_none() { HEAD_UNIX } else { 0 };
+    out.put_u8(if info.tls { HEAD_TLS } else { 0 } | if websocket { HEAD_WEBSOCKET } else { 0 } | unix);
     out.put_u32(count as u32);
     for field in fixed.iter().copied().chain(headers()) {
         out.put_u32(field.len() as u32);

@@ -21,6 +21,9 @@ pub struct ServerConfig {
     pub backlog: i32,
     pub v6_only: bool,
     pub shared: bool,
+    /// A listening socket (TCP or Unix) to serve on instead of binding:
+    /// inherited (`--fd`), or a Unix socket the Python side bound.
+    pub fd: Option<i32>,
     pub http2: bool,
     pub http3: bool,
     /// Serve without HTTP/3 (instead of failing) when its UDP port is taken.

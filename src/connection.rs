@@ -1,9 +1,8 @@
-//! One accepted TCP connection: optional TLS handshake, then HTTP/1.1 or
+//! One accepted connection (TCP or Unix socket): optional TLS handshake, then HTTP/1.1 or
 //! HTTP/2 through hyper-util's auto builder, closed gracefully on shutdown or
 //! when idle, and aborted on a forced close.
 
 use std::io;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -16,12 +15,11 @@ use hyper::service::service_fn;
 use hyper_util::server::conn::auto;
 use std::future::Future;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 use crate::config::seconds;
-use crate::exchange::ConnInfo;
+use crate::exchange::{Addresses, ConnInfo};
 use crate::h1_guard::H1Guard;
 use crate::server::{Protocols, ServerShared};
 use crate::service;
@@ -86,15 +84,16 @@ impl Drop for InFlight {
 
 /// Serves one accepted socket until it closes; `permit` holds its place under
 /// `max_connections`.
-pub async fn serve(stream: TcpStream, peer: SocketAddr, server: Arc<ServerShared>, permit: OwnedSemaphorePermit) {
+pub async fn serve<S>(stream: S, addresses: Addresses, server: Arc<ServerShared>, permit: OwnedSemaphorePermit)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let _permit = permit;
     let counter = server.clone();
     let _counted = counter.stats.open();
-    let _ = stream.set_nodelay(true);
-    let local = stream.local_addr().unwrap_or(peer);
     match server.tls.clone() {
         None => {
-            let info = ConnInfo { peer, local, tls: false, peer_certificate: None };
+            let info = ConnInfo { addresses, tls: false, peer_certificate: None };
             let guarded = H1Guard::new(stream, server.config.max_header_size);
             run(guarded, info, server).await;
         }
@@ -110,7 +109,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, server: Arc<ServerShared
             let peer_certificate =
                 stream.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.clone().into_owned());
             let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-            let info = ConnInfo { peer, local, tls: true, peer_certificate };
+            let info = ConnInfo { addresses, tls: true, peer_certificate };
             if h2 {
                 run(stream, info, server).await;
             } else {

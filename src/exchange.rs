@@ -19,10 +19,38 @@ use crate::websocket::WebSocket;
 
 /// What a connection knows about itself, shared by its requests.
 pub struct ConnInfo {
-    pub peer: SocketAddr,
-    pub local: SocketAddr,
+    pub addresses: Addresses,
     pub tls: bool,
     pub peer_certificate: Option<CertificateDer<'static>>,
+}
+
+/// Where a connection comes from and arrives.
+pub enum Addresses {
+    /// TCP or QUIC.
+    Ip { peer: SocketAddr, local: SocketAddr },
+    /// A Unix domain socket: the client has no address worth naming (ASGI's
+    /// `client` is None), the server is known by the socket's path.
+    Unix { path: Arc<str> },
+}
+
+impl Addresses {
+    /// The client's IP and port; None over a Unix socket. IPv4 clients of a
+    /// dual-stack socket appear as IPv4, not as `::ffff:a.b.c.d`.
+    pub fn remote(&self) -> Option<(String, u16)> {
+        match self {
+            Addresses::Ip { peer, .. } => Some((peer.ip().to_canonical().to_string(), peer.port())),
+            Addresses::Unix { .. } => None,
+        }
+    }
+
+    /// The server's IP and port, or a Unix socket's path and no port (ASGI's
+    /// `server = [path, None]`).
+    pub fn local(&self) -> (String, Option<u16>) {
+        match self {
+            Addresses::Ip { local, .. } => (local.ip().to_canonical().to_string(), Some(local.port())),
+            Addresses::Unix { path } => (path.to_string(), None),
+        }
+    }
 }
 
 /// Why the response could not be handed over.

@@ -21,7 +21,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::seconds;
 use crate::connection::Connection;
-use crate::exchange::ConnInfo;
+use crate::exchange::{Addresses, ConnInfo};
 use crate::server::ServerShared;
 use crate::service;
 
@@ -97,7 +97,7 @@ async fn serve_connection(incoming: quinn::Incoming, local: SocketAddr, server: 
         .peer_identity()
         .and_then(|identity| identity.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok())
         .and_then(|chain| chain.first().cloned());
-    let info = ConnInfo { peer: quic.remote_address(), local, tls: true, peer_certificate };
+    let info = ConnInfo { addresses: Addresses::Ip { peer: quic.remote_address(), local }, tls: true, peer_certificate };
     let conn = Connection::new(server.clone(), info);
     let mut builder = h3::server::builder();
     builder.max_field_section_size(server.config.max_header_size as u64);

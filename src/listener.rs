@@ -1,5 +1,6 @@
-//! Listening sockets: options the user asked for, and one port shared by every
-//! interface of a server.
+//! Listening sockets: options the user asked for, one port shared by every
+//! interface of a server, and sockets made elsewhere (an inherited `--fd`,
+//! a Unix socket the Python side bound).
 
 use std::io;
 use std::net::{IpAddr, SocketAddr, TcpListener};
@@ -12,6 +13,54 @@ pub struct SocketOptions {
     pub backlog: i32,
     pub v6_only: bool,
     pub shared: bool,
+}
+
+/// A socket the server accepts connections on.
+pub enum Listener {
+    Tcp(TcpListener),
+    #[cfg(unix)]
+    Unix(std::os::unix::net::UnixListener),
+}
+
+impl Listener {
+    /// The address of a TCP listener; None for a Unix one.
+    pub fn tcp_address(&self) -> Option<io::Result<SocketAddr>> {
+        match self {
+            Listener::Tcp(tcp) => Some(tcp.local_addr()),
+            #[cfg(unix)]
+            Listener::Unix(_) => None,
+        }
+    }
+}
+
+/// Adopts the listening socket `fd` (TCP or Unix). The server works on its
+/// own duplicate: the caller's descriptor stays open and theirs to close.
+#[cfg(unix)]
+pub fn adopt(fd: i32, backlog: i32) -> io::Result<Listener> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // F_DUPFD_CLOEXEC checks `fd` is open without assuming anything about it.
+    let duplicate = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if duplicate < 0 {
+        let error = io::Error::last_os_error();
+        return Err(io::Error::new(error.kind(), format!("cannot use file descriptor {fd}: {error}")));
+    }
+    // SAFETY: `duplicate` was just made and nothing else owns it.
+    let socket = Socket::from(unsafe { OwnedFd::from_raw_fd(duplicate) });
+    let not_a_stream = || io::Error::new(io::ErrorKind::InvalidInput, format!("file descriptor {fd} is not a stream socket"));
+    if socket.r#type().map_err(|_| not_a_stream())? != Type::STREAM {
+        return Err(not_a_stream());
+    }
+    // Listening again only updates the backlog (asyncio does the same with
+    // a socket it is given); a socket that was merely bound starts listening.
+    socket.listen(backlog_or_default(backlog))?;
+    socket.set_nonblocking(true)?;
+    let unix = socket.local_addr()?.as_socket().is_none();
+    Ok(if unix { Listener::Unix(socket.into()) } else { Listener::Tcp(socket.into()) })
+}
+
+#[cfg(not(unix))]
+pub fn adopt(_fd: i32, _backlog: i32) -> io::Result<Listener> {
+    Err(io::Error::new(io::ErrorKind::Unsupported, "serving on an inherited file descriptor needs a Unix system"))
 }
 
 /// How often `port=0` on several interfaces retries when the port picked on the
@@ -82,8 +131,11 @@ fn bind_socket(addr: SocketAddr, opts: SocketOptions) -> io::Result<TcpListener>
         socket.set_reuse_port(true)?;
     }
     socket.bind(&addr.into())?;
-    let backlog = if opts.backlog <= 0 { 1024 } else { opts.backlog };
-    socket.listen(backlog)?;
+    socket.listen(backlog_or_default(opts.backlog))?;
     socket.set_nonblocking(true)?;
     Ok(socket.into())
+}
+
+fn backlog_or_default(backlog: i32) -> i32 {
+    if backlog <= 0 { 1024 } else { backlog }
 }

@@ -1,7 +1,9 @@
 //! A running server: its listeners, shared settings, counters, and the
 //! two-step shutdown (drain, then abort).
 
-use std::net::{SocketAddr, TcpListener as StdListener};
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +14,8 @@ use parking_lot::RwLock;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper::server::conn::http1;
 use hyper_util::server::conn::auto;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
@@ -22,6 +25,8 @@ use tokio_util::task::TaskTracker;
 use crate::boundary::queue::EventQueue;
 use crate::config::{seconds, ServerConfig};
 use crate::connection;
+use crate::exchange::Addresses;
+use crate::listener::Listener;
 
 /// Everything connections and requests of one server share.
 pub struct ServerShared {
@@ -87,24 +92,38 @@ impl ServerShared {
         self.idle_timeout_ms.store(millis(value), Ordering::Relaxed);
     }
 
-    /// Starts one accept loop per listener on the runtime.
-    pub fn listen(self: &Arc<Self>, listeners: Vec<StdListener>) -> std::io::Result<Vec<SocketAddr>> {
+    /// Starts one accept loop per listener on the runtime. Returns the TCP
+    /// addresses and the Unix socket paths listened on.
+    pub fn listen(self: &Arc<Self>, listeners: Vec<Listener>) -> io::Result<(Vec<SocketAddr>, Vec<Arc<str>>)> {
         let limit = Arc::new(Semaphore::new(self.config.max_connections.max(1)));
-        let addresses = listeners.iter().map(StdListener::local_addr).collect::<std::io::Result<Vec<_>>>()?;
+        let addresses = listeners.iter().filter_map(Listener::tcp_address).collect::<io::Result<Vec<_>>>()?;
         // UDP first: if HTTP/3 cannot be had, nothing is left listening.
+        // Unix sockets have no UDP twin: HTTP/3 is for TCP addresses only.
         self.listen_http3(&addresses)?;
         let _entered = crate::runtime::runtime().enter();
+        let mut paths = Vec::new();
         for listener in listeners {
-            let listener = TcpListener::from_std(listener)?;
-            self.tasks.spawn(accept_loop(listener, self.clone(), limit.clone()));
+            match listener {
+                Listener::Tcp(tcp) => {
+                    let tcp = TcpListener::from_std(tcp)?;
+                    self.tasks.spawn(accept_loop(tcp, self.clone(), limit.clone()));
+                }
+                #[cfg(unix)]
+                Listener::Unix(unix) => {
+                    let path = unix_path(&unix)?;
+                    paths.push(path.clone());
+                    let unix = UnixAcceptor { listener: tokio::net::UnixListener::from_std(unix)?, path };
+                    self.tasks.spawn(accept_loop(unix, self.clone(), limit.clone()));
+                }
+            }
         }
-        Ok(addresses)
+        Ok((addresses, paths))
     }
 
     /// HTTP/3 on the same addresses and ports, over UDP, when TLS is on.
     /// A port that cannot be bound is an error unless `http3_best_effort`.
     fn listen_http3(self: &Arc<Self>, addresses: &[SocketAddr]) -> std::io::Result<()> {
-        let Some(tls) = self.tls.as_ref().filter(|_| self.config.http3) else { return Ok(()) };
+        let Some(tls) = self.tls.as_ref().filter(|_| self.config.http3 && !addresses.is_empty()) else { return Ok(()) };
         let _entered = crate::runtime::runtime().enter();
         let endpoints = match crate::http3::bind(addresses, tls.config(), self) {
             Ok(endpoints) => endpoints,
@@ -146,7 +165,48 @@ impl ServerShared {
     }
 }
 
-async fn accept_loop(listener: TcpListener, server: Arc<ServerShared>, limit: Arc<Semaphore>) {
+/// What the accept loop needs of a listener: the next connection and where
+/// it comes from.
+trait Accept: Send + 'static {
+    type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    fn accept(&self) -> impl Future<Output = io::Result<(Self::Stream, Addresses)>> + Send;
+}
+
+impl Accept for TcpListener {
+    type Stream = TcpStream;
+
+    async fn accept(&self) -> io::Result<(TcpStream, Addresses)> {
+        let (stream, peer) = TcpListener::accept(self).await?;
+        let _ = stream.set_nodelay(true);
+        let local = stream.local_addr().unwrap_or(peer);
+        Ok((stream, Addresses::Ip { peer, local }))
+    }
+}
+
+#[cfg(unix)]
+struct UnixAcceptor {
+    listener: tokio::net::UnixListener,
+    path: Arc<str>,
+}
+
+#[cfg(unix)]
+impl Accept for UnixAcceptor {
+    type Stream = tokio::net::UnixStream;
+
+    async fn accept(&self) -> io::Result<(tokio::net::UnixStream, Addresses)> {
+        let (stream, _unnamed_peer) = self.listener.accept().await?;
+        Ok((stream, Addresses::Unix { path: self.path.clone() }))
+    }
+}
+
+/// The file path a Unix listener is bound to ("" for an unnamed or abstract one).
+#[cfg(unix)]
+fn unix_path(listener: &std::os::unix::net::UnixListener) -> io::Result<Arc<str>> {
+    let address = listener.local_addr()?;
+    Ok(address.as_pathname().map_or_else(|| Arc::from(""), |path| Arc::from(path.to_string_lossy())))
+}
+
+async fn accept_loop<L: Accept>(listener: L, server: Arc<ServerShared>, limit: Arc<Semaphore>) {
     loop {
         let permit = tokio::select! {
             permit = limit.clone().acquire_owned() => match permit {
@@ -160,8 +220,8 @@ async fn accept_loop(listener: TcpListener, server: Arc<ServerShared>, limit: Ar
             _ = server.shutdown.cancelled() => return,
         };
         match accepted {
-            Ok((stream, peer)) => {
-                server.tasks.spawn(connection::serve(stream, peer, server.clone(), permit));
+            Ok((stream, addresses)) => {
+                server.tasks.spawn(connection::serve(stream, addresses, server.clone(), permit));
             }
             // Out of file descriptors or a connection reset before accept:
             // back off briefly instead of spinning.

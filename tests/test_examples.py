@@ -151,6 +151,35 @@ def test_graceful_shutdown_by_signal_future() -> None:
         assert "server stopped" in process.stdout.read()
 
 
+def test_unix_socket() -> None:
+    path = f"/tmp/server-native-example-{os.getpid()}.sock"
+    environment = {**os.environ, "UDS": path, "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen([sys.executable, str(EXAMPLES / "unix_socket.py")], env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert process.poll() is None, process.stdout.read() if process.stdout else ""
+            try:
+                with socket.socket(socket.AF_UNIX) as client:
+                    client.settimeout(10)
+                    client.connect(path)
+                    client.sendall(b"GET / HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n")
+                    reply = b"".join(iter(lambda: client.recv(65536), b""))
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the example never answered on its socket"
+                time.sleep(0.05)
+        assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(f"hello over {path}".encode())
+        assert os.stat(path).st_mode & 0o777 == 0o660
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0
+        assert not os.path.lexists(path)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.communicate(timeout=10)
+
+
 @pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("*.py")))
 def test_every_example_is_tested(name: str) -> None:
     tests = Path(__file__).read_text()

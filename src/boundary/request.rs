@@ -127,18 +127,16 @@ impl NativeRequest {
         }
     }
 
-    /// The client's address; IPv4 clients of a dual-stack socket appear as
-    /// IPv4, not as `::ffff:a.b.c.d`.
+    /// The client's address and port; None over a Unix socket.
     #[getter]
-    fn remote_addr(&self) -> (String, u16) {
-        let peer = self.exchange.conn.peer;
-        (peer.ip().to_canonical().to_string(), peer.port())
+    fn remote_addr(&self) -> Option<(String, u16)> {
+        self.exchange.conn.addresses.remote()
     }
 
+    /// The server's address and port; over a Unix socket its path and None.
     #[getter]
-    fn local_addr(&self) -> (String, u16) {
-        let local = self.exchange.conn.local;
-        (local.ip().to_canonical().to_string(), local.port())
+    fn local_addr(&self) -> (String, Option<u16>) {
+        self.exchange.conn.addresses.local()
     }
 
     #[getter]

@@ -16,7 +16,7 @@ use super::queue::{Consumer, Event, EventQueue, WakeSignal};
 use super::request::{header_map, NativeRequest};
 use crate::config::{seconds, ServerConfig};
 use crate::errors::TlsConfigError;
-use crate::listener::{bind_all, BindError, SocketOptions};
+use crate::listener::{adopt, bind_all, BindError, Listener, SocketOptions};
 use crate::server::ServerShared;
 use crate::tls::{self, TlsError};
 
@@ -24,11 +24,13 @@ use crate::tls::{self, TlsError};
 pub struct NativeServer {
     shared: Arc<ServerShared>,
     addresses: Vec<SocketAddr>,
+    unix_paths: Vec<Arc<str>>,
 }
 
 #[pymethods]
 impl NativeServer {
-    /// Binds every host on `port` (0: one free port for all of them) and
+    /// Binds every host on `port` (0: one free port for all of them), or
+    /// adopts the listening socket `config.fd` (TCP or Unix) instead, and
     /// starts serving. `wake_fd` is the write end of the asyncio loop's
     /// wake-up pair; None means a thread will consume in `serve_direct`.
     #[new]
@@ -50,11 +52,16 @@ impl NativeServer {
             crate::bridge::Address::parse(address).map_err(PyValueError::new_err)?;
         }
         let events = Arc::new(EventQueue::new(consumer));
-        let options = SocketOptions { backlog: config.backlog, v6_only: config.v6_only, shared: config.shared };
-        let listeners = bind_all(&ips, port, options).map_err(bind_error)?;
+        let listeners = match config.fd {
+            Some(fd) => vec![adopt(fd, config.backlog)?],
+            None => {
+                let options = SocketOptions { backlog: config.backlog, v6_only: config.v6_only, shared: config.shared };
+                bind_all(&ips, port, options).map_err(bind_error)?.into_iter().map(Listener::Tcp).collect()
+            }
+        };
         let shared = Arc::new(ServerShared::new(config, tls, events));
-        let addresses = shared.listen(listeners)?;
-        Ok(NativeServer { shared, addresses })
+        let (addresses, unix_paths) = shared.listen(listeners)?;
+        Ok(NativeServer { shared, addresses, unix_paths })
     }
 
     /// Everything that happened since the last call: new `NativeRequest`s and
@@ -141,6 +148,12 @@ impl NativeServer {
     #[getter]
     fn addresses(&self) -> Vec<(String, u16)> {
         self.addresses.iter().map(|a| (a.ip().to_string(), a.port())).collect()
+    }
+
+    /// The Unix socket path served on, when the server listens on one.
+    #[getter]
+    fn unix_path(&self) -> Option<&str> {
+        self.unix_paths.first().map(|path| &**path)
     }
 
     #[getter]
