@@ -1,35 +1,43 @@
-//! WebSocket (RFC 6455, tungstenite) over a hyper upgrade: HTTP/1.1
-//! `Upgrade: websocket` (101) and HTTP/2 extended CONNECT (RFC 8441, 200).
-//! Messages in and out go through bounded buffers, so a slow side makes the
-//! other wait instead of filling memory.
+//! WebSocket (RFC 6455, yawc) over a hyper upgrade: HTTP/1.1
+//! `Upgrade: websocket` (101) and HTTP/2 extended CONNECT (RFC 8441, 200),
+//! with permessage-deflate (RFC 7692) when the client offers it and the
+//! server allows it. Messages in and out go through bounded buffers, so a
+//! slow side makes the other wait instead of filling memory.
 
 use std::collections::VecDeque;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use http::header::{
-    CONNECTION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_VERSION, UPGRADE,
+    CONNECTION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_EXTENSIONS, SEC_WEBSOCKET_KEY,
+    SEC_WEBSOCKET_VERSION, UPGRADE,
 };
 use http::{HeaderMap, HeaderValue, Method, StatusCode, Version};
-use hyper::upgrade::OnUpgrade;
+use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
 use pyo3::prelude::*;
 use tokio::sync::Notify;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::WebSocketStream;
+use yawc::close::CloseCode;
+use yawc::{Frame, OpCode, Options, Role, WebSocketError};
 
 use crate::boundary::queue::{Event, EventQueue};
+use crate::config::ServerConfig;
+use crate::permessage_deflate;
 
 /// Received messages buffered ahead of the application.
 const INBOX_HIGH_WATER: usize = 1024 * 1024;
 /// Outgoing messages the application may queue before it must wait.
 const OUTBOX_HIGH_WATER: usize = 1024 * 1024;
+/// 1005: the close frame carried no code.
+const NO_STATUS: u16 = 1005;
 /// 1006: the connection ended without a close frame.
-const ABNORMAL_CLOSURE: u16 = 1006;
+pub const ABNORMAL_CLOSURE: u16 = 1006;
+/// How long the client has to answer our close frame.
+const CLOSE_ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Whether a request asks for a WebSocket, over HTTP/1.1 or HTTP/2.
 pub fn is_upgrade(
@@ -60,33 +68,215 @@ pub fn is_upgrade(
         && headers.contains_key(SEC_WEBSOCKET_KEY)
 }
 
-/// The status and headers that accept the upgrade.
+/// What the handshake settled, for the socket to run with once upgraded.
+pub struct Handshake {
+    max_message_size: usize,
+    /// The `Sec-WebSocket-Extensions` answer: permessage-deflate's terms.
+    extensions: Option<String>,
+}
+
+/// The status and headers that accept the upgrade, and what the socket
+/// runs with. The extensions answer is the engine's, not the application's:
+/// only what the socket really speaks may be announced.
 pub fn accept_head(
     version: Version,
     request_headers: &HeaderMap,
     headers: &mut HeaderMap,
-) -> StatusCode {
+    config: &ServerConfig,
+) -> (StatusCode, Handshake) {
+    let extensions = config
+        .websocket_compression
+        .then(|| permessage_deflate::negotiate(request_headers))
+        .flatten();
+    headers.remove(SEC_WEBSOCKET_EXTENSIONS);
+    if let Some(answer) = &extensions {
+        headers.insert(
+            SEC_WEBSOCKET_EXTENSIONS,
+            HeaderValue::from_str(answer).expect("the answer is built from tokens and digits"),
+        );
+    }
+    let handshake = Handshake {
+        max_message_size: config.websocket_max_message_size,
+        extensions,
+    };
     if version == Version::HTTP_2 {
-        return StatusCode::OK;
+        return (StatusCode::OK, handshake);
     }
     let key = request_headers
         .get(SEC_WEBSOCKET_KEY)
         .map(|k| k.as_bytes())
         .unwrap_or_default();
-    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key);
     headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
     headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
     headers.insert(
         SEC_WEBSOCKET_ACCEPT,
-        HeaderValue::from_str(&accept).expect("base64 is a valid header value"),
+        HeaderValue::from_str(&derive_accept_key(key)).expect("base64 is a valid header value"),
     );
-    StatusCode::SWITCHING_PROTOCOLS
+    (StatusCode::SWITCHING_PROTOCOLS, handshake)
+}
+
+/// RFC 6455 section 4.2.2: base64(SHA-1(key + GUID)).
+fn derive_accept_key(key: &[u8]) -> String {
+    use base64::Engine as _;
+    use sha1::Digest as _;
+    let digest = sha1::Sha1::new()
+        .chain_update(key)
+        .chain_update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11")
+        .finalize();
+    base64::engine::general_purpose::STANDARD.encode(digest)
+}
+
+impl Handshake {
+    pub fn max_message_size(&self) -> usize {
+        self.max_message_size
+    }
+
+    /// Takes over the upgraded connection; None when the client left first.
+    pub async fn open(self, upgrade: OnUpgrade) -> Option<Socket> {
+        let upgraded = upgrade.await.ok()?;
+        // yawc's limits are exclusive: one more byte than the largest message.
+        let limit = self.max_message_size.saturating_add(1);
+        let mut options = Options::default().with_limits(limit, limit).with_utf8();
+        if self.extensions.is_some() {
+            // Empty messages go uncompressed: yawc 0.5.0's deflate spins
+            // forever flushing an empty message right after another flush.
+            options = options.with_low_latency_compression().with_compression_threshold(1);
+        }
+        let inner = yawc::WebSocket::from_stream_with_extensions(
+            TokioIo::new(upgraded),
+            Role::Server,
+            self.extensions.as_deref(),
+            options,
+        )
+        .expect("compression is enabled whenever an extension was agreed");
+        Some(Socket {
+            inner,
+            peer_done: false,
+            close_sent: false,
+        })
+    }
+}
+
+/// An open WebSocket connection: yawc's, read as results (its own `Stream`
+/// ends without saying why) and closed in RFC 6455 order — when the client
+/// closed first or broke the protocol, the close frame yawc queued in answer
+/// goes out before the connection shuts.
+pub struct Socket {
+    inner: yawc::WebSocket<TokioIo<Upgraded>>,
+    /// The client sent its close frame, or the connection failed.
+    peer_done: bool,
+    close_sent: bool,
+}
+
+impl Stream for Socket {
+    type Item = Result<Frame, WebSocketError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if this.peer_done {
+            return Poll::Ready(None);
+        }
+        let next = ready!(this.inner.poll_next_frame(cx));
+        this.peer_done = !matches!(&next, Ok(frame) if frame.opcode() != OpCode::Close);
+        Poll::Ready(match next {
+            Err(WebSocketError::ConnectionClosed) => None,
+            next => Some(next),
+        })
+    }
+}
+
+impl Sink<Frame> for Socket {
+    type Error = WebSocketError;
+
+    fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Pin::new(&mut self.get_mut().inner).poll_ready(cx)
+    }
+
+    fn start_send(self: Pin<&mut Self>, frame: Frame) -> Result<(), Self::Error> {
+        let this = self.get_mut();
+        this.close_sent |= frame.opcode() == OpCode::Close;
+        Pin::new(&mut this.inner).start_send(frame)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        let this = self.get_mut();
+        if this.peer_done && !this.close_sent {
+            // yawc sends the frames it owes (the answering close) on a read.
+            let _ = ready!(this.inner.poll_next_frame(cx));
+            this.close_sent = true;
+        }
+        Pin::new(&mut this.inner).poll_close(cx)
+    }
+}
+
+/// A data message.
+pub enum Message {
+    /// Valid UTF-8 (yawc checks what arrives).
+    Text(Bytes),
+    Binary(Bytes),
+}
+
+impl Message {
+    fn len(&self) -> usize {
+        match self {
+            Message::Text(data) | Message::Binary(data) => data.len(),
+        }
+    }
+}
+
+/// What the client sent: a data message, or how the socket ended.
+pub enum Incoming {
+    Message(Message),
+    /// The close code and reason, ours when the client broke the protocol.
+    Closed(u16, String),
+}
+
+/// The next data message; yawc answers pings on the way.
+pub async fn next_incoming<S>(source: &mut S) -> Incoming
+where
+    S: Stream<Item = Result<Frame, WebSocketError>> + Unpin,
+{
+    loop {
+        let frame = match source.next().await {
+            Some(Ok(frame)) => frame,
+            Some(Err(error)) => return Incoming::Closed(failure_code(&error), String::new()),
+            None => return Incoming::Closed(ABNORMAL_CLOSURE, String::new()),
+        };
+        match frame.opcode() {
+            OpCode::Text => return Incoming::Message(Message::Text(frame.into_payload())),
+            OpCode::Binary => return Incoming::Message(Message::Binary(frame.into_payload())),
+            OpCode::Close => {
+                let code = frame.close_code().map_or(NO_STATUS, u16::from);
+                let reason = frame.close_reason().ok().flatten().unwrap_or_default().to_owned();
+                return Incoming::Closed(code, reason);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The close code yawc sends for a failure (1006 when the connection broke).
+fn failure_code(error: &WebSocketError) -> u16 {
+    match error {
+        WebSocketError::FrameTooLarge => CloseCode::Size.into(),
+        WebSocketError::InvalidUTF8 => CloseCode::Invalid.into(),
+        WebSocketError::InvalidOpCode(_) => CloseCode::Unsupported.into(),
+        error if error.is_protocol_error() => CloseCode::Protocol.into(),
+        _ => ABNORMAL_CLOSURE,
+    }
+}
+
+pub fn close_frame(code: u16, reason: &str) -> Frame {
+    Frame::close(CloseCode::from(code), reason)
 }
 
 /// One message as the application sees it.
 pub enum Received {
-    Text(String),
-    Binary(Bytes),
+    Message(Message),
     /// The socket is closed: the close code and reason.
     Closed(u16, String),
     /// Nothing yet: the waiter fires when something arrives.
@@ -101,7 +291,7 @@ struct Inbox {
 }
 
 struct Outbox {
-    messages: VecDeque<Message>,
+    messages: VecDeque<Frame>,
     buffered: usize,
     /// No more sends: a close frame was queued or the peer is gone.
     closed: bool,
@@ -128,11 +318,7 @@ pub enum Sent {
 
 impl WebSocket {
     /// Starts the socket task once hyper hands over the upgraded connection.
-    pub fn start(
-        upgrade: OnUpgrade,
-        events: Arc<EventQueue>,
-        max_message_size: usize,
-    ) -> Arc<Self> {
+    pub fn start(upgrade: OnUpgrade, events: Arc<EventQueue>, handshake: Handshake) -> Arc<Self> {
         let socket = Arc::new(WebSocket {
             inbox: Mutex::new(Inbox {
                 messages: VecDeque::new(),
@@ -152,28 +338,15 @@ impl WebSocket {
         });
         let task = socket.clone();
         crate::runtime::runtime().spawn(async move {
-            let Ok(upgraded) = upgrade.await else {
-                task.finish(ABNORMAL_CLOSURE, String::new());
-                return;
-            };
-            let config = WebSocketConfig::default()
-                .max_message_size(Some(max_message_size))
-                .max_frame_size(Some(max_message_size));
-            let stream = WebSocketStream::from_raw_socket(
-                TokioIo::new(upgraded),
-                Role::Server,
-                Some(config),
-            )
-            .await;
-            task.run(stream).await;
+            match handshake.open(upgrade).await {
+                Some(stream) => task.run(stream).await,
+                None => task.finish(ABNORMAL_CLOSURE, String::new()),
+            }
         });
         socket
     }
 
-    async fn run<S>(self: Arc<Self>, stream: WebSocketStream<S>)
-    where
-        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-    {
+    async fn run(self: Arc<Self>, stream: Socket) {
         let (mut sink, mut source) = stream.split();
         let reading = async {
             loop {
@@ -186,18 +359,9 @@ impl WebSocket {
                     }
                     room.await;
                 }
-                match source.next().await {
-                    Some(Ok(Message::Close(frame))) => {
-                        let (code, reason) = frame.map_or((1005, String::new()), |f| {
-                            (f.code.into(), f.reason.to_string())
-                        });
-                        return (code, reason);
-                    }
-                    Some(Ok(message @ (Message::Text(_) | Message::Binary(_)))) => {
-                        self.receive(message)
-                    }
-                    Some(Ok(_)) => {}
-                    Some(Err(_)) | None => return (ABNORMAL_CLOSURE, String::new()),
+                match next_incoming(&mut source).await {
+                    Incoming::Message(message) => self.receive(message),
+                    Incoming::Closed(code, reason) => return (code, reason),
                 }
             }
         };
@@ -209,9 +373,9 @@ impl WebSocket {
                     ready.as_mut().enable();
                     let next = self.next_outgoing();
                     match next {
-                        Some(message) => {
-                            let closing = matches!(message, Message::Close(_));
-                            if sink.send(message).await.is_err() || closing {
+                        Some(frame) => {
+                            let closing = frame.opcode() == OpCode::Close;
+                            if sink.send(frame).await.is_err() || closing {
                                 return;
                             }
                         }
@@ -221,18 +385,23 @@ impl WebSocket {
                 }
             };
             tokio::pin!(writing);
-            let (code, reason) = tokio::select! {
+            tokio::select! {
                 closed = reading => closed,
                 _ = &mut writing => {
-                    // We sent a close frame: wait (briefly) for the client's.
-                    let answer = tokio::time::timeout(std::time::Duration::from_secs(5), source.next()).await;
-                    match answer {
-                        Ok(Some(Ok(Message::Close(frame)))) => frame.map_or((1005, String::new()), |f| (f.code.into(), f.reason.to_string())),
-                        _ => (ABNORMAL_CLOSURE, String::new()),
-                    }
+                    // We sent a close frame: the client has a moment to answer
+                    // (data it sent meanwhile is dropped).
+                    let answer = async {
+                        loop {
+                            if let Incoming::Closed(code, reason) = next_incoming(&mut source).await {
+                                return (code, reason);
+                            }
+                        }
+                    };
+                    tokio::time::timeout(CLOSE_ANSWER_TIMEOUT, answer)
+                        .await
+                        .unwrap_or((ABNORMAL_CLOSURE, String::new()))
                 }
-            };
-            (code, reason)
+            }
         };
         let _ = sink.close().await;
         self.finish(code, reason);
@@ -247,16 +416,16 @@ impl WebSocket {
         }
     }
 
-    fn next_outgoing(&self) -> Option<Message> {
+    fn next_outgoing(&self) -> Option<Frame> {
         let mut outbox = self.outbox.lock();
-        let message = outbox.messages.pop_front()?;
-        outbox.buffered -= message.len();
+        let frame = outbox.messages.pop_front()?;
+        outbox.buffered -= frame.payload().len();
         if outbox.buffered <= OUTBOX_HIGH_WATER / 2 {
             if let Some(waiter) = outbox.waiter.take() {
                 self.events.push(Event::Wake(waiter));
             }
         }
-        Some(message)
+        Some(frame)
     }
 
     /// The socket is gone: the application's receive learns the code, its
@@ -282,11 +451,7 @@ impl WebSocket {
         if let Some(message) = inbox.messages.pop_front() {
             inbox.buffered -= message.len();
             self.room.notify_one();
-            return match message {
-                Message::Text(text) => Received::Text(text.to_string()),
-                Message::Binary(data) => Received::Binary(data),
-                _ => unreachable!("only data messages are queued"),
-            };
+            return Received::Message(message);
         }
         if let Some((code, reason)) = &inbox.closed {
             return Received::Closed(*code, reason.clone());
@@ -296,15 +461,15 @@ impl WebSocket {
     }
 
     /// Queues a message; a close frame never waits (its `waiter` is unused).
-    pub fn send(&self, message: Message, waiter: impl FnOnce() -> Py<PyAny>) -> Sent {
+    pub fn send(&self, frame: Frame, waiter: impl FnOnce() -> Py<PyAny>) -> Sent {
         let mut outbox = self.outbox.lock();
         if outbox.closed {
             return Sent::Closed;
         }
-        let closing = matches!(message, Message::Close(_));
+        let closing = frame.opcode() == OpCode::Close;
         outbox.closed = closing;
-        outbox.buffered += message.len();
-        outbox.messages.push_back(message);
+        outbox.buffered += frame.payload().len();
+        outbox.messages.push_back(frame);
         self.ready.notify_one();
         if outbox.buffered > OUTBOX_HIGH_WATER && !closing {
             outbox.waiter = Some(waiter());
@@ -314,15 +479,9 @@ impl WebSocket {
         }
     }
 
-    pub fn close_message(code: u16, reason: &str) -> Message {
-        Message::Close(Some(CloseFrame {
-            code: CloseCode::from(code),
-            reason: reason.into(),
-        }))
-    }
-
     /// Whether the close handshake has finished (or the socket died).
     pub fn closed_code(&self) -> Option<u16> {
         self.inbox.lock().closed.as_ref().map(|(code, _)| *code)
     }
 }
+
