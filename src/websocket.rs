@@ -5,6 +5,7 @@
 //! slow side makes the other wait instead of filling memory.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
@@ -20,6 +21,7 @@ use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
 use pyo3::prelude::*;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 use yawc::close::CloseCode;
 use yawc::{Frame, OpCode, Options, Role, WebSocketError};
@@ -36,7 +38,8 @@ const OUTBOX_HIGH_WATER: usize = 1024 * 1024;
 const NO_STATUS: u16 = 1005;
 /// 1006: the connection ended without a close frame.
 pub const ABNORMAL_CLOSURE: u16 = 1006;
-/// How long the client has to answer our close frame.
+/// How long the client has to answer our close frame, and then to close
+/// the connection.
 const CLOSE_ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Whether a request asks for a WebSocket, over HTTP/1.1 or HTTP/2.
@@ -143,7 +146,11 @@ impl Handshake {
             options = options.with_low_latency_compression().with_compression_threshold(1);
         }
         let inner = yawc::WebSocket::from_stream_with_extensions(
-            TokioIo::new(upgraded),
+            Lingering {
+                io: TokioIo::new(upgraded),
+                write_shut: false,
+                deadline: None,
+            },
             Role::Server,
             self.extensions.as_deref(),
             options,
@@ -162,7 +169,7 @@ impl Handshake {
 /// closed first or broke the protocol, the close frame yawc queued in answer
 /// goes out before the connection shuts.
 pub struct Socket {
-    inner: yawc::WebSocket<TokioIo<Upgraded>>,
+    inner: yawc::WebSocket<Lingering>,
     /// The client sent its close frame, or the connection failed.
     peer_done: bool,
     close_sent: bool,
@@ -224,6 +231,56 @@ impl Message {
     fn len(&self) -> usize {
         match self {
             Message::Text(data) | Message::Binary(data) => data.len(),
+        }
+    }
+}
+
+/// The upgraded connection, shut down gracefully: after our FIN, what the
+/// client still sends (the rest of a message we refused, its close frame) is
+/// read and dropped until it closes too, for a bounded time. Closing with
+/// unread data would reset the connection, and a reset can destroy the close
+/// frame the client has not read yet.
+pub struct Lingering {
+    io: TokioIo<Upgraded>,
+    write_shut: bool,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl AsyncRead for Lingering {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Lingering {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, data)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if !this.write_shut {
+            ready!(Pin::new(&mut this.io).poll_shutdown(cx))?;
+            this.write_shut = true;
+        }
+        let deadline = this
+            .deadline
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(CLOSE_ANSWER_TIMEOUT)));
+        let mut scratch = [0u8; 8192];
+        loop {
+            if deadline.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ok(()));
+            }
+            let mut unread = ReadBuf::new(&mut scratch);
+            match ready!(Pin::new(&mut this.io).poll_read(cx, &mut unread)) {
+                Ok(()) if !unread.filled().is_empty() => {}
+                // The client closed (or the connection broke): done.
+                _ => return Poll::Ready(Ok(())),
+            }
         }
     }
 }
