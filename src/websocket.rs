@@ -143,7 +143,9 @@ impl Handshake {
         if self.extensions.is_some() {
             // Empty messages go uncompressed: yawc 0.5.0's deflate spins
             // forever flushing an empty message right after another flush.
-            options = options.with_low_latency_compression().with_compression_threshold(1);
+            options = options
+                .with_low_latency_compression()
+                .with_compression_threshold(1);
         }
         let inner = yawc::WebSocket::from_stream_with_extensions(
             Lingering {
@@ -247,13 +249,21 @@ pub struct Lingering {
 }
 
 impl AsyncRead for Lingering {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for Lingering {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.get_mut().io).poll_write(cx, data)
     }
 
@@ -308,7 +318,12 @@ where
             OpCode::Binary => return Incoming::Message(Message::Binary(frame.into_payload())),
             OpCode::Close => {
                 let code = frame.close_code().map_or(NO_STATUS, u16::from);
-                let reason = frame.close_reason().ok().flatten().unwrap_or_default().to_owned();
+                let reason = frame
+                    .close_reason()
+                    .ok()
+                    .flatten()
+                    .unwrap_or_default()
+                    .to_owned();
                 return Incoming::Closed(code, reason);
             }
             _ => {}
@@ -460,8 +475,10 @@ impl WebSocket {
                 }
             }
         };
-        let _ = sink.close().await;
+        // The application learns the outcome now; the connection then shuts
+        // down gracefully (see `Lingering`).
         self.finish(code, reason);
+        let _ = sink.close().await;
     }
 
     fn receive(&self, message: Message) {
@@ -541,4 +558,3 @@ impl WebSocket {
         self.inbox.lock().closed.as_ref().map(|(code, _)| *code)
     }
 }
-
