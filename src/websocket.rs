@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use http::header::{
     CONNECTION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_EXTENSIONS, SEC_WEBSOCKET_KEY,
@@ -24,6 +24,7 @@ use pyo3::prelude::*;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 use yawc::close::CloseCode;
+use yawc::streaming::Streaming;
 use yawc::{Frame, OpCode, Options, Role, WebSocketError};
 
 use crate::boundary::queue::{Event, EventQueue};
@@ -137,9 +138,10 @@ impl Handshake {
     /// Takes over the upgraded connection; None when the client left first.
     pub async fn open(self, upgrade: OnUpgrade) -> Option<Socket> {
         let upgraded = upgrade.await.ok()?;
-        // yawc's limits are exclusive: one more byte than the largest message.
+        // yawc's limit is exclusive: one more byte than the largest frame
+        // (wire or inflated); messages are checked as they are put together.
         let limit = self.max_message_size.saturating_add(1);
-        let mut options = Options::default().with_limits(limit, limit).with_utf8();
+        let mut options = Options::default().with_limits(limit, limit);
         if self.extensions.is_some() {
             // Empty messages go uncompressed: yawc 0.5.0's deflate spins
             // forever flushing an empty message right after another flush.
@@ -147,7 +149,7 @@ impl Handshake {
                 .with_low_latency_compression()
                 .with_compression_threshold(1);
         }
-        let inner = yawc::WebSocket::from_stream_with_extensions(
+        let frames = yawc::WebSocket::from_stream_with_extensions(
             Lingering {
                 io: TokioIo::new(upgraded),
                 write_shut: false,
@@ -157,40 +159,126 @@ impl Handshake {
             self.extensions.as_deref(),
             options,
         )
-        .expect("compression is enabled whenever an extension was agreed");
+        .expect("compression is enabled whenever an extension was agreed")
+        .into_streaming();
         Some(Socket {
-            inner,
-            peer_done: false,
+            frames,
+            max_message_size: self.max_message_size,
+            partial: None,
+            ended: None,
             close_sent: false,
         })
     }
 }
 
-/// An open WebSocket connection: yawc's, read as results (its own `Stream`
-/// ends without saying why) and closed in RFC 6455 order — when the client
-/// closed first or broke the protocol, the close frame yawc queued in answer
-/// goes out before the connection shuts.
+/// An open WebSocket connection: yawc's frames (it answers pings and close
+/// frames, inflates, and checks each frame and its size), put together into
+/// messages here, where the whole message's size and UTF-8 are checked.
+/// Closed in RFC 6455 order: when reading ended, the close frame owed to the
+/// client (yawc's answer, or ours for a message we refused) goes out before
+/// the connection shuts.
 pub struct Socket {
-    inner: yawc::WebSocket<Lingering>,
-    /// The client sent its close frame, or the connection failed.
-    peer_done: bool,
+    frames: Streaming<Lingering>,
+    max_message_size: usize,
+    /// A fragmented message being put together: its kind and bytes so far.
+    partial: Option<(OpCode, BytesMut)>,
+    ended: Option<Ending>,
     close_sent: bool,
 }
 
-impl Stream for Socket {
-    type Item = Result<Frame, WebSocketError>;
+/// How reading ended.
+enum Ending {
+    /// The client's close frame, or a failure yawc found: yawc has queued
+    /// its answering close frame.
+    Answered,
+    /// A message we refused, with the code of the close frame we owe.
+    Refused(u16),
+}
 
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = self.get_mut();
-        if this.peer_done {
-            return Poll::Ready(None);
+impl Socket {
+    /// The message `frame` completes, if it does; Err(close code) when the
+    /// client broke the rules.
+    fn assemble(&mut self, frame: Frame) -> Result<Option<Incoming>, u16> {
+        if frame.opcode() == OpCode::Close {
+            let code = frame.close_code().map_or(NO_STATUS, u16::from);
+            let reason = frame.close_reason().ok().flatten().unwrap_or_default();
+            return Ok(Some(Incoming::Closed(code, reason.to_owned())));
         }
-        let next = ready!(this.inner.poll_next_frame(cx));
-        this.peer_done = !matches!(&next, Ok(frame) if frame.opcode() != OpCode::Close);
-        Poll::Ready(match next {
-            Err(WebSocketError::ConnectionClosed) => None,
-            next => Some(next),
-        })
+        let (opcode, fin, payload) = frame.into_parts();
+        match (opcode, self.partial.as_mut()) {
+            (OpCode::Ping | OpCode::Pong, _) => Ok(None),
+            (OpCode::Text | OpCode::Binary, None) if fin => whole(opcode, payload),
+            (OpCode::Text | OpCode::Binary, None) => {
+                self.partial = Some((opcode, BytesMut::from(payload)));
+                Ok(None)
+            }
+            (OpCode::Continuation, Some((_, data))) => {
+                if data.len() + payload.len() > self.max_message_size {
+                    return Err(CloseCode::Size.into());
+                }
+                data.extend_from_slice(&payload);
+                if !fin {
+                    return Ok(None);
+                }
+                let (opcode, data) = self.partial.take().expect("matched above");
+                whole(opcode, data.freeze())
+            }
+            // A continuation with nothing to continue, or a new message
+            // inside a fragmented one.
+            _ => Err(CloseCode::Protocol.into()),
+        }
+    }
+}
+
+/// A whole message; text must be UTF-8 (1007 otherwise).
+fn whole(opcode: OpCode, payload: Bytes) -> Result<Option<Incoming>, u16> {
+    let message = match opcode {
+        OpCode::Text if std::str::from_utf8(&payload).is_err() => {
+            return Err(CloseCode::Invalid.into())
+        }
+        OpCode::Text => Message::Text(payload),
+        _ => Message::Binary(payload),
+    };
+    Ok(Some(Incoming::Message(message)))
+}
+
+/// The code of the close frame yawc sends for a failure it found (1006 when
+/// the connection broke or ended without a close frame).
+fn failure_code(error: &WebSocketError) -> u16 {
+    match error {
+        WebSocketError::FrameTooLarge => CloseCode::Size.into(),
+        WebSocketError::InvalidUTF8 => CloseCode::Invalid.into(),
+        WebSocketError::InvalidOpCode(_) => CloseCode::Unsupported.into(),
+        error if error.is_protocol_error() => CloseCode::Protocol.into(),
+        _ => ABNORMAL_CLOSURE,
+    }
+}
+
+/// Messages from the client, ending with `Incoming::Closed`.
+impl Stream for Socket {
+    type Item = Incoming;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Incoming>> {
+        let this = self.get_mut();
+        while this.ended.is_none() {
+            let assembled = match ready!(this.frames.poll_next_frame(cx)) {
+                Ok(frame) => this.assemble(frame),
+                Err(error) => Ok(Some(Incoming::Closed(failure_code(&error), String::new()))),
+            };
+            let incoming = match assembled {
+                Ok(None) => continue,
+                Ok(Some(incoming)) => incoming,
+                Err(code) => {
+                    this.ended = Some(Ending::Refused(code));
+                    return Poll::Ready(Some(Incoming::Closed(code, String::new())));
+                }
+            };
+            if matches!(incoming, Incoming::Closed(..)) {
+                this.ended = Some(Ending::Answered);
+            }
+            return Poll::Ready(Some(incoming));
+        }
+        Poll::Ready(None)
     }
 }
 
@@ -198,33 +286,41 @@ impl Sink<Frame> for Socket {
     type Error = WebSocketError;
 
     fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Pin::new(&mut self.get_mut().inner).poll_ready(cx)
+        Pin::new(&mut self.get_mut().frames).poll_ready(cx)
     }
 
     fn start_send(self: Pin<&mut Self>, frame: Frame) -> Result<(), Self::Error> {
         let this = self.get_mut();
         this.close_sent |= frame.opcode() == OpCode::Close;
-        Pin::new(&mut this.inner).start_send(frame)
+        Pin::new(&mut this.frames).start_send(frame)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        Pin::new(&mut self.get_mut().frames).poll_flush(cx)
     }
 
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         let this = self.get_mut();
-        if this.peer_done && !this.close_sent {
-            // yawc sends the frames it owes (the answering close) on a read.
-            let _ = ready!(this.inner.poll_next_frame(cx));
-            this.close_sent = true;
+        match this.ended {
+            _ if this.close_sent => {}
+            // yawc sends the frames it owes on a read (which then ends).
+            Some(Ending::Answered) => {
+                let _ = ready!(this.frames.poll_next_frame(cx));
+                this.close_sent = true;
+            }
+            Some(Ending::Refused(code)) => {
+                ready!(Pin::new(&mut this.frames).poll_ready(cx))?;
+                Pin::new(&mut *this).start_send(close_frame(code, ""))?;
+            }
+            None => {}
         }
-        Pin::new(&mut this.inner).poll_close(cx)
+        Pin::new(&mut this.frames).poll_close(cx)
     }
 }
 
 /// A data message.
 pub enum Message {
-    /// Valid UTF-8 (yawc checks what arrives).
+    /// Valid UTF-8.
     Text(Bytes),
     Binary(Bytes),
 }
@@ -302,44 +398,10 @@ pub enum Incoming {
     Closed(u16, String),
 }
 
-/// The next data message; yawc answers pings on the way.
-pub async fn next_incoming<S>(source: &mut S) -> Incoming
-where
-    S: Stream<Item = Result<Frame, WebSocketError>> + Unpin,
-{
-    loop {
-        let frame = match source.next().await {
-            Some(Ok(frame)) => frame,
-            Some(Err(error)) => return Incoming::Closed(failure_code(&error), String::new()),
-            None => return Incoming::Closed(ABNORMAL_CLOSURE, String::new()),
-        };
-        match frame.opcode() {
-            OpCode::Text => return Incoming::Message(Message::Text(frame.into_payload())),
-            OpCode::Binary => return Incoming::Message(Message::Binary(frame.into_payload())),
-            OpCode::Close => {
-                let code = frame.close_code().map_or(NO_STATUS, u16::from);
-                let reason = frame
-                    .close_reason()
-                    .ok()
-                    .flatten()
-                    .unwrap_or_default()
-                    .to_owned();
-                return Incoming::Closed(code, reason);
-            }
-            _ => {}
-        }
-    }
-}
-
-/// The close code yawc sends for a failure (1006 when the connection broke).
-fn failure_code(error: &WebSocketError) -> u16 {
-    match error {
-        WebSocketError::FrameTooLarge => CloseCode::Size.into(),
-        WebSocketError::InvalidUTF8 => CloseCode::Invalid.into(),
-        WebSocketError::InvalidOpCode(_) => CloseCode::Unsupported.into(),
-        error if error.is_protocol_error() => CloseCode::Protocol.into(),
-        _ => ABNORMAL_CLOSURE,
-    }
+/// The next message, or how the socket ended.
+pub async fn next_incoming(source: &mut (impl Stream<Item = Incoming> + Unpin)) -> Incoming {
+    let ended = || Incoming::Closed(ABNORMAL_CLOSURE, String::new());
+    source.next().await.unwrap_or_else(ended)
 }
 
 pub fn close_frame(code: u16, reason: &str) -> Frame {

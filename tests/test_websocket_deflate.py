@@ -1,8 +1,9 @@
 """permessage-deflate (RFC 7692) on WebSockets, with real clients: the
 `websockets` client (which offers it by default), wsproto over a plain
 socket and over an HTTP/2 extended CONNECT stream, and handshakes written by
-hand to see which offers the server takes. Every `serve` test runs on both
-transports (in-process and the socket bridge)."""
+hand to see which offers the server takes; and the RFC 6455 guarantees
+with compression on. Every `serve` test runs on both transports (in-process
+and the socket bridge)."""
 
 from __future__ import annotations
 
@@ -124,10 +125,12 @@ def test_compression_turned_off_on_the_server(serve: Any) -> None:
         assert ws.recv(timeout=TIMEOUT) == message
 
 
+@pytest.mark.parametrize("fragmented", [False, True], ids=["one-frame", "fragmented"])
 @pytest.mark.parametrize("compression", ["deflate", None], ids=["compressed-bomb", "plain"])
-def test_a_message_over_the_limit_is_1009(serve: Any, compression: str | None) -> None:
-    """A few KiB on the wire that inflate to 8 MiB: the server stops inflating
-    at its limit and closes with 1009, and keeps serving."""
+def test_a_message_over_the_limit_is_1009(serve: Any, compression: str | None, fragmented: bool) -> None:
+    """8 MiB of zeros (a few KiB on the wire once deflated), whole or in
+    frames each under the limit: the server stops inflating or gathering at
+    its limit and closes with 1009, and keeps serving."""
     from websockets.exceptions import ConnectionClosed
     from websockets.sync.client import connect
 
@@ -137,7 +140,7 @@ def test_a_message_over_the_limit_is_1009(serve: Any, compression: str | None) -
         ws.send(b"just under" + bytes(MIB - 10))  # exactly the limit: fine
         assert len(ws.recv(timeout=TIMEOUT)) == MIB
         with pytest.raises(ConnectionClosed) as closed:
-            ws.send(bytes(8 * MIB))
+            ws.send(iter([bytes(MIB // 2)] * 16) if fragmented else bytes(8 * MIB))
             ws.recv(timeout=TIMEOUT)
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
     assert handler.done.wait(TIMEOUT)
@@ -145,6 +148,32 @@ def test_a_message_over_the_limit_is_1009(serve: Any, compression: str | None) -
     with connect(ws_url(running), compression=compression, open_timeout=TIMEOUT, close_timeout=TIMEOUT) as ws:
         ws.send("still serving")
         assert ws.recv(timeout=TIMEOUT) == "still serving"
+
+
+def test_ping_close_echo_and_invalid_utf8_with_compression(serve: Any) -> None:
+    """RFC 6455 with deflate on: pings are answered, the client's close code
+    comes back to it and reaches the application, text that is not UTF-8
+    closes with 1007."""
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    handler = Echo()
+    running = serve(handler)
+    with connect(ws_url(running), open_timeout=TIMEOUT, close_timeout=TIMEOUT) as ws:
+        assert ws.protocol.extensions
+        assert ws.ping(b"are you there").wait(TIMEOUT)
+        ws.send("after the ping")
+        assert ws.recv(timeout=TIMEOUT) == "after the ping"
+        ws.close(4001, "done here")
+        assert ws.protocol.close_rcvd is not None
+        assert (ws.protocol.close_rcvd.code, ws.protocol.close_rcvd.reason) == (4001, "done here")
+    assert handler.done.wait(TIMEOUT)
+    assert handler.closed == [(4001, "done here")]
+    with connect(ws_url(running), open_timeout=TIMEOUT, close_timeout=TIMEOUT) as ws:
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.send(b"caf\xe9", text=True)  # Latin-1 sent as text
+            ws.recv(timeout=TIMEOUT)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1007
 
 
 def wsproto_echo(port: int, message: str) -> tuple[list[Any], str, int]:
@@ -187,23 +216,69 @@ def test_the_server_compresses_what_it_sends(serve: Any) -> None:
     assert received < len(message) // 20
 
 
-def handshake(port: int, offers: list[str]) -> dict[str, str]:
+def handshake(sock: socket.socket, port: int, offers: list[str]) -> dict[str, str]:
     """An HTTP/1.1 upgrade written by hand; the 101's headers (lower-cased)."""
     lines = [
         "GET / HTTP/1.1", f"Host: 127.0.0.1:{port}", "Upgrade: websocket", "Connection: Upgrade",
         f"Sec-WebSocket-Key: {KEY}", "Sec-WebSocket-Version: 13",
         *(f"Sec-WebSocket-Extensions: {offer}" for offer in offers),
     ]
-    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
-        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
-        head = b""
-        while b"\r\n\r\n" not in head:
-            data = sock.recv(4096)
-            assert data, "the server hung up"
-            head += data
-    status, *fields = head.split(b"\r\n\r\n")[0].decode().split("\r\n")
+    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):  # byte by byte: the frames after it stay unread
+        data = sock.recv(1)
+        assert data, "the server hung up"
+        head += data
+    status, *fields = head.decode().strip().split("\r\n")
     assert status.startswith("HTTP/1.1 101")
     return {name.lower(): value.strip() for name, value in (field.split(":", 1) for field in fields)}
+
+
+def client_frame(opcode: int, payload: bytes, *, fin: bool = True, rsv1: bool = False) -> bytes:
+    """One small masked frame, as a client sends it."""
+    mask = os.urandom(4)
+    head = bytes([(0x80 if fin else 0) | (0x40 if rsv1 else 0) | opcode, 0x80 | len(payload)])
+    return head + mask + bytes(byte ^ mask[at % 4] for at, byte in enumerate(payload))
+
+
+def server_frame(sock: socket.socket) -> tuple[int, bytes]:
+    """The opcode and payload of the next (small, unmasked) server frame."""
+    def exactly(count: int) -> bytes:
+        data = b""
+        while len(data) < count:
+            more = sock.recv(count - len(data))
+            assert more, "the server hung up"
+            data += more
+        return data
+
+    first, length = exactly(2)
+    assert length < 126
+    return first & 0x0F, exactly(length)
+
+
+CLOSE = 0x8
+
+
+@pytest.mark.parametrize(
+    ("frames", "answer"),
+    [
+        ([client_frame(0x1, b"\xc3", fin=False), client_frame(0x0, b"\xa9")], (0x1, "é".encode())),
+        ([client_frame(0x1, b"\xc3", fin=False), client_frame(0x0, b"(")], (CLOSE, 1007)),
+        ([client_frame(0x0, b"nothing to continue")], (CLOSE, 1002)),
+        ([client_frame(0x1, b"a", fin=False), client_frame(0x1, b"b")], (CLOSE, 1002)),
+        ([client_frame(0x1, b"compressed?", rsv1=True)], (CLOSE, 1002)),
+    ],
+    ids=["utf8-split-across-frames", "invalid-utf8-across-frames", "lone-continuation", "message-inside-a-message",
+         "rsv1-without-deflate"],
+)
+def test_frames_by_hand(serve: Any, frames: list[bytes], answer: tuple[int, Any]) -> None:
+    running = serve(Echo())
+    with socket.create_connection(("127.0.0.1", running.port), timeout=TIMEOUT) as sock:
+        handshake(sock, running.port, [])
+        sock.sendall(b"".join(frames))
+        opcode, payload = server_frame(sock)
+    got = (opcode, int.from_bytes(payload[:2], "big") if opcode == CLOSE else payload)
+    assert got == answer
 
 
 @pytest.mark.parametrize(
@@ -231,7 +306,8 @@ def handshake(port: int, offers: list[str]) -> dict[str, str]:
 )
 def test_which_offer_is_taken(serve: Any, offers: list[str], answer: str | None) -> None:
     running = serve(Echo())
-    assert handshake(running.port, offers).get("sec-websocket-extensions") == answer
+    with socket.create_connection(("127.0.0.1", running.port), timeout=TIMEOUT) as sock:
+        assert handshake(sock, running.port, offers).get("sec-websocket-extensions") == answer
 
 
 def h2_deflate_exchange(port: int, messages: list[bytes]) -> tuple[dict[str, str], list[bytes]]:
