@@ -52,6 +52,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-body-size", type=int, help="bytes (default 32 MiB)")
     serve.add_argument("--max-header-size", type=int, help="bytes (default 64 KiB)")
     serve.add_argument("--max-connections", type=int)
+    serve.add_argument(
+        "--ws-per-message-deflate", dest="websocket_compression", action=argparse.BooleanOptionalAction, default=True,
+        help="WebSocket permessage-deflate compression, when the client offers it",
+    )
     serve.add_argument("--header-read-timeout", type=float)
     serve.add_argument("--keep-alive-timeout", "--timeout-keep-alive", dest="idle_timeout", type=float)
     serve.add_argument("--response-timeout", type=float)
@@ -114,6 +118,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
     if args.http != "auto":
         options["http2"] = args.http == "2"
     options["http3"] = args.http3 and bool(args.ssl_certfile)
+    options["websocket_compression"] = args.websocket_compression
     for name in ("max_body_size", "max_header_size", "max_connections", "header_read_timeout", "idle_timeout", "response_timeout", "shutdown_timeout"):
         value = getattr(args, name)
         if value is not None:

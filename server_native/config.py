@@ -91,8 +91,10 @@ class ServerConfig:
     #: How long a graceful close waits for in-flight requests.
     shutdown_timeout: float = 5.0
     auto_compress: bool = False
-    #: Largest WebSocket message (and frame) accepted.
+    #: Largest WebSocket message (and frame) accepted, once inflated (1009 beyond it).
     websocket_max_message_size: int = 16 * MiB
+    #: Compress WebSocket messages (permessage-deflate) with clients that offer it.
+    websocket_compression: bool = True
     #: Benchmark ceiling: the native side answers every request with these
     #: bytes without calling Python.
     native_response: bytes | None = None

@@ -58,18 +58,14 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::body::ResponseBody;
-use crate::config::seconds;
+use crate::config::{seconds, ServerConfig};
 use crate::connection::Connection;
 use crate::exchange::ConnInfo;
 use crate::server::ServerShared;
 use crate::service::{error_response, RequestBodySource};
-use crate::websocket::{self, WebSocket};
+use crate::websocket::{self, Handshake, Incoming, Message};
 use futures_util::{SinkExt, StreamExt};
 use hyper::upgrade::OnUpgrade;
-use hyper_util::rt::TokioIo;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::WebSocketStream;
 
 pub const VERSION: u8 = 1;
 /// Largest body chunk in one frame.
@@ -619,7 +615,7 @@ impl Bridge {
             kind::RESPONSE_HEAD => {}
             kind::WS_ACCEPT if upgrade.is_some() => {
                 let upgrade = upgrade.expect("checked above");
-                return accept_websocket(lease, upgrade, &head, frame.payload, server.config.websocket_max_message_size).await;
+                return accept_websocket(lease, upgrade, &head, frame.payload, &server.config).await;
             }
             kind::ABORT => {
                 return Ok(error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal server error"));
@@ -662,7 +658,7 @@ async fn accept_websocket(
     upgrade: OnUpgrade,
     request: &Parts,
     payload: Bytes,
-    max_message_size: usize,
+    config: &ServerConfig,
 ) -> Result<Response<ResponseBody>, Failure> {
     let mut fields = Fields { payload };
     let subprotocol = fields.bytes()?;
@@ -677,7 +673,7 @@ async fn accept_websocket(
         let value = HeaderValue::from_maybe_shared(subprotocol).map_err(|_| BridgeError::Malformed("invalid subprotocol"))?;
         headers.insert(http::header::SEC_WEBSOCKET_PROTOCOL, value);
     }
-    let status = websocket::accept_head(request.version, &request.headers, &mut headers);
+    let (status, handshake) = websocket::accept_head(request.version, &request.headers, &mut headers, config);
     // The request side is through before the socket starts (an upgrade
     // request has no body; should one come, it is written out first).
     let writer = match std::mem::replace(&mut lease.writer, Writer::Gone) {
@@ -692,7 +688,7 @@ async fn accept_websocket(
     // The connection leaves the pool for good: a long-lived socket must not
     // hold one of the slots that bound requests in flight.
     drop(lease);
-    tokio::spawn(tunnel(upgrade, reader, writer, max_message_size));
+    tokio::spawn(tunnel(upgrade, reader, writer, handshake));
     let mut response = Response::new(ResponseBody::empty());
     *response.status_mut() = status;
     *response.headers_mut() = headers;
@@ -725,15 +721,12 @@ fn ws_close_frame(code: u16, reason: &str) -> BytesMut {
 /// Carries one accepted WebSocket's messages between the client and Python
 /// until either side closes. The two directions run independently, so a
 /// full buffer one way never stops the other; each frame is written whole.
-async fn tunnel(upgrade: OnUpgrade, mut reader: FrameReader, mut writer: WriteHalf, max_message_size: usize) {
-    let Ok(upgraded) = upgrade.await else {
+async fn tunnel(upgrade: OnUpgrade, mut reader: FrameReader, mut writer: WriteHalf, handshake: Handshake) {
+    let max_message_size = handshake.max_message_size();
+    let Some(stream) = handshake.open(upgrade).await else {
         let _ = writer.write_all(&ws_close_frame(WS_ABNORMAL, "")).await;
         return;
     };
-    let config = WebSocketConfig::default()
-        .max_message_size(Some(max_message_size))
-        .max_frame_size(Some(max_message_size));
-    let stream = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
     let (mut sink, mut source) = stream.split();
     let client_done = CancellationToken::new();
     let we_closed = CancellationToken::new();
@@ -743,7 +736,7 @@ async fn tunnel(upgrade: OnUpgrade, mut reader: FrameReader, mut writer: WriteHa
         let outcome = loop {
             let next = tokio::select! {
                 biased;
-                next = source.next() => next,
+                next = websocket::next_incoming(&mut source) => next,
                 // After our close frame, the client has a moment to answer.
                 _ = async {
                     we_closed.cancelled().await;
@@ -751,13 +744,9 @@ async fn tunnel(upgrade: OnUpgrade, mut reader: FrameReader, mut writer: WriteHa
                 } => break (WS_ABNORMAL, String::new()),
             };
             let (kind, data) = match next {
-                Some(Ok(Message::Text(text))) => (WS_TEXT, Bytes::from(text)),
-                Some(Ok(Message::Binary(data))) => (WS_BINARY, data),
-                Some(Ok(Message::Close(frame))) => {
-                    break frame.map_or((1005, String::new()), |f| (f.code.into(), f.reason.to_string()));
-                }
-                Some(Ok(_)) => continue,
-                Some(Err(_)) | None => break (WS_ABNORMAL, String::new()),
+                Incoming::Message(Message::Text(text)) => (WS_TEXT, text),
+                Incoming::Message(Message::Binary(data)) => (WS_BINARY, data),
+                Incoming::Closed(code, reason) => break (code, reason),
             };
             if python_gone.load(std::sync::atomic::Ordering::Relaxed) {
                 continue;
@@ -793,17 +782,17 @@ async fn tunnel(upgrade: OnUpgrade, mut reader: FrameReader, mut writer: WriteHa
                         let (kind, data) = (*kind, std::mem::take(data).freeze());
                         message = None;
                         let outgoing = if kind == WS_TEXT {
-                            match String::from_utf8(data.to_vec()) {
-                                Ok(text) => Message::text(text),
+                            match std::str::from_utf8(&data) {
+                                Ok(_) => yawc::Frame::text(data),
                                 Err(_) => {
                                     python_gone.store(true, std::sync::atomic::Ordering::Relaxed);
-                                    let _ = sink.send(WebSocket::close_message(WS_SERVER_ERROR, "")).await;
+                                    let _ = sink.send(websocket::close_frame(WS_SERVER_ERROR, "")).await;
                                     we_closed.cancel();
                                     return;
                                 }
                             }
                         } else {
-                            Message::binary(data)
+                            yawc::Frame::binary(data)
                         };
                         if sink.send(outgoing).await.is_err() {
                             return;
@@ -814,7 +803,7 @@ async fn tunnel(upgrade: OnUpgrade, mut reader: FrameReader, mut writer: WriteHa
                 Ok(FrameIn { kind: kind::WS_CLOSE, payload }) if payload.len() >= 2 => {
                     let code = u16::from_be_bytes([payload[0], payload[1]]);
                     let reason = String::from_utf8_lossy(&payload[2..]).into_owned();
-                    let _ = sink.send(WebSocket::close_message(code, &reason)).await;
+                    let _ = sink.send(websocket::close_frame(code, &reason)).await;
                     we_closed.cancel();
                     return;
                 }
@@ -823,7 +812,7 @@ async fn tunnel(upgrade: OnUpgrade, mut reader: FrameReader, mut writer: WriteHa
             };
             if let Some((code, reason)) = close {
                 python_gone.store(true, std::sync::atomic::Ordering::Relaxed);
-                let _ = sink.send(WebSocket::close_message(code, reason)).await;
+                let _ = sink.send(websocket::close_frame(code, reason)).await;
                 we_closed.cancel();
                 return;
             }

@@ -44,6 +44,8 @@ pub struct ServerConfig {
     pub response_timeout: f64,
     pub auto_compress: bool,
     pub websocket_max_message_size: usize,
+    /// Negotiate permessage-deflate when a WebSocket client offers it.
+    pub websocket_compression: bool,
     pub native_response: Option<Vec<u8>>,
     /// `native_callback=False`: where Python listens for the socket bridge
     /// (`unix:/path` or `tcp:127.0.0.1:port`), and the token that proves it

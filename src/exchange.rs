@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::body::{BodyEnd, RequestBody, ResponseBody, ResponseStream};
 use crate::boundary::queue::{Event, EventQueue};
-use crate::websocket::WebSocket;
+use crate::websocket::{Handshake, WebSocket};
 
 /// What a connection knows about itself, shared by its requests.
 pub struct ConnInfo {
@@ -120,10 +120,10 @@ impl Exchange {
 
     /// Sends the accepting response and starts the WebSocket; None when this
     /// is not a WebSocket request, it was already accepted, or the client left.
-    pub fn accept_websocket(&self, response: Response<ResponseBody>, max_message_size: usize) -> Option<Arc<WebSocket>> {
+    pub fn accept_websocket(&self, response: Response<ResponseBody>, handshake: Handshake) -> Option<Arc<WebSocket>> {
         let upgrade = self.upgrade.lock().take()?;
         self.send(response).ok()?;
-        let socket = WebSocket::start(upgrade, self.events.clone(), max_message_size);
+        let socket = WebSocket::start(upgrade, self.events.clone(), handshake);
         self.websocket.set(socket.clone()).ok()?;
         Some(socket)
     }

@@ -12,6 +12,7 @@ mod exchange;
 mod h1_guard;
 mod http3;
 mod listener;
+mod permessage_deflate;
 mod runtime;
 mod server;
 mod service;

@@ -29,6 +29,11 @@ async def app(scope, receive, send):
             await send({"type": message["type"] + ".complete"})
             if message["type"] == "lifespan.shutdown":
                 return
+    if scope["type"] == "websocket":
+        await receive()
+        await send({"type": "websocket.accept"})
+        await receive()
+        return
     if scope["path"] == "/slow":
         await asyncio.sleep(1)
     body = f"{os.getpid()} {scope['client'][0]} {scope['scheme']}".encode()
@@ -186,6 +191,27 @@ def test_app_dir_is_where_the_app_is_imported_from(app_dir: Path, tmp_path_facto
     assert result.returncode == 1
     # found and imported (the attribute is what is missing), though the cwd has no cliapp
     assert result.stderr.strip().splitlines() == ["server-native: error: module 'cliapp' has no attribute 'nothing'"]
+
+
+def websocket_extensions(port: int) -> str | None:
+    """The Sec-WebSocket-Extensions answer to an upgrade offering permessage-deflate."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.request("GET", "/ws", headers={
+            "Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Extensions": "permessage-deflate",
+        })
+        response = connection.getresponse()
+        assert response.status == 101
+        return response.getheader("Sec-WebSocket-Extensions")
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize(("flag", "answer"), [((), "permessage-deflate"), (("--no-ws-per-message-deflate",), None)])
+def test_websocket_compression_flag(app_dir: Path, flag: tuple[str, ...], answer: str | None) -> None:
+    with serving(app_dir, "cliapp:app", *flag) as (_, port):
+        assert websocket_extensions(port) == answer
 
 
 def test_a_bad_option_exits_with_usage(app_dir: Path) -> None:

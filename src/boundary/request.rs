@@ -18,8 +18,8 @@ use crate::body::{BodyEnd, BodyRead, ResponseBody, ResponseStream, StreamBody, W
 use crate::errors::{BodyTooLarge, ClientDisconnected};
 use crate::exchange::{Exchange, SendError};
 use crate::server::ServerShared;
-use crate::websocket::{self, Received, Sent, WebSocket};
-use tokio_tungstenite::tungstenite::Message;
+use crate::websocket::{self, Message, Received, Sent, WebSocket};
+use yawc::Frame;
 
 #[pyclass(frozen, module = "server_native._native")]
 pub struct NativeRequest {
@@ -284,14 +284,14 @@ impl NativeRequest {
             map.insert(http::header::SEC_WEBSOCKET_PROTOCOL, value);
         }
         let head = &self.exchange.head;
-        let status = websocket::accept_head(head.version, &head.headers, &mut map);
+        let (status, handshake) = websocket::accept_head(head.version, &head.headers, &mut map, &self.server.config);
         let mut response = Response::new(ResponseBody::empty());
         *response.status_mut() = status;
         *response.headers_mut() = map;
         if !self.exchange.wants_websocket() {
             return Err(PyRuntimeError::new_err("not a WebSocket request"));
         }
-        Ok(self.exchange.accept_websocket(response, self.server.config.websocket_max_message_size).is_some())
+        Ok(self.exchange.accept_websocket(response, handshake).is_some())
     }
 
     /// The next message: `("text", str)`, `("bytes", bytes)` or
@@ -300,8 +300,9 @@ impl NativeRequest {
         let socket = self.socket()?;
         let mut future = Parked::new(create_future);
         let item = match socket.recv(|| future.make()) {
-            Received::Text(text) => ("text", text).into_pyobject(py)?.into_any(),
-            Received::Binary(data) => ("bytes", PyBytes::new(py, &data)).into_pyobject(py)?.into_any(),
+            // Checked UTF-8: the lossy view borrows without copying or replacing.
+            Received::Message(Message::Text(text)) => ("text", String::from_utf8_lossy(&text)).into_pyobject(py)?.into_any(),
+            Received::Message(Message::Binary(data)) => ("bytes", PyBytes::new(py, &data)).into_pyobject(py)?.into_any(),
             Received::Closed(code, reason) => ("close", (code, reason)).into_pyobject(py)?.into_any(),
             Received::Pending => return future.take(),
         };
@@ -313,9 +314,9 @@ impl NativeRequest {
     fn ws_send<'py>(&self, data: &Bound<'py, PyAny>, create_future: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, PyAny>>> {
         let socket = self.socket()?;
         let message = if let Ok(text) = data.cast::<PyString>() {
-            Message::text(text.to_str()?)
+            Frame::text(Bytes::copy_from_slice(text.to_str()?.as_bytes()))
         } else {
-            Message::binary(Bytes::copy_from_slice(data.extract::<&[u8]>()?))
+            Frame::binary(Bytes::copy_from_slice(data.extract::<&[u8]>()?))
         };
         let mut future = Parked::new(create_future);
         match socket.send(message, || future.make()) {
@@ -329,7 +330,7 @@ impl NativeRequest {
     #[pyo3(signature = (code = 1000, reason = ""))]
     fn ws_close(&self, py: Python<'_>, code: u16, reason: &str) -> PyResult<()> {
         let socket = self.socket()?;
-        socket.send(WebSocket::close_message(code, reason), || py.None());
+        socket.send(websocket::close_frame(code, reason), || py.None());
         Ok(())
     }
 
