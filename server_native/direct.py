@@ -126,7 +126,8 @@ class DirectServer(BoundServer):
         self._handler: DirectHandler | None = None
         self._native_direct = native_direct
         self._thread: threading.Thread | None = None
-        super().__init__(config, hosts, port, threaded=native_direct)
+        # One thread serves every request: a slow upload must not hold it.
+        super().__init__(config, hosts, port, threaded=native_direct, whole_body=native_direct)
 
     def serve(self, handler: DirectHandler) -> None:
         if self._native_direct:

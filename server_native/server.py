@@ -83,11 +83,14 @@ def tls_settings(
 class BoundServer:
     """A native server bound to its addresses, and its asyncio plumbing.
     Subclasses say what a request becomes (``_on_request``). With
-    ``threaded`` no loop is woken: a thread consumes requests natively.
+    ``threaded`` no loop is woken: threads consume requests natively, and
+    with ``whole_body`` too a request reaches them only once its body has.
     With ``config.native_callback`` False, requests come over the socket
     bridge (``bridge.py``) instead of the in-process event queue."""
 
-    def __init__(self, config: ServerConfig, hosts: list[str], port: int, *, threaded: bool = False) -> None:
+    def __init__(
+        self, config: ServerConfig, hosts: list[str], port: int, *, threaded: bool = False, whole_body: bool = False
+    ) -> None:
         self._loop = asyncio.get_running_loop()
         self._bridge: BridgeListener | None = None
         if not config.native_callback:
@@ -105,7 +108,7 @@ class BoundServer:
         self._pump = None if threaded else EventPump(self._loop, self._on_request)
         try:
             wake_fd = None if self._pump is None else self._pump.wake_fd
-            self._native = native.NativeServer(config, hosts, port, wake_fd)
+            self._native = native.NativeServer(config, hosts, port, wake_fd, whole_body)
         except BaseException:
             if self._pump is not None:
                 self._pump.detach()

@@ -107,8 +107,7 @@ async fn dispatch<B: RequestBodySource>(request: Request<B>, conn: &Arc<Connecti
     let (head, mut body) = request.into_parts();
     let mut complete = body.is_end_stream().then_some(BodyEnd::Complete);
     let request_body = Arc::new(RequestBody::new(server.events.clone(), complete.clone()));
-    if complete.is_none() && server.events.is_thread() {
-        // A synchronous handler cannot wait for a body: read it all first.
+    if complete.is_none() && server.whole_body {
         let stop = CancellationToken::new();
         if pump(&mut body, request_body.clone(), server.config.max_body_size, u64::MAX, stop).await {
             return error_response(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
@@ -123,8 +122,9 @@ async fn dispatch<B: RequestBodySource>(request: Request<B>, conn: &Arc<Connecti
         let flag = too_large.clone();
         let limit = server.config.max_body_size;
         tokio::spawn(async move {
-            if pump(&mut body, request_body, limit, crate::body::REQUEST_HIGH_WATER as u64, stop).await {
+            if pump(&mut body, request_body.clone(), limit, crate::body::REQUEST_HIGH_WATER as u64, stop).await {
                 flag.cancel();
+                request_body.finish(BodyEnd::TooLarge);
             }
         });
     }
@@ -132,6 +132,8 @@ async fn dispatch<B: RequestBodySource>(request: Request<B>, conn: &Arc<Connecti
         exchange.set_upgrade(upgrade);
     }
     server.events.push(Event::Request(exchange.clone()));
+    // Whatever the application has not answered by the end is abandoned, so
+    // that it stops waiting on this exchange (a body, a drain, a disconnect).
     let mut guard = AbandonOnDrop(Some(exchange));
     let timeout = async {
         match seconds(server.config.response_timeout) {
@@ -139,23 +141,26 @@ async fn dispatch<B: RequestBodySource>(request: Request<B>, conn: &Arc<Connecti
             None => std::future::pending().await,
         }
     };
-    let outcome = tokio::select! {
+    tokio::select! {
         biased;
-        response = response => response.ok(),
-        _ = too_large.cancelled() => Some(error_response(StatusCode::PAYLOAD_TOO_LARGE, "request body too large")),
-        _ = timeout => Some(error_response(StatusCode::GATEWAY_TIMEOUT, "the application did not answer in time")),
-    };
-    match outcome {
-        Some(response) => {
-            guard.0.take();
-            response
-        }
-        None => error_response(StatusCode::INTERNAL_SERVER_ERROR, "the application dropped the request"),
+        // Before the response: an application woken by the refused body may
+        // already have answered when this task runs.
+        _ = too_large.cancelled() => error_response(StatusCode::PAYLOAD_TOO_LARGE, "request body too large"),
+        response = response => match response {
+            Ok(response) => {
+                guard.0.take();
+                response
+            }
+            Err(_) => error_response(StatusCode::INTERNAL_SERVER_ERROR, "the application dropped the request"),
+        },
+        _ = timeout => error_response(StatusCode::GATEWAY_TIMEOUT, "the application did not answer in time"),
     }
 }
 
-/// When hyper drops a request future early, the client went away: tell the
-/// application instead of leaving it waiting on a body that will not come.
+/// When hyper drops a request future early, the client went away; when the
+/// request was answered natively (413, 504), the exchange is over too: either
+/// way, tell the application instead of leaving it waiting on a body that
+/// will not come.
 struct AbandonOnDrop(Option<Arc<Exchange>>);
 
 impl Drop for AbandonOnDrop {
