@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
+import time
 from dataclasses import replace
 from typing import Any, NamedTuple
 
@@ -105,6 +107,8 @@ class BoundServer:
             config = replace(config, bridge_address=self._bridge.address, bridge_token=self._bridge.token)
         self._config = config
         self._closing: asyncio.Future[None] | None = None
+        #: Threads that take requests natively (``threaded``), joined on close.
+        self._consumers: list[threading.Thread] = []
         self._pump = None if threaded else EventPump(self._loop, self._on_request)
         try:
             wake_fd = None if self._pump is None else self._pump.wake_fd
@@ -170,10 +174,27 @@ class BoundServer:
         if self._bridge is not None:
             # The native side has drained: nothing is in flight any more.
             await self._bridge.close()
+        await self._join_consumers()
         if not self._closed.done():
             if self._pump is not None:
                 self._pump.detach()
             self._closed.set_result(None)
+
+    async def _join_consumers(self) -> None:
+        """Waits (bounded) for the consumer threads, which return once the
+        queue is closed and their handlers are done: they must be gone
+        before the interpreter finalizes (a daemon thread stopped inside
+        native code would abort the process)."""
+        alive = [thread for thread in self._consumers if thread.is_alive()]
+        if not alive:
+            return
+        deadline = time.monotonic() + self._config.shutdown_timeout + 1
+
+        def join() -> None:
+            for thread in alive:
+                thread.join(max(0.0, deadline - time.monotonic()))
+
+        await self._loop.run_in_executor(None, join)
 
     def _on_closing(self) -> None:
         """Called once when closing starts."""

@@ -186,7 +186,9 @@ class WSGIServer(BoundServer):
 
     def serve(self, app: WSGIApp) -> None:
         for index in range(self._threads):
-            threading.Thread(target=self._work, args=(app,), name=f"server-native-wsgi-{index}", daemon=True).start()
+            worker = threading.Thread(target=self._work, args=(app,), name=f"server-native-wsgi-{index}", daemon=True)
+            self._consumers.append(worker)
+            worker.start()
 
     def _work(self, app: WSGIApp) -> None:
         next_request = self._native.next_request

@@ -1161,3 +1161,18 @@ def test_a_worker_thread_cannot_park_a_future(bg: BackgroundLoop) -> None:
     finally:
         running.stop()
     assert len(refusals) == 2 and all("read_blocking()" in refusal for refusal in refusals), refusals
+
+
+def test_close_waits_for_the_worker_threads(bg: BackgroundLoop) -> None:
+    """The workers are gone once the server has closed: none is left to be
+    stopped inside native code when the interpreter exits (that aborts the
+    process)."""
+    before = set(threading.enumerate())
+    running = run_raw(bg, BlockingApps(), threads=3)
+    try:
+        assert get(running.url("/x")).text == "small"
+        workers = [t for t in threading.enumerate() if t not in before and t.name.startswith("server-native-wsgi-")]
+    finally:
+        running.stop()
+    assert len(workers) == 3
+    assert not [worker for worker in workers if worker.is_alive()]
