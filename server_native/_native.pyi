@@ -1,5 +1,8 @@
 """The native module: hyper, tokio and rustls behind a small, non-blocking
-surface. Only the loop thread calls it; tokio threads never take the GIL."""
+surface. Python threads call it (the loop thread, or consumer threads, which
+alone block: in ``next_request``, ``serve_direct``, ``read_blocking`` and
+``write_blocking``, without the GIL); tokio threads take the GIL only to
+report a threaded server closed."""
 
 import builtins
 from collections.abc import Callable, Iterable
