@@ -132,8 +132,8 @@ async fn dispatch<B: RequestBodySource>(request: Request<B>, conn: &Arc<Connecti
         exchange.set_upgrade(upgrade);
     }
     server.events.push(Event::Request(exchange.clone()));
-    // Whatever the application has not answered by the end is abandoned, so
-    // that it stops waiting on this exchange (a body, a drain, a disconnect).
+    // An exchange answered here (504, or the application gone) is abandoned,
+    // so that nobody goes on waiting on it (a body, a drain, a disconnect).
     let mut guard = AbandonOnDrop(Some(exchange));
     let timeout = async {
         match seconds(server.config.response_timeout) {
@@ -144,8 +144,13 @@ async fn dispatch<B: RequestBodySource>(request: Request<B>, conn: &Arc<Connecti
     tokio::select! {
         biased;
         // Before the response: an application woken by the refused body may
-        // already have answered when this task runs.
-        _ = too_large.cancelled() => error_response(StatusCode::PAYLOAD_TOO_LARGE, "request body too large"),
+        // already have answered when this task runs. The pump tells the
+        // application why the body stopped (not abandoned: that would say
+        // the client left).
+        _ = too_large.cancelled() => {
+            guard.0.take();
+            error_response(StatusCode::PAYLOAD_TOO_LARGE, "request body too large")
+        }
         response = response => match response {
             Ok(response) => {
                 guard.0.take();
@@ -158,7 +163,7 @@ async fn dispatch<B: RequestBodySource>(request: Request<B>, conn: &Arc<Connecti
 }
 
 /// When hyper drops a request future early, the client went away; when the
-/// request was answered natively (413, 504), the exchange is over too: either
+/// request was answered natively (504), the exchange is over too: either
 /// way, tell the application instead of leaving it waiting on a body that
 /// will not come.
 struct AbandonOnDrop(Option<Arc<Exchange>>);

@@ -1176,3 +1176,100 @@ def test_close_waits_for_the_worker_threads(bg: BackgroundLoop) -> None:
         running.stop()
     assert len(workers) == 3
     assert not [worker for worker in workers if worker.is_alive()]
+
+
+class H2Client:
+    """A frame-level HTTP/2 client (python-h2) on one connection, for what
+    httpx cannot do: stop reading, or reset a stream mid-body."""
+
+    def __init__(self, port: int) -> None:
+        import h2.config
+        import h2.connection
+
+        self.port = port
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+        self.conn.initiate_connection()
+        self.sock.sendall(self.conn.data_to_send())
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def start(self, stream_id: int, method: str, path: str, end_stream: bool) -> None:
+        headers = [(":method", method), (":path", path), (":scheme", "http"), (":authority", f"127.0.0.1:{self.port}")]
+        self.conn.send_headers(stream_id, headers, end_stream=end_stream)
+        self.sock.sendall(self.conn.data_to_send())
+
+    def send(self, stream_id: int, data: bytes) -> None:
+        """Sends ``data`` as the server's flow-control windows allow."""
+        while data:
+            room = min(self.conn.local_flow_control_window(stream_id), self.conn.max_outbound_frame_size, len(data))
+            if room > 0:
+                self.conn.send_data(stream_id, data[:room])
+                data = data[room:]
+            else:
+                self._receive()
+            self.sock.sendall(self.conn.data_to_send())
+
+    def cancel(self, stream_id: int) -> None:
+        """Resets the stream with CANCEL, as a client that gives up does
+        (NO_ERROR would mean "done early": hyper ends the body normally)."""
+        import h2.errors
+
+        self.conn.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+        self.sock.sendall(self.conn.data_to_send())
+
+    def get(self, stream_id: int, path: str) -> bytes:
+        """One GET on a new stream; its body (other streams' data is read and
+        acknowledged on the way)."""
+        import h2.events
+
+        self.start(stream_id, "GET", path, end_stream=True)
+        body = b""
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            for event in self._receive():
+                if isinstance(event, h2.events.DataReceived) and event.stream_id == stream_id:
+                    body += event.data
+                elif isinstance(event, h2.events.StreamEnded) and event.stream_id == stream_id:
+                    return body
+            self.sock.sendall(self.conn.data_to_send())
+        raise AssertionError(f"no answer on stream {stream_id}")
+
+    def _receive(self) -> list[Any]:
+        import h2.events
+
+        data = self.sock.recv(65536)
+        assert data, "the server closed the connection"
+        events = self.conn.receive_data(data)
+        for event in events:
+            if isinstance(event, h2.events.DataReceived):
+                self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+        return events
+
+
+@pytest.mark.parametrize("blocked_in", ["read", "write"])
+def test_h2_stream_reset_while_a_worker_is_blocked(bg: BackgroundLoop, blocked_in: str) -> None:
+    """The client resets its stream while the one worker waits on it; the
+    worker goes on to the next request on the same connection."""
+    apps = BlockingApps()
+    running = run_raw(bg, apps, threads=1)
+    client = H2Client(running.port)
+    try:
+        if blocked_in == "read":
+            client.start(1, "POST", "/read", end_stream=False)
+            client.send(1, os.urandom(256 * 1024))
+            assert apps.reading.wait(TIMEOUT)
+        else:
+            client.start(1, "GET", "/download", end_stream=True)  # and read nothing
+            wait_for(lambda: apps.sent > 0, what="the download to start")
+            wait_until_stalled(lambda: apps.sent)
+        client.cancel(1)
+        assert client.get(3, "/next") == b"small"
+    finally:
+        client.close()
+        running.stop()
+    if blocked_in == "read":
+        assert apps.outcomes == ["OSError: request body unavailable: the client disconnected"]
+    else:
+        assert apps.closed.is_set() and apps.sent < BlockingApps.DOWNLOAD
