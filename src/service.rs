@@ -121,12 +121,20 @@ async fn dispatch<B: RequestBodySource>(request: Request<B>, conn: &Arc<Connecti
         let stop = exchange.over.clone();
         let flag = too_large.clone();
         let limit = server.config.max_body_size;
-        tokio::spawn(async move {
+        let mut pumping = Box::pin(async move {
             if pump(&mut body, request_body.clone(), limit, crate::body::REQUEST_HIGH_WATER as u64, stop).await {
                 flag.cancel();
                 request_body.finish(BodyEnd::TooLarge);
             }
         });
+        // What has already arrived goes along with the request: a small body
+        // is then whole before the application asks, and nobody waits.
+        if futures_util::FutureExt::now_or_never(pumping.as_mut()).is_none() {
+            tokio::spawn(pumping);
+        }
+        if too_large.is_cancelled() {
+            return error_response(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
+        }
     }
     if let Some(upgrade) = upgrade {
         exchange.set_upgrade(upgrade);
