@@ -149,6 +149,7 @@ where
     B: Body<Data = Bytes> + Unpin,
 {
     let mut total: u64 = 0;
+    let declared = body.size_hint().exact();
     loop {
         loop {
             let room = target.space.notified();
@@ -167,6 +168,12 @@ where
             _ = stop.cancelled() => return false,
         };
         match frame {
+            // hyper ends an HTTP/2 body without error on RST_STREAM(NO_ERROR),
+            // "stop sending"; short of its Content-Length, it was cut off.
+            None if declared.is_some_and(|length| total < length) => {
+                target.finish(BodyEnd::Disconnected);
+                return false;
+            }
             None => {
                 target.finish(BodyEnd::Complete);
                 return false;

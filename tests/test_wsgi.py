@@ -1195,8 +1195,8 @@ class H2Client:
     def close(self) -> None:
         self.sock.close()
 
-    def start(self, stream_id: int, method: str, path: str, end_stream: bool) -> None:
-        headers = [(":method", method), (":path", path), (":scheme", "http"), (":authority", f"127.0.0.1:{self.port}")]
+    def start(self, stream_id: int, method: str, path: str, end_stream: bool, extra: tuple[tuple[str, str], ...] = ()) -> None:
+        headers = [(":method", method), (":path", path), (":scheme", "http"), (":authority", f"127.0.0.1:{self.port}"), *extra]
         self.conn.send_headers(stream_id, headers, end_stream=end_stream)
         self.sock.sendall(self.conn.data_to_send())
 
@@ -1211,12 +1211,8 @@ class H2Client:
                 self._receive()
             self.sock.sendall(self.conn.data_to_send())
 
-    def cancel(self, stream_id: int) -> None:
-        """Resets the stream with CANCEL, as a client that gives up does
-        (NO_ERROR would mean "done early": hyper ends the body normally)."""
-        import h2.errors
-
-        self.conn.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+    def reset(self, stream_id: int, error_code: int) -> None:
+        self.conn.reset_stream(stream_id, error_code)
         self.sock.sendall(self.conn.data_to_send())
 
     def get(self, stream_id: int, path: str) -> bytes:
@@ -1248,23 +1244,30 @@ class H2Client:
         return events
 
 
-@pytest.mark.parametrize("blocked_in", ["read", "write"])
-def test_h2_stream_reset_while_a_worker_is_blocked(bg: BackgroundLoop, blocked_in: str) -> None:
+@pytest.mark.parametrize(
+    ("blocked_in", "error_code"),
+    [("read", "CANCEL"), ("read", "NO_ERROR"), ("write", "CANCEL")],
+)
+def test_h2_stream_reset_while_a_worker_is_blocked(bg: BackgroundLoop, blocked_in: str, error_code: str) -> None:
     """The client resets its stream while the one worker waits on it; the
-    worker goes on to the next request on the same connection."""
+    worker goes on to the next request on the same connection. (hyper ends
+    a body reset with NO_ERROR as if it were complete: short of its
+    Content-Length it must still read as cut off.)"""
+    import h2.errors
+
     apps = BlockingApps()
     running = run_raw(bg, apps, threads=1)
     client = H2Client(running.port)
     try:
         if blocked_in == "read":
-            client.start(1, "POST", "/read", end_stream=False)
+            client.start(1, "POST", "/read", end_stream=False, extra=(("content-length", str(MiB)),))
             client.send(1, os.urandom(256 * 1024))
             assert apps.reading.wait(TIMEOUT)
         else:
             client.start(1, "GET", "/download", end_stream=True)  # and read nothing
             wait_for(lambda: apps.sent > 0, what="the download to start")
             wait_until_stalled(lambda: apps.sent)
-        client.cancel(1)
+        client.reset(1, h2.errors.ErrorCodes[error_code])
         assert client.get(3, "/next") == b"small"
     finally:
         client.close()
