@@ -125,30 +125,22 @@ class DirectServer(BoundServer):
     def __init__(self, config: ServerConfig, hosts: list[str], port: int, *, native_direct: bool = False) -> None:
         self._handler: DirectHandler | None = None
         self._native_direct = native_direct
-        self._thread: threading.Thread | None = None
-        super().__init__(config, hosts, port, threaded=native_direct)
+        # One thread serves every request: a slow upload must not hold it.
+        super().__init__(config, hosts, port, threaded=native_direct, whole_body=native_direct)
 
     def serve(self, handler: DirectHandler) -> None:
         if self._native_direct:
             if inspect.iscoroutinefunction(handler):
                 raise TypeError("native_direct=True needs a synchronous handler (it runs outside the event loop)")
-            self._thread = threading.Thread(
+            thread = threading.Thread(
                 target=self._native.serve_direct,
                 args=(handler, NativeDirectRequest, self._report),
                 name="server-native-direct",
                 daemon=True,
             )
-            self._thread.start()
+            self._consumers.append(thread)
+            thread.start()
         self._handler = handler
-
-    async def close(self, force: bool = False) -> None:
-        await super().close(force)
-        # The thread returns once the queue is closed; it must be gone before
-        # the interpreter finalizes (a daemon thread stopped inside native
-        # code would abort the process).
-        thread = self._thread
-        if thread is not None and thread.is_alive():
-            await self._loop.run_in_executor(None, thread.join, self._config.shutdown_timeout + 1)
 
     def _on_request(self, native_request: Any) -> None:
         handler = self._handler

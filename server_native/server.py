@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
+import time
 from dataclasses import replace
 from typing import Any, NamedTuple
 
@@ -91,11 +93,14 @@ def tls_settings(
 class BoundServer:
     """A native server bound to its addresses, and its asyncio plumbing.
     Subclasses say what a request becomes (``_on_request``). With
-    ``threaded`` no loop is woken: a thread consumes requests natively.
+    ``threaded`` no loop is woken: threads consume requests natively, and
+    with ``whole_body`` too a request reaches them only once its body has.
     With ``config.native_callback`` False, requests come over the socket
     bridge (``bridge.py``) instead of the in-process event queue."""
 
-    def __init__(self, config: ServerConfig, hosts: list[str], port: int, *, threaded: bool = False) -> None:
+    def __init__(
+        self, config: ServerConfig, hosts: list[str], port: int, *, threaded: bool = False, whole_body: bool = False
+    ) -> None:
         self._loop = asyncio.get_running_loop()
         self._bridge: BridgeListener | None = None
         if not config.native_callback:
@@ -110,18 +115,20 @@ class BoundServer:
             config = replace(config, bridge_address=self._bridge.address, bridge_token=self._bridge.token)
         self._config = config
         self._closing: asyncio.Future[None] | None = None
+        #: Threads that take requests natively (``threaded``), joined on close.
+        self._consumers: list[threading.Thread] = []
         self._pump = None if threaded else EventPump(self._loop, self._on_request)
         #: The Unix socket file this server made, removed once it has closed.
         self._socket_file: UnixSocketFile | None = None
         try:
             wake_fd = None if self._pump is None else self._pump.wake_fd
             if config.uds is None:
-                self._native = native.NativeServer(config, hosts, port, wake_fd)
+                self._native = native.NativeServer(config, hosts, port, wake_fd, whole_body)
             else:
                 sock, self._socket_file = bind_unix_socket(config.uds, backlog=config.backlog, mode=config.uds_mode)
                 with sock:  # The native side serves its own duplicate.
                     adopted = replace(config, uds=None, uds_mode=None, fd=sock.fileno())
-                    self._native = native.NativeServer(adopted, hosts, port, wake_fd)
+                    self._native = native.NativeServer(adopted, hosts, port, wake_fd, whole_body)
         except BaseException:
             if self._pump is not None:
                 self._pump.detach()
@@ -192,6 +199,7 @@ class BoundServer:
         if self._bridge is not None:
             # The native side has drained: nothing is in flight any more.
             await self._bridge.close()
+        await self._join_consumers()
         if not self._closed.done():
             if self._pump is not None:
                 self._pump.detach()
@@ -201,6 +209,22 @@ class BoundServer:
         if self._socket_file is not None:
             self._socket_file.remove()
             self._socket_file = None
+
+    async def _join_consumers(self) -> None:
+        """Waits (bounded) for the consumer threads, which return once the
+        queue is closed and their handlers are done: they must be gone
+        before the interpreter finalizes (a daemon thread stopped inside
+        native code would abort the process)."""
+        alive = [thread for thread in self._consumers if thread.is_alive()]
+        if not alive:
+            return
+        deadline = time.monotonic() + self._config.shutdown_timeout + 1
+
+        def join() -> None:
+            for thread in alive:
+                thread.join(max(0.0, deadline - time.monotonic()))
+
+        await self._loop.run_in_executor(None, join)
 
     def _on_closing(self) -> None:
         """Called once when closing starts."""

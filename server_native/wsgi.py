@@ -3,7 +3,6 @@ from the native queue: no event loop between the socket and the app."""
 
 from __future__ import annotations
 
-import concurrent.futures
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Iterator
@@ -26,11 +25,6 @@ _PLAIN = [("content-type", "text/plain; charset=utf-8")]
 _CHUNK = 64 * 1024
 
 
-def _wait(future: concurrent.futures.Future[None]) -> None:
-    """Blocks this worker thread until the native side wakes the future."""
-    future.result()
-
-
 class FileWrapper:
     """``wsgi.file_wrapper``: iterates a file in blocks; the server streams
     it without the app reading it into memory."""
@@ -50,37 +44,38 @@ class FileWrapper:
 
 
 class InputStream:
-    """``wsgi.input``: the request body, read as it arrives."""
+    """``wsgi.input``: the request body, read as it arrives. A read waits in
+    the native side (without the GIL) for the client to send more."""
 
     def __init__(self, native_request: Any) -> None:
         self._native = native_request
         self._buffer = b""
         self._done = False
 
+    def _next(self) -> bytes:
+        """The next chunk; ``b""`` at the end of the body."""
+        if self._done:
+            return b""
+        try:
+            chunk: bytes = self._native.read_blocking()
+        except (_ClientDisconnected, _BodyTooLarge) as exc:
+            raise OSError(f"request body unavailable: {exc}") from exc
+        self._done = not chunk
+        return chunk
+
     def _fill(self) -> bool:
         """Appends the next chunk; False at the end of the body."""
-        if self._done:
-            return False
-        while True:
-            try:
-                step = self._native.read(concurrent.futures.Future)
-            except (_ClientDisconnected, _BodyTooLarge) as exc:
-                raise OSError(f"request body unavailable: {exc}") from exc
-            if step.__class__ is bytes:
-                break
-            _wait(step)
-        if not step:
-            self._done = True
-            return False
-        self._buffer += step
-        return True
+        chunk = self._next()
+        self._buffer += chunk
+        return bool(chunk)
 
     def read(self, size: int | None = -1) -> bytes:
         if size is None or size < 0:
-            while self._fill():
-                pass
-            data, self._buffer = self._buffer, b""
-            return data
+            chunks = [self._buffer]
+            while chunk := self._next():
+                chunks.append(chunk)
+            self._buffer = b""
+            return b"".join(chunks)
         while len(self._buffer) < size and self._fill():
             pass
         data, self._buffer = self._buffer[:size], self._buffer[size:]
@@ -149,12 +144,9 @@ class _Response:
                 self.gone = True
         if data and not self.gone:
             try:
-                backlog = self._native.write(data, concurrent.futures.Future)
+                self._native.write_blocking(data)
             except _ClientDisconnected:
                 self.gone = True
-                return
-            if backlog is not None:
-                _wait(backlog)
 
 
 class WSGIServer(BoundServer):
@@ -190,14 +182,16 @@ class WSGIServer(BoundServer):
             "wsgi.multiprocess": False,
             "wsgi.run_once": False,
             "wsgi.file_wrapper": FileWrapper,
-            # The whole body is read before the app runs, and reading it to
-            # the end is safe without a Content-Length (chunked uploads).
+            # Reading to the end is safe without a Content-Length: it stops
+            # where the client's body does (chunked uploads).
             "wsgi.input_terminated": True,
         }
 
     def serve(self, app: WSGIApp) -> None:
         for index in range(self._threads):
-            threading.Thread(target=self._work, args=(app,), name=f"server-native-wsgi-{index}", daemon=True).start()
+            worker = threading.Thread(target=self._work, args=(app,), name=f"server-native-wsgi-{index}", daemon=True)
+            self._consumers.append(worker)
+            worker.start()
 
     def _work(self, app: WSGIApp) -> None:
         next_request = self._native.next_request

@@ -1,6 +1,11 @@
 //! Bodies in both directions, each with bounded buffering: the request body is
 //! pumped from the connection into a buffer the application reads, and the
 //! response body is a buffer the application fills and hyper drains.
+//!
+//! The application waits on either side in one of two ways: an asyncio
+//! future parked here and resolved through the event queue (the loop), or a
+//! consumer thread blocked on a condvar of the body itself (WSGI), which
+//! therefore never depends on another thread draining the queue.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -10,7 +15,7 @@ use std::task::{Context, Poll, Waker};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 use pyo3::prelude::*;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -35,7 +40,7 @@ pub enum BodyEnd {
 pub enum BodyRead {
     Data(Bytes),
     End,
-    /// Nothing yet: the waiter is woken through the event queue.
+    /// Nothing yet: the waiter (if any) is woken through the event queue.
     Pending,
     Error(BodyEnd),
 }
@@ -51,6 +56,8 @@ struct RequestBodyState {
 pub struct RequestBody {
     state: Mutex<RequestBodyState>,
     space: Notify,
+    /// Signalled on every change a blocked reader may be waiting for.
+    arrived: Condvar,
     events: Arc<EventQueue>,
 }
 
@@ -59,6 +66,7 @@ impl RequestBody {
         RequestBody {
             state: Mutex::new(RequestBodyState { chunks: VecDeque::new(), buffered: 0, end, waiter: None }),
             space: Notify::new(),
+            arrived: Condvar::new(),
             events,
         }
     }
@@ -67,22 +75,39 @@ impl RequestBody {
     /// there is one.
     pub fn read(&self, waiter: impl FnOnce() -> Option<Py<PyAny>>) -> BodyRead {
         let mut state = self.state.lock();
+        self.take(&mut state).unwrap_or_else(|| {
+            if let Some(waiter) = waiter() {
+                state.waiter = Some(waiter);
+            }
+            BodyRead::Pending
+        })
+    }
+
+    /// Takes the next chunk, blocking the calling thread until there is one
+    /// or the body ends (never `Pending`).
+    pub fn read_blocking(&self) -> BodyRead {
+        let mut state = self.state.lock();
+        loop {
+            if let Some(step) = self.take(&mut state) {
+                return step;
+            }
+            self.arrived.wait(&mut state);
+        }
+    }
+
+    /// The next chunk or the end; None while neither has come.
+    fn take(&self, state: &mut RequestBodyState) -> Option<BodyRead> {
         if let Some(chunk) = state.chunks.pop_front() {
             state.buffered -= chunk.len();
             if state.buffered < REQUEST_HIGH_WATER {
                 self.space.notify_one();
             }
-            return BodyRead::Data(chunk);
+            return Some(BodyRead::Data(chunk));
         }
         match &state.end {
-            Some(BodyEnd::Complete) => BodyRead::End,
-            Some(end) => BodyRead::Error(end.clone()),
-            None => {
-                if let Some(waiter) = waiter() {
-                    state.waiter = Some(waiter);
-                }
-                BodyRead::Pending
-            }
+            Some(BodyEnd::Complete) => Some(BodyRead::End),
+            Some(end) => Some(BodyRead::Error(end.clone())),
+            None => None,
         }
     }
 
@@ -106,6 +131,7 @@ impl RequestBody {
         if let Some(waiter) = state.waiter.take() {
             self.events.push(Event::Wake(waiter));
         }
+        self.arrived.notify_all();
     }
 
     fn has_room(&self, high_water: u64) -> bool {
@@ -116,12 +142,15 @@ impl RequestBody {
 /// Moves a request body from the connection into `target`, enforcing the size
 /// limit and reading ahead at most `high_water` bytes. Stops when the body
 /// ends or `stop` fires (the exchange is over). Returns true when the body
-/// was refused for its size.
+/// was refused for its size: `target` is left unfinished, for the caller to
+/// finish with `TooLarge` once the 413 is decided on, so that an application
+/// woken by that cannot answer first.
 pub async fn pump<B>(body: &mut B, target: Arc<RequestBody>, limit: u64, high_water: u64, stop: CancellationToken) -> bool
 where
     B: Body<Data = Bytes> + Unpin,
 {
     let mut total: u64 = 0;
+    let declared = body.size_hint().exact();
     loop {
         loop {
             let room = target.space.notified();
@@ -140,6 +169,12 @@ where
             _ = stop.cancelled() => return false,
         };
         match frame {
+            // hyper ends an HTTP/2 body without error on RST_STREAM(NO_ERROR),
+            // "stop sending"; short of its Content-Length, it was cut off.
+            None if declared.is_some_and(|length| total < length) => {
+                target.finish(BodyEnd::Disconnected);
+                return false;
+            }
             None => {
                 target.finish(BodyEnd::Complete);
                 return false;
@@ -154,7 +189,6 @@ where
                 let Ok(data) = frame.into_data() else { continue };
                 total += data.len() as u64;
                 if total > limit {
-                    target.finish(BodyEnd::TooLarge);
                     return true;
                 }
                 if !data.is_empty() {
@@ -190,6 +224,8 @@ pub enum WriteResult {
 /// A streamed response body between the application and hyper.
 pub struct ResponseStream {
     state: Mutex<ResponseStreamState>,
+    /// Signalled when the buffer has drained to half, or the client left.
+    drained: Condvar,
     events: Arc<EventQueue>,
 }
 
@@ -206,12 +242,38 @@ impl ResponseStream {
                 reader: None,
                 writer: None,
             }),
+            drained: Condvar::new(),
             events,
         })
     }
 
+    /// Queues a chunk; when that fills the buffer, parks the waiter.
     pub fn write(&self, chunk: Bytes, waiter: impl FnOnce() -> Py<PyAny>) -> WriteResult {
         let mut state = self.state.lock();
+        let result = Self::queue(&mut state, chunk);
+        if let WriteResult::Wait = result {
+            state.writer = Some(waiter());
+        }
+        result
+    }
+
+    /// Queues a chunk without waiting: `Wait` says the buffer is full, and a
+    /// thread should block in `wait_drained` before it writes more.
+    pub fn write_nowait(&self, chunk: Bytes) -> WriteResult {
+        Self::queue(&mut self.state.lock(), chunk)
+    }
+
+    /// Blocks the calling thread until hyper has sent half of the buffer;
+    /// false when the client went away instead.
+    pub fn wait_drained(&self) -> bool {
+        let mut state = self.state.lock();
+        while state.buffered > RESPONSE_HIGH_WATER / 2 && !state.peer_gone {
+            self.drained.wait(&mut state);
+        }
+        !state.peer_gone
+    }
+
+    fn queue(state: &mut ResponseStreamState, chunk: Bytes) -> WriteResult {
         if state.peer_gone {
             return WriteResult::PeerGone;
         }
@@ -223,7 +285,6 @@ impl ResponseStream {
             }
         }
         if state.buffered > RESPONSE_HIGH_WATER {
-            state.writer = Some(waiter());
             WriteResult::Wait
         } else {
             WriteResult::Ready
@@ -249,6 +310,7 @@ impl ResponseStream {
                 if let Some(writer) = state.writer.take() {
                     self.events.push(Event::Wake(writer));
                 }
+                self.drained.notify_all();
             }
             return Poll::Ready(Some(Ok(chunk)));
         }
@@ -278,6 +340,7 @@ impl ResponseStream {
         if let Some(writer) = state.writer.take() {
             self.events.push(Event::Wake(writer));
         }
+        self.drained.notify_all();
         cut_short
     }
 }

@@ -35,6 +35,8 @@ pub struct ServerShared {
     pub tls: Option<TlsAcceptor>,
     pub handshake_timeout: Duration,
     pub events: Arc<EventQueue>,
+    /// Hand a request over only once its whole body has arrived.
+    pub whole_body: bool,
     /// Requests handed to Python and not yet answered: the backpressure bound.
     pub pending: Arc<Semaphore>,
     pub native_response: Option<Bytes>,
@@ -55,7 +57,7 @@ pub struct ServerShared {
 }
 
 impl ServerShared {
-    pub fn new(config: ServerConfig, tls: Option<TlsAcceptor>, events: Arc<EventQueue>) -> Self {
+    pub fn new(config: ServerConfig, tls: Option<TlsAcceptor>, events: Arc<EventQueue>, whole_body: bool) -> Self {
         let protocols = Protocols::new(&config);
         let native_response = config.native_response.clone().map(Bytes::from);
         let bridge = config.bridge_address.as_deref().map(|address| {
@@ -69,6 +71,7 @@ impl ServerShared {
             protocols,
             tls,
             events,
+            whole_body,
             native_response,
             epoch: Instant::now(),
             stats: ConnectionStats::default(),

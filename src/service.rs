@@ -107,8 +107,7 @@ async fn dispatch<B: RequestBodySource>(request: Request<B>, conn: &Arc<Connecti
     let (head, mut body) = request.into_parts();
     let mut complete = body.is_end_stream().then_some(BodyEnd::Complete);
     let request_body = Arc::new(RequestBody::new(server.events.clone(), complete.clone()));
-    if complete.is_none() && server.events.is_thread() {
-        // A synchronous handler cannot wait for a body: read it all first.
+    if complete.is_none() && server.whole_body {
         let stop = CancellationToken::new();
         if pump(&mut body, request_body.clone(), server.config.max_body_size, u64::MAX, stop).await {
             return error_response(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
@@ -122,16 +121,27 @@ async fn dispatch<B: RequestBodySource>(request: Request<B>, conn: &Arc<Connecti
         let stop = exchange.over.clone();
         let flag = too_large.clone();
         let limit = server.config.max_body_size;
-        tokio::spawn(async move {
-            if pump(&mut body, request_body, limit, crate::body::REQUEST_HIGH_WATER as u64, stop).await {
+        let mut pumping = Box::pin(async move {
+            if pump(&mut body, request_body.clone(), limit, crate::body::REQUEST_HIGH_WATER as u64, stop).await {
                 flag.cancel();
+                request_body.finish(BodyEnd::TooLarge);
             }
         });
+        // What has already arrived goes along with the request: a small body
+        // is then whole before the application asks, and nobody waits.
+        if futures_util::FutureExt::now_or_never(pumping.as_mut()).is_none() {
+            tokio::spawn(pumping);
+        }
+        if too_large.is_cancelled() {
+            return error_response(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
+        }
     }
     if let Some(upgrade) = upgrade {
         exchange.set_upgrade(upgrade);
     }
     server.events.push(Event::Request(exchange.clone()));
+    // An exchange answered here (504, or the application gone) is abandoned,
+    // so that nobody goes on waiting on it (a body, a drain, a disconnect).
     let mut guard = AbandonOnDrop(Some(exchange));
     let timeout = async {
         match seconds(server.config.response_timeout) {
@@ -139,23 +149,31 @@ async fn dispatch<B: RequestBodySource>(request: Request<B>, conn: &Arc<Connecti
             None => std::future::pending().await,
         }
     };
-    let outcome = tokio::select! {
+    tokio::select! {
         biased;
-        response = response => response.ok(),
-        _ = too_large.cancelled() => Some(error_response(StatusCode::PAYLOAD_TOO_LARGE, "request body too large")),
-        _ = timeout => Some(error_response(StatusCode::GATEWAY_TIMEOUT, "the application did not answer in time")),
-    };
-    match outcome {
-        Some(response) => {
+        // Before the response: an application woken by the refused body may
+        // already have answered when this task runs. The pump tells the
+        // application why the body stopped (not abandoned: that would say
+        // the client left).
+        _ = too_large.cancelled() => {
             guard.0.take();
-            response
+            error_response(StatusCode::PAYLOAD_TOO_LARGE, "request body too large")
         }
-        None => error_response(StatusCode::INTERNAL_SERVER_ERROR, "the application dropped the request"),
+        response = response => match response {
+            Ok(response) => {
+                guard.0.take();
+                response
+            }
+            Err(_) => error_response(StatusCode::INTERNAL_SERVER_ERROR, "the application dropped the request"),
+        },
+        _ = timeout => error_response(StatusCode::GATEWAY_TIMEOUT, "the application did not answer in time"),
     }
 }
 
-/// When hyper drops a request future early, the client went away: tell the
-/// application instead of leaving it waiting on a body that will not come.
+/// When hyper drops a request future early, the client went away; when the
+/// request was answered natively (504), the exchange is over too: either
+/// way, tell the application instead of leaving it waiting on a body that
+/// will not come.
 struct AbandonOnDrop(Option<Arc<Exchange>>);
 
 impl Drop for AbandonOnDrop {

@@ -10,6 +10,8 @@ wait is bounded and everything is on loopback."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import hashlib
 import io
 import json
@@ -487,12 +489,6 @@ def test_wsgi_input_4mib(bg: BackgroundLoop, mode: str) -> None:
         assert data["max_size"] == 10
 
 
-@pytest.mark.xfail(
-    reason="BUG: wsgi.input is not streamed: for a WSGI (threaded) server the native side reads the whole request "
-    "body into memory before the app is called (service.rs: 'A synchronous handler cannot wait for a body: read it "
-    "all first'), so the app cannot start on a large upload (or refuse it) before it has all arrived",
-    strict=True,
-)
 def test_wsgi_input_streams_while_the_client_is_still_sending(bg: BackgroundLoop) -> None:
     probe = InputProbe()
     running = run_raw(bg, probe)
@@ -737,6 +733,20 @@ def test_iterable_close_is_called(bg: BackgroundLoop) -> None:
         running.stop()
 
 
+def wait_until_stalled(progress: Callable[[], int]) -> int:
+    """Waits (bounded) until ``progress()`` has stopped moving for a while:
+    the app is blocked on its client. Returns the last value."""
+    deadline = time.monotonic() + TIMEOUT
+    last, since = progress(), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        if progress() != last:
+            last, since = progress(), time.monotonic()
+        elif time.monotonic() - since > 0.3:
+            break
+    return last
+
+
 def test_iterable_close_is_called_when_the_client_goes_away(bg: BackgroundLoop) -> None:
     closed = threading.Event()
     started = threading.Event()
@@ -888,22 +898,7 @@ def test_client_abort_mid_upload(bg: BackgroundLoop) -> None:
     assert ("/after", 0, "read") in calls
 
 
-@pytest.mark.parametrize(
-    "threads",
-    [
-        4,
-        pytest.param(
-            1,
-            marks=pytest.mark.xfail(
-                reason="BUG: a worker blocked on write backpressure waits for a future that only next_request() "
-                "resolves (the wake-up goes through the shared event queue): when every worker is blocked "
-                "(threads=1 and one slow client, or N slow downloads on N threads) nobody drains the queue and the "
-                "response never resumes, even once the client reads",
-                strict=True,
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("threads", [4, 1])
 def test_write_blocks_for_a_slow_client(bg: BackgroundLoop, threads: int) -> None:
     """WSGI backpressure: while the client reads nothing, the worker thread
     blocks in the server instead of buffering the whole response, and goes
@@ -931,14 +926,7 @@ def test_write_blocks_for_a_slow_client(bg: BackgroundLoop, threads: int) -> Non
         with socket.create_connection(("127.0.0.1", running.port), timeout=TIMEOUT) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
             sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            deadline = time.monotonic() + TIMEOUT
-            last, since = progress["sent"], time.monotonic()
-            while time.monotonic() < deadline:  # bounded: until the app stops making progress
-                time.sleep(0.05)
-                if progress["sent"] != last:
-                    last, since = progress["sent"], time.monotonic()
-                elif time.monotonic() - since > 0.3:
-                    break
+            last = wait_until_stalled(lambda: progress["sent"])
             assert not finished.is_set()
             assert last < 32 * MiB, f"{last} bytes taken from the app while the client read nothing"
             received = 0
@@ -949,3 +937,342 @@ def test_write_blocks_for_a_slow_client(bg: BackgroundLoop, threads: int) -> Non
             wait_for(lambda: progress["sent"] > last, what="the worker to resume once the client reads")
     finally:
         running.stop()
+
+
+# ================================================================ workers blocked on a client
+
+
+@pytest.mark.parametrize("http2", [False, True], ids=["http1-chunked", "h2c"])
+def test_large_upload_is_read_piece_by_piece_as_the_client_sends_it(bg: BackgroundLoop, http2: bool) -> None:
+    """The client sends the next piece only once the app has read the last
+    one: the app must get each piece while the rest is still to come."""
+    probe = InputProbe()
+    pieces = [os.urandom(256 * 1024) for _ in range(16)]
+
+    def paced() -> Iterator[bytes]:
+        sent = 0
+        for piece in pieces:
+            yield piece
+            sent += len(piece)
+            wait_for(lambda: probe.progress >= sent, what=f"the app to read {sent} bytes before the rest is sent")
+
+    running = run_raw(bg, probe, threads=1)
+    try:
+        with httpx.Client(http1=not http2, http2=http2, timeout=TIMEOUT) as client:
+            data = client.post(running.url("/?read-size"), content=paced()).json()
+    finally:
+        running.stop()
+    assert data["sha256"] == hashlib.sha256(b"".join(pieces)).hexdigest()
+    assert probe.progress == 16 * 256 * 1024
+
+
+class BlockingApps:
+    """Apps that block their worker on the client, chosen by PATH_INFO:
+    ``/read`` reads ``wsgi.input`` to the end (records how that ended),
+    ``/download`` streams ``DOWNLOAD`` bytes of ``x`` (records how much the
+    server took and when the iterable is closed); anything else answers
+    ``small``."""
+
+    DOWNLOAD = 32 * MiB
+
+    def __init__(self) -> None:
+        self.reading = threading.Event()
+        self.outcomes: list[str] = []
+        self.sent = 0
+        self.closed = threading.Event()
+
+    def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        path = environ["PATH_INFO"]
+        if path == "/read":
+            stream, total = environ["wsgi.input"], 0
+            try:
+                while chunk := stream.read(65536):
+                    total += len(chunk)
+                    self.reading.set()
+                outcome = f"read {total}"
+            except OSError as exc:
+                outcome = f"OSError: {exc}"
+            self.outcomes.append(outcome)
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [outcome.encode()]
+        if path == "/download":
+            start_response("200 OK", [("Content-Type", "application/octet-stream")])
+            return self._download()
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"small"]
+
+    def _download(self) -> Iterator[bytes]:
+        chunk = b"x" * 65536
+        try:
+            while self.sent < self.DOWNLOAD:
+                yield chunk
+                self.sent += len(chunk)
+        finally:
+            self.closed.set()
+
+
+def stalled_download(port: int, apps: BlockingApps) -> socket.socket:
+    """A client that asks for ``/download`` and reads nothing, once the
+    worker is blocked writing to it."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    sock.sendall(b"GET /download HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    wait_for(lambda: apps.sent > 0, what="the download to start")
+    wait_until_stalled(lambda: apps.sent)
+    return sock
+
+
+def stalled_upload(port: int, apps: BlockingApps, head: str = "") -> socket.socket:
+    """A client that sends half of a 2 MiB body and stops, once the worker
+    has started reading it."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+    sock.sendall(f"POST /read HTTP/1.1\r\nHost: x\r\nContent-Length: {2 * MiB}\r\n{head}\r\n".encode() + os.urandom(MiB))
+    assert apps.reading.wait(TIMEOUT)
+    return sock
+
+
+def read_response(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes (or resets) the connection."""
+    raw = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := sock.recv(65536):
+            raw += chunk
+    return raw
+
+
+def test_a_slow_reader_on_one_thread_holds_the_next_request_only_until_it_reads(bg: BackgroundLoop) -> None:
+    apps = BlockingApps()
+    running = run_raw(bg, apps, threads=1)
+    try:
+        with stalled_download(running.port, apps) as sock:
+            waiting: list[Any] = []
+            second = threading.Thread(target=lambda: waiting.append(get(running.url("/next"), timeout=TIMEOUT + 10).text))
+            second.start()
+            head = b""
+            while b"\r\n\r\n" not in head and (chunk := sock.recv(65536)):
+                head += chunk
+            head, _, rest = head.partition(b"\r\n\r\n")
+            received = rest.count(b"x")
+            while chunk := sock.recv(1 << 20):
+                received += chunk.count(b"x")  # the body is x's (and chunk sizes in hex)
+            second.join(TIMEOUT + 15)
+    finally:
+        running.stop()
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert received == BlockingApps.DOWNLOAD
+    assert waiting == ["small"]
+
+
+def test_client_gone_while_a_worker_is_blocked_writing(bg: BackgroundLoop) -> None:
+    apps = BlockingApps()
+    running = run_raw(bg, apps, threads=1)
+    try:
+        sock = stalled_download(running.port, apps)
+        sock.close()
+        assert apps.closed.wait(TIMEOUT)  # the worker stopped writing and closed the iterable
+        assert get(running.url("/next")).text == "small"  # and the one worker serves the next request
+    finally:
+        running.stop()
+    assert apps.sent < BlockingApps.DOWNLOAD
+
+
+def test_client_gone_while_a_worker_is_blocked_reading(bg: BackgroundLoop) -> None:
+    apps = BlockingApps()
+    running = run_raw(bg, apps, threads=1)
+    try:
+        stalled_upload(running.port, apps).close()
+        wait_for(lambda: apps.outcomes, what="the blocked read to end")
+        assert get(running.url("/next")).text == "small"
+    finally:
+        running.stop()
+    assert apps.outcomes == ["OSError: request body unavailable: the client disconnected"]
+
+
+def test_body_too_large_while_a_worker_is_blocked_reading(bg: BackgroundLoop) -> None:
+    apps = BlockingApps()
+    running = run_raw(bg, apps, threads=1, max_body_size=MiB)
+    try:
+        with socket.create_connection(("127.0.0.1", running.port), timeout=TIMEOUT) as sock:
+            sock.sendall(b"POST /read HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+            half = MiB // 2
+            sock.sendall(f"{half:x}\r\n".encode() + os.urandom(half) + b"\r\n")
+            assert apps.reading.wait(TIMEOUT)
+            sock.sendall(f"{half + 1:x}\r\n".encode() + os.urandom(half + 1) + b"\r\n")  # one byte over
+            raw = read_response(sock)
+        wait_for(lambda: apps.outcomes, what="the blocked read to end")
+    finally:
+        running.stop()
+    assert raw.startswith(b"HTTP/1.1 413 ")
+    assert apps.outcomes == ["OSError: request body unavailable: request body exceeds max_body_size"]
+
+
+def test_response_timeout_wakes_a_worker_blocked_reading(bg: BackgroundLoop) -> None:
+    apps = BlockingApps()
+    running = run_raw(bg, apps, threads=1, response_timeout=0.5)
+    try:
+        with stalled_upload(running.port, apps) as sock:
+            raw = b""
+            while b"in time" not in raw and (chunk := sock.recv(65536)):
+                raw += chunk
+        wait_for(lambda: apps.outcomes, what="the blocked read to end")
+        assert get(running.url("/next")).text == "small"
+    finally:
+        running.stop()
+    assert raw.startswith(b"HTTP/1.1 504 ")
+    assert apps.outcomes == ["OSError: request body unavailable: the client disconnected"]
+
+
+@pytest.mark.parametrize("blocked_in", ["read", "write"])
+def test_shutdown_wakes_a_blocked_worker(bg: BackgroundLoop, blocked_in: str) -> None:
+    apps = BlockingApps()
+    running = run_raw(bg, apps, threads=1, shutdown_timeout=0.5)
+    sock = stalled_upload(running.port, apps) if blocked_in == "read" else stalled_download(running.port, apps)
+    try:
+        running.stop()  # a graceful drain that gives up on the stalled client
+        if blocked_in == "read":
+            wait_for(lambda: apps.outcomes, what="the blocked read to end")
+            assert apps.outcomes == ["OSError: request body unavailable: the client disconnected"]
+        else:
+            assert apps.closed.wait(TIMEOUT)
+            assert apps.sent < BlockingApps.DOWNLOAD
+    finally:
+        sock.close()
+
+
+def test_a_worker_thread_cannot_park_a_future(bg: BackgroundLoop) -> None:
+    """A request taken by a worker thread waits natively: parking a future,
+    which only an event loop would resolve, is refused rather than left to
+    hang, and the body is still there to read."""
+    refusals: list[str] = []
+
+    def app(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        native_request = environ["wsgi.input"]._native
+        for park in (native_request.read, native_request.wait_disconnect):
+            try:
+                park(concurrent.futures.Future)
+            except RuntimeError as exc:
+                refusals.append(str(exc))
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [environ["wsgi.input"].read()]
+
+    running = run_raw(bg, app)
+    try:
+        assert post(running.url("/"), data=b"payload").text == "payload"
+    finally:
+        running.stop()
+    assert len(refusals) == 2 and all("read_blocking()" in refusal for refusal in refusals), refusals
+
+
+def test_close_waits_for_the_worker_threads(bg: BackgroundLoop) -> None:
+    """The workers are gone once the server has closed: none is left to be
+    stopped inside native code when the interpreter exits (that aborts the
+    process)."""
+    before = set(threading.enumerate())
+    running = run_raw(bg, BlockingApps(), threads=3)
+    try:
+        assert get(running.url("/x")).text == "small"
+        workers = [t for t in threading.enumerate() if t not in before and t.name.startswith("server-native-wsgi-")]
+    finally:
+        running.stop()
+    assert len(workers) == 3
+    assert not [worker for worker in workers if worker.is_alive()]
+
+
+class H2Client:
+    """A frame-level HTTP/2 client (python-h2) on one connection, for what
+    httpx cannot do: stop reading, or reset a stream mid-body."""
+
+    def __init__(self, port: int) -> None:
+        import h2.config
+        import h2.connection
+
+        self.port = port
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+        self.conn.initiate_connection()
+        self.sock.sendall(self.conn.data_to_send())
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def start(self, stream_id: int, method: str, path: str, end_stream: bool, extra: tuple[tuple[str, str], ...] = ()) -> None:
+        headers = [(":method", method), (":path", path), (":scheme", "http"), (":authority", f"127.0.0.1:{self.port}"), *extra]
+        self.conn.send_headers(stream_id, headers, end_stream=end_stream)
+        self.sock.sendall(self.conn.data_to_send())
+
+    def send(self, stream_id: int, data: bytes) -> None:
+        """Sends ``data`` as the server's flow-control windows allow."""
+        while data:
+            room = min(self.conn.local_flow_control_window(stream_id), self.conn.max_outbound_frame_size, len(data))
+            if room > 0:
+                self.conn.send_data(stream_id, data[:room])
+                data = data[room:]
+            else:
+                self._receive()
+            self.sock.sendall(self.conn.data_to_send())
+
+    def reset(self, stream_id: int, error_code: int) -> None:
+        self.conn.reset_stream(stream_id, error_code)
+        self.sock.sendall(self.conn.data_to_send())
+
+    def get(self, stream_id: int, path: str) -> bytes:
+        """One GET on a new stream; its body (other streams' data is read and
+        acknowledged on the way)."""
+        import h2.events
+
+        self.start(stream_id, "GET", path, end_stream=True)
+        body = b""
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            for event in self._receive():
+                if isinstance(event, h2.events.DataReceived) and event.stream_id == stream_id:
+                    body += event.data
+                elif isinstance(event, h2.events.StreamEnded) and event.stream_id == stream_id:
+                    return body
+            self.sock.sendall(self.conn.data_to_send())
+        raise AssertionError(f"no answer on stream {stream_id}")
+
+    def _receive(self) -> list[Any]:
+        import h2.events
+
+        data = self.sock.recv(65536)
+        assert data, "the server closed the connection"
+        events = self.conn.receive_data(data)
+        for event in events:
+            if isinstance(event, h2.events.DataReceived):
+                self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+        return events
+
+
+@pytest.mark.parametrize(
+    ("blocked_in", "error_code"),
+    [("read", "CANCEL"), ("read", "NO_ERROR"), ("write", "CANCEL")],
+)
+def test_h2_stream_reset_while_a_worker_is_blocked(bg: BackgroundLoop, blocked_in: str, error_code: str) -> None:
+    """The client resets its stream while the one worker waits on it; the
+    worker goes on to the next request on the same connection. (hyper ends
+    a body reset with NO_ERROR as if it were complete: short of its
+    Content-Length it must still read as cut off.)"""
+    import h2.errors
+
+    apps = BlockingApps()
+    running = run_raw(bg, apps, threads=1)
+    client = H2Client(running.port)
+    try:
+        if blocked_in == "read":
+            client.start(1, "POST", "/read", end_stream=False, extra=(("content-length", str(MiB)),))
+            client.send(1, os.urandom(256 * 1024))
+            assert apps.reading.wait(TIMEOUT)
+        else:
+            client.start(1, "GET", "/download", end_stream=True)  # and read nothing
+            wait_for(lambda: apps.sent > 0, what="the download to start")
+            wait_until_stalled(lambda: apps.sent)
+        client.reset(1, h2.errors.ErrorCodes[error_code])
+        assert client.get(3, "/next") == b"small"
+    finally:
+        client.close()
+        running.stop()
+    if blocked_in == "read":
+        assert apps.outcomes == ["OSError: request body unavailable: the client disconnected"]
+    else:
+        assert apps.closed.is_set() and apps.sent < BlockingApps.DOWNLOAD

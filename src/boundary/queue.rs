@@ -15,15 +15,28 @@ use crate::exchange::Exchange;
 pub enum Event {
     /// A new request for the application.
     Request(Arc<Exchange>),
-    /// A Python future parked by the application (body data, writable, closed).
+    /// A Python future parked by the application (body data, writable,
+    /// closed). Only a loop consumer parks futures: consumer threads wait on
+    /// the exchange itself (`NativeRequest.read_blocking`/`write_blocking`).
     Wake(Py<PyAny>),
+}
+
+impl Event {
+    /// A thread consumer's events are all requests (see `Wake`).
+    fn into_request(self) -> Option<Arc<Exchange>> {
+        match self {
+            Event::Request(exchange) => Some(exchange),
+            Event::Wake(_) => None,
+        }
+    }
 }
 
 /// How the consumer is woken.
 pub enum Consumer {
     /// An asyncio loop watching a socket with `add_reader`.
     Loop(WakeSignal),
-    /// A Python thread blocked in `wait` (the `native_direct` mode).
+    /// Python threads blocked in `wait` (the `native_direct` thread) or
+    /// `wait_one` (the WSGI pool).
     Thread(Condvar),
 }
 
@@ -69,7 +82,7 @@ impl EventQueue {
         }
     }
 
-    /// Whether a blocked consumer thread wants the whole body up front.
+    /// Whether threads consume the requests (rather than an asyncio loop).
     pub fn is_thread(&self) -> bool {
         matches!(self.consumer, Consumer::Thread(_))
     }
@@ -81,14 +94,14 @@ impl EventQueue {
         self.wake();
     }
 
-    /// Blocks until there is an event and takes the first; None once closed
-    /// and empty. For a pool of consumer threads (WSGI).
-    pub fn wait_one(&self) -> Option<Event> {
-        let Consumer::Thread(condvar) = &self.consumer else { return self.take().pop_front() };
+    /// Blocks until there is a request and takes it; None once closed and
+    /// empty. For a pool of consumer threads (WSGI).
+    pub fn wait_one(&self) -> Option<Arc<Exchange>> {
+        let Consumer::Thread(condvar) = &self.consumer else { return None };
         let mut events = self.events.lock();
         loop {
-            if let Some(event) = events.pop_front() {
-                return Some(event);
+            if let Some(exchange) = std::iter::from_fn(|| events.pop_front()).find_map(Event::into_request) {
+                return Some(exchange);
             }
             if self.closed.load(Ordering::Acquire) {
                 // Let the other consumers see the end too.
@@ -99,17 +112,21 @@ impl EventQueue {
         }
     }
 
-    /// Blocks until there are events; None once closed and empty.
-    pub fn wait(&self) -> Option<VecDeque<Event>> {
-        let Consumer::Thread(condvar) = &self.consumer else { return Some(self.take()) };
+    /// Blocks until there are requests and takes them all; None once closed
+    /// and empty. For the one `native_direct` thread.
+    pub fn wait(&self) -> Option<Vec<Arc<Exchange>>> {
+        let Consumer::Thread(condvar) = &self.consumer else { return None };
         let mut events = self.events.lock();
-        while events.is_empty() {
+        loop {
+            let requests: Vec<_> = events.drain(..).filter_map(Event::into_request).collect();
+            if !requests.is_empty() {
+                return Some(requests);
+            }
             if self.closed.load(Ordering::Acquire) {
                 return None;
             }
             condvar.wait(&mut events);
         }
-        Some(std::mem::take(&mut *events))
     }
 
     /// Takes everything queued. The flag is cleared first, so an event pushed

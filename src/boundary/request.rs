@@ -1,6 +1,7 @@
-//! `NativeRequest`: one exchange as the loop thread sees it. Every method is
-//! a short, non-blocking call; waiting happens on asyncio futures that the
-//! event queue resolves.
+//! `NativeRequest`: one exchange as Python sees it. Every method is a short,
+//! non-blocking call; waiting happens on asyncio futures that the event queue
+//! resolves, except in `read_blocking`/`write_blocking`, where a consumer
+//! thread waits natively, without the GIL, on the exchange itself.
 
 use std::sync::Arc;
 
@@ -59,6 +60,17 @@ impl NativeRequest {
             response.extensions_mut().insert(phrase);
         }
         Ok(response)
+    }
+
+    /// A future-to-be for an operation that may wait. A server whose requests
+    /// are taken by threads has no loop to resolve it: those wait natively.
+    fn park<'a, 'py>(&self, create_future: &'a Bound<'py, PyAny>) -> PyResult<Parked<'a, 'py>> {
+        if self.server.events.is_thread() {
+            return Err(PyRuntimeError::new_err(
+                "this request was taken by a consumer thread: use read_blocking() / write_blocking()",
+            ));
+        }
+        Ok(Parked::new(create_future))
     }
 
     fn send(&self, response: Response<ResponseBody>) -> PyResult<bool> {
@@ -186,16 +198,24 @@ impl NativeRequest {
     /// again (None without `create_future`: just "not yet").
     #[pyo3(signature = (create_future = None))]
     fn read<'py>(&self, py: Python<'py>, create_future: Option<&Bound<'py, PyAny>>) -> PyResult<Option<Bound<'py, PyAny>>> {
-        let mut future = create_future.map(Parked::new);
+        let mut future = create_future.map(|f| self.park(f)).transpose()?;
         let step = self.exchange.body.read(|| future.as_mut().map(Parked::make));
         match step {
-            BodyRead::Data(chunk) => Ok(Some(PyBytes::new(py, &chunk).into_any())),
-            BodyRead::End => Ok(Some(PyBytes::new(py, b"").into_any())),
             BodyRead::Pending => future.map(Parked::take).transpose(),
-            BodyRead::Error(BodyEnd::TooLarge) => Err(BodyTooLarge::new_err("request body exceeds max_body_size")),
-            BodyRead::Error(BodyEnd::Disconnected) => Err(ClientDisconnected::new_err("the client disconnected")),
-            BodyRead::Error(BodyEnd::Complete) => unreachable!("a complete body reads as End"),
+            step => body_chunk(py, step).map(|chunk| Some(chunk.into_any())),
         }
+    }
+
+    /// The next body chunk, `b""` at the end; when nothing has arrived yet,
+    /// blocks this thread (without the GIL) until something does. For
+    /// consumer threads (WSGI): no other thread has to run for it to return.
+    fn read_blocking<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        let body = &self.exchange.body;
+        let step = match body.read(|| None) {
+            BodyRead::Pending => py.detach(|| body.read_blocking()),
+            step => step,
+        };
+        body_chunk(py, step)
     }
 
     /// Sends a whole response at once. `headers=None` sends the server's
@@ -219,12 +239,29 @@ impl NativeRequest {
     /// a future to await first (the client is reading slower than we write).
     fn write<'py>(&self, data: &[u8], create_future: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, PyAny>>> {
         let stream = self.exchange.stream().ok_or_else(|| PyRuntimeError::new_err("write() before start()"))?;
-        let mut future = Parked::new(create_future);
+        let mut future = self.park(create_future)?;
         let result = stream.write(Bytes::copy_from_slice(data), || future.make());
         match result {
             WriteResult::Ready => Ok(None),
             WriteResult::Wait => future.take().map(Some),
             WriteResult::PeerGone => Err(ClientDisconnected::new_err("the client disconnected")),
+        }
+    }
+
+    /// Queues a body chunk; when the client reads slower than we write,
+    /// blocks this thread (without the GIL) until it has caught up. For
+    /// consumer threads (WSGI): no other thread has to run for it to return.
+    fn write_blocking(&self, py: Python<'_>, data: &[u8]) -> PyResult<()> {
+        let stream = self.exchange.stream().ok_or_else(|| PyRuntimeError::new_err("write_blocking() before start()"))?;
+        let sent = match stream.write_nowait(Bytes::copy_from_slice(data)) {
+            WriteResult::Ready => true,
+            WriteResult::Wait => py.detach(|| stream.wait_drained()),
+            WriteResult::PeerGone => false,
+        };
+        if sent {
+            Ok(())
+        } else {
+            Err(ClientDisconnected::new_err("the client disconnected"))
         }
     }
 
@@ -237,7 +274,7 @@ impl NativeRequest {
     /// None when the client is already gone, else a future (made by
     /// `create_future`) resolved when it goes.
     fn wait_disconnect<'py>(&self, create_future: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, PyAny>>> {
-        let mut future = Parked::new(create_future);
+        let mut future = self.park(create_future)?;
         if self.exchange.watch_disconnect(|| future.make()) {
             future.take().map(Some)
         } else {
@@ -298,7 +335,7 @@ impl NativeRequest {
     /// `("close", (code, reason))`; or a future to await first.
     fn ws_receive<'py>(&self, py: Python<'py>, create_future: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
         let socket = self.socket()?;
-        let mut future = Parked::new(create_future);
+        let mut future = self.park(create_future)?;
         let item = match socket.recv(|| future.make()) {
             // Checked UTF-8: the lossy view borrows without copying or replacing.
             Received::Message(Message::Text(text)) => ("text", String::from_utf8_lossy(&text)).into_pyobject(py)?.into_any(),
@@ -318,7 +355,7 @@ impl NativeRequest {
         } else {
             Frame::binary(Bytes::copy_from_slice(data.extract::<&[u8]>()?))
         };
-        let mut future = Parked::new(create_future);
+        let mut future = self.park(create_future)?;
         match socket.send(message, || future.make()) {
             Sent::Queued => Ok(None),
             Sent::Wait => future.take().map(Some),
@@ -363,6 +400,19 @@ impl<'a, 'py> Parked<'a, 'py> {
 
     fn take(self) -> PyResult<Bound<'py, PyAny>> {
         self.made.expect("the operation parked, so it made a future")
+    }
+}
+
+/// A body step other than `Pending` as Python sees it: bytes (`b""` at the
+/// end) or the exception that ended the body.
+fn body_chunk(py: Python<'_>, step: BodyRead) -> PyResult<Bound<'_, PyBytes>> {
+    match step {
+        BodyRead::Data(chunk) => Ok(PyBytes::new(py, &chunk)),
+        BodyRead::End => Ok(PyBytes::new(py, b"")),
+        BodyRead::Error(BodyEnd::TooLarge) => Err(BodyTooLarge::new_err("request body exceeds max_body_size")),
+        BodyRead::Error(BodyEnd::Disconnected) => Err(ClientDisconnected::new_err("the client disconnected")),
+        BodyRead::Error(BodyEnd::Complete) => unreachable!("a complete body reads as End"),
+        BodyRead::Pending => unreachable!("callers handle Pending themselves"),
     }
 }
 

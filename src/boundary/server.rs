@@ -32,10 +32,13 @@ impl NativeServer {
     /// Binds every host on `port` (0: one free port for all of them), or
     /// adopts the listening socket `config.fd` (TCP or Unix) instead, and
     /// starts serving. `wake_fd` is the write end of the asyncio loop's
-    /// wake-up pair; None means a thread will consume in `serve_direct`.
+    /// wake-up pair; None means threads will consume, in `serve_direct` or
+    /// `next_request`. `whole_body`: a request reaches the consumer only once
+    /// its body has arrived (the `native_direct` thread, which must not wait
+    /// on one client while others queue behind it).
     #[new]
-    #[pyo3(signature = (config, hosts, port, wake_fd))]
-    fn new(config: ServerConfig, hosts: Vec<String>, port: u16, wake_fd: Option<i64>) -> PyResult<Self> {
+    #[pyo3(signature = (config, hosts, port, wake_fd, whole_body = false))]
+    fn new(config: ServerConfig, hosts: Vec<String>, port: u16, wake_fd: Option<i64>, whole_body: bool) -> PyResult<Self> {
         let ips = hosts
             .iter()
             .map(|h| h.parse::<IpAddr>().map_err(|_| PyValueError::new_err(format!("not an IP address: {h:?}"))))
@@ -59,7 +62,7 @@ impl NativeServer {
                 bind_all(&ips, port, options).map_err(bind_error)?.into_iter().map(Listener::Tcp).collect()
             }
         };
-        let shared = Arc::new(ServerShared::new(config, tls, events));
+        let shared = Arc::new(ServerShared::new(config, tls, events, whole_body));
         let (addresses, unix_paths) = shared.listen(listeners)?;
         Ok(NativeServer { shared, addresses, unix_paths })
     }
@@ -83,7 +86,7 @@ impl NativeServer {
     /// idle) and calls `handler(wrap(request))` for every request until the
     /// server is closed. The handler must return a `NativeDirectResponse`;
     /// anything else, or an exception, is passed to `on_error` and answered
-    /// with 500. Futures queued for an asyncio loop are resolved on it.
+    /// with 500.
     fn serve_direct(
         &self,
         py: Python<'_>,
@@ -93,55 +96,43 @@ impl NativeServer {
     ) -> PyResult<()> {
         let events = self.shared.events.clone();
         while let Some(batch) = py.detach(|| events.wait()) {
-            for event in batch {
-                match event {
-                    Event::Request(exchange) => {
-                        let request = Bound::new(py, NativeRequest::new(exchange.clone(), self.shared.clone()))?;
-                        let outcome = wrap.call1((request,)).and_then(|r| handler.call1((r,)));
-                        let response = match outcome {
-                            Ok(value) => match value.cast::<DirectResponse>() {
-                                Ok(response) if response.get().is_stream() => {
-                                    on_error.call1((PyTypeError::new_err(
-                                        "a native_direct handler cannot stream: use native_direct=False for NativeDirectResponse.stream",
-                                    ),))?;
-                                    internal_error()
-                                }
-                                Ok(response) => response.get().to_response(),
-                                Err(_) => {
-                                    let message = format!(
-                                        "a native_direct handler must return a NativeDirectResponse, not {}",
-                                        value.get_type().name()?
-                                    );
-                                    on_error.call1((PyTypeError::new_err(message),))?;
-                                    internal_error()
-                                }
-                            },
-                            Err(error) => {
-                                on_error.call1((error,))?;
-                                internal_error()
-                            }
-                        };
-                        let _ = exchange.send(response);
+            for exchange in batch {
+                let request = Bound::new(py, NativeRequest::new(exchange.clone(), self.shared.clone()))?;
+                let outcome = wrap.call1((request,)).and_then(|r| handler.call1((r,)));
+                let response = match outcome {
+                    Ok(value) => match value.cast::<DirectResponse>() {
+                        Ok(response) if response.get().is_stream() => {
+                            on_error.call1((PyTypeError::new_err(
+                                "a native_direct handler cannot stream: use native_direct=False for NativeDirectResponse.stream",
+                            ),))?;
+                            internal_error()
+                        }
+                        Ok(response) => response.get().to_response(),
+                        Err(_) => {
+                            let message = format!(
+                                "a native_direct handler must return a NativeDirectResponse, not {}",
+                                value.get_type().name()?
+                            );
+                            on_error.call1((PyTypeError::new_err(message),))?;
+                            internal_error()
+                        }
+                    },
+                    Err(error) => {
+                        on_error.call1((error,))?;
+                        internal_error()
                     }
-                    Event::Wake(future) => resolve(future.bind(py))?,
-                }
+                };
+                let _ = exchange.send(response);
             }
         }
         Ok(())
     }
 
     /// For a pool of consumer threads: blocks (without the GIL) until a
-    /// request comes and returns it; None once the server is closed. Futures
-    /// met on the way are resolved.
-    fn next_request(&self, py: Python<'_>) -> PyResult<Option<NativeRequest>> {
+    /// request comes and returns it; None once the server is closed.
+    fn next_request(&self, py: Python<'_>) -> Option<NativeRequest> {
         let events = self.shared.events.clone();
-        loop {
-            match py.detach(|| events.wait_one()) {
-                None => return Ok(None),
-                Some(Event::Request(exchange)) => return Ok(Some(NativeRequest::new(exchange, self.shared.clone()))),
-                Some(Event::Wake(future)) => resolve(future.bind(py))?,
-            }
-        }
+        py.detach(|| events.wait_one()).map(|exchange| NativeRequest::new(exchange, self.shared.clone()))
     }
 
     /// The bound addresses as `(host, port)`.
@@ -216,16 +207,11 @@ impl Drop for NativeServer {
     }
 }
 
-/// Resolves a parked future from a consumer thread: an asyncio future on its
-/// own loop, a `concurrent.futures.Future` (thread-safe) directly.
+/// Resolves an asyncio future from outside its loop's thread.
 fn resolve(future: &Bound<'_, PyAny>) -> PyResult<()> {
-    let py = future.py();
-    if let Ok(get_loop) = future.getattr("get_loop") {
-        let set_result = future.getattr("set_result")?;
-        get_loop.call0()?.call_method1("call_soon_threadsafe", (set_result, py.None()))?;
-    } else if !future.call_method0("done")?.is_truthy()? {
-        future.call_method1("set_result", (py.None(),))?;
-    }
+    let set_result = future.getattr("set_result")?;
+    let event_loop = future.call_method0("get_loop")?;
+    event_loop.call_method1("call_soon_threadsafe", (set_result, future.py().None()))?;
     Ok(())
 }
 
