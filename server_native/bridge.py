@@ -54,10 +54,6 @@ _ABORT_CLIENT_GONE = 1
 _ABORT_TOO_LARGE = 2
 _ABORT_DISCARDED = 3
 
-_FLAG_DEFAULT_HEADERS = 1
-_FLAG_WHOLE_BODY = 2
-_FLAG_INLINE_BODY = 4
-
 _U32 = struct.Struct(">I")
 #: Length (of what follows), version, type, stream id.
 _FRAME = struct.Struct(">IBBI")
@@ -67,6 +63,10 @@ _U16 = struct.Struct(">H")
 
 _ClientDisconnected = native.ClientDisconnected
 _BodyTooLarge = native.BodyTooLarge
+#: (stream, status, headers, reason, body) -> a response head frame; checks
+#: what the in-process transport checks (ValueError); with a body of at most
+#: CHUNK bytes, the whole response.
+_response_head = native.bridge_response_head
 
 # What the native side's `http` crate accepts (HeaderName, HeaderValue,
 # ReasonPhrase): checked here so a bad value is a ValueError at the call,
@@ -121,57 +121,6 @@ def _headers_payload(headers: Iterable[tuple[Any, Any]], parts: list[Any]) -> in
     return count
 
 
-def _head_payload(status: int, headers: Iterable[tuple[Any, Any]] | None, reason: str | None, flags: int, body: Any = b"") -> bytes:
-    """A response head frame's payload (with ``body`` inline when ``flags``
-    say so). Raises ValueError for what the native side would refuse."""
-    status = int(status)
-    if not 200 <= status <= 999:
-        raise ValueError(f"invalid response status {status}")
-    if reason is None:
-        reason_bytes = b""
-    else:
-        reason_bytes = reason.encode("utf-8")
-        if not _field_value(reason_bytes):
-            raise ValueError(f"invalid reason phrase {reason!r}")
-    parts: list[Any] = [b"", reason_bytes, b""]
-    if headers is None:
-        flags |= _FLAG_DEFAULT_HEADERS
-        count = 0
-    else:
-        count = _headers_payload(headers, parts)
-    parts[0] = _HEAD_START.pack(status, flags, len(reason_bytes))
-    parts[2] = _U32.pack(count)
-    if body:
-        parts.append(body)
-    return b"".join(parts)
-
-
-#: Head payloads with the body inline for `NativeDirectResponse`s, the
-#: pre-encoded form that is returned for every request. Bounded.
-_direct_cache: dict[int, tuple[Any, bytes]] = {}
-_direct_cache_bytes = 0
-_DIRECT_CACHE_LIMIT = 1024 * 1024
-_DIRECT_CACHE_BODY = 16 * 1024
-
-
-def _direct_payload(response: Any) -> bytes:
-    """The head payload of a `NativeDirectResponse` whose body fits one
-    frame, body inline."""
-    global _direct_cache_bytes
-    entry = _direct_cache.get(id(response))
-    if entry is not None and entry[0] is response:
-        return entry[1]
-    body = response.body
-    payload = _head_payload(response.status, response.headers, None, _FLAG_INLINE_BODY, body)
-    if len(body) <= _DIRECT_CACHE_BODY:
-        if _direct_cache_bytes + len(payload) > _DIRECT_CACHE_LIMIT:
-            _direct_cache.clear()
-            _direct_cache_bytes = 0
-        _direct_cache[id(response)] = (response, payload)
-        _direct_cache_bytes += len(payload)
-    return payload
-
-
 def _frame(kind: int, stream: int, payload: bytes = b"") -> bytes:
     return _FRAME.pack(len(payload) + _HEADER, VERSION, kind, stream) + payload
 
@@ -180,16 +129,6 @@ def _frame(kind: int, stream: int, payload: bytes = b"") -> bytes:
 
 
 _HEAD_FIXED = struct.Struct(">HHBI")
-_length_tables: dict[int, struct.Struct] = {}
-
-
-def _lengths(count: int) -> struct.Struct:
-    table = _length_tables.get(count)
-    if table is None:
-        if count > 100_000:
-            raise _ProtocolError("too many strings in a request head")
-        table = _length_tables[count] = struct.Struct(f">{count}I")
-    return table
 
 
 class BridgeRequest:
@@ -197,19 +136,9 @@ class BridgeRequest:
     ``_native.NativeRequest``."""
 
     __slots__ = (
-        "method",
-        "path",
-        "query",
-        "scheme",
-        "authority",
-        "http_version",
-        "remote_addr",
-        "local_addr",
-        "tls",
-        "websocket",
+        "_fixed",
+        "_fields",
         "peer_certificate",
-        "content_length",
-        "_raw",
         "_conn",
         "_id",
         "_chunks",
@@ -225,49 +154,26 @@ class BridgeRequest:
         "_consumed",
     )
 
-    def __init__(self, conn: _BridgeConnection, stream: int, payload: bytes) -> None:
-        # Two struct calls for every length at once: this runs for every request.
-        remote_port, local_port, flags, count = _HEAD_FIXED.unpack_from(payload)
-        if count < 9 or not count & 1:
+    # Every request makes one, so it does little: one struct call and one
+    # split for the whole head; the fields are decoded when asked for; as
+    # few container objects as can be (each adds to the garbage collector's
+    # work while requests are in flight).
+    def __init__(self, conn: _BridgeConnection, stream: int, data: bytes, start: int, end: int) -> None:
+        #: client port, local port, flags, certificate size
+        fixed = self._fixed = _HEAD_FIXED.unpack_from(data, start)
+        strings_at = start + _HEAD_FIXED.size + fixed[3]
+        fields = data[strings_at:end].split(b"\0")
+        if len(fields) < 8 or len(fields) & 1 or strings_at > end:
             raise _ProtocolError("a malformed request head")
-        at = _HEAD_FIXED.size + 4 * count
-        fields = []
-        for size in _lengths(count).unpack_from(payload, _HEAD_FIXED.size):
-            fields.append(payload[at : at + size])
-            at += size
-        if at != len(payload):
-            raise _ProtocolError("a malformed request head")
-        method, scheme, authority, path, query, version, remote_ip, local_ip, certificate = fields[:9]
-        raw = list(zip(fields[9::2], fields[10::2]))
-        content_length: int | None = None
-        if b"content-length" in fields:
-            for name, value in raw:
-                if name == b"content-length":
-                    text = value.strip()
-                    if text.isdigit():
-                        content_length = int(text)
-                    break
-        self.method = method.decode("latin-1")
-        self.scheme = scheme.decode("latin-1")
-        self.authority = authority.decode("latin-1") if authority else None
-        self.path = path.decode("latin-1")
-        self.query = query.decode("latin-1")
-        self.http_version = version.decode("latin-1")
-        self.remote_addr = (remote_ip.decode("latin-1"), remote_port)
-        self.local_addr = (local_ip.decode("latin-1"), local_port)
-        self.tls = bool(flags & _HEAD_TLS)
-        #: Whether the request asks for a WebSocket (HTTP/1.1 upgrade or
-        #: HTTP/2 extended CONNECT).
-        self.websocket = bool(flags & _HEAD_WEBSOCKET)
-        self.peer_certificate = certificate or None
-        self.content_length = content_length
-        self._raw = raw
+        #: The head's strings; the headers' names and values from index 8.
+        self._fields = fields
+        self.peer_certificate = data[start + _HEAD_FIXED.size : strings_at] if fixed[3] else None
         self._conn = conn
         self._id = stream
-        self._chunks: deque[bytes] = deque()
+        self._chunks: deque[bytes] | None = None
         #: None while the body flows; True once complete; else the exception
         #: class (and message) a read raises.
-        self._end: Any = True if flags & _HEAD_END else None
+        self._end: Any = True if fixed[2] & _HEAD_END else None
         self._waiter: Any = None
         self._state = _WAITING
         #: The native side dropped the exchange: nothing can be sent.
@@ -278,12 +184,64 @@ class BridgeRequest:
         self._credit = WINDOW_SIZE
         #: What waits for credit, in order: (type, flags, data) for data;
         #: (None, 0, frame) for a frame that must follow it.
-        self._pending: deque[tuple[Any, int, Any]] = deque()
+        self._pending: deque[tuple[Any, int, Any]] | None = None
         self._send_waiter: Any = None
         #: Data bytes taken in but not yet granted back.
         self._consumed = 0
 
     # -- head -------------------------------------------------------------
+
+    @property
+    def method(self) -> str:
+        return self._fields[0].decode("latin-1")  # type: ignore[no-any-return]
+
+    @property
+    def scheme(self) -> str:
+        return self._fields[1].decode("latin-1")  # type: ignore[no-any-return]
+
+    @property
+    def authority(self) -> str | None:
+        authority = self._fields[2]
+        return authority.decode("latin-1") if authority else None
+
+    @property
+    def path(self) -> str:
+        return self._fields[3].decode("latin-1")  # type: ignore[no-any-return]
+
+    @property
+    def query(self) -> str:
+        return self._fields[4].decode("latin-1")  # type: ignore[no-any-return]
+
+    @property
+    def http_version(self) -> str:
+        return self._fields[5].decode("latin-1")  # type: ignore[no-any-return]
+
+    @property
+    def remote_addr(self) -> tuple[str, int]:
+        return (self._fields[6].decode("latin-1"), self._fixed[0])
+
+    @property
+    def local_addr(self) -> tuple[str, int]:
+        return (self._fields[7].decode("latin-1"), self._fixed[1])
+
+    @property
+    def tls(self) -> bool:
+        return bool(self._fixed[2] & _HEAD_TLS)
+
+    @property
+    def websocket(self) -> bool:
+        """Whether the request asks for a WebSocket (HTTP/1.1 upgrade or
+        HTTP/2 extended CONNECT)."""
+        return bool(self._fixed[2] & _HEAD_WEBSOCKET)
+
+    @property
+    def content_length(self) -> int | None:
+        fields = self._fields
+        for index in range(8, len(fields), 2):
+            if fields[index] == b"content-length":
+                text = fields[index + 1].strip()
+                return int(text) if text.isdigit() else None
+        return None
 
     @property
     def head_sent(self) -> bool:
@@ -292,17 +250,20 @@ class BridgeRequest:
     def headers(self) -> list[tuple[str, str]]:
         """Request headers as ``(name, value)`` pairs in order, names
         lowercase, values decoded as latin-1."""
-        return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in self._raw]
+        fields = self._fields
+        return [(fields[index].decode("latin-1"), fields[index + 1].decode("latin-1")) for index in range(8, len(fields), 2)]
 
     def raw_headers(self) -> list[tuple[bytes, bytes]]:
-        return list(self._raw)
+        fields = self._fields
+        return list(zip(fields[8::2], fields[9::2]))
 
     def header(self, name: str) -> str | None:
         """The first value of a header, by case-insensitive name."""
         key = name.lower().encode("latin-1", "replace")
-        for raw_name, value in self._raw:
-            if raw_name == key:
-                return value.decode("latin-1")
+        fields = self._fields
+        for index in range(8, len(fields), 2):
+            if fields[index] == key:
+                return fields[index + 1].decode("latin-1")
         return None
 
     # -- body in ----------------------------------------------------------
@@ -341,6 +302,8 @@ class BridgeRequest:
     def _feed(self, chunk: bytes) -> None:
         if self._end is not None:
             raise _ProtocolError("body data after the request end")
+        if self._chunks is None:
+            self._chunks = deque()
         self._chunks.append(chunk)
         self._wake()
 
@@ -365,7 +328,7 @@ class BridgeRequest:
 
     def _set_gone(self) -> None:
         self._gone = True
-        self._pending.clear()
+        self._pending = None
         self._release_sender()
         waiter = self._disconnect_waiter
         if waiter is not None:
@@ -396,6 +359,8 @@ class BridgeRequest:
             else:
                 self._conn._send(_FRAME.pack(size + _HEADER, VERSION, kind, self._id) + data)
             return
+        if self._pending is None:
+            self._pending = deque()
         self._pending.append((kind, flags, memoryview(data)))
         self._send_pending()
 
@@ -408,6 +373,7 @@ class BridgeRequest:
 
     def _send_pending(self) -> None:
         pending = self._pending
+        assert pending is not None
         conn = self._conn
         stream = self._id
         while pending:
@@ -475,14 +441,13 @@ class BridgeRequest:
     def respond(self, status: int, headers: Iterable[tuple[Any, Any]] | None, body: bytes, reason: str | None = None) -> bool:
         """Sends a whole response. ``headers=None`` sends the server's default
         headers. Returns False when the client is already gone."""
-        inline = len(body) <= CHUNK
-        payload = _head_payload(status, headers, reason, _FLAG_INLINE_BODY if inline else _FLAG_WHOLE_BODY, body if inline else b"")
+        frame = _response_head(self._id, status, headers, reason, body)
         self._check_unsent()
         if self._gone:
             return False
         self._state = _DONE
-        self._conn._send(_FRAME.pack(len(payload) + _HEADER, VERSION, RESPONSE_HEAD, self._id) + payload)
-        if not inline:
+        self._conn._send(frame)
+        if len(body) > CHUNK:
             self._out_data(RESPONSE_CHUNK, 0, body)
             self._out_frame(_FRAME.pack(_HEADER, VERSION, RESPONSE_END, self._id))
         self._maybe_over()
@@ -491,26 +456,29 @@ class BridgeRequest:
     def send_direct(self, response: Any) -> bool:
         """Sends a whole ``NativeDirectResponse``. Returns False when the
         client is already gone."""
-        if len(response.body) > CHUNK:
+        payload = response._bridge_payload()
+        if payload is None:
             return self.respond(response.status, response.headers, response.body)
-        payload = _direct_payload(response)
-        self._check_unsent()
+        if self._state != _WAITING:
+            raise RuntimeError("the response was already sent")
         if self._gone:
             return False
         self._state = _DONE
-        self._conn._send_parts(_FRAME.pack(len(payload) + _HEADER, VERSION, RESPONSE_HEAD, self._id), payload)
-        self._maybe_over()
+        conn = self._conn
+        conn._send_parts(_FRAME.pack(len(payload) + _HEADER, VERSION, RESPONSE_HEAD, self._id), payload)
+        if self._end is not None:
+            conn._forget(self)
         return True
 
     def start(self, status: int, headers: Iterable[tuple[Any, Any]] | None, reason: str | None = None) -> bool:
         """Sends the response head; the body follows with ``write`` and
         ``finish``."""
-        payload = _head_payload(status, headers, reason, 0)
+        frame = _response_head(self._id, status, headers, reason, None)
         self._check_unsent()
         if self._gone:
             return False
         self._state = _STREAMING
-        self._conn._send(_FRAME.pack(len(payload) + _HEADER, VERSION, RESPONSE_HEAD, self._id) + payload)
+        self._conn._send(frame)
         return True
 
     def write(self, data: bytes, create_future: Callable[[], Any]) -> Any:
@@ -752,7 +720,7 @@ class _BridgeConnection(asyncio.Protocol):
                     if kind == REQUEST_HEAD:
                         if not self._greeted or not stream:
                             raise _ProtocolError("unexpected request head")
-                        request = streams[stream] = BridgeRequest(self, stream, data[start:end])
+                        request = streams[stream] = BridgeRequest(self, stream, data, start, end)
                         arrived.append(request)
                     elif kind == HELLO:
                         token = self._listener.token

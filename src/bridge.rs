@@ -7,13 +7,13 @@
 //! `[version = 2][type u8][stream u32]` and the payload. The stream id
 //! (big-endian, chosen here, never reused on a connection) says which
 //! exchange the frame belongs to; 0 is the connection itself. Strings and
-//! byte strings are a `u32` big-endian length and the bytes (in the request
-//! head the lengths come first, as a table, and the bytes after them).
+//! byte strings are a `u32` big-endian length and the bytes (but for the
+//! request head's NUL-separated strings).
 //!
 //! | type | name           | direction     | payload |
 //! |------|----------------|---------------|---------|
 //! | 0    | hello          | Rust → Python | token (bytes); the first frame of every connection, stream 0 |
-//! | 1    | request head   | Rust → Python | opens a stream: client port u16, local port u16, flags u8 (1 TLS, 2 a WebSocket request, 4 no body: the request ends here), string count u32, that many u32 lengths, then the strings back to back: method, scheme, authority (empty: none), path, query, HTTP version, client ip, local ip, peer certificate DER (empty: none), then name and value of each header in order |
+//! | 1    | request head   | Rust → Python | opens a stream: client port u16, local port u16, flags u8 (1 TLS, 2 a WebSocket request, 4 no body: the request ends here), peer certificate DER (bytes; empty: none), then these strings with a NUL byte between each two (none holds one): method, scheme, authority (empty: none), path, query, HTTP version, client ip, local ip, then name and value of each header in order |
 //! | 2    | request chunk  | Rust → Python | body bytes (at most 64 KiB) |
 //! | 3    | request end    | Rust → Python | — |
 //! | 4    | response head  | Python → Rust | status u16, flags u8 (1: the server's default headers; 2: a whole body follows, collected before the head goes out; 4: the rest of this frame is the whole body, and the response ends with it), reason (empty: the standard one), header count u32, (name, value)…, [body] |
@@ -420,17 +420,18 @@ fn version_text(version: Version) -> &'static [u8] {
     }
 }
 
-/// The request head: the fixed fields, then every string's `u32` length
-/// (a table), then the strings back to back — so the Python end takes them
-/// apart with two `struct` calls instead of one per string.
-fn encode_request_head(out: &mut BytesMut, stream: u32, head: &Parts, info: &ConnInfo, websocket: bool, end: bool) {
+/// The request head: the fixed fields and the certificate, then every
+/// string with a NUL byte between them — so the Python end takes them apart
+/// with one `split`. False (nothing written) when a string holds a NUL,
+/// which neither a URI nor a header value may.
+fn encode_request_head(out: &mut BytesMut, stream: u32, head: &Parts, info: &ConnInfo, websocket: bool, end: bool) -> bool {
     let peer_ip = info.peer.ip().to_canonical().to_string();
     let local_ip = info.local.ip().to_canonical().to_string();
     let authority = match head.uri.authority() {
         Some(authority) => authority.as_str().as_bytes(),
         None => head.headers.get(HOST).map_or(&b""[..], |v| v.as_bytes()),
     };
-    let fixed: [&[u8]; 9] = [
+    let fixed: [&[u8]; 8] = [
         head.method.as_str().as_bytes(),
         if info.tls { b"https" } else { b"http" },
         authority,
@@ -439,22 +440,31 @@ fn encode_request_head(out: &mut BytesMut, stream: u32, head: &Parts, info: &Con
         version_text(head.version),
         peer_ip.as_bytes(),
         local_ip.as_bytes(),
-        info.peer_certificate.as_ref().map_or(&b""[..], |c| c.as_ref()),
     ];
-    let headers = || head.headers.iter().flat_map(|(name, value)| [name.as_str().as_bytes(), value.as_bytes()]);
-    let count = fixed.len() + 2 * head.headers.len();
-    let bytes: usize = fixed.iter().map(|s| s.len()).sum::<usize>() + headers().map(<[u8]>::len).sum::<usize>();
-    put_header(out, kind::REQUEST_HEAD, stream, 9 + 4 * count + bytes);
+    let certificate = info.peer_certificate.as_ref().map_or(&b""[..], |c| c.as_ref());
+    let strings = || {
+        fixed.iter().copied().chain(head.headers.iter().flat_map(|(name, value)| [name.as_str().as_bytes(), value.as_bytes()]))
+    };
+    let mut bytes = 0;
+    for string in strings() {
+        if string.contains(&0) {
+            return false;
+        }
+        bytes += string.len() + 1;
+    }
+    put_header(out, kind::REQUEST_HEAD, stream, 9 + certificate.len() + bytes - 1);
     out.put_u16(info.peer.port());
     out.put_u16(info.local.port());
     out.put_u8(if info.tls { HEAD_TLS } else { 0 } | if websocket { HEAD_WEBSOCKET } else { 0 } | if end { HEAD_END } else { 0 });
-    out.put_u32(count as u32);
-    for field in fixed.iter().copied().chain(headers()) {
-        out.put_u32(field.len() as u32);
+    out.put_u32(certificate.len() as u32);
+    out.extend_from_slice(certificate);
+    for (index, string) in strings().enumerate() {
+        if index > 0 {
+            out.put_u8(0);
+        }
+        out.extend_from_slice(string);
     }
-    for field in fixed.iter().copied().chain(headers()) {
-        out.extend_from_slice(field);
-    }
+    true
 }
 
 struct ResponseHead {
@@ -507,6 +517,57 @@ fn decode_response_head(payload: Bytes, defaults: &HeaderMap) -> Result<Response
         BodyShape::Streamed
     };
     Ok(ResponseHead { status, headers, reason, body })
+}
+
+/// A response head frame as Python's end sends it — built here, where the
+/// headers are already checked (`_native.bridge_response_head`,
+/// `NativeDirectResponse._bridge_payload`). With `body`, the whole response:
+/// inline when it fits one frame (see `inlines`), else announced as a whole
+/// body whose chunk frames follow; without, the head of a streamed body.
+/// `headers` None: the server's default headers. `stream` None: the payload
+/// alone, without the frame header.
+pub fn put_response_head(
+    out: &mut BytesMut,
+    stream: Option<u32>,
+    status: StatusCode,
+    headers: Option<&HeaderMap>,
+    reason: &[u8],
+    body: Option<&[u8]>,
+) {
+    let inline = body.filter(|body| inlines(body.len()));
+    let mut flags = match (body, inline) {
+        (Some(_), Some(_)) => FLAG_INLINE_BODY,
+        (Some(_), None) => FLAG_WHOLE_BODY,
+        (None, _) => 0,
+    };
+    if headers.is_none() {
+        flags |= FLAG_DEFAULT_HEADERS;
+    }
+    let header_bytes: usize = headers.map_or(0, |h| h.iter().map(|(n, v)| 8 + n.as_str().len() + v.len()).sum());
+    let size = 2 + 1 + 4 + reason.len() + 4 + header_bytes + inline.map_or(0, <[u8]>::len);
+    out.reserve(4 + HEADER + size);
+    if let Some(stream) = stream {
+        put_header(out, kind::RESPONSE_HEAD, stream, size);
+    }
+    out.put_u16(status.as_u16());
+    out.put_u8(flags);
+    out.put_u32(reason.len() as u32);
+    out.extend_from_slice(reason);
+    out.put_u32(headers.map_or(0, HeaderMap::len) as u32);
+    for (name, value) in headers.into_iter().flatten() {
+        out.put_u32(name.as_str().len() as u32);
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.put_u32(value.len() as u32);
+        out.extend_from_slice(value.as_bytes());
+    }
+    if let Some(body) = inline {
+        out.extend_from_slice(body);
+    }
+}
+
+/// Whether a whole body of `size` bytes goes inline in its head frame.
+pub fn inlines(size: usize) -> bool {
+    size <= CHUNK
 }
 
 fn build_response(head: ResponseHead, body: ResponseBody) -> Response<ResponseBody> {
@@ -933,7 +994,10 @@ impl Bridge {
         let (head, body) = request.into_parts();
         let no_body = body.is_end_stream();
         let mut out = BytesMut::with_capacity(512);
-        encode_request_head(&mut out, stream.id, &head, info, upgrade.is_some(), no_body);
+        if !encode_request_head(&mut out, stream.id, &head, info, upgrade.is_some(), no_body) {
+            stream.end = End::Complete; // Python never heard of it
+            return Ok(error_response(StatusCode::BAD_REQUEST, "a NUL byte in the request head"));
+        }
         link.send(out.freeze());
         let too_large = CancellationToken::new();
         let broke_off = CancellationToken::new();

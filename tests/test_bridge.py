@@ -144,20 +144,17 @@ class Head:
 
     @classmethod
     def decode(cls, payload: bytes) -> Head:
-        """Client port, local port, flags, a table of string lengths, then
-        the strings: method, scheme, authority, path, query, version, client
-        ip, local ip, certificate, and each header's name and value."""
-        client_port, local_port, flags, count = struct.unpack_from(">HHBI", payload)
-        lengths = struct.unpack_from(f">{count}I", payload, 9)
-        at = 9 + 4 * count
-        strings = []
-        for size in lengths:
-            strings.append(payload[at : at + size])
-            at += size
-        assert at == len(payload), "bytes after the request head"
-        method, scheme, authority, path, query, version, client_ip, local_ip, certificate = strings[:9]
+        """Client port, local port, flags, the certificate, then the strings
+        with a NUL between each two: method, scheme, authority, path, query,
+        version, client ip, local ip, and each header's name and value."""
+        client_port, local_port, flags, certificate_size = struct.unpack_from(">HHBI", payload)
+        certificate = payload[9 : 9 + certificate_size]
+        assert len(certificate) == certificate_size
+        strings = payload[9 + certificate_size :].split(b"\0")
+        assert len(strings) >= 8 and len(strings) % 2 == 0, strings
+        method, scheme, authority, path, query, version, client_ip, local_ip = strings[:8]
         text = [s.decode("latin-1") for s in (method, scheme, authority, path, query, version)]
-        headers = list(zip(strings[9::2], strings[10::2]))
+        headers = list(zip(strings[8::2], strings[9::2]))
         return cls(
             *text,  # type: ignore[arg-type]
             (client_ip.decode(), client_port),
@@ -171,10 +168,10 @@ class Head:
 
 
 def request_head(method: bytes, path: bytes, headers: list[tuple[bytes, bytes]] = (), *, stream: int) -> bytes:  # type: ignore[assignment]
-    strings = [method, b"http", b"x", path, b"", b"1.1", b"10.0.0.1", b"127.0.0.1", b""]
+    strings = [method, b"http", b"x", path, b"", b"1.1", b"10.0.0.1", b"127.0.0.1"]
     strings += [part for pair in headers for part in pair]
-    payload = struct.pack(">HHBI", 1, 80, 0, len(strings)) + struct.pack(f">{len(strings)}I", *map(len, strings))
-    return frame(REQUEST_HEAD, payload + b"".join(strings), stream=stream)
+    payload = struct.pack(">HHBI", 1, 80, 0, 0) + b"\0".join(strings)
+    return frame(REQUEST_HEAD, payload, stream=stream)
 
 
 class FakeStream:
