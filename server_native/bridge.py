@@ -351,13 +351,15 @@ class BridgeRequest:
         """Queues body data (or a WebSocket message, ``flags`` its type) as
         frames of at most CHUNK bytes within the stream's credit; what does
         not fit waits for window frames."""
+        if data.__class__ is not bytes:
+            data = bytes(data)  # the caller may change its buffer once we return
         size = len(data)
         if not self._pending and size <= self._credit and size <= CHUNK:
             self._credit -= size
             if kind == WS_MESSAGE:
-                self._conn._send(_FRAME.pack(size + _HEADER + 1, VERSION, WS_MESSAGE, self._id) + bytes((flags,)) + data)
+                self._conn._send_parts(_FRAME.pack(size + _HEADER + 1, VERSION, WS_MESSAGE, self._id) + bytes((flags,)), data)
             else:
-                self._conn._send(_FRAME.pack(size + _HEADER, VERSION, kind, self._id) + data)
+                self._conn._send_parts(_FRAME.pack(size + _HEADER, VERSION, kind, self._id), data)
             return
         if self._pending is None:
             self._pending = deque()
