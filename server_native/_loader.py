@@ -57,7 +57,7 @@ from . import _platforms
 from ._prebuilt_release import TAG, TAG_PREFIX
 
 #: The native ABI this Python package speaks (``ABI_VERSION`` in src/lib.rs).
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 MODULE_NAME = "server_native._native"
 PACKAGE_NAME = "server_native"

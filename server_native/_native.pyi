@@ -19,6 +19,7 @@ __all__ = [
     "NativeRequest",
     "NativeServer",
     "TlsConfigError",
+    "bridge_response_head",
 ]
 
 ABI_VERSION: int
@@ -81,6 +82,10 @@ class NativeRequest:
     def finish(self) -> None: ...
     def abort(self) -> None: ...
 
+def bridge_response_head(
+    stream: int, status: int, headers: _HeaderPairs | None, reason: str | None, body: bytes | None
+) -> bytes: ...
+
 @final
 class NativeDirectResponse:
     @staticmethod
@@ -95,6 +100,7 @@ class NativeDirectResponse:
     def body(self) -> builtins.bytes: ...
     @property
     def stream_body(self) -> Any | None: ...
+    def _bridge_payload(self) -> builtins.bytes | None: ...
 
 @final
 class NativeServer:

@@ -3,8 +3,11 @@
 The native server connects to a socket listened on here — a Unix socket in a
 private temporary directory, or loopback TCP where there are none — and sends
 every request as length-prefixed frames; the response goes back the same way,
-streamed in chunks both ways. The native side keeps a pool of connections,
-one request in flight on each. ``src/bridge.rs`` documents the frame layout.
+streamed in chunks both ways. Every exchange is a stream of its own on one
+connection: frames carry a stream id, each read takes every complete frame
+that arrived, and the frames the handlers send in one loop iteration leave
+in one write. Per-stream flow control (window frames) bounds what either side
+buffers. ``src/bridge.rs`` documents the frame layout.
 
 :class:`BridgeRequest` has the interface of ``_native.NativeRequest`` that
 the rest of the package uses, with the same return conventions, so every API
@@ -31,36 +34,39 @@ from ._loader import native
 
 __all__ = ["BridgeListener", "BridgeRequest"]
 
-VERSION = 1
+VERSION = 2
 HELLO, REQUEST_HEAD, REQUEST_CHUNK, REQUEST_END, RESPONSE_HEAD, RESPONSE_CHUNK, RESPONSE_END, ABORT = range(8)
-WS_ACCEPT, WS_MESSAGE, WS_CLOSE = 8, 9, 10
+WS_ACCEPT, WS_MESSAGE, WS_CLOSE, WINDOW = 8, 9, 10, 11
 #: Largest body chunk in one frame.
 CHUNK = 64 * 1024
 #: Largest frame either side accepts.
 MAX_FRAME = 16 * 1024 * 1024
-#: Request body buffered ahead of the application before reading pauses,
-#: and response bytes queued before ``write()`` asks the caller to wait.
-HIGH_WATER = 256 * 1024
+#: Data bytes either side may send on a stream before the other grants more.
+WINDOW_SIZE = 256 * 1024
+#: Consumed bytes are granted back once this many gathered.
+GRANT_AT = WINDOW_SIZE // 4
+#: Frames queued before they are written at once, mid-iteration; and the
+#: connection's write buffer past which writers wait.
+HIGH_WATER = 1024 * 1024
 
 #: Why the native side gave up on a request (its abort frame's payload).
 _ABORT_CLIENT_GONE = 1
 _ABORT_TOO_LARGE = 2
 _ABORT_DISCARDED = 3
 
-_FLAG_DEFAULT_HEADERS = 1
-_FLAG_WHOLE_BODY = 2
-
 _U32 = struct.Struct(">I")
-_FRAME = struct.Struct(">IBB")
+#: Length (of what follows), version, type, stream id.
+_FRAME = struct.Struct(">IBBI")
+_HEADER = 6  # what the length counts of the frame header
 _HEAD_START = struct.Struct(">HBI")
 _U16 = struct.Struct(">H")
 
-_END_FRAME = _FRAME.pack(2, VERSION, RESPONSE_END)
-_ABORT_FRAME = _FRAME.pack(2, VERSION, ABORT)
-_CHUNK_HEADER = _FRAME.pack(CHUNK + 2, VERSION, RESPONSE_CHUNK)
-
 _ClientDisconnected = native.ClientDisconnected
 _BodyTooLarge = native.BodyTooLarge
+#: (stream, status, headers, reason, body) -> a response head frame; checks
+#: what the in-process transport checks (ValueError); with a body of at most
+#: CHUNK bytes, the whole response.
+_response_head = native.bridge_response_head
 
 # What the native side's `http` crate accepts (HeaderName, HeaderValue,
 # ReasonPhrase): checked here so a bad value is a ValueError at the call,
@@ -71,11 +77,9 @@ _field_value = re.compile(rb"[\t\x20-\x7e\x80-\xff]*").fullmatch
 _WAITING, _STREAMING, _DONE, _WEBSOCKET = 0, 1, 2, 3
 
 #: Request head flags.
-_HEAD_TLS, _HEAD_WEBSOCKET, _HEAD_UNIX = 1, 2, 4
+_HEAD_TLS, _HEAD_WEBSOCKET, _HEAD_END, _HEAD_UNIX = 1, 2, 4, 8
 #: WebSocket message flags.
 _WS_TEXT, _WS_BINARY, _WS_MORE = 1, 2, 4
-#: WebSocket messages buffered ahead of the application before reading pauses.
-_WS_INBOX_HIGH_WATER = 1024 * 1024
 
 
 class _ProtocolError(Exception):
@@ -102,7 +106,7 @@ def _wire(value: Any) -> bytes:
     raise TypeError(f"header names and values must be str or bytes, not {type(value).__name__}")
 
 
-def _headers_payload(headers: Iterable[tuple[Any, Any]], parts: list[bytes]) -> int:
+def _headers_payload(headers: Iterable[tuple[Any, Any]], parts: list[Any]) -> int:
     count = 0
     pack = _U32.pack
     for name, value in headers:
@@ -117,172 +121,133 @@ def _headers_payload(headers: Iterable[tuple[Any, Any]], parts: list[bytes]) -> 
     return count
 
 
-def _head_frame(status: int, headers: Iterable[tuple[Any, Any]] | None, reason: str | None, whole: bool) -> list[bytes]:
-    """A response head frame, as parts to join. Raises ValueError for what
-    the native side would refuse."""
-    status = int(status)
-    if not 200 <= status <= 999:
-        raise ValueError(f"invalid response status {status}")
-    if reason is None:
-        reason_bytes = b""
-    else:
-        reason_bytes = reason.encode("utf-8")
-        if not _field_value(reason_bytes):
-            raise ValueError(f"invalid reason phrase {reason!r}")
-    flags = _FLAG_WHOLE_BODY if whole else 0
-    parts: list[bytes] = [b"", b"", reason_bytes, b""]
-    if headers is None:
-        flags |= _FLAG_DEFAULT_HEADERS
-        count = 0
-    else:
-        count = _headers_payload(headers, parts)
-    parts[1] = _HEAD_START.pack(status, flags, len(reason_bytes))
-    parts[3] = _U32.pack(count)
-    size = sum(map(len, parts))
-    parts[0] = _FRAME.pack(size + 2, VERSION, RESPONSE_HEAD)
-    return parts
-
-
-def _add_chunks(parts: list[bytes], body: bytes) -> None:
-    size = len(body)
-    if size <= CHUNK:
-        if size:
-            parts += (_FRAME.pack(size + 2, VERSION, RESPONSE_CHUNK), body)
-        return
-    view = memoryview(body)
-    for start in range(0, size, CHUNK):
-        piece = view[start : start + CHUNK]
-        parts += (_CHUNK_HEADER if len(piece) == CHUNK else _FRAME.pack(len(piece) + 2, VERSION, RESPONSE_CHUNK), piece)  # type: ignore[arg-type]
-
-
-#: Encoded `NativeDirectResponse`s (head, body and end frames), for the
-#: pre-encoded form that is returned for every request. Bounded.
-_direct_cache: dict[int, tuple[Any, bytes]] = {}
-_direct_cache_bytes = 0
-_DIRECT_CACHE_LIMIT = 1024 * 1024
-_DIRECT_CACHE_BODY = 16 * 1024
-
-
-def _direct_frames(response: Any) -> bytes:
-    global _direct_cache_bytes
-    entry = _direct_cache.get(id(response))
-    if entry is not None and entry[0] is response:
-        return entry[1]
-    parts = _head_frame(response.status, response.headers, None, True)
-    body = response.body
-    _add_chunks(parts, body)
-    parts.append(_END_FRAME)
-    frames = b"".join(parts)
-    if len(body) <= _DIRECT_CACHE_BODY:
-        if _direct_cache_bytes + len(frames) > _DIRECT_CACHE_LIMIT:
-            _direct_cache.clear()
-            _direct_cache_bytes = 0
-        _direct_cache[id(response)] = (response, frames)
-        _direct_cache_bytes += len(frames)
-    return frames
+def _frame(kind: int, stream: int, payload: bytes = b"") -> bytes:
+    return _FRAME.pack(len(payload) + _HEADER, VERSION, kind, stream) + payload
 
 
 # ---------------------------------------------------------------- the request
 
 
 _HEAD_FIXED = struct.Struct(">HHBI")
-_length_tables: dict[int, struct.Struct] = {}
-
-
-def _lengths(count: int) -> struct.Struct:
-    table = _length_tables.get(count)
-    if table is None:
-        if count > 100_000:
-            raise _ProtocolError("too many strings in a request head")
-        table = _length_tables[count] = struct.Struct(f">{count}I")
-    return table
 
 
 class BridgeRequest:
-    """One request that came over the bridge; the interface of
+    """One request that came over the bridge (one stream); the interface of
     ``_native.NativeRequest``."""
 
     __slots__ = (
-        "method",
-        "path",
-        "query",
-        "scheme",
-        "authority",
-        "http_version",
-        "remote_addr",
-        "local_addr",
-        "tls",
-        "websocket",
+        "_fixed",
+        "_fields",
         "peer_certificate",
-        "content_length",
-        "_raw",
         "_conn",
+        "_id",
         "_chunks",
-        "_buffered",
         "_end",
         "_waiter",
         "_state",
         "_gone",
         "_disconnect_waiter",
         "_ws",
+        "_credit",
+        "_pending",
+        "_send_waiter",
+        "_consumed",
     )
 
-    def __init__(self, conn: _BridgeConnection, payload: bytes) -> None:
-        # Two struct calls for every length at once: this runs for every request.
-        remote_port, local_port, flags, count = _HEAD_FIXED.unpack_from(payload)
-        if count < 9 or not count & 1:
+    # Every request makes one, so it does little: one struct call and one
+    # split for the whole head; the fields are decoded when asked for; as
+    # few container objects as can be (each adds to the garbage collector's
+    # work while requests are in flight).
+    def __init__(self, conn: _BridgeConnection, stream: int, data: bytes, start: int, end: int) -> None:
+        #: client port, local port, flags, certificate size
+        fixed = self._fixed = _HEAD_FIXED.unpack_from(data, start)
+        strings_at = start + _HEAD_FIXED.size + fixed[3]
+        fields = data[strings_at:end].split(b"\0")
+        if len(fields) < 8 or len(fields) & 1 or strings_at > end:
             raise _ProtocolError("a malformed request head")
-        at = _HEAD_FIXED.size + 4 * count
-        fields = []
-        for size in _lengths(count).unpack_from(payload, _HEAD_FIXED.size):
-            fields.append(payload[at : at + size])
-            at += size
-        if at != len(payload):
-            raise _ProtocolError("a malformed request head")
-        method, scheme, authority, path, query, version, remote_ip, local_ip, certificate = fields[:9]
-        raw = list(zip(fields[9::2], fields[10::2]))
-        content_length: int | None = None
-        if b"content-length" in fields:
-            for name, value in raw:
-                if name == b"content-length":
-                    text = value.strip()
-                    if text.isdigit():
-                        content_length = int(text)
-                    break
-        self.method = method.decode("latin-1")
-        self.scheme = scheme.decode("latin-1")
-        self.authority = authority.decode("latin-1") if authority else None
-        self.path = path.decode("latin-1")
-        self.query = query.decode("latin-1")
-        self.http_version = version.decode("latin-1")
-        if flags & _HEAD_UNIX:
-            # Over a Unix socket: no client address, the server is its path.
-            self.remote_addr: tuple[str, int] | None = None
-            self.local_addr: tuple[str, int | None] = (local_ip.decode("utf-8"), None)
-        else:
-            self.remote_addr = (remote_ip.decode("latin-1"), remote_port)
-            self.local_addr = (local_ip.decode("latin-1"), local_port)
-        self.tls = bool(flags & _HEAD_TLS)
-        #: Whether the request asks for a WebSocket (HTTP/1.1 upgrade or
-        #: HTTP/2 extended CONNECT).
-        self.websocket = bool(flags & _HEAD_WEBSOCKET)
-        self.peer_certificate = certificate or None
-        self.content_length = content_length
-        self._raw = raw
+        #: The head's strings; the headers' names and values from index 8.
+        self._fields = fields
+        self.peer_certificate = data[start + _HEAD_FIXED.size : strings_at] if fixed[3] else None
         self._conn = conn
-        self._chunks: deque[bytes] = deque()
-        self._buffered = 0
+        self._id = stream
+        self._chunks: deque[bytes] | None = None
         #: None while the body flows; True once complete; else the exception
         #: class (and message) a read raises.
-        self._end: Any = None
+        self._end: Any = True if fixed[2] & _HEAD_END else None
         self._waiter: Any = None
         self._state = _WAITING
         #: The native side dropped the exchange: nothing can be sent.
         self._gone = False
         self._disconnect_waiter: Any = None
         self._ws: _WebSocket | None = None
+        #: Data bytes we may still send (the native side's window frames add).
+        self._credit = WINDOW_SIZE
+        #: What waits for credit, in order: (type, flags, data) for data;
+        #: (None, 0, frame) for a frame that must follow it.
+        self._pending: deque[tuple[Any, int, Any]] | None = None
+        self._send_waiter: Any = None
+        #: Data bytes taken in but not yet granted back.
+        self._consumed = 0
 
     # -- head -------------------------------------------------------------
+
+    @property
+    def method(self) -> str:
+        return self._fields[0].decode("latin-1")  # type: ignore[no-any-return]
+
+    @property
+    def scheme(self) -> str:
+        return self._fields[1].decode("latin-1")  # type: ignore[no-any-return]
+
+    @property
+    def authority(self) -> str | None:
+        authority = self._fields[2]
+        return authority.decode("latin-1") if authority else None
+
+    @property
+    def path(self) -> str:
+        return self._fields[3].decode("latin-1")  # type: ignore[no-any-return]
+
+    @property
+    def query(self) -> str:
+        return self._fields[4].decode("latin-1")  # type: ignore[no-any-return]
+
+    @property
+    def http_version(self) -> str:
+        return self._fields[5].decode("latin-1")  # type: ignore[no-any-return]
+
+    @property
+    def remote_addr(self) -> tuple[str, int] | None:
+        """None over a Unix socket, where the client has no address."""
+        if self._fixed[2] & _HEAD_UNIX:
+            return None
+        return (self._fields[6].decode("latin-1"), self._fixed[0])
+
+    @property
+    def local_addr(self) -> tuple[str, int | None]:
+        """Over a Unix socket: the socket's path and no port."""
+        if self._fixed[2] & _HEAD_UNIX:
+            return (self._fields[7].decode("utf-8"), None)
+        return (self._fields[7].decode("latin-1"), self._fixed[1])
+
+    @property
+    def tls(self) -> bool:
+        return bool(self._fixed[2] & _HEAD_TLS)
+
+    @property
+    def websocket(self) -> bool:
+        """Whether the request asks for a WebSocket (HTTP/1.1 upgrade or
+        HTTP/2 extended CONNECT)."""
+        return bool(self._fixed[2] & _HEAD_WEBSOCKET)
+
+    @property
+    def content_length(self) -> int | None:
+        fields = self._fields
+        for index in range(8, len(fields), 2):
+            if fields[index] == b"content-length":
+                text = fields[index + 1].strip()
+                return int(text) if text.isdigit() else None
+        return None
 
     @property
     def head_sent(self) -> bool:
@@ -291,17 +256,20 @@ class BridgeRequest:
     def headers(self) -> list[tuple[str, str]]:
         """Request headers as ``(name, value)`` pairs in order, names
         lowercase, values decoded as latin-1."""
-        return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in self._raw]
+        fields = self._fields
+        return [(fields[index].decode("latin-1"), fields[index + 1].decode("latin-1")) for index in range(8, len(fields), 2)]
 
     def raw_headers(self) -> list[tuple[bytes, bytes]]:
-        return list(self._raw)
+        fields = self._fields
+        return list(zip(fields[8::2], fields[9::2]))
 
     def header(self, name: str) -> str | None:
         """The first value of a header, by case-insensitive name."""
         key = name.lower().encode("latin-1", "replace")
-        for raw_name, value in self._raw:
-            if raw_name == key:
-                return value.decode("latin-1")
+        fields = self._fields
+        for index in range(8, len(fields), 2):
+            if fields[index] == key:
+                return fields[index + 1].decode("latin-1")
         return None
 
     # -- body in ----------------------------------------------------------
@@ -313,10 +281,8 @@ class BridgeRequest:
         chunks = self._chunks
         if chunks:
             chunk = chunks.popleft()
-            self._buffered -= len(chunk)
-            conn = self._conn
-            if conn._reading_paused and self._buffered < HIGH_WATER:
-                conn._resume_reading()
+            if self._end is None:
+                self._grant(len(chunk))
             return chunk
         end = self._end
         if end is True:
@@ -329,14 +295,23 @@ class BridgeRequest:
         self._waiter = future
         return future
 
+    def _grant(self, size: int) -> None:
+        """``size`` data bytes were taken by the application: the native
+        side may send as many more (granted in batches)."""
+        consumed = self._consumed + size
+        if consumed >= GRANT_AT:
+            self._consumed = 0
+            self._conn._send(_FRAME.pack(_HEADER + 4, VERSION, WINDOW, self._id) + _U32.pack(consumed))
+        else:
+            self._consumed = consumed
+
     def _feed(self, chunk: bytes) -> None:
         if self._end is not None:
             raise _ProtocolError("body data after the request end")
+        if self._chunks is None:
+            self._chunks = deque()
         self._chunks.append(chunk)
-        self._buffered += len(chunk)
         self._wake()
-        if self._buffered >= HIGH_WATER and self._state != _DONE:
-            self._conn._pause_reading()
 
     def _finish_body(self, end: Any) -> None:
         if self._end is None:
@@ -351,7 +326,7 @@ class BridgeRequest:
                 waiter.set_result(None)
 
     def _lost(self) -> None:
-        """The connection closed: the native side gave up on the exchange."""
+        """The native side gave up on the exchange (or the connection closed)."""
         self._set_gone()
         self._finish_body((_ClientDisconnected, "the client disconnected"))
         if self._ws is not None:
@@ -359,6 +334,8 @@ class BridgeRequest:
 
     def _set_gone(self) -> None:
         self._gone = True
+        self._pending = None
+        self._release_sender()
         waiter = self._disconnect_waiter
         if waiter is not None:
             self._disconnect_waiter = None
@@ -374,6 +351,95 @@ class BridgeRequest:
         self._disconnect_waiter = future
         return future
 
+    # -- frames out -------------------------------------------------------
+
+    def _out_data(self, kind: int, flags: int, data: Any) -> None:
+        """Queues body data (or a WebSocket message, ``flags`` its type) as
+        frames of at most CHUNK bytes within the stream's credit; what does
+        not fit waits for window frames."""
+        if data.__class__ is not bytes:
+            data = bytes(data)  # the caller may change its buffer once we return
+        size = len(data)
+        if not self._pending and size <= self._credit and size <= CHUNK:
+            self._credit -= size
+            if kind == WS_MESSAGE:
+                self._conn._send_parts(_FRAME.pack(size + _HEADER + 1, VERSION, WS_MESSAGE, self._id) + bytes((flags,)), data)
+            else:
+                self._conn._send_parts(_FRAME.pack(size + _HEADER, VERSION, kind, self._id), data)
+            return
+        if self._pending is None:
+            self._pending = deque()
+        self._pending.append((kind, flags, memoryview(data)))
+        self._send_pending()
+
+    def _out_frame(self, frame: bytes) -> None:
+        """Queues a frame that must follow the data queued before it."""
+        if self._pending:
+            self._pending.append((None, 0, frame))
+        else:
+            self._conn._send(frame)
+
+    def _send_pending(self) -> None:
+        pending = self._pending
+        assert pending is not None
+        conn = self._conn
+        stream = self._id
+        while pending:
+            kind, flags, data = pending[0]
+            if kind is None:
+                conn._send(data)
+                pending.popleft()
+                continue
+            size = len(data)
+            take = min(size, self._credit, CHUNK)
+            if size and not take:
+                break
+            self._credit -= take
+            if kind == WS_MESSAGE:
+                more = _WS_MORE if take < size else 0
+                conn._send_parts(_FRAME.pack(take + _HEADER + 1, VERSION, WS_MESSAGE, stream) + bytes((flags | more,)), data[:take])
+            else:
+                conn._send_parts(_FRAME.pack(take + _HEADER, VERSION, kind, stream), data[:take])
+            if take == size:
+                pending.popleft()
+            else:
+                pending[0] = (kind, flags, data[take:])
+        if not pending:
+            self._release_sender()
+            self._maybe_over()
+
+    def _window(self, size: int) -> None:
+        self._credit += size
+        if self._pending:
+            self._send_pending()
+
+    def _release_sender(self) -> None:
+        waiter = self._send_waiter
+        if waiter is not None:
+            self._send_waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _backlog(self, create_future: Callable[[], Any]) -> Any:
+        """None when more may be sent at once, else a future to await first:
+        the stream waits for credit, or the connection for the socket."""
+        conn = self._conn
+        if self._pending:
+            future = create_future()
+            self._send_waiter = future
+            return future
+        if conn._writing_paused:
+            future = create_future()
+            conn._drain_waiters.append(future)
+            return future
+        return None
+
+    def _maybe_over(self) -> None:
+        """Forgets the stream once both directions are through: the response
+        out, nothing waiting for credit, and the request's end in."""
+        if self._state == _DONE and self._end is not None and not self._pending:
+            self._conn._forget(self)
+
     # -- response out -----------------------------------------------------
 
     def _check_unsent(self) -> None:
@@ -383,38 +449,44 @@ class BridgeRequest:
     def respond(self, status: int, headers: Iterable[tuple[Any, Any]] | None, body: bytes, reason: str | None = None) -> bool:
         """Sends a whole response. ``headers=None`` sends the server's default
         headers. Returns False when the client is already gone."""
-        parts = _head_frame(status, headers, reason, True)
+        frame = _response_head(self._id, status, headers, reason, body)
         self._check_unsent()
         if self._gone:
             return False
-        _add_chunks(parts, body)
-        parts.append(_END_FRAME)
         self._state = _DONE
-        self._conn._send(b"".join(parts))
-        self._conn._response_done(self)
+        self._conn._send(frame)
+        if len(body) > CHUNK:
+            self._out_data(RESPONSE_CHUNK, 0, body)
+            self._out_frame(_FRAME.pack(_HEADER, VERSION, RESPONSE_END, self._id))
+        self._maybe_over()
         return True
 
     def send_direct(self, response: Any) -> bool:
         """Sends a whole ``NativeDirectResponse``. Returns False when the
         client is already gone."""
-        frames = _direct_frames(response)
-        self._check_unsent()
+        payload = response._bridge_payload()
+        if payload is None:
+            return self.respond(response.status, response.headers, response.body)
+        if self._state != _WAITING:
+            raise RuntimeError("the response was already sent")
         if self._gone:
             return False
         self._state = _DONE
-        self._conn._send(frames)
-        self._conn._response_done(self)
+        conn = self._conn
+        conn._send_parts(_FRAME.pack(len(payload) + _HEADER, VERSION, RESPONSE_HEAD, self._id), payload)
+        if self._end is not None:
+            conn._forget(self)
         return True
 
     def start(self, status: int, headers: Iterable[tuple[Any, Any]] | None, reason: str | None = None) -> bool:
         """Sends the response head; the body follows with ``write`` and
         ``finish``."""
-        parts = _head_frame(status, headers, reason, False)
+        frame = _response_head(self._id, status, headers, reason, None)
         self._check_unsent()
         if self._gone:
             return False
         self._state = _STREAMING
-        self._conn._send(b"".join(parts))
+        self._conn._send(frame)
         return True
 
     def write(self, data: bytes, create_future: Callable[[], Any]) -> Any:
@@ -427,40 +499,31 @@ class BridgeRequest:
             return None
         if self._gone:
             raise _ClientDisconnected("the client disconnected")
-        size = len(data)
-        if not size:
+        if not data:
             return None
-        if size <= CHUNK:
-            self._conn._send(_FRAME.pack(size + 2, VERSION, RESPONSE_CHUNK) + data)
-        else:
-            parts: list[bytes] = []
-            _add_chunks(parts, data)
-            self._conn._send(b"".join(parts))
-        conn = self._conn
-        if conn._writing_paused:
-            future = create_future()
-            conn._drain_waiters.append(future)
-            return future
-        return None
+        self._out_data(RESPONSE_CHUNK, 0, data)
+        return self._backlog(create_future)
 
     def finish(self) -> None:
         """Ends a streamed body."""
         if self._state == _STREAMING:
             self._state = _DONE
             if not self._gone:
-                self._conn._send(_END_FRAME)
-                self._conn._response_done(self)
+                self._out_frame(_FRAME.pack(_HEADER, VERSION, RESPONSE_END, self._id))
+                self._maybe_over()
 
     def abort(self) -> None:
         """Gives up on the response: a streamed body is cut off (the client
-        sees an error, not a short success); an unsent one becomes a 500."""
+        sees an error, not a short success); an unsent one becomes a 500.
+        The stream is over."""
         if self._state == _DONE or self._state == _WEBSOCKET:
             return
         self._state = _DONE
         if not self._gone:
-            # The connection ends with the exchange: the native side drops it.
-            self._conn._send(_ABORT_FRAME)
-            self._conn._close()
+            self._conn._send(_FRAME.pack(_HEADER, VERSION, ABORT, self._id))
+            self._conn._forget(self)
+            self._set_gone()
+            self._finish_body((_ClientDisconnected, "the response was aborted"))
 
     # -- WebSocket --------------------------------------------------------
 
@@ -468,7 +531,7 @@ class BridgeRequest:
         """Accepts the WebSocket: 101 (HTTP/1.1) or 200 (HTTP/2) with
         ``headers`` and the chosen ``subprotocol``. False when the client
         already left (or it was accepted before)."""
-        parts: list[bytes] = [b"", b"", b""]
+        parts: list[Any] = [b"", b"", b""]
         count = 0 if headers is None else _headers_payload(headers, parts)
         chosen = b"" if subprotocol is None else _wire(subprotocol)
         if subprotocol is not None and not (chosen and _field_value(chosen)):
@@ -480,9 +543,9 @@ class BridgeRequest:
         parts[1] = _U32.pack(len(chosen)) + chosen
         parts[2] = _U32.pack(count)
         size = sum(map(len, parts))
-        parts[0] = _FRAME.pack(size + 2, VERSION, WS_ACCEPT)
+        parts[0] = _FRAME.pack(size + _HEADER, VERSION, WS_ACCEPT, self._id)
         self._state = _WEBSOCKET
-        self._ws = _WebSocket(self._conn)
+        self._ws = _WebSocket(self)
         self._conn._send(b"".join(parts))
         return True
 
@@ -510,16 +573,16 @@ class BridgeRequest:
 
 
 class _WebSocket:
-    """An accepted WebSocket on a bridge connection: messages in (buffered,
-    reading pauses past a bound) and out (``send`` waits when the native side
-    reads slower than we write)."""
+    """An accepted WebSocket on a bridge stream: messages in (granted back
+    as the application takes them) and out (``send`` waits when the native
+    side reads slower than we write)."""
 
-    __slots__ = ("_conn", "_inbox", "_buffered", "_closed", "_waiter", "_sending_closed", "_partial")
+    __slots__ = ("_request", "_inbox", "_closed", "_waiter", "_sending_closed", "_partial")
 
-    def __init__(self, conn: _BridgeConnection) -> None:
-        self._conn = conn
-        self._inbox: deque[tuple[str, Any]] = deque()
-        self._buffered = 0
+    def __init__(self, request: BridgeRequest) -> None:
+        self._request = request
+        #: (message, data bytes still to grant back once it is taken)
+        self._inbox: deque[tuple[tuple[str, Any], int]] = deque()
         self._closed: tuple[int, str] | None = None
         self._waiter: Any = None
         self._sending_closed = False
@@ -528,11 +591,9 @@ class _WebSocket:
     def receive(self, create_future: Callable[[], Any]) -> Any:
         inbox = self._inbox
         if inbox:
-            item = inbox.popleft()
-            self._buffered -= len(item[1])
-            conn = self._conn
-            if conn._reading_paused and self._buffered < _WS_INBOX_HIGH_WATER:
-                conn._resume_reading()
+            item, owed = inbox.popleft()
+            if self._closed is None:
+                self._request._grant(owed)
             return item
         if self._closed is not None:
             return ("close", self._closed)
@@ -549,43 +610,34 @@ class _WebSocket:
             raise TypeError(f"a WebSocket message is str or bytes, not {type(data).__name__}")
         if self._sending_closed or self._closed is not None:
             raise _ClientDisconnected("the WebSocket is closed")
-        conn = self._conn
-        size = len(payload)
-        if size <= CHUNK:
-            conn._send(_FRAME.pack(size + 3, VERSION, WS_MESSAGE) + bytes((kind,)) + payload)
-        else:
-            view = memoryview(payload)
-            parts: list[bytes] = []
-            for start in range(0, size, CHUNK):
-                piece = view[start : start + CHUNK]
-                flags = kind if start + CHUNK >= size else kind | _WS_MORE
-                parts += (_FRAME.pack(len(piece) + 3, VERSION, WS_MESSAGE), bytes((flags,)), piece)  # type: ignore[arg-type]
-            conn._send(b"".join(parts))
-        if conn._writing_paused:
-            future = create_future()
-            conn._drain_waiters.append(future)
-            return future
-        return None
+        request = self._request
+        request._out_data(WS_MESSAGE, kind, payload)
+        return request._backlog(create_future)
 
     def close(self, code: int, reason: str) -> None:
         if self._sending_closed or self._closed is not None:
             return
         self._sending_closed = True
-        encoded = reason.encode("utf-8")
-        self._conn._send(_FRAME.pack(len(encoded) + 4, VERSION, WS_CLOSE) + _U16.pack(code) + encoded)
+        request = self._request
+        request._out_frame(_frame(WS_CLOSE, request._id, _U16.pack(code) + reason.encode("utf-8")))
 
     def _message(self, payload: bytes) -> None:
         flags = payload[0]
-        self._partial.append(payload[1:])
+        data = payload[1:]
         if flags & _WS_MORE:
+            # Part of a message: held here (the native side bounds the
+            # message's size), so granted back at once.
+            self._partial.append(data)
+            self._request._grant(len(data))
             return
-        data = b"".join(self._partial) if len(self._partial) > 1 else self._partial[0]
-        self._partial = []
-        item = ("text", data.decode("utf-8")) if flags & _WS_TEXT else ("bytes", data)
-        self._inbox.append(item)
-        self._buffered += len(data)
-        if self._buffered >= _WS_INBOX_HIGH_WATER:
-            self._conn._pause_reading()
+        if self._partial:
+            self._partial.append(data)
+            whole = b"".join(self._partial)
+            self._partial = []
+        else:
+            whole = data
+        item = ("text", whole.decode("utf-8")) if flags & _WS_TEXT else ("bytes", whole)
+        self._inbox.append((item, len(data)))
         self._wake()
 
     def closed_with(self, code: int, reason: str) -> None:
@@ -593,9 +645,6 @@ class _WebSocket:
             self._closed = (code, reason)
             self._sending_closed = True
             self._wake()
-            # The messages still buffered stay readable; reading goes on to
-            # see the connection end.
-            self._conn._resume_reading()
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -609,8 +658,9 @@ class _WebSocket:
 
 
 class _BridgeConnection(asyncio.Protocol):
-    """One pooled connection from the native side: frames in, frames out,
-    one exchange at a time."""
+    """The connection from the native side: every exchange a stream on it.
+    Each read parses every complete frame; the frames sent in one loop
+    iteration go out in one write."""
 
     def __init__(self, listener: BridgeListener) -> None:
         self._listener = listener
@@ -619,16 +669,15 @@ class _BridgeConnection(asyncio.Protocol):
         #: Frames queued in this loop iteration, written together at its end
         #: (or as soon as they pass HIGH_WATER): a handler that answers without
         #: awaiting has finished before its response leaves.
-        self._out: list[bytes] = []
+        self._out: list[Any] = []
         self._out_size = 0
         self._flush_scheduled = False
         self._receiving = False
-        self._close_after_flush = False
         self._pending = bytearray()
         self._need = 0
         self._greeted = False
-        self._request: BridgeRequest | None = None
-        self._reading_paused = False
+        #: The open streams, by id.
+        self._streams: dict[int, BridgeRequest] = {}
         self._writing_paused = False
         self._drain_waiters: list[Any] = []
         self._closed = False
@@ -659,86 +708,91 @@ class _BridgeConnection(asyncio.Protocol):
             pending.clear()
         size = len(data)
         offset = 0
-        arrived: BridgeRequest | None = None
-        request = self._request
+        arrived: list[BridgeRequest] = []
+        streams = self._streams
+        unpack = _FRAME.unpack_from
         try:
-            while size - offset >= 6:
-                length = _U32.unpack_from(data, offset)[0]
-                if length < 2 or length > MAX_FRAME:
+            while size - offset >= 10:
+                length, version, kind, stream = unpack(data, offset)
+                if length < _HEADER or length > MAX_FRAME:
                     raise _ProtocolError(f"frame length {length} out of range")
                 end = offset + 4 + length
                 if end > size:
                     break
-                if data[offset + 4] != VERSION:
+                if version != VERSION:
                     raise _ProtocolError("unknown frame version")
-                kind = data[offset + 5]
-                if kind == REQUEST_CHUNK:
-                    if request is None:
-                        raise _ProtocolError("body data before a request head")
-                    request._feed(data[offset + 6 : end])
-                elif kind == REQUEST_HEAD:
-                    if not self._greeted or arrived is not None:
-                        raise _ProtocolError("unexpected request head")
-                    if request is not None and not (request._state == _DONE and request._end is not None):
-                        raise _ProtocolError("a request head while another exchange is open")
-                    request = arrived = BridgeRequest(self, data[offset + 6 : end])
-                    self._request = request
+                start = offset + 10
+                offset = end
+                request = streams.get(stream)
+                if request is None:
+                    if kind == REQUEST_HEAD:
+                        if not self._greeted or not stream:
+                            raise _ProtocolError("unexpected request head")
+                        request = streams[stream] = BridgeRequest(self, stream, data, start, end)
+                        arrived.append(request)
+                    elif kind == HELLO:
+                        token = self._listener.token
+                        if self._greeted or (token is not None and not secrets.compare_digest(data[start:end], token)):
+                            raise _ProtocolError("bad hello")
+                        self._greeted = True
+                    elif kind > WINDOW or not self._greeted:
+                        raise _ProtocolError(f"unexpected frame type {kind}")
+                    # else: a stream that is over here (its frames crossed
+                    # our end or abort)
+                elif kind == REQUEST_CHUNK:
+                    request._feed(data[start:end])
                 elif kind == REQUEST_END:
-                    if request is None:
-                        raise _ProtocolError("request end before a request head")
                     request._finish_body(True)
-                    if request._state == _DONE:
-                        self._exchange_over(request)
+                    request._maybe_over()
+                elif kind == WINDOW:
+                    if length != _HEADER + 4:
+                        raise _ProtocolError("a malformed window frame")
+                    request._window(_U32.unpack_from(data, start)[0])
                 elif kind == ABORT:
-                    if request is None:
-                        raise _ProtocolError("abort before a request head")
-                    reason = data[offset + 6] if length > 2 else _ABORT_CLIENT_GONE
+                    reason = data[start] if end > start else _ABORT_CLIENT_GONE
                     if reason == _ABORT_DISCARDED:
                         message = "the rest of the request body was dropped: the response was complete before it was read"
                         request._finish_body((_ClientDisconnected, message))
-                        if request._state == _DONE:
-                            self._exchange_over(request)
+                        request._maybe_over()
                     elif reason == _ABORT_TOO_LARGE:
                         request._finish_body((_BodyTooLarge, "request body exceeds max_body_size"))
                         if request._state == _WAITING:
                             # The native side answered 413 itself.
+                            self._forget(request)
                             request._set_gone()
+                        else:
+                            request._maybe_over()
                     else:
-                        request._set_gone()
-                        request._finish_body((_ClientDisconnected, "the client disconnected"))
+                        self._forget(request)
+                        request._lost()
                 elif kind == WS_MESSAGE:
-                    if request is None or request._ws is None or length < 3:
+                    if request._ws is None or length < _HEADER + 1:
                         raise _ProtocolError("a WebSocket message outside a WebSocket")
-                    request._ws._message(data[offset + 6 : end])
+                    request._ws._message(data[start:end])
                 elif kind == WS_CLOSE:
-                    if request is None or request._ws is None or length < 4:
+                    if request._ws is None or length < _HEADER + 2:
                         raise _ProtocolError("a WebSocket close outside a WebSocket")
-                    code = _U16.unpack_from(data, offset + 6)[0]
-                    request._ws.closed_with(code, data[offset + 8 : end].decode("utf-8", "replace"))
-                elif kind == HELLO:
-                    token = self._listener.token
-                    if self._greeted or (token is not None and not secrets.compare_digest(data[offset + 6 : end], token)):
-                        raise _ProtocolError("bad hello")
-                    self._greeted = True
+                    code = _U16.unpack_from(data, start)[0]
+                    self._forget(request)
+                    request._ws.closed_with(code, data[start + 2 : end].decode("utf-8", "replace"))
                 else:
                     raise _ProtocolError(f"unexpected frame type {kind}")
-                offset = end
         except (_ProtocolError, struct.error, IndexError, UnicodeDecodeError):
-            self._close(abort=True)
-            if request is not None:
-                request._lost()
+            self._close()
+            self._lose_all()
             return
         if offset < size:
             rest = memoryview(data)[offset:]
             pending += rest
-            self._need = 4 + _U32.unpack_from(rest)[0] if len(rest) >= 4 else 6
-        if arrived is not None:
+            self._need = 4 + _U32.unpack_from(rest)[0] if len(rest) >= 4 else 10
+        on_request = self._listener._on_request
+        for request in arrived:
             try:
-                self._listener._on_request(arrived)
+                on_request(request)
             except Exception as exc:  # noqa: BLE001 - reported; the client gets a 500
                 self._listener._on_error(exc)
-                if not arrived.head_sent:
-                    arrived.abort()
+                if not request.head_sent:
+                    request.abort()
 
     def eof_received(self) -> None:
         return None
@@ -746,9 +800,7 @@ class _BridgeConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         self._listener._connections.discard(self)
-        request = self._request
-        if request is not None and not (request._state == _DONE and request._end is not None):
-            request._lost()
+        self._lose_all()
         self._release_writers()
 
     def pause_writing(self) -> None:
@@ -760,13 +812,23 @@ class _BridgeConnection(asyncio.Protocol):
 
     # -- helpers ----------------------------------------------------------
 
+    def _lose_all(self) -> None:
+        streams = list(self._streams.values())
+        self._streams.clear()
+        for request in streams:
+            request._lost()
+
+    def _forget(self, request: BridgeRequest) -> None:
+        if self._streams.get(request._id) is request:
+            del self._streams[request._id]
+
     def _release_writers(self) -> None:
         waiters, self._drain_waiters = self._drain_waiters, []
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)
 
-    def _send(self, data: bytes) -> None:
+    def _send(self, data: Any) -> None:
         if self._closed:
             return
         self._out.append(data)
@@ -776,6 +838,13 @@ class _BridgeConnection(asyncio.Protocol):
         elif not self._flush_scheduled and not self._receiving:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
+
+    def _send_parts(self, head: bytes, data: Any) -> None:
+        """A frame header and its payload, sent without joining them here."""
+        if self._closed:
+            return
+        self._out.append(head)
+        self._send(data)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -787,48 +856,13 @@ class _BridgeConnection(asyncio.Protocol):
         self._out_size = 0
         if not self._closed:
             self._transport.write(data)
-            if self._close_after_flush:
-                self._closed = True
-                self._transport.close()
 
-    def _pause_reading(self) -> None:
-        if not self._reading_paused and not self._closed:
-            self._reading_paused = True
-            self._transport.pause_reading()
-
-    def _resume_reading(self) -> None:
-        if self._reading_paused:
-            self._reading_paused = False
-            if not self._closed:
-                self._transport.resume_reading()
-
-    def _response_done(self, request: BridgeRequest) -> None:
-        """The response end is out. Unless the request end is in too, the
-        native side now reads the rest of the body and drops it, then ends
-        the request with a discard abort: keep reading until it comes."""
-        if request._end is None:
-            self._resume_reading()
-        else:
-            self._exchange_over(request)
-
-    def _exchange_over(self, request: BridgeRequest) -> None:
-        """Both ends of the exchange are through; the connection is idle
-        until the next request head."""
-        if self._request is request:
-            self._request = None
-
-    def _close(self, abort: bool = False) -> None:
+    def _close(self) -> None:
+        """Closes at once; every stream on the connection is lost."""
         if not self._closed:
-            if abort:
-                self._out.clear()
-                self._closed = True
-                self._transport.abort()
-            elif self._out:
-                # Goes with the queued frames, at the end of this iteration.
-                self._close_after_flush = True
-            else:
-                self._closed = True
-                self._transport.close()
+            self._closed = True
+            self._out.clear()
+            self._transport.abort()
 
 
 # ---------------------------------------------------------------- the listener
@@ -908,7 +942,7 @@ class BridgeListener:
         self._server_task.cancel()
         self._sock.close()
         for conn in list(self._connections):
-            conn._close(abort=True)
+            conn._close()
         self._cleanup()
 
     async def close(self) -> None:
@@ -924,7 +958,7 @@ class BridgeListener:
             if server is not None:
                 server.close()
             for conn in list(self._connections):
-                conn._close(abort=True)
+                conn._close()
             if server is not None and sys.version_info >= (3, 12):
                 await server.wait_closed()
             self._cleanup()

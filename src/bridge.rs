@@ -1,44 +1,56 @@
 //! The socket bridge (`native_callback=False`): requests and responses cross
 //! a local socket as length-prefixed frames, streamed in chunks both ways.
-//! Python listens; this side keeps a pool of connections to it, one request
-//! in flight per connection, grown on demand up to a bound, idle ones reused.
+//! Python listens; this side keeps one connection to it and multiplexes every
+//! exchange over it as a stream (a new connection replaces one that died).
 //!
 //! A frame is `u32` big-endian length (of what follows), then
-//! `[version = 1][type u8]` and the payload. Strings and byte strings are a
-//! `u32` big-endian length and the bytes (in the request head the lengths
-//! come first, as a table, and the bytes after them).
+//! `[version = 2][type u8][stream u32]` and the payload. The stream id
+//! (big-endian, chosen here, never reused on a connection) says which
+//! exchange the frame belongs to; 0 is the connection itself. Strings and
+//! byte strings are a `u32` big-endian length and the bytes (but for the
+//! request head's NUL-separated strings).
 //!
 //! | type | name           | direction     | payload |
 //! |------|----------------|---------------|---------|
-//! | 0    | hello          | Rust → Python | token (bytes); the first frame of every connection |
-//! | 1    | request head   | Rust → Python | client port u16, local port u16, flags u8 (1 TLS, 2 a WebSocket request, 4 over a Unix socket: no client address, local ip is the socket path), string count u32, that many u32 lengths, then the strings back to back: method, scheme, authority (empty: none), path, query, HTTP version, client ip, local ip, peer certificate DER (empty: none), then name and value of each header in order |
+//! | 0    | hello          | Rust → Python | token (bytes); the first frame of every connection, stream 0 |
+//! | 1    | request head   | Rust → Python | opens a stream: client port u16, local port u16, flags u8 (1 TLS, 2 a WebSocket request, 4 no body: the request ends here, 8 over a Unix socket: no client address, local ip is the socket path), peer certificate DER (bytes; empty: none), then these strings with a NUL byte between each two (none holds one): method, scheme, authority (empty: none), path, query, HTTP version, client ip, local ip, then name and value of each header in order |
 //! | 2    | request chunk  | Rust → Python | body bytes (at most 64 KiB) |
 //! | 3    | request end    | Rust → Python | — |
-//! | 4    | response head  | Python → Rust | status u16, flags u8 (1: the server's default headers; 2: a whole body follows, collected before the head goes out), reason (empty: the standard one), header count u32, (name, value)… |
+//! | 4    | response head  | Python → Rust | status u16, flags u8 (1: the server's default headers; 2: a whole body follows, collected before the head goes out; 4: the rest of this frame is the whole body, and the response ends with it), reason (empty: the standard one), header count u32, (name, value)…, [body] |
 //! | 5    | response chunk | Python → Rust | body bytes (at most 64 KiB) |
 //! | 6    | response end   | Python → Rust | — |
-//! | 7    | abort          | both          | Rust → Python: reason u8 (1 client gone, 2 body too large, 3 body discarded: the response was complete before it was read); Python → Rust: none (a 500, or the stream is cut off) |
+//! | 7    | abort          | both          | Rust → Python: reason u8 (1 client gone: the stream is over; 2 body too large, 3 body discarded (the response was complete before it was read): the request side is over); Python → Rust: none (a 500, or the stream is cut off; the stream is over) |
 //! | 8    | websocket accept | Python → Rust | instead of a response head, for a WebSocket request: subprotocol (empty: none), header count u32, (name, value)… |
 //! | 9    | websocket message | both       | flags u8 (1 text, 2 binary; +4 more fragments follow), data (at most 64 KiB per frame) |
-//! | 10   | websocket close | both         | code u16, reason (the rest). Python → Rust: start the closing handshake; Rust → Python: the socket is closed (last frame) |
+//! | 10   | websocket close | both         | code u16, reason (the rest). Python → Rust: start the closing handshake; Rust → Python: the socket is closed (the stream's last frame) |
+//! | 11   | window         | both          | u32: this many more data bytes may be sent on the stream |
+//!
+//! Flow control is per stream and per direction, counted in data bytes (body
+//! chunks, WebSocket message data): each side may send `WINDOW` bytes
+//! before the other grants more with window frames, which it does as the
+//! consumer (the client, the application) takes them. So a slow client or
+//! handler holds back only its own stream; neither side ever stops reading
+//! the connection, and what it buffers per stream stays bounded.
 //!
 //! The request head's flags say whether the request asks for a WebSocket
 //! (HTTP/1.1 upgrade or HTTP/2 extended CONNECT). Once Python accepts it, the
-//! connection carries that socket's messages both ways until it closes, and
-//! is not reused.
+//! stream carries that socket's messages both ways until it closes.
 //!
-//! A connection goes back to the pool only after a clean exchange: the
-//! request end (or a discard abort) written, the response end read, nothing
-//! left over. A response that ends before its request body is read makes the
-//! rest of that body be read and dropped here (as far as `max_body_size`),
-//! so the client's connection stays usable. Anything else closes the bridge
-//! connection; Python then sees EOF, which it reports as the client gone.
-//! Every bridge failure is a 502 (or a cut-off stream once the head is out);
+//! A response that ends before its request body is read makes the rest of
+//! that body be read and dropped here (as far as `max_body_size`), so the
+//! client's connection stays usable; Python hears a discard abort. An
+//! exchange dropped here before its response end (client gone, 504) sends
+//! an abort; frames for a stream either side already finished are ignored.
+//! A frame that does not parse, or the connection closing, fails every
+//! stream on it: a 502 (or a cut-off stream once the head is out); a
+//! response that makes no sense fails its own stream alone.
 //! `response_timeout` is a 504.
 
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -52,8 +64,8 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::BodyExt;
 use hyper::ext::ReasonPhrase;
 use parking_lot::Mutex;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -67,14 +79,22 @@ use crate::websocket::{self, Handshake, Incoming, Message};
 use futures_util::{SinkExt, StreamExt};
 use hyper::upgrade::OnUpgrade;
 
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// Largest body chunk in one frame.
 pub const CHUNK: usize = 64 * 1024;
 /// Largest frame either side accepts (heads carry every header).
 pub const MAX_FRAME: usize = 16 * 1024 * 1024;
-/// Request body bytes gathered into one write when the client sends faster
-/// than Python reads.
-const WRITE_BATCH: usize = 256 * 1024;
+/// Data bytes either side may send on a stream before the other grants more.
+pub const WINDOW: usize = 256 * 1024;
+/// Consumed bytes are granted back once this many gathered (fewer, larger
+/// window frames; a small body never needs one).
+const GRANT_AT: usize = WINDOW / 4;
+/// What follows the length in every frame: version, type, stream id.
+const HEADER: usize = 6;
+/// Frames gathered into one vectored write, at most.
+const WRITE_SLICES: usize = 256;
+/// How much the reader asks the socket for at once.
+const READ_SIZE: usize = 64 * 1024;
 
 pub mod kind {
     pub const HELLO: u8 = 0;
@@ -88,6 +108,7 @@ pub mod kind {
     pub const WS_ACCEPT: u8 = 8;
     pub const WS_MESSAGE: u8 = 9;
     pub const WS_CLOSE: u8 = 10;
+    pub const WINDOW: u8 = 11;
 }
 
 /// Why Rust gives up on a request (the payload of its abort frame).
@@ -95,12 +116,15 @@ const ABORT_CLIENT_GONE: u8 = 1;
 const ABORT_TOO_LARGE: u8 = 2;
 const ABORT_DISCARDED: u8 = 3;
 
+/// Response head flags.
 const FLAG_DEFAULT_HEADERS: u8 = 1;
 const FLAG_WHOLE_BODY: u8 = 2;
+const FLAG_INLINE_BODY: u8 = 4;
 /// Request head flags.
 const HEAD_TLS: u8 = 1;
 const HEAD_WEBSOCKET: u8 = 2;
-const HEAD_UNIX: u8 = 4;
+const HEAD_END: u8 = 4;
+const HEAD_UNIX: u8 = 8;
 /// WebSocket message flags.
 const WS_TEXT: u8 = 1;
 const WS_BINARY: u8 = 2;
@@ -218,9 +242,9 @@ impl AsyncWrite for WriteHalf {
 
 /// What can go wrong on the bridge; all of it is the application end's fault
 /// (or absence) and becomes a 502.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub enum BridgeError {
-    Io(io::Error),
+    Io(Arc<io::Error>),
     /// The other end closed the connection mid-exchange.
     Closed,
     /// A length, version or payload that does not parse.
@@ -232,7 +256,7 @@ pub enum BridgeError {
 
 impl From<io::Error> for BridgeError {
     fn from(error: io::Error) -> Self {
-        BridgeError::Io(error)
+        BridgeError::Io(Arc::new(error))
     }
 }
 
@@ -250,22 +274,27 @@ impl std::fmt::Display for BridgeError {
 
 pub struct FrameIn {
     pub kind: u8,
+    pub stream: u32,
     pub payload: Bytes,
 }
 
 /// Appends one frame header for a payload of `len` bytes.
-fn put_header(out: &mut BytesMut, kind: u8, len: usize) {
-    out.put_u32((len + 2) as u32);
+fn put_header(out: &mut BytesMut, kind: u8, stream: u32, len: usize) {
+    out.put_u32((len + HEADER) as u32);
     out.put_u8(VERSION);
     out.put_u8(kind);
+    out.put_u32(stream);
 }
 
-fn put_frame(out: &mut BytesMut, kind: u8, payload: &[u8]) {
-    put_header(out, kind, payload.len());
+fn frame(kind: u8, stream: u32, payload: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(4 + HEADER + payload.len());
+    put_header(&mut out, kind, stream, payload.len());
     out.extend_from_slice(payload);
+    out.freeze()
 }
 
-/// Reads frames from one connection, keeping what arrived past the last one.
+/// Reads frames from one connection: large reads, every complete frame in
+/// the buffer taken before the next read.
 struct FrameReader {
     io: ReadHalf,
     buf: BytesMut,
@@ -273,51 +302,71 @@ struct FrameReader {
 
 impl FrameReader {
     fn new(io: ReadHalf) -> Self {
-        FrameReader { io, buf: BytesMut::with_capacity(16 * 1024) }
+        FrameReader { io, buf: BytesMut::with_capacity(READ_SIZE) }
+    }
+
+    /// A complete frame from the buffer; Err(n) when n more bytes must come first.
+    fn take(&mut self) -> Result<Result<FrameIn, usize>, BridgeError> {
+        if self.buf.len() < 4 {
+            return Ok(Err(4 + HEADER - self.buf.len()));
+        }
+        let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
+        if !(HEADER..=MAX_FRAME).contains(&len) {
+            return Err(BridgeError::Malformed("frame length out of range"));
+        }
+        if self.buf.len() < 4 + len {
+            return Ok(Err(4 + len - self.buf.len()));
+        }
+        let mut frame = self.buf.split_to(4 + len);
+        frame.advance(4);
+        if frame[0] != VERSION {
+            return Err(BridgeError::Malformed("unknown frame version"));
+        }
+        let kind = frame[1];
+        let stream = u32::from_be_bytes([frame[2], frame[3], frame[4], frame[5]]);
+        frame.advance(HEADER);
+        Ok(Ok(FrameIn { kind, stream, payload: frame.freeze() }))
     }
 
     /// The next frame; None at a clean end of stream (between frames).
-    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<FrameIn>, BridgeError>> {
+    async fn next(&mut self) -> Result<Option<FrameIn>, BridgeError> {
         loop {
-            // How much to read: the rest of a frame whose length is known, or
-            // a small window (most frames are small; it is zeroed first).
-            let mut want = 8 * 1024;
-            if self.buf.len() >= 4 {
-                let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
-                if !(2..=MAX_FRAME).contains(&len) {
-                    return Poll::Ready(Err(BridgeError::Malformed("frame length out of range")));
-                }
-                if self.buf.len() >= 4 + len {
-                    let mut frame = self.buf.split_to(4 + len);
-                    frame.advance(4);
-                    if frame[0] != VERSION {
-                        return Poll::Ready(Err(BridgeError::Malformed("unknown frame version")));
-                    }
-                    let kind = frame[1];
-                    frame.advance(2);
-                    return Poll::Ready(Ok(Some(FrameIn { kind, payload: frame.freeze() })));
-                }
-                want = want.max((4 + len - self.buf.len()).min(4 * CHUNK));
-            }
-            let start = self.buf.len();
-            self.buf.resize(start + want, 0);
-            let mut read = ReadBuf::new(&mut self.buf[start..]);
-            let outcome = Pin::new(&mut self.io).poll_read(cx, &mut read);
-            let filled = read.filled().len();
-            self.buf.truncate(start + filled);
-            match ready!(outcome) {
-                Err(error) => return Poll::Ready(Err(error.into())),
-                Ok(()) if filled == 0 => {
-                    return Poll::Ready(if self.buf.is_empty() { Ok(None) } else { Err(BridgeError::Closed) });
-                }
-                Ok(()) => {}
+            let missing = match self.take()? {
+                Ok(frame) => return Ok(Some(frame)),
+                Err(missing) => missing,
+            };
+            self.buf.reserve(missing.max(READ_SIZE));
+            if self.io.read_buf(&mut self.buf).await? == 0 {
+                return if self.buf.is_empty() { Ok(None) } else { Err(BridgeError::Closed) };
             }
         }
     }
+}
 
-    async fn next(&mut self) -> Result<FrameIn, BridgeError> {
-        std::future::poll_fn(|cx| self.poll_frame(cx)).await?.ok_or(BridgeError::Closed)
+/// What the writer task sends: a frame, or a header and its payload
+/// (a body chunk goes out as the client gave it, uncopied).
+struct Out(Bytes, Bytes);
+
+/// Writes everything in `queue` with vectored writes.
+async fn write_all(io: &mut WriteHalf, queue: &mut VecDeque<Bytes>) -> io::Result<()> {
+    while !queue.is_empty() {
+        let slices: Vec<io::IoSlice<'_>> = queue.iter().take(WRITE_SLICES).map(|b| io::IoSlice::new(b)).collect();
+        let mut written = io.write_vectored(&slices).await?;
+        if written == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        while written > 0 {
+            let front = queue.front_mut().expect("written bytes came from the queue");
+            if written >= front.len() {
+                written -= front.len();
+                queue.pop_front();
+            } else {
+                front.advance(written);
+                written = 0;
+            }
+        }
     }
+    Ok(())
 }
 
 /// A cursor over a frame payload.
@@ -368,17 +417,18 @@ fn version_text(version: Version) -> &'static [u8] {
     }
 }
 
-/// The request head: the fixed fields, then every string's `u32` length
-/// (a table), then the strings back to back — so the Python end takes them
-/// apart with two `struct` calls instead of one per string.
-fn encode_request_head(out: &mut BytesMut, head: &Parts, info: &ConnInfo, websocket: bool) {
+/// The request head: the fixed fields and the certificate, then every
+/// string with a NUL byte between them — so the Python end takes them apart
+/// with one `split`. False (nothing written) when a string holds a NUL,
+/// which neither a URI nor a header value may.
+fn encode_request_head(out: &mut BytesMut, stream: u32, head: &Parts, info: &ConnInfo, websocket: bool, end: bool) -> bool {
     let (peer_ip, peer_port) = info.addresses.remote().unwrap_or_default();
     let (local_ip, local_port) = info.addresses.local();
     let authority = match head.uri.authority() {
         Some(authority) => authority.as_str().as_bytes(),
         None => head.headers.get(HOST).map_or(&b""[..], |v| v.as_bytes()),
     };
-    let fixed: [&[u8]; 9] = [
+    let fixed: [&[u8]; 8] = [
         head.method.as_str().as_bytes(),
         if info.tls { b"https" } else { b"http" },
         authority,
@@ -387,30 +437,49 @@ fn encode_request_head(out: &mut BytesMut, head: &Parts, info: &ConnInfo, websoc
         version_text(head.version),
         peer_ip.as_bytes(),
         local_ip.as_bytes(),
-        info.peer_certificate.as_ref().map_or(&b""[..], |c| c.as_ref()),
     ];
-    let headers = || head.headers.iter().flat_map(|(name, value)| [name.as_str().as_bytes(), value.as_bytes()]);
-    let count = fixed.len() + 2 * head.headers.len();
-    let bytes: usize = fixed.iter().map(|s| s.len()).sum::<usize>() + headers().map(<[u8]>::len).sum::<usize>();
-    put_header(out, kind::REQUEST_HEAD, 9 + 4 * count + bytes);
+    let certificate = info.peer_certificate.as_ref().map_or(&b""[..], |c| c.as_ref());
+    let strings = || {
+        fixed.iter().copied().chain(head.headers.iter().flat_map(|(name, value)| [name.as_str().as_bytes(), value.as_bytes()]))
+    };
+    let mut bytes = 0;
+    for string in strings() {
+        if string.contains(&0) {
+            return false;
+        }
+        bytes += string.len() + 1;
+    }
+    put_header(out, kind::REQUEST_HEAD, stream, 9 + certificate.len() + bytes - 1);
     out.put_u16(peer_port);
     out.put_u16(local_port.unwrap_or(0));
     let unix = if local_port.is_none() { HEAD_UNIX } else { 0 };
-    out.put_u8(if info.tls { HEAD_TLS } else { 0 } | if websocket { HEAD_WEBSOCKET } else { 0 } | unix);
-    out.put_u32(count as u32);
-    for field in fixed.iter().copied().chain(headers()) {
-        out.put_u32(field.len() as u32);
+    out.put_u8(if info.tls { HEAD_TLS } else { 0 } | if websocket { HEAD_WEBSOCKET } else { 0 } | if end { HEAD_END } else { 0 } | unix);
+    out.put_u32(certificate.len() as u32);
+    out.extend_from_slice(certificate);
+    for (index, string) in strings().enumerate() {
+        if index > 0 {
+            out.put_u8(0);
+        }
+        out.extend_from_slice(string);
     }
-    for field in fixed.iter().copied().chain(headers()) {
-        out.extend_from_slice(field);
-    }
+    true
 }
 
 struct ResponseHead {
     status: StatusCode,
     headers: HeaderMap,
     reason: Option<ReasonPhrase>,
-    whole: bool,
+    body: BodyShape,
+}
+
+/// How the response body follows its head.
+enum BodyShape {
+    /// Chunk frames, passed on as they come.
+    Streamed,
+    /// Chunk frames, collected before the head goes out.
+    Whole,
+    /// In the head frame itself; the response is complete.
+    Inline(Bytes),
 }
 
 fn decode_response_head(payload: Bytes, defaults: &HeaderMap) -> Result<ResponseHead, BridgeError> {
@@ -436,10 +505,67 @@ fn decode_response_head(payload: Bytes, defaults: &HeaderMap) -> Result<Response
         let value = HeaderValue::from_maybe_shared(value).map_err(|_| BridgeError::Malformed("invalid header value"))?;
         headers.append(name, value);
     }
-    if fields.payload.has_remaining() {
+    let body = if flags & FLAG_INLINE_BODY != 0 {
+        BodyShape::Inline(fields.payload)
+    } else if fields.payload.has_remaining() {
         return Err(BridgeError::Malformed("bytes after the response head"));
+    } else if flags & FLAG_WHOLE_BODY != 0 {
+        BodyShape::Whole
+    } else {
+        BodyShape::Streamed
+    };
+    Ok(ResponseHead { status, headers, reason, body })
+}
+
+/// A response head frame as Python's end sends it — built here, where the
+/// headers are already checked (`_native.bridge_response_head`,
+/// `NativeDirectResponse._bridge_payload`). With `body`, the whole response:
+/// inline when it fits one frame (see `inlines`), else announced as a whole
+/// body whose chunk frames follow; without, the head of a streamed body.
+/// `headers` None: the server's default headers. `stream` None: the payload
+/// alone, without the frame header.
+pub fn put_response_head(
+    out: &mut BytesMut,
+    stream: Option<u32>,
+    status: StatusCode,
+    headers: Option<&HeaderMap>,
+    reason: &[u8],
+    body: Option<&[u8]>,
+) {
+    let inline = body.filter(|body| inlines(body.len()));
+    let mut flags = match (body, inline) {
+        (Some(_), Some(_)) => FLAG_INLINE_BODY,
+        (Some(_), None) => FLAG_WHOLE_BODY,
+        (None, _) => 0,
+    };
+    if headers.is_none() {
+        flags |= FLAG_DEFAULT_HEADERS;
     }
-    Ok(ResponseHead { status, headers, reason, whole: flags & FLAG_WHOLE_BODY != 0 })
+    let header_bytes: usize = headers.map_or(0, |h| h.iter().map(|(n, v)| 8 + n.as_str().len() + v.len()).sum());
+    let size = 2 + 1 + 4 + reason.len() + 4 + header_bytes + inline.map_or(0, <[u8]>::len);
+    out.reserve(4 + HEADER + size);
+    if let Some(stream) = stream {
+        put_header(out, kind::RESPONSE_HEAD, stream, size);
+    }
+    out.put_u16(status.as_u16());
+    out.put_u8(flags);
+    out.put_u32(reason.len() as u32);
+    out.extend_from_slice(reason);
+    out.put_u32(headers.map_or(0, HeaderMap::len) as u32);
+    for (name, value) in headers.into_iter().flatten() {
+        out.put_u32(name.as_str().len() as u32);
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.put_u32(value.len() as u32);
+        out.extend_from_slice(value.as_bytes());
+    }
+    if let Some(body) = inline {
+        out.extend_from_slice(body);
+    }
+}
+
+/// Whether a whole body of `size` bytes goes inline in its head frame.
+pub fn inlines(size: usize) -> bool {
+    size <= CHUNK
 }
 
 fn build_response(head: ResponseHead, body: ResponseBody) -> Response<ResponseBody> {
@@ -452,20 +578,281 @@ fn build_response(head: ResponseHead, body: ResponseBody) -> Response<ResponseBo
     response
 }
 
-// ------------------------------------------------------------------ pool
+// ------------------------------------------------------------------ the connection
 
-/// One pooled connection to Python.
-struct Conn {
-    reader: FrameReader,
-    writer: WriteHalf,
+/// Send credit on one stream, granted by the other side's window frames.
+struct Credit {
+    granted: AtomicUsize,
+    more: Notify,
 }
+
+/// Where the reader task puts what arrives for one stream.
+struct Slot {
+    events: mpsc::UnboundedSender<FrameIn>,
+    credit: Arc<Credit>,
+}
+
+struct Streams {
+    map: HashMap<u32, Slot>,
+    next: u32,
+    /// The connection failed or was shut down: no new streams.
+    closed: bool,
+}
+
+/// One connection to Python and the streams on it. A reader task hands each
+/// frame to its stream; a writer task writes what every stream sends, as
+/// many frames at once as are waiting.
+struct Link {
+    out: mpsc::UnboundedSender<Out>,
+    streams: Mutex<Streams>,
+    /// Fired when the connection fails or shuts down: both tasks stop and
+    /// the socket closes.
+    dead: CancellationToken,
+    failure: Mutex<Option<BridgeError>>,
+}
+
+impl Link {
+    fn start(reader: ReadHalf, writer: WriteHalf, hello: Bytes) -> Arc<Link> {
+        let (out, queue) = mpsc::unbounded_channel();
+        let _ = out.send(Out(hello, Bytes::new()));
+        let link = Arc::new(Link {
+            out,
+            streams: Mutex::new(Streams { map: HashMap::new(), next: 1, closed: false }),
+            dead: CancellationToken::new(),
+            failure: Mutex::new(None),
+        });
+        tokio::spawn(read_loop(FrameReader::new(reader), link.clone()));
+        tokio::spawn(write_loop(writer, queue, link.clone()));
+        link
+    }
+
+    fn send(&self, frame: Bytes) {
+        let _ = self.out.send(Out(frame, Bytes::new()));
+    }
+
+    /// The connection is unusable: every stream on it ends (its exchange
+    /// sees `error`), and it closes.
+    fn fail(&self, error: BridgeError) {
+        self.failure.lock().get_or_insert(error);
+        let orphans = {
+            let mut streams = self.streams.lock();
+            streams.closed = true;
+            std::mem::take(&mut streams.map)
+        };
+        drop(orphans);
+        self.dead.cancel();
+    }
+
+    fn error(&self) -> BridgeError {
+        self.failure.lock().clone().unwrap_or(BridgeError::Closed)
+    }
+
+    /// A new stream; None once the connection failed.
+    fn open(self: &Arc<Self>) -> Option<Stream> {
+        let (events, receiver) = mpsc::unbounded_channel();
+        let credit = Arc::new(Credit { granted: AtomicUsize::new(WINDOW), more: Notify::new() });
+        let id = {
+            let mut streams = self.streams.lock();
+            if streams.closed {
+                return None;
+            }
+            let id = streams.next;
+            streams.next = streams.next.checked_add(1).unwrap_or(1);
+            streams.map.insert(id, Slot { events, credit: credit.clone() });
+            id
+        };
+        Some(Stream { link: self.clone(), id, events: receiver, credit, unacknowledged: 0, end: End::Open, pump: None })
+    }
+
+    /// Hands a frame to its stream. One for a stream that is over here is
+    /// dropped: it crossed our abort or the stream's end.
+    fn deliver(&self, frame: FrameIn) -> Result<(), BridgeError> {
+        let streams = self.streams.lock();
+        let Some(slot) = streams.map.get(&frame.stream) else { return Ok(()) };
+        if frame.kind == kind::WINDOW {
+            let bytes: [u8; 4] = frame.payload[..].try_into().map_err(|_| BridgeError::Malformed("window frame size"))?;
+            slot.credit.granted.fetch_add(u32::from_be_bytes(bytes) as usize, Ordering::AcqRel);
+            slot.credit.more.notify_one();
+        } else {
+            let _ = slot.events.send(frame);
+        }
+        Ok(())
+    }
+}
+
+async fn read_loop(mut reader: FrameReader, link: Arc<Link>) {
+    let error = loop {
+        let next = tokio::select! {
+            biased;
+            _ = link.dead.cancelled() => return,
+            next = reader.next() => next,
+        };
+        match next {
+            Ok(Some(frame)) => {
+                if let Err(error) = link.deliver(frame) {
+                    break error;
+                }
+            }
+            Ok(None) => break BridgeError::Closed,
+            Err(error) => break error,
+        }
+    };
+    link.fail(error);
+}
+
+async fn write_loop(mut io: WriteHalf, mut queue: mpsc::UnboundedReceiver<Out>, link: Arc<Link>) {
+    let mut pending = VecDeque::new();
+    loop {
+        let next = tokio::select! {
+            biased;
+            _ = link.dead.cancelled() => return,
+            next = queue.recv() => next,
+        };
+        let Some(mut out) = next else { return };
+        loop {
+            pending.push_back(out.0);
+            if !out.1.is_empty() {
+                pending.push_back(out.1);
+            }
+            if pending.len() >= WRITE_SLICES {
+                break;
+            }
+            match queue.try_recv() {
+                Ok(more) => out = more,
+                Err(_) => break,
+            }
+        }
+        let written = tokio::select! {
+            biased;
+            _ = link.dead.cancelled() => return,
+            written = write_all(&mut io, &mut pending) => written,
+        };
+        if let Err(error) = written {
+            link.fail(error.into());
+            return;
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum End {
+    /// The response is still to come (or to finish).
+    Open,
+    /// The response end was read.
+    Complete,
+    /// Python aborted the stream.
+    Aborted,
+}
+
+/// An exchange's end of its stream. Dropped before the response is complete
+/// (client gone, timeout, a bad frame), it tells Python with an abort.
+struct Stream {
+    link: Arc<Link>,
+    id: u32,
+    events: mpsc::UnboundedReceiver<FrameIn>,
+    credit: Arc<Credit>,
+    /// Response data taken but not yet granted back.
+    unacknowledged: usize,
+    end: End,
+    pump: Option<Pump>,
+}
+
+impl Stream {
+    async fn next(&mut self) -> Result<FrameIn, BridgeError> {
+        match self.events.recv().await {
+            Some(frame) => Ok(frame),
+            None => Err(self.link.error()),
+        }
+    }
+
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Result<FrameIn, BridgeError>> {
+        self.events.poll_recv(cx).map(|frame| frame.ok_or_else(|| self.link.error()))
+    }
+
+    /// `size` data bytes were passed on: Python may send as many more.
+    fn consumed(&mut self, size: usize) {
+        self.unacknowledged += size;
+        if self.unacknowledged >= GRANT_AT {
+            self.link.send(frame(kind::WINDOW, self.id, &(self.unacknowledged as u32).to_be_bytes()));
+            self.unacknowledged = 0;
+        }
+    }
+
+    fn sender(&self) -> Sender {
+        Sender { link: self.link.clone(), id: self.id, credit: self.credit.clone(), available: 0 }
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.link.streams.lock().map.remove(&self.id);
+        if self.end == End::Open {
+            self.link.send(frame(kind::ABORT, self.id, &[ABORT_CLIENT_GONE]));
+        }
+        if let Some(pump) = &self.pump {
+            if self.end == End::Complete {
+                // Whatever of the body is still to come, nobody will read:
+                // the pump drops it and ends the request with a discard.
+                pump.signals.discard.cancel();
+            } else {
+                pump.signals.stop.cancel();
+            }
+        }
+    }
+}
+
+/// Sends data frames on a stream within the credit Python granted.
+struct Sender {
+    link: Arc<Link>,
+    id: u32,
+    credit: Arc<Credit>,
+    available: usize,
+}
+
+impl Sender {
+    /// How many of `want` (> 0) bytes may go now, once any may; None when
+    /// the connection fails first.
+    async fn reserve(&mut self, want: usize) -> Option<usize> {
+        loop {
+            self.available += self.credit.granted.swap(0, Ordering::AcqRel);
+            if self.available > 0 {
+                let size = want.min(self.available);
+                self.available -= size;
+                return Some(size);
+            }
+            tokio::select! {
+                biased;
+                _ = self.link.dead.cancelled() => return None,
+                _ = self.credit.more.notified() => {}
+            }
+        }
+    }
+
+    fn send(&self, kind: u8, payload: &[u8]) {
+        self.link.send(frame(kind, self.id, payload));
+    }
+
+    /// A data frame: header (and `flag`, for a WebSocket message) and the
+    /// data as it is.
+    fn send_data(&self, kind: u8, flag: Option<u8>, data: Bytes) {
+        let mut head = BytesMut::with_capacity(4 + HEADER + 1);
+        put_header(&mut head, kind, self.id, data.len() + usize::from(flag.is_some()));
+        if let Some(flag) = flag {
+            head.put_u8(flag);
+        }
+        let _ = self.link.out.send(Out(head.freeze(), data));
+    }
+}
+
+// ------------------------------------------------------------------ exchanges
 
 pub struct Bridge {
     address: Result<Address, String>,
-    token: Vec<u8>,
-    idle: Mutex<Vec<Conn>>,
-    /// One permit per connection in use: the pool's bound.
-    slots: Arc<Semaphore>,
+    /// The hello frame: the first thing on every connection.
+    hello: Bytes,
+    link: Mutex<Option<Arc<Link>>>,
+    /// One connection attempt at a time; the others wait for its outcome.
+    connecting: tokio::sync::Mutex<()>,
     closed: CancellationToken,
 }
 
@@ -473,6 +860,8 @@ pub struct Bridge {
 enum Failure {
     Bridge(BridgeError),
     TooLarge,
+    /// The request body broke off (the client went away mid-upload).
+    BadBody,
     Closed,
 }
 
@@ -484,32 +873,68 @@ impl From<BridgeError> for Failure {
 
 impl From<io::Error> for Failure {
     fn from(error: io::Error) -> Self {
-        Failure::Bridge(BridgeError::Io(error))
+        Failure::Bridge(error.into())
     }
 }
 
 impl Bridge {
-    pub fn new(address: &str, token: Option<&[u8]>, max_connections: usize) -> Self {
+    pub fn new(address: &str, token: Option<&[u8]>) -> Self {
         Bridge {
             address: Address::parse(address),
-            token: token.unwrap_or_default().to_vec(),
-            idle: Mutex::new(Vec::new()),
-            slots: Arc::new(Semaphore::new(max_connections.clamp(1, Semaphore::MAX_PERMITS))),
+            hello: frame(kind::HELLO, 0, token.unwrap_or_default()),
+            link: Mutex::new(None),
+            connecting: tokio::sync::Mutex::new(()),
             closed: CancellationToken::new(),
         }
     }
 
-    /// The server stopped: idle connections close (Python sees EOF) and no
-    /// new ones are made.
+    /// The server stopped (and drained): the connection closes (Python sees
+    /// EOF) and no new one is made.
     pub fn close(&self) {
         self.closed.cancel();
-        self.slots.close();
-        self.idle.lock().clear();
+        if let Some(link) = self.link.lock().take() {
+            link.fail(BridgeError::Closed);
+        }
     }
 
-    async fn connect(&self) -> Result<Conn, BridgeError> {
-        let address = self.address.as_ref().map_err(|m| BridgeError::Io(io::Error::other(m.clone())))?;
-        let (reader, mut writer) = match address {
+    fn current(&self) -> Option<Arc<Link>> {
+        self.link.lock().as_ref().filter(|link| !link.dead.is_cancelled()).cloned()
+    }
+
+    /// The live connection, or a new one in place of one that died.
+    async fn link(&self) -> Result<Arc<Link>, Failure> {
+        if let Some(link) = self.current() {
+            return Ok(link);
+        }
+        let _turn = self.connecting.lock().await;
+        if let Some(link) = self.current() {
+            return Ok(link);
+        }
+        if self.closed.is_cancelled() {
+            return Err(Failure::Closed);
+        }
+        let link = self.connect().await?;
+        if self.closed.is_cancelled() {
+            link.fail(BridgeError::Closed);
+            return Err(Failure::Closed);
+        }
+        *self.link.lock() = Some(link.clone());
+        Ok(link)
+    }
+
+    /// A new stream, on a fresh connection should the current one have
+    /// just died.
+    async fn open_stream(&self) -> Result<Stream, Failure> {
+        let link = self.link().await?;
+        if let Some(stream) = link.open() {
+            return Ok(stream);
+        }
+        self.link().await?.open().ok_or_else(|| link.error().into())
+    }
+
+    async fn connect(&self) -> Result<Arc<Link>, BridgeError> {
+        let address = self.address.as_ref().map_err(|m| BridgeError::from(io::Error::other(m.clone())))?;
+        let (reader, writer) = match address {
             #[cfg(unix)]
             Address::Unix(path) => {
                 let stream = connect_retrying(|| tokio::net::UnixStream::connect(path.clone())).await?;
@@ -523,31 +948,7 @@ impl Bridge {
                 (ReadHalf::Tcp(r), WriteHalf::Tcp(w))
             }
         };
-        let mut hello = BytesMut::with_capacity(6 + self.token.len());
-        put_frame(&mut hello, kind::HELLO, &self.token);
-        writer.write_all(&hello).await?;
-        Ok(Conn { reader: FrameReader::new(reader), writer })
-    }
-
-    async fn checkout(self: &Arc<Self>) -> Result<Lease, Failure> {
-        let permit = self.slots.clone().acquire_owned().await.map_err(|_| Failure::Closed)?;
-        let conn = self.idle.lock().pop();
-        let conn = match conn {
-            Some(conn) => conn,
-            None => self.connect().await?,
-        };
-        Ok(Lease {
-            bridge: self.clone(),
-            reader: Some(conn.reader),
-            writer: Writer::Here(conn.writer),
-            permit: Some(permit),
-        })
-    }
-
-    fn put_back(&self, conn: Conn) {
-        if !self.closed.is_cancelled() {
-            self.idle.lock().push(conn);
-        }
+        Ok(Link::start(reader, writer, self.hello.clone()))
     }
 
     /// One request over the bridge: head and body out, response back.
@@ -570,6 +971,7 @@ impl Bridge {
         match outcome {
             Ok(response) => response,
             Err(Failure::TooLarge) => error_response(StatusCode::PAYLOAD_TOO_LARGE, "request body too large"),
+            Err(Failure::BadBody) => error_response(StatusCode::BAD_REQUEST, "the request body broke off"),
             Err(Failure::Closed) => error_response(StatusCode::SERVICE_UNAVAILABLE, "server is closing"),
             Err(Failure::Bridge(error)) => bad_gateway(&error),
         }
@@ -585,76 +987,217 @@ impl Bridge {
         let protocol = request.extensions().get::<hyper::ext::Protocol>().map(|p| p.as_str().to_owned());
         let upgrade = websocket::is_upgrade(request.method(), request.version(), request.headers(), protocol.as_deref())
             .then(|| hyper::upgrade::on(&mut request));
-        let mut lease = self.checkout().await?;
+        let mut stream = self.open_stream().await?;
+        let link = stream.link.clone();
         let (head, body) = request.into_parts();
+        let no_body = body.is_end_stream();
         let mut out = BytesMut::with_capacity(512);
-        encode_request_head(&mut out, &head, info, upgrade.is_some());
+        if !encode_request_head(&mut out, stream.id, &head, info, upgrade.is_some(), no_body) {
+            stream.end = End::Complete; // Python never heard of it
+            return Ok(error_response(StatusCode::BAD_REQUEST, "a NUL byte in the request head"));
+        }
+        link.send(out.freeze());
         let too_large = CancellationToken::new();
-        if body.is_end_stream() {
-            put_frame(&mut out, kind::REQUEST_END, &[]);
-            lease.writer_mut().expect("a fresh lease has its writer").write_all(&out).await?;
-        } else {
-            let Writer::Here(writer) = std::mem::replace(&mut lease.writer, Writer::Gone) else {
-                unreachable!("a fresh lease has its writer")
-            };
+        let broke_off = CancellationToken::new();
+        if !no_body {
             let signals = PumpSignals {
                 too_large: too_large.clone(),
+                broke_off: broke_off.clone(),
                 stop: CancellationToken::new(),
                 discard: CancellationToken::new(),
             };
-            let task = tokio::spawn(pump(body, writer, out, server.config.max_body_size, signals.clone()));
-            lease.writer = Writer::Pumping { task, signals };
+            let task = tokio::spawn(pump(body, stream.sender(), server.config.max_body_size, signals.clone()));
+            stream.pump = Some(Pump { task, signals });
         }
-        let reader = lease.reader.as_mut().expect("a fresh lease has its reader");
         let frame = tokio::select! {
             biased;
             _ = too_large.cancelled() => return Err(Failure::TooLarge),
-            frame = reader.next() => frame?,
+            _ = broke_off.cancelled() => return Err(Failure::BadBody),
+            frame = stream.next() => frame?,
         };
         match frame.kind {
             kind::RESPONSE_HEAD => {}
             kind::WS_ACCEPT if upgrade.is_some() => {
                 let upgrade = upgrade.expect("checked above");
-                return accept_websocket(lease, upgrade, &head, frame.payload, &server.config).await;
+                return accept_websocket(stream, upgrade, &head, frame.payload, &server.config).await;
             }
             kind::ABORT => {
+                stream.end = End::Aborted;
                 return Ok(error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal server error"));
             }
             other => return Err(BridgeError::UnexpectedFrame(other).into()),
         }
-        let head = decode_response_head(frame.payload, &server.default_headers.read())?;
-        if !head.whole {
-            let body = BridgeBody { lease: Some(lease), failing: None };
-            return Ok(build_response(head, ResponseBody::Boxed(BoxBody::new(body))));
-        }
-        // A whole body: gathered here, so hyper knows its length.
-        let mut collected = BytesMut::new();
-        loop {
-            let reader = lease.reader.as_mut().expect("the lease keeps its reader");
-            let frame = tokio::select! {
-                biased;
-                _ = too_large.cancelled() => return Err(Failure::TooLarge),
-                frame = reader.next() => frame?,
-            };
-            match frame.kind {
-                kind::RESPONSE_CHUNK => collected.extend_from_slice(&frame.payload),
-                kind::RESPONSE_END => {
-                    lease.release();
-                    return Ok(build_response(head, ResponseBody::full(collected.freeze())));
+        let mut head = decode_response_head(frame.payload, &server.default_headers.read())?;
+        match std::mem::replace(&mut head.body, BodyShape::Streamed) {
+            BodyShape::Inline(body) => {
+                stream.end = End::Complete;
+                Ok(build_response(head, ResponseBody::full(body)))
+            }
+            BodyShape::Streamed => {
+                let body = BridgeBody { stream: Some(stream), failing: None };
+                Ok(build_response(head, ResponseBody::Boxed(BoxBody::new(body))))
+            }
+            BodyShape::Whole => {
+                // Gathered here, so hyper knows its length.
+                let mut collected = BytesMut::new();
+                loop {
+                    let frame = tokio::select! {
+                        biased;
+                        _ = too_large.cancelled() => return Err(Failure::TooLarge),
+                        frame = stream.next() => frame?,
+                    };
+                    match frame.kind {
+                        kind::RESPONSE_CHUNK => {
+                            collected.extend_from_slice(&frame.payload);
+                            stream.consumed(frame.payload.len());
+                        }
+                        kind::RESPONSE_END => {
+                            stream.end = End::Complete;
+                            return Ok(build_response(head, ResponseBody::full(collected.freeze())));
+                        }
+                        kind::ABORT => {
+                            stream.end = End::Aborted;
+                            return Ok(error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal server error"));
+                        }
+                        other => return Err(BridgeError::UnexpectedFrame(other).into()),
+                    }
                 }
-                kind::ABORT => {
-                    return Ok(error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal server error"));
-                }
-                other => return Err(BridgeError::UnexpectedFrame(other).into()),
             }
         }
     }
 }
 
+/// The request body's pump, steered by its exchange.
+struct Pump {
+    task: JoinHandle<()>,
+    signals: PumpSignals,
+}
+
+#[derive(Clone)]
+struct PumpSignals {
+    /// Fired by the pump: the body passed `max_body_size` (413).
+    too_large: CancellationToken,
+    /// Fired by the pump: the body failed (the client is gone).
+    broke_off: CancellationToken,
+    /// The exchange failed: stop at once.
+    stop: CancellationToken,
+    /// The response is complete: read the rest of the body and drop it.
+    discard: CancellationToken,
+}
+
+/// Moves the request body to Python as chunk frames, within the stream's
+/// credit, enforcing `limit`; ends with the request end, or an abort.
+async fn pump<B: RequestBodySource>(mut body: B, mut sender: Sender, limit: u64, signals: PumpSignals) {
+    let PumpSignals { too_large, broke_off, stop, discard } = signals;
+    let mut total: u64 = 0;
+    let mut discarded = false;
+    loop {
+        let next = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
+            _ = sender.link.dead.cancelled() => return,
+            frame = body.frame() => frame,
+        };
+        // (the body's error type need not be Send: drop it before awaiting)
+        match next.map(|frame| frame.map_err(drop)) {
+            None if discarded => return sender.send(kind::ABORT, &[ABORT_DISCARDED]),
+            None => return sender.send(kind::REQUEST_END, &[]),
+            Some(Err(())) => {
+                sender.send(kind::ABORT, &[ABORT_CLIENT_GONE]);
+                broke_off.cancel();
+                return;
+            }
+            Some(Ok(frame)) => {
+                let Ok(mut data) = frame.into_data() else { continue };
+                total += data.len() as u64;
+                if total > limit {
+                    too_large.cancel();
+                    // Python learns why (BodyTooLarge) even though the
+                    // exchange is over for the client.
+                    return sender.send(kind::ABORT, &[ABORT_TOO_LARGE]);
+                }
+                while !data.is_empty() && !discard.is_cancelled() {
+                    let size = tokio::select! {
+                        biased;
+                        _ = stop.cancelled() => return,
+                        _ = discard.cancelled() => break,
+                        size = sender.reserve(data.len().min(CHUNK)) => size,
+                    };
+                    let Some(size) = size else { return };
+                    sender.send_data(kind::REQUEST_CHUNK, None, data.split_to(size));
+                }
+                discarded |= !data.is_empty();
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------ response body
+
+/// A streamed response body read from the bridge: each chunk is granted back
+/// to Python only when hyper takes it, so a slow client slows Python.
+struct BridgeBody {
+    stream: Option<Stream>,
+    /// The stream broke; hyper gets one turn to flush what it has before the
+    /// error cuts the connection.
+    failing: Option<&'static str>,
+}
+
+impl Body for BridgeBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let this = &mut *self;
+        if let Some(message) = this.failing {
+            return Poll::Ready(Some(Err(io::Error::other(message))));
+        }
+        let Some(stream) = this.stream.as_mut() else { return Poll::Ready(None) };
+        loop {
+            let failure = match ready!(stream.poll_next(cx)) {
+                Ok(FrameIn { kind: kind::RESPONSE_CHUNK, payload, .. }) => {
+                    if payload.is_empty() {
+                        continue;
+                    }
+                    stream.consumed(payload.len());
+                    return Poll::Ready(Some(Ok(Frame::data(payload))));
+                }
+                Ok(FrameIn { kind: kind::RESPONSE_END, .. }) => {
+                    stream.end = End::Complete;
+                    this.stream = None;
+                    return Poll::Ready(None);
+                }
+                Ok(FrameIn { kind: kind::ABORT, .. }) => {
+                    stream.end = End::Aborted;
+                    "response aborted by the application"
+                }
+                Ok(_) => "unexpected frame on the bridge",
+                Err(_) => "the bridge failed mid-response",
+            };
+            // Drop the stream now; error on the next poll, after hyper has
+            // flushed what the client should still get.
+            this.stream = None;
+            this.failing = Some(failure);
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.stream.is_none() && self.failing.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}
+
+// ------------------------------------------------------------------ WebSocket
+
 /// Python accepted a WebSocket: the accepting response goes to the client,
-/// and the connection becomes that socket's tunnel.
+/// and the stream carries that socket's messages.
 async fn accept_websocket(
-    mut lease: Lease,
+    mut stream: Stream,
     upgrade: OnUpgrade,
     request: &Parts,
     payload: Bytes,
@@ -675,86 +1218,86 @@ async fn accept_websocket(
     }
     let (status, handshake) = websocket::accept_head(request.version, &request.headers, &mut headers, config);
     // The request side is through before the socket starts (an upgrade
-    // request has no body; should one come, it is written out first).
-    let writer = match std::mem::replace(&mut lease.writer, Writer::Gone) {
-        Writer::Here(writer) => writer,
-        Writer::Pumping { task, signals: _ } => match task.await {
-            Ok(Some(writer)) => writer,
-            _ => return Err(BridgeError::Closed.into()),
-        },
-        Writer::Gone => return Err(BridgeError::Closed.into()),
-    };
-    let reader = lease.reader.take().expect("the lease keeps its reader");
-    // The connection leaves the pool for good: a long-lived socket must not
-    // hold one of the slots that bound requests in flight.
-    drop(lease);
-    tokio::spawn(tunnel(upgrade, reader, writer, handshake));
+    // request has no body; should one come, it is sent first).
+    if let Some(pump) = stream.pump.take() {
+        if pump.task.await.is_err() || pump.signals.broke_off.is_cancelled() {
+            return Err(BridgeError::Closed.into());
+        }
+    }
+    // The tunnel holds no permit of the server's: a long-lived socket does
+    // not count against the requests in flight.
+    tokio::spawn(tunnel(upgrade, stream, handshake));
     let mut response = Response::new(ResponseBody::empty());
     *response.status_mut() = status;
     *response.headers_mut() = headers;
     Ok(response)
 }
 
-/// Appends a message as frames of at most `CHUNK` bytes.
-fn put_ws_message(out: &mut BytesMut, kind: u8, data: &[u8]) {
-    let mut pieces = data.chunks(CHUNK).peekable();
-    if pieces.peek().is_none() {
-        put_frame(out, kind::WS_MESSAGE, &[kind]);
-        return;
+/// Sends a message as frames of at most `CHUNK` bytes, within the credit;
+/// false when the connection failed.
+async fn send_ws_message(sender: &mut Sender, kind: u8, mut data: Bytes) -> bool {
+    if data.is_empty() {
+        sender.send_data(kind::WS_MESSAGE, Some(kind), data);
+        return true;
     }
-    while let Some(piece) = pieces.next() {
-        let flags = if pieces.peek().is_some() { kind | WS_MORE } else { kind };
-        put_header(out, kind::WS_MESSAGE, 1 + piece.len());
-        out.put_u8(flags);
-        out.extend_from_slice(piece);
+    while !data.is_empty() {
+        let Some(size) = sender.reserve(data.len().min(CHUNK)).await else { return false };
+        let piece = data.split_to(size);
+        let flags = if data.is_empty() { kind } else { kind | WS_MORE };
+        sender.send_data(kind::WS_MESSAGE, Some(flags), piece);
     }
+    true
 }
 
-fn ws_close_frame(code: u16, reason: &str) -> BytesMut {
-    let mut out = BytesMut::with_capacity(8 + reason.len());
-    put_header(&mut out, kind::WS_CLOSE, 2 + reason.len());
-    out.put_u16(code);
-    out.extend_from_slice(reason.as_bytes());
-    out
+fn ws_close_payload(code: u16, reason: &str) -> Vec<u8> {
+    let mut payload = code.to_be_bytes().to_vec();
+    payload.extend_from_slice(reason.as_bytes());
+    payload
+}
+
+/// Fires 5 s after our close frame went out: the client's time to answer.
+async fn close_grace(we_closed: &CancellationToken) {
+    we_closed.cancelled().await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
 }
 
 /// Carries one accepted WebSocket's messages between the client and Python
 /// until either side closes. The two directions run independently, so a
-/// full buffer one way never stops the other; each frame is written whole.
-async fn tunnel(upgrade: OnUpgrade, mut reader: FrameReader, mut writer: WriteHalf, handshake: Handshake) {
+/// full buffer one way never stops the other.
+async fn tunnel(upgrade: OnUpgrade, mut stream: Stream, handshake: Handshake) {
     let max_message_size = handshake.max_message_size();
-    let Some(stream) = handshake.open(upgrade).await else {
-        let _ = writer.write_all(&ws_close_frame(WS_ABNORMAL, "")).await;
+    let Some(socket) = handshake.open(upgrade).await else {
+        stream.link.send(frame(kind::WS_CLOSE, stream.id, &ws_close_payload(WS_ABNORMAL, "")));
+        stream.end = End::Complete;
         return;
     };
-    let (mut sink, mut source) = stream.split();
+    let (mut sink, mut source) = socket.split();
+    let mut sender = stream.sender();
     let client_done = CancellationToken::new();
     let we_closed = CancellationToken::new();
-    let python_gone = std::sync::atomic::AtomicBool::new(false);
+    let python_gone = AtomicBool::new(false);
     let from_client = async {
-        let mut out = BytesMut::new();
         let outcome = loop {
             let next = tokio::select! {
                 biased;
                 next = websocket::next_incoming(&mut source) => next,
-                // After our close frame, the client has a moment to answer.
-                _ = async {
-                    we_closed.cancelled().await;
-                    tokio::time::sleep(Duration::from_secs(5)).await;
-                } => break (WS_ABNORMAL, String::new()),
+                _ = close_grace(&we_closed) => break (WS_ABNORMAL, String::new()),
             };
             let (kind, data) = match next {
                 Incoming::Message(Message::Text(text)) => (WS_TEXT, text),
                 Incoming::Message(Message::Binary(data)) => (WS_BINARY, data),
                 Incoming::Closed(code, reason) => break (code, reason),
             };
-            if python_gone.load(std::sync::atomic::Ordering::Relaxed) {
+            if python_gone.load(Ordering::Relaxed) {
                 continue;
             }
-            out.clear();
-            put_ws_message(&mut out, kind, &data);
-            if writer.write_all(&out).await.is_err() {
-                python_gone.store(true, std::sync::atomic::Ordering::Relaxed);
+            let sent = tokio::select! {
+                biased;
+                sent = send_ws_message(&mut sender, kind, data) => sent,
+                _ = close_grace(&we_closed) => break (WS_ABNORMAL, String::new()),
+            };
+            if !sent {
+                python_gone.store(true, Ordering::Relaxed);
             }
         };
         client_done.cancel();
@@ -767,16 +1310,18 @@ async fn tunnel(upgrade: OnUpgrade, mut reader: FrameReader, mut writer: WriteHa
             let frame = tokio::select! {
                 biased;
                 _ = client_done.cancelled() => return,
-                frame = reader.next() => frame,
+                frame = stream.next() => frame,
             };
             let close = match frame {
-                Ok(FrameIn { kind: kind::WS_MESSAGE, mut payload }) if !payload.is_empty() => {
+                Ok(FrameIn { kind: kind::WS_MESSAGE, mut payload, .. }) if !payload.is_empty() => {
                     let flags = payload.get_u8();
+                    let size = payload.len();
                     let (kind, data) = message.get_or_insert_with(|| (flags & (WS_TEXT | WS_BINARY), BytesMut::new()));
                     data.extend_from_slice(&payload);
                     if data.len() > limit {
                         Some((WS_SERVER_ERROR, "message too large"))
                     } else if flags & WS_MORE != 0 {
+                        stream.consumed(size);
                         continue;
                     } else {
                         let (kind, data) = (*kind, std::mem::take(data).freeze());
@@ -785,7 +1330,7 @@ async fn tunnel(upgrade: OnUpgrade, mut reader: FrameReader, mut writer: WriteHa
                             match std::str::from_utf8(&data) {
                                 Ok(_) => yawc::Frame::text(data),
                                 Err(_) => {
-                                    python_gone.store(true, std::sync::atomic::Ordering::Relaxed);
+                                    python_gone.store(true, Ordering::Relaxed);
                                     let _ = sink.send(websocket::close_frame(WS_SERVER_ERROR, "")).await;
                                     we_closed.cancel();
                                     return;
@@ -797,21 +1342,22 @@ async fn tunnel(upgrade: OnUpgrade, mut reader: FrameReader, mut writer: WriteHa
                         if sink.send(outgoing).await.is_err() {
                             return;
                         }
+                        stream.consumed(size);
                         None
                     }
                 }
-                Ok(FrameIn { kind: kind::WS_CLOSE, payload }) if payload.len() >= 2 => {
+                Ok(FrameIn { kind: kind::WS_CLOSE, payload, .. }) if payload.len() >= 2 => {
                     let code = u16::from_be_bytes([payload[0], payload[1]]);
                     let reason = String::from_utf8_lossy(&payload[2..]).into_owned();
                     let _ = sink.send(websocket::close_frame(code, &reason)).await;
                     we_closed.cancel();
                     return;
                 }
-                // Python went away or broke the protocol: the client is told.
+                // Python went away, aborted or broke the protocol: the client is told.
                 _ => Some((WS_SERVER_ERROR, "")),
             };
             if let Some((code, reason)) = close {
-                python_gone.store(true, std::sync::atomic::Ordering::Relaxed);
+                python_gone.store(true, Ordering::Relaxed);
                 let _ = sink.send(websocket::close_frame(code, reason)).await;
                 we_closed.cancel();
                 return;
@@ -820,8 +1366,9 @@ async fn tunnel(upgrade: OnUpgrade, mut reader: FrameReader, mut writer: WriteHa
     };
     let ((code, reason), ()) = tokio::join!(from_client, from_python);
     let _ = sink.close().await;
-    if !python_gone.load(std::sync::atomic::Ordering::Relaxed) {
-        let _ = writer.write_all(&ws_close_frame(code, &reason)).await;
+    if !python_gone.load(Ordering::Relaxed) {
+        stream.link.send(frame(kind::WS_CLOSE, stream.id, &ws_close_payload(code, &reason)));
+        stream.end = End::Complete;
     }
 }
 
@@ -852,216 +1399,3 @@ where
     }
 }
 
-/// The request side of a lease.
-enum Writer {
-    Here(WriteHalf),
-    /// The body is being pumped; the task gives the writer back once it has
-    /// written the request end.
-    Pumping { task: JoinHandle<Option<WriteHalf>>, signals: PumpSignals },
-    Gone,
-}
-
-/// A connection taken from the pool for one exchange. Dropped without
-/// `release`, the connection closes.
-struct Lease {
-    bridge: Arc<Bridge>,
-    reader: Option<FrameReader>,
-    writer: Writer,
-    permit: Option<OwnedSemaphorePermit>,
-}
-
-impl Lease {
-    fn writer_mut(&mut self) -> Option<&mut WriteHalf> {
-        match &mut self.writer {
-            Writer::Here(writer) => Some(writer),
-            _ => None,
-        }
-    }
-
-    /// The response end was read: the connection goes back to the pool
-    /// once the request side is through too.
-    fn release(&mut self) {
-        let Some(reader) = self.reader.take() else { return };
-        if !reader.buf.is_empty() {
-            return; // more than one response: not a connection to reuse
-        }
-        match std::mem::replace(&mut self.writer, Writer::Gone) {
-            Writer::Here(writer) => self.bridge.put_back(Conn { reader, writer }),
-            Writer::Pumping { task, signals } => {
-                // Whatever of the body is still to come, nobody will read:
-                // the pump drops it and ends the request with a discard.
-                signals.discard.cancel();
-                let bridge = self.bridge.clone();
-                let permit = self.permit.take();
-                tokio::spawn(async move {
-                    if let Ok(Some(writer)) = task.await {
-                        bridge.put_back(Conn { reader, writer });
-                    }
-                    drop(permit);
-                });
-            }
-            Writer::Gone => {}
-        }
-    }
-}
-
-impl Drop for Lease {
-    fn drop(&mut self) {
-        if let Writer::Pumping { signals, .. } = &self.writer {
-            signals.stop.cancel();
-        }
-    }
-}
-
-/// How the exchange steers its body pump.
-#[derive(Clone)]
-struct PumpSignals {
-    /// Fired by the pump: the body passed `max_body_size` (413).
-    too_large: CancellationToken,
-    /// The exchange failed: stop at once (the connection closes).
-    stop: CancellationToken,
-    /// The response is complete: read the rest of the body and drop it.
-    discard: CancellationToken,
-}
-
-/// Moves the request body to Python as chunk frames after `out` (the head),
-/// enforcing `limit`. Writes what is ready in one go. Returns the writer once
-/// the request end (or a discard abort) is written; None when the body failed
-/// or `stop` fired.
-async fn pump<B: RequestBodySource>(
-    mut body: B,
-    mut writer: WriteHalf,
-    mut out: BytesMut,
-    limit: u64,
-    signals: PumpSignals,
-) -> Option<WriteHalf> {
-    let PumpSignals { too_large, stop, discard } = signals;
-    let mut total: u64 = 0;
-    let mut discarded = false;
-    loop {
-        // Everything the body has ready now joins the pending write.
-        loop {
-            let next = if out.is_empty() {
-                tokio::select! {
-                    biased;
-                    _ = stop.cancelled() => return None,
-                    frame = body.frame() => frame,
-                }
-            } else {
-                tokio::select! {
-                    biased;
-                    frame = body.frame() => frame,
-                    _ = std::future::ready(()) => break,
-                }
-            };
-            // (the body's error type need not be Send: drop it before awaiting)
-            match next.map(|frame| frame.map_err(drop)) {
-                None if discarded => {
-                    put_frame(&mut out, kind::ABORT, &[ABORT_DISCARDED]);
-                    return write_or_stop(&mut writer, &out, &stop).await.then_some(writer);
-                }
-                None => {
-                    put_frame(&mut out, kind::REQUEST_END, &[]);
-                    return write_or_stop(&mut writer, &out, &stop).await.then_some(writer);
-                }
-                Some(Err(())) => {
-                    put_frame(&mut out, kind::ABORT, &[ABORT_CLIENT_GONE]);
-                    let _ = write_or_stop(&mut writer, &out, &stop).await;
-                    return None;
-                }
-                Some(Ok(frame)) => {
-                    let Ok(data) = frame.into_data() else { continue };
-                    total += data.len() as u64;
-                    if total > limit {
-                        too_large.cancel();
-                        // Python learns why (BodyTooLarge) even though the
-                        // exchange is over for the client.
-                        put_frame(&mut out, kind::ABORT, &[ABORT_TOO_LARGE]);
-                        let _ = writer.write_all(&out).await;
-                        return None;
-                    }
-                    if discard.is_cancelled() {
-                        discarded |= !data.is_empty();
-                        continue;
-                    }
-                    for piece in data.chunks(CHUNK) {
-                        put_frame(&mut out, kind::REQUEST_CHUNK, piece);
-                    }
-                    if out.len() >= WRITE_BATCH {
-                        break;
-                    }
-                }
-            }
-        }
-        if !write_or_stop(&mut writer, &out, &stop).await {
-            return None;
-        }
-        out.clear();
-    }
-}
-
-async fn write_or_stop(writer: &mut WriteHalf, out: &[u8], stop: &CancellationToken) -> bool {
-    tokio::select! {
-        biased;
-        _ = stop.cancelled() => false,
-        written = writer.write_all(out) => written.is_ok(),
-    }
-}
-
-// ------------------------------------------------------------------ response body
-
-/// A streamed response body read from the bridge: the next frame is read
-/// only when hyper asks for the next chunk, so a slow client slows Python.
-struct BridgeBody {
-    lease: Option<Lease>,
-    /// The stream broke; hyper gets one turn to flush what it has before the
-    /// error cuts the connection.
-    failing: Option<&'static str>,
-}
-
-impl Body for BridgeBody {
-    type Data = Bytes;
-    type Error = io::Error;
-
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
-        let this = &mut *self;
-        if let Some(message) = this.failing {
-            this.lease = None;
-            return Poll::Ready(Some(Err(io::Error::other(message))));
-        }
-        let Some(lease) = this.lease.as_mut() else { return Poll::Ready(None) };
-        let reader = lease.reader.as_mut().expect("a streaming lease keeps its reader");
-        loop {
-            let failure = match ready!(reader.poll_frame(cx)) {
-                Ok(Some(FrameIn { kind: kind::RESPONSE_CHUNK, payload })) => {
-                    if payload.is_empty() {
-                        continue;
-                    }
-                    return Poll::Ready(Some(Ok(Frame::data(payload))));
-                }
-                Ok(Some(FrameIn { kind: kind::RESPONSE_END, .. })) => {
-                    let mut lease = this.lease.take().expect("checked above");
-                    lease.release();
-                    return Poll::Ready(None);
-                }
-                Ok(Some(FrameIn { kind: kind::ABORT, .. })) => "response aborted by the application",
-                Ok(Some(_)) => "unexpected frame on the bridge",
-                Ok(None) | Err(_) => "the bridge failed mid-response",
-            };
-            // Drop the connection now; error on the next poll, after hyper
-            // has flushed what the client should still get.
-            this.lease = None;
-            this.failing = Some(failure);
-            cx.waker().wake_by_ref();
-            return Poll::Pending;
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.lease.is_none() && self.failing.is_none()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::default()
-    }
-}

@@ -31,10 +31,12 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Bumped whenever the Python package and this library stop fitting each
 /// other; the loader refuses a library whose number differs.
-const ABI_VERSION: u32 = 1;
+const ABI_VERSION: u32 = 2;
 
 #[pymodule]
 mod _native {
+    #[pymodule_export]
+    use crate::boundary::bridge::bridge_response_head;
     #[pymodule_export]
     use crate::boundary::direct::DirectResponse;
     #[pymodule_export]

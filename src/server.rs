@@ -61,7 +61,7 @@ impl ServerShared {
         let protocols = Protocols::new(&config);
         let native_response = config.native_response.clone().map(Bytes::from);
         let bridge = config.bridge_address.as_deref().map(|address| {
-            Arc::new(crate::bridge::Bridge::new(address, config.bridge_token.as_deref(), config.max_pending_requests))
+            Arc::new(crate::bridge::Bridge::new(address, config.bridge_token.as_deref()))
         });
         ServerShared {
             handshake_timeout: seconds(config.tls_handshake_timeout).unwrap_or(Duration::from_secs(3600)),

@@ -1,13 +1,15 @@
 """The socket bridge (``native_callback=False``): the frame protocol against a
 misbehaving Python end written here (failure injection: 502, 504, never a
-hang), the connection pool, and real applications over the bridge —
-streaming both ways with backpressure, HTTP/2, TLS, every API layer.
+hang), streams multiplexed on one connection with per-stream flow control,
+and real applications over the bridge — streaming both ways with
+backpressure, HTTP/2, TLS, every API layer.
 
 The rest of the suite runs on both transports through the ``serve`` fixture
 (see conftest.py); this file covers what only the bridge has.
 
 The fake Python end is a plain threaded socket server speaking the frame
-layout documented in ``src/bridge.rs``; the native server under test is
+layout documented in ``src/bridge.rs`` (a thread reads each connection and
+hands frames to their streams; each request's script runs on a thread); the native server under test is
 ``_native.NativeServer`` itself, created with ``ServerConfig(bridge_address=...)``.
 Every client is real (http.client, httpx, raw sockets) and every wait is
 bounded."""
@@ -61,14 +63,18 @@ unix_only = pytest.mark.skipif(not hasattr(socket, "AF_UNIX") or sys.platform ==
 
 # ---------------------------------------------------------------- the frame layout (src/bridge.rs)
 
-VERSION = 1
+VERSION = 2
 HELLO, REQUEST_HEAD, REQUEST_CHUNK, REQUEST_END, RESPONSE_HEAD, RESPONSE_CHUNK, RESPONSE_END, ABORT = range(8)
-WS_ACCEPT, WS_MESSAGE, WS_CLOSE = 8, 9, 10
-DEFAULT_HEADERS, WHOLE_BODY = 1, 2
+WS_ACCEPT, WS_MESSAGE, WS_CLOSE, WINDOW = 8, 9, 10, 11
+DEFAULT_HEADERS, WHOLE_BODY, INLINE_BODY = 1, 2, 4
+#: Request head flags.
+HEAD_TLS, HEAD_WEBSOCKET, HEAD_END = 1, 2, 4
+#: Data bytes either side may send on a stream before the other grants more.
+WINDOW_SIZE = 256 * 1024
 
 
-def frame(kind: int, payload: bytes = b"", *, version: int = VERSION) -> bytes:
-    return struct.pack(">IBB", len(payload) + 2, version, kind) + payload
+def frame(kind: int, payload: bytes = b"", *, stream: int = 0, version: int = VERSION) -> bytes:
+    return struct.pack(">IBBI", len(payload) + 6, version, kind, stream) + payload
 
 
 def string(data: bytes) -> bytes:
@@ -76,18 +82,24 @@ def string(data: bytes) -> bytes:
 
 
 def response_head(
-    status: int, headers: list[tuple[bytes, bytes]] = (), *, reason: bytes = b"", flags: int = 0  # type: ignore[assignment]
+    status: int,
+    headers: list[tuple[bytes, bytes]] = (),  # type: ignore[assignment]
+    *,
+    stream: int,
+    reason: bytes = b"",
+    flags: int = 0,
+    body: bytes = b"",
 ) -> bytes:
     payload = struct.pack(">HB", status, flags) + string(reason) + struct.pack(">I", len(headers))
     payload += b"".join(string(name) + string(value) for name, value in headers)
-    return frame(RESPONSE_HEAD, payload)
+    return frame(RESPONSE_HEAD, payload + body, stream=stream)
 
 
-def whole_response(status: int, body: bytes, headers: list[tuple[bytes, bytes]] = ()) -> bytes:  # type: ignore[assignment]
-    out = response_head(status, headers or [(b"content-type", b"text/plain")], flags=WHOLE_BODY)
+def whole_response(status: int, body: bytes, *, stream: int, headers: list[tuple[bytes, bytes]] = ()) -> bytes:  # type: ignore[assignment]
+    out = response_head(status, headers or [(b"content-type", b"text/plain")], stream=stream, flags=WHOLE_BODY)
     if body:
-        out += frame(RESPONSE_CHUNK, body)
-    return out + frame(RESPONSE_END)
+        out += frame(RESPONSE_CHUNK, body, stream=stream)
+    return out + frame(RESPONSE_END, stream=stream)
 
 
 class Reader:
@@ -105,10 +117,11 @@ class Reader:
             data += chunk
         return data
 
-    def frame(self) -> tuple[int, bytes]:
-        length, version, kind = struct.unpack(">IBB", self.exactly(6))
+    def frame(self) -> tuple[int, int, bytes]:
+        """(type, stream, payload)"""
+        length, version, kind, stream = struct.unpack(">IBBI", self.exactly(10))
         assert version == VERSION
-        return kind, self.exactly(length - 2)
+        return kind, stream, self.exactly(length - 6)
 
 
 @dataclass
@@ -127,39 +140,70 @@ class Head:
     certificate: bytes
     headers: list[tuple[bytes, bytes]]
     websocket: bool = False
+    ended: bool = False
 
     @classmethod
     def decode(cls, payload: bytes) -> Head:
-        """Client port, local port, tls, a table of string lengths, then the
-        strings: method, scheme, authority, path, query, version, client ip,
-        local ip, certificate, and each header's name and value."""
-        client_port, local_port, flags, count = struct.unpack_from(">HHBI", payload)
-        lengths = struct.unpack_from(f">{count}I", payload, 9)
-        at = 9 + 4 * count
-        strings = []
-        for size in lengths:
-            strings.append(payload[at : at + size])
-            at += size
-        assert at == len(payload), "bytes after the request head"
-        method, scheme, authority, path, query, version, client_ip, local_ip, certificate = strings[:9]
+        """Client port, local port, flags, the certificate, then the strings
+        with a NUL between each two: method, scheme, authority, path, query,
+        version, client ip, local ip, and each header's name and value."""
+        client_port, local_port, flags, certificate_size = struct.unpack_from(">HHBI", payload)
+        certificate = payload[9 : 9 + certificate_size]
+        assert len(certificate) == certificate_size
+        strings = payload[9 + certificate_size :].split(b"\0")
+        assert len(strings) >= 8 and len(strings) % 2 == 0, strings
+        method, scheme, authority, path, query, version, client_ip, local_ip = strings[:8]
         text = [s.decode("latin-1") for s in (method, scheme, authority, path, query, version)]
-        headers = list(zip(strings[9::2], strings[10::2]))
+        headers = list(zip(strings[8::2], strings[9::2]))
         return cls(
             *text,  # type: ignore[arg-type]
             (client_ip.decode(), client_port),
             (local_ip.decode(), local_port),
-            bool(flags & 1),
+            bool(flags & HEAD_TLS),
             certificate,
             headers,
-            bool(flags & 2),
+            bool(flags & HEAD_WEBSOCKET),
+            bool(flags & HEAD_END),
         )
 
 
-def request_head(method: bytes, path: bytes, headers: list[tuple[bytes, bytes]] = ()) -> bytes:  # type: ignore[assignment]
-    strings = [method, b"http", b"x", path, b"", b"1.1", b"10.0.0.1", b"127.0.0.1", b""]
+def request_head(method: bytes, path: bytes, headers: list[tuple[bytes, bytes]] = (), *, stream: int) -> bytes:  # type: ignore[assignment]
+    strings = [method, b"http", b"x", path, b"", b"1.1", b"10.0.0.1", b"127.0.0.1"]
     strings += [part for pair in headers for part in pair]
-    payload = struct.pack(">HHBI", 1, 80, 0, len(strings)) + struct.pack(f">{len(strings)}I", *map(len, strings))
-    return frame(REQUEST_HEAD, payload + b"".join(strings))
+    payload = struct.pack(">HHBI", 1, 80, 0, 0) + b"\0".join(strings)
+    return frame(REQUEST_HEAD, payload, stream=stream)
+
+
+class FakeStream:
+    """One stream on a fake end's connection: the frames the native side
+    sent on it (window frames aside), and a way to send."""
+
+    def __init__(self, connection: FakeConnection, stream: int) -> None:
+        self.connection = connection
+        self.id = stream
+        self.frames: queue.Queue[tuple[int, bytes] | None] = queue.Queue()
+        #: Grant the native side more body as chunks are read (as Python does).
+        self.grant = True
+        #: Window frames the native side sent on this stream (bytes granted).
+        self.granted = 0
+
+    def frame(self, timeout: float = TIMEOUT) -> tuple[int, bytes]:
+        """The next (type, payload) on this stream; EOFError once the
+        connection closed."""
+        try:
+            item = self.frames.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"no frame on stream {self.id}") from None
+        if item is None:
+            self.frames.put(None)
+            raise EOFError("the native side closed the bridge connection")
+        kind, payload = item
+        if kind == REQUEST_CHUNK and self.grant:
+            self.send(frame(WINDOW, struct.pack(">I", len(payload)), stream=self.id))
+        return item
+
+    def send(self, data: bytes) -> None:
+        self.connection.send(data)
 
 
 @dataclass
@@ -171,22 +215,92 @@ class Exchange:
     ended: bool
 
 
-#: A script gets the connection's socket, its reader and the exchange so far,
-#: and returns whether the connection stays open for the next request.
-Script = Callable[[socket.socket, Reader, Exchange], bool]
+#: A script gets its stream and the exchange so far, and returns whether the
+#: connection stays open.
+Script = Callable[[FakeStream, Exchange], bool]
 
 
-def answer_ok(sock: socket.socket, reader: Reader, exchange: Exchange) -> bool:
-    while not exchange.ended:  # a fake that did not read the body yet
-        kind, payload = reader.frame()
+def read_rest(stream: FakeStream, exchange: Exchange) -> None:
+    while not exchange.ended:
+        kind, payload = stream.frame()
         if kind == REQUEST_CHUNK:
             exchange.body += payload
         else:
             assert kind in (REQUEST_END, ABORT), kind
             exchange.ended = True
+
+
+def answer_ok(stream: FakeStream, exchange: Exchange) -> bool:
+    read_rest(stream, exchange)  # a fake that did not read the body yet
     body = f"ok {exchange.head.method} {exchange.head.path} {len(exchange.body)}".encode()
-    sock.sendall(whole_response(200, body))
+    stream.send(whole_response(200, body, stream=stream.id))
     return True
+
+
+class FakeConnection:
+    """One connection from the native side: a thread reads every frame and
+    hands it to its stream; each request runs its script on a thread."""
+
+    def __init__(self, end: FakeEnd, sock: socket.socket) -> None:
+        self.end = end
+        self.sock = sock
+        self.lock = threading.Lock()
+        self.streams: dict[int, FakeStream] = {}
+
+    def send(self, data: bytes) -> None:
+        with self.lock:
+            self.sock.sendall(data)
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def serve(self) -> None:
+        reader = Reader(self.sock)
+        try:
+            kind, stream, token = reader.frame()
+            assert (kind, stream) == (HELLO, 0)
+            self.end.hellos.append(token)
+            while True:
+                kind, stream, payload = reader.frame()
+                if kind == REQUEST_HEAD:
+                    assert stream not in self.streams, "a stream id used twice"
+                    fake = self.streams[stream] = FakeStream(self, stream)
+                    head = Head.decode(payload)
+                    exchange = Exchange(head, b"", head.ended)
+                    self.end.exchanges.append(exchange)
+                    thread = threading.Thread(target=self.run, args=(fake, exchange), name="fake-bridge-stream", daemon=True)
+                    self.end.threads.append(thread)
+                    thread.start()
+                elif stream in self.streams:
+                    if kind == WINDOW:
+                        self.streams[stream].granted += struct.unpack(">I", payload)[0]
+                    else:
+                        self.streams[stream].frames.put((kind, payload))
+        except (EOFError, OSError):
+            return
+        finally:
+            for fake in list(self.streams.values()):
+                fake.frames.put(None)
+            with self.end.lock:
+                self.end.open_now -= 1
+            self.sock.close()
+
+    def run(self, stream: FakeStream, exchange: Exchange) -> None:
+        try:
+            if self.end.read_body:
+                read_rest(stream, exchange)
+            try:
+                script = self.end.scripts.get_nowait()
+            except queue.Empty:
+                script = answer_ok
+            keep = script(stream, exchange)
+        except (EOFError, OSError, TimeoutError):
+            keep = False
+        if not keep:
+            self.close()
 
 
 class FakeEnd:
@@ -204,7 +318,7 @@ class FakeEnd:
         self.most_open = 0
         self.lock = threading.Lock()
         self.threads: list[threading.Thread] = []
-        self.sockets: list[socket.socket] = []
+        self.conns: list[FakeConnection] = []
         if address_kind == "unix":
             self.directory = tempfile.mkdtemp(prefix="bridge-test-")
             path = os.path.join(self.directory, "fake.sock")
@@ -236,58 +350,24 @@ class FakeEnd:
                 continue
             except OSError:
                 return
-            sock.settimeout(TIMEOUT)
+            sock.settimeout(None)
+            conn = FakeConnection(self, sock)
             with self.lock:
-                self.sockets.append(sock)
+                self.conns.append(conn)
                 self.connections += 1
                 self.open_now += 1
                 self.most_open = max(self.most_open, self.open_now)
-            thread = threading.Thread(target=self._serve, args=(sock,), name="fake-bridge-conn", daemon=True)
+            thread = threading.Thread(target=conn.serve, name="fake-bridge-conn", daemon=True)
             thread.start()
             self.threads.append(thread)
-
-    def _serve(self, sock: socket.socket) -> None:
-        reader = Reader(sock)
-        try:
-            kind, token = reader.frame()
-            assert kind == HELLO
-            self.hellos.append(token)
-            while True:
-                kind, payload = reader.frame()
-                assert kind == REQUEST_HEAD, kind
-                exchange = Exchange(Head.decode(payload), b"", False)
-                self.exchanges.append(exchange)
-                while self.read_body and not exchange.ended:
-                    kind, payload = reader.frame()
-                    if kind == REQUEST_CHUNK:
-                        exchange.body += payload
-                    elif kind in (REQUEST_END, ABORT):
-                        exchange.ended = True
-                    else:
-                        raise AssertionError(f"unexpected frame {kind}")
-                try:
-                    script = self.scripts.get_nowait()
-                except queue.Empty:
-                    script = answer_ok
-                if not script(sock, reader, exchange):
-                    return
-        except (EOFError, OSError):
-            return
-        finally:
-            with self.lock:
-                self.open_now -= 1
-            sock.close()
 
     def close(self) -> None:
         self.stopping.set()
         self.listener.close()
         with self.lock:
-            for sock in self.sockets:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-        for thread in self.threads:
+            for conn in self.conns:
+                conn.close()
+        for thread in list(self.threads):
             thread.join(TIMEOUT)
         if self.directory:
             import shutil
@@ -367,28 +447,55 @@ def test_request_head_carries_every_field(fake: FakeEnd, native_server: Callable
     assert (head.tls, head.certificate) == (False, b"")
     assert [value for name, value in head.headers if name == b"x-twice"] == [b"1", b"2"]
     assert (b"content-length", b"7") in head.headers
+    assert not head.ended, "a request with a body is not marked as ending with its head"
     assert exchange.body == b"payload" and exchange.ended
 
 
-def test_idle_connections_are_reused(fake: FakeEnd, native_server: Callable[..., Native]) -> None:
+def test_a_request_without_a_body_ends_with_its_head(fake: FakeEnd, native_server: Callable[..., Native]) -> None:
     running = native_server(fake.address)
-    with httpx.Client(timeout=TIMEOUT) as client:
-        for index in range(5):
-            assert client.get(running.url(f"/{index}")).text == f"ok GET /{index} 0"
-    assert fake.connections == 1
-    assert len(fake.exchanges) == 5
+    assert get(running.url("/nobody")).text == "ok GET /nobody 0"
+    (exchange,) = fake.exchanges
+    assert exchange.head.ended
 
 
-def test_the_pool_grows_on_demand_up_to_its_bound(fake: FakeEnd, native_server: Callable[..., Native]) -> None:
-    """Four concurrent requests, a bound of two: never more than two bridge
-    connections, and every request is answered once a connection frees up."""
+def test_one_connection_carries_every_request(fake: FakeEnd, native_server: Callable[..., Native]) -> None:
+    """Sequential and concurrent requests share one bridge connection, each
+    on a stream of its own: four are open at once before any is answered."""
     release = threading.Event()
     arrived = threading.Semaphore(0)
 
-    def slow(sock: socket.socket, reader: Reader, exchange: Exchange) -> bool:
+    def slow(stream: FakeStream, exchange: Exchange) -> bool:
         arrived.release()
         assert release.wait(TIMEOUT)
-        return answer_ok(sock, reader, exchange)
+        return answer_ok(stream, exchange)
+
+    running = native_server(fake.address)
+    with httpx.Client(timeout=TIMEOUT) as client:
+        for index in range(3):
+            assert client.get(running.url(f"/{index}")).text == f"ok GET /{index} 0"
+    fake.then(slow, slow, slow, slow)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(get, running.url(f"/c{index}")) for index in range(4)]
+        for _ in range(4):
+            assert arrived.acquire(timeout=TIMEOUT)
+        release.set()
+        texts = sorted(future.result(TIMEOUT).text for future in futures)
+    assert texts == [f"ok GET /c{index} 0" for index in range(4)]
+    assert fake.connections == 1
+    (conn,) = fake.conns
+    assert len(conn.streams) == 7, "a stream id was used twice"
+
+
+def test_streams_in_flight_are_bounded(fake: FakeEnd, native_server: Callable[..., Native]) -> None:
+    """Four concurrent requests, max_pending_requests=2: never more than two
+    reach Python at once, and every request is answered once one frees up."""
+    release = threading.Event()
+    arrived = threading.Semaphore(0)
+
+    def slow(stream: FakeStream, exchange: Exchange) -> bool:
+        arrived.release()
+        assert release.wait(TIMEOUT)
+        return answer_ok(stream, exchange)
 
     fake.then(slow, slow, slow, slow)
     running = native_server(fake.address, max_pending_requests=2)
@@ -399,61 +506,68 @@ def test_the_pool_grows_on_demand_up_to_its_bound(fake: FakeEnd, native_server: 
         release.set()
         statuses = [future.result(TIMEOUT).status_code for future in futures]
     assert statuses == [200] * 4
-    assert fake.most_open <= 2
     assert len(fake.exchanges) == 4
 
 
-def close_at_once(sock: socket.socket, reader: Reader, exchange: Exchange) -> bool:
+def close_at_once(stream: FakeStream, exchange: Exchange) -> bool:
     return False
 
 
-def send_then_close(data: bytes) -> Script:
-    def script(sock: socket.socket, reader: Reader, exchange: Exchange) -> bool:
-        sock.sendall(data)
+def send_then_close(data: Callable[[int], bytes]) -> Script:
+    def script(stream: FakeStream, exchange: Exchange) -> bool:
+        stream.send(data(stream.id))
         return False
 
     return script
 
 
-def send_and_stay(data: bytes) -> Script:
-    """Sends ``data`` and keeps the connection open (the native side must not
-    wait for more)."""
+def send_and_stay(data: Callable[[int], bytes]) -> Script:
+    """Sends ``data(stream id)`` and waits until the native side gives up on
+    the stream (an abort) or closes the connection; it must not wait for more."""
 
-    def script(sock: socket.socket, reader: Reader, exchange: Exchange) -> bool:
-        sock.sendall(data)
+    def script(stream: FakeStream, exchange: Exchange) -> bool:
+        stream.send(data(stream.id))
         try:
-            reader.frame()  # returns only when the native side closes
-        except (EOFError, OSError):
-            pass
-        return False
+            kind, payload = stream.frame()
+        except EOFError:
+            return False
+        assert (kind, payload) == (ABORT, b"\x01")  # the client is gone, as far as Python is concerned
+        return True
 
     return script
 
 
+def good_head(stream: int) -> bytes:
+    return frame(RESPONSE_HEAD, struct.pack(">HBII", 200, 0, 0, 0), stream=stream)
+
+
+#: What a broken Python end might send. Those that break the framing close
+#: the connection (every stream on it fails); the others fail their stream.
 FAILURES = {
     "closes-without-answering": close_at_once,
-    "length-below-two": send_and_stay(b"\x00\x00\x00\x01\x01"),
-    "length-over-the-maximum": send_and_stay(b"\xff\xff\xff\xff\x01\x04"),
-    "unknown-version": send_and_stay(frame(RESPONSE_HEAD, struct.pack(">HBII", 200, 0, 0, 0), version=9)),
-    "truncated-head": send_and_stay(frame(RESPONSE_HEAD, struct.pack(">HB", 200, 0) + b"\x00\x00")),
-    "head-with-trailing-bytes": send_and_stay(frame(RESPONSE_HEAD, struct.pack(">HBII", 200, 0, 0, 0) + b"junk")),
-    "string-past-the-frame": send_and_stay(frame(RESPONSE_HEAD, struct.pack(">HBI", 200, 0, 1000))),
-    "wrong-frame-type": send_and_stay(frame(REQUEST_CHUNK, b"not a response")),
-    "hello-from-python": send_and_stay(frame(HELLO, b"")),
-    "unknown-frame-type": send_and_stay(frame(99, b"")),
-    "chunk-before-head": send_and_stay(frame(RESPONSE_CHUNK, b"body") + response_head(200) + frame(RESPONSE_END)),
-    "status-42": send_and_stay(response_head(42) + frame(RESPONSE_END)),
-    "status-1000": send_and_stay(response_head(1000) + frame(RESPONSE_END)),
-    "status-101": send_and_stay(response_head(101) + frame(RESPONSE_END)),
-    "invalid-header-name": send_and_stay(response_head(200, [(b"bad name", b"v")]) + frame(RESPONSE_END)),
-    "invalid-header-value": send_and_stay(response_head(200, [(b"x-bad", b"a\r\nb")]) + frame(RESPONSE_END)),
-    "invalid-reason": send_and_stay(response_head(200, reason=b"bad\nreason") + frame(RESPONSE_END)),
+    "length-below-six": send_and_stay(lambda s: b"\x00\x00\x00\x05\x02\x04\x00\x00\x00"),
+    "length-over-the-maximum": send_and_stay(lambda s: b"\xff\xff\xff\xff\x02\x04" + struct.pack(">I", s)),
+    "unknown-version": send_and_stay(lambda s: frame(RESPONSE_HEAD, struct.pack(">HBII", 200, 0, 0, 0), stream=s, version=1)),
+    "window-frame-of-the-wrong-size": send_and_stay(lambda s: frame(WINDOW, b"\x00\x01", stream=s)),
+    "truncated-head": send_and_stay(lambda s: frame(RESPONSE_HEAD, struct.pack(">HB", 200, 0) + b"\x00\x00", stream=s)),
+    "head-with-trailing-bytes": send_and_stay(lambda s: frame(RESPONSE_HEAD, struct.pack(">HBII", 200, 0, 0, 0) + b"junk", stream=s)),
+    "string-past-the-frame": send_and_stay(lambda s: frame(RESPONSE_HEAD, struct.pack(">HBI", 200, 0, 1000), stream=s)),
+    "wrong-frame-type": send_and_stay(lambda s: frame(REQUEST_CHUNK, b"not a response", stream=s)),
+    "hello-from-python": send_and_stay(lambda s: frame(HELLO, b"", stream=s)),
+    "unknown-frame-type": send_and_stay(lambda s: frame(99, b"", stream=s)),
+    "chunk-before-head": send_and_stay(lambda s: frame(RESPONSE_CHUNK, b"body", stream=s) + good_head(s) + frame(RESPONSE_END, stream=s)),
+    "status-42": send_and_stay(lambda s: response_head(42, stream=s) + frame(RESPONSE_END, stream=s)),
+    "status-1000": send_and_stay(lambda s: response_head(1000, stream=s) + frame(RESPONSE_END, stream=s)),
+    "status-101": send_and_stay(lambda s: response_head(101, stream=s) + frame(RESPONSE_END, stream=s)),
+    "invalid-header-name": send_and_stay(lambda s: response_head(200, [(b"bad name", b"v")], stream=s) + frame(RESPONSE_END, stream=s)),
+    "invalid-header-value": send_and_stay(lambda s: response_head(200, [(b"x-bad", b"a\r\nb")], stream=s) + frame(RESPONSE_END, stream=s)),
+    "invalid-reason": send_and_stay(lambda s: response_head(200, reason=b"bad\nreason", stream=s) + frame(RESPONSE_END, stream=s)),
     "whole-body-without-end-then-close": send_then_close(
-        response_head(200, flags=WHOLE_BODY) + frame(RESPONSE_CHUNK, b"partial")
+        lambda s: response_head(200, flags=WHOLE_BODY, stream=s) + frame(RESPONSE_CHUNK, b"partial", stream=s)
     ),
-    "whole-body-wrong-frame": send_and_stay(response_head(200, flags=WHOLE_BODY) + frame(REQUEST_END)),
-    "websocket-accept-for-a-plain-request": send_and_stay(frame(WS_ACCEPT, string(b"") + struct.pack(">I", 0))),
-    "half-a-frame-then-close": send_then_close(response_head(200)[:7]),
+    "whole-body-wrong-frame": send_and_stay(lambda s: response_head(200, flags=WHOLE_BODY, stream=s) + frame(REQUEST_END, stream=s)),
+    "websocket-accept-for-a-plain-request": send_and_stay(lambda s: frame(WS_ACCEPT, string(b"") + struct.pack(">I", 0), stream=s)),
+    "half-a-frame-then-close": send_then_close(lambda s: response_head(200, stream=s)[:7]),
 }
 
 
@@ -472,9 +586,60 @@ def test_a_misbehaving_python_end_gives_502_and_the_server_goes_on(
         conn.close()
     assert response.status == 502, (response.status, body)
     assert body.startswith(b"bad gateway"), body
-    # The next request gets a fresh bridge connection and a normal answer.
+    # The next request is answered: on the same connection when only the
+    # stream failed, on a fresh one when the connection did.
     again = get(running.url("/after"))
     assert (again.status_code, again.text) == (200, "ok GET /after 0")
+
+
+def test_a_bad_response_fails_its_stream_alone(fake: FakeEnd, native_server: Callable[..., Native]) -> None:
+    """Two exchanges open on one connection; one gets a response that makes
+    no sense (502), the other its answer, and the connection stays."""
+    both = threading.Barrier(2, timeout=TIMEOUT)
+
+    def bad(stream: FakeStream, exchange: Exchange) -> bool:
+        both.wait()
+        return send_and_stay(lambda s: response_head(42, stream=s) + frame(RESPONSE_END, stream=s))(stream, exchange)
+
+    def good(stream: FakeStream, exchange: Exchange) -> bool:
+        both.wait()
+        time.sleep(0.2)  # let the bad answer go first (the outcome does not depend on it)
+        return answer_ok(stream, exchange)
+
+    fake.then(bad, good)
+    running = native_server(fake.address)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        first = pool.submit(get, running.url("/bad"))
+        assert wait_for(lambda: len(fake.exchanges) == 1)
+        second = pool.submit(get, running.url("/good"))
+        responses = [first.result(TIMEOUT), second.result(TIMEOUT)]
+    assert [r.status_code for r in responses] == [502, 200]
+    assert responses[1].text == "ok GET /good 0"
+    assert fake.connections == 1
+
+
+def test_a_connection_that_dies_fails_all_its_streams(fake: FakeEnd, native_server: Callable[..., Native]) -> None:
+    """Three exchanges open on one connection when Python closes it: each
+    gets a 502, and the next request is served on a fresh connection."""
+    arrived = threading.Semaphore(0)
+    close_now = threading.Event()
+
+    def wait_then_close(stream: FakeStream, exchange: Exchange) -> bool:
+        arrived.release()
+        assert close_now.wait(TIMEOUT)
+        return False
+
+    fake.then(wait_then_close, wait_then_close, wait_then_close)
+    running = native_server(fake.address)
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(get, running.url(f"/{index}")) for index in range(3)]
+        for _ in range(3):
+            assert arrived.acquire(timeout=TIMEOUT)
+        close_now.set()
+        statuses = [future.result(TIMEOUT).status_code for future in futures]
+    assert statuses == [502] * 3
+    assert get(running.url("/after")).text == "ok GET /after 0"
+    assert fake.connections == 2
 
 
 def test_python_end_closing_mid_upload_gives_502(native_server: Callable[..., Native]) -> None:
@@ -510,14 +675,12 @@ def test_nothing_listening_gives_502(native_server: Callable[..., Native], tmp_p
 
 def test_an_end_that_never_answers_hits_response_timeout(fake: FakeEnd, native_server: Callable[..., Native]) -> None:
     silent = threading.Event()
+    told: list[tuple[int, bytes]] = []
 
-    def never(sock: socket.socket, reader: Reader, exchange: Exchange) -> bool:
+    def never(stream: FakeStream, exchange: Exchange) -> bool:
         silent.set()
-        try:
-            reader.frame()  # until the native side gives up and closes
-        except (EOFError, OSError):
-            pass
-        return False
+        told.append(stream.frame())  # until the native side gives up on it
+        return True
 
     fake.then(never)
     running = native_server(fake.address, response_timeout=1)
@@ -525,6 +688,7 @@ def test_an_end_that_never_answers_hits_response_timeout(fake: FakeEnd, native_s
     assert silent.is_set()
     assert response.status_code == 504
     assert get(running.url("/after")).text == "ok GET /after 0"
+    assert wait_for(lambda: told == [(ABORT, b"\x01")]), told
 
 
 def test_an_end_that_never_accepts_hits_response_timeout(native_server: Callable[..., Native]) -> None:
@@ -539,7 +703,11 @@ def test_an_end_that_never_accepts_hits_response_timeout(native_server: Callable
 def test_a_missing_end_frame_cuts_a_streamed_response(fake: FakeEnd, native_server: Callable[..., Native]) -> None:
     """The head already went out: the client sees a broken body (never a
     short success), and the server goes on."""
-    fake.then(send_then_close(response_head(200, [(b"content-type", b"text/plain")]) + frame(RESPONSE_CHUNK, b"x" * 1000)))
+    fake.then(
+        send_then_close(
+            lambda s: response_head(200, [(b"content-type", b"text/plain")], stream=s) + frame(RESPONSE_CHUNK, b"x" * 1000, stream=s)
+        )
+    )
     running = native_server(fake.address)
     conn = http.client.HTTPConnection("127.0.0.1", running.port, timeout=TIMEOUT)
     try:
@@ -555,23 +723,34 @@ def test_a_missing_end_frame_cuts_a_streamed_response(fake: FakeEnd, native_serv
 
 
 def test_an_abort_frame_before_the_head_is_a_500(fake: FakeEnd, native_server: Callable[..., Native]) -> None:
-    fake.then(send_then_close(frame(ABORT)))
+    fake.then(send_then_close(lambda s: frame(ABORT, stream=s)))
     running = native_server(fake.address)
     assert get(running.url()).status_code == 500
     assert get(running.url("/after")).status_code == 200
 
 
 def test_an_abort_frame_mid_stream_cuts_the_response(fake: FakeEnd, native_server: Callable[..., Native]) -> None:
-    fake.then(send_and_stay(response_head(200) + frame(RESPONSE_CHUNK, b"abc") + frame(ABORT)))
+    def abort_mid_stream(stream: FakeStream, exchange: Exchange) -> bool:
+        stream.send(response_head(200, stream=stream.id) + frame(RESPONSE_CHUNK, b"abc", stream=stream.id) + frame(ABORT, stream=stream.id))
+        return True
+
+    fake.then(abort_mid_stream)
     running = native_server(fake.address)
     with httpx.Client(timeout=TIMEOUT) as client:
         with pytest.raises(httpx.RemoteProtocolError):
             client.get(running.url("/aborted"))
         assert client.get(running.url("/after")).status_code == 200
+    assert fake.connections == 1
 
 
 def test_default_headers_flag_uses_the_servers_default_headers(fake: FakeEnd, native_server: Callable[..., Native]) -> None:
-    fake.then(send_and_stay(response_head(201, flags=DEFAULT_HEADERS | WHOLE_BODY) + frame(RESPONSE_CHUNK, b"d") + frame(RESPONSE_END)))
+    fake.then(
+        send_and_stay(
+            lambda s: response_head(201, stream=s, flags=DEFAULT_HEADERS | WHOLE_BODY)
+            + frame(RESPONSE_CHUNK, b"d", stream=s)
+            + frame(RESPONSE_END, stream=s)
+        )
+    )
     running = native_server(fake.address)
     running.server.set_default_headers([("x-default", "yes"), ("content-type", "text/x-default")])
     response = get(running.url())
@@ -582,8 +761,17 @@ def test_default_headers_flag_uses_the_servers_default_headers(fake: FakeEnd, na
 
 def test_a_whole_body_gets_content_length_and_a_reason(fake: FakeEnd, native_server: Callable[..., Native]) -> None:
     body = os.urandom(200 * KIB)  # several chunk frames
-    chunks = b"".join(frame(RESPONSE_CHUNK, body[at : at + 64 * KIB]) for at in range(0, len(body), 64 * KIB))
-    fake.then(send_and_stay(response_head(299, [(b"x-a", b"1")], reason=b"Fine Thanks", flags=WHOLE_BODY) + chunks + frame(RESPONSE_END)))
+
+    def chunks(stream: int) -> bytes:
+        return b"".join(frame(RESPONSE_CHUNK, body[at : at + 64 * KIB], stream=stream) for at in range(0, len(body), 64 * KIB))
+
+    fake.then(
+        send_and_stay(
+            lambda s: response_head(299, [(b"x-a", b"1")], reason=b"Fine Thanks", flags=WHOLE_BODY, stream=s)
+            + chunks(s)
+            + frame(RESPONSE_END, stream=s)
+        )
+    )
     running = native_server(fake.address)
     conn = http.client.HTTPConnection("127.0.0.1", running.port, timeout=TIMEOUT)
     try:
@@ -596,13 +784,25 @@ def test_a_whole_body_gets_content_length_and_a_reason(fake: FakeEnd, native_ser
         conn.close()
 
 
+def test_an_inline_body_is_the_whole_response(fake: FakeEnd, native_server: Callable[..., Native]) -> None:
+    def inline(stream: FakeStream, exchange: Exchange) -> bool:
+        stream.send(response_head(200, [(b"content-type", b"text/plain")], flags=INLINE_BODY, body=b"all here", stream=stream.id))
+        return True
+
+    fake.then(inline)
+    running = native_server(fake.address)
+    response = get(running.url())
+    assert (response.status_code, response.text, response.headers["content-length"]) == (200, "all here", "8")
+    assert get(running.url("/after")).text == "ok GET /after 0"
+
+
 def test_request_body_too_large_is_413_and_python_is_told(native_server: Callable[..., Native]) -> None:
     """A chunked body that grows past max_body_size: 413 from the native side;
     the Python end gets an abort frame saying why."""
     end = FakeEnd()
     answered = threading.Event()
 
-    def wait_for_413(sock: socket.socket, reader: Reader, exchange: Exchange) -> bool:
+    def wait_for_413(stream: FakeStream, exchange: Exchange) -> bool:
         answered.set()
         return False
 
@@ -622,15 +822,15 @@ def test_request_body_too_large_is_413_and_python_is_told(native_server: Callabl
 
 def test_an_answer_before_the_body_is_read_keeps_both_connections(native_server: Callable[..., Native]) -> None:
     """Python answers without reading the body: the native side reads and
-    drops the rest, ends the request with a discard, and reuses both the
+    drops the rest, ends the request with a discard, and keeps both the
     bridge connection and the client's keep-alive connection."""
     end = FakeEnd(read_body=False)
     seen: list[int] = []
 
-    def early(sock: socket.socket, reader: Reader, exchange: Exchange) -> bool:
-        sock.sendall(whole_response(403, b"no"))
+    def early(stream: FakeStream, exchange: Exchange) -> bool:
+        stream.send(whole_response(403, b"no", stream=stream.id))
         while True:  # what follows until the request's end or discard
-            kind, payload = reader.frame()
+            kind, payload = stream.frame()
             if kind == ABORT:
                 seen.append(payload[0])
                 return True
@@ -647,13 +847,72 @@ def test_an_answer_before_the_body_is_read_keeps_both_connections(native_server:
             ports = {r.extensions["network_stream"].get_extra_info("client_addr")[1] for r in responses}
         assert [r.status_code for r in responses] == [403, 200, 200, 200]
         assert len(ports) == 1, "the client's connection was closed after the early answer"
-        assert seen == [3]  # the rest of the body was dropped, and Python was told
-        # The bridge connection went back to the pool (a request racing the
-        # end of the discard may have opened a second one).
-        assert end.connections <= 2
+        assert wait_for(lambda: seen == [3])  # the rest of the body was dropped, and Python was told
+        assert end.connections == 1
         assert len(end.exchanges) == 4
     finally:
         end.close()
+
+
+def test_the_request_body_waits_for_window_frames(native_server: Callable[..., Native]) -> None:
+    """Flow control toward Python: the native side sends WINDOW_SIZE bytes
+    of body, then only as much more as Python grants."""
+    end = FakeEnd(read_body=False)
+    taken: list[int] = []
+
+    def slow_reader(stream: FakeStream, exchange: Exchange) -> bool:
+        stream.grant = False
+        received = 0
+        while received < WINDOW_SIZE:
+            kind, payload = stream.frame()
+            assert kind == REQUEST_CHUNK
+            received += len(payload)
+        taken.append(received)
+        with pytest.raises(TimeoutError):
+            stream.frame(timeout=0.5)  # nothing more until Python grants some
+        stream.send(frame(WINDOW, struct.pack(">I", 1000), stream=stream.id))
+        while received < WINDOW_SIZE + 1000:
+            kind, payload = stream.frame()
+            assert kind == REQUEST_CHUNK
+            received += len(payload)
+        taken.append(received)
+        stream.grant = True
+        stream.send(frame(WINDOW, struct.pack(">I", MIB), stream=stream.id))
+        exchange.body = b"x" * received
+        return answer_ok(stream, exchange)
+
+    end.then(slow_reader)
+    try:
+        running = native_server(end.address)
+        assert post(running.url("/up"), os.urandom(MIB)).text == f"ok POST /up {MIB}"
+        assert taken == [WINDOW_SIZE, WINDOW_SIZE + 1000]
+    finally:
+        end.close()
+
+
+def test_the_response_is_granted_back_as_the_client_takes_it(fake: FakeEnd, native_server: Callable[..., Native]) -> None:
+    """Flow control toward the client: a streamed response of 1 MiB goes out
+    in WINDOW_SIZE steps, each sent only once the native side granted it."""
+    data = os.urandom(MIB)
+
+    def stream_it(stream: FakeStream, exchange: Exchange) -> bool:
+        stream.send(response_head(200, stream=stream.id))
+        sent = 0
+        while sent < len(data):
+            deadline = time.monotonic() + TIMEOUT
+            while sent >= WINDOW_SIZE + stream.granted and time.monotonic() < deadline:
+                time.sleep(0.01)
+            allowed = min(len(data), WINDOW_SIZE + stream.granted) - sent
+            assert allowed > 0, "the native side granted nothing back"
+            for at in range(sent, sent + allowed, 64 * KIB):
+                stream.send(frame(RESPONSE_CHUNK, data[at : min(at + 64 * KIB, sent + allowed)], stream=stream.id))
+            sent += allowed
+        stream.send(frame(RESPONSE_END, stream=stream.id))
+        return True
+
+    fake.then(stream_it)
+    running = native_server(fake.address)
+    assert get(running.url("/down")).content == data
 
 
 def test_tcp_bridge_address(native_server: Callable[..., Native]) -> None:
@@ -669,6 +928,15 @@ def test_tcp_bridge_address(native_server: Callable[..., Native]) -> None:
 def test_an_invalid_bridge_address_is_refused_at_bind(address: str) -> None:
     with pytest.raises(ValueError, match="bridge_address"):
         native.NativeServer(ServerConfig(bridge_address=address, http3=False), ["127.0.0.1"], 0, None)
+
+
+def wait_for(condition: Callable[[], bool], deadline: float = TIMEOUT) -> bool:
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return condition()
 
 
 # ---------------------------------------------------------------- real applications over the bridge
@@ -929,6 +1197,43 @@ def test_a_handler_that_does_not_read_slows_the_client_down(bridge: Callable[...
     assert got == [size]
 
 
+def test_a_slow_client_does_not_stall_the_others(bridge: Callable[..., NativeHttpServer]) -> None:
+    """Every exchange shares one bridge connection: while a client reads
+    nothing of a large streamed response (its stream waits for window
+    frames), uploads and downloads of other clients still go through."""
+    block = pattern(256 * KIB)
+    written = [0]
+
+    async def handler(request: Any) -> None:
+        response = request.response
+        if request.uri.path == "/slow":
+            response.content_length = 64 * MIB
+            try:
+                while written[0] < 64 * MIB:
+                    response.add(block)
+                    written[0] += len(block)
+                    await response.flush()
+                await response.close()
+            except ClientDisconnected:
+                pass
+            return
+        body = await request.read()
+        response.add(hashlib.sha256(body).hexdigest().encode() + block * 4)
+        await response.close()
+
+    server = bridge(handler)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as slow:
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * KIB)
+        slow.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        stalled = stalled_progress(lambda: written[0])
+        assert stalled < 32 * MIB
+        body = os.urandom(2 * MIB)
+        with httpx.Client(timeout=TIMEOUT) as client:
+            for _ in range(3):
+                response = client.post(url(server, "/other"), content=body)
+                assert response.content == hashlib.sha256(body).hexdigest().encode() + block * 4
+
+
 def test_many_concurrent_requests(bridge: Callable[..., NativeHttpServer]) -> None:
     async def handler(request: Any) -> None:
         await asyncio.sleep(0.01)
@@ -959,7 +1264,7 @@ def test_a_foreign_connection_without_the_token_is_refused(bridge: Callable[...,
         host, port = address[4:].rsplit(":", 1)
         sock = socket.create_connection((host, int(port)), timeout=TIMEOUT)
     with sock:
-        sock.sendall(frame(HELLO, b"not the token") + request_head(b"GET", b"/forged") + frame(REQUEST_END))
+        sock.sendall(frame(HELLO, b"not the token") + request_head(b"GET", b"/forged", stream=1) + frame(REQUEST_END, stream=1))
         assert sock.recv(65536) == b"", "the bridge answered a connection without the token"
     assert get(url(server, "/real")).text == "ok"
     assert calls == ["/real"]
@@ -1326,18 +1631,23 @@ def test_websocket_through_a_fake_python_end(fake: FakeEnd, native_server: Calla
 
     heard: list[tuple[int, bytes]] = []
 
-    def accept(sock: socket.socket, reader: Reader, exchange: Exchange) -> bool:
+    def accept(stream: FakeStream, exchange: Exchange) -> bool:
         assert exchange.head.websocket
-        sock.sendall(frame(WS_ACCEPT, string(b"proto-x") + struct.pack(">I", 1) + string(b"x-extra") + string(b"1")))
+        s = stream.id
+        stream.send(frame(WS_ACCEPT, string(b"proto-x") + struct.pack(">I", 1) + string(b"x-extra") + string(b"1"), stream=s))
         for _ in range(2):
-            kind, payload = reader.frame()
+            kind, payload = stream.frame()
             assert kind == WS_MESSAGE
             heard.append((payload[0], payload[1:]))
-        sock.sendall(frame(WS_MESSAGE, b"\x01" + "hé".encode()) + frame(WS_MESSAGE, b"\x06" + b"ab") + frame(WS_MESSAGE, b"\x02" + b"cd"))
-        sock.sendall(frame(WS_CLOSE, struct.pack(">H", 4001) + b"done"))
-        kind, payload = reader.frame()  # the socket's end, with the client's code
+        stream.send(
+            frame(WS_MESSAGE, b"\x01" + "hé".encode(), stream=s)
+            + frame(WS_MESSAGE, b"\x06" + b"ab", stream=s)
+            + frame(WS_MESSAGE, b"\x02" + b"cd", stream=s)
+        )
+        stream.send(frame(WS_CLOSE, struct.pack(">H", 4001) + b"done", stream=s))
+        kind, payload = stream.frame()  # the socket's end, with the client's code
         heard.append((kind, payload))
-        return False
+        return True
 
     fake.then(accept)
     running = native_server(fake.address)
@@ -1358,9 +1668,10 @@ def test_websocket_through_a_fake_python_end(fake: FakeEnd, native_server: Calla
     assert heard[2][0] == WS_CLOSE and struct.unpack(">H", heard[2][1][:2])[0] == 4001
 
 
-def test_open_websockets_do_not_hold_the_pool(bridge: Callable[..., NativeHttpServer]) -> None:
-    """An accepted WebSocket leaves the pool: with room for one request in
-    flight, two open sockets still leave plain requests served."""
+def test_open_websockets_do_not_hold_the_bound(bridge: Callable[..., NativeHttpServer]) -> None:
+    """An accepted WebSocket is a stream that no longer counts against the
+    requests in flight: with room for one, two open sockets still leave
+    plain requests served."""
     from websockets.sync.client import connect
 
     handler = EchoSocket()

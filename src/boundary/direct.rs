@@ -1,7 +1,9 @@
 //! `NativeDirectResponse`: a response built once in Rust form. Returning the
 //! same object for every request costs one header-map clone and no encoding.
 
-use bytes::Bytes;
+use std::sync::OnceLock;
+
+use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, Response, StatusCode};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -16,6 +18,8 @@ pub struct DirectResponse {
     headers: HeaderMap,
     body: Bytes,
     stream: Option<Py<PyAny>>,
+    /// Its socket-bridge form, built on first use (see `_bridge_payload`).
+    bridge: OnceLock<Option<Py<PyBytes>>>,
 }
 
 impl DirectResponse {
@@ -31,7 +35,7 @@ impl DirectResponse {
     }
 }
 
-fn status_code(status: u16) -> PyResult<StatusCode> {
+pub(super) fn status_code(status: u16) -> PyResult<StatusCode> {
     StatusCode::from_u16(status)
         .ok()
         .filter(|s| s.as_u16() >= 200)
@@ -67,6 +71,7 @@ impl DirectResponse {
             headers: headers_of(headers)?,
             body: body.map(body_bytes).transpose()?.unwrap_or_default(),
             stream: None,
+            bridge: OnceLock::new(),
         })
     }
 
@@ -74,7 +79,13 @@ impl DirectResponse {
     #[staticmethod]
     #[pyo3(signature = (status = 200, headers = None, *, body))]
     fn stream(status: u16, headers: Option<&Bound<'_, PyAny>>, body: Py<PyAny>) -> PyResult<Self> {
-        Ok(DirectResponse { status: status_code(status)?, headers: headers_of(headers)?, body: Bytes::new(), stream: Some(body) })
+        Ok(DirectResponse {
+            status: status_code(status)?,
+            headers: headers_of(headers)?,
+            body: Bytes::new(),
+            stream: Some(body),
+            bridge: OnceLock::new(),
+        })
     }
 
     #[getter]
@@ -100,6 +111,21 @@ impl DirectResponse {
     #[getter]
     fn stream_body(&self, py: Python<'_>) -> Option<Py<PyAny>> {
         self.stream.as_ref().map(|s| s.clone_ref(py))
+    }
+
+    /// The socket bridge's response head payload with the body inline, for
+    /// a whole response whose body fits one frame (else None); built once,
+    /// so a response returned for every request costs no encoding.
+    fn _bridge_payload(&self, py: Python<'_>) -> Option<Py<PyBytes>> {
+        let payload = self.bridge.get_or_init(|| {
+            if self.stream.is_some() || !crate::bridge::inlines(self.body.len()) {
+                return None;
+            }
+            let mut out = BytesMut::new();
+            crate::bridge::put_response_head(&mut out, None, self.status, Some(&self.headers), b"", Some(&self.body));
+            Some(PyBytes::new(py, &out).unbind())
+        });
+        payload.as_ref().map(|p| p.clone_ref(py))
     }
 
     fn __repr__(&self) -> String {
