@@ -240,10 +240,11 @@ class ASGIServer(BoundServer):
             scope["scheme"] = "wss" if scheme == "https" else "ws"
             scope["subprotocols"] = _subprotocols(headers)
             scope["extensions"] = {"websocket.http.response": {}}
-            start_coroutine(self._loop, _run_websocket(app, scope, _WebSocketCycle(native_request, self._loop)), self._report)
+            start_coroutine(self._loop, _run_websocket(app, scope, _WebSocketCycle(native_request, self._loop)), None)
             return
         cycle = _HttpCycle(native_request, self._loop)
-        start_coroutine(self._loop, _run(app, scope, cycle, self._access_log), self._report)
+        # _run and _run_websocket report the app's failures themselves.
+        start_coroutine(self._loop, _run(app, scope, cycle, self._access_log), None)
 
 
 def _add_host(headers: list[tuple[bytes, bytes]], authority: str | None) -> None:

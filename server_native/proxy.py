@@ -11,6 +11,10 @@ __all__ = ["ProxyHeaders"]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
+_PROXY_HEADERS = frozenset((b"x-forwarded-for", b"x-forwarded-proto", b"forwarded"))
+#: Addresses whose trust is remembered; past this the memory starts afresh.
+_CACHE_SIZE = 4096
+
 
 class ProxyHeaders:
     """``trusted``: addresses or networks (``"127.0.0.1"``, ``"10.0.0.0/8"``),
@@ -27,15 +31,25 @@ class ProxyHeaders:
                 self._any = True
             else:
                 self._networks.append(ipaddress.ip_network(item, strict=False))
+        # Parsing an address costs more than the rest of a request's Python
+        # work; the same few peers (the proxies) come back every request.
+        self._known: dict[str, bool] = {}
 
     def trusts(self, host: str) -> bool:
         if self._any:
             return True
-        try:
-            address = ipaddress.ip_address(host)
-        except ValueError:
-            return False
-        return any(address in network for network in self._networks)
+        known = self._known.get(host)
+        if known is None:
+            try:
+                address = ipaddress.ip_address(host)
+            except ValueError:
+                known = False
+            else:
+                known = any(address in network for network in self._networks)
+            if len(self._known) >= _CACHE_SIZE:
+                self._known.clear()
+            self._known[host] = known
+        return known
 
     def resolve(
         self, client: tuple[str, int] | None, scheme: str, headers: Iterable[tuple[bytes, bytes]]
@@ -44,11 +58,12 @@ class ProxyHeaders:
         With a chain of proxies, the nearest untrusted hop is the client.
         A Unix socket peer (``client`` None) is trusted, as gunicorn does:
         the socket file's permissions say who may connect."""
-        if client is not None and not self.trusts(client[0]):
+        reported = [(name, value) for name, value in headers if name in _PROXY_HEADERS]
+        if not reported or (client is not None and not self.trusts(client[0])):
             return client, scheme
         forwarded_for: list[str] = []
         proto = None
-        for name, value in headers:
+        for name, value in reported:
             if name == b"x-forwarded-for":
                 forwarded_for += [part.strip() for part in value.decode("latin-1").split(",")]
             elif name == b"x-forwarded-proto":

@@ -1246,3 +1246,41 @@ def test_bridge_disconnect(bg: BackgroundLoop) -> None:
         assert probe.send_error is None
     finally:
         running.stop()
+
+
+# ================================================================ proxy headers
+
+
+async def client_and_scheme(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] != "http":
+        return
+    body = json.dumps({"client": scope["client"], "scheme": scope["scheme"]}).encode()
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+@pytest.mark.parametrize(
+    ("trusted", "headers", "client", "scheme"),
+    [
+        (["127.0.0.0/8"], {}, "127.0.0.1", "http"),
+        (["127.0.0.0/8"], {"X-Forwarded-For": "203.0.113.7, 127.0.0.5", "X-Forwarded-Proto": "https"}, "203.0.113.7", "https"),
+        (["127.0.0.0/8"], {"Forwarded": 'for="[2001:db8::1]:4711";proto=https'}, "2001:db8::1", "https"),
+        (["10.0.0.0/8"], {"X-Forwarded-For": "203.0.113.7", "X-Forwarded-Proto": "https"}, "127.0.0.1", "http"),
+    ],
+    ids=["no-headers", "trusted-chain", "forwarded", "untrusted-peer"],
+)
+def test_proxy_headers_believed_only_from_trusted_peers(
+    bg: BackgroundLoop, trusted: list[str], headers: dict[str, str], client: str, scheme: str
+) -> None:
+    from server_native.proxy import ProxyHeaders
+
+    running = start(bg, serve_asgi, client_and_scheme, lifespan="off", proxy=ProxyHeaders(trusted))
+    try:
+        with httpx.Client() as c:
+            # twice: the second answer comes from the remembered trust of the peer
+            answers = [c.get(running.url("/"), headers=headers).json() for _ in range(2)]
+    finally:
+        running.stop()
+    assert answers[0] == answers[1]
+    assert answers[0]["client"][0] == client
+    assert answers[0]["scheme"] == scheme
