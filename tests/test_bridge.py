@@ -36,6 +36,7 @@ from typing import Any
 import httpx
 import pytest
 
+from apps.harness import h2_websocket_exchange
 from server_native import (
     ClientDisconnected,
     NativeDirectResponse,
@@ -1561,63 +1562,12 @@ def test_websocket_send_after_close_raises(serve: Any, loop_thread: LoopThread) 
     assert isinstance(outcome[0], ClientDisconnected) and outcome[1] == 1000
 
 
-def h2_websocket_exchange(port: int, messages: list[bytes]) -> tuple[int, list[bytes]]:
-    """RFC 8441: a WebSocket over an HTTP/2 extended CONNECT stream, by hand
-    (h2 + wsproto's frame layer). Returns the status and the echoed messages."""
-    import h2.config
-    import h2.connection
-    import h2.events
-    from wsproto.frame_protocol import FrameProtocol, Opcode
-
-    sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
-    conn.initiate_connection()
-    sock.sendall(conn.data_to_send())
-    ws = FrameProtocol(client=True, extensions=[])
-    status = 0
-    echoed: list[bytes] = []
-    partial = bytearray()
-    sent = False
-    with sock:
-        while len(echoed) < len(messages):
-            data = sock.recv(65536)
-            if not data:
-                break
-            for event in conn.receive_data(data):
-                if isinstance(event, h2.events.RemoteSettingsChanged) and not sent:
-                    conn.send_headers(
-                        1,
-                        [(":method", "CONNECT"), (":protocol", "websocket"), (":scheme", "http"), (":path", "/h2"),
-                         (":authority", f"127.0.0.1:{port}"), ("sec-websocket-version", "13")],
-                    )
-                    sent = True
-                elif isinstance(event, h2.events.ResponseReceived):
-                    status = int(dict(event.headers)[":status"])
-                    if status != 200:
-                        return status, echoed
-                    for message in messages:
-                        data = ws.send_data(message, fin=True)
-                        for at in range(0, len(data), 16_384):  # the default frame size
-                            conn.send_data(1, data[at : at + 16_384])
-                elif isinstance(event, h2.events.DataReceived):
-                    conn.acknowledge_received_data(event.flow_controlled_length, 1)
-                    ws.receive_bytes(event.data)
-                    for frame in ws.received_frames():  # wsproto hands over partial frames
-                        if frame.opcode in (Opcode.BINARY, Opcode.TEXT, Opcode.CONTINUATION):
-                            partial += frame.payload if isinstance(frame.payload, bytes) else frame.payload.encode()
-                            if frame.message_finished:
-                                echoed.append(bytes(partial))
-                                partial.clear()
-            sock.sendall(conn.data_to_send())
-    return status, echoed
-
-
 def test_websocket_over_http2(serve: Any) -> None:
     handler = EchoSocket()
     running = serve(handler)
     messages = [b"first", os.urandom(40_000)]  # within the default flow-control window
-    status, echoed = h2_websocket_exchange(running.port, messages)
-    assert status == 200
+    headers, echoed = h2_websocket_exchange(running.port, messages)
+    assert headers[":status"] == "200"
     assert echoed == messages
     assert handler.kinds[0] in ("NativeRequest", "BridgeRequest")
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from apps.harness import serving
+from apps.harness import h2_websocket_exchange, serving
 from server_native.asgi import serve_asgi
 from server_native.websocket import upgrade_websocket
 
@@ -310,66 +310,11 @@ def test_which_offer_is_taken(serve: Any, offers: list[str], answer: str | None)
         assert handshake(sock, running.port, offers).get("sec-websocket-extensions") == answer
 
 
-def h2_deflate_exchange(port: int, messages: list[bytes]) -> tuple[dict[str, str], list[bytes]]:
-    """RFC 8441 with permessage-deflate: an extended CONNECT stream (h2)
-    carrying wsproto's frames, compressed with the extension the server
-    agreed to. Returns the response headers and the echoed messages."""
-    import h2.config
-    import h2.connection
-    import h2.events
-    from wsproto.extensions import PerMessageDeflate
-    from wsproto.frame_protocol import FrameProtocol, Opcode
-
-    deflate = PerMessageDeflate()
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
-    conn.initiate_connection()
-    headers: dict[str, str] = {}
-    echoed: list[bytes] = []
-    partial = bytearray()
-    ws: FrameProtocol | None = None
-    sent = False
-    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
-        sock.sendall(conn.data_to_send())
-        while len(echoed) < len(messages):
-            data = sock.recv(65536)
-            if not data:
-                break
-            for event in conn.receive_data(data):
-                if isinstance(event, h2.events.RemoteSettingsChanged) and not sent:
-                    sent = True
-                    conn.send_headers(1, [
-                        (":method", "CONNECT"), (":protocol", "websocket"), (":scheme", "http"), (":path", "/h2"),
-                        (":authority", f"127.0.0.1:{port}"), ("sec-websocket-version", "13"),
-                        ("sec-websocket-extensions", f"permessage-deflate; {deflate.offer()}"),
-                    ])
-                elif isinstance(event, h2.events.ResponseReceived):
-                    headers = dict(event.headers)
-                    if headers[":status"] != "200" or "sec-websocket-extensions" not in headers:
-                        return headers, echoed
-                    deflate.finalize(headers["sec-websocket-extensions"])
-                    ws = FrameProtocol(client=True, extensions=[deflate])
-                    for message in messages:
-                        data = ws.send_data(message, fin=True)
-                        for at in range(0, len(data), 16_384):  # the default frame size
-                            conn.send_data(1, data[at : at + 16_384])
-                elif isinstance(event, h2.events.DataReceived) and ws is not None:
-                    conn.acknowledge_received_data(event.flow_controlled_length, 1)
-                    ws.receive_bytes(event.data)
-                    for frame in ws.received_frames():
-                        if frame.opcode in (Opcode.BINARY, Opcode.CONTINUATION):
-                            partial += frame.payload
-                            if frame.message_finished:
-                                echoed.append(bytes(partial))
-                                partial.clear()
-            sock.sendall(conn.data_to_send())
-    return headers, echoed
-
-
 def test_deflate_over_http2(serve: Any) -> None:
     running = serve(Echo())
     # compressible: 200 KB that fit the default 64 KiB flow-control window once deflated
     messages = [b"first", compressible_text(200_000).encode(), b""]
-    headers, echoed = h2_deflate_exchange(running.port, messages)
+    headers, echoed = h2_websocket_exchange(running.port, messages, deflate=True)
     assert headers[":status"] == "200"
     assert headers["sec-websocket-extensions"] == "permessage-deflate; server_max_window_bits=15"
     assert echoed == messages

@@ -252,3 +252,67 @@ def uvicorn_process(target: str, *args: str) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(TIMEOUT)
+
+
+def h2_websocket_exchange(
+    port: int, messages: list[bytes], *, deflate: bool = False
+) -> tuple[dict[str, str], list[bytes]]:
+    """RFC 8441: a WebSocket over an HTTP/2 extended CONNECT stream, by hand
+    (h2 + wsproto's frame layer), sending ``messages`` as binary and
+    collecting the echoes; with ``deflate`` offering permessage-deflate and
+    compressing with what the server agreed to. Returns the response headers
+    and the echoed messages."""
+    import h2.config
+    import h2.connection
+    import h2.events
+    from wsproto.extensions import PerMessageDeflate
+    from wsproto.frame_protocol import FrameProtocol, Opcode
+
+    compression = PerMessageDeflate() if deflate else None
+    request = [(":method", "CONNECT"), (":protocol", "websocket"), (":scheme", "http"), (":path", "/h2"),
+               (":authority", f"127.0.0.1:{port}"), ("sec-websocket-version", "13")]  # fmt: skip
+    if compression is not None:
+        request.append(("sec-websocket-extensions", f"permessage-deflate; {compression.offer()}"))
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    conn.initiate_connection()
+    headers: dict[str, str] = {}
+    echoed: list[bytes] = []
+    partial = bytearray()
+    ws: FrameProtocol | None = None
+    sent = False
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+        sock.sendall(conn.data_to_send())
+        while len(echoed) < len(messages):
+            data = sock.recv(65536)
+            if not data:
+                break
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.RemoteSettingsChanged) and not sent:
+                    sent = True
+                    conn.send_headers(1, request)
+                elif isinstance(event, h2.events.ResponseReceived):
+                    headers = dict(event.headers)
+                    if headers[":status"] != "200":
+                        return headers, echoed
+                    extensions = []
+                    if compression is not None:
+                        if "sec-websocket-extensions" not in headers:
+                            return headers, echoed
+                        compression.finalize(headers["sec-websocket-extensions"])
+                        extensions.append(compression)
+                    ws = FrameProtocol(client=True, extensions=extensions)
+                    for message in messages:
+                        data = ws.send_data(message, fin=True)
+                        for at in range(0, len(data), 16_384):  # the default frame size
+                            conn.send_data(1, data[at : at + 16_384])
+                elif isinstance(event, h2.events.DataReceived) and ws is not None:
+                    conn.acknowledge_received_data(event.flow_controlled_length, 1)
+                    ws.receive_bytes(event.data)
+                    for frame in ws.received_frames():  # wsproto hands over partial frames
+                        if frame.opcode in (Opcode.BINARY, Opcode.TEXT, Opcode.CONTINUATION):
+                            partial += frame.payload if isinstance(frame.payload, bytes) else frame.payload.encode()
+                            if frame.message_finished:
+                                echoed.append(bytes(partial))
+                                partial.clear()
+            sock.sendall(conn.data_to_send())
+    return headers, echoed
