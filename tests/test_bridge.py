@@ -238,6 +238,17 @@ def answer_ok(stream: FakeStream, exchange: Exchange) -> bool:
     return True
 
 
+def held_until(release: threading.Event, arrived: threading.Semaphore) -> Callable[[FakeStream, Exchange], bool]:
+    """A script that says it has its request, then answers once released."""
+
+    def script(stream: FakeStream, exchange: Exchange) -> bool:
+        arrived.release()
+        assert release.wait(TIMEOUT)
+        return answer_ok(stream, exchange)
+
+    return script
+
+
 class FakeConnection:
     """One connection from the native side: a thread reads every frame and
     hands it to its stream; each request runs its script on a thread."""
@@ -465,10 +476,7 @@ def test_one_connection_carries_every_request(fake: FakeEnd, native_server: Call
     release = threading.Event()
     arrived = threading.Semaphore(0)
 
-    def slow(stream: FakeStream, exchange: Exchange) -> bool:
-        arrived.release()
-        assert release.wait(TIMEOUT)
-        return answer_ok(stream, exchange)
+    slow = held_until(release, arrived)
 
     running = native_server(fake.address)
     with httpx.Client(timeout=TIMEOUT) as client:
@@ -493,10 +501,7 @@ def test_streams_in_flight_are_bounded(fake: FakeEnd, native_server: Callable[..
     release = threading.Event()
     arrived = threading.Semaphore(0)
 
-    def slow(stream: FakeStream, exchange: Exchange) -> bool:
-        arrived.release()
-        assert release.wait(TIMEOUT)
-        return answer_ok(stream, exchange)
+    slow = held_until(release, arrived)
 
     fake.then(slow, slow, slow, slow)
     running = native_server(fake.address, max_pending_requests=2)

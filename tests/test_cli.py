@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,31 +20,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-APP = '''
-import asyncio, os
-
-async def app(scope, receive, send):
-    if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            await send({"type": message["type"] + ".complete"})
-            if message["type"] == "lifespan.shutdown":
-                return
-    if scope["type"] == "websocket":
-        await receive()
-        await send({"type": "websocket.accept"})
-        await receive()
-        return
-    if scope["path"] == "/slow":
-        await asyncio.sleep(1)
-    body = f"{os.getpid()} {scope['client'][0]} {scope['scheme']}".encode()
-    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
-    await send({"type": "http.response.body", "body": body})
-
-def wsgi(environ, start_response):
-    start_response("200 OK", [("Content-Type", "text/plain")])
-    return [b"wsgi " + environ["PATH_INFO"].encode()]
-'''
+CLI_APP = Path(__file__).parent / "apps" / "cliapp.py"
 
 
 def free_port() -> int:
@@ -54,7 +31,7 @@ def free_port() -> int:
 
 @pytest.fixture
 def app_dir(tmp_path: Path) -> Path:
-    (tmp_path / "cliapp.py").write_text(APP)
+    shutil.copy(CLI_APP, tmp_path / "cliapp.py")
     return tmp_path
 
 
@@ -110,24 +87,24 @@ def test_serves_an_asgi_app(app_dir: Path) -> None:
     with serving(app_dir, "cliapp:app") as (_, port):
         status, body = get(port, "/")
     assert status == 200
-    assert body.split()[1:] == ["127.0.0.1", "http"]
+    assert body.split()[1:3] == ["127.0.0.1", "http"]
 
 
 def test_detects_a_wsgi_app(app_dir: Path) -> None:
     with serving(app_dir, "cliapp:wsgi") as (_, port):
-        assert get(port, "/hello") == (200, "wsgi /hello")
+        assert get(port, "/hello") == (200, "wsgi /hello '127.0.0.1'")
 
 
 def test_trusted_proxy_headers_are_believed(app_dir: Path) -> None:
     with serving(app_dir, "cliapp:app") as (_, port):
         _, body = get(port, "/", {"X-Forwarded-For": "203.0.113.7", "X-Forwarded-Proto": "https"})
-    assert body.split()[1:] == ["203.0.113.7", "https"]
+    assert body.split()[1:3] == ["203.0.113.7", "https"]
 
 
 def test_untrusted_proxy_headers_are_ignored(app_dir: Path) -> None:
     with serving(app_dir, "cliapp:app", "--forwarded-allow-ips", "10.0.0.1") as (_, port):
         _, body = get(port, "/", {"X-Forwarded-For": "203.0.113.7", "X-Forwarded-Proto": "https"})
-    assert body.split()[1:] == ["127.0.0.1", "http"]
+    assert body.split()[1:3] == ["127.0.0.1", "http"]
 
 
 def pids_seen(port: int, attempts: int = 200) -> set[str]:

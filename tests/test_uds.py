@@ -9,6 +9,7 @@ import errno
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
 import stat
@@ -240,30 +241,7 @@ def test_an_fd_that_is_not_a_socket_is_a_clear_error(tmp_path: Path, loop_thread
 
 # -- the command line ---------------------------------------------------------
 
-CLI_APP = '''
-import asyncio, os
-
-async def app(scope, receive, send):
-    if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            await send({"type": message["type"] + ".complete"})
-            if message["type"] == "lifespan.shutdown":
-                return
-    if scope["path"] == "/slow":
-        await asyncio.sleep(1)
-    body = f"{os.getpid()} {scope['client']} {scope['server'][0]}".encode()
-    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
-    await send({"type": "http.response.body", "body": body})
-
-def wsgi(environ, start_response):
-    start_response("200 OK", [("Content-Type", "text/plain")])
-    return [f"wsgi {environ['REMOTE_ADDR']!r}".encode()]
-
-def direct(request):
-    from server_native import NativeDirectResponse
-    return NativeDirectResponse.bytes(200, None, f"direct {request.client}")
-'''
+CLI_APP = Path(__file__).parent / "apps" / "cliapp.py"
 
 
 def cli(app_dir: Path, *args: str, **options: Any) -> subprocess.Popen[str]:
@@ -281,7 +259,7 @@ def cli(app_dir: Path, *args: str, **options: Any) -> subprocess.Popen[str]:
 
 @pytest.fixture
 def app_dir(tmp_path: Path) -> Path:
-    (tmp_path / "udsapp.py").write_text(CLI_APP)
+    shutil.copy(CLI_APP, tmp_path / "udsapp.py")
     return tmp_path
 
 
@@ -314,7 +292,7 @@ def cli_serving(app_dir: Path, path: str, *args: str) -> Iterator[subprocess.Pop
 
 @pytest.mark.parametrize(
     ("target", "expected"),
-    [("udsapp:app", " None "), ("udsapp:wsgi", "wsgi ''"), ("udsapp:direct", "direct None")],
+    [("udsapp:app", " None "), ("udsapp:wsgi", "wsgi / ''"), ("udsapp:direct", "direct None")],
 )
 def test_cli_serves_every_interface_and_removes_the_socket(app_dir: Path, sock_path: str, target: str, expected: str) -> None:
     interface = target.split(":")[1].replace("app", "asgi")
@@ -333,7 +311,7 @@ def test_cli_workers_share_one_socket_respawn_and_drain(app_dir: Path, sock_path
         while len(pids) < 2 and time.monotonic() < deadline:
             pids.add(get(sock_path).split()[0])
         assert len(pids) == 2
-        assert get(sock_path).split()[2] == sock_path
+        assert get(sock_path).split()[3] == sock_path
 
         victim = int(sorted(pids)[0])
         os.kill(victim, signal.SIGKILL)
@@ -368,7 +346,7 @@ def test_cli_replaces_a_stale_socket(app_dir: Path, sock_path: str) -> None:
     with socket.socket(socket.AF_UNIX) as gone:
         gone.bind(sock_path)
     with cli_serving(app_dir, sock_path, "udsapp:app", "--workers", "2"):
-        assert get(sock_path).split()[2] == sock_path
+        assert get(sock_path).split()[3] == sock_path
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])

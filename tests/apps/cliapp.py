@@ -1,0 +1,39 @@
+"""The app the command-line tests serve, copied next to them as a module of
+its own (tests/test_cli.py, tests/test_uds.py). Each interface answers with
+what the tests check: the worker's pid, the client and scheme the app saw,
+and the server's address (a Unix socket's path); a WebSocket is accepted
+and held until the client's next message."""
+
+import asyncio
+import os
+
+
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            await send({"type": message["type"] + ".complete"})
+            if message["type"] == "lifespan.shutdown":
+                return
+    if scope["type"] == "websocket":
+        await receive()
+        await send({"type": "websocket.accept"})
+        await receive()
+        return
+    if scope["path"] == "/slow":
+        await asyncio.sleep(1)
+    client = scope["client"][0] if scope["client"] else None
+    body = f"{os.getpid()} {client} {scope['scheme']} {scope['server'][0]}".encode()
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def wsgi(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [f"wsgi {environ['PATH_INFO']} {environ['REMOTE_ADDR']!r}".encode()]
+
+
+def direct(request):
+    from server_native import NativeDirectResponse
+
+    return NativeDirectResponse.bytes(200, None, f"direct {request.client}")
