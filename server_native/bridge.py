@@ -131,6 +131,11 @@ def _frame(kind: int, stream: int, payload: bytes = b"") -> bytes:
 _HEAD_FIXED = struct.Struct(">HHBI")
 
 
+def _head_string(index: int) -> Any:
+    """A string of the request head, decoded only when asked for."""
+    return property(lambda request: request._fields[index].decode("latin-1"))
+
+
 class BridgeRequest:
     """One request that came over the bridge (one stream); the interface of
     ``_native.NativeRequest``."""
@@ -191,30 +196,17 @@ class BridgeRequest:
 
     # -- head -------------------------------------------------------------
 
-    @property
-    def method(self) -> str:
-        return self._fields[0].decode("latin-1")  # type: ignore[no-any-return]
-
-    @property
-    def scheme(self) -> str:
-        return self._fields[1].decode("latin-1")  # type: ignore[no-any-return]
+    method = _head_string(0)
+    scheme = _head_string(1)
 
     @property
     def authority(self) -> str | None:
         authority = self._fields[2]
         return authority.decode("latin-1") if authority else None
 
-    @property
-    def path(self) -> str:
-        return self._fields[3].decode("latin-1")  # type: ignore[no-any-return]
-
-    @property
-    def query(self) -> str:
-        return self._fields[4].decode("latin-1")  # type: ignore[no-any-return]
-
-    @property
-    def http_version(self) -> str:
-        return self._fields[5].decode("latin-1")  # type: ignore[no-any-return]
+    path = _head_string(3)
+    query = _head_string(4)
+    http_version = _head_string(5)
 
     @property
     def remote_addr(self) -> tuple[str, int] | None:

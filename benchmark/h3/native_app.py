@@ -1,6 +1,6 @@
 """The benchmark app on server_native, HttpServer style (every request goes
 through Python): ``GET /`` answers ``Hello, World!``, ``POST /echo`` sends
-the request body back, as ``asgi_app.py`` does.
+the request body back, as ``../apps/asgi_hello.py`` does for Hypercorn.
 
 With ``--cert``/``--key`` it serves TLS with HTTP/1.1, HTTP/2 and HTTP/3
 (QUIC on the same port number); without them plaintext HTTP/1.1 and h2c.

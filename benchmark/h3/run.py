@@ -7,7 +7,7 @@ sent back). Cases:
 - ``native_h3``: ``native_app.py`` over TLS with HTTP/3 (HttpServer style,
   every request through Python), loaded by ``h3load`` (this folder's Rust
   client, quinn + h3);
-- ``hypercorn_h3``: Hypercorn ``--quic-bind`` serving ``asgi_app.py``, loaded
+- ``hypercorn_h3``: Hypercorn ``--quic-bind`` serving ``apps/asgi_hello.py``, loaded
   by ``h3load``;
 - ``native_h2c``: ``native_app.py`` in plaintext, prior-knowledge h2c, loaded
   by ``h2load`` (Debian ``nghttp2-client``);
@@ -130,7 +130,7 @@ class Case:
             ]
             if has_uvloop():
                 command += ["--worker-class", "uvloop"]
-            return [*command, "asgi_app:app"]
+            return [*command, "asgi_hello:app"]
         raise ValueError(self.name)
 
     def available(self) -> str | None:
@@ -159,7 +159,7 @@ class Server:
         command = case.command(port, cert, key)
         if pin is not None:
             command = ["taskset", "-c", pin, *command]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(HERE)])}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(HERE), str(ROOT / "benchmark" / "apps")])}
         self.output = tempfile.TemporaryFile(mode="w+")
         self.process = subprocess.Popen(
             command, cwd=HERE, env=env, stdout=self.output, stderr=subprocess.STDOUT, start_new_session=True
