@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import threading
 from collections.abc import Awaitable, Callable, Iterator
@@ -16,6 +17,7 @@ import pytest
 import trustme
 from cryptography.hazmat.primitives import serialization
 
+from apps.harness import BackgroundLoop
 from server_native import NativeHttpServer
 from server_native.addresses import ipv6_available
 
@@ -152,3 +154,20 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
         ca, ca_path, cert_path, key_path, encrypted_key_path, password,
         client_cert_path, client_key_path, client_ca, client_ca_path,
     )
+
+
+@pytest.fixture
+def bg() -> Iterator[BackgroundLoop]:
+    """An asyncio loop on a thread of its own, for servers started by hand."""
+    loop = BackgroundLoop()
+    yield loop
+    loop.stop()
+
+
+@pytest.fixture
+def data_file(tmp_path: Path) -> tuple[Path, bytes]:
+    """A file of 3 MiB and a bit of random bytes, and its content."""
+    data = os.urandom(3 * 1024 * 1024 + 12345)
+    path = tmp_path / "data.bin"
+    path.write_bytes(data)
+    return path, data

@@ -83,21 +83,6 @@ def fast() -> Iterator[Running]:
         yield running
 
 
-@pytest.fixture
-def bg() -> Iterator[BackgroundLoop]:
-    loop = BackgroundLoop()
-    yield loop
-    loop.stop()
-
-
-@pytest.fixture
-def data_file(tmp_path: Path) -> tuple[Path, bytes]:
-    data = os.urandom(3 * MiB + 12345)
-    path = tmp_path / "data.bin"
-    path.write_bytes(data)
-    return path, data
-
-
 # ================================================================ Starlette
 
 

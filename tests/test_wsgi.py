@@ -77,21 +77,6 @@ def django_server() -> Iterator[Running]:
         yield running
 
 
-@pytest.fixture
-def bg() -> Iterator[BackgroundLoop]:
-    loop = BackgroundLoop()
-    yield loop
-    loop.stop()
-
-
-@pytest.fixture
-def data_file(tmp_path: Path) -> tuple[Path, bytes]:
-    data = os.urandom(3 * MiB + 321)
-    path = tmp_path / "data.bin"
-    path.write_bytes(data)
-    return path, data
-
-
 def run_raw(bg: BackgroundLoop, app: Callable[[Environ, StartResponse], Iterable[bytes]], **options: Any) -> Running:
     return start(bg, serve_wsgi, app, **options)
 
