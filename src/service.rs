@@ -12,7 +12,6 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::body::{pump, BodyEnd, RequestBody, ResponseBody};
-use crate::boundary::queue::Event;
 use crate::compress;
 use crate::config::seconds;
 use crate::connection::Connection;
@@ -141,7 +140,7 @@ async fn dispatch<B: RequestBodySource>(request: Request<B>, conn: &Arc<Connecti
     if let Some(upgrade) = upgrade {
         exchange.set_upgrade(upgrade);
     }
-    server.events.push(Event::Request(exchange.clone()));
+    server.events.push_request(exchange.clone());
     // An exchange answered here (504, or the application gone) is abandoned,
     // so that nobody goes on waiting on it (a body, a drain, a disconnect).
     let mut guard = AbandonOnDrop(Some(exchange));

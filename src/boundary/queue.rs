@@ -1,10 +1,12 @@
 //! The one road from tokio threads to the asyncio loop: a queue of events and a
 //! wake-up byte written only when the loop is not already due to drain it.
 
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
 use pyo3::prelude::*;
@@ -40,14 +42,36 @@ pub enum Consumer {
     Thread(Condvar),
 }
 
+/// How long queued requests wait for a busy pool thread to make progress
+/// before an idle one is woken for them.
+const POOL_STALL: Duration = Duration::from_millis(1);
+
+thread_local! {
+    /// Whether this consumer thread holds a request taken with `wait_one`.
+    static IN_REQUEST: Cell<bool> = const { Cell::new(false) };
+}
+
 /// Tokio threads never take the GIL: they queue events and, once per batch,
 /// wake the consumer (one byte on a socket, or one condvar signal).
+///
+/// A pool of consumer threads (WSGI) shares the GIL, so waking a second
+/// thread while one is running Python only makes them trade the GIL per
+/// request (pinned to one core: 30k req/s with four threads against 47k with
+/// one). A request that comes while a pool thread is busy is left for that
+/// thread to take when it is done; an idle thread is woken only when no busy
+/// thread finishes anything for `POOL_STALL` (it is blocked: a slow upstream,
+/// a sleep) or when a busy thread blocks natively on its client.
 pub struct EventQueue {
     events: Mutex<VecDeque<Event>>,
     wake_pending: AtomicBool,
     consumer: Consumer,
     /// Set once the server is closed and every event before that is queued.
     closed: AtomicBool,
+    /// Pool threads that hold a request and are not blocked natively.
+    busy: AtomicUsize,
+    /// Requests pool threads have finished: the stall watchdog's sign of life.
+    finished: AtomicU64,
+    watchdog: AtomicBool,
 }
 
 impl EventQueue {
@@ -57,6 +81,9 @@ impl EventQueue {
             wake_pending: AtomicBool::new(false),
             consumer,
             closed: AtomicBool::new(false),
+            busy: AtomicUsize::new(0),
+            finished: AtomicU64::new(0),
+            watchdog: AtomicBool::new(false),
         }
     }
 
@@ -65,21 +92,59 @@ impl EventQueue {
         self.wake();
     }
 
-    fn wake(&self) {
-        match &self.consumer {
-            // A wake-up byte stays in the socket until the loop reads it, so
-            // one per batch is enough.
-            Consumer::Loop(signal) => {
-                if !self.wake_pending.swap(true, Ordering::AcqRel) {
-                    signal.notify();
+    /// Queues a new request: for a pool with a busy thread, that thread
+    /// takes it next unless the watchdog sees it stall.
+    pub fn push_request(self: &Arc<Self>, exchange: Arc<Exchange>) {
+        self.events.lock().push_back(Event::Request(exchange));
+        if self.busy.load(Ordering::Acquire) > 0 || !self.wake() {
+            self.watch_stall();
+        }
+    }
+
+    /// While requests wait, checks every `POOL_STALL` that the busy threads
+    /// finish some; if none did, wakes an idle thread.
+    fn watch_stall(self: &Arc<Self>) {
+        if self.watchdog.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let queue = self.clone();
+        crate::runtime::runtime().spawn(async move {
+            loop {
+                let seen = queue.finished.load(Ordering::Acquire);
+                tokio::time::sleep(POOL_STALL).await;
+                if queue.events.lock().is_empty() {
+                    break;
+                }
+                if let (Consumer::Thread(condvar), true) = (&queue.consumer, queue.finished.load(Ordering::Acquire) == seen) {
+                    condvar.notify_one();
                 }
             }
-            // A condvar signal is lost when nobody waits, so every push
-            // signals; with no waiter that is one atomic load.
+            queue.watchdog.store(false, Ordering::Release);
+            // A request pushed just before the flag fell found it still set.
+            if !queue.events.lock().is_empty() && queue.busy.load(Ordering::Acquire) > 0 {
+                queue.watch_stall();
+            }
+        });
+    }
+
+    /// Signals the consumer unless a signal is already on its way (false
+    /// then). A wake-up byte stays in the socket until the loop reads it; a
+    /// signalled thread looks at the whole queue before it waits again, and
+    /// waking a second one meanwhile would only have two wait for the GIL.
+    fn wake(&self) -> bool {
+        if self.wake_pending.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        match &self.consumer {
+            Consumer::Loop(signal) => signal.notify(),
             Consumer::Thread(condvar) => {
-                condvar.notify_one();
+                // Nobody waiting: a thread on its way back looks at the queue.
+                if !condvar.notify_one() {
+                    self.wake_pending.store(false, Ordering::Release);
+                }
             }
         }
+        true
     }
 
     /// Whether threads consume the requests (rather than an asyncio loop).
@@ -91,7 +156,48 @@ impl EventQueue {
     pub fn close(&self) {
         self.closed.store(true, Ordering::Release);
         let _guard = self.events.lock();
-        self.wake();
+        match &self.consumer {
+            Consumer::Loop(signal) => signal.notify(),
+            Consumer::Thread(condvar) => {
+                condvar.notify_all();
+            }
+        }
+    }
+
+    /// A pool thread is done with the request it took (if any).
+    pub fn request_done(&self) {
+        if IN_REQUEST.replace(false) {
+            self.busy.fetch_sub(1, Ordering::AcqRel);
+            self.finished.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    fn pop_request(&self, events: &mut VecDeque<Event>) -> Option<Arc<Exchange>> {
+        let exchange = std::iter::from_fn(|| events.pop_front()).find_map(Event::into_request)?;
+        IN_REQUEST.set(true);
+        self.busy.fetch_add(1, Ordering::AcqRel);
+        Some(exchange)
+    }
+
+    /// A queued request, without waiting: a pool thread that finds one keeps
+    /// the GIL instead of handing it to another thread.
+    pub fn try_take_one(&self) -> Option<Arc<Exchange>> {
+        self.pop_request(&mut self.events.lock())
+    }
+
+    /// Runs `block` (a pool thread waiting on its client) with the thread
+    /// counted as idle, so queued requests get another thread meanwhile.
+    pub fn while_blocked<T>(&self, block: impl FnOnce() -> T) -> T {
+        if !IN_REQUEST.get() {
+            return block();
+        }
+        self.busy.fetch_sub(1, Ordering::AcqRel);
+        if !self.events.lock().is_empty() {
+            self.wake();
+        }
+        let result = block();
+        self.busy.fetch_add(1, Ordering::AcqRel);
+        result
     }
 
     /// Blocks until there is a request and takes it; None once closed and
@@ -100,7 +206,7 @@ impl EventQueue {
         let Consumer::Thread(condvar) = &self.consumer else { return None };
         let mut events = self.events.lock();
         loop {
-            if let Some(exchange) = std::iter::from_fn(|| events.pop_front()).find_map(Event::into_request) {
+            if let Some(exchange) = self.pop_request(&mut events) {
                 return Some(exchange);
             }
             if self.closed.load(Ordering::Acquire) {
@@ -109,6 +215,7 @@ impl EventQueue {
                 return None;
             }
             condvar.wait(&mut events);
+            self.wake_pending.store(false, Ordering::Release);
         }
     }
 
@@ -126,6 +233,7 @@ impl EventQueue {
                 return None;
             }
             condvar.wait(&mut events);
+            self.wake_pending.store(false, Ordering::Release);
         }
     }
 

@@ -212,7 +212,7 @@ impl NativeRequest {
     fn read_blocking<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
         let body = &self.exchange.body;
         let step = match body.read(|| None) {
-            BodyRead::Pending => py.detach(|| body.read_blocking()),
+            BodyRead::Pending => py.detach(|| self.server.events.while_blocked(|| body.read_blocking())),
             step => step,
         };
         body_chunk(py, step)
@@ -255,7 +255,7 @@ impl NativeRequest {
         let stream = self.exchange.stream().ok_or_else(|| PyRuntimeError::new_err("write_blocking() before start()"))?;
         let sent = match stream.write_nowait(Bytes::copy_from_slice(data)) {
             WriteResult::Ready => true,
-            WriteResult::Wait => py.detach(|| stream.wait_drained()),
+            WriteResult::Wait => py.detach(|| self.server.events.while_blocked(|| stream.wait_drained())),
             WriteResult::PeerGone => false,
         };
         if sent {

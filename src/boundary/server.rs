@@ -132,7 +132,9 @@ impl NativeServer {
     /// request comes and returns it; None once the server is closed.
     fn next_request(&self, py: Python<'_>) -> Option<NativeRequest> {
         let events = self.shared.events.clone();
-        py.detach(|| events.wait_one()).map(|exchange| NativeRequest::new(exchange, self.shared.clone()))
+        events.request_done();
+        let exchange = events.try_take_one().or_else(|| py.detach(|| events.wait_one()))?;
+        Some(NativeRequest::new(exchange, self.shared.clone()))
     }
 
     /// The bound addresses as `(host, port)`.
