@@ -5,12 +5,12 @@
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
+use futures_util::FutureExt;
 use h3::server::RequestStream;
 use http::header::{HeaderName, CONNECTION, CONTENT_LENGTH, DATE, TRANSFER_ENCODING, UPGRADE};
 use http::{HeaderValue, Method, Request, Response, Version};
@@ -91,8 +91,7 @@ pub async fn accept_loop(endpoint: quinn::Endpoint, server: Arc<ServerShared>) {
 
 async fn serve_connection(incoming: quinn::Incoming, local: SocketAddr, server: Arc<ServerShared>) {
     let _counted = server.stats.open();
-    let early = Arc::new(AtomicBool::new(false));
-    let Some(quic) = establish(incoming, &server, &early).await else { return };
+    let Some((quic, mut handshake)) = establish(incoming, &server).await else { return };
     let peer_certificate = quic
         .peer_identity()
         .and_then(|identity| identity.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok())
@@ -108,10 +107,15 @@ async fn serve_connection(incoming: quinn::Incoming, local: SocketAddr, server: 
             accepted = h3.accept() => match accepted {
                 Ok(Some(resolver)) => {
                     let conn = conn.clone();
-                    let early = early.clone();
+                    // quinn's own test (`RecvStream::is_0rtt`): the stream was
+                    // accepted before the handshake completed.
+                    let early = handshake.as_mut().is_some_and(|confirmed| confirmed.now_or_never().is_none());
+                    if !early {
+                        handshake = None;
+                    }
                     requests.spawn(async move {
                         if let Ok((mut request, stream)) = resolver.resolve_request().await {
-                            if early.load(Ordering::Acquire) {
+                            if early {
                                 // RFC 8470: the application may answer 425.
                                 request.headers_mut().insert("early-data", HeaderValue::from_static("1"));
                             }
@@ -147,28 +151,20 @@ async fn serve_connection(incoming: quinn::Incoming, local: SocketAddr, server: 
     }
 }
 
-/// Completes the handshake. With 0-RTT on, the connection is used at once
-/// and `early` stays set until the handshake confirms the client.
-async fn establish(incoming: quinn::Incoming, server: &ServerShared, early: &Arc<AtomicBool>) -> Option<quinn::Connection> {
+/// Completes the handshake. With 0-RTT on, the connection is used at once,
+/// with the future that resolves once the handshake completes.
+async fn establish(incoming: quinn::Incoming, server: &ServerShared) -> Option<(quinn::Connection, Option<quinn::ZeroRttAccepted>)> {
     let connecting = incoming.accept().ok()?;
     let connecting = if server.config.http3_early_data {
         match connecting.into_0rtt() {
-            Ok((quic, accepted)) => {
-                early.store(true, Ordering::Release);
-                let early = early.clone();
-                tokio::spawn(async move {
-                    accepted.await;
-                    early.store(false, Ordering::Release);
-                });
-                return Some(quic);
-            }
+            Ok((quic, confirmed)) => return Some((quic, Some(confirmed))),
             Err(connecting) => connecting,
         }
     } else {
         connecting
     };
     tokio::select! {
-        result = tokio::time::timeout(server.handshake_timeout, connecting) => result.ok()?.ok(),
+        result = tokio::time::timeout(server.handshake_timeout, connecting) => Some((result.ok()?.ok()?, None)),
         _ = server.force.cancelled() => None,
     }
 }

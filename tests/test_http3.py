@@ -919,13 +919,6 @@ def test_zero_rtt_requests_are_marked_early_data(serve: Any, loop_thread: LoopTh
     assert resumed["protocol_version"] == "3" and resumed["path"] == "/early"
 
 
-@pytest.mark.xfail(
-    reason="BUG (a race, so not strict): with http3_early_data=True every connection starts marked "
-    "early (quinn's server-side into_0rtt always succeeds) until a spawned task sees the handshake "
-    "complete; a 1-RTT request on a full handshake that is resolved before that task runs gets "
-    "`early-data: 1` (seen on 8-15 of 60 connections)",
-    strict=False,
-)
 def test_full_handshake_requests_are_not_marked_early_data(serve: Any, loop_thread: LoopThread, certs: Certificates) -> None:
     running = start_h3(serve, certs, describe, http3_early_data=True)
 
