@@ -35,6 +35,8 @@ pub struct Connection {
     started: AtomicBool,
     /// Milliseconds since `server.epoch` of the last byte read or written.
     last_activity: AtomicU64,
+    /// Set by the first HTTP/2 request: writes are then coalesced (`Tracked`).
+    multiplexed: AtomicBool,
 }
 
 impl Connection {
@@ -56,9 +58,15 @@ impl Connection {
             in_flight: AtomicUsize::new(0),
             started: AtomicBool::new(false),
             last_activity: AtomicU64::new(0),
+            multiplexed: AtomicBool::new(false),
         });
         conn.touch();
         conn
+    }
+
+    /// The connection carries many streams at once (HTTP/2).
+    pub fn set_multiplexed(&self) {
+        self.multiplexed.store(true, Ordering::Relaxed);
     }
 
     /// Counts a request as in flight until the returned guard drops.
@@ -125,7 +133,7 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let conn = Connection::new(server.clone(), info);
-    let io = Tracked { inner: TokioIo::new(stream), conn: conn.clone() };
+    let io = Tracked { inner: TokioIo::new(stream), conn: conn.clone(), write_put_off: false };
     let handler = conn.clone();
     let service = service_fn(move |request| service::handle(request, handler.clone()));
     match &server.protocols {
@@ -222,9 +230,30 @@ async fn idle(conn: &Connection) {
 
 /// The connection's socket, noting the time of every read and write so idle
 /// connections can be closed.
+///
+/// On HTTP/2 each write is put off by one turn of the scheduler: the streams
+/// whose responses became ready meanwhile (a batch answered by the
+/// application) then go out in the same writev. Without it, tokio ran the
+/// connection task right after each stream task that woke it, and wrote one
+/// response per system call.
 struct Tracked<S> {
     inner: TokioIo<S>,
     conn: Arc<Connection>,
+    write_put_off: bool,
+}
+
+impl<S> Tracked<S> {
+    /// True (and the task rescheduled behind the tasks already queued) when
+    /// this write should wait for one turn.
+    fn put_off(&mut self, cx: &Context<'_>) -> bool {
+        if self.write_put_off || !self.conn.multiplexed.load(Ordering::Relaxed) {
+            self.write_put_off = false;
+            return false;
+        }
+        self.write_put_off = true;
+        cx.waker().wake_by_ref();
+        true
+    }
 }
 
 impl<S> Read for Tracked<S>
@@ -245,6 +274,9 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        if self.put_off(cx) {
+            return Poll::Pending;
+        }
         let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
         if poll.is_ready() {
             self.conn.touch();
@@ -257,6 +289,9 @@ where
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        if self.put_off(cx) {
+            return Poll::Pending;
+        }
         let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         if poll.is_ready() {
             self.conn.touch();

@@ -29,6 +29,9 @@ pub async fn handle<B: RequestBodySource>(
 ) -> Result<Response<ResponseBody>, Infallible> {
     let server = &conn.server;
     let over_tcp = request.version() != Version::HTTP_3;
+    if request.version() == Version::HTTP_2 {
+        conn.set_multiplexed();
+    }
     let mut response = if let Some(refusal) = refuse(&request, server.config.max_body_size) {
         refusal
     } else if let Some(body) = &server.native_response {

@@ -1,7 +1,7 @@
 //! The one road from tokio threads to the asyncio loop: a queue of events and a
 //! wake-up byte written only when the loop is not already due to drain it.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -46,9 +46,34 @@ pub enum Consumer {
 /// before an idle one is woken for them.
 const POOL_STALL: Duration = Duration::from_millis(1);
 
+/// At most this many events wait in a queue before a new request is
+/// announced at once, even while the I/O thread still has work.
+const ANNOUNCE_BATCH: usize = 32;
+
 thread_local! {
     /// Whether this consumer thread holds a request taken with `wait_one`.
     static IN_REQUEST: Cell<bool> = const { Cell::new(false) };
+    /// Whether this is a tokio worker, which calls `announce_deferred`
+    /// before it parks.
+    static IO_THREAD: Cell<bool> = const { Cell::new(false) };
+    /// Queues this I/O thread pushed requests to and has not announced yet.
+    static UNANNOUNCED: RefCell<Vec<Arc<EventQueue>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// For tokio's `on_thread_start`: requests pushed from this thread are
+/// announced when it runs out of work.
+pub fn mark_io_thread() {
+    IO_THREAD.set(true);
+}
+
+/// For tokio's `on_thread_park`: the I/O thread has no more work, so the
+/// consumers it pushed requests to are woken now, once, for all of them.
+/// Waking per request instead had the consumer (which the scheduler favours
+/// on wake-up) take the core from the I/O thread once per request.
+pub fn announce_deferred() {
+    for queue in UNANNOUNCED.take() {
+        queue.announce();
+    }
 }
 
 /// Tokio threads never take the GIL: they queue events and, once per batch,
@@ -72,6 +97,8 @@ pub struct EventQueue {
     /// Requests pool threads have finished: the stall watchdog's sign of life.
     finished: AtomicU64,
     watchdog: AtomicBool,
+    /// Set once a thread consumes with `wait_one`.
+    pool: AtomicBool,
 }
 
 impl EventQueue {
@@ -84,6 +111,7 @@ impl EventQueue {
             busy: AtomicUsize::new(0),
             finished: AtomicU64::new(0),
             watchdog: AtomicBool::new(false),
+            pool: AtomicBool::new(false),
         }
     }
 
@@ -92,11 +120,30 @@ impl EventQueue {
         self.wake();
     }
 
-    /// Queues a new request: for a pool with a busy thread, that thread
-    /// takes it next unless the watchdog sees it stall.
+    /// Queues a new request. An I/O thread announces it when it runs out of
+    /// work (see `announce_deferred`), any other thread at once.
     pub fn push_request(self: &Arc<Self>, exchange: Arc<Exchange>) {
-        self.events.lock().push_back(Event::Request(exchange));
-        if self.busy.load(Ordering::Acquire) > 0 || !self.wake() {
+        let queued = {
+            let mut events = self.events.lock();
+            events.push_back(Event::Request(exchange));
+            events.len()
+        };
+        if IO_THREAD.get() && queued < ANNOUNCE_BATCH {
+            UNANNOUNCED.with_borrow_mut(|queues| {
+                if !queues.iter().any(|queue| Arc::ptr_eq(queue, self)) {
+                    queues.push(self.clone());
+                }
+            });
+        } else {
+            self.announce();
+        }
+    }
+
+    /// Wakes the consumer for queued requests; for a pool with a busy
+    /// thread, that thread takes them next unless the watchdog sees it stall.
+    fn announce(self: &Arc<Self>) {
+        let signalled = self.busy.load(Ordering::Acquire) == 0 && self.wake();
+        if !signalled && self.pool.load(Ordering::Relaxed) {
             self.watch_stall();
         }
     }
@@ -204,6 +251,7 @@ impl EventQueue {
     /// empty. For a pool of consumer threads (WSGI).
     pub fn wait_one(&self) -> Option<Arc<Exchange>> {
         let Consumer::Thread(condvar) = &self.consumer else { return None };
+        self.pool.store(true, Ordering::Relaxed);
         let mut events = self.events.lock();
         loop {
             if let Some(exchange) = self.pop_request(&mut events) {
