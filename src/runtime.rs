@@ -44,7 +44,6 @@ pub fn runtime() -> &'static Runtime {
                 yield_to_python_on_wake();
                 crate::boundary::queue::mark_io_thread();
             })
-            .on_thread_park(crate::boundary::queue::announce_deferred)
             .enable_all()
             .build()
             .expect("cannot start the tokio runtime")

@@ -1,7 +1,7 @@
 //! The one road from tokio threads to the asyncio loop: a queue of events and a
 //! wake-up byte written only when the loop is not already due to drain it.
 
-use std::cell::{Cell, RefCell};
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -53,27 +53,13 @@ const ANNOUNCE_BATCH: usize = 32;
 thread_local! {
     /// Whether this consumer thread holds a request taken with `wait_one`.
     static IN_REQUEST: Cell<bool> = const { Cell::new(false) };
-    /// Whether this is a tokio worker, which calls `announce_deferred`
-    /// before it parks.
+    /// Whether this is a tokio worker, whose pushes are announced late.
     static IO_THREAD: Cell<bool> = const { Cell::new(false) };
-    /// Queues this I/O thread pushed requests to and has not announced yet.
-    static UNANNOUNCED: RefCell<Vec<Arc<EventQueue>>> = const { RefCell::new(Vec::new()) };
 }
 
-/// For tokio's `on_thread_start`: requests pushed from this thread are
-/// announced when it runs out of work.
+/// For tokio's `on_thread_start`.
 pub fn mark_io_thread() {
     IO_THREAD.set(true);
-}
-
-/// For tokio's `on_thread_park`: the I/O thread has no more work, so the
-/// consumers it pushed requests to are woken now, once, for all of them.
-/// Waking per request instead had the consumer (which the scheduler favours
-/// on wake-up) take the core from the I/O thread once per request.
-pub fn announce_deferred() {
-    for queue in UNANNOUNCED.take() {
-        queue.announce();
-    }
 }
 
 /// Tokio threads never take the GIL: they queue events and, once per batch,
@@ -99,6 +85,8 @@ pub struct EventQueue {
     watchdog: AtomicBool,
     /// Set once a thread consumes with `wait_one`.
     pool: AtomicBool,
+    /// An announcement of the requests pushed by I/O threads is on its way.
+    announcing: AtomicBool,
 }
 
 impl EventQueue {
@@ -112,6 +100,7 @@ impl EventQueue {
             finished: AtomicU64::new(0),
             watchdog: AtomicBool::new(false),
             pool: AtomicBool::new(false),
+            announcing: AtomicBool::new(false),
         }
     }
 
@@ -120,22 +109,27 @@ impl EventQueue {
         self.wake();
     }
 
-    /// Queues a new request. An I/O thread announces it when it runs out of
-    /// work (see `announce_deferred`), any other thread at once.
+    /// Queues a new request. Pushed by an I/O thread, it is announced after
+    /// the tasks already due to run there: the other connections read in
+    /// the same batch queue their requests first, and the consumer is woken
+    /// once for all of them. Waking per request had the consumer (whom the
+    /// scheduler favours on wake-up) take the core from the I/O thread once
+    /// per request.
     pub fn push_request(self: &Arc<Self>, exchange: Arc<Exchange>) {
         let queued = {
             let mut events = self.events.lock();
             events.push_back(Event::Request(exchange));
             events.len()
         };
-        if IO_THREAD.get() && queued < ANNOUNCE_BATCH {
-            UNANNOUNCED.with_borrow_mut(|queues| {
-                if !queues.iter().any(|queue| Arc::ptr_eq(queue, self)) {
-                    queues.push(self.clone());
-                }
-            });
-        } else {
+        if !IO_THREAD.get() || queued >= ANNOUNCE_BATCH {
             self.announce();
+        } else if !self.announcing.swap(true, Ordering::AcqRel) {
+            let queue = self.clone();
+            tokio::spawn(async move {
+                tokio::task::yield_now().await;
+                queue.announcing.store(false, Ordering::Release);
+                queue.announce();
+            });
         }
     }
 
