@@ -1048,6 +1048,22 @@ def test_a_slow_reader_on_one_thread_holds_the_next_request_only_until_it_reads(
     assert waiting == ["small"]
 
 
+def test_a_request_queued_behind_a_worker_blocked_reading_gets_the_idle_thread(bg: BackgroundLoop) -> None:
+    # The pool leaves a new request to a busy thread; one blocked on its
+    # client must hand it on, or the GET below waits for the upload forever.
+    apps = BlockingApps()
+    running = run_raw(bg, apps, threads=2)
+    try:
+        with stalled_upload(running.port, apps, "Connection: close\r\n") as sock:
+            assert get(running.url("/next"), timeout=TIMEOUT).text == "small"
+            sock.sendall(os.urandom(MiB))
+            answer = read_response(sock)
+    finally:
+        running.stop()
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert answer.endswith(f"read {2 * MiB}".encode())
+
+
 def test_client_gone_while_a_worker_is_blocked_writing(bg: BackgroundLoop) -> None:
     apps = BlockingApps()
     running = run_raw(bg, apps, threads=1)
