@@ -709,6 +709,10 @@ async fn write_loop(mut io: WriteHalf, mut queue: mpsc::UnboundedReceiver<Out>, 
             next = queue.recv() => next,
         };
         let Some(mut out) = next else { return };
+        // One scheduler turn for the other exchanges that are ready now to
+        // queue their frames: they then leave in this write, and Python is
+        // woken once for all of them rather than once per frame.
+        tokio::task::yield_now().await;
         loop {
             pending.push_back(out.0);
             if !out.1.is_empty() {
