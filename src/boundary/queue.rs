@@ -156,8 +156,12 @@ impl EventQueue {
                 if queue.events.lock().is_empty() {
                     break;
                 }
-                if let (Consumer::Thread(condvar), true) = (&queue.consumer, queue.finished.load(Ordering::Acquire) == seen) {
-                    condvar.notify_one();
+                let stalled = queue.finished.load(Ordering::Acquire) == seen;
+                match &queue.consumer {
+                    Consumer::Thread(condvar) if stalled => {
+                        condvar.notify_one();
+                    }
+                    _ => {}
                 }
             }
             queue.watchdog.store(false, Ordering::Release);
