@@ -4,9 +4,9 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use hyper::rt::{Read, ReadBufCursor, Write};
@@ -15,12 +15,13 @@ use hyper::service::service_fn;
 use hyper_util::server::conn::auto;
 use std::future::Future;
 use hyper_util::rt::TokioIo;
+use futures_util::task::AtomicWaker;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 use crate::config::seconds;
 use crate::exchange::{Addresses, ConnInfo};
-use crate::h1_guard::H1Guard;
+use crate::h1_guard::{H1Guard, PendingHead};
 use crate::server::{Protocols, ServerShared};
 use crate::service;
 
@@ -29,39 +30,29 @@ pub struct Connection {
     pub server: Arc<ServerShared>,
     pub info: Arc<ConnInfo>,
     in_flight: AtomicUsize,
-    /// Whether any request has started: until one does, the connection lives
-    /// only `header_read_timeout` (hyper's own timer starts later than the
-    /// HTTP/1-or-2 detection, which has none).
-    started: AtomicBool,
-    /// Milliseconds since `server.epoch` of the last byte read or written.
-    last_activity: AtomicU64,
+    /// The request head being awaited, for `header_read_timeout`.
+    pub head: Arc<PendingHead>,
+    /// Whether a byte was read or written since the idle check last looked: a
+    /// flag, so that I/O never reads the clock.
+    active: AtomicBool,
     /// Set by the first HTTP/2 request: writes are then coalesced (`Tracked`).
     multiplexed: AtomicBool,
 }
 
 impl Connection {
     fn touch(&self) {
-        let now = self.server.epoch.elapsed().as_millis() as u64;
-        self.last_activity.store(now, Ordering::Relaxed);
-    }
-
-    fn idle_for(&self) -> Duration {
-        let last = self.last_activity.load(Ordering::Relaxed);
-        let now = self.server.epoch.elapsed().as_millis() as u64;
-        Duration::from_millis(now.saturating_sub(last))
+        self.active.store(true, Ordering::Relaxed);
     }
 
     pub fn new(server: Arc<ServerShared>, info: ConnInfo) -> Arc<Self> {
-        let conn = Arc::new(Connection {
+        Arc::new(Connection {
             server,
             info: Arc::new(info),
             in_flight: AtomicUsize::new(0),
-            started: AtomicBool::new(false),
-            last_activity: AtomicU64::new(0),
+            head: Arc::new(PendingHead::new()),
+            active: AtomicBool::new(false),
             multiplexed: AtomicBool::new(false),
-        });
-        conn.touch();
-        conn
+        })
     }
 
     /// The connection carries many streams at once (HTTP/2).
@@ -71,7 +62,6 @@ impl Connection {
 
     /// Counts a request as in flight until the returned guard drops.
     pub fn begin_request(self: &Arc<Self>) -> InFlight {
-        self.started.store(true, Ordering::Relaxed);
         if self.in_flight.fetch_add(1, Ordering::AcqRel) == 0 {
             self.server.stats.active.fetch_add(1, Ordering::Relaxed);
         }
@@ -99,11 +89,11 @@ where
     let _permit = permit;
     let counter = server.clone();
     let _counted = counter.stats.open();
+    let max_head = server.config.max_header_size;
     match server.tls.clone() {
         None => {
-            let info = ConnInfo { addresses, tls: false, peer_certificate: None };
-            let guarded = H1Guard::new(stream, server.config.max_header_size);
-            run(guarded, info, server).await;
+            let conn = Connection::new(server, ConnInfo { addresses, tls: false, peer_certificate: None });
+            run(H1Guard::new(stream, max_head, conn.head.clone()), conn).await;
         }
         Some(acceptor) => {
             let handshake = tokio::time::timeout(server.handshake_timeout, acceptor.accept(stream));
@@ -117,26 +107,24 @@ where
             let peer_certificate =
                 stream.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.clone().into_owned());
             let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-            let info = ConnInfo { addresses, tls: true, peer_certificate };
+            let conn = Connection::new(server, ConnInfo { addresses, tls: true, peer_certificate });
             if h2 {
-                run(stream, info, server).await;
+                run(stream, conn).await;
             } else {
-                let guarded = H1Guard::new(stream, server.config.max_header_size);
-                run(guarded, info, server).await;
+                run(H1Guard::new(stream, max_head, conn.head.clone()), conn).await;
             }
         }
     }
 }
 
-async fn run<S>(stream: S, info: ConnInfo, server: Arc<ServerShared>)
+async fn run<S>(stream: S, conn: Arc<Connection>)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let conn = Connection::new(server.clone(), info);
     let io = Tracked { inner: TokioIo::new(stream), conn: conn.clone(), write_put_off: false };
     let handler = conn.clone();
     let service = service_fn(move |request| service::handle(request, handler.clone()));
-    match &server.protocols {
+    match &conn.server.protocols {
         Protocols::Auto(builder) => drive(builder.serve_connection_with_upgrades(io, service), &conn).await,
         Protocols::Http1(builder) => drive(builder.serve_connection(io, service).with_upgrades(), &conn).await,
     }
@@ -177,54 +165,121 @@ where
     }
 }
 
+/// Why a connection's watch ended.
+enum Stop {
+    /// Finish the exchanges in flight, then close.
+    Graceful,
+    /// Drop the connection now.
+    Now,
+}
+
 /// Runs a connection until it ends, asking it to close gracefully on server
-/// shutdown or when idle, and dropping it on a forced close.
+/// shutdown or when idle, and dropping it on a forced close or a head that
+/// takes longer than `header_read_timeout`.
 async fn drive<C: Graceful>(http: C, conn: &Connection) {
     let server = &conn.server;
     tokio::pin!(http);
-    let first_head = async {
-        match seconds(server.config.header_read_timeout) {
-            Some(limit) => tokio::time::sleep(limit).await,
+    let head_limit = seconds(server.config.header_read_timeout);
+    let head_overdue = || async move {
+        match head_limit {
+            Some(limit) => conn.head.overdue(limit).await,
             None => std::future::pending().await,
         }
     };
-    tokio::pin!(first_head);
-    let mut closing = None;
-    loop {
+    let watch = WokenOnly::new(async {
         tokio::select! {
-            _ = http.as_mut() => break,
-            _ = server.force.cancelled() => break,
-            _ = first_head.as_mut(), if !conn.started.load(Ordering::Relaxed) => {
-                if !conn.started.load(Ordering::Relaxed) {
-                    break;
-                }
+            _ = server.force.cancelled() => Stop::Now,
+            _ = head_overdue() => Stop::Now,
+            _ = server.shutdown.cancelled() => Stop::Graceful,
+            _ = idle(conn) => Stop::Graceful,
+        }
+    });
+    tokio::pin!(watch);
+    let stop = tokio::select! {
+        biased;
+        _ = http.as_mut() => return,
+        stop = watch => stop,
+    };
+    if let Stop::Graceful = stop {
+        http.as_mut().graceful_shutdown();
+        let _closing = server.stats.closing();
+        let late = WokenOnly::new(async {
+            tokio::select! {
+                _ = server.force.cancelled() => {}
+                _ = head_overdue() => {}
             }
-            _ = server.shutdown.cancelled(), if closing.is_none() => {
-                http.as_mut().graceful_shutdown();
-                closing = Some(server.stats.closing());
-            }
-            _ = idle(conn), if closing.is_none() => {
-                http.as_mut().graceful_shutdown();
-                closing = Some(server.stats.closing());
-            }
+        });
+        tokio::select! {
+            biased;
+            _ = http => {}
+            _ = late => {}
         }
     }
 }
 
 /// Resolves once the connection has had no request in flight and no traffic
-/// for the server's current `idle_timeout`.
+/// for the server's current `idle_timeout` (give or take a quarter of it).
 async fn idle(conn: &Connection) {
+    let mut quiet_since = Instant::now();
     loop {
         let Some(timeout) = conn.server.idle_timeout() else {
             tokio::time::sleep(Duration::from_secs(1)).await;
             continue;
         };
-        let idle_for = conn.idle_for();
-        if conn.in_flight.load(Ordering::Acquire) == 0 && idle_for >= timeout {
+        if conn.active.swap(false, Ordering::Relaxed) || conn.in_flight.load(Ordering::Acquire) > 0 {
+            quiet_since = Instant::now();
+        } else if quiet_since.elapsed() >= timeout {
             return;
         }
-        let wait = timeout.saturating_sub(idle_for).max(Duration::from_millis(50));
-        tokio::time::sleep_until(Instant::now() + wait).await;
+        let next_look = (quiet_since + timeout).min(Instant::now() + timeout / 4);
+        tokio::time::sleep_until(next_look.max(Instant::now() + Duration::from_millis(10))).await;
+    }
+}
+
+/// A future polled only when its own wakers fired: the connection task wakes
+/// for every read and write of its socket, and the watchers beside it need
+/// not run each time.
+struct WokenOnly<F> {
+    future: Pin<Box<F>>,
+    wake: Arc<WakeFlag>,
+}
+
+struct WakeFlag {
+    woken: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl std::task::Wake for WakeFlag {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl<F: Future> WokenOnly<F> {
+    fn new(future: F) -> Self {
+        WokenOnly {
+            future: Box::pin(future),
+            wake: Arc::new(WakeFlag { woken: AtomicBool::new(true), task: AtomicWaker::new() }),
+        }
+    }
+}
+
+impl<F: Future> Future for WokenOnly<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.get_mut();
+        this.wake.task.register(cx.waker());
+        if !this.wake.woken.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
+        }
+        let waker = Waker::from(this.wake.clone());
+        this.future.as_mut().poll(&mut Context::from_waker(&waker))
     }
 }
 

@@ -11,19 +11,76 @@
 //! httparse (the parser hyper uses): Content-Length bodies and chunked bodies
 //! are skipped; after an upgrade or anything it does not follow (HTTP/2
 //! preface, a head hyper will refuse anyway) it stands aside.
+//!
+//! Knowing where heads start also gives the header read timeout its clock
+//! ([`PendingHead`]) without a timer per request.
 
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
+use tokio::time::Instant;
 
 /// The longest chunk-size or trailer line followed before giving up.
 const MAX_LINE: usize = 4096;
 /// Heads with more header lines are left to hyper (which refuses them with
 /// 431 under the default `max_headers`).
 const MAX_HEADERS: usize = 128;
+
+/// Since when a request head has been awaited and is still incomplete: from
+/// the connection's start until its first request, then from the first byte
+/// of each head that arrives in pieces. Idle time between requests is not
+/// counted (that is `idle_timeout`'s). Set rarely, so a complete head costs
+/// one atomic load, where hyper's own timeout armed a timer per request.
+pub struct PendingHead {
+    /// Milliseconds after `epoch`, plus one; 0 when no head is pending.
+    since: AtomicU64,
+    epoch: Instant,
+    started: Notify,
+}
+
+impl PendingHead {
+    /// Pending from now: a new connection.
+    pub fn new() -> Self {
+        PendingHead { since: AtomicU64::new(1), epoch: Instant::now(), started: Notify::new() }
+    }
+
+    fn start(&self) {
+        if self.since.load(Ordering::Relaxed) == 0 {
+            self.since.store(self.epoch.elapsed().as_millis() as u64 + 1, Ordering::Relaxed);
+            self.started.notify_one();
+        }
+    }
+
+    /// A whole head has arrived.
+    pub fn finish(&self) {
+        if self.since.load(Ordering::Relaxed) != 0 {
+            self.since.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Resolves once one head has been pending for `limit`.
+    pub async fn overdue(&self, limit: Duration) {
+        loop {
+            let started = self.started.notified();
+            let since = self.since.load(Ordering::Relaxed);
+            if since == 0 {
+                started.await;
+                continue;
+            }
+            tokio::time::sleep_until(self.epoch + Duration::from_millis(since - 1) + limit).await;
+            if self.since.load(Ordering::Relaxed) == since {
+                return;
+            }
+        }
+    }
+}
 
 enum Framing {
     Head,
@@ -46,10 +103,11 @@ pub struct H1Guard<S> {
     /// A chunk-size line that arrived in pieces.
     line: Vec<u8>,
     max_head: usize,
+    pending: Arc<PendingHead>,
 }
 
 impl<S> H1Guard<S> {
-    pub fn new(inner: S, max_head: usize) -> Self {
+    pub fn new(inner: S, max_head: usize, pending: Arc<PendingHead>) -> Self {
         H1Guard {
             inner,
             framing: Framing::Head,
@@ -58,6 +116,7 @@ impl<S> H1Guard<S> {
             held: Vec::new(),
             line: Vec::new(),
             max_head,
+            pending,
         }
     }
 
@@ -70,7 +129,10 @@ impl<S> H1Guard<S> {
                 Framing::Off => return None,
                 Framing::Head => match self.head(&mut data[pos..]) {
                     Some(len) => len,
-                    None => return Some(pos),
+                    None => {
+                        self.pending.start();
+                        return Some(pos);
+                    }
                 },
                 Framing::Body(left) => {
                     let take = left.min((data.len() - pos) as u64);
@@ -102,7 +164,10 @@ impl<S> H1Guard<S> {
         let mut headers = [MaybeUninit::<httparse::Header<'_>>::uninit(); MAX_HEADERS];
         let mut request = httparse::Request::new(&mut []);
         let (len, next) = match request.parse_with_uninit_headers(data, &mut headers) {
-            Ok(httparse::Status::Complete(len)) => (len, judge(&request)),
+            Ok(httparse::Status::Complete(len)) => {
+                self.pending.finish();
+                (len, judge(&request))
+            }
             Ok(httparse::Status::Partial) if data.len() <= self.max_head => return None,
             // Too long or malformed: hyper refuses it on its own.
             _ => (data.len(), Next::Off),

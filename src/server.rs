@@ -17,7 +17,6 @@ use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
-use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -40,7 +39,6 @@ pub struct ServerShared {
     /// Requests handed to Python and not yet answered: the backpressure bound.
     pub pending: Arc<Semaphore>,
     pub native_response: Option<Bytes>,
-    pub epoch: Instant,
     idle_timeout_ms: AtomicU64,
     pub stats: ConnectionStats,
     /// Stop accepting; ask connections to finish what they have.
@@ -73,7 +71,6 @@ impl ServerShared {
             events,
             whole_body,
             native_response,
-            epoch: Instant::now(),
             stats: ConnectionStats::default(),
             shutdown: CancellationToken::new(),
             force: CancellationToken::new(),
@@ -236,6 +233,10 @@ async fn accept_loop<L: Accept>(listener: L, server: Arc<ServerShared>, limit: A
 /// The HTTP versions a server speaks. HTTP/1.1 alone uses hyper's own
 /// builder: hyper-util's auto builder still accepts h2c prior knowledge when
 /// told `http1_only` on connections with upgrades.
+///
+/// hyper's HTTP/1 header timeout is off: it armed a timer per request and
+/// also ran between requests; the connection keeps `header_read_timeout`
+/// itself (`PendingHead`).
 pub enum Protocols {
     Auto(auto::Builder<TokioExecutor>),
     Http1(http1::Builder),
@@ -247,8 +248,7 @@ impl Protocols {
         if !http2 {
             let mut builder = http1::Builder::new();
             builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(seconds(config.header_read_timeout))
+                .header_read_timeout(None)
                 .max_buf_size(config.max_header_size.max(8192))
                 .max_headers(config.max_headers)
                 .keep_alive(true);
@@ -257,8 +257,7 @@ impl Protocols {
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(seconds(config.header_read_timeout))
+            .header_read_timeout(None)
             .max_buf_size(config.max_header_size.max(8192))
             .max_headers(config.max_headers)
             .keep_alive(true);

@@ -28,6 +28,7 @@ pub async fn handle<B: RequestBodySource>(
     conn: Arc<Connection>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let server = &conn.server;
+    conn.head.finish();
     let over_tcp = request.version() != Version::HTTP_3;
     if request.version() == Version::HTTP_2 {
         conn.set_multiplexed();
@@ -83,6 +84,9 @@ fn refuse<B: Body>(request: &Request<B>, max_body_size: u64) -> Option<Response<
 /// `[v6]:port`, the port a number that fits 16 bits.
 fn valid_host(value: &HeaderValue) -> bool {
     let bytes = value.as_bytes();
+    if is_plain_host(bytes) {
+        return true;
+    }
     if bytes.is_empty() || bytes.contains(&b'@') {
         return false;
     }
@@ -94,6 +98,19 @@ fn valid_host(value: &HeaderValue) -> bool {
         Some(port) => port.is_empty() || port.parse::<u16>().is_ok(),
     };
     !host.is_empty() && port_ok
+}
+
+/// The common case, checked without parsing: a name of letters, digits, dots
+/// and hyphens, then maybe `:port`.
+fn is_plain_host(bytes: &[u8]) -> bool {
+    let name_end = bytes.iter().position(|&b| b == b':').unwrap_or(bytes.len());
+    let (name, port) = bytes.split_at(name_end);
+    let port = port.get(1..).unwrap_or_default();
+    !name.is_empty()
+        && name.iter().all(|&b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+        && port.len() <= 5
+        && port.iter().all(u8::is_ascii_digit)
+        && (port.len() < 5 || port <= b"65535".as_slice())
 }
 
 async fn dispatch<B: RequestBodySource>(request: Request<B>, conn: &Arc<Connection>) -> Response<ResponseBody> {

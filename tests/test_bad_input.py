@@ -491,6 +491,36 @@ def test_header_read_timeout_disconnects_a_stalled_client(serve: Any, sent: byte
     assert get_ok(server.port) == 200
 
 
+def test_header_read_timeout_disconnects_a_stalled_second_head(serve: Any) -> None:
+    """The timeout applies to every head, not only the first: a keep-alive
+    connection whose next head stops halfway is closed."""
+    calls = Calls()
+    server = serve(calls, header_read_timeout=0.5)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as sock:
+        sock.sendall(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status_of(read_response(sock)) == 200
+        sock.sendall(b"GET /second HTTP/1.1\r\nHost: x\r\n")  # then nothing
+        received, closed = read_until_closed(sock, deadline=TIMEOUT)
+    assert closed, "the connection is still open 5 s after a 0.5 s header_read_timeout"
+    assert received == b"" or status_of(received) == 408, received
+    assert calls.paths == ["/first"]
+
+
+def test_header_read_timeout_leaves_idle_keep_alive_to_idle_timeout(serve: Any) -> None:
+    """Waiting between requests is idle time, not a slow head: a connection
+    quiet for longer than header_read_timeout (but not idle_timeout) serves
+    its next request."""
+    calls = Calls()
+    server = serve(calls, header_read_timeout=0.3, idle_timeout=30)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as sock:
+        sock.sendall(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status_of(read_response(sock)) == 200
+        time.sleep(1.0)
+        sock.sendall(b"GET /second HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status_of(read_response(sock)) == 200
+    assert calls.paths == ["/first", "/second"]
+
+
 def test_header_read_timeout_spares_a_complete_head(serve: Any) -> None:
     """The control case: a head sent in time is served even when the body
     then takes longer than header_read_timeout."""
