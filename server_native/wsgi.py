@@ -7,7 +7,6 @@ import sys
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import IO, Any
-from urllib.parse import unquote_to_bytes
 
 from ._loader import native
 from .config import ServerConfig
@@ -202,38 +201,17 @@ class WSGIServer(BoundServer):
                 self._report(exc)
 
     def _environ(self, native_request: Any) -> dict[str, Any]:
-        environ = self._base.copy()
-        path = native_request.path
-        environ["REQUEST_METHOD"] = native_request.method
-        environ["PATH_INFO"] = unquote_to_bytes(path).decode("latin-1") if "%" in path else path
-        environ["QUERY_STRING"] = native_request.query
-        environ["SERVER_PROTOCOL"] = "HTTP/" + native_request.http_version
-        client, scheme = native_request.remote_addr, native_request.scheme
+        # Built natively: the CGI variables, the headers and the client.
+        environ: dict[str, Any] = native_request.wsgi_environ(self._base)
         if self._proxy is not None:
-            client, scheme = self._proxy.resolve(client, scheme, native_request.raw_headers())
-        if client is None:
-            # A Unix socket peer has no address: gunicorn's empty REMOTE_ADDR.
-            environ["REMOTE_ADDR"] = ""
-        else:
-            environ["REMOTE_ADDR"], port = client
-            environ["REMOTE_PORT"] = str(port)
+            client, scheme = self._proxy.resolve(native_request.remote_addr, native_request.scheme, native_request.raw_headers())
+            if client is not None:
+                environ["REMOTE_ADDR"], port = client
+                environ["REMOTE_PORT"] = str(port)
+            environ["wsgi.url_scheme"] = scheme
         if self._uds is not None and native_request.authority:
-            environ["SERVER_NAME"], environ["SERVER_PORT"] = _split_host(native_request.authority, scheme)
-        environ["wsgi.url_scheme"] = scheme
+            environ["SERVER_NAME"], environ["SERVER_PORT"] = _split_host(native_request.authority, environ["wsgi.url_scheme"])
         environ["wsgi.input"] = InputStream(native_request)
-        for name, value in native_request.headers():
-            if name == "content-type":
-                environ["CONTENT_TYPE"] = value
-            elif name == "content-length":
-                environ["CONTENT_LENGTH"] = value
-            else:
-                key = "HTTP_" + name.upper().replace("-", "_")
-                if key in environ:
-                    # HTTP/2 splits cookies into fields; they rejoin with "; ".
-                    value = f"{environ[key]}{'; ' if name == 'cookie' else ','}{value}"
-                environ[key] = value
-        if "HTTP_HOST" not in environ and native_request.authority:
-            environ["HTTP_HOST"] = native_request.authority
         return environ
 
     def _call(self, app: WSGIApp, native_request: Any) -> None:

@@ -1,8 +1,10 @@
 //! The Python boundary: the native server object, the request object handed
-//! to the loop thread, and the event queue between tokio and asyncio.
+//! to the loop thread, the event queue between tokio and asyncio, and the
+//! per-interface glue that is faster built natively.
 
 pub mod bridge;
 pub mod direct;
 pub mod queue;
 pub mod request;
 pub mod server;
+pub mod wsgi;

@@ -12,7 +12,7 @@ use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use hyper::ext::ReasonPhrase;
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
+use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 
 use super::direct::DirectResponse;
 use crate::body::{BodyEnd, BodyRead, ResponseBody, ResponseStream, StreamBody, WriteResult};
@@ -180,6 +180,12 @@ impl NativeRequest {
             list.append(pair)?;
         }
         Ok(list)
+    }
+
+    /// The WSGI environ: `base` updated with this request's variables (see
+    /// `wsgi::environ`).
+    fn wsgi_environ<'py>(&self, py: Python<'py>, base: &Bound<'py, PyDict>) -> PyResult<Bound<'py, PyDict>> {
+        super::wsgi::environ(py, &self.exchange, base)
     }
 
     /// The first value of a header, by case-insensitive name.

@@ -1,0 +1,96 @@
+//! The WSGI environ of a request (PEP 3333), built natively: the per-request
+//! part of a WSGI call that is the same for every app.
+
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, COOKIE};
+use http::{Method, Version};
+use pyo3::intern;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyString};
+
+use super::request::latin1;
+use crate::exchange::Exchange;
+
+/// `base` (the server's constant keys) updated with the request's CGI
+/// variables and headers. What depends on the server's settings (proxy
+/// headers, a Unix socket's SERVER_NAME, `wsgi.input`) is left to the caller.
+pub fn environ<'py>(py: Python<'py>, exchange: &Exchange, base: &Bound<'py, PyDict>) -> PyResult<Bound<'py, PyDict>> {
+    let environ = base.copy()?;
+    let head = &exchange.head;
+    let method = match head.method {
+        Method::GET => intern!(py, "GET").clone(),
+        Method::POST => intern!(py, "POST").clone(),
+        _ => PyString::new(py, head.method.as_str()),
+    };
+    environ.set_item(intern!(py, "REQUEST_METHOD"), method)?;
+    environ.set_item(intern!(py, "PATH_INFO"), latin1(&percent_decoded(head.uri.path().as_bytes())))?;
+    environ.set_item(intern!(py, "QUERY_STRING"), head.uri.query().unwrap_or(""))?;
+    let protocol = match head.version {
+        Version::HTTP_2 => intern!(py, "HTTP/2"),
+        Version::HTTP_3 => intern!(py, "HTTP/3"),
+        Version::HTTP_10 => intern!(py, "HTTP/1.0"),
+        _ => intern!(py, "HTTP/1.1"),
+    };
+    environ.set_item(intern!(py, "SERVER_PROTOCOL"), protocol)?;
+    match exchange.conn.addresses.remote() {
+        Some((address, port)) => {
+            environ.set_item(intern!(py, "REMOTE_ADDR"), address)?;
+            environ.set_item(intern!(py, "REMOTE_PORT"), port.to_string())?;
+        }
+        // A Unix socket peer has no address: gunicorn's empty REMOTE_ADDR.
+        None => environ.set_item(intern!(py, "REMOTE_ADDR"), "")?,
+    }
+    let scheme = if exchange.conn.tls { intern!(py, "https") } else { intern!(py, "http") };
+    environ.set_item(intern!(py, "wsgi.url_scheme"), scheme)?;
+    let mut key = String::with_capacity(32);
+    for (name, value) in &head.headers {
+        let value = latin1(value.as_bytes());
+        if name == CONTENT_TYPE {
+            environ.set_item(intern!(py, "CONTENT_TYPE"), value)?;
+            continue;
+        }
+        if name == CONTENT_LENGTH {
+            environ.set_item(intern!(py, "CONTENT_LENGTH"), value)?;
+            continue;
+        }
+        key.clear();
+        key.push_str("HTTP_");
+        key.extend(name.as_str().chars().map(|c| if c == '-' { '_' } else { c.to_ascii_uppercase() }));
+        match environ.get_item(&key)? {
+            // HTTP/2 splits cookies into fields; they rejoin with "; ".
+            Some(earlier) => {
+                let separator = if name == COOKIE { "; " } else { "," };
+                environ.set_item(&key, format!("{}{separator}{value}", earlier.extract::<String>()?))?
+            }
+            None => environ.set_item(&key, value)?,
+        }
+    }
+    if !environ.contains(intern!(py, "HTTP_HOST"))? {
+        if let Some(authority) = head.uri.authority() {
+            environ.set_item(intern!(py, "HTTP_HOST"), authority.as_str())?;
+        }
+    }
+    Ok(environ)
+}
+
+/// `%XX` sequences decoded to bytes; a `%` not followed by two hex digits
+/// stays as it is (Python's `unquote_to_bytes`).
+fn percent_decoded(path: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    if !path.contains(&b'%') {
+        return path.into();
+    }
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(path.len());
+    let mut i = 0;
+    while i < path.len() {
+        if path[i] == b'%' {
+            if let (Some(high), Some(low)) = (path.get(i + 1).and_then(|&b| hex(b)), path.get(i + 2).and_then(|&b| hex(b))) {
+                out.push(high << 4 | low);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(path[i]);
+        i += 1;
+    }
+    out.into()
+}
