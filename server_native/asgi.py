@@ -9,7 +9,6 @@ import logging
 import ssl
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
-from urllib.parse import unquote
 
 from ._loader import native
 from ._loop import start_coroutine
@@ -195,9 +194,9 @@ class ASGIServer(BoundServer):
         access_log: bool = False,
     ) -> None:
         self._app: ASGIApp | None = None
-        self._root_path = root_path
         self._proxy = proxy
         self._access_log = access_log
+        self._scope_base = {"type": "http", "asgi": _HTTP_ASGI, "root_path": root_path}
         self.state: dict[str, Any] = {}
         super().__init__(config, hosts, port)
 
@@ -209,36 +208,16 @@ class ASGIServer(BoundServer):
         if app is None:
             native_request.respond(503, _PLAIN, b"Service Unavailable")
             return
-        path = native_request.path
-        root_path = self._root_path
-        headers = native_request.raw_headers()
-        if native_request.http_version in ("2", "3"):
-            _add_host(headers, native_request.authority)
-        client = native_request.remote_addr
-        scheme = native_request.scheme
-        if self._proxy is not None:
-            client, scheme = self._proxy.resolve(client, scheme, headers)
-        scope = {
-            "type": "http",
-            "asgi": _HTTP_ASGI,
-            "http_version": native_request.http_version,
-            "method": native_request.method,
-            "scheme": scheme,
-            "path": root_path + (unquote(path) if "%" in path else path),
-            "raw_path": path.encode(),
-            "query_string": native_request.query.encode(),
-            "root_path": root_path,
-            "headers": headers,
-            "client": client,
-            "server": native_request.local_addr,
-            "state": self.state.copy(),
-            "extensions": _extensions(native_request),
-        }
+        scope = native_request.asgi_scope(self._scope_base, self.state)
+        if self._proxy is not None and native_request.has_proxy_headers:
+            scope["client"], scope["scheme"] = self._proxy.resolve(scope["client"], scope["scheme"], scope["headers"])
+        if native_request.tls:
+            scope["extensions"]["tls"] = _tls_extension(native_request)
         if native_request.websocket:
             scope["type"] = "websocket"
             scope["asgi"] = _WEBSOCKET_ASGI
-            scope["scheme"] = "wss" if scheme == "https" else "ws"
-            scope["subprotocols"] = _subprotocols(headers)
+            scope["scheme"] = "wss" if scope["scheme"] == "https" else "ws"
+            scope["subprotocols"] = _subprotocols(scope["headers"])
             scope["extensions"] = {"websocket.http.response": {}}
             start_coroutine(self._loop, _run_websocket(app, scope, _WebSocketCycle(native_request, self._loop)), None)
             return
@@ -247,28 +226,15 @@ class ASGIServer(BoundServer):
         start_coroutine(self._loop, _run(app, scope, cycle, self._access_log), None)
 
 
-def _add_host(headers: list[tuple[bytes, bytes]], authority: str | None) -> None:
-    """HTTP/2 and HTTP/3 carry the host as ``:authority``; ASGI wants it as
-    the first ``host`` header."""
-    if authority and not any(name == b"host" for name, _ in headers):
-        headers.insert(0, (b"host", authority.encode("latin-1")))
-
-
-def _extensions(native_request: Any) -> dict[str, Any]:
-    if not native_request.tls:
-        return {"http.response.pathsend": {}}
+def _tls_extension(native_request: Any) -> dict[str, Any]:
     certificate = native_request.peer_certificate
-    chain = [ssl.DER_cert_to_PEM_cert(certificate)] if certificate else []
     return {
-        "http.response.pathsend": {},
-        "tls": {
-            "server_cert": None,
-            "client_cert_chain": chain,
-            "client_cert_name": None,
-            "client_cert_error": None,
-            "tls_version": None,
-            "cipher_suite": None,
-        },
+        "server_cert": None,
+        "client_cert_chain": [ssl.DER_cert_to_PEM_cert(certificate)] if certificate else [],
+        "client_cert_name": None,
+        "client_cert_error": None,
+        "tls_version": None,
+        "cipher_suite": None,
     }
 
 

@@ -29,8 +29,10 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
+from urllib.parse import unquote, unquote_to_bytes
 
 from ._loader import native
+from .proxy import PROXY_HEADER_NAMES
 
 __all__ = ["BridgeListener", "BridgeRequest"]
 
@@ -254,6 +256,62 @@ class BridgeRequest:
     def raw_headers(self) -> list[tuple[bytes, bytes]]:
         fields = self._fields
         return list(zip(fields[8::2], fields[9::2]))
+
+    @property
+    def has_proxy_headers(self) -> bool:
+        return not PROXY_HEADER_NAMES.isdisjoint(self._fields[8::2])
+
+    def asgi_scope(self, base: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
+        """The ASGI ``http`` scope, as ``NativeRequest.asgi_scope`` makes it."""
+        path = self.path
+        headers = self.raw_headers()
+        authority = self._fields[2]
+        if authority and self.http_version in ("2", "3") and b"host" not in self._fields[8::2]:
+            headers.insert(0, (b"host", authority))
+        scope = base.copy()
+        scope.update(
+            http_version=self.http_version,
+            method=self.method,
+            scheme=self.scheme,
+            path=base.get("root_path", "") + (unquote(path) if "%" in path else path),
+            raw_path=path.encode(),
+            query_string=self.query.encode(),
+            headers=headers,
+            client=self.remote_addr,
+            server=self.local_addr,
+            state=state.copy(),
+            extensions={"http.response.pathsend": {}},
+        )
+        return scope
+
+    def wsgi_environ(self, base: dict[str, Any]) -> dict[str, Any]:
+        """The WSGI environ, as ``NativeRequest.wsgi_environ`` makes it."""
+        environ = base.copy()
+        path = self.path
+        environ["REQUEST_METHOD"] = self.method
+        environ["PATH_INFO"] = unquote_to_bytes(path).decode("latin-1") if "%" in path else path
+        environ["QUERY_STRING"] = self.query
+        environ["SERVER_PROTOCOL"] = "HTTP/" + self.http_version
+        client = self.remote_addr
+        if client is None:
+            environ["REMOTE_ADDR"] = ""
+        else:
+            environ["REMOTE_ADDR"], port = client
+            environ["REMOTE_PORT"] = str(port)
+        environ["wsgi.url_scheme"] = self.scheme
+        for name, value in self.headers():
+            if name == "content-type":
+                environ["CONTENT_TYPE"] = value
+            elif name == "content-length":
+                environ["CONTENT_LENGTH"] = value
+            else:
+                key = "HTTP_" + name.upper().replace("-", "_")
+                if key in environ:
+                    value = f"{environ[key]}{'; ' if name == 'cookie' else ','}{value}"
+                environ[key] = value
+        if "HTTP_HOST" not in environ and self._fields[2]:
+            environ["HTTP_HOST"] = self.authority
+        return environ
 
     def header(self, name: str) -> str | None:
         """The first value of a header, by case-insensitive name."""

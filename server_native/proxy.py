@@ -11,7 +11,8 @@ __all__ = ["ProxyHeaders"]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-_PROXY_HEADERS = frozenset((b"x-forwarded-for", b"x-forwarded-proto", b"forwarded"))
+#: The headers a proxy reports the client with.
+PROXY_HEADER_NAMES = frozenset((b"x-forwarded-for", b"x-forwarded-proto", b"forwarded"))
 #: Addresses whose trust is remembered; past this the memory starts afresh.
 _CACHE_SIZE = 4096
 
@@ -58,7 +59,7 @@ class ProxyHeaders:
         With a chain of proxies, the nearest untrusted hop is the client.
         A Unix socket peer (``client`` None) is trusted, as gunicorn does:
         the socket file's permissions say who may connect."""
-        reported = [(name, value) for name, value in headers if name in _PROXY_HEADERS]
+        reported = [(name, value) for name, value in headers if name in PROXY_HEADER_NAMES]
         if not reported or (client is not None and not self.trusts(client[0])):
             return client, scheme
         forwarded_for: list[str] = []

@@ -164,7 +164,6 @@ class WSGIServer(BoundServer):
         if threads < 1:
             raise ValueError("threads must be at least 1")
         self._threads = threads
-        self._root_path = root_path
         self._proxy = proxy
         super().__init__(config, hosts, port, threaded=True)
         # Over a Unix socket, gunicorn's values: the path and no port, unless
@@ -203,7 +202,7 @@ class WSGIServer(BoundServer):
     def _environ(self, native_request: Any) -> dict[str, Any]:
         # Built natively: the CGI variables, the headers and the client.
         environ: dict[str, Any] = native_request.wsgi_environ(self._base)
-        if self._proxy is not None:
+        if self._proxy is not None and native_request.has_proxy_headers:
             client, scheme = self._proxy.resolve(native_request.remote_addr, native_request.scheme, native_request.raw_headers())
             if client is not None:
                 environ["REMOTE_ADDR"], port = client

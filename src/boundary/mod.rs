@@ -2,6 +2,7 @@
 //! to the loop thread, the event queue between tokio and asyncio, and the
 //! per-interface glue that is faster built natively.
 
+pub mod asgi;
 pub mod bridge;
 pub mod direct;
 pub mod queue;

@@ -182,6 +182,23 @@ impl NativeRequest {
         Ok(list)
     }
 
+    /// The ASGI `http` scope: `base` updated with this request's keys and a
+    /// copy of `state` (see `asgi::scope`).
+    fn asgi_scope<'py>(&self, py: Python<'py>, base: &Bound<'py, PyDict>, state: &Bound<'py, PyDict>) -> PyResult<Bound<'py, PyDict>> {
+        super::asgi::scope(py, &self.exchange, base, state)
+    }
+
+    /// Whether the request carries any header a proxy reports the client
+    /// with (`Forwarded`, `X-Forwarded-For`, `X-Forwarded-Proto`): without
+    /// one, there is nothing for `--proxy-headers` to resolve.
+    #[getter]
+    fn has_proxy_headers(&self) -> bool {
+        let headers = &self.exchange.head.headers;
+        headers.contains_key(http::header::FORWARDED)
+            || headers.contains_key("x-forwarded-for")
+            || headers.contains_key("x-forwarded-proto")
+    }
+
     /// The WSGI environ: `base` updated with this request's variables (see
     /// `wsgi::environ`).
     fn wsgi_environ<'py>(&self, py: Python<'py>, base: &Bound<'py, PyDict>) -> PyResult<Bound<'py, PyDict>> {

@@ -74,7 +74,7 @@ pub fn environ<'py>(py: Python<'py>, exchange: &Exchange, base: &Bound<'py, PyDi
 
 /// `%XX` sequences decoded to bytes; a `%` not followed by two hex digits
 /// stays as it is (Python's `unquote_to_bytes`).
-fn percent_decoded(path: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+pub fn percent_decoded(path: &[u8]) -> std::borrow::Cow<'_, [u8]> {
     if !path.contains(&b'%') {
         return path.into();
     }

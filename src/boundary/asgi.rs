@@ -1,0 +1,60 @@
+//! The ASGI `http` scope of a request, built natively: the part of every
+//! ASGI call that is the same for every app.
+
+use http::header::HOST;
+use http::Version;
+use pyo3::intern;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyList, PyString};
+
+use super::wsgi::percent_decoded;
+use crate::exchange::Exchange;
+
+/// `base` (the server's constant keys, `root_path` among them) updated with
+/// the request's keys, and a copy of `state`. Proxy headers, the TLS
+/// extension and the WebSocket variant are left to the caller.
+pub fn scope<'py>(
+    py: Python<'py>,
+    exchange: &Exchange,
+    base: &Bound<'py, PyDict>,
+    state: &Bound<'py, PyDict>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let scope = base.copy()?;
+    let head = &exchange.head;
+    let version = match head.version {
+        Version::HTTP_2 => intern!(py, "2"),
+        Version::HTTP_3 => intern!(py, "3"),
+        Version::HTTP_10 => intern!(py, "1.0"),
+        _ => intern!(py, "1.1"),
+    };
+    scope.set_item(intern!(py, "http_version"), version)?;
+    scope.set_item(intern!(py, "method"), PyString::new(py, head.method.as_str()))?;
+    let scheme = if exchange.conn.tls { intern!(py, "https") } else { intern!(py, "http") };
+    scope.set_item(intern!(py, "scheme"), scheme)?;
+    let raw_path = head.uri.path();
+    let root_path = match scope.get_item(intern!(py, "root_path"))? {
+        Some(root) => root.extract::<String>()?,
+        None => String::new(),
+    };
+    let path = root_path + &String::from_utf8_lossy(&percent_decoded(raw_path.as_bytes()));
+    scope.set_item(intern!(py, "path"), path)?;
+    scope.set_item(intern!(py, "raw_path"), PyBytes::new(py, raw_path.as_bytes()))?;
+    scope.set_item(intern!(py, "query_string"), PyBytes::new(py, head.uri.query().unwrap_or("").as_bytes()))?;
+    let headers = PyList::empty(py);
+    // HTTP/2 and HTTP/3 carry the host as `:authority`; ASGI wants it as the
+    // first `host` header.
+    if let Some(authority) = head.uri.authority().filter(|_| !head.headers.contains_key(HOST)) {
+        headers.append((PyBytes::new(py, b"host"), PyBytes::new(py, authority.as_str().as_bytes())))?;
+    }
+    for (name, value) in &head.headers {
+        headers.append((PyBytes::new(py, name.as_str().as_bytes()), PyBytes::new(py, value.as_bytes())))?;
+    }
+    scope.set_item(intern!(py, "headers"), headers)?;
+    scope.set_item(intern!(py, "client"), exchange.conn.addresses.remote())?;
+    scope.set_item(intern!(py, "server"), exchange.conn.addresses.local())?;
+    scope.set_item(intern!(py, "state"), state.copy()?)?;
+    let extensions = PyDict::new(py);
+    extensions.set_item(intern!(py, "http.response.pathsend"), PyDict::new(py))?;
+    scope.set_item(intern!(py, "extensions"), extensions)?;
+    Ok(scope)
+}
