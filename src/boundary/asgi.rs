@@ -2,11 +2,11 @@
 //! ASGI call that is the same for every app.
 
 use http::header::HOST;
-use http::Version;
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString};
 
+use super::request::version_names;
 use super::wsgi::percent_decoded;
 use crate::exchange::Exchange;
 
@@ -21,13 +21,7 @@ pub fn scope<'py>(
 ) -> PyResult<Bound<'py, PyDict>> {
     let scope = base.copy()?;
     let head = &exchange.head;
-    let version = match head.version {
-        Version::HTTP_2 => intern!(py, "2"),
-        Version::HTTP_3 => intern!(py, "3"),
-        Version::HTTP_10 => intern!(py, "1.0"),
-        _ => intern!(py, "1.1"),
-    };
-    scope.set_item(intern!(py, "http_version"), version)?;
+    scope.set_item(intern!(py, "http_version"), version_names(head.version).0)?;
     scope.set_item(intern!(py, "method"), PyString::new(py, head.method.as_str()))?;
     let scheme = if exchange.conn.tls { intern!(py, "https") } else { intern!(py, "http") };
     scope.set_item(intern!(py, "scheme"), scheme)?;

@@ -129,14 +129,8 @@ impl NativeRequest {
     }
 
     #[getter]
-    fn http_version<'py>(&self, py: Python<'py>) -> Bound<'py, PyString> {
-        match self.exchange.head.version {
-            Version::HTTP_2 => intern!(py, "2").clone(),
-            Version::HTTP_3 => intern!(py, "3").clone(),
-            Version::HTTP_10 => intern!(py, "1.0").clone(),
-            Version::HTTP_09 => intern!(py, "0.9").clone(),
-            _ => intern!(py, "1.1").clone(),
-        }
+    fn http_version(&self) -> &'static str {
+        version_names(self.exchange.head.version).0
     }
 
     /// The client's address and port; None over a Unix socket.
@@ -436,6 +430,17 @@ fn body_chunk(py: Python<'_>, step: BodyRead) -> PyResult<Bound<'_, PyBytes>> {
         BodyRead::Error(BodyEnd::Disconnected) => Err(ClientDisconnected::new_err("the client disconnected")),
         BodyRead::Error(BodyEnd::Complete) => unreachable!("a complete body reads as End"),
         BodyRead::Pending => unreachable!("callers handle Pending themselves"),
+    }
+}
+
+/// An HTTP version as ASGI names it (`"1.1"`) and as CGI does (`"HTTP/1.1"`).
+pub fn version_names(version: Version) -> (&'static str, &'static str) {
+    match version {
+        Version::HTTP_2 => ("2", "HTTP/2"),
+        Version::HTTP_3 => ("3", "HTTP/3"),
+        Version::HTTP_10 => ("1.0", "HTTP/1.0"),
+        Version::HTTP_09 => ("0.9", "HTTP/0.9"),
+        _ => ("1.1", "HTTP/1.1"),
     }
 }
 

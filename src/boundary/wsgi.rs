@@ -2,12 +2,12 @@
 //! part of a WSGI call that is the same for every app.
 
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE, COOKIE};
-use http::{Method, Version};
+use http::Method;
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString};
 
-use super::request::latin1;
+use super::request::{latin1, version_names};
 use crate::exchange::Exchange;
 
 /// `base` (the server's constant keys) updated with the request's CGI
@@ -24,13 +24,7 @@ pub fn environ<'py>(py: Python<'py>, exchange: &Exchange, base: &Bound<'py, PyDi
     environ.set_item(intern!(py, "REQUEST_METHOD"), method)?;
     environ.set_item(intern!(py, "PATH_INFO"), latin1(&percent_decoded(head.uri.path().as_bytes())))?;
     environ.set_item(intern!(py, "QUERY_STRING"), head.uri.query().unwrap_or(""))?;
-    let protocol = match head.version {
-        Version::HTTP_2 => intern!(py, "HTTP/2"),
-        Version::HTTP_3 => intern!(py, "HTTP/3"),
-        Version::HTTP_10 => intern!(py, "HTTP/1.0"),
-        _ => intern!(py, "HTTP/1.1"),
-    };
-    environ.set_item(intern!(py, "SERVER_PROTOCOL"), protocol)?;
+    environ.set_item(intern!(py, "SERVER_PROTOCOL"), version_names(head.version).1)?;
     match exchange.conn.addresses.remote() {
         Some((address, port)) => {
             environ.set_item(intern!(py, "REMOTE_ADDR"), address)?;
