@@ -137,10 +137,11 @@ async fn dispatch<B: RequestBodySource>(request: Request<B>, conn: &Arc<Connecti
     }
     let (responder, response) = oneshot::channel();
     let exchange = Arc::new(Exchange::new(head, conn.info.clone(), request_body.clone(), responder, server.events.clone()));
-    let too_large = CancellationToken::new();
-    if complete.is_none() {
-        let stop = exchange.over.clone();
+    // Only a body still arriving can turn out too large.
+    let too_large = complete.is_none().then(CancellationToken::new);
+    if let Some(too_large) = &too_large {
         let flag = too_large.clone();
+        let stop = exchange.over.clone();
         let limit = server.config.max_body_size;
         let mut pumping = Box::pin(async move {
             if pump(&mut body, request_body.clone(), limit, crate::body::REQUEST_HIGH_WATER as u64, stop).await {
@@ -170,13 +171,19 @@ async fn dispatch<B: RequestBodySource>(request: Request<B>, conn: &Arc<Connecti
             None => std::future::pending().await,
         }
     };
+    let refused = async {
+        match &too_large {
+            Some(flag) => flag.cancelled().await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         biased;
         // Before the response: an application woken by the refused body may
         // already have answered when this task runs. The pump tells the
         // application why the body stopped (not abandoned: that would say
         // the client left).
-        _ = too_large.cancelled() => {
+        _ = refused => {
             guard.0.take();
             error_response(StatusCode::PAYLOAD_TOO_LARGE, "request body too large")
         }
