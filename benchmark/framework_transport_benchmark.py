@@ -346,6 +346,20 @@ def tree_rss_mib(root: int) -> float:
     return sum(rss_kib(pid) for pid in process_tree(root)) / 1024
 
 
+def tree_cpu_s(root: int) -> float:
+    """User + system CPU time of a process tree, every thread included."""
+    ticks = 0
+    for pid in process_tree(root):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        # Fields after the ")" closing the command name: utime and stime are 12th and 13th.
+        fields = stat.rpartition(")")[2].split()
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def log_tail(path: Path, lines: int = 3) -> str:
     text = path.read_text(errors="replace").strip().splitlines()
     return " | ".join(line.strip() for line in text[-lines:]) or "(no output)"
@@ -463,6 +477,9 @@ class LoadResult:
     mean_ms: float
     errors: int  # socket/stream errors, timeouts, and 4xx/5xx answers
     client_cpu: float  # CPU time of the load generator / wall time: 1.0 is one core
+    # The server's process-tree CPU time per request, in microseconds: what each request
+    # costs the server, whoever limits the rate.
+    server_cpu_us: float | None = None
 
 
 def to_ms(value: str, unit: str) -> float:
@@ -643,6 +660,14 @@ def calibrated_seconds(rate: float, requests: int) -> int:
     return max(1, round(requests / max(rate, 1.0)))
 
 
+def with_server_cpu(server: Server, run: Callable[[], LoadResult]) -> LoadResult:
+    """`run`, with the server's CPU time per request during it."""
+    before = tree_cpu_s(server.pid)
+    result = run()
+    result.server_cpu_us = (tree_cpu_s(server.pid) - before) * 1e6 / max(result.requests, 1)
+    return result
+
+
 def measure_h1(server: Server, workload: Workload, args: argparse.Namespace,
                pinned: bool) -> LoadResult:  # fmt: skip
     port = server.port("h1")
@@ -650,11 +675,12 @@ def measure_h1(server: Server, workload: Workload, args: argparse.Namespace,
     check_answer(status, body, workload)
     warmup = run_wrk(port, workload, args.warmup, args, pinned) if args.warmup else None
     if args.requests is None:
-        return run_wrk(port, workload, args.duration, args, pinned)
-    if warmup is None:  # calibrate on a 1-second run
-        warmup = run_wrk(port, workload, 1, args, pinned)
-    seconds = calibrated_seconds(warmup.requests_per_s, args.requests)
-    return run_wrk(port, workload, seconds, args, pinned)
+        seconds = args.duration
+    else:
+        if warmup is None:  # calibrate on a 1-second run
+            warmup = run_wrk(port, workload, 1, args, pinned)
+        seconds = calibrated_seconds(warmup.requests_per_s, args.requests)
+    return with_server_cpu(server, lambda: run_wrk(port, workload, seconds, args, pinned))
 
 
 def measure_h2c(server: Server, workload: Workload, args: argparse.Namespace, pinned: bool,
@@ -663,11 +689,11 @@ def measure_h2c(server: Server, workload: Workload, args: argparse.Namespace, pi
     check_h2c(port, workload, args, scratch)
     if args.warmup:
         run_h2load(port, workload, args, pinned, scratch, seconds=args.warmup)
-    return run_h2load(
+    return with_server_cpu(server, lambda: run_h2load(
         port, workload, args, pinned, scratch,
         seconds=args.duration if args.requests is None else None, requests=args.requests,
         percentiles=args.h2c_percentiles,
-    )  # fmt: skip
+    ))  # fmt: skip
 
 
 def measure_case(case: Case, pinned: bool, iteration: int, pairs: list[tuple[str, str]],
@@ -733,9 +759,10 @@ def describe(run: Run) -> str:
     latency = f"mean {r.mean_ms:.3f} ms"
     if r.p50_ms is not None and r.p99_ms is not None:
         latency = f"p50 {r.p50_ms:.3f} ms, p99 {r.p99_ms:.3f} ms, " + latency
+    server_cpu = "" if r.server_cpu_us is None else f", server CPU {r.server_cpu_us:.1f} us/req"
     return (
         f"{head} {r.requests_per_s:,.0f} req/s, {latency}, RSS {run.rss_mib:.1f} MiB,"
-        f" errors {r.errors}, {r.tool} CPU {r.client_cpu:.0%}"
+        f" errors {r.errors}, {r.tool} CPU {r.client_cpu:.0%}{server_cpu}"
     )
 
 
@@ -782,6 +809,7 @@ class Summary:
     mean_ms: float | None = None
     rss_mib: float | None = None
     client_cpu: float | None = None
+    server_cpu_us: float | None = None
     errors: int = 0
     failures: list[str] = field(default_factory=list)
 
@@ -805,6 +833,7 @@ def summarize_runs(mine: list[Run], first: Run) -> Summary:
         summary.mean_ms = median_of([r.mean_ms for r in results])
         summary.rss_mib = median_of([run.rss_mib for run in measured])
         summary.client_cpu = statistics.median(r.client_cpu for r in results)
+        summary.server_cpu_us = median_of([r.server_cpu_us for r in results])
         summary.errors = sum(r.errors for r in results)
     return summary
 
@@ -1055,8 +1084,8 @@ def markdown_table(summaries: list[Summary], cases: list[Case], pinned: bool, pr
         f"#### {protocol} · {workload.name} ({workload.description})",
         "",
         f"| case | req/s | vs {BASELINES[0]} | vs {BASELINES[1]} | p50 ms | p99 ms | mean ms"
-        f" | RSS MiB | {tool} CPU | errors | runs ok |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f" | RSS MiB | {tool} CPU | server µs/req | errors | runs ok |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     not_here = []
     for case in cases:
@@ -1072,7 +1101,7 @@ def markdown_table(summaries: list[Summary], cases: list[Case], pinned: bool, pr
             f"| {s.case} | {rate} | {ratio_cell(s.ratios.get(BASELINES[0]))}"
             f" | {ratio_cell(s.ratios.get(BASELINES[1]))} | {cell(s.p50_ms, 3)}"
             f" | {cell(s.p99_ms, 3)} | {cell(s.mean_ms, 3)} | {cell(s.rss_mib, 1)} | {client}"
-            f" | {s.errors} | {s.ok_runs}/{s.runs} |"
+            f" | {cell(s.server_cpu_us, 1)} | {s.errors} | {s.ok_runs}/{s.runs} |"
         )
     if not_here:
         lines += ["", "Not run here: " + "; ".join(not_here) + "."]
@@ -1141,6 +1170,9 @@ def markdown_report(
         f" load average at start {args.load_average_at_start:.2f}.",
         "",
         *(f"- {case.name}: {case.description}" for case in args.framework),
+        "",
+        "`server µs/req`: the server's CPU time (user + system, its whole process tree)"
+        " per request of the measured run.",
         "",
     ]
     if "h2c" in args.protocol and not args.h2c_percentiles:
