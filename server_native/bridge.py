@@ -29,7 +29,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
-from urllib.parse import unquote, unquote_to_bytes
+from urllib.parse import unquote
 
 from ._loader import native
 from .proxy import PROXY_HEADER_NAMES
@@ -283,35 +283,6 @@ class BridgeRequest:
             extensions={"http.response.pathsend": {}},
         )
         return scope
-
-    def wsgi_environ(self, base: dict[str, Any]) -> dict[str, Any]:
-        """The WSGI environ, as ``NativeRequest.wsgi_environ`` makes it."""
-        environ = base.copy()
-        path = self.path
-        environ["REQUEST_METHOD"] = self.method
-        environ["PATH_INFO"] = unquote_to_bytes(path).decode("latin-1") if "%" in path else path
-        environ["QUERY_STRING"] = self.query
-        environ["SERVER_PROTOCOL"] = "HTTP/" + self.http_version
-        client = self.remote_addr
-        if client is None:
-            environ["REMOTE_ADDR"] = ""
-        else:
-            environ["REMOTE_ADDR"], port = client
-            environ["REMOTE_PORT"] = str(port)
-        environ["wsgi.url_scheme"] = self.scheme
-        for name, value in self.headers():
-            if name == "content-type":
-                environ["CONTENT_TYPE"] = value
-            elif name == "content-length":
-                environ["CONTENT_LENGTH"] = value
-            else:
-                key = "HTTP_" + name.upper().replace("-", "_")
-                if key in environ:
-                    value = f"{environ[key]}{'; ' if name == 'cookie' else ','}{value}"
-                environ[key] = value
-        if "HTTP_HOST" not in environ and self._fields[2]:
-            environ["HTTP_HOST"] = self.authority
-        return environ
 
     def header(self, name: str) -> str | None:
         """The first value of a header, by case-insensitive name."""

@@ -106,6 +106,20 @@ def test_percent_encoded_utf8_path_is_decoded_and_raw_path_kept(star: Running) -
     assert raw == {"path": "/raw/café/a/b c", "raw_path": "/raw/caf%C3%A9/a%2Fb%20c", "rest": "café/a/b c"}
 
 
+def test_path_with_stray_percent_signs_and_bad_utf8(star: Running) -> None:
+    """Escapes that are not two hex digits stay as sent, and bytes that are
+    not UTF-8 become U+FFFD, as ``urllib.parse.unquote`` does; raw_path and a
+    latin-1 header value are the bytes as sent."""
+    with socket.create_connection(("127.0.0.1", star.port), timeout=10) as sock:
+        sock.sendall(b"GET /raw/a%zz/%41%4/%C3x HTTP/1.1\r\nHost: x\r\nX-Latin: caf\xe9\r\nConnection: close\r\n\r\n")
+        raw = b""
+        while chunk := sock.recv(65536):
+            raw += chunk
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    assert json.loads(body) == {"path": "/raw/a%zz/A%4/\ufffdx", "raw_path": "/raw/a%zz/%41%4/%C3x", "rest": "a%zz/A%4/\ufffdx"}
+
+
 def test_query_string_percent_encoded_and_utf8(star: Running) -> None:
     raw = "name=caf%C3%A9&x=a+b&x=%26%3D&emoji=%F0%9F%8D%95&empty="
     with client() as c:
@@ -522,9 +536,17 @@ def test_http2_authority_becomes_the_host_header(star: Running) -> None:
 
 
 def test_http2_concurrent_streams_on_one_connection(star: Running) -> None:
-    with client(http1=False, http2=True) as c:
-        with concurrent.futures.ThreadPoolExecutor(10) as pool:
-            responses = list(pool.map(lambda i: c.get(star.url(f"/items/{i}")), range(40)))
+    """40 requests in flight at once on one connection, from one event loop.
+    (Shared by ten threads, httpx's sync HTTP/2 connection, which its authors
+    call not robust (encode/httpx#3324), drew a PROTOCOL_ERROR GOAWAY about
+    once in five runs on a loaded machine; h2load's 64 x 10 streams in the
+    benchmark never draw one.)"""
+
+    async def concurrently() -> list[httpx.Response]:
+        async with httpx.AsyncClient(http1=False, http2=True, timeout=TIMEOUT) as c:
+            return await asyncio.gather(*(c.get(star.url(f"/items/{i}")) for i in range(40)))
+
+    responses = asyncio.run(concurrently())
     assert [r.json()["item_id"] for r in responses] == list(range(40))
     assert {r.http_version for r in responses} == {"HTTP/2"}
 

@@ -367,21 +367,45 @@ def environ_app(environ: Environ, start_response: StartResponse) -> Iterable[byt
     return [json.dumps(shown).encode()]
 
 
-def test_path_info_is_latin1_of_the_decoded_bytes(bg: BackgroundLoop) -> None:
+def environ_of(bg: BackgroundLoop, request: bytes) -> dict[str, Any]:
+    """The environ ``environ_app`` saw for ``request``, sent as these bytes."""
     running = run_raw(bg, environ_app)
     try:
         with socket.create_connection(("127.0.0.1", running.port), timeout=TIMEOUT) as sock:
-            sock.sendall(b"GET /caf%C3%A9/a%20b/%2F/x?q=%C3%A9 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            sock.sendall(request)
             raw = b""
             while chunk := sock.recv(65536):
                 raw += chunk
     finally:
         running.stop()
-    data = json.loads(raw.partition(b"\r\n\r\n")[2])
+    environ: dict[str, Any] = json.loads(raw.partition(b"\r\n\r\n")[2])
+    return environ
+
+
+def test_path_info_is_latin1_of_the_decoded_bytes(bg: BackgroundLoop) -> None:
+    data = environ_of(bg, b"GET /caf%C3%A9/a%20b/%2F/x?q=%C3%A9 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     # PEP 3333: PATH_INFO is the percent-decoded bytes as a latin-1 "native string".
     assert data["PATH_INFO"] == "/caf\xc3\xa9/a b///x"
     assert data["PATH_INFO"].encode("latin-1").decode("utf-8") == "/café/a b///x"
     assert data["QUERY_STRING"] == "q=%C3%A9"  # not decoded
+
+
+def test_environ_edge_cases(bg: BackgroundLoop) -> None:
+    """Stray percent signs stay in PATH_INFO, header bytes map to latin-1,
+    repeats join with "," and Content-Type/Length lose their HTTP_ prefix."""
+    data = environ_of(
+        bg,
+        b"POST /a%zz/%41%4 HTTP/1.1\r\nHost: x\r\nX-Latin: caf\xe9\r\nX-Multi: 1\r\nX-Multi: 2\r\n"
+        b"Content-Type: text/plain\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi",
+    )
+    assert data["PATH_INFO"] == "/a%zz/A%4"
+    assert data["REQUEST_METHOD"] == "POST"
+    assert data["HTTP_X_LATIN"] == "caf\xe9"
+    assert data["HTTP_X_MULTI"] == "1,2"
+    assert (data["CONTENT_TYPE"], data["CONTENT_LENGTH"]) == ("text/plain", "2")
+    assert "HTTP_CONTENT_TYPE" not in data and "HTTP_CONTENT_LENGTH" not in data
+    assert data["HTTP_HOST"] == "x"
+    assert data["REMOTE_ADDR"] == "127.0.0.1" and data["REMOTE_PORT"].isdigit()
 
 
 def test_script_name_root_path(bg: BackgroundLoop) -> None:
