@@ -1,5 +1,6 @@
 """The command line, run as real processes: serving, workers, signals,
-respawn, proxy headers and clear failures."""
+respawn, proxy headers, the app factory, root path, access log, HTTP
+versions, reload, TLS with client certificates, and clear failures."""
 
 from __future__ import annotations
 
@@ -168,6 +169,112 @@ def test_app_dir_is_where_the_app_is_imported_from(app_dir: Path, tmp_path_facto
     assert result.returncode == 1
     # found and imported (the attribute is what is missing), though the cwd has no cliapp
     assert result.stderr.strip().splitlines() == ["server-native: error: module 'cliapp' has no attribute 'nothing'"]
+
+
+def stop(process: subprocess.Popen[str]) -> str:
+    """SIGTERM the server and return everything it printed."""
+    os.killpg(process.pid, signal.SIGTERM)
+    output, _ = process.communicate(timeout=30)
+    return output
+
+
+def test_factory_is_called_for_the_app(app_dir: Path) -> None:
+    with serving(app_dir, "cliapp:create_app", "--factory") as (_, port):
+        status, body = get(port, "/")
+    assert status == 200 and body.split()[1:3] == ["127.0.0.1", "http"]
+
+
+def test_root_path_reaches_the_scope(app_dir: Path) -> None:
+    with serving(app_dir, "cliapp:app", "--root-path", "/api") as (_, port):
+        assert get(port, "/")[1].split()[4] == "root=/api"
+
+
+def test_access_log_lines_name_the_request(app_dir: Path) -> None:
+    with serving(app_dir, "cliapp:app", "--access-log") as (process, port):
+        assert get(port, "/logged?x=1")[0] == 200
+        output = stop(process)
+    assert '"GET /logged HTTP/1.1" 200' in output, output
+
+
+def test_without_access_log_requests_are_not_logged(app_dir: Path) -> None:
+    with serving(app_dir, "cliapp:app") as (process, port):
+        assert get(port, "/quiet")[0] == 200
+        output = stop(process)
+    assert "/quiet" not in output, output
+
+
+def h2c_prior_knowledge_answers(port: int) -> bool:
+    """Whether an HTTP/2 preface gets an HTTP/2 SETTINGS frame back."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        answer = sock.recv(9)
+    return len(answer) == 9 and answer[3] == 0x04
+
+
+@pytest.mark.parametrize(("http", "h2c"), [("auto", True), ("1", False)])
+def test_http_option_decides_h2c(app_dir: Path, http: str, h2c: bool) -> None:
+    with serving(app_dir, "cliapp:app", "--http", http) as (_, port):
+        assert h2c_prior_knowledge_answers(port) is h2c
+        assert get(port, "/")[0] == 200
+
+
+def test_reload_restarts_the_worker_when_a_file_changes(app_dir: Path) -> None:
+    with serving(app_dir, "cliapp:app", "--reload", "--reload-dir", str(app_dir)) as (_, port):
+        first = get(port, "/")[1].split()[0]
+        source = app_dir / "cliapp.py"
+        source.write_text(source.read_text() + "\n# changed\n")
+        deadline = time.monotonic() + 30
+        pid = first
+        while pid == first and time.monotonic() < deadline:
+            time.sleep(0.2)
+            try:
+                pid = get(port, "/")[1].split()[0]
+            except OSError:
+                continue
+    assert pid != first, "the worker was not replaced after its module changed"
+
+
+def test_tls_with_required_client_certificates(app_dir: Path, tmp_path: Path) -> None:
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    server_cert = ca.issue_cert("127.0.0.1")
+    server_cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "server.pem"))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    client_cert = ca.issue_cert("client@example.org")
+    client_cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "client.pem"))
+    port = free_port()
+    args = (
+        "serve", "cliapp:app", "--port", str(port), "--no-http3",
+        "--ssl-certfile", str(tmp_path / "server.pem"), "--ssl-keyfile", str(tmp_path / "server.pem"),
+        "--ssl-ca", str(tmp_path / "ca.pem"), "--ssl-cert-reqs", "2",
+    )  # fmt: skip
+    process = subprocess.Popen(command(*args), cwd=app_dir, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        with_cert = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+        with_cert.load_cert_chain(str(tmp_path / "client.pem"))
+        deadline = time.monotonic() + 30
+        body = None
+        while body is None and time.monotonic() < deadline:
+            assert process.poll() is None, process.stdout.read() if process.stdout else ""
+            try:
+                connection = http.client.HTTPSConnection("127.0.0.1", port, context=with_cert, timeout=10)
+                connection.request("GET", "/")
+                body = connection.getresponse().read().decode()
+                connection.close()
+            except OSError:
+                time.sleep(0.1)
+        assert body is not None and body.split()[1:3] == ["127.0.0.1", "https"]
+        without_cert = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            connection = http.client.HTTPSConnection("127.0.0.1", port, context=without_cert, timeout=10)
+            connection.request("GET", "/")
+            connection.getresponse().read()
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(10)
 
 
 def websocket_extensions(port: int) -> str | None:

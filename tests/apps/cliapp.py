@@ -1,7 +1,8 @@
 """The app the command-line tests serve, copied next to them as a module of
 its own (tests/test_cli.py, tests/test_uds.py). Each interface answers with
 what the tests check: the worker's pid, the client and scheme the app saw,
-and the server's address (a Unix socket's path); a WebSocket is accepted
+the server's address (a Unix socket's path) and the root path; a
+WebSocket is accepted
 and held until the client's next message."""
 
 import asyncio
@@ -23,9 +24,14 @@ async def app(scope, receive, send):
     if scope["path"] == "/slow":
         await asyncio.sleep(1)
     client = scope["client"][0] if scope["client"] else None
-    body = f"{os.getpid()} {client} {scope['scheme']} {scope['server'][0]}".encode()
+    body = f"{os.getpid()} {client} {scope['scheme']} {scope['server'][0]} root={scope['root_path']}".encode()
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
     await send({"type": "http.response.body", "body": body})
+
+
+def create_app():
+    """For ``--factory``: the app, made on call."""
+    return app
 
 
 def wsgi(environ, start_response):
