@@ -82,6 +82,9 @@ class ServerConfig:
     #: (and so do its clients) beyond this.
     max_pending_requests: int = 1024
     max_concurrent_streams: int = 250
+    #: How long a request head may take to arrive in full, from its first
+    #: byte (the first request's: from connecting). Between requests,
+    #: ``idle_timeout`` applies.
     header_read_timeout: float = 30.0
     tls_handshake_timeout: float = 10.0
     #: Keep-alive: a connection idle this long is closed.
