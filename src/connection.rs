@@ -231,8 +231,7 @@ async fn idle(conn: &Connection) {
         } else if quiet_since.elapsed() >= timeout {
             return;
         }
-        let next_look = (quiet_since + timeout).min(Instant::now() + timeout / 4);
-        tokio::time::sleep_until(next_look.max(Instant::now() + Duration::from_millis(10))).await;
+        tokio::time::sleep((timeout / 4).max(Duration::from_millis(10))).await;
     }
 }
 

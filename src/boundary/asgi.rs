@@ -4,10 +4,9 @@
 use http::header::HOST;
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyList, PyString};
+use pyo3::types::{PyBytes, PyDict, PyList};
 
-use super::request::version_names;
-use super::wsgi::percent_decoded;
+use super::request::{method_name, percent_decoded, scheme_name, version_names};
 use crate::exchange::Exchange;
 
 /// `base` (the server's constant keys, `root_path` among them) updated with
@@ -22,9 +21,8 @@ pub fn scope<'py>(
     let scope = base.copy()?;
     let head = &exchange.head;
     scope.set_item(intern!(py, "http_version"), version_names(head.version).0)?;
-    scope.set_item(intern!(py, "method"), PyString::new(py, head.method.as_str()))?;
-    let scheme = if exchange.conn.tls { intern!(py, "https") } else { intern!(py, "http") };
-    scope.set_item(intern!(py, "scheme"), scheme)?;
+    scope.set_item(intern!(py, "method"), method_name(py, &head.method))?;
+    scope.set_item(intern!(py, "scheme"), scheme_name(py, exchange.conn.tls))?;
     let raw_path = head.uri.path();
     let root_path = match scope.get_item(intern!(py, "root_path"))? {
         Some(root) => root.extract::<String>()?,

@@ -86,15 +86,7 @@ impl NativeRequest {
 impl NativeRequest {
     #[getter]
     fn method<'py>(&self, py: Python<'py>) -> Bound<'py, PyString> {
-        let method = &self.exchange.head.method;
-        match *method {
-            Method::GET => intern!(py, "GET").clone(),
-            Method::POST => intern!(py, "POST").clone(),
-            Method::HEAD => intern!(py, "HEAD").clone(),
-            Method::PUT => intern!(py, "PUT").clone(),
-            Method::DELETE => intern!(py, "DELETE").clone(),
-            _ => PyString::new(py, method.as_str()),
-        }
+        method_name(py, &self.exchange.head.method)
     }
 
     /// The path as sent, still percent-encoded.
@@ -111,11 +103,7 @@ impl NativeRequest {
 
     #[getter]
     fn scheme<'py>(&self, py: Python<'py>) -> Bound<'py, PyString> {
-        if self.exchange.conn.tls {
-            intern!(py, "https").clone()
-        } else {
-            intern!(py, "http").clone()
-        }
+        scheme_name(py, self.exchange.conn.tls).clone()
     }
 
     /// `:authority` (HTTP/2), the absolute-form target, or the Host header.
@@ -431,6 +419,50 @@ fn body_chunk(py: Python<'_>, step: BodyRead) -> PyResult<Bound<'_, PyBytes>> {
         BodyRead::Error(BodyEnd::Complete) => unreachable!("a complete body reads as End"),
         BodyRead::Pending => unreachable!("callers handle Pending themselves"),
     }
+}
+
+/// A request method as Python text, the common ones interned.
+pub fn method_name<'py>(py: Python<'py>, method: &Method) -> Bound<'py, PyString> {
+    match *method {
+        Method::GET => intern!(py, "GET").clone(),
+        Method::POST => intern!(py, "POST").clone(),
+        Method::HEAD => intern!(py, "HEAD").clone(),
+        Method::PUT => intern!(py, "PUT").clone(),
+        Method::DELETE => intern!(py, "DELETE").clone(),
+        _ => PyString::new(py, method.as_str()),
+    }
+}
+
+/// `http` or `https`, interned.
+pub fn scheme_name(py: Python<'_>, tls: bool) -> &Bound<'_, PyString> {
+    if tls {
+        intern!(py, "https")
+    } else {
+        intern!(py, "http")
+    }
+}
+
+/// `%XX` sequences decoded to bytes; a `%` not followed by two hex digits
+/// stays as it is (Python's `unquote_to_bytes`).
+pub fn percent_decoded(path: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    if !path.contains(&b'%') {
+        return path.into();
+    }
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(path.len());
+    let mut i = 0;
+    while i < path.len() {
+        if path[i] == b'%' {
+            if let (Some(high), Some(low)) = (path.get(i + 1).and_then(|&b| hex(b)), path.get(i + 2).and_then(|&b| hex(b))) {
+                out.push(high << 4 | low);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(path[i]);
+        i += 1;
+    }
+    out.into()
 }
 
 /// An HTTP version as ASGI names it (`"1.1"`) and as CGI does (`"HTTP/1.1"`).

@@ -2,12 +2,11 @@
 //! part of a WSGI call that is the same for every app.
 
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE, COOKIE};
-use http::Method;
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyString};
+use pyo3::types::PyDict;
 
-use super::request::{latin1, version_names};
+use super::request::{latin1, method_name, percent_decoded, scheme_name, version_names};
 use crate::exchange::Exchange;
 
 /// `base` (the server's constant keys) updated with the request's CGI
@@ -16,12 +15,7 @@ use crate::exchange::Exchange;
 pub fn environ<'py>(py: Python<'py>, exchange: &Exchange, base: &Bound<'py, PyDict>) -> PyResult<Bound<'py, PyDict>> {
     let environ = base.copy()?;
     let head = &exchange.head;
-    let method = match head.method {
-        Method::GET => intern!(py, "GET").clone(),
-        Method::POST => intern!(py, "POST").clone(),
-        _ => PyString::new(py, head.method.as_str()),
-    };
-    environ.set_item(intern!(py, "REQUEST_METHOD"), method)?;
+    environ.set_item(intern!(py, "REQUEST_METHOD"), method_name(py, &head.method))?;
     environ.set_item(intern!(py, "PATH_INFO"), latin1(&percent_decoded(head.uri.path().as_bytes())))?;
     environ.set_item(intern!(py, "QUERY_STRING"), head.uri.query().unwrap_or(""))?;
     environ.set_item(intern!(py, "SERVER_PROTOCOL"), version_names(head.version).1)?;
@@ -33,8 +27,7 @@ pub fn environ<'py>(py: Python<'py>, exchange: &Exchange, base: &Bound<'py, PyDi
         // A Unix socket peer has no address: gunicorn's empty REMOTE_ADDR.
         None => environ.set_item(intern!(py, "REMOTE_ADDR"), "")?,
     }
-    let scheme = if exchange.conn.tls { intern!(py, "https") } else { intern!(py, "http") };
-    environ.set_item(intern!(py, "wsgi.url_scheme"), scheme)?;
+    environ.set_item(intern!(py, "wsgi.url_scheme"), scheme_name(py, exchange.conn.tls))?;
     let mut key = String::with_capacity(32);
     for (name, value) in &head.headers {
         let value = latin1(value.as_bytes());
@@ -64,27 +57,4 @@ pub fn environ<'py>(py: Python<'py>, exchange: &Exchange, base: &Bound<'py, PyDi
         }
     }
     Ok(environ)
-}
-
-/// `%XX` sequences decoded to bytes; a `%` not followed by two hex digits
-/// stays as it is (Python's `unquote_to_bytes`).
-pub fn percent_decoded(path: &[u8]) -> std::borrow::Cow<'_, [u8]> {
-    if !path.contains(&b'%') {
-        return path.into();
-    }
-    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
-    let mut out = Vec::with_capacity(path.len());
-    let mut i = 0;
-    while i < path.len() {
-        if path[i] == b'%' {
-            if let (Some(high), Some(low)) = (path.get(i + 1).and_then(|&b| hex(b)), path.get(i + 2).and_then(|&b| hex(b))) {
-                out.push(high << 4 | low);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(path[i]);
-        i += 1;
-    }
-    out.into()
 }
