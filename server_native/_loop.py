@@ -8,15 +8,16 @@ drains the whole batch with one native call, and dispatches it.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import socket
-import sys
 import threading
-from collections.abc import AsyncIterator, Callable, Coroutine
+import types
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator
 from typing import Any
 
 from ._loader import native
 
-__all__ = ["EventPump", "body_chunks", "start_coroutine"]
+__all__ = ["CoroutineRunner", "EventPump", "body_chunks"]
 
 NativeRequest = native.NativeRequest
 
@@ -90,36 +91,78 @@ class EventPump:
         self._write.close()
 
 
-_EAGER = sys.version_info >= (3, 12)
+class CoroutineRunner:
+    """Runs request coroutines the way a Task per request would, for about
+    the cost of one Task per batch.
+
+    The coroutines started before the runner's Task first runs are one
+    batch. The Task steps each of them in turn, each in its own copy of the
+    context. One that finishes without waiting costs no Task of its own.
+    The first one that waits keeps this Task for the rest of its life, and a
+    new Task takes the rest of the batch. So ``asyncio.current_task()`` is
+    always the real Task that drives the coroutine from its first step to
+    its end (``asyncio.timeout`` and anyio rely on that); coroutines that
+    finish without waiting may share one. A coroutine's own exceptions go
+    to ``on_error``."""
+
+    __slots__ = ("_loop", "_on_error", "_batch")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_error: Callable[[BaseException], None]) -> None:
+        self._loop = loop
+        self._on_error = on_error
+        self._batch: list[Coroutine[Any, Any, Any]] | None = None
+
+    def start(self, coro: Coroutine[Any, Any, Any]) -> None:
+        batch = self._batch
+        if batch is None:
+            self._batch = [coro]
+            self._loop.create_task(self._run_batch())
+        else:
+            batch.append(coro)
+
+    async def _run_batch(self) -> None:
+        batch, self._batch = self._batch, None
+        await self._run(batch or [], 0)
+
+    async def _run(self, batch: list[Coroutine[Any, Any, Any]], first: int) -> None:
+        for index in range(first, len(batch)):
+            coro = batch[index]
+            context = contextvars.copy_context()
+            try:
+                awaited = context.run(coro.send, None)
+            except StopIteration:
+                continue
+            except BaseException as exc:  # noqa: BLE001 - one request's failure
+                self._on_error(exc)
+                continue
+            if index + 1 < len(batch):
+                self._loop.create_task(self._run(batch, index + 1))
+            try:
+                await _resumed(coro, context, awaited)
+            except BaseException as exc:  # noqa: BLE001
+                self._on_error(exc)
+            return
 
 
-def start_coroutine(
-    loop: asyncio.AbstractEventLoop,
-    coro: Coroutine[Any, Any, Any],
-    on_error: Callable[[BaseException], None] | None,
-) -> asyncio.Task[Any]:
-    """Runs ``coro`` in its own Task. Always a real Task, since frameworks
-    rely on ``asyncio.current_task()`` (anyio, ``asyncio.timeout``); from
-    Python 3.12 it starts eagerly, so a handler that answers without
-    awaiting finishes before this returns, without a loop iteration.
-    ``on_error`` None: ``coro`` handles its own failures, and the task gets
-    no done callback (one loop callback fewer per request)."""
-    if _EAGER:
-        task: asyncio.Task[Any] = asyncio.Task(coro, loop=loop, eager_start=True)  # type: ignore[call-arg]
-    else:
-        task = loop.create_task(coro)
-    if on_error is not None:
-        task.add_done_callback(lambda t: _report(t, on_error))
-    return task
-
-
-def _report(task: asyncio.Task[Any], on_error: Callable[[BaseException], None]) -> None:
-    if task.cancelled():
-        on_error(asyncio.CancelledError())
-        return
-    exc = task.exception()
-    if exc is not None:
-        on_error(exc)
+@types.coroutine
+def _resumed(coro: Coroutine[Any, Any, Any], context: contextvars.Context, awaited: Any) -> Generator[Any, Any, Any]:
+    """Goes on with a started coroutine inside the current Task, as
+    ``await`` would had the Task started it."""
+    step: Callable[[Any], Any]
+    while True:
+        try:
+            sent = yield awaited
+        except GeneratorExit:
+            coro.close()
+            raise
+        except BaseException as exc:  # noqa: BLE001 - thrown in by the Task, e.g. cancellation
+            step, value = coro.throw, exc
+        else:
+            step, value = coro.send, sent
+        try:
+            awaited = context.run(step, value)
+        except StopIteration as stop:
+            return stop.value
 
 
 async def body_chunks(native_request: Any, create_future: Callable[[], Any]) -> AsyncIterator[bytes]:

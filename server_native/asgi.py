@@ -11,7 +11,6 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from ._loader import native
-from ._loop import start_coroutine
 from .config import ServerConfig
 from .proxy import ProxyHeaders
 from .serve import serve_bound
@@ -219,11 +218,10 @@ class ASGIServer(BoundServer):
             scope["scheme"] = "wss" if scope["scheme"] == "https" else "ws"
             scope["subprotocols"] = _subprotocols(scope["headers"])
             scope["extensions"] = {"websocket.http.response": {}}
-            start_coroutine(self._loop, _run_websocket(app, scope, _WebSocketCycle(native_request, self._loop)), None)
+            self._runner.start(_run_websocket(app, scope, _WebSocketCycle(native_request, self._loop)))
             return
         cycle = _HttpCycle(native_request, self._loop)
-        # _run and _run_websocket report the app's failures themselves.
-        start_coroutine(self._loop, _run(app, scope, cycle, self._access_log), None)
+        self._runner.start(_run(app, scope, cycle, self._access_log))
 
 
 def _tls_extension(native_request: Any) -> dict[str, Any]:

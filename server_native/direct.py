@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from ._loader import native
-from ._loop import body_chunks, start_coroutine
+from ._loop import body_chunks
 from .config import ServerConfig
 from .serve import serve_bound
 from .server import BoundServer, bind_settings, logger, tls_settings
@@ -155,7 +155,7 @@ class DirectServer(BoundServer):
         if result.__class__ is NativeDirectResponse and result.stream_body is None:
             native_request.send_direct(result)
         else:
-            start_coroutine(self._loop, self._finish(native_request, result), self._report)
+            self._runner.start(self._finish(native_request, result))
 
     async def _finish(self, native_request: Any, result: Any) -> None:
         try:

@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 from ._loader import native
-from ._loop import start_coroutine
 from .config import ServerConfig
 from .headers import ContentType, HttpHeaders
 from .request import HttpRequest
@@ -126,7 +125,7 @@ class NativeHttpServer(BoundServer):
         request = HttpRequest(native_request, self, self._loop)
         handler = self._handler
         if handler is not None:
-            start_coroutine(self._loop, _handle(handler, request), self._report)
+            self._runner.start(_handle(handler, request))
         elif self._listeners:
             self._queue.append(request)
             waiter = self._waiter

@@ -12,7 +12,7 @@ from dataclasses import replace
 from typing import Any, NamedTuple
 
 from ._loader import native
-from ._loop import EventPump
+from ._loop import CoroutineRunner, EventPump
 from .addresses import resolve_bind_hosts
 from .bridge import BridgeListener
 from .config import ServerConfig, TlsConfig
@@ -114,6 +114,8 @@ class BoundServer:
             )
             config = replace(config, bridge_address=self._bridge.address, bridge_token=self._bridge.token)
         self._config = config
+        #: Runs the coroutines that answer requests.
+        self._runner = CoroutineRunner(self._loop, self._report)
         self._closing: asyncio.Future[None] | None = None
         #: Threads that take requests natively (``threaded``), joined on close.
         self._consumers: list[threading.Thread] = []

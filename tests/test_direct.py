@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import hashlib
 import http.client
 import inspect
@@ -21,6 +22,7 @@ import logging
 import re
 import socket
 import ssl
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -847,6 +849,79 @@ def test_async_handler_that_suspends(start: Starter, native_callback: bool) -> N
     running = start(handler, native_callback=native_callback)
     with h1() as client:
         assert client.post(running.url(), content=b"x").text == "async:x"
+
+
+REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+
+
+@pytest.mark.parametrize("native_callback", TRANSPORTS)
+def test_async_handlers_each_run_in_a_task_and_a_context_of_their_own(start: Starter, native_callback: bool) -> None:
+    """Many requests at once, some waiting: each handler runs in one real Task
+    from start to end and sees no context variable another handler set."""
+
+    async def handler(request: NativeDirectRequest) -> NativeDirectResponse:
+        seen = REQUEST_ID.get()
+        REQUEST_ID.set(request.query)
+        task = asyncio.current_task()
+        if request.query.startswith("wait"):
+            await asyncio.sleep(0)
+        return as_json({"seen": seen, "task": task is not None, "same": asyncio.current_task() is task})
+
+    running = start(handler, native_callback=native_callback)
+
+    async def run() -> list[Any]:
+        async with httpx.AsyncClient(timeout=TIMEOUT) as client:
+            queries = [("wait" if i % 3 == 0 else "now") + str(i) for i in range(60)]
+            responses = await asyncio.gather(*(client.get(running.url(f"/?{query}")) for query in queries))
+        return [response.json() for response in responses]
+
+    assert asyncio.run(run()) == [{"seen": None, "task": True, "same": True}] * 60
+
+
+@pytest.mark.parametrize("native_callback", TRANSPORTS)
+def test_a_waiting_handler_holds_up_no_request_after_it(start: Starter, native_callback: bool) -> None:
+    """`/wait` waits until a later request sets the event: it would never be
+    answered if the requests after it waited for it."""
+    released = asyncio.Event()
+
+    async def handler(request: NativeDirectRequest) -> NativeDirectResponse:
+        if request.path == "/wait":
+            await released.wait()
+            return text(200, "released")
+        released.set()
+        return text(200, "set")
+
+    running = start(handler, native_callback=native_callback)
+
+    async def run() -> list[str]:
+        async with httpx.AsyncClient(timeout=TIMEOUT) as client:
+            paths = ["/wait", *["/set"] * 20]
+            return [r.text for r in await asyncio.gather(*(client.get(running.url(path)) for path in paths))]
+
+    assert asyncio.run(run()) == ["released", *["set"] * 20]
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio.timeout is new in Python 3.11")
+@pytest.mark.parametrize("native_callback", TRANSPORTS)
+def test_asyncio_timeout_in_a_handler_cancels_that_handler_only(start: Starter, native_callback: bool) -> None:
+    async def handler(request: NativeDirectRequest) -> NativeDirectResponse:
+        if request.path == "/now":
+            return text(200, "now")
+        try:
+            async with asyncio.timeout(0.05):
+                await asyncio.Event().wait()
+        except TimeoutError:
+            return text(200, "timed out")
+        return text(500, "not cancelled")
+
+    running = start(handler, native_callback=native_callback)
+
+    async def run() -> list[str]:
+        async with httpx.AsyncClient(timeout=TIMEOUT) as client:
+            paths = ["/slow", "/now"] * 10
+            return [r.text for r in await asyncio.gather(*(client.get(running.url(path)) for path in paths))]
+
+    assert asyncio.run(run()) == ["timed out", "now"] * 10
 
 
 def test_sync_handler_on_the_loop_runs_on_the_loop_thread(start: Starter, loop_thread: LoopThread) -> None:
