@@ -96,23 +96,31 @@ class NativeDirectRequest:
 
     async def read(self) -> bytes:
         """The whole body."""
-        return b"".join([chunk async for chunk in self.body])
+        chunks: list[bytes] = []
+        if not _take_arrived(self._native, chunks):
+            chunks += [chunk async for chunk in self.body]
+        return b"".join(chunks)
 
     def body_bytes(self) -> bytes:
         """The whole body, synchronously. With ``native_direct=True`` the
         body has always arrived before the handler runs; elsewhere this
         raises if it has not."""
         chunks: list[bytes] = []
-        while True:
-            step = self._native.read()
-            if step is None:
-                raise RuntimeError("the body has not fully arrived: use `await request.read()`")
-            if not step:
-                return b"".join(chunks)
-            chunks.append(step)
+        if not _take_arrived(self._native, chunks):
+            raise RuntimeError("the body has not fully arrived: use `await request.read()`")
+        return b"".join(chunks)
 
     def __repr__(self) -> str:
         return f"<NativeDirectRequest {self.method} {self.uri}>"
+
+
+def _take_arrived(native_request: Any, chunks: list[bytes]) -> bool:
+    """Takes the body chunks that have arrived; True when that was all of it."""
+    while True:
+        step = native_request.read()
+        if not step:
+            return step is not None
+        chunks.append(step)
 
 
 #: Returns a NativeDirectResponse, or an awaitable of one.
