@@ -3,10 +3,12 @@
 //! when idle, and aborted on a forced close.
 
 use std::io;
+
+use bytes::{Buf, BytesMut};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
+use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
 
 use hyper::rt::{Read, ReadBufCursor, Write};
@@ -121,7 +123,7 @@ async fn run<S>(stream: S, conn: Arc<Connection>)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let io = Tracked { inner: TokioIo::new(stream), conn: conn.clone(), write_put_off: false };
+    let io = Tracked::new(stream, conn.clone());
     let handler = conn.clone();
     let service = service_fn(move |request| service::handle(request, handler.clone()));
     match &conn.server.protocols {
@@ -285,28 +287,71 @@ impl<F: Future> Future for WokenOnly<F> {
 /// The connection's socket, noting the time of every read and write so idle
 /// connections can be closed.
 ///
-/// On HTTP/2 each write is put off by one turn of the scheduler: the streams
-/// whose responses became ready meanwhile (a batch answered by the
-/// application) then go out in the same writev. Without it, tokio ran the
-/// connection task right after each stream task that woke it, and wrote one
-/// response per system call.
+/// On HTTP/2 writes are held for one turn of the scheduler and then go out
+/// in one system call: the responses of a batch answered by the application
+/// meanwhile join them. h2 itself flushes after every DATA frame of 256 bytes
+/// or more, so without this each such response cost a `writev`.
 struct Tracked<S> {
     inner: TokioIo<S>,
     conn: Arc<Connection>,
-    write_put_off: bool,
+    /// HTTP/2 bytes accepted from h2, not yet written to the socket.
+    held: BytesMut,
+    /// The connection task has run again since `held` began filling: the
+    /// next flush writes it out.
+    due: bool,
 }
 
-impl<S> Tracked<S> {
-    /// True (and the task rescheduled behind the tasks already queued) when
-    /// this write should wait for one turn.
-    fn put_off(&mut self, cx: &Context<'_>) -> bool {
-        if self.write_put_off || !self.conn.multiplexed.load(Ordering::Relaxed) {
-            self.write_put_off = false;
-            return false;
+/// Past this, writes wait for the held bytes to reach the socket.
+const HELD_MAX: usize = 64 * 1024;
+/// A write this large goes straight to the socket: copying it gains nothing.
+const WRITE_THROUGH: usize = 16 * 1024;
+/// The buffer kept between batches; a larger one is freed once written.
+const HELD_KEPT: usize = 16 * 1024;
+
+impl<S> Tracked<S>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    fn new(stream: S, conn: Arc<Connection>) -> Self {
+        Tracked { inner: TokioIo::new(stream), conn, held: BytesMut::new(), due: false }
+    }
+
+    fn poll_write_held(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.held.is_empty() {
+            let written = ready!(Pin::new(&mut self.inner).poll_write(cx, &self.held))?;
+            if written == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.held.advance(written);
+            self.conn.touch();
         }
-        self.write_put_off = true;
-        cx.waker().wake_by_ref();
-        true
+        if self.held.capacity() > HELD_KEPT {
+            self.held = BytesMut::new();
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_send(&mut self, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        let len: usize = bufs.iter().map(|b| b.len()).sum();
+        let hold = self.conn.multiplexed.load(Ordering::Relaxed);
+        if hold && (!self.held.is_empty() || len < WRITE_THROUGH) {
+            if self.held.len() >= HELD_MAX || len >= WRITE_THROUGH {
+                ready!(self.poll_write_held(cx))?;
+            }
+            if len < WRITE_THROUGH {
+                if self.held.is_empty() {
+                    self.due = false;
+                    cx.waker().wake_by_ref();
+                }
+                bufs.iter().for_each(|b| self.held.extend_from_slice(b));
+                return Poll::Ready(Ok(len));
+            }
+        }
+        let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if poll.is_ready() {
+            self.conn.touch();
+        }
+        poll
     }
 }
 
@@ -315,6 +360,10 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: ReadBufCursor<'_>) -> Poll<io::Result<()>> {
+        // h2 reads at the start of each run of its task and flushes at the end.
+        if !self.held.is_empty() {
+            self.due = true;
+        }
         let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
         if poll.is_ready() {
             self.conn.touch();
@@ -328,14 +377,7 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        if self.put_off(cx) {
-            return Poll::Pending;
-        }
-        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if poll.is_ready() {
-            self.conn.touch();
-        }
-        poll
+        self.poll_send(cx, &[io::IoSlice::new(buf)])
     }
 
     fn poll_write_vectored(
@@ -343,14 +385,7 @@ where
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        if self.put_off(cx) {
-            return Poll::Pending;
-        }
-        let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if poll.is_ready() {
-            self.conn.touch();
-        }
-        poll
+        self.poll_send(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -358,10 +393,14 @@ where
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.due {
+            ready!(self.poll_write_held(cx))?;
+        }
         Pin::new(&mut self.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.poll_write_held(cx))?;
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

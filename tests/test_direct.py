@@ -1297,6 +1297,30 @@ def test_h2c_many_concurrent_streams_on_one_connection(start: Starter, native_ca
     assert asyncio.run(run()) == [str(i) for i in range(50)]
 
 
+#: Around the sizes where the HTTP/2 writer changes course: h2 flushes after
+#: a DATA frame of 256 bytes or more, the server holds writes under 16 KiB
+#: and up to 64 KiB, and frames are 16 KiB by default.
+H2_SIZES = [0, 1, 255, 256, 257, 4096, 16383, 16384, 16385, 65535, 65536, 70000, 1 << 20]
+
+
+@pytest.mark.parametrize("secure", [False, True], ids=["h2c", "tls-h2"])
+def test_h2_responses_of_every_size_at_once_arrive_whole(start: Starter, certs: Certificates, secure: bool) -> None:
+    async def handler(request: NativeDirectRequest) -> NativeDirectResponse:
+        size = int(request.query)
+        return NativeDirectResponse.bytes(200, [("content-type", "application/octet-stream")], pattern(size))
+
+    running = start(handler, secure=secure)
+    verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=str(certs.ca_path)) if secure else False
+
+    async def run() -> list[tuple[str, int, str]]:
+        async with httpx.AsyncClient(http1=secure, http2=True, verify=verify, timeout=TIMEOUT) as client:
+            sizes = H2_SIZES * 4
+            responses = await asyncio.gather(*(client.get(running.url(f"/?{size}")) for size in sizes))
+        return [(r.http_version, len(r.content), digest(r.content)) for r in responses]
+
+    assert asyncio.run(run()) == [("HTTP/2", size, digest(pattern(size))) for size in H2_SIZES * 4]
+
+
 # ---------------------------------------------------------------- NativeDirectResponse itself
 
 
