@@ -302,11 +302,12 @@ struct Tracked<S> {
 }
 
 /// Past this, writes wait for the held bytes to reach the socket.
-const HELD_MAX: usize = 64 * 1024;
+const HELD_MAX: usize = 32 * 1024;
 /// A write this large goes straight to the socket: copying it gains nothing.
 const WRITE_THROUGH: usize = 16 * 1024;
-/// The buffer kept between batches; a larger one is freed once written.
-const HELD_KEPT: usize = 16 * 1024;
+/// The held buffer's size, allocated once and kept for the connection's
+/// life: growing it batch after batch cost more than the copies it saves.
+const HELD_CAPACITY: usize = HELD_MAX + WRITE_THROUGH;
 
 impl<S> Tracked<S>
 where
@@ -325,9 +326,6 @@ where
             self.held.advance(written);
             self.conn.touch();
         }
-        if self.held.capacity() > HELD_KEPT {
-            self.held = BytesMut::new();
-        }
         Poll::Ready(Ok(()))
     }
 
@@ -340,6 +338,7 @@ where
             }
             if len < WRITE_THROUGH {
                 if self.held.is_empty() {
+                    self.held.reserve(HELD_CAPACITY);
                     self.due = false;
                     cx.waker().wake_by_ref();
                 }

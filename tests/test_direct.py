@@ -1299,7 +1299,7 @@ def test_h2c_many_concurrent_streams_on_one_connection(start: Starter, native_ca
 
 #: Around the sizes where the HTTP/2 writer changes course: h2 flushes after
 #: a DATA frame of 256 bytes or more, the server holds writes under 16 KiB
-#: and up to 64 KiB, and frames are 16 KiB by default.
+#: and up to 32 KiB, and frames are 16 KiB by default.
 H2_SIZES = [0, 1, 255, 256, 257, 4096, 16383, 16384, 16385, 65535, 65536, 70000, 1 << 20]
 
 
