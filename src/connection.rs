@@ -3,14 +3,13 @@
 //! when idle, and aborted on a forced close.
 
 use std::io;
-
-use bytes::{Buf, BytesMut};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
 
+use bytes::{Buf, BytesMut};
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -330,22 +329,26 @@ where
     }
 
     fn poll_send(&mut self, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
-        let len: usize = bufs.iter().map(|b| b.len()).sum();
-        let hold = self.conn.multiplexed.load(Ordering::Relaxed);
-        if hold && (!self.held.is_empty() || len < WRITE_THROUGH) {
-            if self.held.len() >= HELD_MAX || len >= WRITE_THROUGH {
-                ready!(self.poll_write_held(cx))?;
-            }
-            if len < WRITE_THROUGH {
-                if self.held.is_empty() {
-                    self.held.reserve(HELD_CAPACITY);
-                    self.due = false;
-                    cx.waker().wake_by_ref();
-                }
-                bufs.iter().for_each(|b| self.held.extend_from_slice(b));
-                return Poll::Ready(Ok(len));
-            }
+        if !self.conn.multiplexed.load(Ordering::Relaxed) {
+            return self.poll_write_through(cx, bufs);
         }
+        let len: usize = bufs.iter().map(|b| b.len()).sum();
+        if self.held.len() >= HELD_MAX || (len >= WRITE_THROUGH && !self.held.is_empty()) {
+            ready!(self.poll_write_held(cx))?;
+        }
+        if len >= WRITE_THROUGH {
+            return self.poll_write_through(cx, bufs);
+        }
+        if self.held.is_empty() {
+            self.held.reserve(HELD_CAPACITY);
+            self.due = false;
+            cx.waker().wake_by_ref();
+        }
+        bufs.iter().for_each(|b| self.held.extend_from_slice(b));
+        Poll::Ready(Ok(len))
+    }
+
+    fn poll_write_through(&mut self, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
         let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         if poll.is_ready() {
             self.conn.touch();
