@@ -139,6 +139,8 @@ class CoroutineRunner:
                 self._loop.create_task(self._run(batch, index + 1))
             try:
                 await _resumed(coro, context, awaited)
+            except GeneratorExit:  # the Task is destroyed (the loop went away)
+                raise
             except BaseException as exc:  # noqa: BLE001
                 self._on_error(exc)
             return

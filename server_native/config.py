@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = ["ServerConfig", "TlsConfig"]
 
@@ -43,9 +44,19 @@ def _existing_file(path: str | os.PathLike[str], what: str) -> str:
     return text
 
 
+def _seconds(name: str, value: Any, none_means: float | None = None) -> float:
+    if value is None and none_means is not None:
+        return none_means
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        shown = "a number of seconds, 0 or None for none" if none_means is not None else "a number of seconds"
+        raise ValueError(f"{name} must be {shown}, not {value!r}")
+    return float(value)
+
+
 @dataclass
 class ServerConfig:
-    """Socket options, protocol switches, limits and timeouts (seconds; 0 = none)."""
+    """Socket options, protocol switches, limits and timeouts (seconds; 0 or
+    None = none, except ``shutdown_timeout``: 0 = do not wait)."""
 
     backlog: int = 0
     v6_only: bool = False
@@ -85,12 +96,12 @@ class ServerConfig:
     #: How long a request head may take to arrive in full, from its first
     #: byte (the first request's: from connecting). Between requests,
     #: ``idle_timeout`` applies.
-    header_read_timeout: float = 30.0
-    tls_handshake_timeout: float = 10.0
+    header_read_timeout: float | None = 30.0
+    tls_handshake_timeout: float | None = 10.0
     #: Keep-alive: a connection idle this long is closed.
-    idle_timeout: float = 120.0
+    idle_timeout: float | None = 120.0
     #: How long the application may take to start its response (504 after).
-    response_timeout: float = 0.0
+    response_timeout: float | None = 0.0
     #: How long a graceful close waits for in-flight requests.
     shutdown_timeout: float = 5.0
     auto_compress: bool = False
@@ -111,6 +122,9 @@ class ServerConfig:
     bridge_token: bytes | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
+        for name in ("header_read_timeout", "tls_handshake_timeout", "idle_timeout", "response_timeout"):
+            setattr(self, name, _seconds(name, getattr(self, name), none_means=0.0))
+        self.shutdown_timeout = _seconds("shutdown_timeout", self.shutdown_timeout)
         for name in ("max_header_size", "max_headers", "max_body_size", "max_connections", "max_pending_requests"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")

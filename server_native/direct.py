@@ -176,6 +176,8 @@ class DirectServer(BoundServer):
                 await _stream(native_request, response, self._loop)
         except _ClientDisconnected:
             pass
+        except GeneratorExit:  # closed unfinished: the loop went away
+            raise
         except BaseException as exc:  # noqa: BLE001 - the client gets a 500, cancellation included
             self._fail(native_request, exc)
 
@@ -206,13 +208,13 @@ async def serve_native_direct(
     native_direct: bool = False,
     echo: bool = True,
     shutdown_signal: Awaitable[Any] | None = None,
-    response_timeout: float = 30.0,
+    response_timeout: float | None = 30.0,
     **options: Any,
 ) -> None:
     """Serves a direct handler until ``shutdown_signal`` or SIGINT/SIGTERM.
-    A handler that does not answer within ``response_timeout`` seconds gets
-    its client a 504; one that raises, a 500. ``options`` are those of
-    ``NativeHttpServer.bind``."""
+    A handler that does not answer within ``response_timeout`` seconds
+    (None: no limit) gets its client a 504; one that raises, a 500.
+    ``options`` are those of ``NativeHttpServer.bind``."""
     config, hosts, port = bind_settings(host, port, response_timeout=response_timeout, **options)
     server = DirectServer(config, hosts, port, native_direct=native_direct)
     await serve_bound([server], handler, echo, shutdown_signal)

@@ -34,6 +34,7 @@ import pytest
 
 from server_native import (
     ClientDisconnected,
+    ServerConfig,
     NativeDirectRequest,
     NativeDirectResponse,
     serve_native_direct,
@@ -1115,6 +1116,42 @@ def test_handler_that_never_answers_gets_504_async(start: Starter, native_callba
         assert client.get(running.url("/ok")).text == "answered"
     with h2c() as client:
         assert client.get(running.url("/hang")).status_code == 504
+
+
+def test_response_timeout_none_is_no_limit(start: Starter) -> None:
+    released = asyncio.Event()
+
+    async def handler(request: NativeDirectRequest) -> NativeDirectResponse:
+        if request.path == "/wait":
+            await released.wait()
+            return text(200, "waited")
+        released.set()
+        return text(200, "set")
+
+    running = start(handler, response_timeout=None)
+
+    async def run() -> list[str]:
+        async with httpx.AsyncClient(timeout=TIMEOUT) as client:
+            return [r.text for r in await asyncio.gather(client.get(running.url("/wait")), client.get(running.url("/set")))]
+
+    assert asyncio.run(run()) == ["waited", "set"]
+
+
+@pytest.mark.parametrize("name", ["header_read_timeout", "tls_handshake_timeout", "idle_timeout", "response_timeout"])
+def test_timeouts_take_none_for_no_limit(name: str) -> None:
+    assert getattr(ServerConfig(**{name: None}), name) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("response_timeout", -1), ("idle_timeout", "30"), ("header_read_timeout", float("nan")),
+     ("tls_handshake_timeout", True), ("shutdown_timeout", None)],
+)  # fmt: skip
+def test_a_bad_timeout_is_refused_by_name(start: Starter, name: str, value: object) -> None:
+    with pytest.raises(ValueError, match=f"^{name} must be a number of seconds"):
+        ServerConfig(**{name: value})
+    with pytest.raises(ValueError, match=f"^{name} must be"):
+        start(lambda request: text(200, "never"), **{name: value})
 
 
 def test_handler_that_never_answers_gets_504_native_direct(start: Starter) -> None:
