@@ -34,9 +34,9 @@ import pytest
 
 from server_native import (
     ClientDisconnected,
-    ServerConfig,
     NativeDirectRequest,
     NativeDirectResponse,
+    ServerConfig,
     serve_native_direct,
     serve_secure_native_direct,
 )
