@@ -44,11 +44,12 @@ def _existing_file(path: str | os.PathLike[str], what: str) -> str:
     return text
 
 
-def _seconds(name: str, value: Any, none_means: float | None = None) -> float:
-    if value is None and none_means is not None:
-        return none_means
+def _seconds(name: str, value: Any, *, none_is_no_limit: bool) -> float:
+    """A timeout as a float of seconds; None is 0 (no limit) where allowed."""
+    if value is None and none_is_no_limit:
+        return 0.0
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        shown = "a number of seconds, 0 or None for none" if none_means is not None else "a number of seconds"
+        shown = "a number of seconds, 0 or None for none" if none_is_no_limit else "a number of seconds"
         raise ValueError(f"{name} must be {shown}, not {value!r}")
     return float(value)
 
@@ -123,8 +124,8 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         for name in ("header_read_timeout", "tls_handshake_timeout", "idle_timeout", "response_timeout"):
-            setattr(self, name, _seconds(name, getattr(self, name), none_means=0.0))
-        self.shutdown_timeout = _seconds("shutdown_timeout", self.shutdown_timeout)
+            setattr(self, name, _seconds(name, getattr(self, name), none_is_no_limit=True))
+        self.shutdown_timeout = _seconds("shutdown_timeout", self.shutdown_timeout, none_is_no_limit=False)
         for name in ("max_header_size", "max_headers", "max_body_size", "max_connections", "max_pending_requests"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
