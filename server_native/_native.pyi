@@ -87,7 +87,7 @@ class NativeRequest:
     def abort(self) -> None: ...
 
 def bridge_response_head(
-    stream: int, status: int, headers: _HeaderPairs | None, reason: str | None, body: bytes | None
+    stream: int, status: int, headers: _HeaderPairs | None, reason: str | None, body_size: int | None
 ) -> bytes: ...
 
 @final

@@ -95,6 +95,10 @@ const HEADER: usize = 6;
 const WRITE_SLICES: usize = 256;
 /// How much the reader asks the socket for at once.
 const READ_SIZE: usize = 64 * 1024;
+/// The send buffer asked for on a Unix bridge socket, as Python's end does
+/// (the kernel caps it): with the default, about 200 KiB, fewer requests
+/// crossed per write, and so fewer per client connection per turn.
+const SEND_BUFFER: usize = 1024 * 1024;
 
 pub mod kind {
     pub const HELLO: u8 = 0;
@@ -519,9 +523,11 @@ fn decode_response_head(payload: Bytes, defaults: &HeaderMap) -> Result<Response
 
 /// A response head frame as Python's end sends it — built here, where the
 /// headers are already checked (`_native.bridge_response_head`,
-/// `NativeDirectResponse._bridge_payload`). With `body`, the whole response:
-/// inline when it fits one frame (see `inlines`), else announced as a whole
-/// body whose chunk frames follow; without, the head of a streamed body.
+/// `NativeDirectResponse._bridge_payload`). With `body_size`, the whole
+/// response: inline when it fits one frame (see `inlines`), its bytes
+/// counted in the frame's length but left to the caller to append, so that
+/// a large body is not copied into the frame; else announced as a whole body
+/// whose chunk frames follow. Without, the head of a streamed body.
 /// `headers` None: the server's default headers. `stream` None: the payload
 /// alone, without the frame header.
 pub fn put_response_head(
@@ -530,10 +536,10 @@ pub fn put_response_head(
     status: StatusCode,
     headers: Option<&HeaderMap>,
     reason: &[u8],
-    body: Option<&[u8]>,
+    body_size: Option<usize>,
 ) {
-    let inline = body.filter(|body| inlines(body.len()));
-    let mut flags = match (body, inline) {
+    let inline = body_size.filter(|&size| inlines(size));
+    let mut flags = match (body_size, inline) {
         (Some(_), Some(_)) => FLAG_INLINE_BODY,
         (Some(_), None) => FLAG_WHOLE_BODY,
         (None, _) => 0,
@@ -542,8 +548,8 @@ pub fn put_response_head(
         flags |= FLAG_DEFAULT_HEADERS;
     }
     let header_bytes: usize = headers.map_or(0, |h| h.iter().map(|(n, v)| 8 + n.as_str().len() + v.len()).sum());
-    let size = 2 + 1 + 4 + reason.len() + 4 + header_bytes + inline.map_or(0, <[u8]>::len);
-    out.reserve(4 + HEADER + size);
+    let size = 2 + 1 + 4 + reason.len() + 4 + header_bytes + inline.unwrap_or(0);
+    out.reserve(4 + HEADER + size - inline.unwrap_or(0));
     if let Some(stream) = stream {
         put_header(out, kind::RESPONSE_HEAD, stream, size);
     }
@@ -557,9 +563,6 @@ pub fn put_response_head(
         out.extend_from_slice(name.as_str().as_bytes());
         out.put_u32(value.len() as u32);
         out.extend_from_slice(value.as_bytes());
-    }
-    if let Some(body) = inline {
-        out.extend_from_slice(body);
     }
 }
 
@@ -942,6 +945,7 @@ impl Bridge {
             #[cfg(unix)]
             Address::Unix(path) => {
                 let stream = connect_retrying(|| tokio::net::UnixStream::connect(path.clone())).await?;
+                let _ = socket2::SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER);
                 let (r, w) = stream.into_split();
                 (ReadHalf::Unix(r), WriteHalf::Unix(w))
             }
