@@ -995,32 +995,58 @@ impl Bridge {
         let protocol = request.extensions().get::<hyper::ext::Protocol>().map(|p| p.as_str().to_owned());
         let upgrade = websocket::is_upgrade(request.method(), request.version(), request.headers(), protocol.as_deref())
             .then(|| hyper::upgrade::on(&mut request));
+        let (head, mut body) = request.into_parts();
+        let limit = server.config.max_body_size;
+        // What has already arrived goes with the head: a body that is whole
+        // now, and small, needs no pump task.
+        let mut no_body = body.is_end_stream();
+        let mut first = None;
+        if !no_body {
+            match futures_util::FutureExt::now_or_never(body.frame()) {
+                Some(None) => no_body = true,
+                Some(Some(Ok(frame))) => first = frame.into_data().ok().filter(|data| !data.is_empty()),
+                Some(Some(Err(_))) => return Err(Failure::BadBody),
+                None => {}
+            }
+        }
+        let whole = body.is_end_stream()
+            && first.as_ref().is_some_and(|data| data.len() <= CHUNK && data.len() as u64 <= limit);
         let mut stream = self.open_stream().await?;
         let link = stream.link.clone();
-        let (head, body) = request.into_parts();
-        let no_body = body.is_end_stream();
         let mut out = BytesMut::with_capacity(512);
         if !encode_request_head(&mut out, stream.id, &head, info, upgrade.is_some(), no_body) {
             stream.end = End::Complete; // Python never heard of it
             return Ok(error_response(StatusCode::BAD_REQUEST, "a NUL byte in the request head"));
         }
-        link.send(out.freeze());
-        let too_large = CancellationToken::new();
-        let broke_off = CancellationToken::new();
-        if !no_body {
-            let signals = PumpSignals {
-                too_large: too_large.clone(),
-                broke_off: broke_off.clone(),
-                stop: CancellationToken::new(),
-                discard: CancellationToken::new(),
-            };
-            let task = tokio::spawn(pump(body, stream.sender(), server.config.max_body_size, signals.clone()));
-            stream.pump = Some(Pump { task, signals });
+        let mut too_large = None;
+        let mut broke_off = None;
+        match first.take_if(|_| whole) {
+            Some(data) => {
+                put_header(&mut out, kind::REQUEST_CHUNK, stream.id, data.len());
+                let _ = link.out.send(Out(out.freeze(), data));
+                link.send(frame(kind::REQUEST_END, stream.id, &[]));
+            }
+            None => {
+                link.send(out.freeze());
+                if !no_body {
+                    let signals = PumpSignals {
+                        too_large: CancellationToken::new(),
+                        broke_off: CancellationToken::new(),
+                        stop: CancellationToken::new(),
+                        discard: CancellationToken::new(),
+                    };
+                    too_large = Some(signals.too_large.clone());
+                    broke_off = Some(signals.broke_off.clone());
+                    let body = Prefixed { first, body };
+                    let task = tokio::spawn(pump(body, stream.sender(), limit, signals.clone()));
+                    stream.pump = Some(Pump { task, signals });
+                }
+            }
         }
         let frame = tokio::select! {
             biased;
-            _ = too_large.cancelled() => return Err(Failure::TooLarge),
-            _ = broke_off.cancelled() => return Err(Failure::BadBody),
+            _ = fired(too_large.as_ref()) => return Err(Failure::TooLarge),
+            _ = fired(broke_off.as_ref()) => return Err(Failure::BadBody),
             frame = stream.next() => frame?,
         };
         match frame.kind {
@@ -1051,7 +1077,7 @@ impl Bridge {
                 loop {
                     let frame = tokio::select! {
                         biased;
-                        _ = too_large.cancelled() => return Err(Failure::TooLarge),
+                        _ = fired(too_large.as_ref()) => return Err(Failure::TooLarge),
                         frame = stream.next() => frame?,
                     };
                     match frame.kind {
@@ -1072,6 +1098,36 @@ impl Bridge {
                 }
             }
         }
+    }
+}
+
+/// Resolves when `signal` fires; never without one.
+async fn fired(signal: Option<&CancellationToken>) {
+    match signal {
+        Some(signal) => signal.cancelled().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A request body with the frame already taken from it put back in front.
+struct Prefixed<B> {
+    first: Option<Bytes>,
+    body: B,
+}
+
+impl<B: RequestBodySource> Body for Prefixed<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        match self.first.take() {
+            Some(first) => Poll::Ready(Some(Ok(Frame::data(first)))),
+            None => Pin::new(&mut self.body).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.first.is_none() && self.body.is_end_stream()
     }
 }
 
