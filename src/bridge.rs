@@ -52,7 +52,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -583,20 +583,62 @@ fn build_response(head: ResponseHead, body: ResponseBody) -> Response<ResponseBo
 
 // ------------------------------------------------------------------ the connection
 
-/// Send credit on one stream, granted by the other side's window frames.
-struct Credit {
+/// What the reader task hands one stream: its frames, and the send credit
+/// the other side's window frames grant. One allocation per stream: a
+/// channel and a credit cell of their own cost more than the exchange's
+/// own frames.
+struct Inbox {
+    frames: Mutex<Frames>,
     granted: AtomicUsize,
     more: Notify,
 }
 
-/// Where the reader task puts what arrives for one stream.
-struct Slot {
-    events: mpsc::UnboundedSender<FrameIn>,
-    credit: Arc<Credit>,
+#[derive(Default)]
+struct Frames {
+    queue: VecDeque<FrameIn>,
+    waker: Option<Waker>,
+    /// The connection failed: nothing more will come.
+    closed: bool,
+}
+
+impl Inbox {
+    fn push(&self, frame: FrameIn) {
+        let waker = {
+            let mut frames = self.frames.lock();
+            frames.queue.push_back(frame);
+            frames.waker.take()
+        };
+        waker.into_iter().for_each(Waker::wake);
+    }
+
+    fn close(&self) {
+        let waker = {
+            let mut frames = self.frames.lock();
+            frames.closed = true;
+            frames.waker.take()
+        };
+        waker.into_iter().for_each(Waker::wake);
+    }
+
+    /// The next frame; None once the connection failed and every frame
+    /// that came before is taken.
+    fn poll_frame(&self, cx: &mut Context<'_>) -> Poll<Option<FrameIn>> {
+        let mut frames = self.frames.lock();
+        if let Some(frame) = frames.queue.pop_front() {
+            return Poll::Ready(Some(frame));
+        }
+        if frames.closed {
+            return Poll::Ready(None);
+        }
+        if !frames.waker.as_ref().is_some_and(|waker| waker.will_wake(cx.waker())) {
+            frames.waker = Some(cx.waker().clone());
+        }
+        Poll::Pending
+    }
 }
 
 struct Streams {
-    map: HashMap<u32, Slot>,
+    map: HashMap<u32, Arc<Inbox>>,
     next: u32,
     /// The connection failed or was shut down: no new streams.
     closed: bool,
@@ -642,7 +684,7 @@ impl Link {
             streams.closed = true;
             std::mem::take(&mut streams.map)
         };
-        drop(orphans);
+        orphans.values().for_each(|inbox| inbox.close());
         self.dead.cancel();
     }
 
@@ -652,8 +694,7 @@ impl Link {
 
     /// A new stream; None once the connection failed.
     fn open(self: &Arc<Self>) -> Option<Stream> {
-        let (events, receiver) = mpsc::unbounded_channel();
-        let credit = Arc::new(Credit { granted: AtomicUsize::new(WINDOW), more: Notify::new() });
+        let inbox = Arc::new(Inbox { frames: Mutex::default(), granted: AtomicUsize::new(WINDOW), more: Notify::new() });
         let id = {
             let mut streams = self.streams.lock();
             if streams.closed {
@@ -661,23 +702,23 @@ impl Link {
             }
             let id = streams.next;
             streams.next = streams.next.checked_add(1).unwrap_or(1);
-            streams.map.insert(id, Slot { events, credit: credit.clone() });
+            streams.map.insert(id, inbox.clone());
             id
         };
-        Some(Stream { link: self.clone(), id, events: receiver, credit, unacknowledged: 0, end: End::Open, pump: None })
+        Some(Stream { link: self.clone(), id, inbox, unacknowledged: 0, end: End::Open, pump: None })
     }
 
     /// Hands a frame to its stream. One for a stream that is over here is
     /// dropped: it crossed our abort or the stream's end.
     fn deliver(&self, frame: FrameIn) -> Result<(), BridgeError> {
         let streams = self.streams.lock();
-        let Some(slot) = streams.map.get(&frame.stream) else { return Ok(()) };
+        let Some(inbox) = streams.map.get(&frame.stream) else { return Ok(()) };
         if frame.kind == kind::WINDOW {
             let bytes: [u8; 4] = frame.payload[..].try_into().map_err(|_| BridgeError::Malformed("window frame size"))?;
-            slot.credit.granted.fetch_add(u32::from_be_bytes(bytes) as usize, Ordering::AcqRel);
-            slot.credit.more.notify_one();
+            inbox.granted.fetch_add(u32::from_be_bytes(bytes) as usize, Ordering::AcqRel);
+            inbox.more.notify_one();
         } else {
-            let _ = slot.events.send(frame);
+            inbox.push(frame);
         }
         Ok(())
     }
@@ -756,8 +797,7 @@ enum End {
 struct Stream {
     link: Arc<Link>,
     id: u32,
-    events: mpsc::UnboundedReceiver<FrameIn>,
-    credit: Arc<Credit>,
+    inbox: Arc<Inbox>,
     /// Response data taken but not yet granted back.
     unacknowledged: usize,
     end: End,
@@ -766,14 +806,11 @@ struct Stream {
 
 impl Stream {
     async fn next(&mut self) -> Result<FrameIn, BridgeError> {
-        match self.events.recv().await {
-            Some(frame) => Ok(frame),
-            None => Err(self.link.error()),
-        }
+        std::future::poll_fn(|cx| self.poll_next(cx)).await
     }
 
     fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Result<FrameIn, BridgeError>> {
-        self.events.poll_recv(cx).map(|frame| frame.ok_or_else(|| self.link.error()))
+        self.inbox.poll_frame(cx).map(|frame| frame.ok_or_else(|| self.link.error()))
     }
 
     /// `size` data bytes were passed on: Python may send as many more.
@@ -786,7 +823,7 @@ impl Stream {
     }
 
     fn sender(&self) -> Sender {
-        Sender { link: self.link.clone(), id: self.id, credit: self.credit.clone(), available: 0 }
+        Sender { link: self.link.clone(), id: self.id, inbox: self.inbox.clone(), available: 0 }
     }
 }
 
@@ -812,7 +849,7 @@ impl Drop for Stream {
 struct Sender {
     link: Arc<Link>,
     id: u32,
-    credit: Arc<Credit>,
+    inbox: Arc<Inbox>,
     available: usize,
 }
 
@@ -821,7 +858,7 @@ impl Sender {
     /// the connection fails first.
     async fn reserve(&mut self, want: usize) -> Option<usize> {
         loop {
-            self.available += self.credit.granted.swap(0, Ordering::AcqRel);
+            self.available += self.inbox.granted.swap(0, Ordering::AcqRel);
             if self.available > 0 {
                 let size = want.min(self.available);
                 self.available -= size;
@@ -830,7 +867,7 @@ impl Sender {
             tokio::select! {
                 biased;
                 _ = self.link.dead.cancelled() => return None,
-                _ = self.credit.more.notified() => {}
+                _ = self.inbox.more.notified() => {}
             }
         }
     }
