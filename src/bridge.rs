@@ -95,9 +95,9 @@ const HEADER: usize = 6;
 const WRITE_SLICES: usize = 256;
 /// How much the reader asks the socket for at once.
 const READ_SIZE: usize = 64 * 1024;
-/// The send buffer asked for on a Unix bridge socket, as Python's end does
-/// (the kernel caps it): with the default, about 200 KiB, fewer requests
-/// crossed per write, and so fewer per client connection per turn.
+/// The send buffer asked for on a Unix bridge socket, as Python's end asks
+/// for its own (`SEND_BUFFER` in bridge.py), so that both directions have
+/// the same room; the kernel caps it at net.core.wmem_max.
 const SEND_BUFFER: usize = 1024 * 1024;
 
 pub mod kind {
