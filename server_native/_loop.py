@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import operator
 import socket
+import sys
 import threading
 import types
 from collections.abc import AsyncIterator, Callable, Coroutine, Generator
@@ -102,8 +104,9 @@ class CoroutineRunner:
     new Task takes the rest of the batch. So ``asyncio.current_task()`` is
     always the real Task that drives the coroutine from its first step to
     its end (``asyncio.timeout`` and anyio rely on that); coroutines that
-    finish without waiting may share one. A coroutine's own exceptions go
-    to ``on_error``."""
+    finish without waiting may share one, but a cancellation one of them
+    asks for ends that Task and reaches no other. A coroutine's own
+    exceptions go to ``on_error``."""
 
     __slots__ = ("_loop", "_on_error", "_batch")
 
@@ -125,25 +128,43 @@ class CoroutineRunner:
         await self._run(batch or [], 0)
 
     async def _run(self, batch: list[Coroutine[Any, Any, Any]], first: int) -> None:
+        task = asyncio.current_task()
         for index in range(first, len(batch)):
             coro = batch[index]
             context = contextvars.copy_context()
             try:
                 awaited = context.run(coro.send, None)
             except StopIteration:
-                continue
+                pass
             except BaseException as exc:  # noqa: BLE001 - one request's failure
                 self._on_error(exc)
-                continue
-            if index + 1 < len(batch):
-                self._loop.create_task(self._run(batch, index + 1))
-            try:
-                await _resumed(coro, context, awaited)
-            except GeneratorExit:  # the Task is destroyed (the loop went away)
-                raise
-            except BaseException as exc:  # noqa: BLE001
-                self._on_error(exc)
-            return
+            else:
+                self._go_on(batch, index + 1)
+                try:
+                    await _resumed(coro, context, awaited)
+                except GeneratorExit:  # the Task is destroyed (the loop went away)
+                    raise
+                except BaseException as exc:  # noqa: BLE001
+                    self._on_error(exc)
+                return
+            if task is not None and _cancel_requested(task):
+                # The coroutine asked its Task to cancel, and nothing but it
+                # ran meanwhile: the cancellation ends this Task, as it would
+                # have ended a Task of the coroutine's own.
+                self._go_on(batch, index + 1)
+                return
+
+    def _go_on(self, batch: list[Coroutine[Any, Any, Any]], first: int) -> None:
+        """Hands the rest of the batch to a new Task."""
+        if first < len(batch):
+            self._loop.create_task(self._run(batch, first))
+
+
+#: Whether a Task was asked to cancel: ``cancelling()`` from Python 3.11;
+#: before it, only the Task's private flag says.
+_cancel_requested: Callable[[asyncio.Task[Any]], Any] = (
+    operator.methodcaller("cancelling") if sys.version_info >= (3, 11) else operator.attrgetter("_must_cancel")
+)
 
 
 @types.coroutine

@@ -926,6 +926,32 @@ def test_asyncio_timeout_in_a_handler_cancels_that_handler_only(start: Starter, 
     assert asyncio.run(run()) == ["timed out", "now"] * 10
 
 
+@pytest.mark.parametrize("native_callback", TRANSPORTS)
+def test_a_handler_that_cancels_its_own_task_cancels_no_other(start: Starter, native_callback: bool) -> None:
+    # Handlers that finish without waiting may share a Task: a cancellation
+    # one of them asks for on it must not reach the next one that waits.
+    async def handler(request: NativeDirectRequest) -> NativeDirectResponse:
+        if request.path == "/cancel":
+            task = asyncio.current_task()
+            assert task is not None
+            task.cancel()
+            return text(200, "cancelled itself")
+        try:
+            await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            return text(500, "cancelled by another handler")
+        return text(200, "waited")
+
+    running = start(handler, native_callback=native_callback)
+
+    async def run() -> list[str]:
+        async with httpx.AsyncClient(timeout=TIMEOUT) as client:
+            paths = ["/cancel", "/wait"] * 30
+            return [r.text for r in await asyncio.gather(*(client.get(running.url(path)) for path in paths))]
+
+    assert asyncio.run(run()) == ["cancelled itself", "waited"] * 30
+
+
 def test_sync_handler_on_the_loop_runs_on_the_loop_thread(start: Starter, loop_thread: LoopThread) -> None:
     threads: list[str] = []
 
