@@ -153,6 +153,16 @@ class Running:
         return self.future.result(TIMEOUT)
 
 
+def get_at_once(running: Running, paths: list[str]) -> list[str]:
+    """The bodies of GET requests for `paths`, all sent at once over HTTP/1.1."""
+
+    async def run() -> list[str]:
+        async with httpx.AsyncClient(timeout=TIMEOUT) as client:
+            return [r.text for r in await asyncio.gather(*(client.get(running.url(path)) for path in paths))]
+
+    return asyncio.run(run())
+
+
 @dataclass
 class Starter:
     loop_thread: LoopThread
@@ -895,12 +905,7 @@ def test_a_waiting_handler_holds_up_no_request_after_it(start: Starter, native_c
 
     running = start(handler, native_callback=native_callback, response_timeout=None)
 
-    async def run() -> list[str]:
-        async with httpx.AsyncClient(timeout=TIMEOUT) as client:
-            paths = ["/wait", *["/set"] * 20]
-            return [r.text for r in await asyncio.gather(*(client.get(running.url(path)) for path in paths))]
-
-    assert asyncio.run(run()) == ["released", *["set"] * 20]
+    assert get_at_once(running, ["/wait", *["/set"] * 20]) == ["released", *["set"] * 20]
 
 
 @pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio.timeout is new in Python 3.11")
@@ -918,12 +923,7 @@ def test_asyncio_timeout_in_a_handler_cancels_that_handler_only(start: Starter, 
 
     running = start(handler, native_callback=native_callback)
 
-    async def run() -> list[str]:
-        async with httpx.AsyncClient(timeout=TIMEOUT) as client:
-            paths = ["/slow", "/now"] * 10
-            return [r.text for r in await asyncio.gather(*(client.get(running.url(path)) for path in paths))]
-
-    assert asyncio.run(run()) == ["timed out", "now"] * 10
+    assert get_at_once(running, ["/slow", "/now"] * 10) == ["timed out", "now"] * 10
 
 
 @pytest.mark.parametrize("native_callback", TRANSPORTS)
@@ -944,12 +944,7 @@ def test_a_handler_that_cancels_its_own_task_cancels_no_other(start: Starter, na
 
     running = start(handler, native_callback=native_callback)
 
-    async def run() -> list[str]:
-        async with httpx.AsyncClient(timeout=TIMEOUT) as client:
-            paths = ["/cancel", "/wait"] * 30
-            return [r.text for r in await asyncio.gather(*(client.get(running.url(path)) for path in paths))]
-
-    assert asyncio.run(run()) == ["cancelled itself", "waited"] * 30
+    assert get_at_once(running, ["/cancel", "/wait"] * 30) == ["cancelled itself", "waited"] * 30
 
 
 def test_sync_handler_on_the_loop_runs_on_the_loop_thread(start: Starter, loop_thread: LoopThread) -> None:
