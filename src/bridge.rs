@@ -603,21 +603,23 @@ struct Frames {
 
 impl Inbox {
     fn push(&self, frame: FrameIn) {
-        let waker = {
-            let mut frames = self.frames.lock();
-            frames.queue.push_back(frame);
-            frames.waker.take()
-        };
-        waker.into_iter().for_each(Waker::wake);
+        self.update(|frames| frames.queue.push_back(frame));
     }
 
     fn close(&self) {
+        self.update(|frames| frames.closed = true);
+    }
+
+    /// Changes the frames under the lock, then wakes the stream's reader.
+    fn update(&self, change: impl FnOnce(&mut Frames)) {
         let waker = {
             let mut frames = self.frames.lock();
-            frames.closed = true;
+            change(&mut frames);
             frames.waker.take()
         };
-        waker.into_iter().for_each(Waker::wake);
+        if let Some(waker) = waker {
+            waker.wake();
+        }
     }
 
     /// The next frame; None once the connection failed and every frame
@@ -1046,8 +1048,7 @@ impl Bridge {
                 None => {}
             }
         }
-        let whole = body.is_end_stream()
-            && first.as_ref().is_some_and(|data| data.len() <= CHUNK && data.len() as u64 <= limit);
+        let whole_body = first.take_if(|data| body.is_end_stream() && data.len() <= CHUNK && data.len() as u64 <= limit);
         let mut stream = self.open_stream().await?;
         let link = stream.link.clone();
         let mut out = BytesMut::with_capacity(512);
@@ -1055,9 +1056,7 @@ impl Bridge {
             stream.end = End::Complete; // Python never heard of it
             return Ok(error_response(StatusCode::BAD_REQUEST, "a NUL byte in the request head"));
         }
-        let mut too_large = None;
-        let mut broke_off = None;
-        match first.take_if(|_| whole) {
+        match whole_body {
             Some(data) => {
                 put_header(&mut out, kind::REQUEST_CHUNK, stream.id, data.len());
                 let _ = link.out.send(Out(out.freeze(), data));
@@ -1072,18 +1071,19 @@ impl Bridge {
                         stop: CancellationToken::new(),
                         discard: CancellationToken::new(),
                     };
-                    too_large = Some(signals.too_large.clone());
-                    broke_off = Some(signals.broke_off.clone());
                     let body = Prefixed { first, body };
                     let task = tokio::spawn(pump(body, stream.sender(), limit, signals.clone()));
                     stream.pump = Some(Pump { task, signals });
                 }
             }
         }
+        let signals = stream.pump.as_ref().map(|pump| pump.signals.clone());
+        let too_large = signals.as_ref().map(|signals| &signals.too_large);
+        let broke_off = signals.as_ref().map(|signals| &signals.broke_off);
         let frame = tokio::select! {
             biased;
-            _ = fired(too_large.as_ref()) => return Err(Failure::TooLarge),
-            _ = fired(broke_off.as_ref()) => return Err(Failure::BadBody),
+            _ = fired(too_large) => return Err(Failure::TooLarge),
+            _ = fired(broke_off) => return Err(Failure::BadBody),
             frame = stream.next() => frame?,
         };
         match frame.kind {
@@ -1114,7 +1114,7 @@ impl Bridge {
                 loop {
                     let frame = tokio::select! {
                         biased;
-                        _ = fired(too_large.as_ref()) => return Err(Failure::TooLarge),
+                        _ = fired(too_large) => return Err(Failure::TooLarge),
                         frame = stream.next() => frame?,
                     };
                     match frame.kind {
