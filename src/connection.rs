@@ -22,7 +22,7 @@ use tokio::time::Instant;
 
 use crate::config::seconds;
 use crate::exchange::{Addresses, ConnInfo};
-use crate::h1_guard::{H1Guard, PendingHead};
+use crate::guard::{Guard, PendingHead};
 use crate::server::{Protocols, ServerShared};
 use crate::service;
 
@@ -94,7 +94,7 @@ where
     match server.tls.clone() {
         None => {
             let conn = Connection::new(server, ConnInfo { addresses, tls: false, peer_certificate: None });
-            run(H1Guard::new(stream, max_head, conn.head.clone()), conn).await;
+            run(Guard::http1(stream, max_head, conn.head.clone()), conn).await;
         }
         Some(acceptor) => {
             let handshake = tokio::time::timeout(server.handshake_timeout, acceptor.accept(stream));
@@ -110,9 +110,9 @@ where
             let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
             let conn = Connection::new(server, ConnInfo { addresses, tls: true, peer_certificate });
             if h2 {
-                run(stream, conn).await;
+                run(Guard::http2(stream, max_head), conn).await;
             } else {
-                run(H1Guard::new(stream, max_head, conn.head.clone()), conn).await;
+                run(Guard::http1(stream, max_head, conn.head.clone()), conn).await;
             }
         }
     }

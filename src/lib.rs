@@ -9,7 +9,7 @@ mod config;
 mod connection;
 mod errors;
 mod exchange;
-mod h1_guard;
+mod guard;
 mod http3;
 mod listener;
 mod permessage_deflate;

@@ -18,6 +18,7 @@ from typing import Any
 import h2.config
 import h2.connection
 import h2.events
+import hpack
 import pytest
 
 from server_native import BodyTooLarge, ClientDisconnected, HttpException
@@ -255,40 +256,119 @@ def test_fragment_in_target_over_tls_gets_400(serve: Any, certs: Any) -> None:
     assert calls.paths == []
 
 
-def _h2_status(port: int, headers: list[tuple[str, str]]) -> int:
-    """Status of one HTTP/2 request sent exactly as given (h2 library, prior
-    knowledge); 0 when the server resets the stream or the connection."""
+def _h2_statuses(port: int, requests: list[list[tuple[str, str]]], context: ssl.SSLContext | None = None) -> list[int]:
+    """The status of each HTTP/2 request, sent exactly as given on one
+    connection (h2 library, prior knowledge, or ALPN over ``context``); 0 for
+    a request whose stream or connection the server resets."""
     config = h2.config.H2Configuration(client_side=True, validate_outbound_headers=False)
     connection = h2.connection.H2Connection(config=config)
-    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+    statuses: dict[int, int] = {}
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as raw:
+        sock = context.wrap_socket(raw, server_hostname="localhost") if context else raw
         connection.initiate_connection()
-        stream_id = connection.get_next_available_stream_id()
-        connection.send_headers(stream_id, headers, end_stream=True)
+        streams = []
+        for headers in requests:
+            streams.append(connection.get_next_available_stream_id())
+            connection.send_headers(streams[-1], headers, end_stream=True)
         sock.sendall(connection.data_to_send())
-        while True:
+        while len(statuses) < len(streams):
             data = sock.recv(65536)
             if not data:
-                return 0
+                break
             for event in connection.receive_data(data):
                 if isinstance(event, h2.events.ResponseReceived):
-                    return int(dict(event.headers)[b":status"])
-                if isinstance(event, (h2.events.StreamReset, h2.events.ConnectionTerminated)):
-                    return 0
+                    statuses[event.stream_id] = int(dict(event.headers)[b":status"])
+                elif isinstance(event, h2.events.StreamReset):
+                    statuses[event.stream_id] = 0
+                elif isinstance(event, h2.events.ConnectionTerminated):
+                    return [statuses.get(stream, 0) for stream in streams]
             sock.sendall(connection.data_to_send())
+    return [statuses.get(stream, 0) for stream in streams]
 
 
-@pytest.mark.xfail(
-    reason="BUG: HTTP/2 ':path' with '#' is accepted (fragment dropped) and reaches Python; the '#' guard is HTTP/1 only",
-    strict=True,
-)
+def _h2_status(port: int, headers: list[tuple[str, str]]) -> int:
+    return _h2_statuses(port, [headers])[0]
+
+
+def _get(path: str) -> list[tuple[str, str]]:
+    return [(":method", "GET"), (":scheme", "http"), (":authority", "x"), (":path", path)]
+
+
 def test_http2_fragment_in_path_is_refused(serve: Any) -> None:
     calls = Calls()
     server = serve(calls)
-    status = _h2_status(
-        server.port, [(":method", "GET"), (":scheme", "http"), (":authority", "x"), (":path", "/a#frag")]
-    )
+    status = _h2_status(server.port, _get("/a#frag"))
     assert status == 0 or 400 <= status < 500, status
     assert calls.paths == []
+
+
+def test_http2_fragment_refusal_resets_only_its_stream(serve: Any) -> None:
+    """The second '#' path comes from the HPACK dynamic table (the client
+    indexed the first), so the guard's table must follow the client's; the
+    requests around them are served on the same connection."""
+    calls = Calls()
+    server = serve(calls)
+    statuses = _h2_statuses(server.port, [_get("/before"), _get("/a#frag"), _get("/a#frag"), _get("/after")])
+    assert statuses == [200, 0, 0, 200]
+    assert sorted(calls.paths) == ["/after", "/before"]
+
+
+def test_http2_fragment_in_path_over_tls_is_refused(serve: Any, certs: Any) -> None:
+    calls = Calls()
+    server = serve(calls, certificate_path=certs.cert_path, key_path=certs.key_path)
+    context = ssl.create_default_context(cafile=str(certs.ca_path))
+    context.set_alpn_protocols(["h2"])
+    statuses = _h2_statuses(server.port, [_get("/a#frag"), _get("/fine")], context)
+    assert statuses == [0, 200]
+    assert calls.paths == ["/fine"]
+
+
+def _frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+
+
+def _raw_h2_outcome(port: int, data: bytes, piece: int) -> int | str:
+    """Sends ``data`` after the HTTP/2 preface in pieces of ``piece`` bytes,
+    each its own segment, and reads frames until stream 1 is answered: its
+    status, or what ended it."""
+    data = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _frame(0x4, 0, 0, b"") + data
+    decoder = hpack.Decoder()
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for at in range(0, len(data), piece):
+            sock.sendall(data[at : at + piece])
+            time.sleep(0.01)  # separate segments, so frames really arrive in pieces
+        received = b""
+        while True:
+            while len(received) < 9 or len(received) < 9 + int.from_bytes(received[:3], "big"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    return "closed"
+                received += chunk
+            length = int.from_bytes(received[:3], "big")
+            kind, stream, payload = received[3], int.from_bytes(received[5:9], "big"), received[9 : 9 + length]
+            received = received[9 + length :]
+            if kind == 0x7:
+                return "goaway"
+            if kind == 0x3 and stream == 1:
+                return "reset"
+            if kind == 0x1 and stream == 1:
+                return int(dict(decoder.decode(payload))[":status"])
+
+
+@pytest.mark.parametrize(("path", "outcome"), [("/a#frag", "reset"), ("/fine", 200)])
+def test_http2_header_block_padded_split_and_in_pieces(serve: Any, path: str, outcome: int | str) -> None:
+    """A block split over a padded, prioritised HEADERS frame and a
+    CONTINUATION, with the path as a plain (not Huffman) literal, arriving a
+    few bytes at a time: held back until whole, then refused or passed on."""
+    calls = Calls()
+    server = serve(calls)
+    block = b"\x82\x86\x41\x01x\x04" + bytes([len(path)]) + path.encode()
+    end_stream, end_headers, padded, priority = 0x1, 0x4, 0x8, 0x20
+    headers = _frame(0x1, end_stream | padded | priority, 1, b"\x03" + bytes(4) + b"\x0f" + block[:5] + bytes(3))
+    continuation = _frame(0x9, end_headers, 1, block[5:])
+    assert _raw_h2_outcome(server.port, headers + continuation, piece=7) == outcome
+    assert calls.paths == ([] if outcome == "reset" else [path])
 
 
 @pytest.mark.parametrize(

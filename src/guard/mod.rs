@@ -1,0 +1,238 @@
+//! A look at request bytes before hyper parses them, for the bad inputs hyper
+//! and h2 accept silently. The `http` crate drops a `#` fragment from a request
+//! target instead of refusing it, in both protocols, and hyper drops the
+//! length of an HTTP/1 request that also says `Transfer-Encoding`. Such a
+//! request is spoiled on its way in, so that hyper or h2 refuses it itself:
+//! HTTP/1 answers 400 and closes, HTTP/2 resets that stream.
+//!
+//! To know where each request head starts, the guard follows the framing
+//! ([`h1`], then [`h2`] after the HTTP/2 preface). A head that arrives in
+//! pieces is held back until it is whole, so it is still ours to spoil.
+
+mod h1;
+mod h2;
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use std::sync::Arc;
+
+/// Since when a request head has been awaited and is still incomplete: from
+/// the connection's start until its first request, then from the first byte
+/// of each HTTP/1 head that arrives in pieces. Idle time between requests is
+/// not counted (that is `idle_timeout`'s). Set rarely, so a complete head
+/// costs one atomic load, where hyper's own timeout armed a timer per request.
+pub struct PendingHead {
+    /// Milliseconds after `epoch`, plus one; 0 when no head is pending.
+    since: AtomicU64,
+    epoch: Instant,
+    started: Notify,
+}
+
+impl PendingHead {
+    /// Pending from now: a new connection.
+    pub fn new() -> Self {
+        PendingHead { since: AtomicU64::new(1), epoch: Instant::now(), started: Notify::new() }
+    }
+
+    fn start(&self) {
+        if self.since.load(Ordering::Relaxed) == 0 {
+            self.since.store(self.epoch.elapsed().as_millis() as u64 + 1, Ordering::Relaxed);
+            self.started.notify_one();
+        }
+    }
+
+    /// A whole head has arrived.
+    pub fn finish(&self) {
+        if self.since.load(Ordering::Relaxed) != 0 {
+            self.since.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Resolves once one head has been pending for `limit`.
+    pub async fn overdue(&self, limit: Duration) {
+        loop {
+            let started = self.started.notified();
+            let since = self.since.load(Ordering::Relaxed);
+            if since == 0 {
+                started.await;
+                continue;
+            }
+            tokio::time::sleep_until(self.epoch + Duration::from_millis(since - 1) + limit).await;
+            if self.since.load(Ordering::Relaxed) == since {
+                return;
+            }
+        }
+    }
+}
+
+/// What a follower made of freshly read bytes.
+enum Verdict {
+    /// All of them may go on.
+    Pass,
+    /// From this offset on they begin a unit still arriving: hold them back.
+    Hold(usize),
+    /// These bytes go in at this offset; what follows is not inspected yet.
+    Insert(usize, Vec<u8>),
+    /// HTTP/2 begins at this offset, with its preface.
+    Http2(usize),
+}
+
+enum Follower {
+    Http1(h1::Framing),
+    Http2(h2::Frames),
+}
+
+pub struct Guard<S> {
+    inner: S,
+    follower: Follower,
+    max_head: usize,
+    /// Inspected bytes not yet handed to hyper.
+    out: Vec<u8>,
+    out_at: usize,
+    /// The start of a unit still arriving.
+    held: Vec<u8>,
+}
+
+impl<S> Guard<S> {
+    /// A connection that begins with HTTP/1 (or the HTTP/2 preface, over
+    /// cleartext).
+    pub fn http1(inner: S, max_head: usize, pending: Arc<PendingHead>) -> Self {
+        Self::new(inner, max_head, Follower::Http1(h1::Framing::new(max_head, pending)))
+    }
+
+    /// A connection that ALPN made HTTP/2.
+    pub fn http2(inner: S, max_head: usize) -> Self {
+        Self::new(inner, max_head, Follower::Http2(h2::Frames::new(max_head)))
+    }
+
+    fn new(inner: S, max_head: usize, follower: Follower) -> Self {
+        Guard { inner, follower, max_head, out: Vec::new(), out_at: 0, held: Vec::new() }
+    }
+
+    fn inspect(&mut self, data: &mut [u8]) -> Verdict {
+        let mut from = 0;
+        loop {
+            let verdict = match &mut self.follower {
+                Follower::Http1(framing) => framing.inspect(&mut data[from..]),
+                Follower::Http2(frames) => frames.inspect(&mut data[from..]),
+            };
+            return match verdict {
+                Verdict::Pass => Verdict::Pass,
+                Verdict::Hold(at) => Verdict::Hold(from + at),
+                Verdict::Insert(at, bytes) => Verdict::Insert(from + at, bytes),
+                Verdict::Http2(at) => {
+                    self.follower = Follower::Http2(h2::Frames::new(self.max_head));
+                    from += at;
+                    continue;
+                }
+            };
+        }
+    }
+
+    /// Inspects `bytes`, which follow the already decided `out`; what is
+    /// decided becomes the next thing handed to hyper, the rest is held.
+    fn release(&mut self, mut out: Vec<u8>, mut bytes: Vec<u8>) {
+        let mut from = 0;
+        loop {
+            match self.inspect(&mut bytes[from..]) {
+                Verdict::Pass => {
+                    out.extend_from_slice(&bytes[from..]);
+                    break;
+                }
+                Verdict::Hold(at) => {
+                    out.extend_from_slice(&bytes[from..from + at]);
+                    self.held = bytes.split_off(from + at);
+                    break;
+                }
+                Verdict::Insert(at, inserted) => {
+                    out.extend_from_slice(&bytes[from..from + at]);
+                    out.extend_from_slice(&inserted);
+                    from += at;
+                }
+                Verdict::Http2(_) => unreachable!("resolved by inspect"),
+            }
+        }
+        self.out = out;
+        self.out_at = 0;
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Guard<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        loop {
+            if this.out_at < this.out.len() {
+                let n = buf.remaining().min(this.out.len() - this.out_at);
+                buf.put_slice(&this.out[this.out_at..this.out_at + n]);
+                this.out_at += n;
+                return Poll::Ready(Ok(()));
+            }
+            if !this.held.is_empty() {
+                let mut more = [0u8; 8192];
+                let mut more = ReadBuf::new(&mut more);
+                ready!(Pin::new(&mut this.inner).poll_read(cx, &mut more))?;
+                if more.filled().is_empty() {
+                    // End of stream mid-unit: let hyper see what there is.
+                    this.out = std::mem::take(&mut this.held);
+                    this.out_at = 0;
+                    continue;
+                }
+                let mut bytes = std::mem::take(&mut this.held);
+                bytes.extend_from_slice(more.filled());
+                this.release(Vec::new(), bytes);
+                continue;
+            }
+            let before = buf.filled().len();
+            ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+            if buf.filled().len() == before {
+                return Poll::Ready(Ok(()));
+            }
+            let (at, out) = match this.inspect(&mut buf.filled_mut()[before..]) {
+                Verdict::Pass => return Poll::Ready(Ok(())),
+                Verdict::Hold(at) => (at, Vec::new()),
+                Verdict::Insert(at, inserted) => (at, inserted),
+                Verdict::Http2(_) => unreachable!("resolved by inspect"),
+            };
+            let rest = buf.filled()[before + at..].to_vec();
+            buf.set_filled(before + at);
+            this.release(out, rest);
+            if at > 0 {
+                return Poll::Ready(Ok(()));
+            }
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Guard<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
