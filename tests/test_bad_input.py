@@ -313,6 +313,23 @@ def test_http2_fragment_refusal_resets_only_its_stream(serve: Any) -> None:
     assert sorted(calls.paths) == ["/after", "/before"]
 
 
+def test_http2_fragment_checks_follow_the_dynamic_table_through_evictions(serve: Any) -> None:
+    """120 requests on one connection, each with a large header of its own,
+    so the client's HPACK table keeps evicting; a third of the paths are
+    sent again (indexed when still in the table). Every '#' path is reset,
+    every other one served."""
+    calls = Calls()
+    server = serve(calls)
+    paths = []
+    for i in range(120):
+        path = f"/bad{i}#x" if i % 2 else f"/ok{i}"
+        paths.append(paths[i - 3] if i % 3 == 0 and i >= 3 else path)
+    requests = [_get(path) + [(f"x-filler-{i}", "v" * (100 + i))] for i, path in enumerate(paths)]
+    statuses = _h2_statuses(server.port, requests)
+    assert statuses == [0 if "#" in path else 200 for path in paths]
+    assert sorted(calls.paths) == sorted(path for path in paths if "#" not in path)
+
+
 def test_http2_fragment_in_path_over_tls_is_refused(serve: Any, certs: Any) -> None:
     calls = Calls()
     server = serve(calls, certificate_path=certs.cert_path, key_path=certs.key_path)

@@ -1,7 +1,7 @@
 //! HTTP/2 frames, followed so the guard sees every header block whole. h2
 //! builds a request's URI with the `http` crate, which cuts a `:path` at `#`
-//! and lets the rest through; so each block is decoded here too, with a
-//! dynamic table kept in step with h2's, and a block whose `:path` holds a `#`
+//! and lets the rest through; so each block is read here too ([`PathWatch`]),
+//! with a dynamic table kept in step with h2's, and a block whose `:path` holds a `#`
 //! gets one more field: a second `:path`. That makes the request malformed
 //! to h2, which resets the stream (RFC 9113 section 8.1.1) before hyper sees
 //! it, and leaves the connection's other streams and both HPACK tables as
@@ -10,9 +10,8 @@
 //! A block's frames are held back until each is whole, so the last one's
 //! END_HEADERS flag can still be moved to the added CONTINUATION frame.
 
-use loona_hpack::Decoder;
-
 use super::h1::PREFACE;
+use super::hpack::PathWatch;
 use super::Verdict;
 
 const FRAME_HEAD: usize = 9;
@@ -42,7 +41,7 @@ pub struct Frames {
     state: State,
     /// The header block so far, from HEADERS and CONTINUATION frames.
     block: Vec<u8>,
-    hpack: Decoder<'static>,
+    paths: PathWatch,
     /// h2 ends a connection whose header block grows past its header list
     /// limit by more than a frame; past this the guard stands aside.
     max_block: usize,
@@ -51,9 +50,12 @@ pub struct Frames {
 impl Frames {
     /// Frames that start with the client's preface.
     pub fn new(max_head: usize) -> Self {
-        let mut hpack = Decoder::new();
-        hpack.set_max_allowed_table_size(HEADER_TABLE_SIZE);
-        Frames { state: State::Skip(PREFACE.len()), block: Vec::new(), hpack, max_block: max_head + (64 << 10) }
+        Frames {
+            state: State::Skip(PREFACE.len()),
+            block: Vec::new(),
+            paths: PathWatch::new(HEADER_TABLE_SIZE),
+            max_block: max_head + (64 << 10),
+        }
     }
 
     /// Follows frames through freshly read bytes.
@@ -90,13 +92,21 @@ impl Frames {
                         self.state = State::Off;
                         return Verdict::Pass;
                     };
-                    self.block.extend_from_slice(fragment);
+                    let judged = if flags & END_HEADERS == 0 {
+                        self.block.extend_from_slice(fragment);
+                        pos += FRAME_HEAD + len;
+                        continue;
+                    } else if self.block.is_empty() {
+                        self.paths.fragment_in_path(fragment)
+                    } else {
+                        self.block.extend_from_slice(fragment);
+                        let judged = self.paths.fragment_in_path(&self.block);
+                        self.block.clear();
+                        judged
+                    };
                     let frame = pos;
                     pos += FRAME_HEAD + len;
-                    if flags & END_HEADERS == 0 {
-                        continue;
-                    }
-                    match self.fragment_in_path() {
+                    match judged {
                         Some(false) => {}
                         Some(true) => {
                             data[frame + 4] &= !END_HEADERS;
@@ -114,17 +124,6 @@ impl Frames {
             }
         }
         Verdict::Pass
-    }
-
-    /// Decodes the finished block: whether its `:path` holds a `#`; None
-    /// when it is no valid HPACK (h2 ends the connection for that).
-    fn fragment_in_path(&mut self) -> Option<bool> {
-        let mut found = false;
-        let decoded = self.hpack.decode_with_cb(&self.block, |name, value| {
-            found |= &*name == b":path" && value.contains(&b'#');
-        });
-        self.block.clear();
-        decoded.ok().map(|()| found)
     }
 }
 

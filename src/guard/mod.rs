@@ -11,6 +11,7 @@
 
 mod h1;
 mod h2;
+mod hpack;
 
 use std::io;
 use std::pin::Pin;
