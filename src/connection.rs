@@ -307,6 +307,12 @@ const WRITE_THROUGH: usize = 16 * 1024;
 /// The held buffer's size, allocated once and kept for the connection's
 /// life: growing it batch after batch cost more than the copies it saves.
 const HELD_CAPACITY: usize = HELD_MAX + WRITE_THROUGH;
+/// Writes are copied into the held buffer in pieces this size: below
+/// glibc's threshold for `rep movsb` (2112 bytes on x86-64), which on the
+/// AMD EPYC we measure on ran at about half the speed of the vector loop
+/// copying to the held buffer's unaligned offsets (h2c get10k: the copy went
+/// from 11.9% to 6.2% of the server's CPU).
+const COPY_PIECE: usize = 2048;
 
 impl<S> Tracked<S>
 where
@@ -344,7 +350,9 @@ where
             self.due = false;
             cx.waker().wake_by_ref();
         }
-        bufs.iter().for_each(|b| self.held.extend_from_slice(b));
+        for piece in bufs.iter().flat_map(|b| b.chunks(COPY_PIECE)) {
+            self.held.extend_from_slice(piece);
+        }
         Poll::Ready(Ok(len))
     }
 
