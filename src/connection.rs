@@ -310,8 +310,8 @@ const HELD_CAPACITY: usize = HELD_MAX + WRITE_THROUGH;
 /// Writes are copied into the held buffer in pieces this size: below
 /// glibc's threshold for `rep movsb` (2112 bytes on x86-64), which on the
 /// AMD EPYC we measure on ran at about half the speed of the vector loop
-/// copying to the held buffer's unaligned offsets (h2c get10k: the copy went
-/// from 11.9% to 6.2% of the server's CPU).
+/// copying to the held buffer's unaligned offsets (pinned h2c get10k:
+/// memmove went from 11.9% to 6.4% of the server's CPU).
 const COPY_PIECE: usize = 2048;
 
 impl<S> Tracked<S>

@@ -16,14 +16,13 @@ mod hpack;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 use tokio::time::Instant;
-
-use std::sync::Arc;
 
 /// Since when a request head has been awaited and is still incomplete: from
 /// the connection's start until its first request, then from the first byte
