@@ -14,6 +14,7 @@ import asyncio
 import hashlib
 import json
 import re
+import resource
 import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -850,6 +851,44 @@ def test_taken_udp_port_leaves_the_tcp_port_free(loop_thread: LoopThread, certs:
                 NativeHttpServer.bind_secure("127.0.0.1", port, certificate_path=certs.cert_path, key_path=certs.key_path)
             )
     assert tcp_port_is_free(port), "the failed bind left its TCP listener bound"
+
+
+def test_port_zero_picks_again_when_its_udp_twin_is_taken(loop_thread: LoopThread, certs: Certificates) -> None:
+    """With ``port=0`` the port TCP was given can be taken over UDP (by any
+    process's client socket): the server picks another instead of failing."""
+    from server_native import NativeHttpServer
+
+    low, high = (int(n) for n in open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+    wanted = (high - low) // 8 + 64
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        pytest.skip(f"needs {wanted} file descriptors, the hard limit is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, wanted), hard))
+    taken: list[socket.socket] = []
+    try:
+        # An eighth of the ephemeral ports (a quarter of the odd ones, which
+        # Linux gives bind(0) first), so most of these binds meet one.
+        for port in range(low + (1 - low) % 8, high, 8):
+            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                udp.bind(("127.0.0.1", port))
+            except OSError:
+                udp.close()
+                continue
+            taken.append(udp)
+        ports = set()
+        for _ in range(40):
+            server = loop_thread.run(
+                NativeHttpServer.bind_secure("127.0.0.1", 0, certificate_path=certs.cert_path, key_path=certs.key_path)
+            )
+            ports.add(server.port)
+            assert not udp_port_is_free(server.port), "no HTTP/3 endpoint on the port picked"
+            loop_thread.run(server.close(force=True))
+    finally:
+        for udp in taken:
+            udp.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert len(taken) > wanted // 2 and len(ports) > 1
 
 
 def test_taken_udp_port_with_best_effort_serves_without_http3(serve: Any, certs: Certificates) -> None:

@@ -55,15 +55,12 @@ impl NativeServer {
             crate::bridge::Address::parse(address).map_err(PyValueError::new_err)?;
         }
         let events = Arc::new(EventQueue::new(consumer));
-        let listeners = match config.fd {
-            Some(fd) => vec![adopt(fd, config.backlog)?],
-            None => {
-                let options = SocketOptions { backlog: config.backlog, v6_only: config.v6_only, shared: config.shared };
-                bind_all(&ips, port, options).map_err(bind_error)?.into_iter().map(Listener::Tcp).collect()
-            }
-        };
+        let fd = config.fd;
         let shared = Arc::new(ServerShared::new(config, tls, events, whole_body));
-        let (addresses, unix_paths) = shared.listen(listeners)?;
+        let (addresses, unix_paths) = match fd {
+            Some(fd) => shared.listen(vec![adopt(fd, shared.config.backlog)?])?,
+            None => bind_and_listen(&shared, &ips, port)?,
+        };
         Ok(NativeServer { shared, addresses, unix_paths })
     }
 
@@ -228,6 +225,25 @@ fn tls_error(error: TlsError) -> PyErr {
         }
         TlsError::Io { path, error } => PyOSError::new_err(format!("cannot read {path}: {error}")),
         TlsError::Invalid(message) => TlsConfigError::new_err(message),
+    }
+}
+
+/// How often `port=0` picks another port when the one TCP got is taken on UDP,
+/// where HTTP/3 needs the same number.
+const UDP_TWIN_ATTEMPTS: usize = 16;
+
+/// Binds the TCP listeners and starts serving, HTTP/3 included.
+fn bind_and_listen(shared: &Arc<ServerShared>, ips: &[IpAddr], port: u16) -> PyResult<(Vec<SocketAddr>, Vec<Arc<str>>)> {
+    let config = &shared.config;
+    let options = SocketOptions { backlog: config.backlog, v6_only: config.v6_only, shared: config.shared };
+    let mut attempts_left = UDP_TWIN_ATTEMPTS;
+    loop {
+        let listeners = bind_all(ips, port, options).map_err(bind_error)?.into_iter().map(Listener::Tcp).collect();
+        attempts_left -= 1;
+        match shared.listen(listeners) {
+            Err(error) if port == 0 && error.kind() == std::io::ErrorKind::AddrInUse && attempts_left > 0 => {}
+            result => return Ok(result?),
+        }
     }
 }
 
