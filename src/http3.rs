@@ -22,6 +22,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use crate::config::seconds;
 use crate::connection::Connection;
 use crate::exchange::{Addresses, ConnInfo};
+use crate::guard::{self, h3::Guarded};
 use crate::server::ServerShared;
 use crate::service;
 
@@ -100,7 +101,8 @@ async fn serve_connection(incoming: quinn::Incoming, local: SocketAddr, server: 
     let conn = Connection::new(server.clone(), info);
     let mut builder = h3::server::builder();
     builder.max_field_section_size(server.config.max_header_size as u64);
-    let Ok(mut h3) = builder.build(h3_quinn::Connection::new(quic.clone())).await else { return };
+    let guarded = Guarded::new(h3_quinn::Connection::new(quic.clone()), server.config.max_header_size);
+    let Ok(mut h3) = builder.build(guarded).await else { return };
     let requests = tokio_util::task::TaskTracker::new();
     let shutting_down = loop {
         tokio::select! {
@@ -169,7 +171,7 @@ async fn establish(incoming: quinn::Incoming, server: &ServerShared) -> Option<(
     }
 }
 
-type Stream = RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
+type Stream = RequestStream<guard::h3::RequestStream<h3_quinn::BidiStream<Bytes>>, Bytes>;
 
 async fn serve_request(request: Request<()>, stream: Stream, conn: Arc<Connection>) {
     let (mut send, recv) = stream.split();
@@ -209,7 +211,7 @@ async fn serve_request(request: Request<()>, stream: Stream, conn: Arc<Connectio
 }
 
 /// The request body of an HTTP/3 stream, as an `http_body::Body`.
-struct H3Body(RequestStream<h3_quinn::RecvStream, Bytes>);
+struct H3Body(RequestStream<guard::h3::RequestStream<h3_quinn::RecvStream>, Bytes>);
 
 impl Body for H3Body {
     type Data = Bytes;

@@ -133,6 +133,18 @@ class H3Client(QuicConnectionProtocol):
         self.transmit()
         return stream_id, future
 
+    def start_raw(self, pieces: Sequence[bytes]) -> tuple[int, asyncio.Future[H3Response]]:
+        """Sends a request stream's bytes as given (frames made by hand), one
+        QUIC packet per piece, and ends the stream."""
+        stream_id = self._quic.get_next_available_stream_id()
+        future: asyncio.Future[H3Response] = asyncio.get_running_loop().create_future()
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._pending[stream_id] = _Pending(future)
+        for index, piece in enumerate(pieces):
+            self._quic.send_stream_data(stream_id, piece, end_stream=index == len(pieces) - 1)
+            self.transmit()
+        return stream_id, future
+
     def send(self, stream_id: int, data: bytes, *, end: bool = False) -> None:
         """More request body on a stream started with ``end=False``."""
         self.http.send_data(stream_id, data, end_stream=end)

@@ -478,6 +478,79 @@ def test_idle_timeout_closes_the_connection(serve: Any, loop_thread: LoopThread,
     assert run(loop_thread, scenario()) is not None
 
 
+# ---------------------------------------------------------------- a `#` in :path
+
+H3_MESSAGE_ERROR = 0x10E
+
+
+async def outcome(future: Any) -> int | str:
+    """A response's status, or "reset" with the code the stream was reset with."""
+    try:
+        return (await asyncio.wait_for(future, TIMEOUT)).status  # type: ignore[no-any-return]
+    except ConnectionResetError as reset:
+        assert str(reset) == f"stream reset: {H3_MESSAGE_ERROR}", reset
+        return "reset"
+
+
+def recording(paths: list[str]) -> Callable[[Any], Awaitable[None]]:
+    async def handler(request: Any) -> None:
+        paths.append(request.uri.path)
+        request.response.write("seen")
+
+    return handler
+
+
+def test_fragment_in_path_resets_only_its_stream(serve: Any, loop_thread: LoopThread, certs: Certificates) -> None:
+    """h3 builds the URI with the `http` crate, which drops a `#` fragment:
+    the guard makes h3 refuse such a request (H3_MESSAGE_ERROR) instead of
+    serving `/a`. The requests around it on the connection are served."""
+    seen: list[str] = []
+    running = start_h3(serve, certs, recording(seen))
+
+    async def scenario() -> list[int | str]:
+        async with connect(running.port, certs) as client:
+            return [await outcome(client.start("GET", path)[1]) for path in ("/before", "/a#frag", "/after?x#y", "/last")]
+
+    assert run(loop_thread, scenario()) == [200, "reset", "reset", 200]
+    assert seen == ["/before", "/last"]
+
+
+def qpack_string(text: bytes, prefix_bits: int, flags: int = 0) -> bytes:
+    """A QPACK string literal, not Huffman-coded, its length under 2**prefix_bits - 1."""
+    assert len(text) < (1 << prefix_bits) - 1
+    return bytes([flags | len(text)]) + text
+
+
+def h3_frame(kind: int, payload: bytes) -> bytes:
+    assert kind < 64 and len(payload) < 16384
+    return bytes([kind]) + (0x4000 | len(payload)).to_bytes(2, "big") + payload
+
+
+@pytest.mark.parametrize(("path", "expected"), [(b"/a#frag", "reset"), (b"/fine", 200)])
+def test_fragment_in_a_hand_made_request_stream(
+    serve: Any, loop_thread: LoopThread, certs: Certificates, path: bytes, expected: int | str
+) -> None:
+    """A grease frame before the HEADERS frame, a `:path` with a literal name
+    (the form no name reference finds), and every byte in a packet of its own."""
+    seen: list[str] = []
+    running = start_h3(serve, certs, recording(seen))
+    section = (
+        b"\x00\x00"  # no dynamic table
+        + bytes([0xC0 | 17, 0xC0 | 23])  # static :method GET, :scheme https
+        + b"\x50" + qpack_string(b"localhost", 7)  # :authority, a static name
+        + qpack_string(b":path", 3, 0x20) + qpack_string(path, 7)  # literal name and value
+    )
+    stream = h3_frame(0x21, b"grease") + h3_frame(0x01, section)
+
+    async def scenario() -> int | str:
+        async with connect(running.port, certs) as client:
+            _, future = client.start_raw([stream[i : i + 1] for i in range(len(stream))])
+            return await outcome(future)
+
+    assert run(loop_thread, scenario()) == expected
+    assert seen == ([] if expected == "reset" else [path.decode()])
+
+
 # ---------------------------------------------------------------- addresses
 
 

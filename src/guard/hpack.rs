@@ -134,27 +134,40 @@ impl PathWatch {
 
     /// Reads a string literal, looking at its text only when `look`.
     fn text(&mut self, block: &mut &[u8], look: bool) -> Option<Text> {
-        let huffman = block.first()? & 0x80 != 0;
-        let len = integer(block, 7)?;
-        let raw = block.get(..len)?;
-        *block = &block[len..];
         if !look {
-            return Some(Text { len, is_path: false, has_hash: false });
+            let (_, raw) = string(block, 7)?;
+            return Some(Text { len: raw.len(), is_path: false, has_hash: false });
         }
-        let bytes = if huffman {
-            self.huffman.clear();
-            decode(raw, &mut self.huffman, DecoderSpeed::FiveBits).ok()?;
-            &self.huffman[..]
-        } else {
-            raw
-        };
+        let bytes = literal(block, 7, &mut self.huffman)?;
         Some(Text { len: bytes.len(), is_path: bytes == b":path", has_hash: bytes.contains(&b'#') })
     }
 }
 
+/// A string literal whose length has an N-bit prefix, the Huffman flag the
+/// bit above it (RFC 7541 section 5.2; QPACK's literal names put it lower):
+/// whether it is Huffman-coded, and its bytes as sent.
+fn string<'a>(block: &mut &'a [u8], prefix_bits: u32) -> Option<(bool, &'a [u8])> {
+    let huffman = block.first()? & (1 << prefix_bits) != 0;
+    let len = integer(block, prefix_bits)?;
+    let raw = block.get(..len)?;
+    *block = &block[len..];
+    Some((huffman, raw))
+}
+
+/// A string literal's text, decoded into `scratch` when Huffman-coded.
+pub fn literal<'a: 'c, 'b: 'c, 'c>(block: &mut &'a [u8], prefix_bits: u32, scratch: &'b mut Vec<u8>) -> Option<&'c [u8]> {
+    let (huffman, raw) = string(block, prefix_bits)?;
+    if !huffman {
+        return Some(raw);
+    }
+    scratch.clear();
+    decode(raw, scratch, DecoderSpeed::FiveBits).ok()?;
+    Some(scratch)
+}
+
 /// An integer with an N-bit prefix (RFC 7541 section 5.1); None when it is
 /// cut short or does not fit.
-fn integer(block: &mut &[u8], prefix_bits: u32) -> Option<usize> {
+pub fn integer(block: &mut &[u8], prefix_bits: u32) -> Option<usize> {
     let mask = (1usize << prefix_bits) - 1;
     let (&first, mut rest) = block.split_first()?;
     let mut value = first as usize & mask;

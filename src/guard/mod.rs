@@ -1,17 +1,20 @@
-//! A look at request bytes before hyper parses them, for the bad inputs hyper
-//! and h2 accept silently. The `http` crate drops a `#` fragment from a request
-//! target instead of refusing it, in both protocols, and hyper drops the
+//! A look at request bytes before hyper and h3 parse them, for the bad inputs
+//! they accept silently. The `http` crate drops a `#` fragment from a request
+//! target instead of refusing it, in every protocol, and hyper drops the
 //! length of an HTTP/1 request that also says `Transfer-Encoding`. Such a
-//! request is spoiled on its way in, so that hyper or h2 refuses it itself:
-//! HTTP/1 answers 400 and closes, HTTP/2 resets that stream.
+//! request is spoiled on its way in, so that hyper, h2 or h3 refuses it
+//! itself: HTTP/1 answers 400 and closes, HTTP/2 and HTTP/3 reset that stream.
 //!
 //! To know where each request head starts, the guard follows the framing
-//! ([`h1`], then [`h2`] after the HTTP/2 preface). A head that arrives in
-//! pieces is held back until it is whole, so it is still ours to spoil.
+//! ([`h1`], then [`h2`] after the HTTP/2 preface; [`h3`] on each QUIC request
+//! stream). A head that arrives in pieces is held back until it is whole, so
+//! it is still ours to spoil.
 
 mod h1;
 mod h2;
+pub mod h3;
 mod hpack;
+mod qpack;
 
 use std::io;
 use std::pin::Pin;
