@@ -15,17 +15,17 @@ use super::qpack;
 
 /// RFC 9114 7.2: the frame types.
 const HEADERS: u64 = 0x1;
-/// Types below this are HTTP/3's own (or HTTP/2's, reserved); past the first
-/// HEADERS h3 refuses all but HEADERS on a request stream. Others are
-/// extensions and grease, which may come first and are skipped.
+/// Types below this are HTTP/3's own or reserved from HTTP/2, and h3 refuses
+/// any but HEADERS first on a request stream. Types from here on are
+/// extensions or grease, which h3 skips, so they may come before HEADERS.
 const FIRST_EXTENSION: u64 = 0xe;
 
 /// A QUIC connection whose incoming request streams are guarded.
 pub struct Guarded<C> {
     inner: C,
-    /// The largest HEADERS frame held to be read: a field section past
-    /// h3's `max_field_section_size` even at HPACK Huffman's worst (30 bits
-    /// a byte) is refused by h3, so a longer one is let through unread.
+    /// The largest HEADERS frame held to be read. A longer one is let
+    /// through unread: even at the Huffman code's worst (30 bits a byte) its
+    /// fields are past h3's `max_field_section_size`, and h3 refuses it.
     max_frame: usize,
 }
 
