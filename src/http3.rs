@@ -75,8 +75,9 @@ fn udp_socket(addr: SocketAddr, v6_only: bool, shared: bool) -> io::Result<UdpSo
 pub async fn accept_loop(endpoint: quinn::Endpoint, server: Arc<ServerShared>) {
     loop {
         let incoming = tokio::select! {
-            incoming = endpoint.accept() => incoming,
+            biased;
             _ = server.shutdown.cancelled() => break,
+            incoming = endpoint.accept() => incoming,
         };
         let Some(incoming) = incoming else { break };
         let local = endpoint.local_addr().unwrap_or_else(|_| incoming.local_ip().map_or(incoming.remote_address(), |ip| SocketAddr::new(ip, 0)));

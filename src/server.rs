@@ -140,13 +140,18 @@ impl ServerShared {
     }
 
     /// Graceful close: stop accepting, let connections finish within
-    /// `timeout`, then abort what is left. `force` skips the wait.
-    pub async fn close(self: Arc<Self>, force: bool, timeout: Option<Duration>) {
+    /// `timeout`, then abort what is left. `force` skips the wait. Accepting
+    /// stops before this returns; the future it returns does the rest.
+    pub fn close(self: Arc<Self>, force: bool, timeout: Option<Duration>) -> impl Future<Output = ()> {
         self.shutdown.cancel();
         self.tasks.close();
         if force {
             self.force.cancel();
         }
+        self.drain(timeout)
+    }
+
+    async fn drain(self: Arc<Self>, timeout: Option<Duration>) {
         let drained = match timeout {
             Some(limit) => tokio::time::timeout(limit, self.tasks.wait()).await.is_ok(),
             None => {
@@ -206,18 +211,23 @@ fn unix_path(listener: &std::os::unix::net::UnixListener) -> io::Result<Arc<str>
     Ok(address.as_pathname().map_or_else(|| Arc::from(""), |path| Arc::from(path.to_string_lossy())))
 }
 
+/// Accepts connections until shutdown, which is looked at first: a
+/// connection waiting in the backlog when the server closes must not be
+/// served (unbiased, `select!` picked either when both were ready).
 async fn accept_loop<L: Accept>(listener: L, server: Arc<ServerShared>, limit: Arc<Semaphore>) {
     loop {
         let permit = tokio::select! {
+            biased;
+            _ = server.shutdown.cancelled() => return,
             permit = limit.clone().acquire_owned() => match permit {
                 Ok(permit) => permit,
                 Err(_) => return,
             },
-            _ = server.shutdown.cancelled() => return,
         };
         let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
+            biased;
             _ = server.shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
         };
         match accepted {
             Ok((stream, addresses)) => {

@@ -158,8 +158,9 @@ impl NativeServer {
     fn close(&self, force: bool, timeout: Option<f64>, future: Py<PyAny>) {
         let shared = self.shared.clone();
         let limit = timeout.and_then(seconds).or(if timeout.is_some() { Some(std::time::Duration::ZERO) } else { None });
+        let closed = shared.clone().close(force, limit);
         crate::runtime::runtime().spawn(async move {
-            shared.clone().close(force, limit).await;
+            closed.await;
             if shared.events.is_thread() {
                 // The consumer thread may be stuck in a handler: tell the
                 // loop directly (the one time a tokio thread takes the GIL).
