@@ -120,11 +120,7 @@ class H3Client(QuicConnectionProtocol):
         """Sends a request head (and ``body``); with ``end=False`` the stream
         stays open for :meth:`send`. Returns the stream id and a future of
         the response."""
-        stream_id = self._quic.get_next_available_stream_id()
-        future: asyncio.Future[H3Response] = asyncio.get_running_loop().create_future()
-        # a request whose connection dies unawaited is not worth a warning
-        future.add_done_callback(lambda f: f.cancelled() or f.exception())
-        self._pending[stream_id] = _Pending(future)
+        stream_id, future = self._expect()
         pseudo = [(b":method", method.encode()), (b":scheme", b"https"), (b":authority", authority.encode()), (b":path", path.encode())]
         extra = [(k.lower().encode(), v.encode()) for k, v in headers]
         self.http.send_headers(stream_id, pseudo + extra, end_stream=body is None and end)
@@ -133,13 +129,19 @@ class H3Client(QuicConnectionProtocol):
         self.transmit()
         return stream_id, future
 
+    def _expect(self) -> tuple[int, asyncio.Future[H3Response]]:
+        """The next request stream, and the future its response will resolve."""
+        stream_id = self._quic.get_next_available_stream_id()
+        future: asyncio.Future[H3Response] = asyncio.get_running_loop().create_future()
+        # a request whose connection dies unawaited is not worth a warning
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._pending[stream_id] = _Pending(future)
+        return stream_id, future
+
     def start_raw(self, pieces: Sequence[bytes]) -> tuple[int, asyncio.Future[H3Response]]:
         """Sends a request stream's bytes as given (frames made by hand), one
         QUIC packet per piece, and ends the stream."""
-        stream_id = self._quic.get_next_available_stream_id()
-        future: asyncio.Future[H3Response] = asyncio.get_running_loop().create_future()
-        future.add_done_callback(lambda f: f.cancelled() or f.exception())
-        self._pending[stream_id] = _Pending(future)
+        stream_id, future = self._expect()
         for index, piece in enumerate(pieces):
             self._quic.send_stream_data(stream_id, piece, end_stream=index == len(pieces) - 1)
             self.transmit()

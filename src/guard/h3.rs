@@ -151,15 +151,17 @@ impl<S: quic::RecvStream<Buf = Bytes>> quic::RecvStream for RequestStream<S> {
             if self.max_frame == 0 && self.held.is_empty() {
                 return if self.ended { Poll::Ready(Ok(None)) } else { self.inner.poll_data(cx) };
             }
-            if let Some(ready) = self.passable().filter(|&n| n > 0) {
-                return Poll::Ready(Ok(Some(self.held.split_to(ready).freeze())));
-            }
-            if self.max_frame == 0 && self.held.is_empty() {
-                continue;
-            }
-            match std::task::ready!(self.inner.poll_data(cx))? {
-                Some(chunk) => self.held.extend_from_slice(&chunk),
-                None => self.ended = true,
+            match self.passable() {
+                Some(0) => {} // the watch ended with nothing held
+                Some(ready) => return Poll::Ready(Ok(Some(self.held.split_to(ready).freeze()))),
+                None => match std::task::ready!(self.inner.poll_data(cx))? {
+                    // The first chunk is held without a copy when it is ours alone.
+                    Some(chunk) if self.held.is_empty() => {
+                        self.held = chunk.try_into_mut().unwrap_or_else(|shared| BytesMut::from(&shared[..]))
+                    }
+                    Some(chunk) => self.held.extend_from_slice(&chunk),
+                    None => self.ended = true,
+                },
             }
         }
     }
