@@ -313,6 +313,12 @@ const HELD_CAPACITY: usize = HELD_MAX + WRITE_THROUGH;
 /// copying to the held buffer's unaligned offsets (pinned h2c get10k:
 /// memmove went from 11.9% to 6.4% of the server's CPU).
 const COPY_PIECE: usize = 2048;
+/// A write in several pieces (an HTTP/1 head and a small body, chunk
+/// framing) up to this size is joined into one buffer and one `write`: the
+/// kernel's per-piece cost of a `writev` was more than the copy (Rust-only
+/// h1 hello, pinned: 4.58 against 4.74 µs per request, lower in 6 of 6
+/// rounds).
+const JOIN_MAX: usize = 2048;
 
 impl<S> Tracked<S>
 where
@@ -357,7 +363,19 @@ where
     }
 
     fn poll_write_through(&mut self, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
-        let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        let len: usize = bufs.iter().map(|b| b.len()).sum();
+        let inner = Pin::new(&mut self.inner);
+        let poll = if bufs.len() > 1 && len <= JOIN_MAX {
+            let mut joined = [0u8; JOIN_MAX];
+            let mut end = 0;
+            for buf in bufs {
+                joined[end..end + buf.len()].copy_from_slice(buf);
+                end += buf.len();
+            }
+            inner.poll_write(cx, &joined[..end])
+        } else {
+            inner.poll_write_vectored(cx, bufs)
+        };
         if poll.is_ready() {
             self.conn.touch();
         }

@@ -29,6 +29,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import h11
 import httpx
 import pytest
 
@@ -1359,6 +1360,57 @@ def test_h2_responses_of_every_size_at_once_arrive_whole(start: Starter, certs: 
         return [(r.http_version, len(r.content), digest(r.content)) for r in responses]
 
     assert asyncio.run(run()) == [("HTTP/2", size, digest(pattern(size))) for size in H2_SIZES * 4]
+
+
+#: Around the size up to which the server joins the pieces of an HTTP/1 write
+#: (a head and its body, a chunk and its framing) into one buffer: 2 KiB.
+JOIN_SIZES = [0, 1, 1024, *range(1860, 2000, 7), 2047, 2048, 2049, 4096, 70000]
+
+
+@pytest.mark.parametrize("secure", [False, True], ids=["h1", "tls-h1"])
+def test_h1_pipelined_responses_around_the_join_size_arrive_whole(
+    start: Starter, certs: Certificates, secure: bool
+) -> None:
+    """Whole and streamed (chunked) bodies of every size around the join
+    limit, all requested at once on one connection: each arrives whole, in
+    order."""
+
+    async def handler(request: NativeDirectRequest) -> NativeDirectResponse:
+        size, _, how = request.query.partition("-")
+        body = pattern(int(size))
+        headers = [("content-type", "application/octet-stream")]
+        if how == "whole":
+            return NativeDirectResponse.bytes(200, headers, body)
+
+        async def pieces() -> AsyncIterator[bytes]:
+            for at in range(0, len(body), 1000):
+                yield body[at : at + 1000]
+
+        return NativeDirectResponse.stream(200, headers, body=pieces())
+
+    running = start(handler, secure=secure)
+    targets = [f"/?{size}-{how}" for how in ("whole", "stream") for size in JOIN_SIZES]
+    requests = "".join(f"GET {target} HTTP/1.1\r\nHost: localhost\r\n\r\n" for target in targets)
+    client = h11.Connection(h11.CLIENT)
+    received: list[tuple[int, int, str]] = []
+    with socket.create_connection((running.host, running.port), timeout=TIMEOUT) as raw:
+        context = ssl.create_default_context(cafile=str(certs.ca_path)) if secure else None
+        sock = context.wrap_socket(raw, server_hostname="localhost") if context else raw
+        sock.sendall(requests.encode())
+        for target in targets:
+            client.send(h11.Request(method="GET", target=target, headers=[("Host", "localhost")]))
+            client.send(h11.EndOfMessage())
+            status, body = 0, b""
+            while (event := client.next_event()) is not h11.PAUSED and not isinstance(event, h11.EndOfMessage):
+                if event is h11.NEED_DATA:
+                    client.receive_data(sock.recv(65536))
+                elif isinstance(event, h11.Response):
+                    status = event.status_code
+                elif isinstance(event, h11.Data):
+                    body += event.data
+            received.append((status, len(body), digest(body)))
+            client.start_next_cycle()
+    assert received == [(200, size, digest(pattern(size))) for _ in ("whole", "stream") for size in JOIN_SIZES]
 
 
 # ---------------------------------------------------------------- NativeDirectResponse itself
