@@ -230,7 +230,7 @@ CASES = (
          server_native_app("server_native_direct.py", "--bridge")),
     Case("native_http_bridge", "native_http over the socket bridge (native_callback=False)",
          server_native_app("server_native_http.py", "--bridge")),
-    Case("native_rust_only", "server_native native_response: answered in Rust (ceiling)",
+    Case("native_rust_only", "server_native native_response: answered in Rust (ceiling), 1 I/O thread",
          server_native_app("server_native_rust_only.py"), not_run=RUST_ONLY_BODY),
     Case("granian_rsgi", "Granian RSGI + uvloop, raw RSGI app, 1 worker, 1 runtime thread",
          granian_app("rsgi", "rsgi_hello:app"), modules=("granian", "uvloop")),

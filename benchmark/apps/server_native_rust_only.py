@@ -1,12 +1,16 @@
 """server_native's ceiling: the native side answers every request without calling Python.
 
 `native_response` is one fixed body for every path, so this case serves the hello
-workload only."""
+workload only. It runs one I/O thread, as the nginx case runs one worker process:
+unpinned, a second thread only competes with the load generator for the two cores."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+
+os.environ.setdefault("SERVER_NATIVE_THREADS", "1")  # read when the runtime starts
 
 from _runner import run
 from server_native import NativeHttpServer
