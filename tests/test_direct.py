@@ -1393,21 +1393,24 @@ def test_h1_pipelined_responses_around_the_join_size_arrive_whole(
     requests = "".join(f"GET {target} HTTP/1.1\r\nHost: localhost\r\n\r\n" for target in targets)
     client = h11.Connection(h11.CLIENT)
     received: list[tuple[int, int, str]] = []
-    with socket.create_connection((running.host, running.port), timeout=TIMEOUT) as raw:
-        context = ssl.create_default_context(cafile=str(certs.ca_path)) if secure else None
-        sock = context.wrap_socket(raw, server_hostname="localhost") if context else raw
+    context = ssl.create_default_context(cafile=str(certs.ca_path)) if secure else None
+    with socket.create_connection((running.host, running.port), timeout=TIMEOUT) as raw, (
+        context.wrap_socket(raw, server_hostname="localhost") if context else raw
+    ) as sock:
         sock.sendall(requests.encode())
         for target in targets:
             client.send(h11.Request(method="GET", target=target, headers=[("Host", "localhost")]))
             client.send(h11.EndOfMessage())
             status, body = 0, b""
-            while (event := client.next_event()) is not h11.PAUSED and not isinstance(event, h11.EndOfMessage):
+            while not isinstance(event := client.next_event(), h11.EndOfMessage):
                 if event is h11.NEED_DATA:
                     client.receive_data(sock.recv(65536))
                 elif isinstance(event, h11.Response):
                     status = event.status_code
                 elif isinstance(event, h11.Data):
                     body += event.data
+                else:
+                    pytest.fail(f"{target}: {event!r} before the response ended")
             received.append((status, len(body), digest(body)))
             client.start_next_cycle()
     assert received == [(200, size, digest(pattern(size))) for _ in ("whole", "stream") for size in JOIN_SIZES]
