@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx
 import pytest
+from aioquic.h3.connection import Setting
 
 from server_native import (
     BodyTooLarge,
@@ -513,6 +514,28 @@ def test_fragment_in_path_resets_only_its_stream(serve: Any, loop_thread: LoopTh
 
     assert run(loop_thread, scenario()) == [200, "reset", "reset", 200]
     assert seen == ["/before", "/last"]
+
+
+def test_websocket_over_http3_is_refused_and_the_connection_goes_on(
+    serve: Any, loop_thread: LoopThread, certs: Certificates
+) -> None:
+    """WebSocket over HTTP/3 (RFC 9220) is not served: the server does not
+    offer extended CONNECT, and h3 0.0.8 refuses a `:protocol` of
+    `websocket` (it knows only `webtransport` and `connect-udp`). The
+    handler never sees the request; the connection serves the next one."""
+    seen: list[str] = []
+    running = start_h3(serve, certs, recording(seen))
+
+    async def scenario() -> tuple[int, int | str, int]:
+        async with connect(running.port, certs) as client:
+            await client.request("GET", "/first")  # the server's SETTINGS are in by now
+            offered = client.http.received_settings.get(Setting.ENABLE_CONNECT_PROTOCOL, 0)
+            headers = [(":protocol", "websocket"), ("sec-websocket-version", "13")]
+            websocket = client.start("CONNECT", "/chat", headers=headers, end=False)[1]
+            return offered, await outcome(websocket), (await client.request("GET", "/after")).status
+
+    assert run(loop_thread, scenario()) == (0, "reset", 200)
+    assert seen == ["/first", "/after"]
 
 
 def qpack_string(text: bytes, prefix_bits: int, flags: int = 0) -> bytes:
