@@ -160,6 +160,11 @@ async def serve_bound(
         await stop
         await asyncio.gather(*(server.close() for server in servers))
         drained = True
+    except GeneratorExit:
+        # Closed with its loop gone: nothing can be awaited any more, and
+        # the native servers stop when they are dropped.
+        drained = True
+        raise
     finally:
         signals.remove()
         if watcher is not None:

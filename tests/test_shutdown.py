@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import gc
 import http.client
 import socket
 import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -86,6 +88,17 @@ def new_connection_is_served(port: int) -> bool:
             return sock.recv(1024).startswith(b"HTTP/")
     except (ConnectionRefusedError, ConnectionResetError, socket.timeout, BrokenPipeError):
         return False
+
+
+def refused_once(port: int) -> bool:
+    """Whether nothing listens on ``port`` (a reset means something does)."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    except ConnectionResetError:
+        pass
+    return False
 
 
 def wait_refused(port: int) -> bool:
@@ -402,3 +415,84 @@ def test_async_context_manager_closes(loop_thread: Any) -> None:
 
     port = loop_thread.run(scenario())
     assert not new_connection_is_served(port)
+
+
+def test_a_close_that_ends_after_its_loop_closed_reports_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With native_direct=True a tokio thread resolves the close's future
+    once the drain ends. The application may have closed its loop by then
+    (here while the drain waits out ``shutdown_timeout`` for a handler that
+    does not return): nobody is left to tell, and nothing is reported as an
+    unraisable exception."""
+    from server_native import NativeDirectResponse, serve_native_direct
+
+    reported: list[Any] = []
+    monkeypatch.setattr(sys, "unraisablehook", reported.append)
+    loop = asyncio.new_event_loop()
+    runner = threading.Thread(target=loop.run_forever, name="closing-loop", daemon=True)
+    runner.start()
+    arrived, release = threading.Event(), threading.Event()
+
+    def handler(request: Any) -> Any:
+        arrived.set()
+        release.wait(TIMEOUT)
+        return NativeDirectResponse.bytes(200, [], b"late")
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    stop = asyncio.Event()
+    serving = asyncio.run_coroutine_threadsafe(
+        serve_native_direct(
+            handler, "127.0.0.1", port, native_direct=True, shutdown_timeout=0.5,
+            echo=False, http3=False, shutdown_signal=stop.wait(),
+        ),
+        loop,
+    )  # fmt: skip
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            end = time.monotonic() + TIMEOUT
+            while refused_once(port) and time.monotonic() < end:
+                time.sleep(0.02)
+            result = pool.submit(http11_get, port, "/never")
+            assert arrived.wait(TIMEOUT)
+            loop.call_soon_threadsafe(stop.set)
+            assert wait_refused(port)  # the drain has begun
+            loop.call_soon_threadsafe(loop.stop)
+            runner.join(TIMEOUT)
+            serving.cancel()
+            loop.close()
+            outcome = result.result(TIMEOUT)  # cut when shutdown_timeout ends the drain
+        assert isinstance(outcome, (ConnectionError, http.client.HTTPException)), outcome
+        time.sleep(1)  # the drain's end reaches the closed loop just after the cut
+        assert reported == []
+    finally:
+        release.set()
+
+
+def test_a_serve_coroutine_closed_with_its_loop_gone_stops_quietly() -> None:
+    """A serve helper's coroutine closed without its loop (GeneratorExit, as
+    when an abandoned task is collected) cannot await its servers' close:
+    it returns at once, and the listener closes when the server is dropped."""
+    from server_native import NativeDirectResponse, serve_native_direct
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    loop = asyncio.new_event_loop()
+    serving = serve_native_direct(
+        lambda _request: NativeDirectResponse.bytes(200, [], b"up"), "127.0.0.1", port, echo=False, http3=False
+    )
+    task = loop.create_task(serving)
+
+    async def until_listening() -> None:
+        end = time.monotonic() + TIMEOUT
+        while refused_once(port) and time.monotonic() < end:
+            await asyncio.sleep(0.02)
+
+    loop.run_until_complete(until_listening())
+    assert loop.run_until_complete(loop.run_in_executor(None, http11_get, port, "/")) == (200, b"up")
+    loop.close()
+    serving.close()  # raised "coroutine ignored GeneratorExit" while it awaited in its finally
+    del task, serving
+    gc.collect()
+    assert wait_refused(port)

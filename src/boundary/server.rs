@@ -207,12 +207,15 @@ impl Drop for NativeServer {
     }
 }
 
-/// Resolves an asyncio future from outside its loop's thread.
+/// Resolves an asyncio future from outside its loop's thread. A loop closed
+/// meanwhile has nobody left waiting: that is not an error.
 fn resolve(future: &Bound<'_, PyAny>) -> PyResult<()> {
     let set_result = future.getattr("set_result")?;
     let event_loop = future.call_method0("get_loop")?;
-    event_loop.call_method1("call_soon_threadsafe", (set_result, future.py().None()))?;
-    Ok(())
+    match event_loop.call_method1("call_soon_threadsafe", (set_result, future.py().None())) {
+        Err(_) if event_loop.call_method0("is_closed")?.is_truthy()? => Ok(()),
+        result => result.map(drop),
+    }
 }
 
 fn internal_error() -> http::Response<crate::body::ResponseBody> {
