@@ -151,7 +151,7 @@ async def serve_bound(
     stop: asyncio.Future[None] = loop.create_future()
     signals = _SignalHandlers(loop, stop, servers)
     watcher = asyncio.ensure_future(_after(shutdown_signal, stop)) if shutdown_signal is not None else None
-    drained = False
+    force_close = True
     try:
         for server in servers:
             server.serve(handler)
@@ -159,17 +159,17 @@ async def serve_bound(
                 _echo(server)
         await stop
         await asyncio.gather(*(server.close() for server in servers))
-        drained = True
+        force_close = False
     except GeneratorExit:
         # Closed with its loop gone: nothing can be awaited any more, and
         # the native servers stop when they are dropped.
-        drained = True
+        force_close = False
         raise
     finally:
         signals.remove()
         if watcher is not None:
             watcher.cancel()
-        if not drained:
+        if force_close:
             # Failed to start, or cancelled: nothing may keep listening.
             await asyncio.shield(asyncio.gather(*(server.close(force=True) for server in servers), return_exceptions=True))
     if signals.second is not None:
