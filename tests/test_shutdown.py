@@ -90,6 +90,12 @@ def new_connection_is_served(port: int) -> bool:
         return False
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 def refused_once(port: int) -> bool:
     """Whether nothing listens on ``port`` (a reset means something does)."""
     try:
@@ -437,9 +443,7 @@ def test_a_close_that_ends_after_its_loop_closed_reports_nothing(monkeypatch: py
         release.wait(TIMEOUT)
         return NativeDirectResponse.bytes(200, [], b"late")
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     stop = asyncio.Event()
     serving = asyncio.run_coroutine_threadsafe(
         serve_native_direct(
@@ -475,9 +479,7 @@ def test_a_serve_coroutine_closed_with_its_loop_gone_stops_quietly() -> None:
     it returns at once, and the listener closes when the server is dropped."""
     from server_native import NativeDirectResponse, serve_native_direct
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     loop = asyncio.new_event_loop()
     serving = serve_native_direct(
         lambda _request: NativeDirectResponse.bytes(200, [], b"up"), "127.0.0.1", port, echo=False, http3=False
