@@ -111,9 +111,7 @@ def wait_refused(port: int) -> bool:
     """Waits (bounded) until connecting to ``port`` is refused."""
     end = time.monotonic() + TIMEOUT
     while time.monotonic() < end:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        except ConnectionRefusedError:
+        if refused_once(port):
             return True
         time.sleep(0.02)
     return False
