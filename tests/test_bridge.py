@@ -36,7 +36,7 @@ from typing import Any
 import httpx
 import pytest
 
-from apps.harness import h2_websocket_exchange
+from apps.harness import free_port, h2_websocket_exchange
 from server_native import (
     ClientDisconnected,
     NativeDirectResponse,
@@ -1319,12 +1319,6 @@ def run_helper(loop_thread: LoopThread, make: Callable[[asyncio.Event], Any]) ->
     event = asyncio.Event()
     future = asyncio.run_coroutine_threadsafe(make(event), loop_thread.loop)
     return Helper(loop_thread, event, future)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def wait_for_answer(target: str, **options: Any) -> httpx.Response:

@@ -18,16 +18,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from apps.harness import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
 CLI_APP = Path(__file__).parent / "apps" / "cliapp.py"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.fixture

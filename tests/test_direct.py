@@ -33,6 +33,8 @@ import h11
 import httpx
 import pytest
 
+from apps.harness import free_port
+
 from server_native import (
     ClientDisconnected,
     NativeDirectRequest,
@@ -60,12 +62,6 @@ PREBUILT = NativeDirectResponse.bytes(
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def refused(host: str, port: int) -> bool:

@@ -27,6 +27,8 @@ from typing import Any
 import httpx
 import pytest
 
+from apps.harness import free_port
+
 from server_native import (
     Cookie,
     HttpRequest,
@@ -88,12 +90,6 @@ def refused(host: str, port: int) -> bool:
             return False
     except ConnectionRefusedError:
         return True
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @dataclass

@@ -19,6 +19,7 @@ import hpack
 import httpx
 import hyperframe.frame
 import pytest
+from apps.harness import free_port
 from conftest import requires_curl
 
 TIMEOUT = 10
@@ -88,12 +89,6 @@ def new_connection_is_served(port: int) -> bool:
             return sock.recv(1024).startswith(b"HTTP/")
     except (ConnectionRefusedError, ConnectionResetError, socket.timeout, BrokenPipeError):
         return False
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def refused_once(port: int) -> bool:
