@@ -363,9 +363,8 @@ where
     }
 
     fn poll_write_through(&mut self, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
-        let len: usize = bufs.iter().map(|b| b.len()).sum();
         let inner = Pin::new(&mut self.inner);
-        let poll = if bufs.len() > 1 && len <= JOIN_MAX {
+        let poll = if bufs.len() > 1 && bufs.iter().map(|b| b.len()).sum::<usize>() <= JOIN_MAX {
             let mut joined = [0u8; JOIN_MAX];
             let mut end = 0;
             for buf in bufs {
