@@ -19,6 +19,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -44,6 +45,8 @@ pytestmark = pytest.mark.skipif(
 #: Bound on Chromium's start, and on everything a test asks of the browser.
 STARTUP = 30.0
 BUDGET = 60.0
+#: What Chromium writes in DevToolsActivePort: its port, then the browser's path.
+ACTIVE_PORT = re.compile(r"(?P<port>\d+)\n(?P<path>/devtools/browser/[0-9a-f-]{36})\b")
 #: Reloads allowed for the move to HTTP/3 (the first one makes it here).
 RELOADS = 3
 MIB = 1024 * 1024
@@ -168,9 +171,10 @@ def wait_for_devtools(process: subprocess.Popen[bytes], profile: Path, stderr: P
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise AssertionError(f"Chromium exited with {process.returncode}: {stderr.read_text()[-2000:]}")
-        lines = active_port.read_text().splitlines() if active_port.exists() else []
-        if len(lines) >= 2:
-            return f"ws://127.0.0.1:{lines[0]}{lines[1]}"
+        # Read until both lines are whole: the file is not written atomically.
+        found = ACTIVE_PORT.match(active_port.read_text()) if active_port.exists() else None
+        if found:
+            return f"ws://127.0.0.1:{found['port']}{found['path']}"
         time.sleep(0.05)
     raise AssertionError(f"Chromium did not open DevTools within {STARTUP:.0f}s: {stderr.read_text()[-2000:]}")
 
