@@ -477,10 +477,16 @@ class BridgeRequest:
     def respond(self, status: int, headers: Iterable[tuple[Any, Any]] | None, body: bytes, reason: str | None = None) -> bool:
         """Sends a whole response. ``headers=None`` sends the server's default
         headers. Returns False when the client is already gone."""
-        if body.__class__ is not bytes:
-            body = bytes(body)  # it is sent as it is, after this returns
-        frame = _response_head(self._id, status, headers, reason, len(body))
         self._check_unsent()
+        try:
+            if body.__class__ is not bytes:
+                if isinstance(body, str):
+                    raise TypeError("a response body must be bytes, not str")
+                body = bytes(body)  # it is sent as it is, after this returns
+            frame = _response_head(self._id, status, headers, reason, len(body))
+        except BaseException:
+            self.abort()
+            raise
         if self._gone:
             return False
         self._state = _DONE
@@ -515,8 +521,12 @@ class BridgeRequest:
     def start(self, status: int, headers: Iterable[tuple[Any, Any]] | None, reason: str | None = None) -> bool:
         """Sends the response head; the body follows with ``write`` and
         ``finish``."""
-        frame = _response_head(self._id, status, headers, reason, None)
         self._check_unsent()
+        try:
+            frame = _response_head(self._id, status, headers, reason, None)
+        except BaseException:
+            self.abort()
+            raise
         if self._gone:
             return False
         self._state = _STREAMING

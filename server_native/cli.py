@@ -57,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
         help="WebSocket permessage-deflate compression, when the client offers it",
     )
     serve.add_argument("--header-read-timeout", type=float)
+    serve.add_argument("--body-read-timeout", type=float, help="seconds a request body may stall before 408 (default 60)")
     serve.add_argument("--keep-alive-timeout", "--timeout-keep-alive", dest="idle_timeout", type=float)
     serve.add_argument("--response-timeout", type=float)
     serve.add_argument("--shutdown-timeout", "--timeout-graceful-shutdown", dest="shutdown_timeout", type=float)
@@ -119,7 +120,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         options["http2"] = args.http == "2"
     options["http3"] = args.http3 and bool(args.ssl_certfile)
     options["websocket_compression"] = args.websocket_compression
-    for name in ("max_body_size", "max_header_size", "max_connections", "header_read_timeout", "idle_timeout", "response_timeout", "shutdown_timeout"):
+    for name in ("max_body_size", "max_header_size", "max_connections", "header_read_timeout", "body_read_timeout", "idle_timeout", "response_timeout", "shutdown_timeout"):
         value = getattr(args, name)
         if value is not None:
             options[name] = value

@@ -99,6 +99,10 @@ class ServerConfig:
     #: ``idle_timeout`` applies.
     header_read_timeout: float | None = 30.0
     tls_handshake_timeout: float | None = 10.0
+    #: How long a request body may go without a byte arriving (nginx's
+    #: ``client_body_timeout``): 408 if the response has not started, else
+    #: the exchange is cut off; the application's read sees a disconnect.
+    body_read_timeout: float | None = 60.0
     #: Keep-alive: a connection idle this long is closed.
     idle_timeout: float | None = 120.0
     #: How long the application may take to start its response (504 after).
@@ -123,7 +127,7 @@ class ServerConfig:
     bridge_token: bytes | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        for name in ("header_read_timeout", "tls_handshake_timeout", "idle_timeout", "response_timeout"):
+        for name in ("header_read_timeout", "tls_handshake_timeout", "body_read_timeout", "idle_timeout", "response_timeout"):
             setattr(self, name, _seconds(name, getattr(self, name), none_is_no_limit=True))
         self.shutdown_timeout = _seconds("shutdown_timeout", self.shutdown_timeout, none_is_no_limit=False)
         for name in ("max_header_size", "max_headers", "max_body_size", "max_connections", "max_pending_requests"):

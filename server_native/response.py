@@ -4,6 +4,7 @@ default and streamed once flushed."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterable, Iterable
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
@@ -21,6 +22,7 @@ __all__ = ["HttpResponse"]
 
 _OPEN, _STREAMING, _CLOSED = 0, 1, 2
 _ClientDisconnected = native.ClientDisconnected
+_error_log = logging.getLogger("server_native.error")
 
 
 class HttpResponse:
@@ -217,7 +219,7 @@ class HttpResponse:
             return
         declared = self.content_length
         if declared >= 0 and self._sent + len(chunk) > declared:
-            self._fail(_too_long(self._sent + len(chunk), declared, self._request.uri.path))
+            self._cut(_too_long(self._sent + len(chunk), declared, self._request.uri.path))
             chunk = chunk[: max(declared - self._sent, 0)]
         self._sent += len(chunk)
         try:
@@ -256,18 +258,10 @@ class HttpResponse:
         self._buffer = []
         declared = self.content_length
         if declared >= 0 and len(body) != declared and native_request.method != "HEAD":
-            if len(body) > declared:
-                self._fail(_too_long(len(body), declared, self._request.uri.path))
-                body = body[:declared]
-            else:
-                # The head promises more than there is: send what there is and
-                # cut the connection, so the client sees a truncated response.
-                self._state = _STREAMING
-                native_request.start(self._status, self._head(), self._reason)
-                self._send_chunk(body)
-                self._fail(_too_short(len(body), declared, self._request.uri.path))
-                native_request.abort()
-                return
+            # The server answers such a response with a 500 (it owns the
+            # framing); ``done`` fails as dart:io's does.
+            too_long = len(body) > declared
+            self._fail((_too_long if too_long else _too_short)(len(body), declared, self._request.uri.path))
         if not native_request.respond(self._status, self._head(), body, self._reason):
             self._client_gone()
 
@@ -275,7 +269,7 @@ class HttpResponse:
         native_request = self._request._native
         declared = self.content_length
         if self._error is None and declared >= 0 and self._sent < declared:
-            self._fail(_too_short(self._sent, declared, self._request.uri.path))
+            self._cut(_too_short(self._sent, declared, self._request.uri.path))
         if self._error is None:
             native_request.finish()
         else:
@@ -284,6 +278,13 @@ class HttpResponse:
     def _fail(self, error: HttpException) -> None:
         if self._error is None:
             self._error = error
+
+    def _cut(self, error: HttpBodyError) -> None:
+        """A streamed body broke its ``content_length``: it is cut off (the
+        server owns the framing), the error logged and raised by ``close``."""
+        if self._error is None:
+            _error_log.error("the response to %s %s is cut off: %s", self._request.method, self._request.uri.path, error)
+        self._fail(error)
 
     def _settle(self, future: asyncio.Future[None]) -> None:
         if self._error is None:

@@ -21,6 +21,17 @@ from .unix_socket import UnixSocketFile, bind_unix_socket
 __all__ = ["BoundServer", "HttpConnectionsInfo", "bind_settings", "tls_settings"]
 
 logger = logging.getLogger("server_native")
+#: What the native side decided on its own (refusals, framing errors of the
+#: application, failed accepts and handshakes), queued natively.
+native_logger = logging.getLogger("server_native.error")
+#: How often a server's loop emits the natively queued records.
+NATIVE_LOG_INTERVAL = 0.2
+
+
+def emit_native_log() -> None:
+    """Emits the records the native side has queued since the last call."""
+    for level, message in native.take_log_records():
+        native_logger.log(level, message)
 
 
 class HttpConnectionsInfo(NamedTuple):
@@ -141,6 +152,12 @@ class BoundServer:
         if self._pump is not None:
             self._pump.attach(self._native)
         self._closed = self._loop.create_future()
+        self._native_log = self._loop.call_later(NATIVE_LOG_INTERVAL, self._emit_native_log)
+
+    def _emit_native_log(self) -> None:
+        emit_native_log()
+        if not self._closed.done():
+            self._native_log = self._loop.call_later(NATIVE_LOG_INTERVAL, self._emit_native_log)
 
     def _on_request(self, native_request: Any) -> None:
         raise NotImplementedError
@@ -205,6 +222,8 @@ class BoundServer:
         if not self._closed.done():
             if self._pump is not None:
                 self._pump.detach()
+            self._native_log.cancel()
+            emit_native_log()
             self._closed.set_result(None)
 
     def _remove_socket_file(self) -> None:

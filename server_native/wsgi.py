@@ -20,7 +20,6 @@ WSGIApp = Callable[[dict[str, Any], Callable[..., Callable[[bytes], None]]], Ite
 
 _ClientDisconnected = native.ClientDisconnected
 _BodyTooLarge = native.BodyTooLarge
-_PLAIN = [("content-type", "text/plain; charset=utf-8")]
 _CHUNK = 64 * 1024
 
 
@@ -137,6 +136,8 @@ class _Response:
     def write(self, data: bytes) -> None:
         if not self.started:
             raise AssertionError("write() before start_response()")
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"a WSGI app must give bytes, not {type(data).__name__} (PEP 3333)")
         if not self.streaming:
             self.streaming = True
             if not self._native.start(self.status, self.headers, self.reason):
@@ -242,10 +243,8 @@ class WSGIServer(BoundServer):
 
     def _fail(self, native_request: Any, response: _Response, exc: BaseException) -> None:
         self._report(exc)
-        if response.streaming:
-            native_request.abort()
-        else:
-            native_request.respond(500, _PLAIN, b"Internal Server Error")
+        # A 500 when no head has gone out, else a cut-off stream.
+        native_request.abort()
 
 
 def _split_host(authority: str, scheme: str) -> tuple[str, str]:

@@ -9,10 +9,12 @@
 
 use std::collections::VecDeque;
 use std::pin::Pin;
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use bytes::Bytes;
+use http::StatusCode;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use parking_lot::{Condvar, Mutex};
@@ -139,15 +141,62 @@ impl RequestBody {
     }
 }
 
-/// Moves a request body from the connection into `target`, enforcing the size
-/// limit and reading ahead at most `high_water` bytes. Stops when the body
-/// ends or `stop` fires (the exchange is over). Returns true when the body
-/// was refused for its size: `target` is left unfinished, for the caller to
-/// finish with `TooLarge` once the 413 is decided on, so that an application
-/// woken by that cannot answer first.
-pub async fn pump<B>(body: &mut B, target: Arc<RequestBody>, limit: u64, high_water: u64, stop: CancellationToken) -> bool
+/// Why a request body was refused while it arrived.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Refusal {
+    /// Past `max_body_size`: 413.
+    TooLarge,
+    /// Framing the server cannot read (a bad chunk size, say): 400.
+    Malformed,
+    /// No byte for `body_read_timeout`: 408.
+    Stalled,
+}
+
+impl Refusal {
+    pub fn status(self) -> StatusCode {
+        match self {
+            Refusal::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Refusal::Malformed => StatusCode::BAD_REQUEST,
+            Refusal::Stalled => StatusCode::REQUEST_TIMEOUT,
+        }
+    }
+
+    pub fn reason(self) -> &'static str {
+        match self {
+            Refusal::TooLarge => "request body too large",
+            Refusal::Malformed => "malformed request body",
+            Refusal::Stalled => "request body timed out",
+        }
+    }
+
+    /// How the application's reads end: too large is said as such, the
+    /// rest as the client gone.
+    fn end(self) -> BodyEnd {
+        match self {
+            Refusal::TooLarge => BodyEnd::TooLarge,
+            Refusal::Malformed | Refusal::Stalled => BodyEnd::Disconnected,
+        }
+    }
+}
+
+/// How the pump reads a request body: the size limit, how far ahead of the
+/// application, and how long a stall may last.
+#[derive(Clone, Copy)]
+pub struct PumpLimits {
+    pub max_size: u64,
+    pub high_water: u64,
+    pub stall: Option<Duration>,
+}
+
+/// Moves a request body from the connection into `target`, enforcing the
+/// limits. Stops when the body ends or `stop` fires (the exchange is over).
+/// Returns why the body was refused, if it was: `target` is then left
+/// unfinished, for the caller to `refuse` once the answer is decided on, so
+/// that an application woken by that cannot answer first.
+pub async fn pump<B>(body: &mut B, target: Arc<RequestBody>, limits: PumpLimits, stop: CancellationToken) -> Option<Refusal>
 where
     B: Body<Data = Bytes> + Unpin,
+    B::Error: std::error::Error + 'static,
 {
     let mut total: u64 = 0;
     let declared = body.size_hint().exact();
@@ -156,46 +205,99 @@ where
             let room = target.space.notified();
             tokio::pin!(room);
             room.as_mut().enable();
-            if target.has_room(high_water) {
+            if target.has_room(limits.high_water) {
                 break;
             }
             tokio::select! {
                 _ = room => {}
-                _ = stop.cancelled() => return false,
+                _ = stop.cancelled() => return None,
             }
         }
+        let stalled = async {
+            match limits.stall {
+                Some(stall) => tokio::time::sleep(stall).await,
+                None => std::future::pending().await,
+            }
+        };
         let frame = tokio::select! {
             frame = body.frame() => frame,
-            _ = stop.cancelled() => return false,
+            _ = stalled => return Some(Refusal::Stalled),
+            _ = stop.cancelled() => return None,
         };
         match frame {
             // hyper ends an HTTP/2 body without error on RST_STREAM(NO_ERROR),
             // "stop sending"; short of its Content-Length, it was cut off.
             None if declared.is_some_and(|length| total < length) => {
                 target.finish(BodyEnd::Disconnected);
-                return false;
+                return None;
             }
             None => {
                 target.finish(BodyEnd::Complete);
-                return false;
+                return None;
             }
+            Some(Err(error)) if malformed(&error) => return Some(Refusal::Malformed),
             // The client closed or reset the stream mid-body: either way it
             // will not read a response.
             Some(Err(_)) => {
                 target.finish(BodyEnd::Disconnected);
-                return false;
+                return None;
             }
             Some(Ok(frame)) => {
                 let Ok(data) = frame.into_data() else { continue };
                 total += data.len() as u64;
-                if total > limit {
-                    return true;
+                if total > limits.max_size {
+                    return Some(Refusal::TooLarge);
                 }
                 if !data.is_empty() {
                     target.push(data);
                 }
             }
         }
+    }
+}
+
+/// Whether a body error is the client's bad framing (hyper's chunked
+/// decoder says so with `InvalidInput` or `InvalidData`), not its leaving.
+pub fn malformed(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(error) = cause {
+        if let Some(io) = error.downcast_ref::<std::io::Error>() {
+            return matches!(io.kind(), std::io::ErrorKind::InvalidInput | std::io::ErrorKind::InvalidData);
+        }
+        cause = error.source();
+    }
+    false
+}
+
+impl RequestBody {
+    /// Ends the body for a refusal the server has answered.
+    pub fn refuse(&self, refusal: Refusal) {
+        self.finish(refusal.end());
+    }
+}
+
+/// A refusal a body pump decided on, for its exchange to answer with.
+#[derive(Clone, Default)]
+pub struct RefusalSignal {
+    why: Arc<OnceLock<Refusal>>,
+    fired: CancellationToken,
+}
+
+impl RefusalSignal {
+    /// The first refusal wins.
+    pub fn fire(&self, why: Refusal) {
+        if self.why.set(why).is_ok() {
+            self.fired.cancel();
+        }
+    }
+
+    pub fn get(&self) -> Option<Refusal> {
+        self.why.get().copied()
+    }
+
+    pub async fn fired(&self) -> Refusal {
+        self.fired.cancelled().await;
+        self.get().expect("set before the token fires")
     }
 }
 

@@ -69,12 +69,12 @@ use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::body::ResponseBody;
+use crate::body::{malformed, PumpLimits, Refusal, RefusalSignal, ResponseBody};
 use crate::config::{seconds, ServerConfig};
 use crate::connection::Connection;
 use crate::exchange::ConnInfo;
 use crate::server::ServerShared;
-use crate::service::{error_response, RequestBodySource};
+use crate::service::{self, error_response, refused, RequestBodySource};
 use crate::websocket::{self, Handshake, Incoming, Message};
 use futures_util::{SinkExt, StreamExt};
 use hyper::upgrade::OnUpgrade;
@@ -905,7 +905,6 @@ pub struct Bridge {
 /// How a bridged request failed before its response head.
 enum Failure {
     Bridge(BridgeError),
-    TooLarge,
     /// The request body broke off (the client went away mid-upload).
     BadBody,
     Closed,
@@ -1017,10 +1016,9 @@ impl Bridge {
         };
         match outcome {
             Ok(response) => response,
-            Err(Failure::TooLarge) => error_response(StatusCode::PAYLOAD_TOO_LARGE, "request body too large"),
             Err(Failure::BadBody) => error_response(StatusCode::BAD_REQUEST, "the request body broke off"),
             Err(Failure::Closed) => error_response(StatusCode::SERVICE_UNAVAILABLE, "server is closing"),
-            Err(Failure::Bridge(error)) => bad_gateway(&error),
+            Err(Failure::Bridge(error)) => bad_gateway(server, &error),
         }
     }
 
@@ -1035,7 +1033,12 @@ impl Bridge {
         let upgrade = websocket::is_upgrade(request.method(), request.version(), request.headers(), protocol.as_deref())
             .then(|| hyper::upgrade::on(&mut request));
         let (head, mut body) = request.into_parts();
-        let limit = server.config.max_body_size;
+        let limits = PumpLimits {
+            max_size: server.config.max_body_size,
+            high_water: CHUNK as u64,
+            stall: seconds(server.config.body_read_timeout),
+        };
+        let limit = limits.max_size;
         // What has already arrived goes with the head: a body that is whole
         // now, and small, needs no pump task.
         let mut no_body = body.is_end_stream();
@@ -1044,6 +1047,7 @@ impl Bridge {
             match futures_util::FutureExt::now_or_never(body.frame()) {
                 Some(None) => no_body = true,
                 Some(Some(Ok(frame))) => first = frame.into_data().ok().filter(|data| !data.is_empty()),
+                Some(Some(Err(error))) if malformed(&error) => return Ok(refused(server, Refusal::Malformed, &head)),
                 Some(Some(Err(_))) => return Err(Failure::BadBody),
                 None => {}
             }
@@ -1066,23 +1070,23 @@ impl Bridge {
                 link.send(out.freeze());
                 if !no_body {
                     let signals = PumpSignals {
-                        too_large: CancellationToken::new(),
+                        refused: RefusalSignal::default(),
                         broke_off: CancellationToken::new(),
                         stop: CancellationToken::new(),
                         discard: CancellationToken::new(),
                     };
                     let body = Prefixed { first, body };
-                    let task = tokio::spawn(pump(body, stream.sender(), limit, signals.clone()));
+                    let task = tokio::spawn(pump(body, stream.sender(), limits, signals.clone()));
                     stream.pump = Some(Pump { task, signals });
                 }
             }
         }
         let signals = stream.pump.as_ref().map(|pump| pump.signals.clone());
-        let too_large = signals.as_ref().map(|signals| &signals.too_large);
+        let refusal = signals.as_ref().map(|signals| &signals.refused);
         let broke_off = signals.as_ref().map(|signals| &signals.broke_off);
         let frame = tokio::select! {
             biased;
-            _ = fired(too_large) => return Err(Failure::TooLarge),
+            why = service::fired(refusal) => return Ok(refused(server, why, &head)),
             _ = fired(broke_off) => return Err(Failure::BadBody),
             frame = stream.next() => frame?,
         };
@@ -1098,6 +1102,7 @@ impl Bridge {
             }
             other => return Err(BridgeError::UnexpectedFrame(other).into()),
         }
+        let request = head;
         let mut head = decode_response_head(frame.payload, &server.default_headers.read())?;
         match std::mem::replace(&mut head.body, BodyShape::Streamed) {
             BodyShape::Inline(body) => {
@@ -1114,7 +1119,7 @@ impl Bridge {
                 loop {
                     let frame = tokio::select! {
                         biased;
-                        _ = fired(too_large) => return Err(Failure::TooLarge),
+                        why = service::fired(refusal) => return Ok(refused(server, why, &request)),
                         frame = stream.next() => frame?,
                     };
                     match frame.kind {
@@ -1176,8 +1181,8 @@ struct Pump {
 
 #[derive(Clone)]
 struct PumpSignals {
-    /// Fired by the pump: the body passed `max_body_size` (413).
-    too_large: CancellationToken,
+    /// Fired by the pump: the body was refused (too large, malformed, stalled).
+    refused: RefusalSignal,
     /// Fired by the pump: the body failed (the client is gone).
     broke_off: CancellationToken,
     /// The exchange failed: stop at once.
@@ -1187,23 +1192,37 @@ struct PumpSignals {
 }
 
 /// Moves the request body to Python as chunk frames, within the stream's
-/// credit, enforcing `limit`; ends with the request end, or an abort.
-async fn pump<B: RequestBodySource>(mut body: B, mut sender: Sender, limit: u64, signals: PumpSignals) {
-    let PumpSignals { too_large, broke_off, stop, discard } = signals;
+/// credit, enforcing `limits`; ends with the request end, or an abort.
+async fn pump<B: RequestBodySource>(mut body: B, mut sender: Sender, limits: PumpLimits, signals: PumpSignals) {
+    let PumpSignals { refused, broke_off, stop, discard } = signals;
     let mut total: u64 = 0;
     let mut discarded = false;
     loop {
+        let stalled = async {
+            match limits.stall {
+                Some(stall) => tokio::time::sleep(stall).await,
+                None => std::future::pending().await,
+            }
+        };
         let next = tokio::select! {
             biased;
             _ = stop.cancelled() => return,
             _ = sender.link.dead.cancelled() => return,
             frame = body.frame() => frame,
+            _ = stalled => {
+                refused.fire(Refusal::Stalled);
+                return sender.send(kind::ABORT, &[ABORT_CLIENT_GONE]);
+            }
         };
-        // (the body's error type need not be Send: drop it before awaiting)
-        match next.map(|frame| frame.map_err(drop)) {
+        // (the body's error type need not be Send: judge it before awaiting)
+        match next.map(|frame| frame.map_err(|error| malformed(&error))) {
             None if discarded => return sender.send(kind::ABORT, &[ABORT_DISCARDED]),
             None => return sender.send(kind::REQUEST_END, &[]),
-            Some(Err(())) => {
+            Some(Err(true)) => {
+                refused.fire(Refusal::Malformed);
+                return sender.send(kind::ABORT, &[ABORT_CLIENT_GONE]);
+            }
+            Some(Err(false)) => {
                 sender.send(kind::ABORT, &[ABORT_CLIENT_GONE]);
                 broke_off.cancel();
                 return;
@@ -1211,8 +1230,8 @@ async fn pump<B: RequestBodySource>(mut body: B, mut sender: Sender, limit: u64,
             Some(Ok(frame)) => {
                 let Ok(mut data) = frame.into_data() else { continue };
                 total += data.len() as u64;
-                if total > limit {
-                    too_large.cancel();
+                if total > limits.max_size {
+                    refused.fire(Refusal::TooLarge);
                     // Python learns why (BodyTooLarge) even though the
                     // exchange is over for the client.
                     return sender.send(kind::ABORT, &[ABORT_TOO_LARGE]);
@@ -1473,11 +1492,11 @@ async fn tunnel(upgrade: OnUpgrade, mut stream: Stream, handshake: Handshake) {
     }
 }
 
-/// 502, saying what went wrong on the bridge.
-fn bad_gateway(error: &BridgeError) -> Response<ResponseBody> {
-    let mut response = error_response(StatusCode::BAD_GATEWAY, "");
-    *response.body_mut() = ResponseBody::full(format!("bad gateway: {error}"));
-    response
+/// 502, with what went wrong on the bridge logged (never sent to the client).
+fn bad_gateway(server: &ServerShared, error: &BridgeError) -> Response<ResponseBody> {
+    let report = format!("the socket bridge to Python failed ({error}): answered 502");
+    server.log.report(crate::log::Kind::Bridge, crate::log::Level::Error, report);
+    error_response(StatusCode::BAD_GATEWAY, "Bad Gateway")
 }
 
 /// Connecting to a Unix listener whose accept queue is momentarily full

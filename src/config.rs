@@ -40,6 +40,7 @@ pub struct ServerConfig {
     pub max_concurrent_streams: u32,
     pub header_read_timeout: f64,
     pub tls_handshake_timeout: f64,
+    pub body_read_timeout: f64,
     pub idle_timeout: f64,
     pub response_timeout: f64,
     pub auto_compress: bool,

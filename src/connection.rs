@@ -23,6 +23,7 @@ use tokio::time::Instant;
 use crate::config::seconds;
 use crate::exchange::{Addresses, ConnInfo};
 use crate::guard::{Guard, PendingHead};
+use crate::log;
 use crate::server::{Protocols, ServerShared};
 use crate::service;
 
@@ -101,7 +102,8 @@ where
             let stream = tokio::select! {
                 result = handshake => match result {
                     Ok(Ok(stream)) => stream,
-                    _ => return,
+                    Ok(Err(error)) => return handshake_failed(&server, &addresses, &error),
+                    Err(_) => return handshake_failed(&server, &addresses, &"timed out"),
                 },
                 _ = server.force.cancelled() => return,
             };
@@ -116,6 +118,13 @@ where
             }
         }
     }
+}
+
+/// TLS handshakes fail all day on a public port (scanners, old clients):
+/// worth a debug line, no more.
+fn handshake_failed(server: &ServerShared, addresses: &Addresses, why: &dyn std::fmt::Display) {
+    let peer = addresses.remote().map_or_else(String::new, |(ip, port)| format!(" from {ip}:{port}"));
+    server.log.report(log::Kind::TlsHandshake, log::Level::Debug, format!("TLS handshake{peer} failed: {why}"));
 }
 
 async fn run<S>(stream: S, conn: Arc<Connection>)

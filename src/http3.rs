@@ -13,7 +13,7 @@ use bytes::{Buf, Bytes};
 use futures_util::FutureExt;
 use h3::server::RequestStream;
 use http::header::{HeaderName, CONNECTION, CONTENT_LENGTH, DATE, TRANSFER_ENCODING, UPGRADE};
-use http::{HeaderValue, Method, Request, Response, Version};
+use http::{HeaderValue, Request, Response, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use quinn::crypto::rustls::QuicServerConfig;
@@ -176,7 +176,6 @@ type Stream = RequestStream<guard::h3::RequestStream<h3_quinn::BidiStream<Bytes>
 
 async fn serve_request(request: Request<()>, stream: Stream, conn: Arc<Connection>) {
     let (mut send, recv) = stream.split();
-    let head_only = request.method() == Method::HEAD;
     let (mut parts, ()) = request.into_parts();
     parts.version = Version::HTTP_3;
     let Ok(response) = service::handle(Request::from_parts(parts, H3Body(recv)), conn).await;
@@ -194,17 +193,15 @@ async fn serve_request(request: Request<()>, stream: Stream, conn: Arc<Connectio
     if send.send_response(Response::from_parts(head, ())).await.is_err() {
         return;
     }
-    if !head_only {
-        while let Some(frame) = body.frame().await {
-            let Ok(frame) = frame else {
-                // The application aborted: reset rather than end cleanly.
-                send.stop_stream(h3::error::Code::H3_INTERNAL_ERROR);
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else {
+            // The application aborted: reset rather than end cleanly.
+            send.stop_stream(h3::error::Code::H3_INTERNAL_ERROR);
+            return;
+        };
+        if let Ok(data) = frame.into_data() {
+            if send.send_data(data).await.is_err() {
                 return;
-            };
-            if let Ok(data) = frame.into_data() {
-                if send.send_data(data).await.is_err() {
-                    return;
-                }
             }
         }
     }

@@ -9,9 +9,11 @@ mod config;
 mod connection;
 mod errors;
 mod exchange;
+mod framing;
 mod guard;
 mod http3;
 mod listener;
+mod log;
 mod permessage_deflate;
 mod runtime;
 mod server;
@@ -39,6 +41,8 @@ mod _native {
     use crate::boundary::bridge::bridge_response_head;
     #[pymodule_export]
     use crate::boundary::direct::DirectResponse;
+    #[pymodule_export]
+    use crate::boundary::log::take_log_records;
     #[pymodule_export]
     use crate::boundary::request::NativeRequest;
     #[pymodule_export]

@@ -52,6 +52,8 @@ pub struct ServerShared {
     pub default_headers: RwLock<HeaderMap>,
     /// `native_callback=False`: requests go to Python over this socket bridge.
     pub bridge: Option<Arc<crate::bridge::Bridge>>,
+    /// What this server tells Python's `logging`.
+    pub log: crate::log::Source,
 }
 
 impl ServerShared {
@@ -77,6 +79,7 @@ impl ServerShared {
             tasks: TaskTracker::new(),
             default_headers: RwLock::new(HeaderMap::new()),
             bridge,
+            log: crate::log::Source::new(),
             alt_svc: std::sync::OnceLock::new(),
         }
     }
@@ -127,7 +130,11 @@ impl ServerShared {
         let _entered = crate::runtime::runtime().enter();
         let endpoints = match crate::http3::bind(addresses, tls.config(), self) {
             Ok(endpoints) => endpoints,
-            Err(_) if self.config.http3_best_effort => return Ok(()),
+            Err(error) if self.config.http3_best_effort => {
+                let report = format!("HTTP/3 is off: UDP {addresses:?} could not be bound ({error}); serving over TCP only");
+                self.log.report(crate::log::Kind::Http3, crate::log::Level::Warning, report);
+                return Ok(());
+            }
             Err(error) => return Err(error),
         };
         for endpoint in endpoints {
@@ -235,9 +242,22 @@ async fn accept_loop<L: Accept>(listener: L, server: Arc<ServerShared>, limit: A
             }
             // Out of file descriptors or a connection reset before accept:
             // back off briefly instead of spinning.
-            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            Err(error) => {
+                accept_failed(&server, &error);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
         }
     }
+}
+
+/// Logs a failed accept: running out of descriptors or memory is an error
+/// the operator must hear of; a connection gone before it was accepted is
+/// routine.
+fn accept_failed(server: &ServerShared, error: &io::Error) {
+    use crate::log::{Kind, Level};
+    let exhausted = matches!(error.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM));
+    let level = if exhausted { Level::Error } else { Level::Debug };
+    server.log.report(Kind::Accept, level, format!("could not accept a connection: {error}"));
 }
 
 /// The HTTP versions a server speaks. HTTP/1.1 alone uses hyper's own

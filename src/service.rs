@@ -6,22 +6,25 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{ALT_SVC, CONNECTION, CONTENT_TYPE, HOST};
-use http::{HeaderValue, Request, Response, StatusCode, Version};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body::Body;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use crate::body::{pump, BodyEnd, RequestBody, ResponseBody};
+use crate::body::{pump, BodyEnd, PumpLimits, Refusal, RefusalSignal, RequestBody, ResponseBody};
 use crate::compress;
 use crate::config::seconds;
 use crate::connection::Connection;
 use crate::exchange::Exchange;
+use crate::framing::{self, Answering};
+use crate::log::{Kind, Level};
+use crate::server::ServerShared;
 use crate::websocket;
 
 /// A request body from any protocol (hyper's `Incoming`, HTTP/3 streams).
-pub trait RequestBodySource: Body<Data = Bytes> + Send + Unpin + 'static {}
+pub trait RequestBodySource: Body<Data = Bytes, Error: std::error::Error + Send + Sync + 'static> + Send + Unpin + 'static {}
 
-impl<B: Body<Data = Bytes> + Send + Unpin + 'static> RequestBodySource for B {}
+impl<B> RequestBodySource for B where B: Body<Data = Bytes, Error: std::error::Error + Send + Sync + 'static> + Send + Unpin + 'static {}
 
 pub async fn handle<B: RequestBodySource>(
     request: Request<B>,
@@ -30,6 +33,7 @@ pub async fn handle<B: RequestBodySource>(
     let server = &conn.server;
     conn.head.finish();
     let over_tcp = request.version() != Version::HTTP_3;
+    let head = request.method() == Method::HEAD;
     if request.version() == Version::HTTP_2 {
         conn.set_multiplexed();
     }
@@ -40,11 +44,12 @@ pub async fn handle<B: RequestBodySource>(
     } else {
         let _in_flight = conn.begin_request();
         let gzip = server.config.auto_compress && compress::accepts_gzip(request.headers());
+        let answering = Answering { method: request.method().clone(), uri: request.uri().clone() };
         // Boxed: hyper moves this future into a task of its own per HTTP/2
         // stream, and inline the dispatch state made it 3.4 KB to copy. The
         // bridge's and the whole-body pump's futures are boxed within it, so
         // that the box is 1 KB rather than 2.6 KB to fill.
-        let response = Box::pin(dispatch(request, &conn)).await;
+        let response = framing::frame(Box::pin(dispatch(request, &conn)).await, &answering, server.log);
         if gzip {
             compress::gzip(response)
         } else {
@@ -54,7 +59,7 @@ pub async fn handle<B: RequestBodySource>(
     if let Some(alt_svc) = server.alt_svc.get().filter(|_| over_tcp) {
         response.headers_mut().entry(ALT_SVC).or_insert_with(|| alt_svc.clone());
     }
-    Ok(response)
+    Ok(if head { framing::without_body(response) } else { response })
 }
 
 /// Requests answered natively with 400 or 413, never reaching Python.
@@ -130,25 +135,35 @@ async fn dispatch<B: RequestBodySource>(request: Request<B>, conn: &Arc<Connecti
     let (head, mut body) = request.into_parts();
     let mut complete = body.is_end_stream().then_some(BodyEnd::Complete);
     let request_body = Arc::new(RequestBody::new(server.events.clone(), complete.clone()));
+    let limits = PumpLimits {
+        max_size: server.config.max_body_size,
+        high_water: crate::body::REQUEST_HIGH_WATER as u64,
+        stall: seconds(server.config.body_read_timeout),
+    };
     if complete.is_none() && server.whole_body {
         let stop = CancellationToken::new();
-        if Box::pin(pump(&mut body, request_body.clone(), server.config.max_body_size, u64::MAX, stop)).await {
-            return error_response(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
+        let whole = PumpLimits { high_water: u64::MAX, ..limits };
+        if let Some(refusal) = Box::pin(pump(&mut body, request_body.clone(), whole, stop)).await {
+            return refused(server, refusal, &head);
         }
         complete = Some(BodyEnd::Complete);
     }
     let (responder, response) = oneshot::channel();
     let exchange = Arc::new(Exchange::new(head, conn.info.clone(), request_body.clone(), responder, server.events.clone()));
-    // Only a body still arriving can turn out too large.
-    let too_large = complete.is_none().then(CancellationToken::new);
-    if let Some(too_large) = &too_large {
-        let flag = too_large.clone();
+    // Only a body still arriving can be refused.
+    let refusal = complete.is_none().then(RefusalSignal::default);
+    if let Some(refusal) = &refusal {
+        let signal = refusal.clone();
         let stop = exchange.over.clone();
-        let limit = server.config.max_body_size;
+        let answered = Arc::downgrade(&exchange);
         let mut pumping = Box::pin(async move {
-            if pump(&mut body, request_body.clone(), limit, crate::body::REQUEST_HIGH_WATER as u64, stop).await {
-                flag.cancel();
-                request_body.finish(BodyEnd::TooLarge);
+            if let Some(why) = pump(&mut body, request_body.clone(), limits, stop).await {
+                signal.fire(why);
+                request_body.refuse(why);
+                // Too late for a refusal status: the response is cut off.
+                if let Some(stream) = answered.upgrade().and_then(|exchange| exchange.stream()) {
+                    stream.end(true);
+                }
             }
         });
         // What has already arrived goes along with the request: a small body
@@ -156,8 +171,8 @@ async fn dispatch<B: RequestBodySource>(request: Request<B>, conn: &Arc<Connecti
         if futures_util::FutureExt::now_or_never(pumping.as_mut()).is_none() {
             tokio::spawn(pumping);
         }
-        if too_large.is_cancelled() {
-            return error_response(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
+        if let Some(why) = refusal.get() {
+            return refused(server, why, &exchange.head);
         }
     }
     if let Some(upgrade) = upgrade {
@@ -173,21 +188,15 @@ async fn dispatch<B: RequestBodySource>(request: Request<B>, conn: &Arc<Connecti
             None => std::future::pending().await,
         }
     };
-    let refused = async {
-        match &too_large {
-            Some(flag) => flag.cancelled().await,
-            None => std::future::pending().await,
-        }
-    };
     tokio::select! {
         biased;
         // Before the response: an application woken by the refused body may
         // already have answered when this task runs. The pump tells the
         // application why the body stopped (not abandoned: that would say
         // the client left).
-        _ = refused => {
-            guard.0.take();
-            error_response(StatusCode::PAYLOAD_TOO_LARGE, "request body too large")
+        why = fired(refusal.as_ref()) => {
+            let exchange = guard.0.take().expect("taken only here");
+            refused(server, why, &exchange.head)
         }
         response = response => match response {
             Ok(response) => {
@@ -198,6 +207,22 @@ async fn dispatch<B: RequestBodySource>(request: Request<B>, conn: &Arc<Connecti
         },
         _ = timeout => error_response(StatusCode::GATEWAY_TIMEOUT, "the application did not answer in time"),
     }
+}
+
+/// Resolves with the refusal once one is made; never without a signal.
+pub async fn fired(refusal: Option<&RefusalSignal>) -> Refusal {
+    match refusal {
+        Some(refusal) => refusal.fired().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The answer to a request whose body was refused, logged.
+pub fn refused(server: &ServerShared, refusal: Refusal, head: &http::request::Parts) -> Response<ResponseBody> {
+    let target = head.uri.path_and_query().map_or("/", |p| p.as_str());
+    let level = if refusal == Refusal::Malformed { Level::Warning } else { Level::Info };
+    server.log.report(Kind::Request, level, format!("{} {target}: {}: answered {}", head.method, refusal.reason(), refusal.status().as_u16()));
+    error_response(refusal.status(), refusal.reason())
 }
 
 /// When hyper drops a request future early, the client went away; when the

@@ -591,7 +591,10 @@ def test_a_misbehaving_python_end_gives_502_and_the_server_goes_on(
     finally:
         conn.close()
     assert response.status == 502, (response.status, body)
-    assert body.startswith(b"bad gateway"), body
+    # What went wrong is logged, never told to the client.
+    assert body == b"Bad Gateway", body
+    logged = [message for _, message in native.take_log_records() if "socket bridge" in message]
+    assert len(logged) == 1 and "answered 502" in logged[0], logged
     # The next request is answered: on the same connection when only the
     # stream failed, on a fresh one when the connection did.
     again = get(running.url("/after"))

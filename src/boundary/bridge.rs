@@ -7,8 +7,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
-use super::direct::status_code;
-use super::request::header_map;
+use super::request::{header_map, status_code};
 
 /// A response head frame for `stream`, checked as the in-process transport
 /// checks a response (ValueError). With `body_size`, the whole response:

@@ -5,11 +5,10 @@ use std::sync::OnceLock;
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, Response, StatusCode};
-use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
 
-use super::request::{header_map, latin1};
+use super::request::{header_map, latin1, status_code};
 use crate::body::ResponseBody;
 
 #[pyclass(frozen, name = "NativeDirectResponse", module = "server_native._native")]
@@ -33,13 +32,6 @@ impl DirectResponse {
         *response.headers_mut() = self.headers.clone();
         response
     }
-}
-
-pub(super) fn status_code(status: u16) -> PyResult<StatusCode> {
-    StatusCode::from_u16(status)
-        .ok()
-        .filter(|s| s.as_u16() >= 200)
-        .ok_or_else(|| PyValueError::new_err(format!("invalid response status {status}")))
 }
 
 /// Text (as UTF-8), bytes, or anything with the buffer protocol

@@ -5,6 +5,7 @@
 pub mod asgi;
 pub mod bridge;
 pub mod direct;
+pub mod log;
 pub mod queue;
 pub mod request;
 pub mod server;

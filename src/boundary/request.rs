@@ -8,7 +8,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, HOST};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version};
-use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use hyper::ext::ReasonPhrase;
 use pyo3::intern;
 use pyo3::prelude::*;
@@ -39,15 +39,12 @@ impl NativeRequest {
 
     fn response(
         &self,
-        status: u16,
+        status: &Bound<'_, PyAny>,
         headers: Option<&Bound<'_, PyAny>>,
         reason: Option<&str>,
         body: ResponseBody,
     ) -> PyResult<Response<ResponseBody>> {
-        let status = StatusCode::from_u16(status)
-            .ok()
-            .filter(|s| s.as_u16() >= 200)
-            .ok_or_else(|| PyValueError::new_err(format!("invalid response status {status}")))?;
+        let status = status_code(status.extract()?)?;
         let mut response = Response::new(body);
         *response.status_mut() = status;
         *response.headers_mut() = match headers {
@@ -71,6 +68,19 @@ impl NativeRequest {
             ));
         }
         Ok(Parked::new(create_future))
+    }
+
+    /// Sends the response `build` makes; when it cannot make one (a bad
+    /// status, header or body from the application), the client gets a 500
+    /// instead of nothing, and the application the error.
+    fn send_built(&self, build: impl FnOnce() -> PyResult<Response<ResponseBody>>) -> PyResult<bool> {
+        match build() {
+            Ok(response) => self.send(response),
+            Err(error) => {
+                let _ = self.exchange.send(internal_error());
+                Err(error)
+            }
+        }
     }
 
     fn send(&self, response: Response<ResponseBody>) -> PyResult<bool> {
@@ -225,19 +235,30 @@ impl NativeRequest {
 
     /// Sends a whole response at once. `headers=None` sends the server's
     /// default headers. Returns False when the client is already gone.
+    /// `body` is bytes or another bytes-like object.
     #[pyo3(signature = (status, headers, body, reason = None))]
-    fn respond(&self, status: u16, headers: Option<&Bound<'_, PyAny>>, body: &[u8], reason: Option<&str>) -> PyResult<bool> {
-        let response = self.response(status, headers, reason, ResponseBody::full(Bytes::copy_from_slice(body)))?;
-        self.send(response)
+    fn respond(
+        &self,
+        status: &Bound<'_, PyAny>,
+        headers: Option<&Bound<'_, PyAny>>,
+        body: &Bound<'_, PyAny>,
+        reason: Option<&str>,
+    ) -> PyResult<bool> {
+        self.send_built(|| {
+            let body = ResponseBody::full(bytes_like(body)?);
+            self.response(status, headers, reason, body)
+        })
     }
 
     /// Sends the response head; the body follows with `write` and `finish`.
     #[pyo3(signature = (status, headers, reason = None))]
-    fn start(&self, status: u16, headers: Option<&Bound<'_, PyAny>>, reason: Option<&str>) -> PyResult<bool> {
-        let stream = ResponseStream::new(self.server.events.clone());
-        let response = self.response(status, headers, reason, ResponseBody::Stream(StreamBody::new(stream.clone(), &self.exchange)))?;
-        self.exchange.set_stream(stream);
-        self.send(response)
+    fn start(&self, status: &Bound<'_, PyAny>, headers: Option<&Bound<'_, PyAny>>, reason: Option<&str>) -> PyResult<bool> {
+        self.send_built(|| {
+            let stream = ResponseStream::new(self.server.events.clone());
+            let response = self.response(status, headers, reason, ResponseBody::Stream(StreamBody::new(stream.clone(), &self.exchange)))?;
+            self.exchange.set_stream(stream);
+            Ok(response)
+        })
     }
 
     /// Queues a body chunk. Returns None when more may be written at once, or
@@ -300,10 +321,7 @@ impl NativeRequest {
         match self.exchange.stream() {
             Some(stream) => stream.end(true),
             None => {
-                let _ = self.exchange.send(crate::service::error_response(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal server error",
-                ));
+                let _ = self.exchange.send(internal_error());
             }
         }
     }
@@ -406,6 +424,33 @@ impl<'a, 'py> Parked<'a, 'py> {
     fn take(self) -> PyResult<Bound<'py, PyAny>> {
         self.made.expect("the operation parked, so it made a future")
     }
+}
+
+/// What the client gets when the application fails before its response.
+fn internal_error() -> Response<ResponseBody> {
+    crate::service::error_response(StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error")
+}
+
+/// A response status an application may send: 200-599 (1xx are the
+/// server's own, 101 included).
+pub fn status_code(status: u16) -> PyResult<StatusCode> {
+    StatusCode::from_u16(status)
+        .ok()
+        .filter(|s| (200..=599).contains(&s.as_u16()))
+        .ok_or_else(|| PyValueError::new_err(format!("invalid response status {status}: must be 200-599")))
+}
+
+/// The bytes of a bytes-like object (bytes, bytearray, memoryview); text is
+/// refused, as ASGI and WSGI refuse it.
+pub fn bytes_like(data: &Bound<'_, PyAny>) -> PyResult<Bytes> {
+    if let Ok(bytes) = data.cast::<PyBytes>() {
+        return Ok(Bytes::copy_from_slice(bytes.as_bytes()));
+    }
+    if data.is_instance_of::<PyString>() {
+        return Err(PyTypeError::new_err("a response body must be bytes, not str"));
+    }
+    let copied = data.py().get_type::<PyBytes>().call1((data,))?;
+    Ok(Bytes::copy_from_slice(copied.cast::<PyBytes>()?.as_bytes()))
 }
 
 /// A body step other than `Pending` as Python sees it: bytes (`b""` at the
