@@ -17,6 +17,7 @@ from typing import Any
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import hpack
 import pytest
@@ -256,13 +257,18 @@ def test_fragment_in_target_over_tls_gets_400(serve: Any, certs: Any) -> None:
     assert calls.paths == []
 
 
-def _h2_statuses(port: int, requests: list[list[tuple[str, str]]], context: ssl.SSLContext | None = None) -> list[int]:
-    """The status of each HTTP/2 request, sent exactly as given on one
-    connection (h2 library, prior knowledge, or ALPN over ``context``); 0 for
-    a request whose stream or connection the server resets."""
-    config = h2.config.H2Configuration(client_side=True, validate_outbound_headers=False)
+def _h2_outcomes(
+    port: int, requests: list[list[tuple[str, str]]], context: ssl.SSLContext | None = None
+) -> list[int | str]:
+    """What became of each HTTP/2 request, sent exactly as given on one
+    connection (h2 library, prior knowledge, or ALPN over ``context``): its
+    status, "reset" when the server reset its stream with PROTOCOL_ERROR,
+    "closed" when the connection ended first."""
+    config = h2.config.H2Configuration(
+        client_side=True, validate_outbound_headers=False, normalize_outbound_headers=False
+    )
     connection = h2.connection.H2Connection(config=config)
-    statuses: dict[int, int] = {}
+    outcomes: dict[int, int | str] = {}
     with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as raw:
         sock = context.wrap_socket(raw, server_hostname="localhost") if context else raw
         connection.initiate_connection()
@@ -271,19 +277,26 @@ def _h2_statuses(port: int, requests: list[list[tuple[str, str]]], context: ssl.
             streams.append(connection.get_next_available_stream_id())
             connection.send_headers(streams[-1], headers, end_stream=True)
         sock.sendall(connection.data_to_send())
-        while len(statuses) < len(streams):
+        while len(outcomes) < len(streams):
             data = sock.recv(65536)
             if not data:
                 break
             for event in connection.receive_data(data):
                 if isinstance(event, h2.events.ResponseReceived):
-                    statuses[event.stream_id] = int(dict(event.headers)[b":status"])
+                    outcomes[event.stream_id] = int(dict(event.headers)[b":status"])
                 elif isinstance(event, h2.events.StreamReset):
-                    statuses[event.stream_id] = 0
+                    protocol_error = event.error_code == h2.errors.ErrorCodes.PROTOCOL_ERROR
+                    outcomes[event.stream_id] = "reset" if protocol_error else f"reset {event.error_code!r}"
                 elif isinstance(event, h2.events.ConnectionTerminated):
-                    return [statuses.get(stream, 0) for stream in streams]
+                    return [outcomes.get(stream, "closed") for stream in streams]
             sock.sendall(connection.data_to_send())
-    return [statuses.get(stream, 0) for stream in streams]
+    return [outcomes.get(stream, "closed") for stream in streams]
+
+
+def _h2_statuses(port: int, requests: list[list[tuple[str, str]]], context: ssl.SSLContext | None = None) -> list[int]:
+    """The status of each HTTP/2 request (see ``_h2_outcomes``); 0 for a
+    request whose stream or connection the server reset."""
+    return [outcome if isinstance(outcome, int) else 0 for outcome in _h2_outcomes(port, requests, context)]
 
 
 def _h2_status(port: int, headers: list[tuple[str, str]]) -> int:
@@ -344,21 +357,34 @@ def _frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
     return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
 
 
-def _raw_h2_outcome(port: int, data: bytes, piece: int) -> int | str:
-    """Sends ``data`` after the HTTP/2 preface in pieces of ``piece`` bytes,
-    each its own segment, and reads frames until stream 1 is answered: its
-    status, or what ended it."""
+PROTOCOL_ERROR = (1).to_bytes(4, "big")
+
+
+def _raw_h2_outcome(port: int, data: bytes, piece: int, context: ssl.SSLContext | None = None) -> int | str:
+    """Sends ``data`` after the HTTP/2 preface (prior knowledge, or ALPN over
+    ``context``) in pieces of ``piece`` bytes, each its own segment, and
+    reads frames until stream 1 is answered: its status, "reset", "goaway",
+    "closed" when the connection ended without GOAWAY, or "no answer"."""
     data = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _frame(0x4, 0, 0, b"") + data
     decoder = hpack.Decoder()
-    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as raw:
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = context.wrap_socket(raw, server_hostname="localhost") if context else raw
         for at in range(0, len(data), piece):
-            sock.sendall(data[at : at + piece])
+            try:
+                sock.sendall(data[at : at + piece])
+            except (BrokenPipeError, ConnectionResetError, ssl.SSLEOFError):
+                break  # closed early: what it said before is still to be read
             time.sleep(0.01)  # separate segments, so frames really arrive in pieces
         received = b""
         while True:
             while len(received) < 9 or len(received) < 9 + int.from_bytes(received[:3], "big"):
-                chunk = sock.recv(65536)
+                try:
+                    chunk = sock.recv(65536)
+                except ConnectionResetError:
+                    return "closed"
+                except TimeoutError:
+                    return "no answer"
                 if not chunk:
                     return "closed"
                 received += chunk
@@ -368,7 +394,7 @@ def _raw_h2_outcome(port: int, data: bytes, piece: int) -> int | str:
             if kind == 0x7:
                 return "goaway"
             if kind == 0x3 and stream == 1:
-                return "reset"
+                return "reset" if payload == PROTOCOL_ERROR else f"reset {payload.hex()}"
             if kind == 0x1 and stream == 1:
                 return int(dict(decoder.decode(payload))[":status"])
 
@@ -386,6 +412,90 @@ def test_http2_header_block_padded_split_and_in_pieces(serve: Any, path: str, ou
     continuation = _frame(0x9, end_headers, 1, block[5:])
     assert _raw_h2_outcome(server.port, headers + continuation, piece=7) == outcome
     assert calls.paths == ([] if outcome == "reset" else [path])
+
+
+@pytest.fixture(params=[pytest.param(False, id="h2c"), pytest.param(True, id="h2-tls")])
+def h2_context(request: pytest.FixtureRequest, certs: Any) -> ssl.SSLContext | None:
+    """None for HTTP/2 by prior knowledge over cleartext, or a client
+    context that asks for h2 by ALPN."""
+    if not request.param:
+        return None
+    context = ssl.create_default_context(cafile=str(certs.ca_path))
+    context.set_alpn_protocols(["h2"])
+    return context
+
+
+def _serve_h2(serve: Any, calls: Calls, context: ssl.SSLContext | None, certs: Any) -> Any:
+    if context is None:
+        return serve(calls)
+    return serve(calls, certificate_path=certs.cert_path, key_path=certs.key_path)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        pytest.param(("X-Upper", "v"), id="uppercase name"),
+        pytest.param(("x-bad", "a\r\nb"), id="CR LF in value"),
+        pytest.param(("x-bad", "a\x00b"), id="NUL in value"),
+        pytest.param((":foo", "bar"), id="unknown pseudo-header"),
+    ],
+)
+def test_http2_malformed_field_resets_only_its_stream(
+    serve: Any, certs: Any, h2_context: ssl.SSLContext | None, bad: tuple[str, str]
+) -> None:
+    """RFC 9113 sections 8.2.1 and 8.3 make such a request malformed, a
+    stream error: the requests around it go on over the same connection. The
+    client indexes the bad field (Huffman-coded) and sends it again as a
+    reference to its dynamic table entry, which is refused too."""
+    calls = Calls()
+    server = _serve_h2(serve, calls, h2_context, certs)
+    name, value = bad
+    with_bad = _get("/bad")[:3] + [(name, value)] + _get("/bad")[3:] if name.startswith(":") else _get("/bad") + [bad]
+    requests = [_get("/one"), with_bad, _get("/two"), with_bad, _get("/three")]
+    assert _h2_outcomes(server.port, requests, h2_context) == [200, "reset", 200, "reset", 200]
+    assert sorted(calls.paths) == ["/one", "/three", "/two"]
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        pytest.param(b"\x00\x05X-Bad\x01v", id="uppercase name, not indexed"),
+        pytest.param(b"\x40\x05x-bad\x03a\nb", id="LF in value, indexed"),
+        pytest.param(b"\x10\x04:foo\x01v", id="unknown pseudo-header, never indexed"),
+    ],
+)
+def test_http2_malformed_raw_literal_resets_its_stream(serve: Any, field: bytes) -> None:
+    """The same as plain (not Huffman) literals, in a block split over
+    HEADERS and CONTINUATION arriving a few bytes at a time."""
+    calls = Calls()
+    server = serve(calls)
+    block = b"\x82\x86\x41\x01x\x84" + field
+    end_stream, end_headers = 0x1, 0x4
+    frames = _frame(0x1, end_stream, 1, block[:4]) + _frame(0x9, end_headers, 1, block[4:])
+    assert _raw_h2_outcome(server.port, frames, piece=7) == "reset"
+    assert calls.paths == []
+
+
+@pytest.mark.parametrize(
+    "flood",
+    [
+        pytest.param(b"".join(_frame(0x9, 0, 1, b"") for _ in range(100)), id="empty CONTINUATION frames"),
+        pytest.param(b"".join(_frame(0x9, 0, 1, b"\x40\x01a\x01b" * 1000) for _ in range(20)), id="full ones"),
+        # 20000 bytes: over h2's 16 KiB frame limit, so h2 refuses it on its head alone
+        pytest.param((20000).to_bytes(3, "big") + b"\x09\x00\x00\x00\x00\x01", id="one too large, head only"),
+    ],
+)
+def test_http2_continuation_flood_gets_goaway(
+    serve: Any, certs: Any, h2_context: ssl.SSLContext | None, flood: bytes
+) -> None:
+    """A header block that never ends is a connection error: the server
+    says GOAWAY (h2's ENHANCE_YOUR_CALM or FRAME_SIZE_ERROR) before it
+    closes, over cleartext as over TLS, without waiting for more."""
+    calls = Calls()
+    server = _serve_h2(serve, calls, h2_context, certs)
+    data = _frame(0x1, 0x1, 1, b"\x82\x86\x41\x01x\x84") + flood
+    assert _raw_h2_outcome(server.port, data, piece=len(data), context=h2_context) == "goaway"
+    assert calls.paths == []
 
 
 @pytest.mark.parametrize(
@@ -422,6 +532,69 @@ def test_transfer_encoding_not_ending_in_chunked_gets_400(serve: Any) -> None:
     response = exchange(server.port, b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\nabc")
     assert status_of(response) == 400, response
     assert calls.paths == []
+
+
+@pytest.mark.parametrize(
+    "codings",
+    [
+        pytest.param(b"Transfer-Encoding: chunked, chunked\r\n", id="chunked twice in one field"),
+        pytest.param(b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n", id="chunked in two fields"),
+        pytest.param(b"Transfer-Encoding: gzip, chunked\r\n", id="gzip then chunked"),
+    ],
+)
+@pytest.mark.parametrize("tls", [pytest.param(False, id="cleartext"), pytest.param(True, id="tls")])
+def test_transfer_encoding_other_than_one_chunked_gets_400_and_close(
+    serve: Any, certs: Any, codings: bytes, tls: bool
+) -> None:
+    """RFC 9112 section 6.3: only chunked, once, frames a request body; the
+    request that follows on the connection is not read (h11 answers 501 and
+    httptools refuses all but gzip-then-chunked)."""
+    calls = Calls()
+    request = b"POST /te HTTP/1.1\r\nHost: x\r\n" + codings + b"\r\n3\r\nabc\r\n0\r\n\r\n"
+    after = b"GET /after HTTP/1.1\r\nHost: x\r\n\r\n"
+    if tls:
+        server = serve(calls, certificate_path=certs.cert_path, key_path=certs.key_path)
+        context = ssl.create_default_context(cafile=str(certs.ca_path))
+        with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as raw:
+            with context.wrap_socket(raw, server_hostname="localhost") as sock:
+                sock.sendall(request + after)
+                response = read_response(sock, until_eof=True)
+    else:
+        server = serve(calls)
+        response = exchange(server.port, request + after, until_eof=True)
+    assert status_of(response) == 400, response
+    assert response.count(b"HTTP/1.1") == 1, response
+    assert calls.paths == []
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        pytest.param("/caf\u00e9".encode(), id="UTF-8"),
+        pytest.param(b"/a\x80", id="lone byte above 0x7f"),
+        pytest.param(b"/q?x=\xff", id="byte above 0x7f in the query"),
+        pytest.param(b'/a"b', id="double quote"),
+        pytest.param(b"/a<b>", id="angle brackets"),
+    ],
+)
+def test_target_byte_outside_rfc3986_gets_400(serve: Any, target: bytes) -> None:
+    """h11 and httptools refuse every byte above 0x7f too."""
+    calls = Calls()
+    server = serve(calls)
+    response = exchange(server.port, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n", until_eof=True)
+    assert status_of(response) == 400, response
+    assert calls.paths == []
+
+
+def test_target_bytes_browsers_send_raw_are_served(serve: Any) -> None:
+    """The control case: RFC 3986 leaves out `[]{}|^`\\` too, but browsers
+    send them unencoded (h11 and httptools accept them)."""
+    calls = Calls()
+    server = serve(calls)
+    for target in (b"/a|b^c?f[x]={y}&g=`\\", b"http://example.test/abs?x=[1]"):
+        response = exchange(server.port, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert status_of(response) == 200, (target, response)
+    assert calls.paths == ["/a|b^c", "/abs"]
 
 
 def test_http10_without_host_is_served(serve: Any) -> None:

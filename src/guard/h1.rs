@@ -1,10 +1,13 @@
 //! HTTP/1 framing, followed so the guard knows where each request head
 //! starts: Content-Length and chunked bodies are skipped; after an upgrade or
 //! anything it does not follow (a head hyper will refuse anyway) it stands
-//! aside. A head with a `#` in its target, or with both Content-Length and
+//! aside. A head hyper would take but should not has its first byte
+//! spoiled, so hyper itself answers 400 and closes: one whose target holds a
+//! byte no URI has ([`target_fault`]), one with both Content-Length and
 //! Transfer-Encoding (hyper drops the length; RFC 9112 lets a server refuse,
-//! and refusing stops request smuggling through a proxy), has its first byte
-//! spoiled, so hyper itself answers 400 and closes.
+//! and refusing stops request smuggling through a proxy), and one whose
+//! Transfer-Encoding is anything but a single `chunked` (hyper takes
+//! `chunked, chunked` and `gzip, chunked` as chunked).
 //!
 //! Knowing where heads start also gives the header read timeout its clock
 //! ([`PendingHead`]) without a timer per request.
@@ -12,7 +15,7 @@
 use std::mem::MaybeUninit;
 use std::sync::Arc;
 
-use super::{PendingHead, Verdict};
+use super::{PendingHead, Refusal, Verdict};
 
 /// The longest chunk-size or trailer line followed before giving up.
 const MAX_LINE: usize = 4096;
@@ -48,7 +51,7 @@ impl Framing {
     }
 
     /// Follows the framing through freshly read bytes, spoiling refused heads.
-    pub fn inspect(&mut self, data: &mut [u8]) -> Verdict {
+    pub fn inspect(&mut self, data: &[u8]) -> Verdict {
         let mut pos = 0;
         while pos < data.len() {
             pos += match self.state {
@@ -59,8 +62,12 @@ impl Framing {
                     }
                     return Verdict::Http2(pos);
                 }
-                State::Head => match self.head(&mut data[pos..]) {
-                    Some(len) => len,
+                State::Head => match self.head(&data[pos..]) {
+                    Some(Ok(len)) => len,
+                    // A NUL first byte is no method: hyper answers 400 and closes.
+                    Some(Err(reason)) => {
+                        return Verdict::Refuse(Refusal { range: pos..pos + 1, spoiled: vec![0], reason })
+                    }
                     None => {
                         self.pending.start();
                         return Verdict::Hold(pos);
@@ -92,7 +99,7 @@ impl Framing {
 
     /// Judges the head at the start of `data`: its length, or None while it
     /// is incomplete.
-    fn head(&mut self, data: &mut [u8]) -> Option<usize> {
+    fn head(&mut self, data: &[u8]) -> Option<Result<usize, &'static str>> {
         let mut headers = [MaybeUninit::<httparse::Header<'_>>::uninit(); MAX_HEADERS];
         let mut request = httparse::Request::new(&mut []);
         let (len, next) = match request.parse_with_uninit_headers(data, &mut headers) {
@@ -106,16 +113,15 @@ impl Framing {
         };
         self.first = false;
         self.state = match next {
-            Next::Refuse => {
-                data[0] = 0;
-                State::Off
-            }
-            Next::Off => State::Off,
+            Next::Refuse(_) | Next::Off => State::Off,
             Next::Body(0) => State::Head,
             Next::Body(length) => State::Body(length),
             Next::Chunked => State::ChunkSize,
         };
-        Some(len)
+        match next {
+            Next::Refuse(reason) => Some(Err(reason)),
+            _ => Some(Ok(len)),
+        }
     }
 
     fn chunk_size(&mut self, data: &[u8]) -> usize {
@@ -153,44 +159,149 @@ impl Framing {
     }
 }
 
+#[derive(Clone, Copy)]
 enum Next {
-    Refuse,
+    Refuse(&'static str),
     Off,
     Body(u64),
     Chunked,
 }
 
 fn judge(request: &httparse::Request<'_, '_>) -> Next {
-    if request.path.is_some_and(|p| p.contains('#')) {
-        return Next::Refuse;
+    if let Some(reason) = request.path.and_then(|target| target_fault(target.as_bytes())) {
+        return Next::Refuse(reason);
     }
     let mut length = None;
-    let mut chunked = false;
+    let mut codings = 0;
+    let mut last_chunked = false;
     let mut upgrade = false;
     for header in request.headers.iter() {
         let name = header.name;
         if name.eq_ignore_ascii_case("content-length") {
-            let Some(value) = std::str::from_utf8(header.value).ok().and_then(|v| v.trim().parse::<u64>().ok())
-            else {
+            let Some(value) = std::str::from_utf8(header.value).ok().and_then(|v| v.trim().parse::<u64>().ok()) else {
                 return Next::Off;
             };
             length = Some(value);
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            chunked = true;
+            for coding in header.value.split(|&b| b == b',') {
+                codings += 1;
+                last_chunked = coding.trim_ascii().eq_ignore_ascii_case(b"chunked");
+            }
         } else if name.eq_ignore_ascii_case("upgrade") {
             upgrade = true;
         }
     }
-    if chunked && length.is_some() {
-        return Next::Refuse;
+    if codings > 0 {
+        if codings > 1 || !last_chunked {
+            return Next::Refuse(TRANSFER_CODING);
+        }
+        if length.is_some() {
+            return Next::Refuse("a request with both Content-Length and Transfer-Encoding");
+        }
     }
     if upgrade || request.method.is_some_and(|m| m.eq_ignore_ascii_case("CONNECT")) {
         return Next::Off;
     }
-    if chunked {
+    if codings > 0 {
         Next::Chunked
     } else {
         Next::Body(length.unwrap_or(0))
     }
 }
 
+/// Why a request whose transfer codings are not exactly `chunked` is
+/// refused: its length cannot be known when chunked is not the last (RFC
+/// 9112 section 6.3), a sender may not apply chunked twice (section 6.1),
+/// and the server decodes no other coding (h11 answers 501 for any).
+const TRANSFER_CODING: &str = "a Transfer-Encoding other than a single chunked";
+
+/// What is wrong with a request target that httparse and the `http` crate
+/// let through: a `#` (the fragment would be dropped silently), a byte
+/// above 0x7f (RFC 3986 has none; the `http` crate takes UTF-8), or `"`,
+/// `<`, `>`. The other printable bytes RFC 3986 leaves out of a URI (`[`,
+/// `]`, `{`, `}`, `|`, `\`, `^`, `` ` ``) pass, as in h11 and httptools:
+/// browsers send them raw (the WHATWG URL Standard's percent-encode sets).
+fn target_fault(target: &[u8]) -> Option<&'static str> {
+    target.iter().find_map(|&byte| match byte {
+        b'#' => Some("a fragment in the request target"),
+        0x80.. => Some("a byte above 0x7f in the request target"),
+        b'"' | b'<' | b'>' => Some("a byte RFC 3986 leaves out of a request target"),
+        _ => None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Why the framing refuses this one whole head, or None when it passes.
+    fn refusal(head: &[u8]) -> Option<&'static str> {
+        let mut framing = Framing::new(64 << 10, Arc::new(PendingHead::new()));
+        match framing.inspect(head) {
+            Verdict::Pass => None,
+            Verdict::Refuse(Refusal { range, spoiled, reason }) => {
+                assert_eq!((range, spoiled), (0..1, vec![0]));
+                Some(reason)
+            }
+            _ => panic!("a whole head is judged"),
+        }
+    }
+
+    fn post(transfer_encoding: &[&str]) -> Vec<u8> {
+        let fields: String = transfer_encoding.iter().map(|value| format!("Transfer-Encoding: {value}\r\n")).collect();
+        format!("POST / HTTP/1.1\r\nHost: x\r\n{fields}\r\n0\r\n\r\n").into_bytes()
+    }
+
+    #[test]
+    fn one_chunked_coding_passes() {
+        assert_eq!(refusal(&post(&["chunked"])), None);
+        assert_eq!(refusal(&post(&[" Chunked "])), None);
+    }
+
+    #[test]
+    fn any_other_transfer_coding_is_refused() {
+        for codings in [
+            &["chunked, chunked"][..],
+            &["chunked", "chunked"],
+            &["gzip, chunked"],
+            &["gzip"],
+            &["chunked, gzip"],
+            &["chunked,"],
+            &[""],
+            &["chunked;q=1"],
+        ] {
+            assert_eq!(refusal(&post(codings)), Some(TRANSFER_CODING), "{codings:?}");
+        }
+    }
+
+    #[test]
+    fn length_with_chunked_is_refused() {
+        let head = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert!(refusal(head).is_some());
+    }
+
+    #[test]
+    fn target_bytes() {
+        for target in ["/a#b", "/\u{e9}", "/a?q=\"", "/a<b>"] {
+            let head = format!("GET {target} HTTP/1.1\r\nHost: x\r\n\r\n");
+            assert!(refusal(head.as_bytes()).is_some(), "{target}");
+        }
+        let head = "GET /caf\u{e9} HTTP/1.1\r\nHost: x\r\n\r\n";
+        assert_eq!(refusal(head.as_bytes()), Some("a byte above 0x7f in the request target"));
+        for target in
+            ["/a/b;c=d?e=f&g=%20h~!$'()*+,:@", "http://example.test:80/abs?q=1", "[::1]:443", "*", "/a[1]{2}^`\\"]
+        {
+            let head = format!("GET {target} HTTP/1.1\r\nHost: x\r\n\r\n");
+            assert_eq!(refusal(head.as_bytes()), None, "{target}");
+        }
+    }
+
+    #[test]
+    fn refusal_follows_a_body() {
+        let mut framing = Framing::new(64 << 10, Arc::new(PendingHead::new()));
+        let data =
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabcGET /\xc3\xa9 HTTP/1.1\r\nHost: x\r\n\r\n";
+        let Verdict::Refuse(refusal) = framing.inspect(data) else { panic!("the second head is refused") };
+        assert_eq!(refusal.range, 50..51);
+    }
+}

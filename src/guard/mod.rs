@@ -1,9 +1,14 @@
 //! A look at request bytes before hyper and h3 parse them, for the bad inputs
-//! they accept silently. The `http` crate drops a `#` fragment from a request
-//! target instead of refusing it, in every protocol, and hyper drops the
-//! length of an HTTP/1 request that also says `Transfer-Encoding`. Such a
-//! request is spoiled on its way in, so that hyper, h2 or h3 refuses it
-//! itself: HTTP/1 answers 400 and closes, HTTP/2 and HTTP/3 reset that stream.
+//! they accept silently or answer too broadly. The `http` crate drops a `#`
+//! fragment from a request target instead of refusing it, in every protocol.
+//! hyper drops the length of an HTTP/1 request that also says
+//! `Transfer-Encoding`, takes `chunked, chunked` and `gzip, chunked` as
+//! chunked, and lets UTF-8 and `"` through in a target. h2 ends the whole
+//! connection over a field it cannot convert (an uppercase name, a control
+//! byte in a value, an unknown pseudo-header), where only that request is
+//! malformed. Such a request is spoiled on its way in, so that hyper, h2 or
+//! h3 refuses it itself: HTTP/1 answers 400 and closes, HTTP/2 and HTTP/3
+//! reset that stream.
 //!
 //! To know where each request head starts, the guard follows the framing
 //! ([`h1`], then [`h2`] after the HTTP/2 preface; [`h3`] on each QUIC request
@@ -17,6 +22,7 @@ mod hpack;
 mod qpack;
 
 use std::io;
+use std::ops::Range;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -82,10 +88,26 @@ enum Verdict {
     Pass,
     /// From this offset on they begin a unit still arriving: hold them back.
     Hold(usize),
-    /// These bytes go in at this offset; what follows is not inspected yet.
-    Insert(usize, Vec<u8>),
+    /// A request is refused; what follows it is not inspected yet.
+    Refuse(Refusal),
     /// HTTP/2 begins at this offset, with its preface.
     Http2(usize),
+}
+
+/// A refused request: the bytes in `range` become `spoiled`, which hyper,
+/// h2 or h3 refuses on its own.
+struct Refusal {
+    range: Range<usize>,
+    spoiled: Vec<u8>,
+    /// Why, for the server's log.
+    #[cfg_attr(not(test), allow(dead_code))]
+    reason: &'static str,
+}
+
+impl Refusal {
+    fn shifted(self, by: usize) -> Self {
+        Refusal { range: self.range.start + by..self.range.end + by, ..self }
+    }
 }
 
 enum Follower {
@@ -120,17 +142,17 @@ impl<S> Guard<S> {
         Guard { inner, follower, max_head, out: Vec::new(), out_at: 0, held: Vec::new() }
     }
 
-    fn inspect(&mut self, data: &mut [u8]) -> Verdict {
+    fn inspect(&mut self, data: &[u8]) -> Verdict {
         let mut from = 0;
         loop {
             let verdict = match &mut self.follower {
-                Follower::Http1(framing) => framing.inspect(&mut data[from..]),
-                Follower::Http2(frames) => frames.inspect(&mut data[from..]),
+                Follower::Http1(framing) => framing.inspect(&data[from..]),
+                Follower::Http2(frames) => frames.inspect(&data[from..]),
             };
             return match verdict {
                 Verdict::Pass => Verdict::Pass,
                 Verdict::Hold(at) => Verdict::Hold(from + at),
-                Verdict::Insert(at, bytes) => Verdict::Insert(from + at, bytes),
+                Verdict::Refuse(refusal) => Verdict::Refuse(refusal.shifted(from)),
                 Verdict::Http2(at) => {
                     self.follower = Follower::Http2(h2::Frames::new(self.max_head));
                     from += at;
@@ -145,7 +167,7 @@ impl<S> Guard<S> {
     fn release(&mut self, mut out: Vec<u8>, mut bytes: Vec<u8>) {
         let mut from = 0;
         loop {
-            match self.inspect(&mut bytes[from..]) {
+            match self.inspect(&bytes[from..]) {
                 Verdict::Pass => {
                     out.extend_from_slice(&bytes[from..]);
                     break;
@@ -155,10 +177,10 @@ impl<S> Guard<S> {
                     self.held = bytes.split_off(from + at);
                     break;
                 }
-                Verdict::Insert(at, inserted) => {
-                    out.extend_from_slice(&bytes[from..from + at]);
-                    out.extend_from_slice(&inserted);
-                    from += at;
+                Verdict::Refuse(Refusal { range, spoiled, reason: _ }) => {
+                    out.extend_from_slice(&bytes[from..from + range.start]);
+                    out.extend_from_slice(&spoiled);
+                    from += range.end;
                 }
                 Verdict::Http2(_) => unreachable!("resolved by inspect"),
             }
@@ -198,16 +220,16 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guard<S> {
             if buf.filled().len() == before {
                 return Poll::Ready(Ok(()));
             }
-            let (at, out) = match this.inspect(&mut buf.filled_mut()[before..]) {
+            let (replaced, out) = match this.inspect(&buf.filled()[before..]) {
                 Verdict::Pass => return Poll::Ready(Ok(())),
-                Verdict::Hold(at) => (at, Vec::new()),
-                Verdict::Insert(at, inserted) => (at, inserted),
+                Verdict::Hold(at) => (at..at, Vec::new()),
+                Verdict::Refuse(Refusal { range, spoiled, reason: _ }) => (range, spoiled),
                 Verdict::Http2(_) => unreachable!("resolved by inspect"),
             };
-            let rest = buf.filled()[before + at..].to_vec();
-            buf.set_filled(before + at);
+            let rest = buf.filled()[before + replaced.end..].to_vec();
+            buf.set_filled(before + replaced.start);
             this.release(out, rest);
-            if at > 0 {
+            if replaced.start > 0 {
                 return Poll::Ready(Ok(()));
             }
         }
