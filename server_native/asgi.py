@@ -12,6 +12,7 @@ from typing import Any
 
 from ._loader import native
 from .config import ServerConfig
+from .logs import log_access
 from .proxy import ProxyHeaders
 from .serve import serve_bound
 from .server import BoundServer, bind_settings, logger
@@ -30,7 +31,6 @@ _HTTP_ASGI = {"version": "3.0", "spec_version": "2.3"}
 _WEBSOCKET_ASGI = {"version": "3.0", "spec_version": "2.4"}
 _PLAIN = [(b"content-type", b"text/plain; charset=utf-8")]
 _BEFORE_START, _STARTED, _STREAMING, _COMPLETE = range(4)
-_access = logging.getLogger("server_native.access")
 
 
 class _HttpCycle:
@@ -246,15 +246,7 @@ async def _run(app: ASGIApp, scope: Scope, cycle: _HttpCycle, access_log: bool) 
     else:
         cycle.close_for_app(None)
     if access_log:
-        client = scope["client"]
-        _access.info(
-            '%s - "%s %s HTTP/%s" %d',
-            "%s:%d" % client if client else "unix socket",
-            scope["method"],
-            scope["raw_path"].decode("latin-1"),
-            scope["http_version"],
-            cycle.status,
-        )
+        log_access(scope["client"], scope["method"], scope["raw_path"].decode("latin-1"), scope["http_version"], cycle.status)
 
 
 def _subprotocols(headers: list[tuple[bytes, bytes]]) -> list[str]:

@@ -5,23 +5,57 @@ knows. A thin layer over :func:`server_native.run`."""
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
+from .config import ServerConfig
+from .logs import LOG_LEVELS, configure_logging
 from .runner import INTERFACES, AppLoadError, load_app, run
 
 __all__ = ["main"]
 
-LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+#: The value of ``--server-header``'s ``Server`` header.
+SERVER_HEADER = "server-native"
+
+
+class _Version(argparse.Action):
+    """``--version``: the package's version and the native library's, found
+    without building it (the library is only looked for when asked)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_args: Any, **_kwargs: Any) -> None:
+        from . import __version__
+
+        print(f"server-native {__version__}")
+        print(f"native library: {_native_version()}")
+        parser.exit()
+
+
+def _native_version() -> str:
+    from ._loader import resolve
+
+    result = resolve(cli_mode=True)
+    if result.module is None:
+        return "not found (python -m server_native info says where it was looked for)"
+    return f"{result.module.__version__} (ABI {result.module.ABI_VERSION}) from {result.path}"
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="server-native", description="A Rust-backed HTTP server for Python apps.")
+    parser = argparse.ArgumentParser(
+        prog="server-native", description="A Rust-backed HTTP server for Python apps.", allow_abbrev=False
+    )
+    parser.add_argument("--version", action=_Version, help="print the versions of the package and of its native library")
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="serve an ASGI, WSGI or direct-handler app")
+    serve = commands.add_parser(
+        "serve",
+        help="serve an ASGI, WSGI or direct-handler app",
+        description="Serve an ASGI, WSGI or direct-handler app.",
+        allow_abbrev=False,
+    )
     serve.add_argument("app", help="the app as module:attribute, e.g. myproject.main:app")
     serve.add_argument("--interface", choices=INTERFACES, default="auto", help="app interface (default: detected)")
     serve.add_argument("--factory", action="store_true", help="APP is a factory: call it to get the app")
@@ -30,7 +64,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="default 8000")
     serve.add_argument("--uds", help="bind a Unix domain socket at this path instead of a TCP port")
     serve.add_argument("--uds-mode", type=_octal, help="the Unix socket file's mode, e.g. 660 (default: from the umask)")
-    serve.add_argument("--fd", type=int, help="serve on this inherited listening socket (TCP or Unix) instead of binding")
+    serve.add_argument(
+        "--fd", type=int, action="append",
+        help="serve on this inherited listening socket (TCP or Unix) instead of binding; repeatable",
+    )
     serve.add_argument("--backlog", type=int, default=0)
     serve.add_argument("--workers", type=int, default=1, help="worker processes sharing the port (SO_REUSEPORT) or the Unix socket")
     serve.add_argument("--threads", type=int, default=4, help="WSGI worker threads per process")
@@ -47,11 +84,33 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--root-path", default="")
     serve.add_argument("--proxy-headers", action=argparse.BooleanOptionalAction, default=True, help="trust X-Forwarded-* / Forwarded from --forwarded-allow-ips")
     serve.add_argument("--forwarded-allow-ips", default=os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1,::1"))
-    serve.add_argument("--log-level", choices=LOG_LEVELS, default="info")
-    serve.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=False, help="log every request (stdlib logging)")
+    serve.add_argument(
+        "--log-level", choices=LOG_LEVELS, default="info",
+        help="level of the server's loggers (server_native, server_native.access); the root logger is the app's",
+    )
+    serve.add_argument(
+        "--access-log", action=argparse.BooleanOptionalAction, default=False,
+        help="log every request to the server_native.access logger, whatever the interface",
+    )
+    serve.add_argument(
+        "--server-header", action=argparse.BooleanOptionalAction, default=False,
+        help=f"send 'Server: {SERVER_HEADER}' with responses that have no Server header",
+    )
+    serve.add_argument(
+        "--date-header", action=argparse.BooleanOptionalAction, default=True,
+        help="send a Date header with responses that have none",
+    )
+    serve.add_argument(
+        "--header", dest="headers", action="append", default=[], type=_header, metavar="NAME:VALUE",
+        help="a header for every response that does not set it itself; repeatable",
+    )
     serve.add_argument("--max-body-size", type=int, help="bytes (default 32 MiB)")
     serve.add_argument("--max-header-size", type=int, help="bytes (default 64 KiB)")
     serve.add_argument("--max-connections", type=int)
+    serve.add_argument(
+        "--ws-max-size", dest="websocket_max_message_size", type=int, metavar="BYTES",
+        help="largest WebSocket message accepted, in bytes (default 16 MiB; 1009 beyond it)",
+    )
     serve.add_argument(
         "--ws-per-message-deflate", dest="websocket_compression", action=argparse.BooleanOptionalAction, default=True,
         help="WebSocket permessage-deflate compression, when the client offers it",
@@ -60,7 +119,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--body-read-timeout", type=float, help="seconds a request body may stall before 408 (default 60)")
     serve.add_argument("--keep-alive-timeout", "--timeout-keep-alive", dest="idle_timeout", type=float)
     serve.add_argument("--response-timeout", type=float)
-    serve.add_argument("--shutdown-timeout", "--timeout-graceful-shutdown", dest="shutdown_timeout", type=float)
+    serve.add_argument(
+        "--shutdown-timeout", "--timeout-graceful-shutdown", dest="shutdown_timeout", type=float,
+        help="on SIGTERM/SIGINT, seconds that requests in flight (downloads, event streams) have to finish "
+        f"before they are cut (default {ServerConfig.shutdown_timeout:g}; 0 cuts at once); a second signal stops at once",
+    )
     serve.add_argument("--reload", action="store_true", help="restart when Python files change (needs watchfiles)")
     serve.add_argument("--reload-dir", action="append", default=[], help="directories to watch (default: the current one)")
     serve.add_argument("--shared", action="store_true", help=argparse.SUPPRESS)
@@ -73,6 +136,13 @@ def _parser() -> argparse.ArgumentParser:
     prebuilt.add_info_arguments(info)
     info.set_defaults(run_command=prebuilt.run_info)
     return parser
+
+
+def _header(text: str) -> tuple[str, str]:
+    name, colon, value = text.partition(":")
+    if not colon or not name.strip():
+        raise argparse.ArgumentTypeError(f"a header is NAME:VALUE, not {text!r}")
+    return name.strip(), value.strip()
 
 
 def _octal(text: str) -> int:
@@ -120,7 +190,13 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         options["http2"] = args.http == "2"
     options["http3"] = args.http3 and bool(args.ssl_certfile)
     options["websocket_compression"] = args.websocket_compression
-    for name in ("max_body_size", "max_header_size", "max_connections", "header_read_timeout", "body_read_timeout", "idle_timeout", "response_timeout", "shutdown_timeout"):
+    options["date_header"] = args.date_header
+    options["response_headers"] = _response_headers(args)
+    limits = (
+        "max_body_size", "max_header_size", "max_connections", "websocket_max_message_size",
+        "header_read_timeout", "body_read_timeout", "idle_timeout", "response_timeout", "shutdown_timeout",
+    )  # fmt: skip
+    for name in limits:
         value = getattr(args, name)
         if value is not None:
             options[name] = value
@@ -145,14 +221,25 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
             options["proxy"] = ProxyHeaders(args.forwarded_allow_ips.split(","))
     if interface in ("auto", "asgi"):
         options["lifespan"] = args.lifespan
-        options["access_log"] = args.access_log
     if interface in ("auto", "wsgi"):
         options["threads"] = args.threads
+    options["access_log"] = args.access_log
     return options
 
 
+def _response_headers(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """``--header`` pairs, and uvicorn's rule for ``--server-header``: a
+    ``Server`` given with ``--header`` replaces ours."""
+    headers = list(args.headers)
+    if args.server_header and not any(name.lower() == "server" for name, _ in headers):
+        headers.insert(0, ("server", SERVER_HEADER))
+    return headers
+
+
 def _serve_one(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    # Before the app is imported: an app that configures its logging there
+    # may then change the server's loggers too.
+    configure_logging(args.log_level)
     sys.path.insert(0, os.path.abspath(args.app_dir))
     try:
         app = load_app(args.app, factory=args.factory)
@@ -164,13 +251,13 @@ def _serve_one(args: argparse.Namespace) -> int:
         from .runner import detect_interface
 
         options["interface"] = detect_interface(app)
-    adapter_only = {"asgi": ("lifespan", "access_log", "root_path", "proxy"), "wsgi": ("threads", "root_path", "proxy")}
+    adapter_only = {"asgi": ("lifespan", "root_path", "proxy"), "wsgi": ("threads", "root_path", "proxy")}
     keep = set(adapter_only.get(options["interface"], ()))
-    for name in ("lifespan", "access_log", "threads", "root_path", "proxy"):
+    for name in ("lifespan", "threads", "root_path", "proxy"):
         if name not in keep:
             options.pop(name, None)
     try:
-        run(app, args.host, args.port, **options)
+        run(app, args.host, args.port, log_level=None, **options)
     except OSError as exc:
         print(f"server-native: error: {exc}", file=sys.stderr)
         return 1
@@ -195,9 +282,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             workers=args.workers,
             reload=args.reload,
             reload_dirs=args.reload_dir or [os.getcwd()],
+            host=args.host,
+            port=args.port,
             uds=args.uds,
             uds_mode=args.uds_mode,
-            fd=args.fd,
+            fds=args.fd,
             backlog=args.backlog,
+            log_level=args.log_level,
+            shutdown_timeout=ServerConfig.shutdown_timeout if args.shutdown_timeout is None else args.shutdown_timeout,
         )
     return _serve_one(args)

@@ -4,6 +4,7 @@ native side attribute by attribute."""
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,9 +70,10 @@ class ServerConfig:
     #: The socket file's mode, e.g. ``0o660``; None leaves it to the umask.
     uds_mode: int | None = None
     #: Serve on this already listening socket (TCP or Unix, e.g. inherited
-    #: from a supervisor) instead of binding. The server uses a duplicate:
-    #: the descriptor stays the caller's.
-    fd: int | None = None
+    #: from a supervisor), or on each of several (one per address), instead
+    #: of binding; kept as a tuple. The server uses duplicates: the
+    #: descriptors stay the caller's.
+    fd: int | Sequence[int] | None = None
     http2: bool = True
     #: HTTP/3 over QUIC on the same port (UDP); only with TLS.
     http3: bool = True
@@ -107,9 +109,16 @@ class ServerConfig:
     idle_timeout: float | None = 120.0
     #: How long the application may take to start its response (504 after).
     response_timeout: float | None = 0.0
-    #: How long a graceful close waits for in-flight requests.
-    shutdown_timeout: float = 5.0
+    #: How long a graceful close waits for in-flight requests before it cuts
+    #: them: long enough for a download or an event stream to finish in a
+    #: rolling deploy (gunicorn's graceful timeout; Kubernetes kills after 30 s).
+    shutdown_timeout: float = 30.0
     auto_compress: bool = False
+    #: A ``Date`` header on every response that has none.
+    date_header: bool = True
+    #: ``(name, value)`` pairs added to every response that does not set a
+    #: header of that name itself (e.g. ``[("server", "server-native")]``).
+    response_headers: Sequence[tuple[str, str]] = ()
     #: Largest WebSocket message (and frame) accepted, once inflated (1009 beyond it).
     websocket_max_message_size: int = 16 * MiB
     #: Compress WebSocket messages (permessage-deflate) with clients that offer it.
@@ -141,7 +150,24 @@ class ServerConfig:
             raise ValueError("uds and fd are two ways to say where to listen: give one")
         if self.uds_mode is not None and (self.uds is None or not 0 <= self.uds_mode <= 0o777):
             raise ValueError("uds_mode needs uds and must be between 0 and 0o777")
-        if self.fd is not None and self.fd < 0:
-            raise ValueError("fd must be a file descriptor number")
+        if self.fd is not None:
+            self.fd = _descriptors(self.fd)
+        self.response_headers = _header_pairs(self.response_headers)
         if self.native_response is not None:
             self.native_response = bytes(self.native_response)
+
+
+def _descriptors(fd: int | Sequence[int]) -> tuple[int, ...]:
+    fds = (fd,) if isinstance(fd, int) else tuple(fd)
+    if not fds or any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in fds):
+        raise ValueError(f"fd must be a file descriptor number or a non-empty sequence of them, not {fd!r}")
+    return fds
+
+
+def _header_pairs(pairs: Sequence[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    """The pairs as a tuple; the native side checks names and values."""
+    checked = tuple(tuple(pair) for pair in pairs)
+    for pair in checked:
+        if len(pair) != 2 or not all(isinstance(part, str) for part in pair):
+            raise ValueError(f"response_headers must be (name, value) pairs of strings, not {pair!r}")
+    return checked  # type: ignore[return-value]

@@ -18,6 +18,7 @@ from typing import Any
 from ._loader import native
 from ._loop import body_chunks
 from .config import ServerConfig
+from .logs import log_access
 from .serve import serve_bound
 from .server import BoundServer, bind_settings, logger, tls_settings
 
@@ -130,16 +131,21 @@ DirectHandler = Callable[[NativeDirectRequest], Any]
 class DirectServer(BoundServer):
     """A bound server answering through a direct handler."""
 
-    def __init__(self, config: ServerConfig, hosts: list[str], port: int, *, native_direct: bool = False) -> None:
+    def __init__(
+        self, config: ServerConfig, hosts: list[str], port: int, *, native_direct: bool = False, access_log: bool = False
+    ) -> None:
         self._handler: DirectHandler | None = None
         self._native_direct = native_direct
+        self._access_log = access_log
         # One thread serves every request: a slow upload must not hold it.
         super().__init__(config, hosts, port, threaded=native_direct, whole_body=native_direct)
 
     def serve(self, handler: DirectHandler) -> None:
+        if self._native_direct and inspect.iscoroutinefunction(handler):
+            raise TypeError("native_direct=True needs a synchronous handler (it runs outside the event loop)")
+        if self._access_log:
+            handler = _with_access_log(handler)
         if self._native_direct:
-            if inspect.iscoroutinefunction(handler):
-                raise TypeError("native_direct=True needs a synchronous handler (it runs outside the event loop)")
             thread = threading.Thread(
                 target=self._native.serve_direct,
                 args=(handler, NativeDirectRequest, self._report),
@@ -189,6 +195,40 @@ class DirectServer(BoundServer):
             native_request.send_direct(_INTERNAL_ERROR)
 
 
+def _with_access_log(handler: DirectHandler) -> DirectHandler:
+    """``handler``, logging every request it answers (500 when it raises or
+    returns anything but a NativeDirectResponse)."""
+
+    def log(request: NativeDirectRequest, response: Any) -> None:
+        status = response.status if response.__class__ is NativeDirectResponse else 500
+        log_access(request.client, request.method, request.path, request.protocol, status)
+
+    async def log_when_done(request: NativeDirectRequest, result: Awaitable[Any]) -> Any:
+        try:
+            response = await result
+        except BaseException:
+            log(request, None)
+            raise
+        log(request, response)
+        return response
+
+    if inspect.iscoroutinefunction(handler):
+        return lambda request: log_when_done(request, handler(request))
+
+    def logged(request: NativeDirectRequest) -> Any:
+        try:
+            result = handler(request)
+        except BaseException:
+            log(request, None)
+            raise
+        if inspect.isawaitable(result):
+            return log_when_done(request, result)
+        log(request, result)
+        return result
+
+    return logged
+
+
 async def _stream(native_request: Any, response: Any, loop: asyncio.AbstractEventLoop) -> None:
     if not native_request.start(response.status, response.headers):
         return
@@ -206,6 +246,7 @@ async def serve_native_direct(
     port: int = 8080,
     *,
     native_direct: bool = False,
+    access_log: bool = False,
     echo: bool = True,
     shutdown_signal: Awaitable[Any] | None = None,
     response_timeout: float | None = 30.0,
@@ -214,9 +255,10 @@ async def serve_native_direct(
     """Serves a direct handler until ``shutdown_signal`` or SIGINT/SIGTERM.
     A handler that does not answer within ``response_timeout`` seconds
     (None: no limit) gets its client a 504; one that raises, a 500.
+    ``access_log`` logs every request to ``server_native.access``.
     ``options`` are those of ``NativeHttpServer.bind``."""
     config, hosts, port = bind_settings(host, port, response_timeout=response_timeout, **options)
-    server = DirectServer(config, hosts, port, native_direct=native_direct)
+    server = DirectServer(config, hosts, port, native_direct=native_direct, access_log=access_log)
     await serve_bound([server], handler, echo, shutdown_signal)
 
 

@@ -156,9 +156,14 @@ class HttpResponse:
         return (content_type.charset if content_type is not None else None) or "latin-1"
 
     def write(self, obj: object) -> None:
-        """Appends ``str(obj)``, encoded with the content type's charset
-        (latin-1 when it names none, as in dart:io)."""
-        self.add(str(obj).encode(self._encoding()))
+        """Appends ``obj``: bytes-like objects (``bytes``, ``bytearray``,
+        ``memoryview``) as they are, like :meth:`add`; anything else as
+        ``str(obj)``, encoded with the content type's charset (latin-1 when
+        it names none, as in dart:io)."""
+        if isinstance(obj, (bytes, bytearray, memoryview)):
+            self.add(obj)
+        else:
+            self.add(str(obj).encode(self._encoding()))
 
     def writeln(self, obj: object = "") -> None:
         self.write(f"{obj}\n")

@@ -88,10 +88,17 @@ async def serve_app(
         await serve_native_direct(app, host, port, shutdown_signal=shutdown_signal, **options)
 
 
-def run(app: Any, host: str = "127.0.0.1", port: int = 8000, **options: Any) -> None:
+def run(app: Any, host: str = "127.0.0.1", port: int = 8000, *, log_level: str | None = "info", **options: Any) -> None:
     """Blocking: serves ``app`` until SIGINT/SIGTERM, on uvloop when it is
-    installed. ``options``: ``interface``, those of :func:`serve_app`'s
-    adapters, and any ``ServerConfig`` field."""
+    installed. ``log_level`` gives the server's own loggers (``server_native``,
+    ``server_native.access``) handlers at that level, leaving the root logger
+    alone; None leaves logging as it is. ``options``: ``interface``, those of
+    :func:`serve_app`'s adapters (``access_log``...), and any ``ServerConfig``
+    field."""
+    if log_level is not None:
+        from .logs import configure_logging
+
+        configure_logging(log_level)
     main = serve_app(app, host, port, **options)
     runner: Callable[[Any], Any] = asyncio.run
     if sys.platform != "win32":

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .http_server import NativeHttpServer, RequestHandler
+from .logs import error_logger
 
 __all__ = [
     "NativeMultiServer",
@@ -45,7 +46,9 @@ async def serve_native_http(
 ) -> None:
     """Serves ``handler`` on ``host:port`` until ``shutdown_signal``
     completes or the process gets SIGINT/SIGTERM (the first drains, the
-    second stops at once). ``options`` are those of ``NativeHttpServer.bind``."""
+    second stops at once). ``echo`` logs where it listens (logger
+    ``server_native.error``, INFO). ``options`` are those of
+    ``NativeHttpServer.bind``."""
     server = await NativeHttpServer.bind(host, port, **options)
     await serve_bound([server], handler, echo, shutdown_signal)
 
@@ -204,8 +207,15 @@ class _SignalHandlers:
 
     def _on_signal(self, sig: signal.Signals) -> None:
         if not self._stop.done():
+            limit = max((server.config.shutdown_timeout for server in self._servers), default=0.0)
+            error_logger.info(
+                "%s: shutting down; requests in flight have up to %gs to finish (a second signal stops at once)",
+                sig.name,
+                limit,
+            )
             self._stop.set_result(None)
             return
+        error_logger.warning("%s again: closing every connection now", sig.name)
         self.second = int(sig)
         for server in self._servers:
             self._loop.create_task(server.close(force=True))
@@ -217,13 +227,17 @@ class _SignalHandlers:
 
 
 def _echo(server: Any) -> None:
+    """Logs each address served and what is really spoken there: the scheme
+    says whether it is TLS, then the HTTP versions."""
     scheme = "https" if server.secure else "http"
     protocols = ["HTTP/1.1"]
-    if server.config.http2:
+    if server.http2:
         protocols.append("HTTP/2")
+    if server.http3:
+        protocols.append("HTTP/3")
     via = f"via server_native ({', '.join(protocols)})"
     if server.uds is not None:
-        print(f"Server listening on unix:{server.uds} ({scheme}) {via}", flush=True)
+        error_logger.info("Server listening on unix:%s (%s) %s", server.uds, scheme, via)
     for host, port in server.addresses:
         shown = f"[{host}]" if ":" in host else host
-        print(f"Server listening on {scheme}://{shown}:{port} {via}", flush=True)
+        error_logger.info("Server listening on %s://%s:%d %s", scheme, shown, port, via)

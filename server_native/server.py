@@ -187,6 +187,17 @@ class BoundServer:
         return self._config.tls is not None
 
     @property
+    def http2(self) -> bool:
+        """Whether HTTP/2 is served (over TLS: offered by ALPN)."""
+        tls = self._config.tls
+        return tls.http2 if tls is not None else self._config.http2
+
+    @property
+    def http3(self) -> bool:
+        """Whether HTTP/3 is served: TLS, ``http3`` on and its UDP port bound."""
+        return self._native.http3  # type: ignore[no-any-return]
+
+    @property
     def config(self) -> ServerConfig:
         return self._config
 

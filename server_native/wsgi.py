@@ -10,6 +10,7 @@ from typing import IO, Any
 
 from ._loader import native
 from .config import ServerConfig
+from .logs import log_access
 from .proxy import ProxyHeaders
 from .serve import serve_bound
 from .server import BoundServer, bind_settings, logger
@@ -161,11 +162,13 @@ class WSGIServer(BoundServer):
         threads: int = 4,
         root_path: str = "",
         proxy: ProxyHeaders | None = None,
+        access_log: bool = False,
     ) -> None:
         if threads < 1:
             raise ValueError("threads must be at least 1")
         self._threads = threads
         self._proxy = proxy
+        self._access_log = access_log
         super().__init__(config, hosts, port, threaded=True)
         # Over a Unix socket, gunicorn's values: the path and no port, unless
         # the request's Host says better (see _environ).
@@ -216,8 +219,20 @@ class WSGIServer(BoundServer):
 
     def _call(self, app: WSGIApp, native_request: Any) -> None:
         response = _Response(native_request)
+        environ: dict[str, Any] = {}
         try:
-            result = app(self._environ(native_request), response.start_response)
+            self._respond(app, native_request, response, environ)
+        finally:
+            if self._access_log:
+                client = (environ["REMOTE_ADDR"], int(environ["REMOTE_PORT"])) if "REMOTE_PORT" in environ else native_request.remote_addr
+                log_access(client, native_request.method, native_request.path, native_request.http_version, response.status)
+
+    def _respond(self, app: WSGIApp, native_request: Any, response: _Response, environ: dict[str, Any]) -> None:
+        """Runs the app on one request and sends what it answers; ``environ``
+        is filled in for the access log."""
+        try:
+            environ.update(self._environ(native_request))
+            result = app(environ, response.start_response)
         except Exception as exc:  # noqa: BLE001 - the client gets a 500
             self._fail(native_request, response, exc)
             return
@@ -244,6 +259,8 @@ class WSGIServer(BoundServer):
     def _fail(self, native_request: Any, response: _Response, exc: BaseException) -> None:
         self._report(exc)
         # A 500 when no head has gone out, else a cut-off stream.
+        if not response.streaming:
+            response.status = 500
         native_request.abort()
 
 
@@ -263,11 +280,13 @@ async def serve_wsgi(
     threads: int = 4,
     root_path: str = "",
     proxy: ProxyHeaders | None = None,
+    access_log: bool = False,
     echo: bool = True,
     shutdown_signal: Awaitable[Any] | None = None,
     **options: Any,
 ) -> None:
-    """Serves a WSGI app until ``shutdown_signal`` or SIGINT/SIGTERM."""
+    """Serves a WSGI app until ``shutdown_signal`` or SIGINT/SIGTERM;
+    ``access_log`` logs every request to ``server_native.access``."""
     config, hosts, port = bind_settings(host, port, **options)
-    server = WSGIServer(config, hosts, port, threads=threads, root_path=root_path, proxy=proxy)
+    server = WSGIServer(config, hosts, port, threads=threads, root_path=root_path, proxy=proxy, access_log=access_log)
     await serve_bound([server], app, echo, shutdown_signal)

@@ -21,9 +21,9 @@ pub struct ServerConfig {
     pub backlog: i32,
     pub v6_only: bool,
     pub shared: bool,
-    /// A listening socket (TCP or Unix) to serve on instead of binding:
+    /// Listening sockets (TCP or Unix) to serve on instead of binding:
     /// inherited (`--fd`), or a Unix socket the Python side bound.
-    pub fd: Option<i32>,
+    pub fd: Option<Vec<i32>>,
     pub http2: bool,
     pub http3: bool,
     /// Serve without HTTP/3 (instead of failing) when its UDP port is taken.
@@ -44,6 +44,11 @@ pub struct ServerConfig {
     pub idle_timeout: f64,
     pub response_timeout: f64,
     pub auto_compress: bool,
+    /// hyper's `Date` header (and HTTP/3's) on every response that has none.
+    pub date_header: bool,
+    /// Added to every response that does not carry a header of that name
+    /// (`--header`, `--server-header`).
+    pub response_headers: Vec<(String, String)>,
     pub websocket_max_message_size: usize,
     /// Negotiate permessage-deflate when a WebSocket client offers it.
     pub websocket_compression: bool,

@@ -178,6 +178,7 @@ async fn serve_request(request: Request<()>, stream: Stream, conn: Arc<Connectio
     let (mut send, recv) = stream.split();
     let (mut parts, ()) = request.into_parts();
     parts.version = Version::HTTP_3;
+    let date_header = conn.server.config.date_header;
     let Ok(response) = service::handle(Request::from_parts(parts, H3Body(recv)), conn).await;
     let (mut head, mut body) = response.into_parts();
     // Connection-specific headers are malformed in HTTP/3 (RFC 9114 4.2).
@@ -187,9 +188,11 @@ async fn serve_request(request: Request<()>, stream: Stream, conn: Arc<Connectio
     if let Some(length) = body.size_hint().exact() {
         head.headers.entry(CONTENT_LENGTH).or_insert_with(|| HeaderValue::from(length));
     }
-    head.headers.entry(DATE).or_insert_with(|| {
-        HeaderValue::from_str(&httpdate::fmt_http_date(std::time::SystemTime::now())).expect("an HTTP date is a valid header value")
-    });
+    if date_header {
+        head.headers.entry(DATE).or_insert_with(|| {
+            HeaderValue::from_str(&httpdate::fmt_http_date(std::time::SystemTime::now())).expect("an HTTP date is a valid header value")
+        });
+    }
     if send.send_response(Response::from_parts(head, ())).await.is_err() {
         return;
     }

@@ -50,6 +50,8 @@ pub struct ServerShared {
     pub alt_svc: std::sync::OnceLock<http::HeaderValue>,
     /// Headers added to responses the application sends without its own list.
     pub default_headers: RwLock<HeaderMap>,
+    /// `config.response_headers`, parsed: added to every response lacking them.
+    pub response_headers: HeaderMap,
     /// `native_callback=False`: requests go to Python over this socket bridge.
     pub bridge: Option<Arc<crate::bridge::Bridge>>,
     /// What this server tells Python's `logging`.
@@ -57,7 +59,13 @@ pub struct ServerShared {
 }
 
 impl ServerShared {
-    pub fn new(config: ServerConfig, tls: Option<TlsAcceptor>, events: Arc<EventQueue>, whole_body: bool) -> Self {
+    pub fn new(
+        config: ServerConfig,
+        tls: Option<TlsAcceptor>,
+        events: Arc<EventQueue>,
+        whole_body: bool,
+        response_headers: HeaderMap,
+    ) -> Self {
         let protocols = Protocols::new(&config);
         let native_response = config.native_response.clone().map(Bytes::from);
         let bridge = config.bridge_address.as_deref().map(|address| {
@@ -78,9 +86,21 @@ impl ServerShared {
             force: CancellationToken::new(),
             tasks: TaskTracker::new(),
             default_headers: RwLock::new(HeaderMap::new()),
+            response_headers,
             bridge,
             log: crate::log::Source::new(),
             alt_svc: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Adds the configured response headers whose names `headers` lacks.
+    pub fn add_response_headers(&self, headers: &mut HeaderMap) {
+        for name in self.response_headers.keys() {
+            if !headers.contains_key(name) {
+                for value in self.response_headers.get_all(name) {
+                    headers.append(name.clone(), value.clone());
+                }
+            }
         }
     }
 
@@ -281,6 +301,7 @@ impl Protocols {
                 .header_read_timeout(None)
                 .max_buf_size(config.max_header_size.max(8192))
                 .max_headers(config.max_headers)
+                .auto_date_header(config.date_header)
                 .keep_alive(true);
             return Protocols::Http1(builder);
         }
@@ -290,10 +311,12 @@ impl Protocols {
             .header_read_timeout(None)
             .max_buf_size(config.max_header_size.max(8192))
             .max_headers(config.max_headers)
+            .auto_date_header(config.date_header)
             .keep_alive(true);
         builder
             .http2()
             .timer(TokioTimer::new())
+            .auto_date_header(config.date_header)
             .max_concurrent_streams(config.max_concurrent_streams)
             .max_header_list_size(config.max_header_size as u32)
             .enable_connect_protocol();

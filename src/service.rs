@@ -59,6 +59,7 @@ pub async fn handle<B: RequestBodySource>(
     if let Some(alt_svc) = server.alt_svc.get().filter(|_| over_tcp) {
         response.headers_mut().entry(ALT_SVC).or_insert_with(|| alt_svc.clone());
     }
+    server.add_response_headers(response.headers_mut());
     Ok(if head { framing::without_body(response) } else { response })
 }
 

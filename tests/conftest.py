@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import shutil
 import threading
@@ -23,6 +24,39 @@ from server_native.addresses import ipv6_available
 
 requires_ipv6 = pytest.mark.skipif(not ipv6_available(), reason="IPv6 loopback is not available here")
 requires_curl = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+
+
+class LogLines(logging.Handler):
+    """The messages one logger gets, as text read like ``capsys``: each
+    :meth:`read` returns the lines that came since the last one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with self.lock:
+            self._lines.append(record.getMessage())
+
+    def read(self) -> str:
+        with self.lock:
+            text = "".join(f"{line}\n" for line in self._lines)
+            self._lines.clear()
+        return text
+
+
+@pytest.fixture
+def server_log() -> Iterator[LogLines]:
+    """What ``server_native.error`` logs at INFO and above (the echo lines
+    among it), whatever else configured logging."""
+    logger = logging.getLogger("server_native.error")
+    handler = LogLines()
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(level)
 
 
 class LoopThread:

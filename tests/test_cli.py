@@ -1,24 +1,32 @@
 """The command line, run as real processes: serving, workers, signals,
 respawn, proxy headers, the app factory, root path, access log, HTTP
-versions, reload, TLS with client certificates, and clear failures."""
+versions, reload, TLS with client certificates, logging, response headers,
+--version, and clear failures."""
 
 from __future__ import annotations
 
+import asyncio
+import email.utils
 import http.client
 import os
+import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import pytest
 from apps.harness import free_port
+from conftest import Certificates
+from h3client import H3Response
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,7 +48,12 @@ def environment() -> dict[str, str]:
 
 
 @contextmanager
-def serving(app_dir: Path, *args: str) -> Iterator[tuple[subprocess.Popen[str], int]]:
+def serving(
+    app_dir: Path, *args: str, ready: Callable[[int], object] | None = None
+) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    """The CLI serving ``args`` on a free port, once ``ready(port)`` (a plain
+    GET by default) stops raising OSError."""
+    ready = ready or (lambda port: get(port, "/"))
     port = free_port()
     process = subprocess.Popen(
         command("serve", *args, "--port", str(port)),
@@ -56,7 +69,7 @@ def serving(app_dir: Path, *args: str) -> Iterator[tuple[subprocess.Popen[str], 
         while time.monotonic() < deadline:
             assert process.poll() is None, process.stdout.read() if process.stdout else ""
             try:
-                get(port, "/")
+                ready(port)
                 break
             except OSError:
                 time.sleep(0.1)
@@ -308,3 +321,330 @@ def test_the_console_script_entry_point_is_main() -> None:
         timeout=60,
     )
     assert result.stdout.strip() == "server_native.cli"
+
+
+# ---------------------------------------------------------------- logging
+
+DJANGO_APP = '''
+import logging
+
+from django.conf import settings
+
+settings.configure(
+    DEBUG=False,
+    SECRET_KEY="server-native-tests",
+    ALLOWED_HOSTS=["127.0.0.1"],
+    ROOT_URLCONF=__name__,
+    INSTALLED_APPS=[],
+    MIDDLEWARE=[],
+    DATABASES={},
+    # The app's own logging: its "shop" logger to stdout in its own format;
+    # the root logger and everyone else left at Python's defaults.
+    LOGGING={
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"shop": {"format": "SHOP-FORMAT %(message)s"}},
+        "handlers": {"shop": {"class": "logging.StreamHandler", "formatter": "shop", "stream": "ext://sys.stdout"}},
+        "loggers": {"shop": {"handlers": ["shop"], "level": "INFO"}},
+    },
+)
+
+from django.core.asgi import get_asgi_application  # noqa: E402
+from django.http import HttpResponse  # noqa: E402
+from django.urls import path  # noqa: E402
+
+
+def order(request):
+    logging.getLogger("shop").info("order placed")
+    logging.getLogger("chatty.library").info("third-party chatter")
+    return HttpResponse("ordered")
+
+
+urlpatterns = [path("order", order)]
+application = get_asgi_application()
+'''
+
+
+def test_an_app_that_configures_its_logging_sees_each_record_once(app_dir: Path) -> None:
+    (app_dir / "djangoapp.py").write_text(DJANGO_APP)
+    with serving(app_dir, "djangoapp:application", "--lifespan", "off", "--access-log") as (process, port):
+        assert get(port, "/order") == (200, "ordered")
+        output = stop(process)
+    assert output.count("order placed") == 1, output
+    assert "SHOP-FORMAT order placed" in output
+    assert "third-party chatter" not in output, output
+    # The server's own loggers still speak.
+    assert "INFO server_native.error: Server listening on http://127.0.0.1:" in output, output
+    assert '"GET /order HTTP/1.1" 200' in output, output
+
+
+# ---------------------------------------------------------------- shutdown
+
+#: ~8 s of response: longer than a 5 s drain would let it run.
+LONG_STREAM = 17
+STREAM_BODY = "".join(f"chunk {index}\n" for index in range(LONG_STREAM)) + "end\n"
+
+
+def open_stream(port: int, chunks: int = LONG_STREAM) -> http.client.HTTPResponse:
+    """A streamed response, once its first chunk has arrived."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    connection.request("GET", f"/stream?chunks={chunks}")
+    response = connection.getresponse()
+    assert response.readline() == b"chunk 0\n"
+    return response
+
+
+def wait_refused(port: int) -> None:
+    """Until the listener is gone: the first signal has been handled."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=10).close()
+        except ConnectionRefusedError:
+            return
+        except ConnectionResetError:  # caught in the closing listener's backlog
+            pass
+        time.sleep(0.05)
+    raise AssertionError("the server kept listening after the signal")
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sigterm_lets_a_long_stream_finish(app_dir: Path, workers: str) -> None:
+    with serving(app_dir, "cliapp:app", "--workers", workers) as (process, port):
+        response = open_stream(port)
+        os.kill(process.pid, signal.SIGTERM)
+        rest = response.read()  # IncompleteRead if the drain cut it
+        assert process.wait(30) == 0
+    assert "chunk 0\n" + rest.decode() == STREAM_BODY
+
+
+@pytest.mark.parametrize(
+    ("workers", "first", "second"),
+    [("1", signal.SIGTERM, signal.SIGTERM), ("1", signal.SIGTERM, signal.SIGINT), ("2", signal.SIGINT, signal.SIGTERM)],
+)
+def test_a_second_signal_cuts_a_long_stream_at_once(
+    app_dir: Path, workers: str, first: signal.Signals, second: signal.Signals
+) -> None:
+    with serving(app_dir, "cliapp:app", "--workers", workers) as (process, port):
+        response = open_stream(port, chunks=120)  # a minute
+        os.kill(process.pid, first)
+        wait_refused(port)
+        assert process.poll() is None  # still draining the stream
+        os.kill(process.pid, second)
+        assert process.wait(10) == 128 + second
+        with pytest.raises(http.client.IncompleteRead):
+            response.read()
+
+
+# ---------------------------------------------------------------- reload
+
+
+def test_reload_keeps_the_port_open_while_the_worker_is_replaced(app_dir: Path) -> None:
+    """Clients connecting all along get answers, never ECONNREFUSED: the
+    supervisor holds the listening socket across the restarts."""
+    reloads = 3
+    source = app_dir / "cliapp.py"
+    with serving(app_dir, "cliapp:app", "--reload", "--reload-dir", str(app_dir)) as (_, port):
+        pids = [get(port, "/")[1].split()[0]]
+        edited_for = ""
+        failures: list[OSError] = []
+        answers = 0
+        deadline = time.monotonic() + 90
+        while len(pids) <= reloads and time.monotonic() < deadline:
+            if edited_for != pids[-1]:
+                # One edit per worker: the next reload.
+                source.write_text(source.read_text() + f"\n# change {len(pids)}\n")
+                edited_for = pids[-1]
+            try:
+                status, body = get(port, "/", {"Connection": "close"})
+            except OSError as exc:
+                failures.append(exc)
+                time.sleep(0.01)
+                continue
+            answers += 1
+            assert status == 200
+            if (pid := body.split()[0]) not in pids:
+                pids.append(pid)
+    assert failures == [], f"{len(failures)} failed of {answers + len(failures)}: {failures[:5]}"
+    assert len(pids) > reloads, f"only {len(pids) - 1} reloads happened"
+
+
+# ---------------------------------------------------------------- --version, --help
+
+
+def test_version_names_the_package_and_the_native_library() -> None:
+    import server_native
+
+    result = subprocess.run(command("--version"), env=environment(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    package, native = result.stdout.splitlines()
+    assert package == f"server-native {server_native.__version__}"
+    assert native.startswith(f"native library: {server_native._native.__version__} (ABI {server_native._native.ABI_VERSION}) from ")
+
+
+def test_help_lists_the_commands_and_exits_0() -> None:
+    result = subprocess.run(command("--help"), env=environment(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "{serve,setup,info}" in result.stdout and "--version" in result.stdout
+    assert result.stderr == ""
+
+
+# ---------------------------------------------------------------- access log, every interface
+
+
+@pytest.mark.parametrize(
+    "app", [("cliapp:app",), ("cliapp:wsgi",), ("cliapp:direct", "--interface", "direct")], ids=["asgi", "wsgi", "direct"]
+)
+def test_access_log_for_every_interface(app_dir: Path, app: tuple[str, ...]) -> None:
+    with serving(app_dir, *app, "--access-log") as (process, port):
+        assert get(port, "/logged?x=1")[0] == 200
+        output = stop(process)
+    assert re.search(r'INFO server_native\.access: 127\.0\.0\.1:\d+ - "GET /logged HTTP/1\.1" 200$', output, re.M), output
+
+
+RUN_SCRIPT = """
+import os
+import sys
+
+import server_native
+import cliapp
+
+interface, port = sys.argv[1], int(sys.argv[2])
+apps = {"asgi": cliapp.app, "wsgi": cliapp.wsgi, "direct": cliapp.direct, "native_direct": cliapp.direct}
+options = {"native_direct": True} if interface == "native_direct" else {}
+server_native.run(
+    apps[interface], port=port, interface=interface.removeprefix("native_"), access_log=True, http3=False, **options
+)
+"""
+
+
+@pytest.mark.parametrize("interface", ["asgi", "wsgi", "direct", "native_direct"])
+def test_access_log_through_run(app_dir: Path, interface: str) -> None:
+    (app_dir / "runit.py").write_text(RUN_SCRIPT)
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "runit.py", interface, str(port)], cwd=app_dir, env=environment(),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate(timeout=10)[0]
+            try:
+                status, _ = get(port, "/through-run")
+                break
+            except OSError:
+                time.sleep(0.1)
+        assert status == 200
+        output = stop(process)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(10)
+    assert re.search(r'INFO server_native\.access: 127\.0\.0\.1:\d+ - "GET /through-run HTTP/1\.1" 200$', output, re.M), output
+    assert "Server listening on http://127.0.0.1:" in output  # run() configures the server's loggers
+
+
+# ---------------------------------------------------------------- response headers
+
+
+def response_headers(port: int, http2: bool = False) -> httpx.Headers:
+    with httpx.Client(http1=not http2, http2=http2, timeout=10) as client:
+        response = client.get(f"http://127.0.0.1:{port}/")
+    assert response.http_version == ("HTTP/2" if http2 else "HTTP/1.1")
+    return response.headers
+
+
+@pytest.mark.parametrize("app", ["cliapp:app", "cliapp:wsgi"])
+def test_default_headers_are_a_date_and_no_server(app_dir: Path, app: str) -> None:
+    with serving(app_dir, app) as (_, port):
+        for http2 in (False, True):
+            headers = response_headers(port, http2)
+            assert "server" not in headers
+            assert email.utils.parsedate_to_datetime(headers["date"]).tzinfo is not None
+
+
+@pytest.mark.parametrize(
+    "app", [("cliapp:app",), ("cliapp:wsgi",), ("cliapp:direct", "--interface", "direct")], ids=["asgi", "wsgi", "direct"]
+)
+def test_server_date_and_extra_headers(app_dir: Path, app: tuple[str, ...]) -> None:
+    options = ("--server-header", "--no-date-header", "--header", "X-Deploy: blue", "--header", "x-region:eu", "--header", "Content-Type: application/json")
+    with serving(app_dir, *app, *options) as (_, port):
+        for http2 in (False, True):
+            headers = response_headers(port, http2)
+            assert headers["server"] == "server-native"
+            assert "date" not in headers
+            assert (headers["x-deploy"], headers["x-region"]) == ("blue", "eu")
+            # The app's own header wins over a configured one.
+            assert headers["content-type"].startswith("text/plain")
+
+
+def test_a_server_given_with_header_replaces_the_server_header(app_dir: Path) -> None:
+    with serving(app_dir, "cliapp:app", "--server-header", "--header", "Server: edge/2") as (_, port):
+        assert response_headers(port).get_list("server") == ["edge/2"]
+
+
+def test_a_bad_header_option_exits_with_usage(app_dir: Path) -> None:
+    result = subprocess.run(command("serve", "cliapp:app", "--header", "no-colon"), cwd=app_dir, env=environment(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "a header is NAME:VALUE, not 'no-colon'" in result.stderr
+
+
+def test_over_http3_the_banner_says_so_and_the_headers_apply(app_dir: Path, certs: Certificates) -> None:
+    from h3client import h3_connect
+
+    tls = ("--ssl-certfile", str(certs.cert_path), "--ssl-keyfile", str(certs.key_path))
+    context = ssl.create_default_context(cafile=str(certs.ca_path))
+
+    def https_get(port: int) -> None:
+        connection = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=10)
+        try:
+            connection.request("GET", "/")
+            connection.getresponse().read()
+        finally:
+            connection.close()
+
+    async def h3_get(port: int) -> H3Response:
+        async with h3_connect("127.0.0.1", port, str(certs.ca_path)) as client:
+            return await client.request("GET", "/")
+
+    options = ("--server-header", "--no-date-header", "--header", "x-deploy:blue")
+    with serving(app_dir, "cliapp:app", *tls, *options, ready=https_get) as (process, port):
+        response = asyncio.run(h3_get(port))
+        output = stop(process)
+    assert response.status == 200
+    assert (response.header("server"), response.header("x-deploy"), response.header("date")) == ("server-native", "blue", None)
+    assert f"Server listening on https://127.0.0.1:{port} via server_native (HTTP/1.1, HTTP/2, HTTP/3)" in output, output
+
+
+def test_without_http3_the_banner_leaves_it_out(app_dir: Path, certs: Certificates) -> None:
+    tls = ("--ssl-certfile", str(certs.cert_path), "--ssl-keyfile", str(certs.key_path), "--no-http3")
+    context = ssl.create_default_context(cafile=str(certs.ca_path))
+
+    def https_get(port: int) -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, context.wrap_socket(raw, server_hostname="localhost"):
+            pass
+
+    with serving(app_dir, "cliapp:app", *tls, ready=https_get) as (process, port):
+        output = stop(process)
+    assert f"Server listening on https://127.0.0.1:{port} via server_native (HTTP/1.1, HTTP/2)" in output, output
+
+
+# ---------------------------------------------------------------- WebSocket limits
+
+
+def test_ws_max_size_closes_a_larger_message_with_1009(app_dir: Path) -> None:
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    with serving(app_dir, "cliapp:app", "--ws-max-size", "1024") as (_, port):
+        with connect(f"ws://127.0.0.1:{port}/ws", max_size=None, open_timeout=10) as socket_at_limit:
+            socket_at_limit.send(b"x" * 1024)  # the app returns after one message: a normal close
+            with pytest.raises(ConnectionClosed) as closed:
+                socket_at_limit.recv(timeout=10)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1000
+        with connect(f"ws://127.0.0.1:{port}/ws", max_size=None, open_timeout=10) as socket_over_limit:
+            socket_over_limit.send(b"x" * 1025)
+            with pytest.raises(ConnectionClosed) as closed:
+                socket_over_limit.recv(timeout=10)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009

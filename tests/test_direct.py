@@ -45,9 +45,9 @@ from server_native import (
 )
 
 try:
-    from .conftest import Certificates, LoopThread, requires_ipv6
+    from .conftest import Certificates, LogLines, LoopThread, requires_ipv6
 except ImportError:  # tests/ run as a plain directory
-    from conftest import Certificates, LoopThread, requires_ipv6  # type: ignore[no-redef]
+    from conftest import Certificates, LogLines, LoopThread, requires_ipv6  # type: ignore[no-redef]
 
 TIMEOUT = 10
 ECHO = re.compile(r"^Server listening on (https?)://(\[[^\]]+\]|[^:/\s]+):(\d+) via server_native \(([^)]*)\)$")
@@ -163,7 +163,7 @@ def get_at_once(running: Running, paths: list[str]) -> list[str]:
 @dataclass
 class Starter:
     loop_thread: LoopThread
-    capsys: pytest.CaptureFixture[str]
+    server_log: LogLines
     certs: Certificates | None = None
     started: list[Running] = field(default_factory=list)
 
@@ -171,7 +171,7 @@ class Starter:
         event = asyncio.Event()
         options.setdefault("shutdown_signal", event.wait())
         options.setdefault("http3", False)
-        self.capsys.readouterr()  # forget earlier output: the next echo line is ours
+        self.server_log.read()  # forget earlier output: the next echo line is ours
         if secure:
             assert self.certs is not None
             helper = serve_secure_native_direct(
@@ -184,7 +184,7 @@ class Starter:
         output = ""
         deadline = time.monotonic() + TIMEOUT
         while True:
-            output += self.capsys.readouterr().out
+            output += self.server_log.read()
             match = next(filter(None, (ECHO.match(line.strip()) for line in output.splitlines())), None)
             if match:
                 break
@@ -203,10 +203,10 @@ class Starter:
 
 
 @pytest.fixture
-def start(loop_thread: LoopThread, capsys: pytest.CaptureFixture[str], certs: Certificates) -> Iterator[Starter]:
+def start(loop_thread: LoopThread, server_log: LogLines, certs: Certificates) -> Iterator[Starter]:
     """``start(handler, host="127.0.0.1", *, secure=False, **options)`` runs
     ``serve_native_direct`` (or the secure one) on a free port."""
-    starter = Starter(loop_thread, capsys, certs)
+    starter = Starter(loop_thread, server_log, certs)
     yield starter
     for running in starter.started:
         loop_thread.loop.call_soon_threadsafe(running.event.set)

@@ -38,7 +38,7 @@ from server_native import (
     serve_secure_native_multi,
 )
 
-from conftest import Certificates, LoopThread, RunningServer, requires_ipv6
+from conftest import Certificates, LogLines, LoopThread, RunningServer, requires_ipv6
 from h3client import H3Client, h3_connect
 
 TIMEOUT = 10
@@ -731,18 +731,18 @@ def test_httpserver_iteration(serve: Any, loop_thread: LoopThread, certs: Certif
 @asynccontextmanager
 async def helper_running(
     helper: Callable[[Awaitable[Any]], Coroutine[Any, Any, Any]],
-    capsys: pytest.CaptureFixture[str],
+    server_log: LogLines,
     listeners: int = 1,
 ) -> AsyncIterator[list[int]]:
     """Runs a ``serve_*`` helper with a shutdown signal until the block ends;
     yields the ports of its echo lines."""
     stop = asyncio.Event()
-    capsys.readouterr()
+    server_log.read()
     task = asyncio.ensure_future(helper(stop.wait()))
     ports: list[int] = []
     output = ""
     for _ in range(int(TIMEOUT / 0.01)):
-        output += capsys.readouterr().out
+        output += server_log.read()
         ports = [int(m.group(3)) for m in (ECHO.match(line.strip()) for line in output.splitlines()) if m]
         if len(ports) >= listeners or task.done():
             break
@@ -758,7 +758,7 @@ async def helper_running(
 
 
 @pytest.mark.parametrize("helper_name", ["serve_secure_native_http", "serve_native_http"])
-def test_callback_api(loop_thread: LoopThread, certs: Certificates, capsys: pytest.CaptureFixture[str], helper_name: str) -> None:
+def test_callback_api(loop_thread: LoopThread, certs: Certificates, server_log: LogLines, helper_name: str) -> None:
     def helper(stop: Awaitable[Any]) -> Coroutine[Any, Any, Any]:
         if helper_name == "serve_secure_native_http":
             return serve_secure_native_http(
@@ -769,7 +769,7 @@ def test_callback_api(loop_thread: LoopThread, certs: Certificates, capsys: pyte
         return serve_native_http(hello, "127.0.0.1", 0, tls=tls, shutdown_signal=stop, shutdown_timeout=HELPER_DRAIN)
 
     async def scenario() -> Any:
-        async with helper_running(helper, capsys) as (port,):
+        async with helper_running(helper, server_log) as (port,):
             async with connect(port, certs) as client:
                 return await client.request("GET", "/cb")
 
@@ -777,7 +777,7 @@ def test_callback_api(loop_thread: LoopThread, certs: Certificates, capsys: pyte
     assert (response.status, response.body) == (200, b"hello over HTTP/3")
 
 
-def test_multi_bind_api(loop_thread: LoopThread, certs: Certificates, capsys: pytest.CaptureFixture[str]) -> None:
+def test_multi_bind_api(loop_thread: LoopThread, certs: Certificates, server_log: LogLines) -> None:
     async def handler(request: Any) -> None:
         request.response.write(f"{request.protocol_version} on {request.connection_info.local_port}")
 
@@ -790,7 +790,7 @@ def test_multi_bind_api(loop_thread: LoopThread, certs: Certificates, capsys: py
 
     async def scenario() -> tuple[list[int], list[bytes]]:
         bodies = []
-        async with helper_running(helper, capsys, listeners=2) as ports:
+        async with helper_running(helper, server_log, listeners=2) as ports:
             for port in ports:
                 async with connect(port, certs) as client:
                     bodies.append((await client.request("GET", "/multi")).body)
@@ -802,7 +802,7 @@ def test_multi_bind_api(loop_thread: LoopThread, certs: Certificates, capsys: py
 
 
 @pytest.mark.parametrize("native_direct", [False, True], ids=["loop", "native_direct"])
-def test_direct_api(loop_thread: LoopThread, certs: Certificates, capsys: pytest.CaptureFixture[str], native_direct: bool) -> None:
+def test_direct_api(loop_thread: LoopThread, certs: Certificates, server_log: LogLines, native_direct: bool) -> None:
     def handler(request: NativeDirectRequest) -> NativeDirectResponse:
         body = request.body_bytes() if native_direct else b""
         text = f"{request.protocol} {request.scheme} {request.method} {request.uri} {len(body)}"
@@ -826,7 +826,7 @@ def test_direct_api(loop_thread: LoopThread, certs: Certificates, capsys: pytest
         )
 
     async def scenario() -> list[Any]:
-        async with helper_running(helper, capsys) as (port,):
+        async with helper_running(helper, server_log) as (port,):
             async with connect(port, certs) as client:
                 return [
                     await client.request("GET", "/d?x=1"),

@@ -723,6 +723,19 @@ def test_writeln_and_write_all(serve: Serve) -> None:
     assert body == b"line\n1,2,342"
 
 
+def test_write_sends_bytes_like_objects_as_they_are(serve: Serve) -> None:
+    async def handler(r: HttpRequest) -> None:
+        r.response.headers.content_type = ContentType.text
+        r.response.write(b"\x00bytes;")
+        r.response.write(bytearray(b"bytearray;"))
+        r.response.write(memoryview(b"memoryview;\xff"))
+        r.response.write("str \u00e9")
+        await r.response.close()
+
+    _, body = request(serve(handler).port)
+    assert body == b"\x00bytes;bytearray;memoryview;\xffstr \xc3\xa9"
+
+
 # ---------------------------------------------------------------- server settings
 
 

@@ -44,9 +44,9 @@ from server_native import (
 from server_native.addresses import ipv6_available
 
 try:
-    from .conftest import Certificates, LoopThread, requires_ipv6
+    from .conftest import Certificates, LogLines, LoopThread, requires_ipv6
 except ImportError:  # tests/ run as a plain directory
-    from conftest import Certificates, LoopThread, requires_ipv6  # type: ignore[no-redef]
+    from conftest import Certificates, LogLines, LoopThread, requires_ipv6  # type: ignore[no-redef]
 
 TIMEOUT = 10
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,11 +85,15 @@ def url(host: str, port: int, path: str = "/", scheme: str = "http") -> str:
 
 
 def refused(host: str, port: int) -> bool:
+    """Whether nothing listens any more. A reset is a connection caught in a
+    listener's backlog as it closed: not refused yet."""
     try:
         with socket.create_connection((host, port), timeout=TIMEOUT):
             return False
     except ConnectionRefusedError:
         return True
+    except ConnectionResetError:
+        return False
 
 
 @dataclass
@@ -99,14 +103,14 @@ class Serving:
     future: concurrent.futures.Future[Any]
     event: asyncio.Event
     loop_thread: LoopThread
-    capsys: pytest.CaptureFixture[str]
+    server_log: LogLines
     output: list[str] = field(default_factory=list)
 
     def echo(self, count: int = 1) -> list[EchoLine]:
         """Waits (bounded) for ``count`` echo lines and returns them."""
         deadline = time.monotonic() + TIMEOUT
         while True:
-            self.output.append(self.capsys.readouterr().out)
+            self.output.append(self.server_log.read())
             lines = parse_echo("".join(self.output))
             if len(lines) >= count:
                 return lines
@@ -124,7 +128,7 @@ class Serving:
 
 
 @pytest.fixture
-def run_serve(loop_thread: LoopThread, capsys: pytest.CaptureFixture[str]) -> Iterator[Callable[..., Serving]]:
+def run_serve(loop_thread: LoopThread, server_log: LogLines) -> Iterator[Callable[..., Serving]]:
     """``run_serve(helper, *args, **kwargs)`` runs a serve helper with an
     ``asyncio.Event`` as its shutdown signal (and HTTP/3 off)."""
     started: list[Serving] = []
@@ -134,7 +138,7 @@ def run_serve(loop_thread: LoopThread, capsys: pytest.CaptureFixture[str]) -> It
         kwargs.setdefault("shutdown_signal", event.wait())
         kwargs.setdefault("http3", False)
         future = asyncio.run_coroutine_threadsafe(helper(*args, **kwargs), loop_thread.loop)
-        serving = Serving(future, event, loop_thread, capsys)
+        serving = Serving(future, event, loop_thread, server_log)
         started.append(serving)
         return serving
 
@@ -196,7 +200,7 @@ def test_echo_line_without_http2(run_serve: Callable[..., Serving]) -> None:
     assert get(url("127.0.0.1", line.port)).json()["version"] == "1.1"
 
 
-def test_echo_false_prints_nothing(run_serve: Callable[..., Serving], capsys: pytest.CaptureFixture[str]) -> None:
+def test_echo_false_logs_nothing(run_serve: Callable[..., Serving], server_log: LogLines) -> None:
     port = free_port()
     serving = run_serve(serve_native_http, echo_handler, "127.0.0.1", port, echo=False)
     deadline = time.monotonic() + TIMEOUT
@@ -211,7 +215,7 @@ def test_echo_false_prints_nothing(run_serve: Callable[..., Serving], capsys: py
             time.sleep(0.02)
     assert response.status_code == 200
     serving.stop()
-    assert "Server listening" not in capsys.readouterr().out
+    assert "Server listening" not in server_log.read()
 
 
 def test_forwarding_of_method_headers_query_body_and_cookies(run_serve: Callable[..., Serving]) -> None:
@@ -281,14 +285,14 @@ def test_shutdown_signal_future_drains_an_in_flight_request(run_serve: Callable[
     assert refused("127.0.0.1", line.port)
 
 
-def test_shutdown_signal_can_be_any_awaitable(loop_thread: LoopThread, capsys: pytest.CaptureFixture[str]) -> None:
+def test_shutdown_signal_can_be_any_awaitable(loop_thread: LoopThread, server_log: LogLines) -> None:
     async def scenario() -> tuple[int, str]:
         stop: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         task = asyncio.ensure_future(serve_native_http(echo_handler, "127.0.0.1", 0, shutdown_signal=stop, http3=False))
         port = 0
         for _ in range(500):  # bounded: wait for the echo line
             await asyncio.sleep(0.01)
-            lines = parse_echo(capsys.readouterr().out)
+            lines = parse_echo(server_log.read())
             if lines:
                 port = lines[0].port
                 break
@@ -486,7 +490,12 @@ def test_serve_secure_with_a_missing_certificate_raises(loop_thread: LoopThread,
 
 CHILD = r"""
 import asyncio
+import logging
+import sys
 from server_native import serve_native_http
+
+# The echo line is logged: this app shows INFO records on stdout.
+logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(message)s")
 
 async def handler(request):
     if request.uri.path == "/slow":

@@ -54,11 +54,16 @@ impl NativeServer {
         if let Some(address) = &config.bridge_address {
             crate::bridge::Address::parse(address).map_err(PyValueError::new_err)?;
         }
+        let response_headers = response_header_map(&config.response_headers)?;
         let events = Arc::new(EventQueue::new(consumer));
-        let fd = config.fd;
-        let shared = Arc::new(ServerShared::new(config, tls, events, whole_body));
-        let (addresses, unix_paths) = match fd {
-            Some(fd) => shared.listen(vec![adopt(fd, shared.config.backlog)?])?,
+        let fds = config.fd.clone();
+        let shared = Arc::new(ServerShared::new(config, tls, events, whole_body, response_headers));
+        let (addresses, unix_paths) = match fds {
+            Some(fds) => {
+                let backlog = shared.config.backlog;
+                let listeners = fds.into_iter().map(|fd| adopt(fd, backlog)).collect::<std::io::Result<Vec<_>>>()?;
+                shared.listen(listeners)?
+            }
             None => bind_and_listen(&shared, &ips, port)?,
         };
         Ok(NativeServer { shared, addresses, unix_paths })
@@ -146,6 +151,12 @@ impl NativeServer {
         self.unix_paths.first().map(|path| &**path)
     }
 
+    /// Whether HTTP/3 is being served (TLS, `http3`, and its UDP port bound).
+    #[getter]
+    fn http3(&self) -> bool {
+        self.shared.alt_svc.get().is_some()
+    }
+
     #[getter]
     fn port(&self) -> u16 {
         self.addresses.first().map_or(0, |a| a.port())
@@ -216,6 +227,18 @@ fn resolve(future: &Bound<'_, PyAny>) -> PyResult<()> {
         Err(_) if event_loop.call_method0("is_closed")?.is_truthy()? => Ok(()),
         result => result.map(drop),
     }
+}
+
+/// `config.response_headers` as a header map; a bad name or value is a ValueError.
+fn response_header_map(pairs: &[(String, String)]) -> PyResult<http::HeaderMap> {
+    let mut headers = http::HeaderMap::new();
+    for (name, value) in pairs {
+        let invalid = || PyValueError::new_err(format!("invalid response header {name:?}: {value:?}"));
+        let name = http::HeaderName::from_bytes(name.as_bytes()).map_err(|_| invalid())?;
+        let value = http::HeaderValue::from_str(value).map_err(|_| invalid())?;
+        headers.append(name, value);
+    }
+    Ok(headers)
 }
 
 fn internal_error() -> http::Response<crate::body::ResponseBody> {

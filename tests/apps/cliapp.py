@@ -1,8 +1,8 @@
 """The app the command-line tests serve, copied next to them as a module of
 its own (tests/test_cli.py, tests/test_uds.py). Each interface answers with
 what the tests check: the worker's pid, the client and scheme the app saw,
-the server's address (a Unix socket's path) and the root path; a
-WebSocket is accepted
+the server's address (a Unix socket's path) and the root path; ``/stream``
+sends ``?chunks=N`` lines half a second apart; a WebSocket is accepted
 and held until the client's next message."""
 
 import asyncio
@@ -23,10 +23,23 @@ async def app(scope, receive, send):
         return
     if scope["path"] == "/slow":
         await asyncio.sleep(1)
+    if scope["path"] == "/stream":
+        await stream(send, int(scope["query_string"].decode().removeprefix("chunks=") or "4"))
+        return
     client = scope["client"][0] if scope["client"] else None
     body = f"{os.getpid()} {client} {scope['scheme']} {scope['server'][0]} root={scope['root_path']}".encode()
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
     await send({"type": "http.response.body", "body": body})
+
+
+async def stream(send, chunks):
+    """A long response, like a download or an event stream."""
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+    for index in range(chunks):
+        if index:
+            await asyncio.sleep(0.5)
+        await send({"type": "http.response.body", "body": f"chunk {index}\n".encode(), "more_body": True})
+    await send({"type": "http.response.body", "body": b"end\n"})
 
 
 def create_app():
@@ -42,4 +55,4 @@ def wsgi(environ, start_response):
 def direct(request):
     from server_native import NativeDirectResponse
 
-    return NativeDirectResponse.bytes(200, None, f"direct {request.client}")
+    return NativeDirectResponse.bytes(200, [("content-type", "text/plain")], f"direct {request.client}")
