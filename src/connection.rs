@@ -92,10 +92,11 @@ where
     let counter = server.clone();
     let _counted = counter.stats.open();
     let max_head = server.config.max_header_size;
+    let log = server.log;
     match server.tls.clone() {
         None => {
             let conn = Connection::new(server, ConnInfo { addresses, tls: false, peer_certificate: None });
-            run(Guard::http1(stream, max_head, conn.head.clone()), conn).await;
+            run(Guard::http1(stream, max_head, conn.head.clone(), log), conn).await;
         }
         Some(acceptor) => {
             let handshake = tokio::time::timeout(server.handshake_timeout, acceptor.accept(stream));
@@ -112,9 +113,9 @@ where
             let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
             let conn = Connection::new(server, ConnInfo { addresses, tls: true, peer_certificate });
             if h2 {
-                run(Guard::http2(stream, max_head), conn).await;
+                run(Guard::http2(stream, max_head, log), conn).await;
             } else {
-                run(Guard::http1(stream, max_head, conn.head.clone()), conn).await;
+                run(Guard::http1(stream, max_head, conn.head.clone(), log), conn).await;
             }
         }
     }
@@ -123,8 +124,8 @@ where
 /// TLS handshakes fail all day on a public port (scanners, old clients):
 /// worth a debug line, no more.
 fn handshake_failed(server: &ServerShared, addresses: &Addresses, why: &dyn std::fmt::Display) {
-    let peer = addresses.remote().map_or_else(String::new, |(ip, port)| format!(" from {ip}:{port}"));
-    server.log.report(log::Kind::TlsHandshake, log::Level::Debug, format!("TLS handshake{peer} failed: {why}"));
+    let report = format!("TLS handshake{} failed: {why}", addresses.from_peer());
+    server.log.report(log::Kind::TlsHandshake, log::Level::Debug, report);
 }
 
 async fn run<S>(stream: S, conn: Arc<Connection>)
@@ -181,12 +182,18 @@ enum Stop {
     Graceful,
     /// Drop the connection now.
     Now,
+    /// A request head took longer than `header_read_timeout`: drop it now.
+    Overdue,
 }
 
 /// Runs a connection until it ends, asking it to close gracefully on server
 /// shutdown or when idle, and dropping it on a forced close or a head that
 /// takes longer than `header_read_timeout`.
-async fn drive<C: Graceful>(http: C, conn: &Connection) {
+async fn drive<C, E>(http: C, conn: &Connection)
+where
+    C: Graceful<Output = Result<(), E>>,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let server = &conn.server;
     tokio::pin!(http);
     let head_limit = seconds(server.config.header_read_timeout);
@@ -199,7 +206,7 @@ async fn drive<C: Graceful>(http: C, conn: &Connection) {
     let watch = WokenOnly::new(async {
         tokio::select! {
             _ = server.force.cancelled() => Stop::Now,
-            _ = head_overdue() => Stop::Now,
+            _ = head_overdue() => Stop::Overdue,
             _ = server.shutdown.cancelled() => Stop::Graceful,
             _ = idle(conn) => Stop::Graceful,
         }
@@ -207,9 +214,14 @@ async fn drive<C: Graceful>(http: C, conn: &Connection) {
     tokio::pin!(watch);
     let stop = tokio::select! {
         biased;
-        _ = http.as_mut() => return,
+        ended = http.as_mut() => return refused(conn, ended),
         stop = watch => stop,
     };
+    if let Stop::Overdue = stop {
+        let peer = conn.info.addresses.from_peer();
+        let report = format!("closed a connection{peer}: no whole request head within header_read_timeout");
+        server.log.report(log::Kind::Request, log::Level::Info, report);
+    }
     if let Stop::Graceful = stop {
         http.as_mut().graceful_shutdown();
         let _closing = server.stats.closing();
@@ -225,6 +237,28 @@ async fn drive<C: Graceful>(http: C, conn: &Connection) {
             _ = late => {}
         }
     }
+}
+
+/// Logs how hyper or h2 refused a client: a request it could not parse
+/// (hyper answered 400 or 431 and closed), an HTTP/2 connection it ended
+/// with an error (GOAWAY). A client that merely left is not news.
+fn refused<E: Into<Box<dyn std::error::Error + Send + Sync>>>(conn: &Connection, ended: Result<(), E>) {
+    let Err(error) = ended else { return };
+    let error = error.into();
+    let Some(error) = error.downcast_ref::<hyper::Error>() else { return };
+    let what = if error.is_parse() || error.is_parse_status() {
+        let why = conn.head.refused().map_or_else(|| error.to_string(), str::to_owned);
+        format!("refused an HTTP/1.1 request{}: {why}", conn.info.addresses.from_peer())
+    } else {
+        let h2 = std::error::Error::source(error).and_then(|cause| cause.downcast_ref::<h2::Error>());
+        match h2.and_then(h2::Error::reason) {
+            Some(reason) if h2.is_some_and(|h2| h2.is_go_away() && !h2.is_remote()) && reason != h2::Reason::NO_ERROR => {
+                format!("closed an HTTP/2 connection{} with {reason:?}: {error}", conn.info.addresses.from_peer())
+            }
+            _ => return,
+        }
+    };
+    conn.server.log.report(log::Kind::Request, log::Level::Warning, what);
 }
 
 /// Resolves once the connection has had no request in flight and no traffic

@@ -43,6 +43,11 @@ impl Addresses {
         }
     }
 
+    /// " from IP:port" for a log line; nothing over a Unix socket.
+    pub fn from_peer(&self) -> String {
+        self.remote().map_or_else(String::new, |(ip, port)| format!(" from {ip}:{port}"))
+    }
+
     /// The server's IP and port, or a Unix socket's path and no port (ASGI's
     /// `server = [path, None]`).
     pub fn local(&self) -> (String, Option<u16>) {

@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,16 +34,34 @@ class LogLines(logging.Handler):
     def __init__(self) -> None:
         super().__init__()
         self._lines: list[str] = []
+        #: Each message's level.
+        self.levels: dict[str, int] = {}
 
     def emit(self, record: logging.LogRecord) -> None:
         with self.lock:
             self._lines.append(record.getMessage())
+            self.levels[record.getMessage()] = record.levelno
 
     def read(self) -> str:
         with self.lock:
             text = "".join(f"{line}\n" for line in self._lines)
             self._lines.clear()
         return text
+
+    def wait(self, *needles: str, timeout: float = 10.0) -> str:
+        """The first line holding every needle, waited for (bounded): what
+        the native side decides is emitted by a server's loop a little
+        later. Raises with every line seen when none comes."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self.lock:
+                found = next((line for line in self._lines if all(n in line for n in needles)), None)
+                seen = list(self._lines)
+            if found is not None:
+                return found
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no log line with {needles}; seen: {seen}")
+            time.sleep(0.05)
 
 
 @pytest.fixture

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import socket
 import ssl
 import time
@@ -30,7 +29,7 @@ import h2.events
 import h11
 import pytest
 from apps.harness import Running, serving
-from conftest import Certificates
+from conftest import Certificates, LogLines
 from h3client import h3_connect
 
 from server_native import NativeDirectResponse, serve_native_direct, serve_native_http
@@ -352,19 +351,6 @@ def assert_next_request_served(outcomes: list[Outcome], protocol: str) -> None:
     assert (last.status, last.body, last.complete) == (200, OK_BODY, True), last
 
 
-def logged(caplog: pytest.LogCaptureFixture, *needles: str) -> str:
-    """Waits (bounded) for a ``server_native.error`` record holding every
-    needle: the native side's records come out on the loop a little later."""
-    deadline = time.monotonic() + TIMEOUT
-    while time.monotonic() < deadline:
-        for record in caplog.records:
-            if record.name == "server_native.error" and all(n in record.getMessage() for n in needles):
-                return record.getMessage()
-        time.sleep(0.05)
-    seen = [(r.name, r.getMessage()) for r in caplog.records]
-    raise AssertionError(f"no server_native.error record with {needles}; seen: {seen}")
-
-
 # ---------------------------------------------------------------- a whole body that disagrees with its Content-Length
 
 
@@ -373,9 +359,8 @@ def logged(caplog: pytest.LogCaptureFixture, *needles: str) -> str:
 @pytest.mark.parametrize(("path", "declared", "actual"), [("/whole-long", 20, 10), ("/whole-short", 5, 5 + len(FORGED))])
 def test_a_whole_body_that_disagrees_with_its_content_length_is_answered_500(
     interface: Interface, native_callback: bool, protocol: str, path: str, declared: int, actual: int,
-    certs: Certificates, caplog: pytest.LogCaptureFixture,
+    certs: Certificates, server_log: LogLines,
 ) -> None:
-    caplog.set_level(logging.ERROR, "server_native")
     with server_for(protocol, interface, native_callback, certs) as server:
         outcomes = exchange(protocol, server, certs, [path, "/ok"])
     first = outcomes[0]
@@ -383,7 +368,7 @@ def test_a_whole_body_that_disagrees_with_its_content_length_is_answered_500(
     assert FORGED not in first.body and b"302" not in first.body
     assert first.headers.get("content-length") != str(declared)
     assert_next_request_served(outcomes, protocol)
-    logged(caplog, f"Content-Length {declared} with a body of {actual} bytes", f"GET {path}")
+    server_log.wait(f"Content-Length {declared} with a body of {actual} bytes", f"GET {path}")
 
 
 # ---------------------------------------------------------------- a streamed body held to its Content-Length
@@ -394,11 +379,10 @@ def test_a_whole_body_that_disagrees_with_its_content_length_is_answered_500(
 @pytest.mark.parametrize("path", ["/stream-short", "/stream-over"])
 def test_a_streamed_body_that_breaks_its_content_length_is_cut_off(
     interface: Interface, native_callback: bool, protocol: str, path: str,
-    certs: Certificates, caplog: pytest.LogCaptureFixture,
+    certs: Certificates, server_log: LogLines,
 ) -> None:
     if not interface.streams:
         pytest.skip("native_direct=True answers with whole bodies only")
-    caplog.set_level(logging.ERROR, "server_native")
     with server_for(protocol, interface, native_callback, certs) as server:
         outcomes = exchange(protocol, server, certs, [path, "/ok"])
     first = outcomes[0]
@@ -411,7 +395,7 @@ def test_a_streamed_body_that_breaks_its_content_length_is_cut_off(
     if protocol.startswith("h1"):
         assert len(outcomes) == 1, "an HTTP/1.1 connection ends with a cut-off response"
     assert_next_request_served(outcomes, protocol)
-    logged(caplog, "cut off", f"GET {path}")
+    server_log.wait("cut off", f"GET {path}")
 
 
 # ---------------------------------------------------------------- a response that cannot be sent

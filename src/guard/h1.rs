@@ -66,7 +66,8 @@ impl Framing {
                     Some(Ok(len)) => len,
                     // A NUL first byte is no method: hyper answers 400 and closes.
                     Some(Err(reason)) => {
-                        return Verdict::Refuse(Refusal { range: pos..pos + 1, spoiled: vec![0], reason })
+                        let _ = self.pending.refused.set(reason);
+                        return Verdict::Refuse(Refusal { range: pos..pos + 1, spoiled: vec![0], reason });
                     }
                     None => {
                         self.pending.start();

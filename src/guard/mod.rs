@@ -25,7 +25,7 @@ use std::io;
 use std::ops::Range;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -33,22 +33,33 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use crate::log::{Kind, Level, Source};
+
 /// Since when a request head has been awaited and is still incomplete: from
 /// the connection's start until its first request, then from the first byte
 /// of each HTTP/1 head that arrives in pieces. Idle time between requests is
 /// not counted (that is `idle_timeout`'s). Set rarely, so a complete head
 /// costs one atomic load, where hyper's own timeout armed a timer per request.
+///
+/// It also keeps why the guard spoiled an HTTP/1 head: hyper's 400 follows
+/// and ends the connection, which logs it with this reason.
 pub struct PendingHead {
     /// Milliseconds after `epoch`, plus one; 0 when no head is pending.
     since: AtomicU64,
     epoch: Instant,
     started: Notify,
+    refused: OnceLock<&'static str>,
 }
 
 impl PendingHead {
     /// Pending from now: a new connection.
     pub fn new() -> Self {
-        PendingHead { since: AtomicU64::new(1), epoch: Instant::now(), started: Notify::new() }
+        PendingHead { since: AtomicU64::new(1), epoch: Instant::now(), started: Notify::new(), refused: OnceLock::new() }
+    }
+
+    /// Why the guard refused this connection's HTTP/1 request, if it did.
+    pub fn refused(&self) -> Option<&'static str> {
+        self.refused.get().copied()
     }
 
     fn start(&self) {
@@ -100,7 +111,6 @@ struct Refusal {
     range: Range<usize>,
     spoiled: Vec<u8>,
     /// Why, for the server's log.
-    #[cfg_attr(not(test), allow(dead_code))]
     reason: &'static str,
 }
 
@@ -124,22 +134,23 @@ pub struct Guard<S> {
     out_at: usize,
     /// The start of a unit still arriving.
     held: Vec<u8>,
+    log: Source,
 }
 
 impl<S> Guard<S> {
     /// A connection that begins with HTTP/1 (or the HTTP/2 preface, over
     /// cleartext).
-    pub fn http1(inner: S, max_head: usize, pending: Arc<PendingHead>) -> Self {
-        Self::new(inner, max_head, Follower::Http1(h1::Framing::new(max_head, pending)))
+    pub fn http1(inner: S, max_head: usize, pending: Arc<PendingHead>, log: Source) -> Self {
+        Self::new(inner, max_head, Follower::Http1(h1::Framing::new(max_head, pending)), log)
     }
 
     /// A connection that ALPN made HTTP/2.
-    pub fn http2(inner: S, max_head: usize) -> Self {
-        Self::new(inner, max_head, Follower::Http2(h2::Frames::new(max_head)))
+    pub fn http2(inner: S, max_head: usize, log: Source) -> Self {
+        Self::new(inner, max_head, Follower::Http2(h2::Frames::new(max_head)), log)
     }
 
-    fn new(inner: S, max_head: usize, follower: Follower) -> Self {
-        Guard { inner, follower, max_head, out: Vec::new(), out_at: 0, held: Vec::new() }
+    fn new(inner: S, max_head: usize, follower: Follower, log: Source) -> Self {
+        Guard { inner, follower, max_head, out: Vec::new(), out_at: 0, held: Vec::new(), log }
     }
 
     fn inspect(&mut self, data: &[u8]) -> Verdict {
@@ -152,7 +163,13 @@ impl<S> Guard<S> {
             return match verdict {
                 Verdict::Pass => Verdict::Pass,
                 Verdict::Hold(at) => Verdict::Hold(from + at),
-                Verdict::Refuse(refusal) => Verdict::Refuse(refusal.shifted(from)),
+                Verdict::Refuse(refusal) => {
+                    // HTTP/1: the connection logs hyper's 400 with the reason.
+                    if let Follower::Http2(_) = self.follower {
+                        self.log.report(Kind::Request, Level::Warning, format!("refused an HTTP/2 request: {}", refusal.reason));
+                    }
+                    Verdict::Refuse(refusal.shifted(from))
+                }
                 Verdict::Http2(at) => {
                     self.follower = Follower::Http2(h2::Frames::new(self.max_head));
                     from += at;
