@@ -102,8 +102,11 @@ class BuildProgress:
     maturin): the crate being compiled and, when cargo draws its progress bar,
     how many of all the units are done. At most one line per ``interval``."""
 
-    def __init__(self, out: TextIO, *, interval: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, out: TextIO, *, interval: float = 10.0, clock: Callable[[], float] = time.monotonic, terminal: bool = False
+    ) -> None:
         self.out = out
+        self.terminal = terminal
         self.interval = interval
         self.clock = clock
         self.started = clock()
@@ -141,7 +144,8 @@ class BuildProgress:
         return f"[server_native build] {self.elapsed()}: compiling {self.crate} (crate {self.compiled})"
 
     def say(self, text: str) -> None:
-        self.out.write(text + "\n")
+        # On a terminal, each line starts at column 0, over the spinner pip draws there.
+        self.out.write(("\r" if self.terminal else "") + text + "\n")
         self.out.flush()
 
     def _report(self) -> None:
@@ -169,14 +173,15 @@ def stream_build(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[int, s
     """Run a build command: its output goes to stderr (the build log), short
     progress lines to the terminal. Returns the exit code and the end of the output."""
     out = _progress_output()
+    progress = None if out is None else BuildProgress(out, terminal=out is not sys.stderr)
     env = dict(env)
-    if out is not None:  # cargo draws its bar only on a terminal: ask for it, to read n of m
+    if progress is not None:  # cargo draws its bar only on a terminal: ask for it, to read n of m
         env.setdefault("CARGO_TERM_PROGRESS_WHEN", "always")
         env.setdefault("CARGO_TERM_PROGRESS_WIDTH", "100")
     tail: collections.deque[str] = collections.deque(maxlen=200)
     try:
-        progress = BuildProgress(out) if out is not None else None
-        if progress is not None and out is not sys.stderr:
+        if progress is not None and progress.terminal:
+            progress.out.write("\n")  # off pip's "Preparing metadata ..." line
             progress.say(f"[server_native build] compiling the Rust extension ({FIRST_BUILD}); progress every 10 s")
         try:
             # text mode reads cargo's "\r" bar redraws as lines of their own
@@ -190,7 +195,7 @@ def stream_build(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[int, s
                 sys.stderr.write(line)
                 tail.append(line)
         code = proc.wait()
-        if progress is not None and out is not sys.stderr:
+        if progress is not None and progress.terminal:
             progress.say(f"[server_native build] {progress.elapsed()}: {'done' if code == 0 else f'failed (exit code {code})'}")
     finally:
         if out is not None and out is not sys.stderr:
