@@ -49,6 +49,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zipfile
 from collections.abc import Callable
@@ -107,6 +108,7 @@ class BuildProgress:
     ) -> None:
         self.out = out
         self.terminal = terminal
+        self.lock = threading.RLock()
         self.interval = interval
         self.clock = clock
         self.started = clock()
@@ -145,14 +147,23 @@ class BuildProgress:
 
     def say(self, text: str) -> None:
         # On a terminal, each line starts at column 0, over the spinner pip draws there.
-        self.out.write(("\r" if self.terminal else "") + text + "\n")
-        self.out.flush()
+        with self.lock:
+            self.out.write(("\r" if self.terminal else "") + text + "\n")
+            self.out.flush()
 
     def _report(self) -> None:
-        now = self.clock()
-        if self.crate and now - self.reported >= self.interval:
+        with self.lock:
+            now = self.clock()
+            if not self.crate or now - self.reported < self.interval:
+                return
             self.reported = now
-            self.say(self.line())
+        self.say(self.line())
+
+    def heartbeat(self, stop: threading.Event) -> None:
+        """Report every ``interval`` even while cargo says nothing (one crate,
+        the last one above all, compiles for minutes); until ``stop`` is set."""
+        while not stop.wait(self.interval):
+            self._report()
 
 
 def _progress_output() -> TextIO | None:
@@ -190,11 +201,17 @@ def stream_build(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[int, s
         except OSError as exc:
             raise RuntimeError(f"could not start {cmd[0]}: {exc}\n\n{RUST_HINT}") from exc
         assert proc.stdout is not None
-        for line in proc.stdout:
-            if progress is None or progress.feed(line):
-                sys.stderr.write(line)
-                tail.append(line)
-        code = proc.wait()
+        stop = threading.Event()
+        if progress is not None:
+            threading.Thread(target=progress.heartbeat, args=(stop,), name="build-progress", daemon=True).start()
+        try:
+            for line in proc.stdout:
+                if progress is None or progress.feed(line):
+                    sys.stderr.write(line)
+                    tail.append(line)
+            code = proc.wait()
+        finally:
+            stop.set()
         if progress is not None and progress.terminal:
             progress.say(f"[server_native build] {progress.elapsed()}: {'done' if code == 0 else f'failed (exit code {code})'}")
     finally:

@@ -30,6 +30,7 @@ import struct
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 import venv
 import zipfile
@@ -52,6 +53,7 @@ from distribution_helpers import (
     clean_env,
     serve_one_request,
     venv_tool,
+    wait_until,
     without_cargo,
 )
 
@@ -564,6 +566,24 @@ def test_progress_lines_from_real_cargo_output(tiny_workspace: Path) -> None:
     counted = [re.fullmatch(r"\[server_native build\] \dm\d\ds: (\d+) of (\d+) compiled, now (alpha|beta)", line) for line in lines]
     totals = {int(match.group(2)) for match in counted if match}
     assert len(totals) == 1, lines  # cargo's bar: n of m units
+
+
+def test_progress_goes_on_while_one_crate_compiles() -> None:
+    """cargo says nothing while one crate compiles (the last one takes minutes):
+    the lines keep coming, with the time so far."""
+    from io import StringIO
+
+    out = StringIO()
+    progress = hatch_build().BuildProgress(out, interval=0.05)
+    progress.feed("   Compiling server_native v0.1.0 (/checkout)")
+    stop = threading.Event()
+    beating = threading.Thread(target=progress.heartbeat, args=(stop,))
+    beating.start()
+    try:
+        assert wait_until(lambda: out.getvalue().count("compiling server_native (crate 1)") >= 3, timeout=30), out.getvalue()
+    finally:
+        stop.set()
+        beating.join(10)
 
 
 STREAM_CHILD = """
