@@ -21,7 +21,7 @@ skipped with a message. Its wheel tag is ``cp310-abi3-<platform tag>``, the
 platform tag coming from the library (glibc symbol versions on Linux) and the label.
 
 A source build streams maturin's output to stderr. pip hides that behind its
-"still running" spinner, so :class:`BuildProgress` also writes a short line
+spinner ("Preparing metadata (pyproject.toml) ..."), so :class:`BuildProgress` also writes a short line
 every 10 seconds (time so far, n of m units from cargo's progress bar, the
 crate compiling) to the terminal itself (``/dev/tty``), or to stderr when there
 is no terminal.
@@ -167,8 +167,8 @@ class BuildProgress:
 
 
 def _progress_output() -> TextIO | None:
-    """Where progress lines go. pip captures a build hook's output (its spinner
-    says only "still running"), so: the terminal itself when one can be opened,
+    """Where progress lines go. pip captures a build hook's output (it shows
+    only a spinner), so: the terminal itself when one can be opened,
     else stderr. None when stderr is a terminal: the build's output shows as is."""
     if sys.stderr.isatty():
         return None
