@@ -21,10 +21,10 @@ skipped with a message. Its wheel tag is ``cp310-abi3-<platform tag>``, the
 platform tag coming from the library (glibc symbol versions on Linux) and the label.
 
 A source build streams maturin's output to stderr. pip hides that behind its
-spinner ("Preparing metadata (pyproject.toml) ..."), so :class:`BuildProgress` also writes a short line
-every 10 seconds (time so far, n of m units from cargo's progress bar, the
-crate compiling) to the terminal itself (``/dev/tty``), or to stderr when there
-is no terminal.
+spinner ("Preparing metadata (pyproject.toml) ..."), so :class:`BuildProgress`
+also writes a short line every 10 seconds (time so far, n of m units from
+cargo's progress bar, the crate compiling) to the terminal itself
+(``/dev/tty``), or to stderr when there is no terminal.
 
 * normal wheel:   the library goes in through ``force_include`` and the wheel gets
                   the ``cp310-abi3-<platform>`` tag.
