@@ -395,7 +395,7 @@ def check_attestation(archive: Path, repository: str) -> tuple[bool, str]:
 # ---------------------------------------------------------------- setup
 
 
-def _make_folders(folder: Path) -> None:
+def make_folders(folder: Path) -> None:
     """Create ``folder`` and its missing parents writable by their owner only:
     the loader refuses a cache that others can write to."""
     missing = []
@@ -414,7 +414,7 @@ def _update_pin(tag: str, label: str, named: bool, log: Any) -> None:
         return
     pin = pin_file()
     if named and tag != release_metadata.TAG:
-        _make_folders(pin.parent)
+        make_folders(pin.parent)
         pin.write_text(tag + "\n", encoding="utf-8")
         log(
             f"pinned {tag}: the loader uses it instead of the package's own {release_metadata.TAG}, "
@@ -475,7 +475,7 @@ def setup(
     hashes = release_metadata.SHA256 if package_hashes is None else package_hashes
     shipped = hashes.get(label) if tag == release_metadata.TAG else None
 
-    _make_folders(final.parent)
+    make_folders(final.parent)
     staging = Path(tempfile.mkdtemp(prefix=f".{label}.tmp-", dir=final.parent))
     try:
         archive = staging / asset

@@ -23,6 +23,7 @@ from typing import Any
 
 import server_native._loader as loader
 from server_native import _platforms
+from server_native.prebuilt import make_folders
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "server_native"
@@ -59,14 +60,6 @@ def copy_package(site: Path, *, with_library: bool = True) -> Path:
     if with_library:
         shutil.copyfile(REAL_LIBRARY, target / REAL_LIBRARY.name)
     return target
-
-
-def make_folders(folder: Path) -> None:
-    """``mkdir -p`` writable by the owner only, whatever the umask: the loader
-    refuses caches that others can write to."""
-    missing = [current for current in (folder, *folder.parents) if not current.exists()]
-    for current in reversed(missing):
-        current.mkdir(mode=0o755)
 
 
 def place_library(folder: Path, source: Path | None = None, name: str | None = None) -> Path:

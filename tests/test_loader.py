@@ -16,6 +16,7 @@ import pytest
 
 import server_native
 from server_native import _loader, _platforms
+from server_native.prebuilt import make_folders
 
 from distribution_helpers import (
     HOST_LABEL,
@@ -26,7 +27,6 @@ from distribution_helpers import (
     clean_env,
     copy_package,
     library_name,
-    make_folders,
     place_library,
     probe,
     run_cli,
