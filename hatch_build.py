@@ -12,10 +12,19 @@ at build time, for the target platform label (the host's, or the one of
 4. otherwise a source build through maturin (``maturin build --release``), whose
    wheel we open only to take the library and its wheel tag out of it.
 
-A prebuilt library that this machine can load is checked first (its ``ABI_VERSION``
-must be the package's, read from ``server_native/_loader.py``); one that does not
-fit is skipped with a message. Its wheel tag is ``cp310-abi3-<platform tag>``, the
+A prebuilt library's headers are read first (``_platforms.check_binary``: ELF,
+Mach-O or PE; CPU; glibc, musl, Android, macOS, iOS or simulator): one built for
+another target than the build's stops the build with one line, since its wheel
+tag would be a lie. One that this machine can load must then have the package's
+``ABI_VERSION`` (read from ``server_native/_loader.py``); one that does not is
+skipped with a message. Its wheel tag is ``cp310-abi3-<platform tag>``, the
 platform tag coming from the library (glibc symbol versions on Linux) and the label.
+
+A source build streams maturin's output to stderr. pip hides that behind its
+spinner ("Preparing metadata (pyproject.toml) ..."), so :class:`BuildProgress`
+also writes a short line every 10 seconds (time so far, n of m units from
+cargo's progress bar, the crate compiling) to the terminal itself
+(``/dev/tty``), or to stderr when there is no terminal.
 
 * normal wheel:   the library goes in through ``force_include`` and the wheel gets
                   the ``cp310-abi3-<platform>`` tag.
@@ -40,11 +49,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TextIO
 
 from hatchling.builders.hooks.plugin.interface import BuildHookInterface
 
@@ -80,6 +91,135 @@ def _wheel_tag(wheel: Path) -> str:
     return "-".join(wheel.name[: -len(".whl")].split("-")[-3:])
 
 
+#: What a first build of the crate took here (the README says the same).
+FIRST_BUILD = "a first build takes about 8 minutes on 2 busy cores, 3-4 on idle ones"
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+_CARGO_BAR = re.compile(r"^Building \[[ =>]*\]\s+(\d+)/(\d+)(?::\s*(.*))?$")
+_CARGO_COMPILING = re.compile(r"^Compiling (\S+) v\S+")
+
+
+class BuildProgress:
+    """Short progress lines from a cargo build's output (cargo's own, or through
+    maturin): the crate being compiled and, when cargo draws its progress bar,
+    how many of all the units are done. At most one line per ``interval``."""
+
+    def __init__(
+        self, out: TextIO, *, interval: float = 10.0, clock: Callable[[], float] = time.monotonic, terminal: bool = False
+    ) -> None:
+        self.out = out
+        self.terminal = terminal
+        self.lock = threading.RLock()
+        self.interval = interval
+        self.clock = clock
+        self.started = clock()
+        self.reported = float("-inf")
+        self.done = 0
+        self.total = 0
+        self.compiled = 0
+        self.crate = ""
+
+    def feed(self, piece: str) -> bool:
+        """Take one piece of output (a line, or one redraw of cargo's bar);
+        True when it belongs in the build log (a bar redraw does not)."""
+        text = _ANSI.sub("", piece).strip()
+        bar = _CARGO_BAR.match(text)
+        if bar:
+            self.done, self.total = int(bar.group(1)), int(bar.group(2))
+            if bar.group(3):  # "tokio, hyper(build), ..." (cut short to the bar's width)
+                self.crate = bar.group(3).split(",")[0].split("(")[0].strip()
+            self._report()
+            return False
+        compiling = _CARGO_COMPILING.match(text)
+        if compiling:
+            self.compiled += 1
+            self.crate = compiling.group(1)
+            self._report()
+        return True
+
+    def elapsed(self) -> str:
+        seconds = int(self.clock() - self.started)
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+
+    def line(self) -> str:
+        if self.total:
+            return f"[server_native build] {self.elapsed()}: {self.done} of {self.total} compiled, now {self.crate}"
+        return f"[server_native build] {self.elapsed()}: compiling {self.crate} (crate {self.compiled})"
+
+    def say(self, text: str) -> None:
+        # On a terminal, each line starts at column 0, over the spinner pip draws there.
+        with self.lock:
+            self.out.write(("\r" if self.terminal else "") + text + "\n")
+            self.out.flush()
+
+    def _report(self) -> None:
+        with self.lock:
+            now = self.clock()
+            if not self.crate or now - self.reported < self.interval:
+                return
+            self.reported = now
+        self.say(self.line())
+
+    def heartbeat(self, stop: threading.Event) -> None:
+        """Report every ``interval`` even while cargo says nothing (one crate,
+        the last one above all, compiles for minutes); until ``stop`` is set."""
+        while not stop.wait(self.interval):
+            self._report()
+
+
+def _progress_output() -> TextIO | None:
+    """Where progress lines go. pip captures a build hook's output (it shows
+    only a spinner), so: the terminal itself when one can be opened,
+    else stderr. None when stderr is a terminal: the build's output shows as is."""
+    if sys.stderr.isatty():
+        return None
+    if os.name != "nt":
+        try:
+            return open("/dev/tty", "w", encoding="utf-8", errors="replace")
+        except OSError:
+            pass
+    return sys.stderr
+
+
+def stream_build(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[int, str]:
+    """Run a build command: its output goes to stderr (the build log), short
+    progress lines to the terminal. Returns the exit code and the end of the output."""
+    out = _progress_output()
+    progress = None if out is None else BuildProgress(out, terminal=out is not sys.stderr)
+    env = dict(env)
+    if progress is not None:  # cargo draws its bar only on a terminal: ask for it, to read n of m
+        env.setdefault("CARGO_TERM_PROGRESS_WHEN", "always")
+        env.setdefault("CARGO_TERM_PROGRESS_WIDTH", "100")
+    tail: collections.deque[str] = collections.deque(maxlen=200)
+    try:
+        if progress is not None and progress.terminal:
+            progress.out.write("\n")  # off pip's "Preparing metadata ..." line
+            progress.say(f"[server_native build] compiling the Rust extension ({FIRST_BUILD}); progress every 10 s")
+        try:
+            # text mode reads cargo's "\r" bar redraws as lines of their own
+            proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True, errors="replace")
+        except OSError as exc:
+            raise RuntimeError(f"could not start {cmd[0]}: {exc}\n\n{RUST_HINT}") from exc
+        assert proc.stdout is not None
+        stop = threading.Event()
+        if progress is not None:
+            threading.Thread(target=progress.heartbeat, args=(stop,), name="build-progress", daemon=True).start()
+        try:
+            for line in proc.stdout:
+                if progress is None or progress.feed(line):
+                    sys.stderr.write(line)
+                    tail.append(line)
+            code = proc.wait()
+        finally:
+            stop.set()
+        if progress is not None and progress.terminal:
+            progress.say(f"[server_native build] {progress.elapsed()}: {'done' if code == 0 else f'failed (exit code {code})'}")
+    finally:
+        if out is not None and out is not sys.stderr:
+            out.close()
+    return code, "".join(tail)
+
+
 def _run_maturin(root: Path, out_dir: Path) -> None:
     # pip's isolated build env puts maturin's script on PATH but `python -m maturin`
     # does not find it there, so prefer the script.
@@ -91,22 +231,12 @@ def _run_maturin(root: Path, out_dir: Path) -> None:
     if shutil.which("cargo", path=env.get("PATH")) is None and (cargo_bin / "cargo").exists():
         env["PATH"] = f"{cargo_bin}{os.pathsep}{env.get('PATH', '')}"
     _log(f"compiling the Rust extension: {' '.join(cmd)}  (in {root})")
-    _log("a first (cold) build takes a few minutes")
-    tail: collections.deque[str] = collections.deque(maxlen=200)
+    _log(FIRST_BUILD)
     started = time.monotonic()
-    try:
-        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, errors="replace")
-    except OSError as exc:
-        raise RuntimeError(f"could not start maturin: {exc}\n\n{RUST_HINT}") from exc
-    assert proc.stdout is not None
-    for line in proc.stdout:  # stream the progress, keep the end for the error
-        sys.stderr.write(line)
-        tail.append(line)
-    if proc.wait() != 0:
-        output = "".join(tail)
+    code, output = stream_build(cmd, root, env)
+    if code != 0:
         raise RuntimeError(
-            f"maturin failed (exit code {proc.returncode}); its output ends with:\n"
+            f"maturin failed (exit code {code}); its output ends with:\n"
             f"{output}\n{RUST_HINT}\n"
             "(If maturin itself is missing: pip install 'maturin>=1.5,<2'.)"
         )
@@ -171,14 +301,15 @@ def _library_abi_version(library: Path) -> str:
     return done.stdout.strip()
 
 
-def _target_label(platforms: ModuleType) -> tuple[str | None, bool]:
-    """The platform label this build is for, and whether this machine runs it."""
+def _target(platforms: ModuleType) -> tuple[str | None, str | None, bool]:
+    """The platform label and Rust target triple this build is for, and whether
+    this machine runs it."""
     triple = os.environ.get("CARGO_BUILD_TARGET")
     host = None if platforms.is_musl() else platforms.host_label()
     if triple:
         label = platforms.label_for_target(triple)
-        return label, label is not None and label == host
-    return host, host is not None
+        return label, triple, label is not None and label == host
+    return host, platforms.RUST_TARGETS.get(host) if host else None, host is not None
 
 
 def _prebuilt_candidates(root: Path, label: str | None, release: ModuleType, platforms: ModuleType, editable: bool) -> list[tuple[str, Path]]:
@@ -193,10 +324,21 @@ def _prebuilt_candidates(root: Path, label: str | None, release: ModuleType, pla
     return candidates
 
 
+def _check_format(platforms: ModuleType, origin: str, path: Path, triple: str | None) -> None:
+    """Refuse, in one line, a library whose headers say another platform than
+    the target's: its wheel tag would be a lie."""
+    assert triple is not None  # a label was found, so was its triple
+    try:
+        found = platforms.check_binary(path, triple)
+    except platforms.BinaryMismatch as exc:
+        raise RuntimeError(f"{origin}: refusing to package it: {exc}") from None
+    _log(f"{origin}: {path} is {found.describe()}, as {triple} needs")
+
+
 def _locate_prebuilt(root: Path, work_dir: Path, *, editable: bool) -> NativeLibrary | None:
     platforms = _load_by_path(root, f"{PACKAGE}/_platforms.py")
     release = _load_by_path(root, f"{PACKAGE}/_prebuilt_release.py")
-    label, runs_here = _target_label(platforms)
+    label, triple, runs_here = _target(platforms)
     if label is None:
         _log("no prebuilt platform label for this target (musl, or an unlisted architecture)")
     expected_abi = _package_abi_version(root)
@@ -211,6 +353,7 @@ def _locate_prebuilt(root: Path, work_dir: Path, *, editable: bool) -> NativeLib
         if label is None:
             _log(f"{origin}: {path}: skipped (no platform label to tag the wheel with)")
             continue
+        _check_format(platforms, origin, path, triple)
         if runs_here:
             try:
                 abi = _library_abi_version(path)

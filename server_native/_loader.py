@@ -1,26 +1,39 @@
 """Finds and loads the native library ``server_native._native`` (SPEC section 5).
 
-The rest of the package imports the native module only from here
-(``from ._loader import native``). :func:`load` walks these rungs once, in
-order, and takes the first library that loads and whose ``ABI_VERSION`` is
-this package's :data:`ABI_VERSION`:
+The rest of the package takes the native module only from here
+(``from ._loader import native``), and only when it needs it: importing
+``server_native`` or running ``python -m server_native --help``, ``setup`` or
+``info`` loads no library. The first use walks these rungs once, in order,
+and takes the first library that loads and whose ``ABI_VERSION`` is this
+package's :data:`ABI_VERSION`:
 
 1. ``SERVER_NATIVE_PREBUILT``: an absolute path to a library file;
 2. the project cache ``<project root>/.server_native/prebuilt/<tag>/<platform>/``,
-   then the user cache ``<platformdirs user cache>/prebuilt/<tag>/<platform>/``
-   (the package's own tag first, then any other tag there, newest first);
+   then the user cache ``<platformdirs user cache>/prebuilt/<tag>/<platform>/``.
+   ``<tag>`` is the package's own release tag, so a library another version
+   of the package downloaded is never taken for this one's. Another tag is
+   used only when named: ``SERVER_NATIVE_PREBUILT_TAG``, else the pin that
+   ``python -m server_native setup --tag`` writes in the user cache; a library
+   of another tag that loads says so in a warning (it overrides the package's).
+   A cached library is refused when it, or a folder between it and the
+   cache's root, is owned by someone other than this user or root, or is
+   writable by group or others (as ssh asks of its keys); and, for the
+   package's own tag when the package ships the SHA-256 of the platform's
+   archive, unless the archive beside it has that hash and holds exactly
+   this library;
 3. the library inside the installed package (what the wheel ships);
 4. a source build through maturin, when running from a source checkout
-   (``Cargo.toml`` next to the package) with cargo on PATH. The built library
-   goes into the checkout's ``server_native/`` (as an editable install would
-   put it), so the next import finds it at rung 3.
-   ``SERVER_NATIVE_SOURCE_BUILD=0`` turns this rung off.
+   (``Cargo.toml`` next to the package) with cargo on PATH. It says on stderr
+   that it starts, why, and how to skip it. The built library goes into the
+   checkout's ``server_native/`` (as an editable install would put it), so the
+   next import finds it at rung 3. ``SERVER_NATIVE_SOURCE_BUILD=0`` turns
+   this rung off, and ``info`` never takes it.
 
 A library with another ABI version, or one that fails to load (another
 platform, a missing system library), is skipped with a warning and the walk
 goes on. When nothing fits, the ImportError lists every place tried and the
-ways to fix it. On iOS and Android only rung 3 is used: their platform rules
-allow only native code that ships inside the app.
+ways to fix it that can work here. On iOS and Android only rung 3 is used:
+their platform rules allow only native code that ships inside the app.
 
 The project root is the nearest folder, from the working directory up, that
 has a ``.server_native`` folder, a ``pyproject.toml``, ``setup.py``,
@@ -28,23 +41,20 @@ has a ``.server_native`` folder, a ``pyproject.toml``, ``setup.py``,
 
 :func:`resolution` says which rung won and what was tried (``python -m
 server_native info`` prints it).
-
-``python -m server_native setup`` and ``info`` must work when no library
-loads (setup is how one gets a library), yet the package's ``__init__`` needs
-the native module. For those two commands only, a failed load leaves an inert
-stand-in module (``info`` then reports the failure), and rung 4 (a source build,
-minutes long) is not tried.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.machinery
 import importlib.util
+import logging
 import os
 import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import warnings
 import zipfile
@@ -54,7 +64,7 @@ from types import ModuleType
 from typing import Any
 
 from . import _platforms
-from ._prebuilt_release import TAG, TAG_PREFIX
+from ._prebuilt_release import RELEASES_URL, SHA256, TAG, TAG_PREFIX
 
 #: The native ABI this Python package speaks (``ABI_VERSION`` in src/lib.rs).
 ABI_VERSION = 2
@@ -62,13 +72,21 @@ ABI_VERSION = 2
 MODULE_NAME = "server_native._native"
 PACKAGE_NAME = "server_native"
 ENV_PREBUILT = "SERVER_NATIVE_PREBUILT"
+ENV_PREBUILT_TAG = "SERVER_NATIVE_PREBUILT_TAG"
 ENV_SOURCE_BUILD = "SERVER_NATIVE_SOURCE_BUILD"
+ENV_RELEASES_URL = "SERVER_NATIVE_RELEASES_URL"
 PACKAGE_DIR = Path(__file__).resolve().parent
 CACHE_DIR_NAME = ".server_native"
 PROJECT_MARKERS = (CACHE_DIR_NAME, "pyproject.toml", "setup.py", "setup.cfg", ".git")
 USER_CACHE_APP = "server_native"
+#: In the user cache's ``prebuilt/`` folder: the tag ``setup --tag`` pinned.
+PIN_FILE = "pinned-tag"
+#: What a first source build of the crate took here (hatch_build.py says the same).
+FIRST_BUILD = "about 8 minutes the first time on 2 busy cores, 3-4 on idle ones"
 
 RUNG_NAMES = {1: ENV_PREBUILT, 2: "cache", 3: "package", 4: "source build"}
+
+logger = logging.getLogger("server_native.loader")
 
 
 class NativeLibraryWarning(RuntimeWarning):
@@ -95,6 +113,7 @@ class Resolution:
     source: str | None = None
     path: str | None = None
     platform: str | None = None
+    cache_tag: str = TAG
     attempts: list[Attempt] = field(default_factory=list)
     error: str | None = None
 
@@ -111,6 +130,7 @@ class Resolution:
             "features": list(getattr(module, "FEATURES", ())) if module is not None else [],
             "platform": self.platform,
             "tag": TAG,
+            "cache_tag": self.cache_tag,
             "tried": [
                 {"rung": a.rung, "source": a.source, "place": a.place, "outcome": a.outcome} for a in self.attempts
             ],
@@ -150,7 +170,20 @@ def cache_dir(cache: Path, tag: str, label: str) -> Path:
     return cache / "prebuilt" / tag / label
 
 
-def _version_key(tag: str) -> tuple[Any, ...]:
+def pin_file() -> Path:
+    return user_cache() / "prebuilt" / PIN_FILE
+
+
+def full_tag(text: str) -> str | None:
+    """``0.2.0``, ``v0.2.0`` or a whole tag -> the whole tag; None for anything else."""
+    if text.startswith(TAG_PREFIX) and len(text) > len(TAG_PREFIX):
+        return text
+    if re.fullmatch(r"v?\d+(\.\d+)*\S*", text):
+        return TAG_PREFIX + text.lstrip("v")
+    return None
+
+
+def version_key(tag: str) -> tuple[Any, ...]:
     version = tag[len(TAG_PREFIX) :]
     match = re.match(r"(\d+(?:\.\d+)*)(.*)", version)
     if not match:
@@ -159,17 +192,106 @@ def _version_key(tag: str) -> tuple[Any, ...]:
     return (numbers, 1 if not match.group(2) else 0, match.group(2))
 
 
-def cached_tags(cache: Path, label: str) -> list[str]:
-    """Tags with a ``label`` folder in ``cache``: :data:`TAG` first, then the
-    others, newest first."""
+def other_tags(cache: Path, label: str, tag: str) -> list[str]:
+    """Tags other than ``tag`` with a ``label`` folder in ``cache``, newest first."""
     root = cache / "prebuilt"
-    others = []
+    found = []
     if root.is_dir():
         for entry in root.iterdir():
-            if entry.name.startswith(TAG_PREFIX) and entry.name != TAG and (entry / label).is_dir():
-                others.append(entry.name)
-    others.sort(key=_version_key, reverse=True)
-    return [TAG, *others]
+            if entry.name.startswith(TAG_PREFIX) and entry.name != tag and (entry / label).is_dir():
+                found.append(entry.name)
+    return sorted(found, key=version_key, reverse=True)
+
+
+def release_location() -> str:
+    """Where ``setup`` downloads from ('' when this build names no release)."""
+    return os.environ.get(ENV_RELEASES_URL) or RELEASES_URL
+
+
+# ---------------------------------------------------------------- trusting a cache
+
+
+def untrusted(path: Path, top: Path) -> str | None:
+    """Why the file ``path`` in the cache ``top`` is not to be trusted, or None.
+
+    It and every folder up to ``top`` must be owned by this user or root and
+    writable by nobody else, as ssh asks of its keys: anyone else who could
+    write there could put native code in this process. POSIX only."""
+    if not hasattr(os, "getuid"):
+        return None
+    uid = os.getuid()
+    current = path
+    while True:
+        try:
+            status = current.stat()
+        except OSError as exc:
+            return f"cannot check {current}: {_one_line(exc)}"
+        if status.st_uid not in (uid, 0):
+            return f"{current} belongs to uid {status.st_uid}, not to this user (uid {uid}) or root"
+        writable = [who for who, bit in (("group", 0o020), ("others", 0o002)) if status.st_mode & bit]
+        if writable:
+            return f"{current} is writable by {' and '.join(writable)} (mode {status.st_mode & 0o777:03o})"
+        if current == top or current.parent == current:
+            return None
+        current = current.parent
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as source:
+        for chunk in iter(lambda: source.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def unverified(library: Path, label: str) -> str | None:
+    """Why a cached library of the package's own tag does not match the
+    SHA-256 the package ships for that platform's archive, or None (it does,
+    or the package ships none: a build with no release behind it)."""
+    expected = SHA256.get(label)
+    if not expected:
+        return None
+    asset = _platforms.asset_name(label)
+    archive = library.parent / asset
+    if not archive.is_file():
+        return f"no {asset} beside it to check against the SHA-256 this package ships for {TAG}"
+    if _sha256(archive) != expected.lower():
+        return f"{asset} beside it does not have the SHA-256 this package ships for {TAG}"
+    import tarfile
+
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            source = tar.extractfile(_platforms.library_name(label))
+            shipped = source.read() if source is not None else None
+    except (tarfile.TarError, KeyError, OSError) as exc:
+        return f"cannot read {asset}: {_one_line(exc)}"
+    if shipped != library.read_bytes():
+        return f"it differs from the library in {asset}, the archive whose SHA-256 this package ships"
+    return None
+
+
+def cache_tag() -> tuple[str, str | None]:
+    """The tag the caches are searched for, and who named it (None: the
+    package's own tag). A pin that cannot be trusted is ignored with a warning."""
+    named = os.environ.get(ENV_PREBUILT_TAG)
+    if named:
+        tag = full_tag(named)
+        if tag is None:
+            warnings.warn(f"server_native: {ENV_PREBUILT_TAG}={named!r} is not a tag or version: ignored", NativeLibraryWarning, stacklevel=3)
+        else:
+            return tag, ENV_PREBUILT_TAG
+    try:
+        pin = pin_file()
+        if not pin.is_file():
+            return TAG, None
+        reason = untrusted(pin, pin.parent.parent)
+        if reason is not None:
+            warnings.warn(f"server_native: ignoring the pinned tag in {pin}: {reason}", NativeLibraryWarning, stacklevel=3)
+            return TAG, None
+        tag = full_tag(pin.read_text(encoding="utf-8").strip())
+    except Exception:  # noqa: BLE001 - platformdirs missing or the pin unreadable: the package's own tag
+        return TAG, None
+    return (tag, f"the pin in {pin}") if tag is not None else (TAG, None)
 
 
 # ---------------------------------------------------------------- loading
@@ -214,9 +336,9 @@ def _accept(module: ModuleType) -> ModuleType:
 
 
 class _Walk:
-    def __init__(self, label: str | None, cli_mode: bool) -> None:
+    def __init__(self, label: str | None, build: bool) -> None:
         self.label = label
-        self.cli_mode = cli_mode
+        self.build = build
         self.result = Resolution(platform=label)
 
     def note(self, rung: int, source: str, place: str, outcome: str, warn: bool = False) -> None:
@@ -265,18 +387,40 @@ class _Walk:
         if self.label is None:
             self.note(2, "caches", "(prebuilt caches)", "this platform has no prebuilt label")
             return False
-        name = _platforms.library_name(self.label)
-        for source, cache in (("project cache", project_cache()), ("user cache", None)):
-            if cache is None:
-                try:
-                    cache = user_cache()
-                except Exception as exc:  # noqa: BLE001 - platformdirs missing or failing: say so, go on
-                    self.note(2, source, "(platformdirs)", f"unavailable: {_one_line(exc)}")
-                    continue
-            for tag in cached_tags(cache, self.label):
-                if self.try_file(2, source, cache_dir(cache, tag, self.label) / name):
-                    return True
+        tag, named_by = cache_tag()
+        self.result.cache_tag = tag
+        for source in ("project cache", "user cache"):
+            try:
+                cache = project_cache() if source == "project cache" else user_cache()
+            except Exception as exc:  # noqa: BLE001 - platformdirs missing or failing: say so, go on
+                self.note(2, source, "(platformdirs)", f"unavailable: {_one_line(exc)}")
+                continue
+            if self.cached(source, cache, tag, named_by):
+                return True
         return False
+
+    def cached(self, source: str, cache: Path, tag: str, named_by: str | None) -> bool:
+        assert self.label is not None
+        library = cache_dir(cache, tag, self.label) / _platforms.library_name(self.label)
+        if not library.is_file():
+            others = other_tags(cache, self.label, tag)
+            hint = f" (also here: {', '.join(others)}; used only when named by {ENV_PREBUILT_TAG} or `setup --tag`)" if others else ""
+            self.note(2, source, str(library), ("not found" if not library.exists() else "not a file") + hint)
+            return False
+        reason = untrusted(library, cache)
+        if reason is None and tag == TAG:
+            reason = unverified(library, self.label)
+        if reason is not None:
+            self.note(2, source, str(library), f"refused: {reason}", warn=True)
+            return False
+        if not self.try_file(2, source, library):
+            return False
+        if tag != TAG:
+            logger.warning(
+                "server_native: the %s library of %s (named by %s) overrides the package's own %s: %s",
+                source, tag, named_by, TAG, library,
+            )
+        return True
 
     def package(self) -> bool:
         spec = importlib.machinery.PathFinder.find_spec(MODULE_NAME, [str(PACKAGE_DIR)])
@@ -300,8 +444,8 @@ class _Walk:
         if os.environ.get(ENV_SOURCE_BUILD) == "0":
             self.note(4, "source build", place, f"turned off by {ENV_SOURCE_BUILD}=0")
             return False
-        if self.cli_mode:
-            self.note(4, "source build", place, "not tried by `setup`/`info` (import server_native builds it)")
+        if not self.build:
+            self.note(4, "source build", place, "not tried by `info` (using the package builds it)")
             return False
         cargo = _find_cargo()
         if cargo is None:
@@ -311,6 +455,7 @@ class _Walk:
         if maturin is None:
             self.note(4, "source build", place, "maturin is not installed (pip install 'maturin>=1.5,<2')")
             return False
+        print(_source_build_notice(checkout, self.result.attempts), file=sys.stderr, flush=True)
         try:
             library = _build_from_source(checkout, maturin, cargo)
         except _Skip as skip:
@@ -328,12 +473,26 @@ def _find_cargo() -> str | None:
 
 
 def _maturin_command() -> list[str] | None:
-    found = shutil.which("maturin")
-    if found:
-        return [found]
+    """maturin from this interpreter's scripts folder (a venv's bin/ need not be
+    on PATH), else PATH, else ``python -m maturin``."""
+    for folder in (sysconfig.get_path("scripts"), str(Path(sys.executable).parent), None):
+        found = shutil.which("maturin", path=folder)
+        if found:
+            return [found]
     if importlib.util.find_spec("maturin") is not None:
         return [sys.executable, "-m", "maturin"]
     return None
+
+
+def _source_build_notice(checkout: Path, attempts: list[Attempt]) -> str:
+    places = "; ".join(f"{a.source}: {a.outcome}" for a in attempts if a.rung in (2, 3))
+    return (
+        f"server_native: building the native library from source in {checkout} (maturin build --release, "
+        f"{FIRST_BUILD}; maturin's output follows).\n"
+        f"  Why: this is a source checkout and no library fits ({places}).\n"
+        f"  To skip it: `pip install .` builds it once for good; {ENV_PREBUILT}=/path/to/library uses one you have; "
+        f"{ENV_SOURCE_BUILD}=0 turns this build off."
+    )
 
 
 def _build_from_source(checkout: Path, maturin: list[str], cargo: str) -> Path:
@@ -341,12 +500,6 @@ def _build_from_source(checkout: Path, maturin: list[str], cargo: str) -> Path:
     checkout's package folder. Returns its path."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(cargo).parent}{os.pathsep}{env.get('PATH', '')}"
-    print(
-        f"server_native: no native library fits; building it from source in {checkout} "
-        "(maturin build --release; a cold build takes a few minutes)",
-        file=sys.stderr,
-        flush=True,
-    )
     with tempfile.TemporaryDirectory(prefix="server-native-loader-build-") as work:
         command = [*maturin, "build", "--release", "--out", work, "-i", sys.executable]
         try:
@@ -380,17 +533,18 @@ def _build_from_source(checkout: Path, maturin: list[str], cargo: str) -> Path:
 # ---------------------------------------------------------------- the walk
 
 
-def _cli_mode(argv: list[str] | None = None) -> bool:
-    """True when this process is ``python -m server_native setup|info`` or
-    ``server-native setup|info``: the commands that must run without a library."""
-    argv = sys.argv if argv is None else argv
-    if len(argv) < 2 or argv[1] not in ("setup", "info"):
-        return False
-    first = argv[0]
-    if first == "-m":  # python -m server_native: argv[0] is "-m" while the package is imported
-        return True
-    name = Path(first).name.lower()
-    return name.startswith("server-native") or (name == "__main__.py" and Path(first).parent.name == PACKAGE_NAME)
+def _fixes(result: Resolution) -> list[str]:
+    """The ways out that can work here."""
+    fixes = ["pip install server-native (a wheel for this platform)"]
+    checkout = PACKAGE_DIR.parent
+    if (checkout / "Cargo.toml").is_file():
+        fixes.append(f"pip install . in {checkout} (compiles the crate; needs Rust: https://rustup.rs)")
+    mobile = sys.platform.startswith(_platforms.PACKAGE_ONLY_PLATFORMS)
+    if result.platform and not mobile:
+        if release_location():
+            fixes.append(f"python -m server_native setup   (downloads the prebuilt library {TAG} for {result.platform} into the project cache)")
+        fixes.append(f"{ENV_PREBUILT}=/absolute/path/to/{_platforms.library_name(result.platform)}   (a library you built or have)")
+    return fixes
 
 
 def _failure_message(result: Resolution) -> str:
@@ -401,19 +555,15 @@ def _failure_message(result: Resolution) -> str:
     ]
     lines += [f"  {attempt}" for attempt in result.attempts]
     lines.append("Fix it with one of:")
-    lines.append("  - pip install server-native (a wheel for this platform), or `pip install .` in a source checkout (needs Rust: https://rustup.rs)")
-    if result.platform and not sys.platform.startswith(_platforms.PACKAGE_ONLY_PLATFORMS):
-        lines.append(f"  - python -m server_native setup   (downloads the prebuilt library {TAG} for {result.platform} into the project cache)")
-        lines.append(f"  - {ENV_PREBUILT}=/absolute/path/to/{_platforms.library_name(result.platform)}")
+    lines += [f"  - {fix}" for fix in _fixes(result)]
     return "\n".join(lines)
 
 
-def resolve(*, cli_mode: bool | None = None, sys_platform: str | None = None) -> Resolution:
-    """Walk the rungs and return what happened (loads at most one library)."""
+def resolve(*, build: bool = True, sys_platform: str | None = None) -> Resolution:
+    """Walk the rungs and return what happened (loads at most one library;
+    ``build=False`` leaves the source build out)."""
     sys_platform = sys_platform or sys.platform
-    if cli_mode is None:
-        cli_mode = _cli_mode()
-    walk = _Walk(_platforms.host_label(sys_platform), cli_mode)
+    walk = _Walk(_platforms.host_label(sys_platform), build)
     if sys_platform.startswith(_platforms.PACKAGE_ONLY_PLATFORMS):
         for rung, source in ((1, ENV_PREBUILT), (2, "caches"), (4, "source build")):
             walk.note(rung, source, "-", f"not used on {sys_platform} (only the library inside the app's package)")
@@ -432,12 +582,17 @@ def resolve(*, cli_mode: bool | None = None, sys_platform: str | None = None) ->
 _RESOLUTION: Resolution | None = None
 
 
-def resolution() -> Resolution:
-    """What :func:`load` found (the walk runs on the first call)."""
+def resolution(*, build: bool = True) -> Resolution:
+    """What :func:`load` found (the walk runs on the first call). With
+    ``build=False`` (``info``) the walk leaves the source build out, and is
+    not kept when it found nothing."""
     global _RESOLUTION
-    if _RESOLUTION is None:
-        _RESOLUTION = resolve()
-    return _RESOLUTION
+    if _RESOLUTION is not None:
+        return _RESOLUTION
+    result = resolve(build=build)
+    if build or result.module is not None:  # a library loads once per process: keep what did
+        _RESOLUTION = result
+    return result
 
 
 def load() -> ModuleType:
@@ -449,47 +604,8 @@ def load() -> ModuleType:
     return result.module
 
 
-class _Placeholder(type):
-    """The class of the stand-in's attributes: inert. Any attribute of one, and
-    any call of one, is another placeholder (the package calls some native
-    functions at import time); ``setup`` and ``info`` use none of them."""
-
-    _error: str
-
-    def __getattr__(cls, name: str) -> Any:
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return _placeholder(name, cls._error)
-
-
-def _placeholder(name: str, error: str) -> Any:
-    def call(cls: Any, *args: Any, **kwargs: Any) -> Any:
-        return _placeholder(name, error)
-
-    return _Placeholder(name, (Exception,), {"__new__": call, "_error": error, "__module__": MODULE_NAME})
-
-
-class _Unavailable(ModuleType):
-    """Stands in for the native module in ``setup``/``info`` when none loads."""
-
-    def __init__(self, error: str) -> None:
-        super().__init__(MODULE_NAME)
-        self._error = error
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return _placeholder(name, self._error)
-
-
-def _native_or_stand_in() -> ModuleType:
-    try:
+def __getattr__(name: str) -> Any:
+    # ``from ._loader import native``: the walk runs on the first use, not on import.
+    if name == "native":
         return load()
-    except ImportError:
-        result = resolution()
-        if not _cli_mode():
-            raise
-        return _Unavailable(result.error or "server_native's native library is not available")
-
-
-native = _native_or_stand_in()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -17,6 +17,7 @@ import re
 import struct
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 #: The twelve labels, in the order of SPEC section 5.
 LABELS: tuple[str, ...] = (
@@ -138,7 +139,7 @@ def glibc_requirement(path: str | os.PathLike[str]) -> tuple[int, int] | None:
     """The newest ``GLIBC_x.y`` symbol version an ELF library needs (what
     decides its manylinux tag), or None when it needs none."""
     data = Path(path).read_bytes()
-    versions = [name for name in _elf_needed_versions(data) if name.startswith("GLIBC_")]
+    versions = [name for name in _Elf(data).needed_versions() if name.startswith("GLIBC_")]
     if not versions:
         # No section headers to walk (or an unusual layout): the version names
         # are plain strings in .dynstr.
@@ -150,51 +151,6 @@ def glibc_requirement(path: str | os.PathLike[str]) -> tuple[int, int] | None:
             version = (int(match.group(1)), int(match.group(2)))
             best = version if best is None or version > best else best
     return best
-
-
-def _elf_needed_versions(data: bytes) -> list[str]:
-    """Names in the ELF ``.gnu.version_r`` section (SHT_GNU_verneed)."""
-    if data[:4] != b"\x7fELF" or len(data) < 64:
-        return []
-    is64 = data[4] == 2
-    endian = "<" if data[5] == 1 else ">"
-    try:
-        if is64:
-            shoff, = struct.unpack_from(endian + "Q", data, 0x28)
-            shentsize, shnum = struct.unpack_from(endian + "HH", data, 0x3A)
-        else:
-            shoff, = struct.unpack_from(endian + "I", data, 0x20)
-            shentsize, shnum = struct.unpack_from(endian + "HH", data, 0x2E)
-        sections = []
-        for index in range(shnum):
-            base = shoff + index * shentsize
-            if is64:
-                _name, sh_type, _flags, _addr, offset, size, link, info = struct.unpack_from(endian + "IIQQQQII", data, base)
-            else:
-                _name, sh_type, _flags, _addr, offset, size, link, info = struct.unpack_from(endian + "IIIIIIII", data, base)
-            sections.append((sh_type, offset, size, link, info))
-        names: list[str] = []
-        for sh_type, offset, _size, link, count in sections:
-            if sh_type != 0x6FFFFFFE:  # SHT_GNU_verneed
-                continue
-            strtab = sections[link][1]
-            entry = offset
-            for _ in range(count):
-                _version, aux_count, _file, aux, next_entry = struct.unpack_from(endian + "HHIII", data, entry)
-                aux_at = entry + aux
-                for _ in range(aux_count):
-                    _hash, _flags, _other, name_at, next_aux = struct.unpack_from(endian + "IHHII", data, aux_at)
-                    end = data.index(b"\0", strtab + name_at)
-                    names.append(data[strtab + name_at : end].decode("ascii", "replace"))
-                    if not next_aux:
-                        break
-                    aux_at += next_aux
-                if not next_entry:
-                    break
-                entry += next_entry
-        return names
-    except (struct.error, IndexError, ValueError):
-        return []
 
 
 def _deployment(env: str, default: str) -> str:
@@ -229,3 +185,269 @@ def wheel_platform_tag(label: str, library: str | os.PathLike[str] | None = None
     ios = _deployment("IPHONEOS_DEPLOYMENT_TARGET", "13.0")
     sdk = {"ios-arm64": "arm64_iphoneos", "ios-sim-arm64": "arm64_iphonesimulator", "ios-sim-x64": "x86_64_iphonesimulator"}[label]
     return f"ios_{ios}_{sdk}"
+
+
+# ---------------------------------------------------------------- what a library file is
+#
+# A wheel's tag promises a platform; the build hook tags a prebuilt library only
+# after reading its headers: the file format (ELF, Mach-O, PE), the CPU, and
+# the C library or OS it was linked for, against the Rust target of the build.
+
+_ELF_MACHINES = {0x03: "x86", 0x3E: "x86_64", 0x28: "arm", 0xB7: "aarch64", 0xF3: "riscv", 0x08: "mips",
+                 0x14: "ppc", 0x15: "ppc64", 0x16: "s390x", 0x102: "loongarch"}
+_MACHO_CPUS = {7: "x86", 0x01000007: "x86_64", 12: "arm", 0x0100000C: "aarch64", 0x0200000C: "arm64_32"}
+_MACHO_PLATFORMS = {1: "macos", 2: "ios", 6: "mac-catalyst", 7: "ios-simulator", 3: "tvos", 4: "watchos"}
+_PE_MACHINES = {0x14C: "x86", 0x8664: "x86_64", 0x1C4: "arm", 0xAA64: "aarch64"}
+#: Rust target triple architecture -> the machine name used here.
+_TRIPLE_MACHINES = {"x86_64": "x86_64", "aarch64": "aarch64", "i686": "x86", "i586": "x86", "armv7": "arm",
+                    "arm": "arm", "thumbv7neon": "arm", "riscv64gc": "riscv", "s390x": "s390x", "powerpc64le": "ppc64"}
+
+
+class Binary(NamedTuple):
+    """What a library file's headers say it is."""
+
+    format: str  # "ELF", "Mach-O", "PE"
+    machines: tuple[str, ...]  # CPUs (a universal Mach-O has several): "x86_64", "aarch64", "arm", ...
+    bits: int
+    shared: bool  # a shared object, dylib/bundle or DLL: what an interpreter can load
+    system: str | None  # ELF: glibc, musl, android; Mach-O: macos, ios, ios-simulator; PE: windows; None: no evidence
+
+    def describe(self) -> str:
+        kind = "shared library" if self.shared else "file that is not a shared library"
+        system = f" ({self.system})" if self.system else ""
+        return f"{_article(self.format)} {self.bits}-bit {'+'.join(self.machines)} {kind}{system}"
+
+
+def _article(format: str) -> str:
+    return f"an {format}" if format == "ELF" else f"a {format}"
+
+
+class BinaryMismatch(ValueError):
+    """A library built for another platform than the one asked for."""
+
+
+def inspect_binary(path: str | os.PathLike[str]) -> Binary:
+    """Read the headers of a library file; ValueError when it is none of
+    ELF, Mach-O or PE (or is cut short)."""
+    data = Path(path).read_bytes()
+    try:
+        if data[:4] == b"\x7fELF":
+            return _Elf(data).binary()
+        if data[:2] == b"MZ":
+            return _pe(data)
+        return _macho(data)
+    except (struct.error, IndexError) as exc:
+        raise ValueError(f"{path}: truncated or damaged headers ({exc})") from None
+
+
+def expected_binary(triple: str) -> tuple[str, str, str]:
+    """Format, machine and system a library of the Rust target ``triple`` has."""
+    machine = _TRIPLE_MACHINES.get(triple.split("-", 1)[0])
+    if machine is None:
+        raise ValueError(f"unknown architecture in the target {triple!r}")
+    if "-linux-android" in triple:
+        return "ELF", machine, "android"
+    if "-linux-musl" in triple:
+        return "ELF", machine, "musl"
+    if "-linux-gnu" in triple:
+        return "ELF", machine, "glibc"
+    if triple.endswith("-apple-darwin"):
+        return "Mach-O", machine, "macos"
+    if triple.endswith("-apple-ios-sim") or triple == "x86_64-apple-ios":
+        return "Mach-O", machine, "ios-simulator"
+    if triple.endswith("-apple-ios"):
+        return "Mach-O", machine, "ios"
+    if "-windows-" in triple:
+        return "PE", machine, "windows"
+    raise ValueError(f"no known library format for the target {triple!r}")
+
+
+def check_binary(path: str | os.PathLike[str], triple: str) -> Binary:
+    """The library's headers, when they fit the Rust target ``triple``;
+    :class:`BinaryMismatch` (one line) when they do not."""
+    format, machine, system = expected_binary(triple)
+    try:
+        found = inspect_binary(path)
+    except (ValueError, OSError) as exc:
+        raise BinaryMismatch(f"{path}: not a library for {triple}: {exc}") from None
+    wanted = f"{_article(format)} {machine} shared library ({system})"
+    if found.format != format or machine not in found.machines or not found.shared or found.system not in (None, system):
+        raise BinaryMismatch(f"{path} is {found.describe()}; the target {triple} needs {wanted}")
+    return found
+
+
+def _macho(data: bytes) -> Binary:
+    magic = data[:4]
+    if magic in (b"\xca\xfe\xba\xbe", b"\xca\xfe\xba\xbf"):  # universal: big-endian slice table
+        count, = struct.unpack_from(">I", data, 4)
+        if not 0 < count < 32:  # 0xcafebabe is also a Java class file
+            raise ValueError("not a library (a Java class file?)")
+        wide = magic[3] == 0xBF
+        slices = []
+        for index in range(count):
+            if wide:
+                _cpu, _sub, offset, _size, _align, _reserved = struct.unpack_from(">iiQQII", data, 8 + index * 32)
+            else:
+                _cpu, _sub, offset, _size, _align = struct.unpack_from(">iiIII", data, 8 + index * 20)
+            slices.append(_macho_slice(data, offset))
+        systems = {part.system for part in slices}
+        return Binary("Mach-O", tuple(m for part in slices for m in part.machines), max(p.bits for p in slices),
+                      all(p.shared for p in slices), systems.pop() if len(systems) == 1 else None)
+    return _macho_slice(data, 0)
+
+
+def _macho_slice(data: bytes, offset: int) -> Binary:
+    magic = data[offset : offset + 4]
+    if magic in (b"\xcf\xfa\xed\xfe", b"\xce\xfa\xed\xfe"):
+        endian = "<"
+    elif magic in (b"\xfe\xed\xfa\xcf", b"\xfe\xed\xfa\xce"):
+        endian = ">"
+    else:
+        raise ValueError("not an ELF, Mach-O or PE file")
+    bits = 64 if magic in (b"\xcf\xfa\xed\xfe", b"\xfe\xed\xfa\xcf") else 32
+    cpu, _sub, filetype, ncmds, _size, _flags = struct.unpack_from(endian + "iIIIII", data, offset + 4)
+    system = None
+    at = offset + (32 if bits == 64 else 28)
+    for _ in range(ncmds):
+        command, size = struct.unpack_from(endian + "II", data, at)
+        if command == 0x32:  # LC_BUILD_VERSION
+            platform_id, = struct.unpack_from(endian + "I", data, at + 8)
+            system = _MACHO_PLATFORMS.get(platform_id, f"platform {platform_id}")
+        elif command == 0x24:  # LC_VERSION_MIN_MACOSX
+            system = "macos"
+        elif command == 0x25:  # LC_VERSION_MIN_IPHONEOS (a simulator build says so only in LC_BUILD_VERSION)
+            system = system or "ios"
+        if size < 8:
+            break
+        at += size
+    machine = _MACHO_CPUS.get(cpu & 0xFFFFFFFF, f"cputype {cpu:#x}")
+    return Binary("Mach-O", (machine,), bits, filetype in (6, 8), system)  # MH_DYLIB, MH_BUNDLE
+
+
+def _pe(data: bytes) -> Binary:
+    header, = struct.unpack_from("<I", data, 0x3C)
+    if data[header : header + 4] != b"PE\0\0":
+        raise ValueError("an MZ file without a PE header")
+    machine, = struct.unpack_from("<H", data, header + 4)
+    characteristics, = struct.unpack_from("<H", data, header + 22)
+    optional_magic, = struct.unpack_from("<H", data, header + 24)
+    name = _PE_MACHINES.get(machine, f"machine {machine:#x}")
+    return Binary("PE", (name,), 64 if optional_magic == 0x20B else 32, bool(characteristics & 0x2000), "windows")
+
+
+class _Elf:
+    """Just enough of an ELF file: its header, sections and program headers."""
+
+    def __init__(self, data: bytes) -> None:
+        if data[:4] != b"\x7fELF" or len(data) < 52:
+            raise ValueError("not an ELF file")
+        self.data = data
+        self.is64 = data[4] == 2
+        self.endian = "<" if data[5] == 1 else ">"
+        self.type, self.machine = struct.unpack_from(self.endian + "HH", data, 16)
+
+    def _unpack(self, fmt32: str, fmt64: str, offset: int) -> tuple[int, ...]:
+        return struct.unpack_from(self.endian + (fmt64 if self.is64 else fmt32), self.data, offset)
+
+    def sections(self) -> list[tuple[int, int, int, int, int]]:
+        """(type, offset, size, link, info) of each section."""
+        shoff, = self._unpack("I", "Q", 0x28 if self.is64 else 0x20)
+        shentsize, shnum = self._unpack("HH", "HH", 0x3A if self.is64 else 0x2E)
+        found = []
+        for index in range(shnum):
+            _name, kind, _flags, _addr, offset, size, link, info = self._unpack(
+                "IIIIIIII", "IIQQQQII", shoff + index * shentsize
+            )
+            found.append((kind, offset, size, link, info))
+        return found
+
+    def _string(self, table: int, at: int) -> str:
+        end = self.data.index(b"\0", table + at)
+        return self.data[table + at : end].decode("ascii", "replace")
+
+    def needed_versions(self) -> list[str]:
+        """Names in the ``.gnu.version_r`` section (SHT_GNU_verneed)."""
+        try:
+            sections = self.sections()
+            names: list[str] = []
+            for kind, offset, _size, link, count in sections:
+                if kind != 0x6FFFFFFE:
+                    continue
+                strtab = sections[link][1]
+                entry = offset
+                for _ in range(count):
+                    _version, aux_count, _file, aux, next_entry = struct.unpack_from(self.endian + "HHIII", self.data, entry)
+                    aux_at = entry + aux
+                    for _ in range(aux_count):
+                        _hash, _flags, _other, name_at, next_aux = struct.unpack_from(self.endian + "IHHII", self.data, aux_at)
+                        names.append(self._string(strtab, name_at))
+                        if not next_aux:
+                            break
+                        aux_at += next_aux
+                    if not next_entry:
+                        break
+                    entry += next_entry
+            return names
+        except (struct.error, IndexError, ValueError):
+            return []
+
+    def needed_libraries(self) -> list[str]:
+        """DT_NEEDED entries of the ``.dynamic`` section."""
+        sections = self.sections()
+        names = []
+        for kind, offset, size, link, _info in sections:
+            if kind != 6:  # SHT_DYNAMIC
+                continue
+            step = 16 if self.is64 else 8
+            for at in range(offset, offset + size - step + 1, step):
+                tag, value = self._unpack("iI", "qQ", at)
+                if tag == 0:
+                    break
+                if tag == 1:  # DT_NEEDED
+                    names.append(self._string(sections[link][1], value))
+        return names
+
+    def note_owners(self) -> set[str]:
+        """Owner names of the notes in SHT_NOTE sections (``Android``, ``GNU``...)."""
+        owners = set()
+        for kind, offset, size, _link, _info in self.sections():
+            if kind != 7:
+                continue
+            at = offset
+            while at + 12 <= offset + size:
+                name_size, desc_size, _type = struct.unpack_from(self.endian + "III", self.data, at)
+                owners.add(self.data[at + 12 : at + 12 + name_size].rstrip(b"\0").decode("ascii", "replace"))
+                at += 12 + (name_size + 3) // 4 * 4 + (desc_size + 3) // 4 * 4
+        return owners
+
+    def interpreter(self) -> str | None:
+        """PT_INTERP (executables have one; shared libraries rarely do)."""
+        phoff, = self._unpack("I", "Q", 0x20 if self.is64 else 0x1C)
+        phentsize, phnum = self._unpack("HH", "HH", 0x36 if self.is64 else 0x2A)
+        for index in range(phnum):
+            at = phoff + index * phentsize
+            kind, = struct.unpack_from(self.endian + "I", self.data, at)
+            if kind == 3:
+                offset, = self._unpack("I", "Q", at + (8 if self.is64 else 4))
+                size, = self._unpack("I", "Q", at + (32 if self.is64 else 16))
+                return self.data[offset : offset + size].rstrip(b"\0").decode("ascii", "replace")
+        return None
+
+    def system(self) -> str | None:
+        """android (bionic), musl or glibc, from the strongest evidence there is."""
+        interpreter = self.interpreter() or ""
+        needed = self.needed_libraries()
+        versions = self.needed_versions()
+        if "Android" in self.note_owners() or interpreter.startswith("/system/bin/linker") or any(
+            v == "LIBC" or v.startswith("LIBC_") for v in versions
+        ):
+            return "android"
+        if "ld-musl" in interpreter or any(name.startswith(("libc.musl-", "ld-musl-")) for name in needed):
+            return "musl"
+        if "ld-linux" in interpreter or "libc.so.6" in needed or any(v.startswith("GLIBC_") for v in versions):
+            return "glibc"
+        return None
+
+    def binary(self) -> Binary:
+        machine = _ELF_MACHINES.get(self.machine, f"e_machine {self.machine:#x}")
+        return Binary("ELF", (machine,), 64 if self.is64 else 32, self.type == 3, self.system())  # ET_DYN

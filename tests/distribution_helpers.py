@@ -1,12 +1,16 @@
-"""Helpers for the distribution tests (loader rungs, setup, packaging): copies of
-the package and of the real native library, clean child-process environments, a
-wrong-ABI extension module compiled here, and a child that serves one request."""
+"""Helpers for the distribution tests (loader rungs, setup, packaging): the tools
+the test extra installs, copies of the package and of the real native library,
+clean child-process environments, a wrong-ABI extension module compiled here,
+and a child that serves one request."""
 
 from __future__ import annotations
 
+import hashlib
 import http.client
+import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,10 +18,12 @@ import sysconfig
 import tempfile
 import time
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import server_native._loader as loader
 from server_native import _platforms
+from server_native.prebuilt import make_folders
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "server_native"
@@ -26,6 +32,17 @@ TAG = loader.TAG
 
 #: The native library this test process loaded: a real build of the crate.
 REAL_LIBRARY = Path(loader.resolution().path or "")
+
+
+def venv_tool(name: str) -> str | None:
+    """A command the test extra installs (actionlint, maturin, auditwheel...):
+    from this interpreter's scripts folder first, since a venv's bin/ need not
+    be on PATH (`.venv/bin/python -m pytest` does not put it there), then PATH."""
+    for folder in (sysconfig.get_path("scripts"), str(Path(sys.executable).parent), None):
+        found = shutil.which(name, path=folder)
+        if found:
+            return found
+    return None
 
 
 def library_name() -> str:
@@ -46,10 +63,34 @@ def copy_package(site: Path, *, with_library: bool = True) -> Path:
 
 
 def place_library(folder: Path, source: Path | None = None, name: str | None = None) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folders(folder)
     target = folder / (name or library_name())
     shutil.copyfile(source or REAL_LIBRARY, target)
     return target
+
+
+def tool_module(name: str) -> ModuleType:
+    """A script of tool/ as a module."""
+    spec = importlib.util.spec_from_file_location(f"_tool_{name}", ROOT / "tool" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def ship_hashes(package: Path, hashes: dict[str, str], repository: str = "") -> None:
+    """Make a package copy ship release hashes (and a repository), as a
+    released build's ``_prebuilt_release.py`` does."""
+    metadata = package / "_prebuilt_release.py"
+    text = metadata.read_text()
+    entries = "".join(f"    {label!r}: {digest!r},\n" for label, digest in hashes.items())
+    text = re.sub(r"SHA256: dict\[str, str\] = \{.*?\}", lambda _: "SHA256: dict[str, str] = {\n" + entries + "}", text, flags=re.S)
+    text = re.sub(r'^REPOSITORY = ".*"$', f"REPOSITORY = {repository!r}", text, flags=re.M)
+    metadata.write_text(text)
 
 
 def without_cargo(path: str) -> str:

@@ -2,26 +2,25 @@
 serves a release layout built here from the real native library (archives made
 by tool/stage_prebuilt.py, SHA256SUMS manifests, a GitHub-style releases API
 JSON); then the loader picks the downloaded library and a request is served.
-Also the release metadata generator and its staleness check."""
+Also: pins, what proves a download (and what does not), a server that stalls
+or refuses, the release metadata generator and its staleness check."""
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import io
 import json
+import os
 import socket
 import subprocess
 import sys
 import tarfile
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
@@ -37,6 +36,9 @@ from distribution_helpers import (
     probe,
     run_cli,
     serve_one_request,
+    sha256,
+    ship_hashes,
+    tool_module,
     user_cache_of,
 )
 
@@ -45,20 +47,8 @@ pytestmark = pytest.mark.skipif(HOST_LABEL is None or not REAL_LIBRARY.is_file()
 PREFIX = _prebuilt_release.TAG_PREFIX
 
 
-def _tool(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"_tool_{name}", ROOT / "tool" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-stage_tool = _tool("stage_prebuilt")
-generator = _tool("generate_prebuilt_release")
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+stage_tool = tool_module("stage_prebuilt")
+generator = tool_module("generate_prebuilt_release")
 
 
 def evil_archive(target: Path, members: list[tarfile.TarInfo], data: bytes = b"x") -> None:
@@ -207,6 +197,9 @@ class Project:
         assert label is not None
         return self.root / ".server_native" / "prebuilt" / tag / label / _platforms.library_name(label)
 
+    def pin(self) -> Path:
+        return user_cache_of(self.env(), self.root) / "prebuilt" / "pinned-tag"
+
     def prebuilt_tree(self) -> list[str]:
         base = self.root / ".server_native"
         return sorted(str(p.relative_to(base)) for p in base.rglob("*")) if base.exists() else []
@@ -236,8 +229,15 @@ def test_tagged_download_then_the_loader_uses_it_and_serves(project: Project, re
     assert "100%" in done.stderr  # the progress bar ran
     record = json.loads((library.parent / prebuilt.INSTALL_RECORD).read_text())
     assert record["sha256"] == sha256(release.host_asset(TAG)) and record["tag"] == TAG
-    # no staging folder left behind
+    # the archive stays beside the library (the loader checks one against the other)
+    assert sorted(p.name for p in library.parent.iterdir()) == sorted([library.name, release.host_asset(TAG).name, prebuilt.INSTALL_RECORD])
+    assert (library.parent / release.host_asset(TAG).name).read_bytes() == release.host_asset(TAG).read_bytes()
+    # no staging folder left behind, and nothing others can write to
     assert sorted(p.name for p in library.parent.parent.iterdir()) == [HOST_LABEL]
+    for folder in (library.parent, library.parent.parent, project.root / ".server_native"):
+        assert folder.stat().st_mode & 0o022 == 0, folder
+    # this build ships no hashes and names no repository: nothing proved the download, and setup says so
+    assert f"not verified: this build of server_native names no GitHub repository to check an attestation against. {prebuilt.NOT_PROVEN}." in done.stderr
 
     info = probe(cwd=project.root, env=project.env())
     assert (info["rung"], info["source"], info["path"]) == (2, "project cache", str(library))
@@ -254,6 +254,7 @@ def test_default_tag_is_the_package_tag(project: Project, release: Release) -> N
 def test_version_shorthand(project: Project, release: Release) -> None:
     assert project.setup(release, "--tag", "v0.2.0").returncode == 0
     assert project.installed(f"{PREFIX}0.2.0").is_file()
+    assert project.pin().read_text() == f"{PREFIX}0.2.0\n"
 
 
 def test_latest_is_the_newest_release_with_the_asset(project: Project, release: Release) -> None:
@@ -265,8 +266,17 @@ def test_latest_is_the_newest_release_with_the_asset(project: Project, release: 
     assert f"latest release with {_platforms.asset_name(HOST_LABEL)}: {PREFIX}0.2.0" in done.stderr
     assert project.installed(f"{PREFIX}0.2.0").is_file()
     assert any(path.startswith("/api/releases?per_page=100") for path in release.requests)
-    # the loader finds a tag other than the package's in the cache
-    assert probe(cwd=project.root, env=project.env())["path"] == str(project.installed(f"{PREFIX}0.2.0"))
+    # naming a tag pinned it: the loader takes it over the package's own, and says so
+    assert f"pinned {PREFIX}0.2.0: the loader uses it instead of the package's own {TAG}" in done.stderr
+    info = probe(cwd=project.root, env=project.env())
+    assert info["path"] == str(project.installed(f"{PREFIX}0.2.0"))
+    assert f"overrides the package's own {TAG}" in info["stderr"]
+    # setup without --tag goes back to the package's tag
+    done = project.setup(release, quiet=False)
+    assert done.returncode == 0, done.stderr
+    assert f"removed the pin of {PREFIX}0.2.0" in done.stderr and not project.pin().exists()
+    info = probe(cwd=project.root, env=project.env())
+    assert info["path"] == str(project.installed(TAG)) and "overrides" not in info["stderr"]
 
 
 def test_latest_for_another_platform(project: Project, release: Release) -> None:
@@ -276,6 +286,7 @@ def test_latest_for_another_platform(project: Project, release: Release) -> None
     library = project.installed(f"{PREFIX}0.3.0", other)
     assert library.read_bytes() == REAL_LIBRARY.read_bytes()
     assert library.name == _platforms.library_name(other)
+    assert not project.pin().exists()  # a library for another machine pins nothing here
 
 
 def test_already_installed_needs_force(project: Project, release: Release) -> None:
@@ -381,13 +392,109 @@ def test_server_down(project: Project, release: Release) -> None:
     with socket.socket() as probe_socket:
         probe_socket.bind(("127.0.0.1", 0))
         closed_port = probe_socket.getsockname()[1]
-    started = time.monotonic()
     done = project.setup(release, "--tag", TAG, base_url=f"http://127.0.0.1:{closed_port}/releases")
     assert done.returncode == 1
     line = one_error_line(done)
-    assert f"cannot reach 127.0.0.1:{closed_port}" in line and "no network, or the server is down" in line
-    assert time.monotonic() - started < 30  # bounded retries
+    assert f"cannot get the SHA256SUMS of {TAG} from http://127.0.0.1:{closed_port}/releases/download/{TAG}/SHA256SUMS: " in line
+    assert f"127.0.0.1:{closed_port} refused the connection: nothing listens there (the server is down, or a wrong port) (3 attempts in " in line
     assert project.prebuilt_tree() == []
+
+
+@pytest.fixture
+def stalling_server() -> Iterator[tuple[int, list[socket.socket]]]:
+    """A server on loopback that takes connections and never sends a byte."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    listener.settimeout(0.2)
+    taken: list[socket.socket] = []
+    stop = threading.Event()
+
+    def take() -> None:
+        while not stop.is_set():
+            try:
+                taken.append(listener.accept()[0])
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+
+    thread = threading.Thread(target=take, daemon=True)
+    thread.start()
+    yield listener.getsockname()[1], taken
+    stop.set()
+    thread.join(5)
+    for connection in taken:
+        connection.close()
+    listener.close()
+
+
+def test_a_stalling_server_fails_within_the_budget_and_says_so(project: Project, release: Release, stalling_server: tuple[int, list[socket.socket]]) -> None:
+    """All network waits of one setup share --timeout (60 s by default; 3 here):
+    three tries of 30% of it each, then one line that says the server stalled."""
+    port, taken = stalling_server
+    done = project.setup(release, "--tag", TAG, "--timeout", "3", base_url=f"http://127.0.0.1:{port}/releases")
+    assert done.returncode == 1
+    line = one_error_line(done)
+    assert f"127.0.0.1:{port} took the connection but sent nothing for 1s (the server stalled) (3 attempts in " in line
+    assert len(taken) == 3
+    assert project.prebuilt_tree() == []
+    assert prebuilt.TIMEOUT == 60
+
+
+@pytest.fixture
+def stalling_body(release: Release) -> Iterator[str]:
+    """A release server whose archive download sends its headers and 1000 of
+    100000 bytes, then nothing."""
+    manifest = (release.folder(TAG) / "SHA256SUMS").read_bytes()
+    release_gone = threading.Event()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path.endswith("SHA256SUMS"):
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(manifest)))
+                self.end_headers()
+                self.wfile.write(manifest)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            self.wfile.write(b"\0" * 1000)
+            self.wfile.flush()
+            release_gone.wait(30)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/releases"
+    release_gone.set()
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_download_that_stalls_halfway_is_reported(project: Project, release: Release, stalling_body: str) -> None:
+    done = project.setup(release, "--tag", TAG, "--timeout", "3", base_url=stalling_body)
+    assert done.returncode == 1
+    port = stalling_body.split(":")[2].split("/")[0]
+    assert one_error_line(done) == (
+        f"server-native setup: error: the download of {_platforms.asset_name(HOST_LABEL or '')} broke off: "
+        f"127.0.0.1:{port} took the connection but sent nothing for 1s (the server stalled)"
+    )
+    assert project.prebuilt_tree() == ["prebuilt", f"prebuilt/{TAG}"]  # the tag folder, empty
+
+
+def test_setup_help_says_what_proves_a_download(project: Project) -> None:
+    done = run_cli("setup", "--help", cwd=project.root, env=project.env())
+    assert done.returncode == 0, done.stderr
+    text = " ".join(done.stdout.split())
+    assert "SHA256SUMS comes from the same server as the archive, so it only catches a damaged download, not a forged one." in text
+    assert "Any other tag has no such check" in text and "gh attestation verify" in text
+    assert "Naming a tag (--tag) for this machine pins it" in text
 
 
 def test_unknown_platform_and_no_release_location(project: Project, release: Release) -> None:
@@ -398,6 +505,82 @@ def test_unknown_platform_and_no_release_location(project: Project, release: Rel
     if not _prebuilt_release.RELEASES_URL:
         assert done.returncode == 2
         assert "no release location: pass --base-url or set SERVER_NATIVE_RELEASES_URL" in one_error_line(done)
+
+
+# ---------------------------------------------------------------- what proves a download
+
+
+def test_own_tag_is_proven_by_the_shipped_hash_and_checked_again_on_load(project: Project, release: Release) -> None:
+    assert HOST_LABEL is not None
+    ship_hashes(project.package, {HOST_LABEL: sha256(release.host_asset(TAG))})
+    done = project.setup(release, quiet=False)
+    assert done.returncode == 0, done.stderr
+    assert f"verified: {_platforms.asset_name(HOST_LABEL)} has the SHA-256 shipped inside this package for {TAG}" in done.stderr
+    assert "not verified" not in done.stderr
+    library = project.installed()
+    info = probe(cwd=project.root, env=project.env())
+    assert (info["rung"], info["path"]) == (2, str(library))
+    # a library changed after the download is not loaded
+    library.write_bytes(library.read_bytes() + b"\0")
+    info = probe(cwd=project.root, env=project.env())
+    assert info["rung"] == 3
+    assert info["tried"][1]["outcome"].startswith("refused: it differs from the library in ")
+
+
+@pytest.fixture
+def gh_stand_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A stand-in for the GitHub CLI, which cannot reach GitHub from here: it
+    records its arguments and confirms when ``gh.ok`` exists beside it. Also a
+    user cache of the test's own, for the pin."""
+    if sys.platform == "win32":
+        pytest.skip("a shell script stands in for gh")
+    folder = tmp_path / "gh-bin"
+    folder.mkdir()
+    gh = folder / "gh"
+    gh.write_text(
+        '#!/bin/sh\necho "$@" > "$0.args"\n'
+        'if [ -f "$0.ok" ]; then echo "Verification succeeded!"; exit 0; fi\n'
+        'echo "Error: no attestations found for subject" >&2\nexit 1\n'
+    )
+    gh.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ.get('PATH', '')}")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+    return gh
+
+
+@pytest.mark.parametrize("attested", [True, False])
+def test_other_tags_are_checked_with_an_attestation(project: Project, release: Release, gh_stand_in: Path, attested: bool) -> None:
+    if attested:
+        gh_stand_in.with_name("gh.ok").touch()
+    messages: list[str] = []
+    installed = prebuilt.setup(
+        f"{PREFIX}0.2.0", base_url=release.base_url, progress=False, start=project.root, log=messages.append, repository="owner/repo"
+    )
+    arguments = gh_stand_in.with_name("gh.args").read_text().split()
+    assert arguments[:2] == ["attestation", "verify"] and arguments[3:] == ["--repo", "owner/repo"]
+    assert Path(arguments[2]).name == _platforms.asset_name(HOST_LABEL or "")  # the downloaded archive
+    record = json.loads((installed.path.parent / prebuilt.INSTALL_RECORD).read_text())
+    if attested:
+        assert "verified: its GitHub artifact attestation holds (gh attestation verify --repo owner/repo)" in messages
+        assert record["checked_against"] == ["SHA256SUMS", "attestation"]
+    else:
+        assert (
+            "not verified: `gh attestation verify --repo owner/repo` did not confirm it: "
+            f"Error: no attestations found for subject. {prebuilt.NOT_PROVEN}."
+        ) in messages
+        assert record["checked_against"] == ["SHA256SUMS"]
+    assert installed.path.read_bytes() == REAL_LIBRARY.read_bytes()  # said, not refused
+
+
+def test_without_gh_setup_says_nothing_proved_the_download(project: Project, release: Release, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no gh here
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+    messages: list[str] = []
+    prebuilt.setup(f"{PREFIX}0.2.0", base_url=release.base_url, progress=False, start=project.root, log=messages.append, repository="owner/repo")
+    assert (
+        "not verified: the GitHub CLI (gh) is not installed to check the release's artifact attestation. "
+        f"{prebuilt.NOT_PROVEN}."
+    ) in messages
 
 
 # ---------------------------------------------------------------- release metadata and staging

