@@ -36,9 +36,9 @@ class _Version(argparse.Action):
 
 
 def _native_version() -> str:
-    from ._loader import resolve
+    from ._loader import resolution
 
-    result = resolve(cli_mode=True)
+    result = resolution(build=False)
     if result.module is None:
         return "not found (python -m server_native info says where it was looked for)"
     return f"{result.module.__version__} (ABI {result.module.ABI_VERSION}) from {result.path}"

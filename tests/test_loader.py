@@ -406,7 +406,8 @@ def checkout_without_library(tmp_path: Path) -> World:
 
 
 @pytest.mark.parametrize(
-    ("args", "code"), [(("--help",), 0), (("setup", "--help"), 0), (("info",), 1), (("setup", "--platform", "nowhere-x64"), 2)]
+    ("args", "code"),
+    [(("--help",), 0), (("--version",), 0), (("serve", "--help"), 0), (("setup", "--help"), 0), (("info",), 1), (("setup", "--platform", "nowhere-x64"), 2)],
 )
 def test_commands_that_need_no_library_load_none_and_build_none(checkout_without_library: World, args: tuple[str, ...], code: int) -> None:
     answer, stderr = run_loading_nothing(checkout_without_library, *args)
