@@ -25,9 +25,9 @@ ASGIApp = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message],
 
 _ClientDisconnected = native.ClientDisconnected
 _BodyTooLarge = native.BodyTooLarge
-# 2.3: an HTTP send() after the client left is dropped, not raised (as in
-# uvicorn); Starlette then keeps listening for http.disconnect itself.
-_HTTP_ASGI = {"version": "3.0", "spec_version": "2.3"}
+# 2.4: an HTTP send() after the client left raises ClientDisconnected (an
+# OSError), so a streaming app stops producing for nobody.
+_HTTP_ASGI = {"version": "3.0", "spec_version": "2.4"}
 _WEBSOCKET_ASGI = {"version": "3.0", "spec_version": "2.4"}
 _PLAIN = [(b"content-type", b"text/plain; charset=utf-8")]
 _BEFORE_START, _STARTED, _STREAMING, _COMPLETE = range(4)
@@ -81,6 +81,10 @@ class _HttpCycle:
         return {"type": "http.request", "body": step, "more_body": True}
 
     @property
+    def client_gone(self) -> bool:
+        return self._gone
+
+    @property
     def status(self) -> int:
         """The status sent (500 when the app sent none)."""
         return self._status if self._state != _BEFORE_START else 500
@@ -98,6 +102,8 @@ class _HttpCycle:
 
     async def send(self, message: Message) -> None:
         kind = message["type"]
+        if self._gone and self._state != _COMPLETE:
+            raise _ClientDisconnected("the client disconnected")
         if kind == "http.response.body":
             await self._body(message.get("body", b""), message.get("more_body", False))
         elif kind == "http.response.start":
@@ -121,9 +127,10 @@ class _HttpCycle:
             self._state = _STREAMING
             if not self._native.start(self._status, self._headers):
                 self._gone = True
+                raise _ClientDisconnected("the client disconnected")
         elif state != _STREAMING:
             raise RuntimeError("ASGI: http.response.body before http.response.start" if state == _BEFORE_START else "ASGI: response already complete")
-        if body and not self._gone:
+        if body:
             await self._write(body)
         if not more:
             self._complete()
@@ -133,11 +140,9 @@ class _HttpCycle:
         try:
             backlog = self._native.write(chunk, self._loop.create_future)
         except _ClientDisconnected:
-            # As uvicorn does: writes after a disconnect are dropped; the app
-            # learns of it from receive().
             self._gone = True
             self._wake_receive()
-            return
+            raise
         if backlog is not None:
             await backlog
 
@@ -148,7 +153,8 @@ class _HttpCycle:
             self._state = _STREAMING
             if not self._native.start(self._status, self._headers):
                 self._gone = True
-            while not self._gone and (chunk := file.read(256 * 1024)):
+                raise _ClientDisconnected("the client disconnected")
+            while chunk := file.read(256 * 1024):
                 await self._write(chunk)
         self._complete()
         self._native.finish()
@@ -241,7 +247,10 @@ async def _run(app: ASGIApp, scope: Scope, cycle: _HttpCycle, access_log: bool) 
         await app(scope, cycle.receive, cycle.send)
     except BaseException as exc:
         cycle.close_for_app(exc)
-        if not isinstance(exc, asyncio.CancelledError):
+        if cycle.client_gone:
+            # Most often the app passing on our ClientDisconnected as its own.
+            logger.debug("ASGI app ended with an error after its client left: %s %s", scope["method"], scope["path"], exc_info=exc)
+        elif not isinstance(exc, asyncio.CancelledError):
             logger.error("ASGI app failed: %s %s", scope["method"], scope["path"], exc_info=exc)
     else:
         cycle.close_for_app(None)
