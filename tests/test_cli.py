@@ -150,7 +150,11 @@ def test_sigterm_drains_requests_in_flight(app_dir: Path) -> None:
         threads = [threading.Thread(target=lambda: results.append(get(port, "/slow")[0])) for _ in range(6)]
         for thread in threads:
             thread.start()
-        time.sleep(0.3)  # let the requests reach the workers; not an assertion
+        # SIGTERM once every request has reached a worker: one still in the
+        # socket's backlog when the workers stop accepting is not in flight.
+        deadline = time.monotonic() + 20
+        while len(list(app_dir.glob("arrived-*"))) < 6 and time.monotonic() < deadline:
+            time.sleep(0.02)
         os.kill(process.pid, signal.SIGTERM)
         for thread in threads:
             thread.join(20)

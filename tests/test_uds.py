@@ -333,7 +333,11 @@ def test_cli_workers_share_one_socket_respawn_and_drain(app_dir: Path, sock_path
         threads = [threading.Thread(target=slow) for _ in range(4)]
         for thread in threads:
             thread.start()
-        time.sleep(0.3)  # let the requests reach the workers; not an assertion
+        # SIGTERM once every request has reached a worker: one still in the
+        # socket's backlog when the workers stop accepting is not in flight.
+        deadline = time.monotonic() + 20
+        while len(list(app_dir.glob("arrived-*"))) < 4 and time.monotonic() < deadline:
+            time.sleep(0.02)
         process.send_signal(signal.SIGTERM)
         for thread in threads:
             thread.join(20)

@@ -1,7 +1,8 @@
 """The app the command-line tests serve, copied next to them as a module of
 its own (tests/test_cli.py, tests/test_uds.py). Each interface answers with
 what the tests check: the worker's pid, the client and scheme the app saw,
-the server's address (a Unix socket's path) and the root path; ``/stream``
+the server's address (a Unix socket's path) and the root path; ``/slow``
+answers after a second and leaves an ``arrived-*`` file behind; ``/stream``
 sends ``?chunks=N`` lines half a second apart; a WebSocket is accepted
 and held until the client's next message."""
 
@@ -22,6 +23,10 @@ async def app(scope, receive, send):
         await receive()
         return
     if scope["path"] == "/slow":
+        # Each arrival leaves a file in the working directory, so a test
+        # knows when its requests have reached the app.
+        with open(f"arrived-{os.getpid()}-{id(scope)}", "w"):
+            pass
         await asyncio.sleep(1)
     if scope["path"] == "/stream":
         await stream(send, int(scope["query_string"].decode().removeprefix("chunks=") or "4"))
