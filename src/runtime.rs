@@ -14,7 +14,10 @@ static RUNTIME: OnceLock<Runtime> = OnceLock::new();
 /// Rust-only ceiling from 82k to 100k.
 #[cfg(any(target_os = "linux", target_os = "android"))]
 fn yield_to_python_on_wake() {
-    let param = libc::sched_param { sched_priority: 0 };
+    // musl's sched_param has more fields than glibc's: start from all zeros.
+    // SAFETY: sched_param holds only integers, for which zero is a valid value.
+    let mut param: libc::sched_param = unsafe { std::mem::zeroed() };
+    param.sched_priority = 0;
     // SAFETY: plain syscall on the calling thread; failure leaves the default policy.
     unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) };
 }
