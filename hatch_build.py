@@ -64,7 +64,7 @@ SKIP_ENV = "SERVER_NATIVE_SKIP_BUILD"
 PREBUILT_ENV = "SERVER_NATIVE_PREBUILT"
 FROM_SOURCE_ENV = "SERVER_NATIVE_BUILD_FROM_SOURCE"
 RUST_HINT = (
-    "Building server_native from source needs a Rust toolchain (cargo, rustc >= 1.80).\n"
+    "Building server_native from source needs a Rust toolchain (cargo, rustc >= 1.88).\n"
     "Install it with rustup (https://rustup.rs):\n"
     "    curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh\n"
     "then open a new shell (or `source ~/.cargo/env`) and retry."
