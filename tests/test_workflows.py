@@ -1,11 +1,17 @@
 """The GitHub workflows: actionlint passes, cibuildwheel builds exactly the
-intended abi3 identifiers on every platform, and the matrices cover the
-platforms of SPEC section 5."""
+intended abi3 identifiers on every platform, the matrices cover the twelve
+platform labels, the wheels' smoke test (the quick test subset) passes against
+a wheel built here, CI builds for musl and on the minimum Rust version, and
+nothing publishes before the release metadata names the prebuilt release."""
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -13,11 +19,13 @@ import yaml
 
 from server_native import _platforms
 
-from distribution_helpers import venv_tool
+from distribution_helpers import HOST_LABEL, REAL_LIBRARY, clean_env, venv_tool
+from test_packaging import build_wheel_without_rust, fresh_venv, source_tree
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = ROOT / ".github" / "workflows"
 CIBW_CONFIG = ROOT / "tool" / "cibuildwheel.toml"
+GENERATOR = ROOT / "tool" / "generate_prebuilt_release.py"
 
 INTENDED = {
     "linux": {"cp310-manylinux_x86_64", "cp310-manylinux_aarch64", "cp310-musllinux_x86_64", "cp310-musllinux_aarch64"},
@@ -63,21 +71,36 @@ def test_cibuildwheel_identifiers(platform: str) -> None:
     assert set(done.stdout.split()) == INTENDED[platform]
 
 
+def cibuildwheel_config() -> dict:
+    return dict(tomllib.loads(CIBW_CONFIG.read_text())["tool"]["cibuildwheel"])
+
+
 def test_wheels_matrix_builds_every_identifier() -> None:
     workflow = load("wheels.yml")
+    linux = workflow["jobs"]["linux"]
+    # manylinux and musllinux: one job each, none cancelled by another's failure
+    assert linux["strategy"]["fail-fast"] is False
+    assert {f"cp310-{entry['libc']}_{entry['archs']}" for entry in linux["strategy"]["matrix"]["include"]} == INTENDED["linux"]
+    assert "--only cp310-${{ matrix.libc }}_${{ matrix.archs }}" in str(linux["steps"])
     matrix = workflow["jobs"]["wheels"]["strategy"]["matrix"]["include"]
     archs = {(entry["platform"], entry["archs"]) for entry in matrix}
     assert archs == {
-        ("linux", "x86_64"), ("linux", "aarch64"),
         ("macos", "arm64"), ("macos", "x86_64"),
         ("windows", "AMD64"), ("windows", "ARM64"),
         ("android", "arm64_v8a"), ("android", "x86_64"),
         ("ios", "arm64_iphoneos"), ("ios", "arm64_iphonesimulator"), ("ios", "x86_64_iphonesimulator"),
     }
-    steps = " ".join(str(step.get("run", "")) for step in workflow["jobs"]["wheels"]["steps"])
-    assert "--config-file tool/cibuildwheel.toml" in steps
+    for job in ("linux", "wheels"):
+        steps = " ".join(str(step.get("run", "")) for step in workflow["jobs"][job]["steps"])
+        assert "--config-file tool/cibuildwheel.toml" in steps
     assert {"sdist", "abi3audit", "publish"} <= set(workflow["jobs"])
     assert "abi3audit --strict" in str(workflow["jobs"]["abi3audit"]["steps"])
+    assert set(workflow["jobs"]["abi3audit"]["needs"]) == {"linux", "wheels"}
+
+
+def test_linux_wheels_are_manylinux2014() -> None:
+    linux = cibuildwheel_config()["linux"]
+    assert linux["manylinux-x86_64-image"] == linux["manylinux-aarch64-image"] == "manylinux2014"
 
 
 def test_prebuilt_matrix_covers_the_twelve_labels() -> None:
@@ -100,3 +123,115 @@ def test_ci_runs_on_three_systems() -> None:
     workflow = load("ci.yml")
     assert set(workflow["jobs"]["tests"]["strategy"]["matrix"]["os"]) == {"ubuntu-latest", "macos-latest", "windows-latest"}
     assert "bash .ci/run" in str(workflow["jobs"]["linux"]["steps"])
+
+
+def test_ci_builds_for_musl() -> None:
+    musl = load("ci.yml")["jobs"]["musl"]
+    runs = " ".join(str(step.get("run", "")) for step in musl["steps"])
+    assert "cargo check --locked --lib --target x86_64-unknown-linux-musl" in runs and "musl-tools" in runs
+    assert musl["env"]["CARGO_TARGET_X86_64_UNKNOWN_LINUX_MUSL_RUSTFLAGS"] == "-C target-feature=-crt-static"
+
+
+def test_ci_builds_on_the_minimum_rust_version() -> None:
+    msrv = re.search(r'^rust-version\s*=\s*"([^"]+)"', (ROOT / "Cargo.toml").read_text(), re.M)
+    assert msrv is not None
+    steps = load("ci.yml")["jobs"]["msrv"]["steps"]
+    assert {"uses": f"dtolnay/rust-toolchain@{msrv.group(1)}"} in steps
+    assert "cargo build --locked" in str(steps)
+
+
+# ---------------------------------------------------------------- nothing publishes without release metadata
+
+
+def check_release(module: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(GENERATOR), "--check", "--require-release", "--output", str(module)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def generated_release(tmp_path: Path, labels: tuple[str, ...], repository: str) -> Path:
+    manifest = tmp_path / "SHA256SUMS"
+    manifest.write_text("".join(f"{index:064x}  {_platforms.asset_name(label)}\n" for index, label in enumerate(labels, 1)))
+    module = tmp_path / "_prebuilt_release.py"
+    done = subprocess.run([sys.executable, str(GENERATOR), "--manifest", str(manifest), "--repository", repository, "--output", str(module)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return module
+
+
+def test_the_release_check_passes_metadata_that_names_a_complete_release(tmp_path: Path) -> None:
+    done = check_release(generated_release(tmp_path, _platforms.LABELS, "owner/server_native"))
+    assert done.returncode == 0, done.stderr
+    assert "is up to date and names the release" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("labels", "repository", "gap"),
+    [
+        (_platforms.LABELS, "", "REPOSITORY is empty"),
+        (_platforms.LABELS[:-1], "owner/server_native", f"SHA256 has no hash for {_platforms.LABELS[-1]}"),
+    ],
+)
+def test_the_release_check_fails_metadata_with_a_gap(tmp_path: Path, labels: tuple[str, ...], repository: str, gap: str) -> None:
+    done = check_release(generated_release(tmp_path, labels, repository))
+    assert done.returncode == 1
+    assert "names no complete release" in done.stderr and gap in done.stderr
+
+
+def test_the_unpublished_metadata_in_the_checkout_fails_the_release_check() -> None:
+    """Until a prebuilt release is made, the package names none: publishing must stop."""
+    from server_native import _prebuilt_release
+
+    if _prebuilt_release.REPOSITORY and len(_prebuilt_release.SHA256) == len(_platforms.LABELS):
+        pytest.skip("this checkout's release metadata names a release")
+    done = check_release(ROOT / "server_native" / "_prebuilt_release.py")
+    assert done.returncode == 1 and "names no complete release" in done.stderr
+
+
+def test_the_workflows_check_the_release_metadata_before_they_publish() -> None:
+    check = "python tool/generate_prebuilt_release.py --check --require-release"
+    wheels = load("wheels.yml")["jobs"]
+    assert "release-metadata" in wheels["publish"]["needs"]
+    assert check in str(wheels["release-metadata"]["steps"])
+    release = [str(step.get("run", "")) for step in load("prebuilt.yml")["jobs"]["release"]["steps"]]
+    checked = next(index for index, run in enumerate(release) if check in run)
+    published = next(index for index, run in enumerate(release) if "gh release create" in run)
+    assert checked < published
+
+
+# ---------------------------------------------------------------- the wheels' smoke test
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+@pytest.mark.skipif(not sys.platform.startswith("linux") or HOST_LABEL != "linux-x64" or not REAL_LIBRARY.is_file(),
+                    reason="builds a linux-x64 wheel from the library built here")
+def test_the_wheel_smoke_test_passes_against_a_wheel(tmp_path: Path) -> None:
+    """What cibuildwheel does after building each wheel: a fresh venv, the wheel
+    and test-requires installed, test-sources copied to an empty folder, and
+    test-command run there, so the tests import the installed package."""
+    config = cibuildwheel_config()
+    wheels = tmp_path / "dist"
+    built = build_wheel_without_rust(source_tree(tmp_path / "tree"), wheels, tmp_path / "build-home", SERVER_NATIVE_PREBUILT=str(REAL_LIBRARY))
+    assert built.returncode == 0, built.stdout[-4000:] + built.stderr[-4000:]
+    (wheel,) = wheels.glob("*.whl")
+    bin_dir = fresh_venv(tmp_path / "venv").parent
+    home = tmp_path / "home"
+    home.mkdir()
+    env = clean_env(home, **config.get("test-environment", {}))
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    for requirements in ([str(wheel)], config["test-requires"]):
+        done = subprocess.run([str(bin_dir / "python"), "-m", "pip", "install", "--quiet", *requirements],
+                              capture_output=True, text=True, timeout=900, env=env)
+        assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    test_cwd = tmp_path / "test_cwd"
+    for source in config["test-sources"]:
+        if (ROOT / source).is_dir():
+            shutil.copytree(ROOT / source, test_cwd / source, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            test_cwd.mkdir(exist_ok=True)
+            shutil.copyfile(ROOT / source, test_cwd / source)
+    done = subprocess.run(config["test-command"], shell=True, cwd=test_cwd, env=env, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-8000:] + done.stderr[-4000:]
+    library = re.search(r"^library:\s+(\S+)", done.stdout, re.M)
+    assert library is not None and Path(library.group(1)).is_relative_to(tmp_path / "venv"), done.stdout[:2000]
+    assert re.search(r"^\d+ passed", done.stdout.splitlines()[-1]), done.stdout[-2000:]
