@@ -6,6 +6,7 @@ nothing publishes before the release metadata names the prebuilt release."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -98,9 +99,35 @@ def test_wheels_matrix_builds_every_identifier() -> None:
     assert set(workflow["jobs"]["abi3audit"]["needs"]) == {"linux", "wheels"}
 
 
-def test_linux_wheels_are_manylinux2014() -> None:
-    linux = cibuildwheel_config()["linux"]
-    assert linux["manylinux-x86_64-image"] == linux["manylinux-aarch64-image"] == "manylinux2014"
+#: Identifiers whose wheel only loads the library and reports (no quick subset):
+#: iOS runs no test at all.
+INFO_ONLY = {"cp313-android_arm64_v8a", "cp313-android_x86_64", "cp310-win_arm64"}
+
+
+@pytest.mark.parametrize("platform", list(INTENDED))
+def test_cibuildwheel_resolves_the_wheel_tests_and_images(platform: str) -> None:
+    """The options cibuildwheel computes for each identifier: the quick subset
+    (or `info` where its requirements have no wheels), manylinux2014 images."""
+    from cibuildwheel.options import CommandLineArguments, compute_options
+
+    if platform not in cibuildwheel_platforms():
+        pytest.skip(f"the installed cibuildwheel does not know --platform {platform}")
+    arguments = dataclasses.replace(CommandLineArguments.defaults(), platform=platform, config_file=str(CIBW_CONFIG), package_dir=ROOT)  # type: ignore[arg-type]
+    options = compute_options(platform, arguments, env={})  # type: ignore[arg-type]
+    quick = cibuildwheel_config()["test-command"]
+    assert "python -m pytest" in quick
+    for identifier in INTENDED[platform]:
+        build = options.build_options(identifier)
+        if platform == "ios":
+            assert not build.test_selector(identifier)
+        elif identifier in INFO_ONLY:
+            assert (build.test_command, build.test_requires, build.test_sources) == ("python -m server_native info", [], [])
+        else:
+            assert build.test_command == quick and build.test_sources == ["tests", "pyproject.toml"] and build.test_requires
+        if "manylinux" in identifier:
+            assert build.manylinux_images is not None
+            for arch in ("x86_64", "aarch64"):
+                assert f"/manylinux2014_{arch}@" in build.manylinux_images[arch]
 
 
 def test_prebuilt_matrix_covers_the_twelve_labels() -> None:
