@@ -219,8 +219,9 @@ class BridgeRequest:
 
     @property
     def remote_addr(self) -> tuple[str, int] | None:
-        """None over a Unix socket, where the client has no address."""
-        if self._fixed[2] & _HEAD_UNIX:
+        """None over a Unix socket, where the client has no address (unless
+        a PROXY protocol header gave one)."""
+        if not self._fields[6]:
             return None
         return (self._fields[6].decode("latin-1"), self._fixed[0])
 

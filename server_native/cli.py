@@ -83,7 +83,14 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--lifespan", choices=("auto", "on", "off"), default="auto")
     serve.add_argument("--root-path", default="")
     serve.add_argument("--proxy-headers", action=argparse.BooleanOptionalAction, default=True, help="trust X-Forwarded-* / Forwarded from --forwarded-allow-ips")
-    serve.add_argument("--forwarded-allow-ips", default=os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1,::1"))
+    serve.add_argument(
+        "--forwarded-allow-ips", default=os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1,::1"),
+        help="comma-separated addresses or networks ('*': any) trusted with proxy headers and PROXY protocol headers",
+    )
+    serve.add_argument(
+        "--proxy-protocol", action="store_true",
+        help="every connection opens with a PROXY protocol header (v1 or v2) from --forwarded-allow-ips; no HTTP/3",
+    )
     serve.add_argument(
         "--log-level", choices=LOG_LEVELS, default="info",
         help="level of the server's loggers (server_native, server_native.access); the root logger is the app's",
@@ -188,8 +195,10 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
             options[name] = getattr(args, name)
     if args.http != "auto":
         options["http2"] = args.http == "2"
-    options["http3"] = args.http3 and bool(args.ssl_certfile)
+    options["http3"] = args.http3 and bool(args.ssl_certfile) and not args.proxy_protocol
     options["websocket_compression"] = args.websocket_compression
+    options["proxy_protocol"] = args.proxy_protocol
+    options["forwarded_allow_ips"] = args.forwarded_allow_ips
     options["date_header"] = args.date_header
     options["response_headers"] = _response_headers(args)
     limits = (

@@ -3,6 +3,7 @@ native side attribute by attribute."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -123,6 +124,17 @@ class ServerConfig:
     websocket_max_message_size: int = 16 * MiB
     #: Compress WebSocket messages (permessage-deflate) with clients that offer it.
     websocket_compression: bool = True
+    #: Every connection opens with a PROXY protocol header (HAProxy's, version
+    #: 1 or 2) naming the client the proxy carries: that client is the one
+    #: every API reports. A connection without a valid header, or from a peer
+    #: not in ``forwarded_allow_ips``, is closed. Not for HTTP/3 (QUIC cannot
+    #: carry it), which is off when this is on.
+    proxy_protocol: bool = False
+    #: The peers trusted to send a PROXY protocol header: addresses, networks
+    #: (``"10.0.0.0/8"``) or ``"*"`` for any; a sequence or a comma-separated
+    #: string. A Unix socket peer is trusted (the file's mode says who may
+    #: connect).
+    forwarded_allow_ips: str | Sequence[str] = ("127.0.0.1", "::1")
     #: Benchmark ceiling: the native side answers every request with these
     #: bytes without calling Python.
     native_response: bytes | None = None
@@ -153,6 +165,7 @@ class ServerConfig:
         if self.fd is not None:
             self.fd = _descriptors(self.fd)
         self.response_headers = _header_pairs(self.response_headers)
+        self.forwarded_allow_ips = _networks(self.forwarded_allow_ips)
         if self.native_response is not None:
             self.native_response = bytes(self.native_response)
 
@@ -162,6 +175,24 @@ def _descriptors(fd: int | Sequence[int]) -> tuple[int, ...]:
     if not fds or any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in fds):
         raise ValueError(f"fd must be a file descriptor number or a non-empty sequence of them, not {fd!r}")
     return fds
+
+
+def _networks(items: str | Sequence[str]) -> tuple[str, ...]:
+    """Each address or network in a canonical form the native side parses."""
+    parts = items.split(",") if isinstance(items, str) else list(items)
+    networks = []
+    for part in parts:
+        if not isinstance(part, str):
+            raise ValueError(f"forwarded_allow_ips must hold strings, not {part!r}")
+        part = part.strip()
+        if part == "*":
+            networks.append(part)
+        elif part:
+            try:
+                networks.append(str(ipaddress.ip_network(part, strict=False)))
+            except ValueError:
+                raise ValueError(f"forwarded_allow_ips: not an IP address or network: {part!r}") from None
+    return tuple(networks)
 
 
 def _header_pairs(pairs: Sequence[tuple[str, str]]) -> tuple[tuple[str, str], ...]:

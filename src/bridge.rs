@@ -13,7 +13,7 @@
 //! | type | name           | direction     | payload |
 //! |------|----------------|---------------|---------|
 //! | 0    | hello          | Rust → Python | token (bytes); the first frame of every connection, stream 0 |
-//! | 1    | request head   | Rust → Python | opens a stream: client port u16, local port u16, flags u8 (1 TLS, 2 a WebSocket request, 4 no body: the request ends here, 8 over a Unix socket: no client address, local ip is the socket path), peer certificate DER (bytes; empty: none), then these strings with a NUL byte between each two (none holds one): method, scheme, authority (empty: none), path, query, HTTP version, client ip, local ip, then name and value of each header in order |
+//! | 1    | request head   | Rust → Python | opens a stream: client port u16, local port u16, flags u8 (1 TLS, 2 a WebSocket request, 4 no body: the request ends here, 8 over a Unix socket: local ip is the socket path), peer certificate DER (bytes; empty: none), then these strings with a NUL byte between each two (none holds one): method, scheme, authority (empty: none), path, query, HTTP version, client ip (empty: no client address, a Unix socket peer), local ip, then name and value of each header in order |
 //! | 2    | request chunk  | Rust → Python | body bytes (at most 64 KiB) |
 //! | 3    | request end    | Rust → Python | — |
 //! | 4    | response head  | Python → Rust | status u16, flags u8 (1: the server's default headers; 2: a whole body follows, collected before the head goes out; 4: the rest of this frame is the whole body, and the response ends with it), reason (empty: the standard one), header count u32, (name, value)…, [body] |

@@ -50,6 +50,11 @@ pub struct ServerConfig {
     /// (`--header`, `--server-header`).
     pub response_headers: Vec<(String, String)>,
     pub websocket_max_message_size: usize,
+    /// Every connection opens with a PROXY protocol header naming the client.
+    pub proxy_protocol: bool,
+    /// The peers trusted to send one.
+    #[pyo3(from_py_with = crate::proxy_protocol::trusted_from_python)]
+    pub forwarded_allow_ips: crate::proxy_protocol::Trusted,
     /// Negotiate permessage-deflate when a WebSocket client offers it.
     pub websocket_compression: bool,
     pub native_response: Option<Vec<u8>>,

@@ -1,4 +1,5 @@
-//! One accepted connection (TCP or Unix socket): optional TLS handshake, then HTTP/1.1 or
+//! One accepted connection (TCP or Unix socket): its PROXY protocol header when
+//! one is expected, optional TLS handshake, then HTTP/1.1 or
 //! HTTP/2 through hyper-util's auto builder, closed gracefully on shutdown or
 //! when idle, and aborted on a forced close.
 
@@ -89,6 +90,7 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let _permit = permit;
+    let Some((stream, addresses)) = crate::proxy_protocol::accept(stream, addresses, &server).await else { return };
     let counter = server.clone();
     let _counted = counter.stats.open();
     let max_head = server.config.max_header_size;

@@ -28,22 +28,25 @@ pub struct ConnInfo {
 pub enum Addresses {
     /// TCP or QUIC.
     Ip { peer: SocketAddr, local: SocketAddr },
-    /// A Unix domain socket: the client has no address worth naming (ASGI's
-    /// `client` is None), the server is known by the socket's path.
-    Unix { path: Arc<str> },
+    /// A Unix domain socket: the server is known by the socket's path; the
+    /// client has no address worth naming (ASGI's `client` is None) unless a
+    /// PROXY protocol header gave one.
+    Unix { path: Arc<str>, client: Option<SocketAddr> },
 }
 
 impl Addresses {
-    /// The client's IP and port; None over a Unix socket. IPv4 clients of a
-    /// dual-stack socket appear as IPv4, not as `::ffff:a.b.c.d`.
+    /// The client's IP and port; None over a Unix socket without a PROXY
+    /// protocol header. IPv4 clients of a dual-stack socket appear as IPv4,
+    /// not as `::ffff:a.b.c.d`.
     pub fn remote(&self) -> Option<(String, u16)> {
-        match self {
-            Addresses::Ip { peer, .. } => Some((peer.ip().to_canonical().to_string(), peer.port())),
-            Addresses::Unix { .. } => None,
-        }
+        let client = match self {
+            Addresses::Ip { peer, .. } => peer,
+            Addresses::Unix { client, .. } => client.as_ref()?,
+        };
+        Some((client.ip().to_canonical().to_string(), client.port()))
     }
 
-    /// " from IP:port" for a log line; nothing over a Unix socket.
+    /// " from IP:port" for a log line; nothing for a Unix socket peer.
     pub fn from_peer(&self) -> String {
         self.remote().map_or_else(String::new, |(ip, port)| format!(" from {ip}:{port}"))
     }
@@ -53,7 +56,7 @@ impl Addresses {
     pub fn local(&self) -> (String, Option<u16>) {
         match self {
             Addresses::Ip { local, .. } => (local.ip().to_canonical().to_string(), Some(local.port())),
-            Addresses::Unix { path } => (path.to_string(), None),
+            Addresses::Unix { path, .. } => (path.to_string(), None),
         }
     }
 }

@@ -15,6 +15,7 @@ mod http3;
 mod listener;
 mod log;
 mod permessage_deflate;
+mod proxy_protocol;
 mod runtime;
 mod server;
 mod service;

@@ -147,6 +147,13 @@ impl ServerShared {
     /// A port that cannot be bound is an error unless `http3_best_effort`.
     fn listen_http3(self: &Arc<Self>, addresses: &[SocketAddr]) -> std::io::Result<()> {
         let Some(tls) = self.tls.as_ref().filter(|_| self.config.http3 && !addresses.is_empty()) else { return Ok(()) };
+        if self.config.proxy_protocol {
+            // QUIC cannot carry a PROXY header, and a proxy in front would
+            // not forward the UDP that Alt-Svc points browsers at.
+            let report = "HTTP/3 is off: the PROXY protocol is on, and QUIC cannot carry it; serving over TCP only";
+            self.log.report(crate::log::Kind::Http3, crate::log::Level::Info, report);
+            return Ok(());
+        }
         let _entered = crate::runtime::runtime().enter();
         let endpoints = match crate::http3::bind(addresses, tls.config(), self) {
             Ok(endpoints) => endpoints,
@@ -227,7 +234,7 @@ impl Accept for UnixAcceptor {
 
     async fn accept(&self) -> io::Result<(tokio::net::UnixStream, Addresses)> {
         let (stream, _unnamed_peer) = self.listener.accept().await?;
-        Ok((stream, Addresses::Unix { path: self.path.clone() }))
+        Ok((stream, Addresses::Unix { path: self.path.clone(), client: None }))
     }
 }
 
