@@ -18,6 +18,8 @@ __all__ = ["main"]
 
 #: The value of ``--server-header``'s ``Server`` header.
 SERVER_HEADER = "server-native"
+#: The first descriptor systemd passes (``SD_LISTEN_FDS_START``).
+SD_LISTEN_FDS_START = 3
 
 
 class _Version(argparse.Action):
@@ -162,6 +164,23 @@ def _octal(text: str) -> int:
     return mode
 
 
+def _socket_activation(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """systemd's socket activation (``sd_listen_fds``): the listening sockets
+    it passed this process (``LISTEN_PID``), descriptors 3 onwards
+    (``LISTEN_FDS``), are served as ``--fd`` would. The variables are
+    removed, so that no child takes them for its own."""
+    count, pid = os.environ.get("LISTEN_FDS"), os.environ.get("LISTEN_PID")
+    if count is None or pid != str(os.getpid()):
+        return
+    for name in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)
+    if not count.isdigit() or int(count) < 1:
+        parser.error(f"LISTEN_FDS must be a number of sockets, not {count!r}")
+    if args.fd is not None or args.uds is not None or args.host is not None or args.port is not None:
+        parser.error(f"systemd passed {count} listening socket(s) (LISTEN_FDS): --host, --port, --uds and --fd would listen elsewhere")
+    args.fd = [SD_LISTEN_FDS_START + index for index in range(int(count))]
+
+
 def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """Refuses contradictory options, then fills in the TCP defaults."""
     tcp_given = args.host is not None or args.port is not None
@@ -193,6 +212,8 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
     for name in ("uds", "uds_mode", "fd"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
+    # Inherited (from a supervisor, systemd or a shell) for this process alone.
+    options["close_fd"] = args.fd is not None
     if args.http != "auto":
         options["http2"] = args.http == "2"
     options["http3"] = args.http3 and bool(args.ssl_certfile) and not args.proxy_protocol
@@ -282,6 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(raw)
     if args.command in ("setup", "info"):
         return int(args.run_command(args))
+    _socket_activation(args, parser)
     _check(args, parser)
     if args.workers > 1 or args.reload:
         from .supervisor import supervise

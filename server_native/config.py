@@ -75,6 +75,11 @@ class ServerConfig:
     #: of binding; kept as a tuple. The server uses duplicates: the
     #: descriptors stay the caller's.
     fd: int | Sequence[int] | None = None
+    #: The ``fd`` descriptors were inherited for the server alone (the CLI's
+    #: ``--fd``, systemd's socket activation): it closes them once it serves
+    #: duplicates, so that a socket nobody else holds stops listening as soon
+    #: as the server does.
+    close_fd: bool = False
     http2: bool = True
     #: HTTP/3 over QUIC on the same port (UDP); only with TLS.
     http3: bool = True

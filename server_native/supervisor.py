@@ -1,12 +1,13 @@
 """Worker processes for ``--workers N`` and ``--reload``: each worker is the
-same command line. Over TCP, workers bind the same port side by side
-(SO_REUSEPORT). A Unix socket cannot be shared by path, so the supervisor
-binds it once and every worker serves its listening descriptor (``--fd``);
-the file goes when the supervisor does. With ``--reload`` the supervisor
-holds the TCP listening sockets the same way, so that while the workers are
-replaced after a change to a Python file, clients wait in the listen
-backlog instead of being refused: the new workers start first, then the old
-ones drain. A worker that dies is replaced; SIGTERM or SIGINT drains every
+same command line, serving listening sockets the supervisor holds (``--fd``):
+over TCP one per worker, side by side on the port (SO_REUSEPORT), so the
+kernel spreads connections over the workers; a Unix socket (which cannot be
+shared by path) or inherited sockets (``--fd``, systemd's socket activation)
+are served by every worker. A socket outlives the worker serving it: while a
+worker is replaced, its clients wait in the listen backlog instead of being
+refused. SIGHUP (and, with ``--reload``, a change to a Python file) replaces
+every worker: the new ones start first, then the old ones drain. A worker
+that dies is replaced; SIGTERM or SIGINT closes the sockets and drains every
 worker, and a second signal stops them at once."""
 
 from __future__ import annotations
@@ -40,13 +41,13 @@ _PORT_ATTEMPTS = 16
 #: Options with a value that the supervisor decides for its workers.
 _SUPERVISOR_OPTIONS = ("--workers", "--reload-dir")
 #: Where to listen: replaced by ``--fd`` when the supervisor holds the sockets.
-_LISTEN_OPTIONS = ("--host", "--port", "--uds", "--uds-mode")
+_LISTEN_OPTIONS = ("--host", "--port", "--uds", "--uds-mode", "--fd")
 
 
 def _worker_command(argv: Sequence[str], *, listening_fds: Sequence[int] = ()) -> list[str]:
     """The same serve command for one worker: no --workers, no --reload;
     with ``listening_fds`` (the supervisor's sockets), ``--fd`` for each in
-    place of --host/--port/--uds."""
+    place of --host/--port/--uds/--fd."""
     dropped = _SUPERVISOR_OPTIONS + (_LISTEN_OPTIONS if listening_fds else ())
     command: list[str] = []
     skip = False
@@ -66,24 +67,32 @@ def _worker_command(argv: Sequence[str], *, listening_fds: Sequence[int] = ()) -
 
 
 class _Supervisor:
-    def __init__(self, command: list[str], workers: int, pass_fds: tuple[int, ...], drain_limit: float) -> None:
-        self.command = command
-        self.pass_fds = pass_fds
-        self.count = workers
+    """``slots``: each worker's command and the descriptors it inherits;
+    ``listeners``: the sockets held for them, closed on the final stop."""
+
+    def __init__(
+        self, slots: list[tuple[list[str], tuple[int, ...]]], drain_limit: float, listeners: Sequence[socket.socket] = ()
+    ) -> None:
+        self.slots = slots
         self.drain_limit = drain_limit
-        self.workers: list[subprocess.Popen[bytes]] = []
+        self.listeners = list(listeners)
+        self.workers: list[subprocess.Popen[bytes] | None] = [None] * len(slots)
         #: Replaced by a reload and still draining.
         self.retiring: list[subprocess.Popen[bytes]] = []
         self.stopping = False
+        #: SIGHUP came: replace the workers on the next turn of the loop.
+        self.reload_asked = False
         #: The signal that stopped the workers at once, if one did.
         self.forced: int | None = None
 
     def start(self) -> None:
-        while len(self.workers) < self.count:
-            self.workers.append(subprocess.Popen(self.command, pass_fds=self.pass_fds))
+        for slot, worker in enumerate(self.workers):
+            if worker is None:
+                command, fds = self.slots[slot]
+                self.workers[slot] = subprocess.Popen(command, pass_fds=fds)
 
     def everyone(self) -> list[subprocess.Popen[bytes]]:
-        return self.workers + self.retiring
+        return [worker for worker in self.workers if worker is not None] + self.retiring
 
     def on_signal(self, signum: int, _frame: object) -> None:
         if self.stopping:
@@ -97,19 +106,27 @@ class _Supervisor:
         for worker in self.everyone():
             if worker.poll() is None:
                 worker.send_signal(signum)
+        # New clients are refused at once, as by a single server: the
+        # workers close their copies as they stop accepting.
+        for listener in self.listeners:
+            listener.close()
+
+    def on_reload(self, _signum: int, _frame: object) -> None:
+        self.reload_asked = True
 
     def replace_dead(self) -> None:
-        for worker in list(self.workers):
-            code = worker.poll()
-            if code is not None:
-                self.workers.remove(worker)
+        for slot, worker in enumerate(self.workers):
+            code = None if worker is None else worker.poll()
+            if worker is not None and code is not None:
+                self.workers[slot] = None
                 logger.warning("worker %d exited with %s; starting another", worker.pid, code)
         self.retiring = [worker for worker in self.retiring if worker.poll() is None]
         self.start()
 
     def restart_all(self) -> None:
         """New workers first, then the old ones drain (SIGTERM) beside them."""
-        old, self.workers = self.workers, []
+        old = [worker for worker in self.workers if worker is not None]
+        self.workers = [None] * len(self.slots)
         self.start()
         for worker in old:
             if worker.poll() is None:
@@ -149,26 +166,50 @@ def supervise(
     configure_logging(log_level)
     drain_limit = shutdown_timeout + _EXIT_GRACE
     if fds:
-        return _supervise(_Supervisor(_worker_command(argv), workers, tuple(fds), drain_limit), reload, reload_dirs)
-    if uds is None and not reload:
-        return _supervise(_Supervisor(_worker_command(argv), workers, (), drain_limit), reload, reload_dirs)
+        command = _worker_command(argv, listening_fds=fds)
+        return _supervise(_Supervisor([(command, tuple(fds))] * workers, drain_limit), reload, reload_dirs)
+    if uds is None and not hasattr(socket, "SO_REUSEPORT"):
+        # No SO_REUSEPORT (Windows): every worker binds the port itself.
+        slots: list[tuple[list[str], tuple[int, ...]]] = [(_worker_command(argv), ())] * workers
+        return _supervise(_Supervisor(slots, drain_limit), reload, reload_dirs)
     with ExitStack() as held:
         try:
             if uds is not None:
                 sock, socket_file = bind_unix_socket(uds, backlog=backlog, mode=uds_mode)
                 held.callback(socket_file.remove)
-                sockets = [held.enter_context(sock)]
+                per_slot = [[held.enter_context(sock)]] * workers
             else:
-                sockets = [held.enter_context(sock) for sock in _bind_tcp(host, port, backlog)]
+                per_slot = [[held.enter_context(sock) for sock in group] for group in _bind_tcp_slots(host, port, backlog, workers)]
         except OSError as exc:
             print(f"server-native: error: {exc}", file=sys.stderr)
             return 1
-        listening = tuple(sock.fileno() for sock in sockets)
-        command = _worker_command(argv, listening_fds=listening)
-        return _supervise(_Supervisor(command, workers, listening, drain_limit), reload, reload_dirs)
+        slots = []
+        for sockets in per_slot:
+            listening = tuple(sock.fileno() for sock in sockets)
+            slots.append((_worker_command(argv, listening_fds=listening), listening))
+        listeners = list({id(sock): sock for group in per_slot for sock in group}.values())
+        return _supervise(_Supervisor(slots, drain_limit, listeners), reload, reload_dirs)
 
 
-def _bind_tcp(host: str, port: int, backlog: int) -> list[socket.socket]:
+def _bind_tcp_slots(host: str, port: int, backlog: int, workers: int) -> list[list[socket.socket]]:
+    """The listening sockets of each worker: every address ``host`` names on
+    one port, once per worker; side by side (SO_REUSEPORT) when there are
+    several workers."""
+    reuse_port = workers > 1
+    slots = [_bind_tcp(host, port, backlog, reuse_port=reuse_port)]
+    try:
+        chosen = slots[0][0].getsockname()[1]
+        while len(slots) < workers:
+            slots.append(_bind_tcp(host, chosen, backlog, reuse_port=reuse_port))
+    except OSError:
+        for group in slots:
+            for sock in group:
+                sock.close()
+        raise
+    return slots
+
+
+def _bind_tcp(host: str, port: int, backlog: int, *, reuse_port: bool = False) -> list[socket.socket]:
     """Listening sockets on every address ``host`` names, all on one port
     (``port``, or one picked for the first address when it is 0)."""
     addresses = resolve_bind_hosts(host)
@@ -179,7 +220,7 @@ def _bind_tcp(host: str, port: int, backlog: int) -> list[socket.socket]:
         chosen = port
         try:
             for address in addresses:
-                sockets.append(_listen_tcp(address, chosen, backlog))
+                sockets.append(_listen_tcp(address, chosen, backlog, reuse_port))
                 chosen = sockets[-1].getsockname()[1]
             return sockets
         except OSError as exc:
@@ -190,12 +231,15 @@ def _bind_tcp(host: str, port: int, backlog: int) -> list[socket.socket]:
                 raise OSError(exc.errno, f"cannot bind {address} port {chosen}: {exc.strerror or exc}") from None
 
 
-def _listen_tcp(address: str, port: int, backlog: int) -> socket.socket:
-    """As the native side binds: SO_REUSEADDR, dual-stack ``::``."""
+def _listen_tcp(address: str, port: int, backlog: int, reuse_port: bool) -> socket.socket:
+    """As the native side binds: SO_REUSEADDR (and SO_REUSEPORT when
+    ``reuse_port``, as ``shared``), dual-stack ``::``."""
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.bind((address, port))
@@ -209,10 +253,16 @@ def _listen_tcp(address: str, port: int, backlog: int) -> socket.socket:
 def _supervise(supervisor: _Supervisor, reload: bool, reload_dirs: Sequence[str]) -> int:
     signal.signal(signal.SIGTERM, supervisor.on_signal)
     signal.signal(signal.SIGINT, supervisor.on_signal)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, supervisor.on_reload)
     supervisor.start()
     changes = _watch(reload_dirs) if reload else None
     while not supervisor.stopping:
-        if changes is not None and next(changes):
+        if supervisor.reload_asked:
+            supervisor.reload_asked = False
+            logger.info("SIGHUP: starting new workers, then draining the old ones")
+            supervisor.restart_all()
+        elif changes is not None and next(changes):
             logger.info("files changed: restarting the workers")
             supervisor.restart_all()
         else:

@@ -24,6 +24,9 @@ pub struct ServerConfig {
     /// Listening sockets (TCP or Unix) to serve on instead of binding:
     /// inherited (`--fd`), or a Unix socket the Python side bound.
     pub fd: Option<Vec<i32>>,
+    /// The `fd` descriptors are the server's: closed once adopted, instead
+    /// of left open beside its duplicates.
+    pub close_fd: bool,
     pub http2: bool,
     pub http3: bool,
     /// Serve without HTTP/3 (instead of failing) when its UDP port is taken.

@@ -61,7 +61,8 @@ impl NativeServer {
         let (addresses, unix_paths) = match fds {
             Some(fds) => {
                 let backlog = shared.config.backlog;
-                let listeners = fds.into_iter().map(|fd| adopt(fd, backlog)).collect::<std::io::Result<Vec<_>>>()?;
+                let close = shared.config.close_fd;
+                let listeners = fds.into_iter().map(|fd| adopt(fd, backlog, close)).collect::<std::io::Result<Vec<_>>>()?;
                 shared.listen(listeners)?
             }
             None => bind_and_listen(&shared, &ips, port)?,
