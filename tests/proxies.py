@@ -9,6 +9,7 @@ import ipaddress
 import os
 import shutil
 import socket
+import ssl
 import struct
 import subprocess
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from apps.harness import TIMEOUT
+from conftest import Certificates
 
 #: Debian installs daemons in sbin, which a user's PATH may lack.
 _SBIN = ("/usr/sbin", "/usr/local/sbin", "/sbin")
@@ -141,3 +143,50 @@ def proxy_v2(client: tuple[str, int] | None, server: tuple[str, int] | None = No
 
 def tlv(kind: int, value: bytes) -> bytes:
     return struct.pack("!BH", kind, len(value)) + value
+
+
+# -- clients that know their own port (the client port a server must report)
+
+GET = b"GET /who HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n"
+
+
+def tls_context(certs: Certificates, alpn: str = "http/1.1") -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(certs.ca_path))
+    context.set_alpn_protocols([alpn])
+    return context
+
+
+def connect(where: int | str) -> socket.socket:
+    if isinstance(where, str):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(TIMEOUT)
+        sock.connect(where)
+        return sock
+    return socket.create_connection(("127.0.0.1", where), timeout=TIMEOUT)
+
+
+def read_all(sock: socket.socket) -> bytes:
+    chunks = []
+    try:
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    except ConnectionResetError:
+        pass
+    return b"".join(chunks)
+
+
+def body_of(response: bytes) -> str:
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), response
+    return body.decode()
+
+
+def through(port: int, request: bytes = GET, tls: ssl.SSLContext | None = None) -> tuple[str, int]:
+    """A request through a proxy on ``port``: the response body, and the
+    local port of our connection to the proxy (the client port the server
+    must report)."""
+    with connect(port) as raw:
+        own_port = raw.getsockname()[1]
+        sock = raw if tls is None else tls.wrap_socket(raw, server_hostname="localhost")
+        sock.sendall(request)
+        return body_of(read_all(sock)), own_port

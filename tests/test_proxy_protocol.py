@@ -22,7 +22,7 @@ import pytest
 
 from apps.harness import TIMEOUT, free_port, serving
 from conftest import Certificates, LogLines, LoopThread
-from proxies import haproxy, nginx, proxy_v1, proxy_v2, tlv
+from proxies import GET, body_of, connect, haproxy, nginx, proxy_v1, proxy_v2, read_all, through, tls_context, tlv
 from server_native import NativeHttpServer, ServerConfig
 from server_native.asgi import serve_asgi
 from server_native.direct import NativeDirectResponse, serve_native_direct
@@ -30,7 +30,6 @@ from server_native.wsgi import serve_wsgi
 
 CLIENT = ("203.0.113.7", 56324)
 CLIENT6 = ("2001:db8::7", 4242)
-GET = b"GET /who HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n"
 TRANSPORTS = [pytest.param(True, id="native"), pytest.param(False, id="bridge")]
 
 
@@ -58,31 +57,6 @@ async def who_direct(request: Any) -> NativeDirectResponse:
     return NativeDirectResponse.bytes(200, [("content-type", "text/plain")], f"{host} {port}".encode())
 
 
-def tls_context(certs: Certificates, alpn: str = "http/1.1") -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=str(certs.ca_path))
-    context.set_alpn_protocols([alpn])
-    return context
-
-
-def connect(where: int | str) -> socket.socket:
-    if isinstance(where, str):
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(TIMEOUT)
-        sock.connect(where)
-        return sock
-    return socket.create_connection(("127.0.0.1", where), timeout=TIMEOUT)
-
-
-def read_all(sock: socket.socket) -> bytes:
-    chunks = []
-    try:
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    except ConnectionResetError:
-        pass
-    return b"".join(chunks)
-
-
 def exchange(where: int | str, prefix: bytes, request: bytes = GET, tls: ssl.SSLContext | None = None) -> bytes:
     """``prefix`` (a PROXY header), then ``request`` (over TLS when given);
     everything the server answers until it closes."""
@@ -94,12 +68,6 @@ def exchange(where: int | str, prefix: bytes, request: bytes = GET, tls: ssl.SSL
         with tls.wrap_socket(raw, server_hostname="localhost") as secure:
             secure.sendall(request)
             return read_all(secure)
-
-
-def body_of(response: bytes) -> str:
-    head, _, body = response.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200"), response
-    return body.decode()
 
 
 def h2_get(where: int | str, prefix: bytes, tls: ssl.SSLContext | None = None) -> str:
@@ -268,17 +236,6 @@ def test_http3_is_off_with_the_proxy_protocol(serve: Any, certs: Certificates, s
 # -- real proxies ---------------------------------------------------------------
 
 
-def through(port: int, request: bytes = GET, tls: ssl.SSLContext | None = None) -> tuple[str, int]:
-    """A request through a proxy on ``port``: the response body, and the
-    local port of our connection to the proxy (the client port the server
-    must report)."""
-    with connect(port) as raw:
-        own_port = raw.getsockname()[1]
-        sock = raw if tls is None else tls.wrap_socket(raw, server_hostname="localhost")
-        sock.sendall(request)
-        return body_of(read_all(sock)), own_port
-
-
 HAPROXY_DEFAULTS = """
 global
     log stdout format raw local0 info
@@ -373,8 +330,8 @@ def test_haproxy_health_checks_and_real_clients_through_the_cli(tmp_path: Path, 
     from proxies import wait_listening
 
     app_port, front = free_port(), free_port()
-    command = [sys.executable, "-m", "server_native", "serve", "apps.deployapp:app", "--port", str(app_port),
-               "--proxy-protocol", "--app-dir", str(Path(__file__).parent)]  # fmt: skip
+    command = [sys.executable, "-m", "server_native", "serve", "app:app", "--port", str(app_port),
+               "--proxy-protocol", "--app-dir", str(Path(__file__).parents[1] / "deploy")]  # fmt: skip
     with (tmp_path / "server.log").open("wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
     try:

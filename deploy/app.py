@@ -1,7 +1,7 @@
-"""The app behind the deployment tests (tests/test_deploy.py,
-tests/test_rolling_restart.py, tests/test_proxy_protocol.py): ``/health``
-for a proxy's checks, ``/client`` the client and scheme the app sees (JSON),
-``/work`` a request that takes 20 to 50 ms, answered with the worker's pid."""
+"""The app the deployment examples serve (``server-native serve app:app``):
+``/health`` for a proxy's checks and Kubernetes' probes, ``/client`` the
+client and scheme the app sees (JSON), ``/work`` a request that takes 20 to
+50 ms, answered with the worker's pid. Replace it with yours."""
 
 import asyncio
 import json
