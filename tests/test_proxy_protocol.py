@@ -61,10 +61,12 @@ def exchange(where: int | str, prefix: bytes, request: bytes = GET, tls: ssl.SSL
     """``prefix`` (a PROXY header), then ``request`` (over TLS when given);
     everything the server answers until it closes."""
     with connect(where) as raw:
-        raw.sendall(prefix)
         if tls is None:
-            raw.sendall(request)
+            # In one write: a server that refuses the prefix must not reset
+            # the connection over a request it did not read.
+            raw.sendall(prefix + request)
             return read_all(raw)
+        raw.sendall(prefix)
         with tls.wrap_socket(raw, server_hostname="localhost") as secure:
             secure.sendall(request)
             return read_all(secure)
