@@ -1,7 +1,7 @@
 """Hatchling build hook: puts the native module ``server_native._native`` in the wheel.
 
 hatchling packages the Python sources; this hook supplies the compiled Rust library.
-``_locate_or_build_library()`` finds it with the loader's resolution (SPEC section 5),
+``_locate_or_build_library()`` finds it with the loader's resolution (``server_native/_loader.py``),
 at build time, for the target platform label (the host's, or the one of
 ``CARGO_BUILD_TARGET`` when cross-compiling):
 

@@ -242,7 +242,7 @@ CASES = (
     Case("nginx", "nginx `return 200`, 1 process, no access log; h2c on a port of its own",
          nginx_command, needs_nginx=True, h2c_own_port=True,
          not_run=(("echo256", "nginx-light cannot echo a request body (no echo module)"),)),
-    # Issue 5's apps: the same app file on every server.
+    # Framework apps: the same app file on every server.
     Case("native_asgi", "server-native serve, raw ASGI app (the uvicorn/Granian one)",
          server_native_serve("asgi", "asgi_hello:app")),
     *(case

@@ -1,4 +1,4 @@
-"""Finds and loads the native library ``server_native._native`` (SPEC section 5).
+"""Finds and loads the native library ``server_native._native``.
 
 The rest of the package takes the native module only from here
 (``from ._loader import native``), and only when it needs it: importing

@@ -1,4 +1,4 @@
-"""Platform labels of the prebuilt native libraries (SPEC section 5).
+"""Platform labels of the prebuilt native libraries.
 
 A label names one build of the native library: ``linux-x64``, ``macos-arm64``,
 ``android-armv7``, ``ios-sim-x64``... This module maps labels to the library's
@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import NamedTuple
 
-#: The twelve labels, in the order of SPEC section 5.
+#: The twelve labels, in the order the README lists them.
 LABELS: tuple[str, ...] = (
     "linux-x64",
     "linux-arm64",

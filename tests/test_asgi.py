@@ -72,7 +72,7 @@ def _plain_tracebacks() -> Iterator[None]:
 def star(request: pytest.FixtureRequest) -> Iterator[Running]:
     """The Starlette app, one server per transport for the module: every
     test using it runs in-process (native_callback=True) and over the socket
-    bridge (native_callback=False), which SPEC 2.4 says must pass the same
+    bridge (native_callback=False): both transports must pass the same
     suite."""
     with serving(serve_asgi, starlette_app.app, native_callback=request.param) as running:
         yield running

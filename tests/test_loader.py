@@ -1,4 +1,4 @@
-"""The native library loader (SPEC section 5): every rung and their order, the
+"""The native library loader: every rung and their order, the
 cache's tag, ownership and hash rules, what loads nothing (importing the
 package, --help, setup, info), with real built libraries (copies of the
 crate's build, and a wrong-ABI extension module compiled here), each case in a

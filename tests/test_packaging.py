@@ -1,4 +1,4 @@
-"""Packaging, built here and checked (SPEC section 5):
+"""Packaging, built here and checked:
 
 * the linux-x64 wheel: ``auditwheel show`` gives a manylinux tag, ``abi3audit``
   is clean, and installed into a fresh venv with no Rust on PATH it serves a request;
