@@ -491,7 +491,7 @@ fn decode_response_head(payload: Bytes, defaults: &HeaderMap) -> Result<Response
     let code = fields.u16()?;
     let status = StatusCode::from_u16(code)
         .ok()
-        .filter(|s| s.as_u16() >= 200)
+        .filter(|s| (200..=599).contains(&s.as_u16()))
         .ok_or(BridgeError::InvalidStatus(code))?;
     let flags = fields.u8()?;
     let reason = fields.bytes()?;
@@ -1519,3 +1519,52 @@ where
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(status: u16, headers: Option<&HeaderMap>, reason: &[u8], body_size: Option<usize>) -> Bytes {
+        let mut out = BytesMut::new();
+        put_response_head(&mut out, None, StatusCode::from_u16(status).unwrap(), headers, reason, body_size);
+        out.freeze()
+    }
+
+    #[test]
+    fn a_response_head_comes_back_as_it_went() {
+        let mut headers = HeaderMap::new();
+        headers.append("x-one", HeaderValue::from_static("1"));
+        headers.append("x-one", HeaderValue::from_static("again"));
+        let mut payload = BytesMut::from(&head(201, Some(&headers), b"Made", Some(4))[..]);
+        payload.extend_from_slice(b"body");
+        let decoded = decode_response_head(payload.freeze(), &HeaderMap::new()).unwrap();
+        assert_eq!(decoded.status, StatusCode::CREATED);
+        assert_eq!(decoded.reason.as_ref().map(|r| r.as_bytes()), Some(&b"Made"[..]));
+        let values: Vec<_> = decoded.headers.get_all("x-one").iter().collect();
+        assert_eq!(values, ["1", "again"]);
+        assert!(matches!(decoded.body, BodyShape::Inline(body) if body == "body"));
+    }
+
+    #[test]
+    fn default_headers_and_body_shapes_follow_the_flags() {
+        let mut defaults = HeaderMap::new();
+        defaults.insert("content-type", HeaderValue::from_static("text/plain"));
+        let streamed = decode_response_head(head(200, None, b"", None), &defaults).unwrap();
+        assert_eq!(streamed.headers.get("content-type").unwrap(), "text/plain");
+        assert!(matches!(streamed.body, BodyShape::Streamed));
+        let whole = decode_response_head(head(200, Some(&HeaderMap::new()), b"", Some(CHUNK + 1)), &defaults).unwrap();
+        assert!(whole.headers.is_empty());
+        assert!(matches!(whole.body, BodyShape::Whole));
+    }
+
+    #[test]
+    fn a_bad_head_is_an_error_not_a_response() {
+        let mut status = head(200, None, b"", None).to_vec();
+        status[..2].copy_from_slice(&999u16.to_be_bytes());
+        assert!(decode_response_head(Bytes::from(status), &HeaderMap::new()).is_err());
+        let cut = head(200, Some(&HeaderMap::new()), b"Reason", None);
+        assert!(decode_response_head(cut.slice(..cut.len() - 3), &HeaderMap::new()).is_err());
+        let mut trailing = head(200, Some(&HeaderMap::new()), b"", None).to_vec();
+        trailing.push(0);
+        assert!(decode_response_head(Bytes::from(trailing), &HeaderMap::new()).is_err());
+    }
+}

@@ -258,3 +258,34 @@ fn canned(body: Bytes) -> Response<ResponseBody> {
         .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     response
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(value: &str) -> bool {
+        valid_host(&HeaderValue::from_str(value).unwrap())
+    }
+
+    #[test]
+    fn host_values_are_authorities_without_user_info() {
+        for good in ["example.com", "example.com:8080", "a-b.c", "127.0.0.1:65535", "[::1]", "[::1]:8443", "localhost:"] {
+            assert!(host(good), "{good}");
+        }
+        for bad in ["", "user@example.com", "example.com:65536", "example.com:http", "[::1]:99999", "exa mple.com", ":80"] {
+            assert!(!host(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_plain_host_shortcut_agrees_with_the_parser() {
+        for value in ["example.com", "example.com:80", "example.com:65535", "example.com:65536", "ex_ample.com", "a:b"] {
+            let parsed = http::uri::Authority::try_from(value).is_ok_and(|a| a.port().is_none_or(|p| p.as_str().parse::<u16>().is_ok()));
+            if is_plain_host(value.as_bytes()) {
+                assert!(parsed, "{value} passes the shortcut but not the parser");
+            }
+        }
+        assert!(!is_plain_host(b"example.com:65536"));
+        assert!(!is_plain_host(b""));
+    }
+}

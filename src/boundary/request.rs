@@ -560,3 +560,24 @@ pub fn header_map(headers: &Bound<'_, PyAny>) -> PyResult<HeaderMap> {
     }
     Ok(map)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percent_escapes_are_decoded_and_broken_ones_kept() {
+        assert_eq!(&*percent_decoded(b"/plain"), b"/plain");
+        assert_eq!(&*percent_decoded(b"/caf%C3%A9"), "/café".as_bytes());
+        assert_eq!(&*percent_decoded(b"/a%2Fb%20c"), b"/a/b c");
+        assert_eq!(&*percent_decoded(b"/100%"), b"/100%");
+        assert_eq!(&*percent_decoded(b"/%zz%4"), b"/%zz%4");
+    }
+
+    #[test]
+    fn header_bytes_map_to_code_points_one_to_one() {
+        assert_eq!(latin1(b"ascii"), "ascii");
+        assert_eq!(latin1(b"caf\xe9"), "café");
+        assert_eq!(latin1("é".as_bytes()), "\u{c3}\u{a9}");
+    }
+}
