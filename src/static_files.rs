@@ -13,14 +13,19 @@
 //! - One byte range (`Range`, within `If-Range`) answers 206, a range past the
 //!   end 416. Several ranges are answered with the whole file, as RFC 9110
 //!   allows: no multipart bodies, and no amplification by overlapping ranges.
-//! - The file is read on tokio's blocking threads, a chunk ahead of the
-//!   socket. Not `sendfile`: hyper writes every body through its own buffers
-//!   and has no way to hand a file to the socket, and TLS, HTTP/2 and HTTP/3
-//!   could not use it anyway.
+//! - The file is found and opened on tokio's blocking threads, and read in
+//!   chunks as hyper asks for them: on Linux, what the page cache holds is
+//!   read on the I/O thread (`preadv2` with `RWF_NOWAIT`, which never waits
+//!   for the disk), the rest on a blocking thread. Every chunk on the blocking
+//!   pool cost a thread hop and, pinned to one core, grew the pool to its 512
+//!   threads, each allocator heap with its own fresh pages (1 MiB file: 2.5 ms
+//!   of CPU a request, 1 GiB RSS). Not `sendfile`: hyper writes every body
+//!   through its own buffers and has no way to hand a file to the socket,
+//!   and TLS, HTTP/2 and HTTP/3 could not use it anyway.
 
 use std::fs::File;
 use std::future::Future;
-use std::io::{self, Read, Seek, SeekFrom};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -98,7 +103,7 @@ pub async fn serve<B>(request: &Request<B>, mount: &Mount, rest: &str, server: &
     let trailing_slash = rest.ends_with('/');
     let opened = tokio::task::spawn_blocking(move || open(&directory, &relative, index.as_deref(), trailing_slash, &wanted)).await;
     match opened {
-        Ok(Ok(file)) => respond(file, server.config.static_files_expires, log, target),
+        Ok(Ok(file)) => respond(file, head, server.config.static_files_expires, log, target),
         Ok(Err(miss)) => missed(miss, log, target),
         Err(_) => answer(StatusCode::SERVICE_UNAVAILABLE, "server is closing"),
     }
@@ -171,17 +176,16 @@ fn names_no_file(error: &io::Error) -> bool {
     error.kind() == io::ErrorKind::InvalidInput
 }
 
-/// An open file, what to send of it, and its first chunk.
+/// An open file, and what to send of it.
 struct Opened {
     file: File,
     size: u64,
     modified: Option<SystemTime>,
     content_type: HeaderValue,
     plan: Plan,
-    first: Option<Bytes>,
 }
 
-/// Blocking: finds the file, opens it and reads its first chunk.
+/// Blocking: finds the file and opens it.
 fn open(directory: &Path, relative: &Path, index: Option<&str>, trailing_slash: bool, wanted: &Wanted) -> Result<Opened, Miss> {
     let mut named = directory.join(relative);
     let mut real = inside(directory, &named)?;
@@ -192,7 +196,7 @@ fn open(directory: &Path, relative: &Path, index: Option<&str>, trailing_slash: 
     } else if trailing_slash {
         return Err(Miss::NotFound);
     }
-    let mut file = open_without_blocking(&real)?;
+    let file = open_without_blocking(&real)?;
     let metadata = file.metadata()?;
     if !metadata.is_file() {
         return Err(Miss::NotFound);
@@ -200,15 +204,7 @@ fn open(directory: &Path, relative: &Path, index: Option<&str>, trailing_slash: 
     let size = metadata.len();
     let modified = metadata.modified().ok().filter(|m| m.duration_since(UNIX_EPOCH).is_ok());
     let plan = plan(wanted, &Validators::new(size, modified), size);
-    let first = match (&plan, wanted.head) {
-        (Plan::Whole, false) => Some(read_chunk(&file, size)?),
-        (&Plan::Part { start, end }, false) => {
-            file.seek(SeekFrom::Start(start))?;
-            Some(read_chunk(&file, end - start + 1)?)
-        }
-        _ => None,
-    };
-    Ok(Opened { file, size, modified, content_type: content_type(&named), plan, first })
+    Ok(Opened { file, size, modified, content_type: content_type(&named), plan })
 }
 
 /// The canonical path of `named`, if it is inside `directory`.
@@ -230,15 +226,60 @@ fn open_without_blocking(path: &Path) -> io::Result<File> {
     options.open(path)
 }
 
-/// Up to `CHUNK` of the next `left` bytes at the file's position.
-fn read_chunk(file: &File, left: u64) -> io::Result<Bytes> {
-    let wanted = left.min(CHUNK as u64) as usize;
-    let mut buffer = Vec::with_capacity(wanted);
-    file.take(wanted as u64).read_to_end(&mut buffer)?;
-    if buffer.len() < wanted {
-        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the file shrank while it was being sent"));
+/// Blocking: `length` bytes at `offset` (at most `CHUNK`).
+fn read_at(file: &File, offset: u64, length: usize) -> io::Result<Bytes> {
+    let mut buffer = vec![0; length];
+    let mut filled = 0;
+    while filled < length {
+        #[cfg(unix)]
+        let read = std::os::unix::fs::FileExt::read_at(file, &mut buffer[filled..], offset + filled as u64);
+        #[cfg(windows)]
+        let read = std::os::windows::fs::FileExt::seek_read(file, &mut buffer[filled..], offset + filled as u64);
+        match read {
+            Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the file shrank while it was being sent")),
+            Ok(read) => filled += read,
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+            Err(error) => return Err(error),
+        }
     }
     Ok(Bytes::from(buffer))
+}
+
+/// Up to `length` bytes at `offset` that the page cache holds, read without
+/// waiting for the disk: None when none are there (or the kernel cannot
+/// tell), for a blocking thread to read.
+#[cfg(all(target_os = "linux", target_pointer_width = "64"))]
+fn read_cached(file: &File, offset: u64, length: usize) -> Option<Bytes> {
+    use std::os::fd::AsRawFd;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    /// Kernels before 4.14 refuse the flag: asked once, not per read.
+    static UNSUPPORTED: AtomicBool = AtomicBool::new(false);
+    if UNSUPPORTED.load(Ordering::Relaxed) {
+        return None;
+    }
+    let mut buffer = Vec::<u8>::with_capacity(length);
+    let vector = libc::iovec { iov_base: buffer.as_mut_ptr().cast(), iov_len: length };
+    // The raw system call: libc's wrapper needs glibc 2.26. On 64-bit targets
+    // the offset goes whole in the first of its two words.
+    // SAFETY: the iovec covers `buffer`'s spare capacity, alive for the call.
+    let read = unsafe { libc::syscall(libc::SYS_preadv2, file.as_raw_fd(), &vector, 1, offset, 0, libc::RWF_NOWAIT) };
+    if read < 0 {
+        if matches!(io::Error::last_os_error().raw_os_error(), Some(libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL)) {
+            UNSUPPORTED.store(true, Ordering::Relaxed);
+        }
+        return None;
+    }
+    if read == 0 {
+        return None;
+    }
+    // SAFETY: the kernel wrote `read` (at most `length`) bytes into the buffer.
+    unsafe { buffer.set_len(read as usize) };
+    Some(Bytes::from(buffer))
+}
+
+#[cfg(not(all(target_os = "linux", target_pointer_width = "64")))]
+fn read_cached(_: &File, _: u64, _: usize) -> Option<Bytes> {
+    None
 }
 
 /// `text/*` and JavaScript with their charset; unknown extensions as bytes.
@@ -354,8 +395,8 @@ fn byte_range(value: &str, size: u64) -> Option<Option<(u64, u64)>> {
     Some((first < size).then(|| (first, last.min(size - 1))))
 }
 
-fn respond(opened: Opened, expires: u64, log: Source, target: &str) -> Response<ResponseBody> {
-    let Opened { file, size, modified, content_type, plan, first } = opened;
+fn respond(opened: Opened, head: bool, expires: u64, log: Source, target: &str) -> Response<ResponseBody> {
+    let Opened { file, size, modified, content_type, plan } = opened;
     let validators = Validators::new(size, modified);
     let mut headers = HeaderMap::new();
     if let Some(etag) = &validators.etag {
@@ -369,7 +410,7 @@ fn respond(opened: Opened, expires: u64, log: Source, target: &str) -> Response<
         let max_age = format!("max-age={expires}");
         headers.insert(CACHE_CONTROL, HeaderValue::from_str(&max_age).expect("max-age=digits is a valid header value"));
     }
-    let (status, length) = match plan {
+    let (status, start, length) = match plan {
         Plan::NotModified => return with_headers(StatusCode::NOT_MODIFIED, headers, ResponseBody::empty()),
         Plan::Unsatisfiable => {
             log.report(Kind::StaticFile, Level::Debug, format!("{target}: a range past the end of its {size} bytes: answered 416"));
@@ -377,23 +418,27 @@ fn respond(opened: Opened, expires: u64, log: Source, target: &str) -> Response<
             response.headers_mut().insert(CONTENT_RANGE, header_value(format!("bytes */{size}")));
             return response;
         }
-        Plan::Whole => (StatusCode::OK, size),
+        Plan::Whole => (StatusCode::OK, 0, size),
         Plan::Part { start, end } => {
             headers.insert(CONTENT_RANGE, header_value(format!("bytes {start}-{end}/{size}")));
-            (StatusCode::PARTIAL_CONTENT, end - start + 1)
+            (StatusCode::PARTIAL_CONTENT, start, end - start + 1)
         }
     };
     headers.insert(CONTENT_TYPE, content_type);
     headers.insert(CONTENT_LENGTH, HeaderValue::from(length));
     headers.insert(ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    let body = match first {
-        // HEAD: the length alone.
-        None => ResponseBody::empty(),
-        Some(first) if first.len() as u64 == length => ResponseBody::full(first),
-        Some(first) => {
-            let rest = length - first.len() as u64;
-            let file = FileBody { file: Arc::new(file), ready: Some(first), reading: None, unread: rest, unsent: length, target: target.into(), log };
-            ResponseBody::Boxed(file.boxed())
+    let body = if head || length == 0 {
+        ResponseBody::empty()
+    } else {
+        let first = read_cached(&file, start, length.min(CHUNK as u64) as usize);
+        match first {
+            // Whole at once: hyper writes it with the head.
+            Some(whole) if whole.len() as u64 == length => ResponseBody::full(whole),
+            first => {
+                let file = Arc::new(file);
+                let next = start + first.as_ref().map_or(0, |chunk| chunk.len() as u64);
+                ResponseBody::Boxed(FileBody { file, ready: first, reading: None, next, unsent: length, target: target.into(), log }.boxed())
+            }
         }
     };
     with_headers(status, headers, body)
@@ -433,14 +478,15 @@ fn missed(miss: Miss, log: Source, target: &str) -> Response<ResponseBody> {
     answer(status, message)
 }
 
-/// The rest of a file, read a chunk ahead of hyper on a blocking thread.
+/// A file's bytes, a chunk at a time as hyper asks for them.
 struct FileBody {
     file: Arc<File>,
     /// A chunk read and not yet given out.
     ready: Option<Bytes>,
+    /// A chunk being read on a blocking thread.
     reading: Option<JoinHandle<io::Result<Bytes>>>,
-    /// Bytes not yet asked of the file.
-    unread: u64,
+    /// Where the next read starts.
+    next: u64,
     /// Bytes not yet given out.
     unsent: u64,
     target: Box<str>,
@@ -448,14 +494,26 @@ struct FileBody {
 }
 
 impl FileBody {
-    fn read_next(&mut self) {
-        if self.unread == 0 {
-            return;
+    /// The next chunk: at once from the page cache, else from a blocking thread.
+    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Bytes>> {
+        if let Some(chunk) = self.ready.take() {
+            return Poll::Ready(Ok(chunk));
         }
-        let file = self.file.clone();
-        let left = self.unread;
-        self.unread -= left.min(CHUNK as u64);
-        self.reading = Some(tokio::task::spawn_blocking(move || read_chunk(&file, left)));
+        let length = self.unsent.min(CHUNK as u64) as usize;
+        if self.reading.is_none() {
+            if let Some(chunk) = read_cached(&self.file, self.next, length) {
+                self.next += chunk.len() as u64;
+                return Poll::Ready(Ok(chunk));
+            }
+            let (file, offset) = (self.file.clone(), self.next);
+            self.reading = Some(tokio::task::spawn_blocking(move || read_at(&file, offset, length)));
+        }
+        let reading = self.reading.as_mut().expect("started above");
+        let read = ready!(Pin::new(reading).poll(cx));
+        self.reading = None;
+        let chunk = read.unwrap_or_else(|_| Err(io::Error::other("the server is closing")))?;
+        self.next += chunk.len() as u64;
+        Poll::Ready(Ok(chunk))
     }
 }
 
@@ -465,24 +523,19 @@ impl Body for FileBody {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         let this = &mut *self;
-        let chunk = match this.ready.take() {
-            Some(chunk) => chunk,
-            None => {
-                let Some(reading) = this.reading.as_mut() else { return Poll::Ready(None) };
-                let read = ready!(Pin::new(reading).poll(cx));
-                this.reading = None;
-                match read.unwrap_or_else(|_| Err(io::Error::other("the server is closing"))) {
-                    Ok(chunk) => chunk,
-                    Err(error) => {
-                        this.log.report(Kind::StaticFile, Level::Error, format!("{}: {error}: the response was cut off", this.target));
-                        return Poll::Ready(Some(Err(error)));
-                    }
-                }
+        if this.unsent == 0 {
+            return Poll::Ready(None);
+        }
+        match ready!(this.poll_chunk(cx)) {
+            Ok(chunk) => {
+                this.unsent -= chunk.len() as u64;
+                Poll::Ready(Some(Ok(Frame::data(chunk))))
             }
-        };
-        this.unsent -= chunk.len() as u64;
-        this.read_next();
-        Poll::Ready(Some(Ok(Frame::data(chunk))))
+            Err(error) => {
+                this.log.report(Kind::StaticFile, Level::Error, format!("{}: {error}: the response was cut off", this.target));
+                Poll::Ready(Some(Err(error)))
+            }
+        }
     }
 
     fn is_end_stream(&self) -> bool {
