@@ -460,6 +460,33 @@ def test_a_20_mib_file_over_http1(static_server: Any, site: Site) -> None:
     assert digest.hexdigest() == site.big_sha256
 
 
+def evicted_from_page_cache(path: Path) -> bool:
+    """Drops the file's pages; whether a read that must not wait now fails."""
+    with path.open("rb") as file:
+        os.fsync(file.fileno())
+        os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        try:
+            os.preadv(file.fileno(), [bytearray(4096)], 0, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return True
+    return False
+
+
+@pytest.mark.skipif(not hasattr(os, "RWF_NOWAIT"), reason="reads from the page cache alone are a Linux feature")
+def test_a_file_out_of_the_page_cache_is_read_on_blocking_threads(static_server: Any, tmp_path: Path, site: Site) -> None:
+    running, _ = static_server(static_files=[("/static", tmp_path)])
+    data = (site.public / "big.bin").read_bytes()[: 4 * MIB + 12345]
+    (tmp_path / "cold.bin").write_bytes(data)
+    with httpx.Client(timeout=60) as client:
+        if not evicted_from_page_cache(tmp_path / "cold.bin"):
+            pytest.skip("this file system keeps files in memory (tmpfs?)")
+        whole = client.get(running.url("/static/cold.bin"))
+        assert evicted_from_page_cache(tmp_path / "cold.bin")
+        part = client.get(running.url("/static/cold.bin"), headers={"range": "bytes=1000000-3000000"})
+    assert whole.status_code == 200 and hashlib.sha256(whole.content).digest() == hashlib.sha256(data).digest()
+    assert part.status_code == 206 and part.content == data[1000000:3000001]
+
+
 def tls_client(certs: Certificates, http2: bool) -> httpx.Client:
     context = ssl.create_default_context(cafile=str(certs.ca_path))
     return httpx.Client(verify=context, http1=not http2, http2=http2, timeout=60)
