@@ -105,7 +105,7 @@ pub async fn serve<B>(request: &Request<B>, mount: &Mount, rest: &str, server: &
     match opened {
         Ok(Ok(file)) => respond(file, head, server.config.static_files_expires, log, target),
         Ok(Err(miss)) => missed(miss, log, target),
-        Err(_) => answer(StatusCode::SERVICE_UNAVAILABLE, "server is closing"),
+        Err(error) => missed(Miss::Failed(io::Error::other(error)), log, target),
     }
 }
 
