@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -113,6 +114,23 @@ def _parser() -> argparse.ArgumentParser:
         "--header", dest="headers", action="append", default=[], type=_header, metavar="NAME:VALUE",
         help="a header for every response that does not set it itself; repeatable",
     )
+    serve.add_argument(
+        "--static-path-route", action="append", default=[], metavar="ROUTE",
+        help="serve files under this route natively (default /static with one --static-path-mount); "
+        "repeatable, paired in order with --static-path-mount",
+    )
+    serve.add_argument(
+        "--static-path-mount", action="append", default=[], metavar="DIRECTORY",
+        help="the directory whose files a --static-path-route serves; repeatable",
+    )
+    serve.add_argument(
+        "--static-path-expires", type=_duration, default=ServerConfig.static_files_expires, metavar="DURATION",
+        help="Cache-Control max-age of static files: seconds or e.g. 1d, 2h30m (default 86400; 0 sends none)",
+    )
+    serve.add_argument(
+        "--static-path-dir-to-file", metavar="NAME",
+        help="the file served for a directory under a static route, e.g. index.html (default: 404)",
+    )
     serve.add_argument("--max-body-size", type=int, help="bytes (default 32 MiB)")
     serve.add_argument("--max-header-size", type=int, help="bytes (default 64 KiB)")
     serve.add_argument("--max-connections", type=int)
@@ -152,6 +170,20 @@ def _header(text: str) -> tuple[str, str]:
     if not colon or not name.strip():
         raise argparse.ArgumentTypeError(f"a header is NAME:VALUE, not {text!r}")
     return name.strip(), value.strip()
+
+
+_DURATION = re.compile(r"(?:(?P<d>\d+)d)?(?:(?P<h>\d+)h)?(?:(?P<m>\d+)m)?(?:(?P<s>\d+)s)?")
+
+
+def _duration(text: str) -> int:
+    """Seconds, as a number or in days, hours, minutes and seconds (``1h30m``)."""
+    if text.isdigit():
+        return int(text)
+    match = _DURATION.fullmatch(text)
+    if not text or match is None:
+        raise argparse.ArgumentTypeError(f"a duration is a number of seconds or e.g. 1d, 2h30m, 90s, not {text!r}")
+    scale = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+    return sum(int(match[unit] or 0) * seconds for unit, seconds in scale.items())
 
 
 def _octal(text: str) -> int:
@@ -204,6 +236,20 @@ def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.error("--ssl-certfile and --ssl-keyfile go together")
     if args.ssl_cert_reqs and not args.ssl_certfile:
         parser.error("--ssl-cert-reqs needs --ssl-certfile and --ssl-keyfile")
+    _check_static(args, parser)
+
+
+def _check_static(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Pairs routes with mounts: one mount alone is served under /static."""
+    routes, mounts = args.static_path_route, args.static_path_mount
+    if len(mounts) == 1 and not routes:
+        routes = ["/static"]
+    if len(routes) != len(mounts):
+        parser.error("--static-path-route and --static-path-mount go in pairs: give as many of each")
+    for mount in mounts:
+        if not os.path.isdir(mount):
+            parser.error(f"--static-path-mount: not a directory: {mount!r}")
+    args.static_files = list(zip(routes, mounts))
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
@@ -222,6 +268,10 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
     options["forwarded_allow_ips"] = args.forwarded_allow_ips
     options["date_header"] = args.date_header
     options["response_headers"] = _response_headers(args)
+    if args.static_files:
+        options["static_files"] = args.static_files
+        options["static_files_expires"] = args.static_path_expires
+        options["static_files_index"] = args.static_path_dir_to_file
     limits = (
         "max_body_size", "max_header_size", "max_connections", "websocket_max_message_size",
         "header_read_timeout", "body_read_timeout", "idle_timeout", "response_timeout", "shutdown_timeout",

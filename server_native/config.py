@@ -140,6 +140,16 @@ class ServerConfig:
     #: string. A Unix socket peer is trusted (the file's mode says who may
     #: connect).
     forwarded_allow_ips: str | Sequence[str] = ("127.0.0.1", "::1")
+    #: ``(route, directory)`` pairs: a request whose path is under a route
+    #: (``/static``, ``/static/...``) is answered natively from the files in
+    #: that directory (GET and HEAD; 404 for a missing file), never reaching
+    #: the application. The first route a path is under wins.
+    static_files: Sequence[tuple[str, str | os.PathLike[str]]] = ()
+    #: ``Cache-Control: max-age`` of static files, in seconds; 0 sends none.
+    static_files_expires: int = 86400
+    #: The file served for a directory under a static route, e.g.
+    #: ``index.html``; None answers a directory 404 (nothing is listed).
+    static_files_index: str | None = None
     #: Benchmark ceiling: the native side answers every request with these
     #: bytes without calling Python.
     native_response: bytes | None = None
@@ -173,6 +183,13 @@ class ServerConfig:
         self.forwarded_allow_ips = _networks(self.forwarded_allow_ips)
         if self.native_response is not None:
             self.native_response = bytes(self.native_response)
+        self.static_files = _static_mounts(self.static_files)
+        expires = self.static_files_expires
+        if isinstance(expires, bool) or not isinstance(expires, int) or expires < 0:
+            raise ValueError(f"static_files_expires must be a whole number of seconds, 0 for none, not {expires!r}")
+        index = self.static_files_index
+        if index is not None and (index in ("", ".", "..") or any(c in index for c in "/\\\0")):
+            raise ValueError(f"static_files_index must be a file name, not {index!r}")
 
 
 def _descriptors(fd: int | Sequence[int]) -> tuple[int, ...]:
@@ -198,6 +215,22 @@ def _networks(items: str | Sequence[str]) -> tuple[str, ...]:
             except ValueError:
                 raise ValueError(f"forwarded_allow_ips: not an IP address or network: {part!r}") from None
     return tuple(networks)
+
+
+def _static_mounts(pairs: Sequence[tuple[str, str | os.PathLike[str]]]) -> tuple[tuple[str, str], ...]:
+    """The pairs with each directory resolved now (a later ``chdir`` changes
+    nothing); a route is a path, a directory must exist."""
+    mounts = []
+    for pair in pairs:
+        if len(pair) != 2 or not isinstance(pair[0], str) or not isinstance(pair[1], (str, os.PathLike)):
+            raise ValueError(f"static_files must be (route, directory) pairs, not {pair!r}")
+        route, directory = pair[0], os.path.realpath(pair[1])
+        if not route.startswith("/") or any(c in route for c in "?#%"):
+            raise ValueError(f"a static_files route is a path such as '/static', not {route!r}")
+        if not os.path.isdir(directory):
+            raise NotADirectoryError(20, "static_files: not a directory", os.fspath(pair[1]))
+        mounts.append((route, directory))
+    return tuple(mounts)
 
 
 def _header_pairs(pairs: Sequence[tuple[str, str]]) -> tuple[tuple[str, str], ...]:

@@ -60,6 +60,13 @@ pub struct ServerConfig {
     pub forwarded_allow_ips: crate::proxy_protocol::Trusted,
     /// Negotiate permessage-deflate when a WebSocket client offers it.
     pub websocket_compression: bool,
+    /// `(route, directory)` pairs whose files are served natively, the
+    /// first route a path is under winning.
+    pub static_files: Vec<crate::static_files::Mount>,
+    /// `Cache-Control: max-age` of static files, in seconds; 0 sends none.
+    pub static_files_expires: u64,
+    /// The file served for a directory under a static route (else 404).
+    pub static_files_index: Option<String>,
     pub native_response: Option<Vec<u8>>,
     /// `native_callback=False`: where Python listens for the socket bridge
     /// (`unix:/path` or `tcp:127.0.0.1:port`), and the token that proves it

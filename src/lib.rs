@@ -19,6 +19,7 @@ mod proxy_protocol;
 mod runtime;
 mod server;
 mod service;
+mod static_files;
 mod tls;
 mod websocket;
 

@@ -19,6 +19,7 @@ use crate::exchange::Exchange;
 use crate::framing::{self, Answering};
 use crate::log::{Kind, Level};
 use crate::server::ServerShared;
+use crate::static_files;
 use crate::websocket;
 
 /// A request body from any protocol (hyper's `Incoming`, HTTP/3 streams).
@@ -39,6 +40,9 @@ pub async fn handle<B: RequestBodySource>(
     }
     let mut response = if let Some(refusal) = refuse(&request, server.config.max_body_size) {
         refusal
+    } else if let Some((mount, rest)) = static_files::route(&server.config.static_files, request.uri().path()) {
+        let _in_flight = conn.begin_request();
+        static_files::serve(&request, mount, rest, server).await
     } else if let Some(body) = &server.native_response {
         canned(body.clone())
     } else {
