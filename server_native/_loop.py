@@ -106,22 +106,61 @@ class CoroutineRunner:
     its end (``asyncio.timeout`` and anyio rely on that); coroutines that
     finish without waiting may share one, but a cancellation one of them
     asks for ends that Task and reaches no other. A coroutine's own
-    exceptions go to ``on_error``."""
+    exceptions go to ``on_error``.
 
-    __slots__ = ("_loop", "_on_error", "_batch")
+    The runner knows its Tasks, so that a server can wait for the
+    coroutines still running when it closes (:meth:`wait`), and cancel
+    those that outlive its shutdown timeout (:meth:`cancel`)."""
+
+    __slots__ = ("_loop", "_on_error", "_batch", "_tasks", "_waiting", "_cancelling")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, on_error: Callable[[BaseException], None]) -> None:
         self._loop = loop
         self._on_error = on_error
         self._batch: list[Coroutine[Any, Any, Any]] | None = None
+        #: Every Task of this runner that has not finished.
+        self._tasks: set[asyncio.Task[None]] = set()
+        #: The Tasks driving a coroutine that waits: the ones to cancel.
+        self._waiting: set[asyncio.Task[Any]] = set()
+        #: Cancelled: coroutines not started yet are closed unstarted.
+        self._cancelling = False
 
     def start(self, coro: Coroutine[Any, Any, Any]) -> None:
         batch = self._batch
         if batch is None:
             self._batch = [coro]
-            self._loop.create_task(self._run_batch())
+            self._track(self._loop.create_task(self._run_batch()))
         else:
             batch.append(coro)
+
+    def _track(self, task: asyncio.Task[None]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    @property
+    def running(self) -> int:
+        """How many of its Tasks have not finished."""
+        return len(self._tasks)
+
+    async def wait(self, timeout: float) -> bool:
+        """Waits (at most ``timeout`` seconds) until every coroutine started
+        has finished, those started meanwhile too; True if they have."""
+        deadline = self._loop.time() + timeout
+        while self._tasks:
+            remaining = deadline - self._loop.time()
+            if remaining <= 0:
+                return False
+            await asyncio.wait(list(self._tasks), timeout=remaining)
+        return True
+
+    def cancel(self) -> int:
+        """Cancels every coroutine that is waiting; those not started yet
+        will be closed unstarted. Returns how many were cancelled."""
+        self._cancelling = True
+        waiting = [task for task in self._waiting if not task.done()]
+        for task in waiting:
+            task.cancel()
+        return len(waiting)
 
     async def _run_batch(self) -> None:
         batch, self._batch = self._batch, None
@@ -131,6 +170,9 @@ class CoroutineRunner:
         task = asyncio.current_task()
         for index in range(first, len(batch)):
             coro = batch[index]
+            if self._cancelling:
+                coro.close()
+                continue
             context = contextvars.copy_context()
             try:
                 awaited = context.run(coro.send, None)
@@ -140,12 +182,16 @@ class CoroutineRunner:
                 self._on_error(exc)
             else:
                 self._go_on(batch, index + 1)
+                if task is not None:
+                    self._waiting.add(task)
                 try:
                     await _resumed(coro, context, awaited)
                 except GeneratorExit:  # the Task is destroyed (the loop went away)
                     raise
                 except BaseException as exc:  # noqa: BLE001
                     self._on_error(exc)
+                finally:
+                    self._waiting.discard(task)  # type: ignore[arg-type]
                 return
             if task is not None and _cancel_requested(task):
                 # The coroutine asked its Task to cancel, and nothing but it
@@ -157,7 +203,7 @@ class CoroutineRunner:
     def _go_on(self, batch: list[Coroutine[Any, Any, Any]], first: int) -> None:
         """Hands the rest of the batch to a new Task."""
         if first < len(batch):
-            self._loop.create_task(self._run(batch, first))
+            self._track(self._loop.create_task(self._run(batch, first)))
 
 
 #: Whether a Task was asked to cancel: ``cancelling()`` from Python 3.11;

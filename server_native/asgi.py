@@ -12,7 +12,7 @@ from typing import Any
 
 from ._loader import native
 from .config import ServerConfig
-from .logs import log_access
+from .logs import error_logger, log_access
 from .proxy import ProxyHeaders
 from .serve import serve_bound
 from .server import BoundServer, bind_settings, logger
@@ -202,6 +202,7 @@ class ASGIServer(BoundServer):
         self._proxy = proxy
         self._access_log = access_log
         self._scope_base = {"type": "http", "asgi": _HTTP_ASGI, "root_path": root_path}
+        self._websocket_scope_base = {"type": "websocket", "asgi": _WEBSOCKET_ASGI, "root_path": root_path}
         self.state: dict[str, Any] = {}
         super().__init__(config, hosts, port)
 
@@ -213,17 +214,14 @@ class ASGIServer(BoundServer):
         if app is None:
             native_request.respond(503, _PLAIN, b"Service Unavailable")
             return
-        scope = native_request.asgi_scope(self._scope_base, self.state)
+        websocket = native_request.websocket
+        scope = native_request.asgi_scope(self._websocket_scope_base if websocket else self._scope_base, self.state)
         if self._proxy is not None and native_request.has_proxy_headers:
-            scope["client"], scope["scheme"] = self._proxy.resolve(scope["client"], scope["scheme"], scope["headers"])
+            client, scheme = self._proxy.resolve(scope["client"], scope["scheme"], scope["headers"])
+            scope["client"], scope["scheme"] = client, _WEBSOCKET_SCHEMES.get(scheme, scheme) if websocket else scheme
         if native_request.tls:
             scope["extensions"]["tls"] = _tls_extension(native_request)
-        if native_request.websocket:
-            scope["type"] = "websocket"
-            scope["asgi"] = _WEBSOCKET_ASGI
-            scope["scheme"] = "wss" if scope["scheme"] == "https" else "ws"
-            scope["subprotocols"] = _subprotocols(scope["headers"])
-            scope["extensions"] = {"websocket.http.response": {}}
+        if websocket:
             self._runner.start(_run_websocket(app, scope, _WebSocketCycle(native_request, self._loop)))
             return
         cycle = _HttpCycle(native_request, self._loop)
@@ -258,43 +256,48 @@ async def _run(app: ASGIApp, scope: Scope, cycle: _HttpCycle, access_log: bool) 
         log_access(scope["client"], scope["method"], scope["raw_path"].decode("latin-1"), scope["http_version"], cycle.status)
 
 
-def _subprotocols(headers: list[tuple[bytes, bytes]]) -> list[str]:
-    return [
-        item.strip()
-        for name, value in headers
-        if name == b"sec-websocket-protocol"
-        for item in value.decode("latin-1").split(",")
-        if item.strip()
-    ]
+#: The scheme of a WebSocket behind a proxy that reports http or https.
+_WEBSOCKET_SCHEMES = {"http": "ws", "https": "wss"}
 
 
-_CONNECTING, _ACCEPTED, _CLOSED, _DENIED = range(4)
+_CONNECTING, _ACCEPTED, _CLOSED, _DENYING, _DENIED = range(5)
+#: What the app's receive() gets once the socket is denied, or its client gone
+#: before an accept: the connection ended without a close frame.
+_NEVER_OPENED = {"type": "websocket.disconnect", "code": 1006, "reason": ""}
 
 
 class _WebSocketCycle:
     """ASGI ``websocket`` messages onto a native WebSocket, with the
     disconnect rules of the spec: ``send`` after the client left raises an
     ``OSError`` (``ClientDisconnected``); a server-side close is followed by
-    ``websocket.disconnect`` once the client answers it."""
+    ``websocket.disconnect`` once the client answers it; once the socket is
+    denied (``websocket.close`` before accept: 403, or a
+    ``websocket.http.response``), ``receive`` returns a disconnect (1006) at
+    once. A denial is an HTTP response, streamed like one; one the app
+    leaves unfinished, or breaks off with a wrong message, ends as a 500
+    (cut off once its head is out), and so does an app that returns without
+    accepting or denying."""
 
     def __init__(self, native_request: Any, loop: asyncio.AbstractEventLoop) -> None:
         self._native = native_request
         self._loop = loop
         self._state = _CONNECTING
         self._connect_sent = False
-        self._disconnected = False
-        self._denial: tuple[int, Any] | None = None
+        #: The denial's response, once ``websocket.http.response.start`` came.
+        self._denial: _HttpCycle | None = None
 
     async def receive(self) -> Message:
         if not self._connect_sent:
             self._connect_sent = True
             return {"type": "websocket.connect"}
-        if self._state in (_CONNECTING, _DENIED):
+        state = self._state
+        if state == _CONNECTING:
             waiter = self._native.wait_disconnect(self._loop.create_future)
             if waiter is not None:
                 await waiter
-            self._disconnected = True
-            return {"type": "websocket.disconnect", "code": 1006, "reason": ""}
+            return dict(_NEVER_OPENED)
+        if state >= _DENYING:
+            return dict(_NEVER_OPENED)
         create_future = self._loop.create_future
         while True:
             item = self._native.ws_receive(create_future)
@@ -306,58 +309,75 @@ class _WebSocketCycle:
             return {"type": "websocket.receive", "text": payload}
         if kind == "bytes":
             return {"type": "websocket.receive", "bytes": payload}
-        self._disconnected = True
         code, reason = payload
         return {"type": "websocket.disconnect", "code": code, "reason": reason}
 
     async def send(self, message: Message) -> None:
         kind = message["type"]
-        if kind == "websocket.send":
-            if self._state != _ACCEPTED:
-                raise RuntimeError("ASGI: websocket.send before websocket.accept" if self._state == _CONNECTING else "ASGI: websocket.send after websocket.close")
+        state = self._state
+        if kind == "websocket.send" and state == _ACCEPTED:
             data = message.get("bytes")
             if data is None:
                 data = message.get("text", "")
             backlog = self._native.ws_send(data, self._loop.create_future)
             if backlog is not None:
                 await backlog
-        elif kind == "websocket.accept":
-            if self._state != _CONNECTING:
-                raise RuntimeError("ASGI: websocket.accept sent twice or after close")
+        elif kind == "websocket.accept" and state == _CONNECTING:
             if not self._native.accept_websocket(message.get("subprotocol"), message.get("headers", ())):
                 self._state = _DENIED
                 raise _ClientDisconnected("the client left before the WebSocket was accepted")
             self._state = _ACCEPTED
-        elif kind == "websocket.close":
-            if self._state == _CONNECTING:
+        elif kind == "websocket.close" and state in (_CONNECTING, _ACCEPTED):
+            if state == _CONNECTING:
                 self._state = _DENIED
                 self._native.respond(403, _PLAIN, b"")
-            elif self._state == _ACCEPTED:
+            else:
                 self._state = _CLOSED
                 self._native.ws_close(message.get("code", 1000), message.get("reason") or "")
-        elif kind == "websocket.http.response.start":
-            if self._state != _CONNECTING:
-                raise RuntimeError("ASGI: websocket.http.response.start after accept or close")
-            self._state = _DENIED
-            self._denial = (message["status"], message.get("headers", ()))
-        elif kind == "websocket.http.response.body":
-            if self._denial is None:
-                raise RuntimeError("ASGI: websocket.http.response.body before its start")
-            if not message.get("more_body", False):
-                status, headers = self._denial
-                self._native.respond(status, headers, message.get("body", b""))
+        elif kind == "websocket.close" and state in (_CLOSED, _DENIED):
+            pass
+        elif kind == "websocket.http.response.start" and state == _CONNECTING:
+            self._state = _DENYING
+            self._denial = _HttpCycle(self._native, self._loop)
+            status = message["status"]
+            if not isinstance(status, int) or not 200 <= status <= 599:
+                raise RuntimeError(f"ASGI: invalid status {status!r} in websocket.http.response.start: must be 200-599")
+            await self._denial.send({"type": "http.response.start", "status": status, "headers": message.get("headers", ())})
+        elif kind == "websocket.http.response.body" and state == _DENYING and self._denial is not None:
+            more = message.get("more_body", False)
+            await self._denial.send({"type": "http.response.body", "body": message.get("body", b""), "more_body": more})
+            if not more:
+                self._state = _DENIED
         else:
-            raise RuntimeError(f"ASGI: unexpected message {kind!r} on a websocket connection")
+            raise RuntimeError(f"ASGI: unexpected {kind!r} {_STATE_NAMES[state]} on a websocket connection")
 
     def close_for_app(self, error: BaseException | None) -> None:
-        """The app returned or raised: deny a socket it never accepted (403,
-        or 500 on an error) and close one it left open."""
-        if self._state == _CONNECTING:
+        """The app returned or raised: a socket it never accepted or denied
+        is a 500, and so is a denial it left unfinished; one it left open
+        is closed (1011 on an error)."""
+        state = self._state
+        if state == _CONNECTING:
             self._state = _DENIED
-            self._native.respond(500 if error is not None else 403, _PLAIN, b"")
-        elif self._state == _ACCEPTED:
+            if error is None:
+                error_logger.error("ASGI app returned without accepting or denying the WebSocket %s: answered 500", self._native.path)
+            self._native.respond(500, _PLAIN, b"Internal Server Error")
+        elif state == _DENYING and self._denial is not None:
+            self._state = _DENIED
+            if error is None:
+                error_logger.error("ASGI app returned before finishing its denial of the WebSocket %s: answered 500", self._native.path)
+            self._denial.close_for_app(error or RuntimeError("unfinished denial"))
+        elif state == _ACCEPTED:
             self._state = _CLOSED
             self._native.ws_close(1011 if error is not None else 1000, "")
+
+
+_STATE_NAMES = {
+    _CONNECTING: "before websocket.accept",
+    _ACCEPTED: "after websocket.accept",
+    _CLOSED: "after websocket.close",
+    _DENYING: "during a websocket.http.response",
+    _DENIED: "after the WebSocket was denied",
+}
 
 
 async def _run_websocket(app: ASGIApp, scope: Scope, cycle: _WebSocketCycle) -> None:

@@ -270,7 +270,8 @@ class BridgeRequest:
         return not PROXY_HEADER_NAMES.isdisjoint(self._fields[8::2])
 
     def asgi_scope(self, base: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
-        """The ASGI ``http`` scope, as ``NativeRequest.asgi_scope`` makes it."""
+        """The ASGI ``http`` or ``websocket`` scope, as
+        ``NativeRequest.asgi_scope`` makes it."""
         path = self.path
         headers = self.raw_headers()
         authority = self._fields[2]
@@ -279,8 +280,6 @@ class BridgeRequest:
         scope = base.copy()
         scope.update(
             http_version=self.http_version,
-            method=self.method,
-            scheme=self.scheme,
             path=base.get("root_path", "") + (unquote(path) if "%" in path else path),
             raw_path=path.encode(),
             query_string=self.query.encode(),
@@ -288,8 +287,21 @@ class BridgeRequest:
             client=self.remote_addr,
             server=self.local_addr,
             state=state.copy(),
-            extensions={"http.response.pathsend": {}},
         )
+        if self.websocket:
+            scope.update(
+                scheme="wss" if self.tls else "ws",
+                subprotocols=[
+                    offered.strip()
+                    for name, value in headers
+                    if name == b"sec-websocket-protocol"
+                    for offered in value.decode("latin-1").split(",")
+                    if offered.strip()
+                ],
+                extensions={"websocket.http.response": {}},
+            )
+        else:
+            scope.update(method=self.method, scheme=self.scheme, extensions={"http.response.pathsend": {}})
         return scope
 
     def header(self, name: str) -> str | None:

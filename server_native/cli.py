@@ -139,6 +139,18 @@ def _parser() -> argparse.ArgumentParser:
         help="largest WebSocket message accepted, in bytes (default 16 MiB; 1009 beyond it)",
     )
     serve.add_argument(
+        "--ws-max-queue", type=int, metavar="N",
+        help=f"received WebSocket messages held for the app at most (default {ServerConfig.ws_max_queue})",
+    )
+    serve.add_argument(
+        "--ws-ping-interval", type=float, metavar="SECONDS",
+        help=f"seconds between the server's WebSocket pings (default {ServerConfig.ws_ping_interval:g}; 0: none)",
+    )
+    serve.add_argument(
+        "--ws-ping-timeout", type=float, metavar="SECONDS",
+        help=f"seconds a pong may take before the WebSocket is closed with 1011 (default {ServerConfig.ws_ping_timeout:g}; 0: no limit)",
+    )
+    serve.add_argument(
         "--ws-per-message-deflate", dest="websocket_compression", action=argparse.BooleanOptionalAction, default=True,
         help="WebSocket permessage-deflate compression, when the client offers it",
     )
@@ -274,6 +286,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         options["static_files_index"] = args.static_path_dir_to_file
     limits = (
         "max_body_size", "max_header_size", "max_connections", "websocket_max_message_size",
+        "ws_max_queue", "ws_ping_interval", "ws_ping_timeout",
         "header_read_timeout", "body_read_timeout", "idle_timeout", "response_timeout", "shutdown_timeout",
     )  # fmt: skip
     for name in limits:

@@ -150,6 +150,14 @@ class ServerConfig:
     #: The file served for a directory under a static route, e.g.
     #: ``index.html``; None answers a directory 404 (nothing is listed).
     static_files_index: str | None = None
+    #: The server pings every WebSocket this often (uvicorn's default) and
+    #: closes one whose pong has not come within ``ws_ping_timeout`` (1011).
+    ws_ping_interval: float | None = 20.0
+    ws_ping_timeout: float | None = 20.0
+    #: Received WebSocket messages held for the application (not yet taken
+    #: by its ``receive``) at most; the server stops reading the socket
+    #: beyond it, or beyond 1 MiB of them.
+    ws_max_queue: int = 32
     #: Benchmark ceiling: the native side answers every request with these
     #: bytes without calling Python.
     native_response: bytes | None = None
@@ -163,10 +171,13 @@ class ServerConfig:
     bridge_token: bytes | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        for name in ("header_read_timeout", "tls_handshake_timeout", "body_read_timeout", "idle_timeout", "response_timeout"):
+        for name in (
+            "header_read_timeout", "tls_handshake_timeout", "body_read_timeout", "idle_timeout", "response_timeout",
+            "ws_ping_interval", "ws_ping_timeout",
+        ):
             setattr(self, name, _seconds(name, getattr(self, name), none_is_no_limit=True))
         self.shutdown_timeout = _seconds("shutdown_timeout", self.shutdown_timeout, none_is_no_limit=False)
-        for name in ("max_header_size", "max_headers", "max_body_size", "max_connections", "max_pending_requests"):
+        for name in ("max_header_size", "max_headers", "max_body_size", "max_connections", "max_pending_requests", "ws_max_queue"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if not 0 <= self.backlog < 2**31:

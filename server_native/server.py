@@ -26,6 +26,9 @@ logger = logging.getLogger("server_native")
 native_logger = logging.getLogger("server_native.error")
 #: How often a server's loop emits the natively queued records.
 NATIVE_LOG_INTERVAL = 0.2
+#: How long application tasks cancelled at shutdown get to end (their
+#: ``finally`` blocks, a close frame) before the server stops waiting.
+CANCELLED_TASKS_GRACE = 1.0
 
 
 def emit_native_log() -> None:
@@ -128,6 +131,9 @@ class BoundServer:
         #: Runs the coroutines that answer requests.
         self._runner = CoroutineRunner(self._loop, self._report)
         self._closing: asyncio.Future[None] | None = None
+        #: When a close stops waiting for the application's tasks (loop time).
+        self._tasks_deadline = 0.0
+        self._forced = False
         #: Threads that take requests natively (``threaded``), joined on close.
         self._consumers: list[threading.Thread] = []
         self._pump = None if threaded else EventPump(self._loop, self._on_request)
@@ -215,20 +221,29 @@ class BoundServer:
         return HttpConnectionsInfo(*self._native.connections_info())
 
     async def close(self, force: bool = False) -> None:
-        """Stops accepting, lets in-flight requests finish (up to
-        ``config.shutdown_timeout`` seconds), then closes. ``force`` aborts
-        every connection at once."""
+        """Stops accepting, closes every open WebSocket (1012), lets
+        in-flight requests and the application's tasks finish (up to
+        ``config.shutdown_timeout`` seconds in all), then aborts what is
+        left and cancels the tasks still running, and returns once they have
+        ended. ``force`` aborts every connection and cancels every task at
+        once."""
         if self._closing is None:
             self._closing = self._loop.create_future()
+            self._forced = force
+            self._tasks_deadline = self._loop.time() + (0.0 if force else self._config.shutdown_timeout)
             self._native.close(force, None if force else self._config.shutdown_timeout, self._closing)
             self._on_closing()
         elif force:
+            self._forced = True
+            self._tasks_deadline = self._loop.time()
             self._native.close(True, 0.0, self._loop.create_future())
+            self._runner.cancel()
         await asyncio.shield(self._closing)
         self._remove_socket_file()
         if self._bridge is not None:
             # The native side has drained: nothing is in flight any more.
             await self._bridge.close()
+        await self._finish_tasks()
         await self._join_consumers()
         if not self._closed.done():
             if self._pump is not None:
@@ -236,6 +251,23 @@ class BoundServer:
             self._native_log.cancel()
             emit_native_log()
             self._closed.set_result(None)
+
+    async def _finish_tasks(self) -> None:
+        """Waits for the application's tasks until the close's deadline,
+        then cancels those still running and waits (briefly) for them: no
+        task of the server outlives it."""
+        runner = self._runner
+        if await runner.wait(self._tasks_deadline - self._loop.time()):
+            return
+        cancelled = runner.cancel()
+        if cancelled:
+            native_logger.warning(
+                "shutdown: cancelled %d application task(s) still running %s",
+                cancelled,
+                "on a forced close" if self._forced else f"after the shutdown timeout ({self._config.shutdown_timeout:g}s)",
+            )
+        if not await runner.wait(CANCELLED_TASKS_GRACE):
+            native_logger.error("shutdown: %d application task(s) ignored their cancellation", runner.running)
 
     def _remove_socket_file(self) -> None:
         if self._socket_file is not None:

@@ -70,7 +70,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::body::{malformed, PumpLimits, Refusal, RefusalSignal, ResponseBody};
-use crate::config::{seconds, ServerConfig};
+use crate::config::seconds;
 use crate::connection::Connection;
 use crate::exchange::ConnInfo;
 use crate::server::ServerShared;
@@ -1026,12 +1026,10 @@ impl Bridge {
         self: &Arc<Self>,
         request: Request<B>,
         info: &ConnInfo,
-        server: &ServerShared,
+        server: &Arc<ServerShared>,
     ) -> Result<Response<ResponseBody>, Failure> {
         let mut request = request;
-        let protocol = request.extensions().get::<hyper::ext::Protocol>().map(|p| p.as_str().to_owned());
-        let upgrade = websocket::is_upgrade(request.method(), request.version(), request.headers(), protocol.as_deref())
-            .then(|| hyper::upgrade::on(&mut request));
+        let upgrade = websocket::requested(&request).then(|| hyper::upgrade::on(&mut request));
         let (head, mut body) = request.into_parts();
         let limits = PumpLimits {
             max_size: server.config.max_body_size,
@@ -1094,7 +1092,7 @@ impl Bridge {
             kind::RESPONSE_HEAD => {}
             kind::WS_ACCEPT if upgrade.is_some() => {
                 let upgrade = upgrade.expect("checked above");
-                return accept_websocket(stream, upgrade, &head, frame.payload, &server.config).await;
+                return accept_websocket(stream, upgrade, &head, frame.payload, server).await;
             }
             kind::ABORT => {
                 stream.end = End::Aborted;
@@ -1321,7 +1319,7 @@ async fn accept_websocket(
     upgrade: OnUpgrade,
     request: &Parts,
     payload: Bytes,
-    config: &ServerConfig,
+    server: &Arc<ServerShared>,
 ) -> Result<Response<ResponseBody>, Failure> {
     let mut fields = Fields { payload };
     let subprotocol = fields.bytes()?;
@@ -1336,7 +1334,7 @@ async fn accept_websocket(
         let value = HeaderValue::from_maybe_shared(subprotocol).map_err(|_| BridgeError::Malformed("invalid subprotocol"))?;
         headers.insert(http::header::SEC_WEBSOCKET_PROTOCOL, value);
     }
-    let (status, handshake) = websocket::accept_head(request.version, &request.headers, &mut headers, config);
+    let (status, handshake) = websocket::accept_head(request.version, &request.headers, &mut headers, &server.config);
     // The request side is through before the socket starts (an upgrade
     // request has no body; should one come, it is sent first).
     if let Some(pump) = stream.pump.take() {
@@ -1345,8 +1343,9 @@ async fn accept_websocket(
         }
     }
     // The tunnel holds no permit of the server's: a long-lived socket does
-    // not count against the requests in flight.
-    tokio::spawn(tunnel(upgrade, stream, handshake));
+    // not count against the requests in flight. It is one of the server's
+    // tasks all the same: the drain waits for it.
+    websocket::spawn_tracked(server, tunnel(upgrade, stream, handshake, server.shutdown.clone()));
     let mut response = Response::new(ResponseBody::empty());
     *response.status_mut() = status;
     *response.headers_mut() = headers;
@@ -1375,16 +1374,18 @@ fn ws_close_payload(code: u16, reason: &str) -> Vec<u8> {
     payload
 }
 
-/// Fires 5 s after our close frame went out: the client's time to answer.
+/// Fires a while after our close frame went out: the client's time to answer.
 async fn close_grace(we_closed: &CancellationToken) {
     we_closed.cancelled().await;
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    tokio::time::sleep(websocket::CLOSE_ANSWER_TIMEOUT).await;
 }
 
 /// Carries one accepted WebSocket's messages between the client and Python
-/// until either side closes. The two directions run independently, so a
+/// until either side closes, or the server shuts down: then the client gets
+/// a close frame with 1012, and Python the same code at once, after the
+/// messages that came before. The two directions run independently, so a
 /// full buffer one way never stops the other.
-async fn tunnel(upgrade: OnUpgrade, mut stream: Stream, handshake: Handshake) {
+async fn tunnel(upgrade: OnUpgrade, mut stream: Stream, handshake: Handshake, shutdown: CancellationToken) {
     let max_message_size = handshake.max_message_size();
     let Some(socket) = handshake.open(upgrade).await else {
         stream.link.send(frame(kind::WS_CLOSE, stream.id, &ws_close_payload(WS_ABNORMAL, "")));
@@ -1426,11 +1427,28 @@ async fn tunnel(upgrade: OnUpgrade, mut stream: Stream, handshake: Handshake) {
     let from_python = async {
         let mut message: Option<(u8, BytesMut)> = None;
         let limit = max_message_size.max(MAX_FRAME);
+        // Shutting down: Python was told; what it sent before goes out, then
+        // the close frame.
+        let mut shutting = false;
         loop {
-            let frame = tokio::select! {
-                biased;
-                _ = client_done.cancelled() => return,
-                frame = stream.next() => frame,
+            let frame = if shutting {
+                match futures_util::FutureExt::now_or_never(stream.next()) {
+                    Some(frame) => frame,
+                    None => Err(BridgeError::Closed),
+                }
+            } else {
+                tokio::select! {
+                    biased;
+                    _ = client_done.cancelled() => return,
+                    _ = shutdown.cancelled() => {
+                        shutting = true;
+                        python_gone.store(true, Ordering::Relaxed);
+                        stream.link.send(frame(kind::WS_CLOSE, stream.id, &ws_close_payload(websocket::SERVICE_RESTART, "")));
+                        stream.end = End::Complete;
+                        continue;
+                    }
+                    frame = stream.next() => frame,
+                }
             };
             let close = match frame {
                 Ok(FrameIn { kind: kind::WS_MESSAGE, mut payload, .. }) if !payload.is_empty() => {
@@ -1473,6 +1491,7 @@ async fn tunnel(upgrade: OnUpgrade, mut stream: Stream, handshake: Handshake) {
                     we_closed.cancel();
                     return;
                 }
+                _ if shutting => Some((websocket::SERVICE_RESTART, "")),
                 // Python went away, aborted or broke the protocol: the client is told.
                 _ => Some((WS_SERVER_ERROR, "")),
             };

@@ -67,6 +67,12 @@ pub struct ServerConfig {
     pub static_files_expires: u64,
     /// The file served for a directory under a static route (else 404).
     pub static_files_index: Option<String>,
+    /// Seconds between the server's WebSocket pings (0: none), and how long
+    /// a pong may take before the socket is closed with 1011 (0: for ever).
+    pub ws_ping_interval: f64,
+    pub ws_ping_timeout: f64,
+    /// Received WebSocket messages held for the application at most.
+    pub ws_max_queue: usize,
     pub native_response: Option<Vec<u8>>,
     /// `native_callback=False`: where Python listens for the socket bridge
     /// (`unix:/path` or `tcp:127.0.0.1:port`), and the token that proves it

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::body::{BodyEnd, RequestBody, ResponseBody, ResponseStream};
 use crate::boundary::queue::{Event, EventQueue};
+use crate::server::ServerShared;
 use crate::websocket::{Handshake, WebSocket};
 
 /// What a connection knows about itself, shared by its requests.
@@ -126,13 +127,22 @@ impl Exchange {
         self.upgrade.lock().is_some() || self.websocket.get().is_some()
     }
 
-    /// Sends the accepting response and starts the WebSocket; None when this
-    /// is not a WebSocket request, it was already accepted, or the client left.
-    pub fn accept_websocket(&self, response: Response<ResponseBody>, handshake: Handshake) -> Option<Arc<WebSocket>> {
+    /// Starts the WebSocket and sends the accepting response; None when
+    /// this is not a WebSocket request, it was already accepted or answered,
+    /// or the client left (the socket then ends at once, 1006).
+    pub fn accept_websocket(
+        &self,
+        response: Response<ResponseBody>,
+        handshake: Handshake,
+        server: &Arc<ServerShared>,
+    ) -> Option<Arc<WebSocket>> {
+        if self.head_sent() {
+            return None;
+        }
         let upgrade = self.upgrade.lock().take()?;
-        self.send(response).ok()?;
-        let socket = WebSocket::start(upgrade, self.events.clone(), handshake);
+        let socket = WebSocket::start(upgrade, server, handshake);
         self.websocket.set(socket.clone()).ok()?;
+        self.send(response).ok()?;
         Some(socket)
     }
 

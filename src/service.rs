@@ -40,6 +40,8 @@ pub async fn handle<B: RequestBodySource>(
     }
     let mut response = if let Some(refusal) = refuse(&request, server.config.max_body_size) {
         refusal
+    } else if let Some(refusal) = refuse_handshake(&request, server) {
+        refusal
     } else if let Some((mount, rest)) = static_files::route(&server.config.static_files, request.uri().path()) {
         let _in_flight = conn.begin_request();
         static_files::serve(&request, mount, rest, server).await
@@ -92,6 +94,24 @@ fn refuse<B: Body>(request: &Request<B>, max_body_size: u64) -> Option<Response<
     None
 }
 
+/// A request that asks for a WebSocket but is no valid handshake is
+/// answered here (400, or 426 naming the version spoken), logged, and never
+/// reaches the application: as a plain request it would be answered as one.
+fn refuse_handshake<B: Body>(request: &Request<B>, server: &ServerShared) -> Option<Response<ResponseBody>> {
+    if !websocket::requested(request) {
+        return None;
+    }
+    let (status, why) = websocket::invalid(request)?;
+    let target = request.uri().path_and_query().map_or("/", |p| p.as_str());
+    let report = format!("{} {target}: not a valid WebSocket handshake ({why}): answered {}", request.method(), status.as_u16());
+    server.log.report(Kind::Request, Level::Info, report);
+    let mut response = error_response(status, why);
+    if status == StatusCode::UPGRADE_REQUIRED {
+        response.headers_mut().insert(http::header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+    }
+    Some(response)
+}
+
 /// A Host value is an authority without user info: `name[:port]` or
 /// `[v6]:port`, the port a number that fits 16 bits.
 fn valid_host(value: &HeaderValue) -> bool {
@@ -134,9 +154,7 @@ async fn dispatch<B: RequestBodySource>(request: Request<B>, conn: &Arc<Connecti
         return Box::pin(bridge.dispatch(request, conn)).await;
     }
     let mut request = request;
-    let protocol = request.extensions().get::<hyper::ext::Protocol>().map(|p| p.as_str().to_owned());
-    let upgrade = websocket::is_upgrade(request.method(), request.version(), request.headers(), protocol.as_deref())
-        .then(|| hyper::upgrade::on(&mut request));
+    let upgrade = websocket::requested(&request).then(|| hyper::upgrade::on(&mut request));
     let (head, mut body) = request.into_parts();
     let mut complete = body.is_end_stream().then_some(BodyEnd::Complete);
     let request_body = Arc::new(RequestBody::new(server.events.clone(), complete.clone()));

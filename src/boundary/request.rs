@@ -351,7 +351,7 @@ impl NativeRequest {
         if !self.exchange.wants_websocket() {
             return Err(PyRuntimeError::new_err("not a WebSocket request"));
         }
-        Ok(self.exchange.accept_websocket(response, handshake).is_some())
+        Ok(self.exchange.accept_websocket(response, handshake, &self.server).is_some())
     }
 
     /// The next message: `("text", str)`, `("bytes", bytes)` or
