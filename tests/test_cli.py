@@ -24,7 +24,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from apps.harness import free_port
+from apps.harness import H1WebSocket, WebSocketClosed, free_port
 from conftest import Certificates
 from h3client import H3Response
 
@@ -652,3 +652,32 @@ def test_ws_max_size_closes_a_larger_message_with_1009(app_dir: Path) -> None:
             with pytest.raises(ConnectionClosed) as closed:
                 socket_over_limit.recv(timeout=10)
             assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+
+
+def test_sigterm_closes_open_websockets_with_1012_and_exits(app_dir: Path) -> None:
+    """The app's receive() gets the disconnect (the cli app then returns),
+    so the server exits at once with status 0."""
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    with serving(app_dir, "cliapp:app") as (process, port):
+        with connect(f"ws://127.0.0.1:{port}/ws", open_timeout=10) as ws:
+            os.killpg(process.pid, signal.SIGTERM)
+            with pytest.raises(ConnectionClosed) as closed:
+                ws.recv(timeout=10)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1012
+        assert process.wait(30) == 0
+
+
+def test_ws_ping_options_close_a_silent_client_with_1011(app_dir: Path) -> None:
+    with serving(app_dir, "cliapp:app", "--ws-ping-interval", "0.1", "--ws-ping-timeout", "0.3") as (_, port):
+        with H1WebSocket(port, path="/ws", answer_pings=False) as ws:
+            with pytest.raises(WebSocketClosed) as closed:
+                ws.receive()
+    assert (closed.value.code, closed.value.reason) == (1011, "keepalive ping timeout")
+
+
+def test_ws_max_queue_must_be_positive(app_dir: Path) -> None:
+    result = subprocess.run(command("serve", "cliapp:app", "--ws-max-queue", "0"), cwd=app_dir, env=environment(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == ["server-native: error: ValueError: ws_max_queue must be positive"]

@@ -485,3 +485,43 @@ def test_ping_options_are_checked() -> None:
         ServerConfig(ws_ping_interval=-1)
     with pytest.raises(ValueError, match="ws_max_queue"):
         ServerConfig(ws_max_queue=0)
+
+
+# ---------------------------------------------------------------- the queue of received messages
+
+
+class NotReading:
+    """Accepts, then reads nothing until told."""
+
+    def __init__(self) -> None:
+        self.go = threading.Event()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "websocket.accept"})
+        await until(self.go)
+        while (await receive())["type"] == "websocket.receive":
+            pass
+
+
+@pytest.mark.parametrize("http_version", HTTP_VERSIONS)
+def test_ws_max_queue_stops_reading_once_that_many_messages_wait(http_version: str) -> None:
+    """In process, once ``ws_max_queue`` messages wait for the app the
+    server reads nothing more from the socket (a ping of the client's waits
+    unanswered) until the app takes one; with room for one more, the ping
+    is answered at once. (Over the socket bridge the messages in flight are
+    bounded by the bridge's window, in bytes, instead.)"""
+    for max_queue in (3, 2):
+        app = NotReading()
+        with serving(serve_asgi, app, lifespan="off", ws_max_queue=max_queue, ws_ping_interval=None) as running:
+            with connect(running.port, http_version) as ws:
+                ws.send("one")
+                ws.send("two")
+                answered = threading.Event()
+                probe = threading.Thread(target=lambda: (ws.ping(), answered.set()))
+                probe.start()
+                if max_queue == 2:
+                    assert not answered.wait(0.5), "the server read on with its queue full"
+                app.go.set()
+                assert answered.wait(TIMEOUT)
+                probe.join(TIMEOUT)
