@@ -101,12 +101,13 @@ fn refuse_handshake<B: Body>(request: &Request<B>, server: &ServerShared) -> Opt
     if !websocket::requested(request) {
         return None;
     }
-    let (status, why) = websocket::invalid(request)?;
+    let invalid = websocket::invalid(request)?;
     let target = request.uri().path_and_query().map_or("/", |p| p.as_str());
-    let report = format!("{} {target}: not a valid WebSocket handshake ({why}): answered {}", request.method(), status.as_u16());
+    let (why, status) = (invalid.why, invalid.status.as_u16());
+    let report = format!("{} {target}: not a valid WebSocket handshake ({why}): answered {status}", request.method());
     server.log.report(Kind::Request, Level::Info, report);
-    let mut response = error_response(status, why);
-    if status == StatusCode::UPGRADE_REQUIRED {
+    let mut response = error_response(invalid.status, why);
+    if invalid.version {
         response.headers_mut().insert(http::header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
     }
     Some(response)

@@ -83,25 +83,37 @@ fn has_token(headers: &HeaderMap, name: http::header::HeaderName, token: &str) -
         .any(|v| v.split(',').any(|item| item.trim().eq_ignore_ascii_case(token)))
 }
 
-/// Why a request that asks for a WebSocket is no valid handshake (RFC 6455
-/// section 4.2.1, RFC 8441 section 5), with the status the server answers
-/// it with itself: 426 for a version other than 13 (with
-/// `Sec-WebSocket-Version: 13`, the one spoken here), else 400.
-pub fn invalid<B: Body>(request: &Request<B>) -> Option<(StatusCode, &'static str)> {
+/// A request that asks for a WebSocket and is no valid handshake (RFC 6455
+/// section 4.2.1, RFC 8441 section 5): the status the server answers it
+/// with itself, and why.
+pub struct InvalidHandshake {
+    pub status: StatusCode,
+    pub why: &'static str,
+    /// The version was the problem: the answer names the one spoken here
+    /// (`Sec-WebSocket-Version: 13`).
+    pub version: bool,
+}
+
+/// Why a request that asks for a WebSocket is no valid handshake: 426 for
+/// a version other than 13, else 400 (as wsproto answers).
+pub fn invalid<B: Body>(request: &Request<B>) -> Option<InvalidHandshake> {
+    let refused = |status, why, version| Some(InvalidHandshake { status, why, version });
     let headers = request.headers();
-    let mut versions = headers.get_all(SEC_WEBSOCKET_VERSION).iter();
-    if !versions.next().is_some_and(|v| v == "13") || versions.next().is_some() {
-        return Some((StatusCode::UPGRADE_REQUIRED, "Sec-WebSocket-Version must be 13"));
+    let versions = headers.get_all(SEC_WEBSOCKET_VERSION).iter().collect::<Vec<_>>();
+    match versions.as_slice() {
+        [] => return refused(StatusCode::BAD_REQUEST, "no Sec-WebSocket-Version", true),
+        [version] if *version == "13" => {}
+        _ => return refused(StatusCode::UPGRADE_REQUIRED, "Sec-WebSocket-Version must be 13", true),
     }
     if request.version() == Version::HTTP_2 {
         return None;
     }
     let mut keys = headers.get_all(SEC_WEBSOCKET_KEY).iter();
     if !keys.next().is_some_and(valid_key) || keys.next().is_some() {
-        return Some((StatusCode::BAD_REQUEST, "Sec-WebSocket-Key must be one base64-encoded 16-byte value"));
+        return refused(StatusCode::BAD_REQUEST, "Sec-WebSocket-Key must be one base64-encoded 16-byte value", false);
     }
     if !request.body().is_end_stream() {
-        return Some((StatusCode::BAD_REQUEST, "a WebSocket handshake has no body"));
+        return refused(StatusCode::BAD_REQUEST, "a WebSocket handshake has no body", false);
     }
     None
 }
