@@ -108,49 +108,57 @@ class CoroutineRunner:
     asks for ends that Task and reaches no other. A coroutine's own
     exceptions go to ``on_error``.
 
-    The runner knows its Tasks, so that a server can wait for the
-    coroutines still running when it closes (:meth:`wait`), and cancel
-    those that outlive its shutdown timeout (:meth:`cancel`)."""
+    The runner counts the coroutines it started that have not finished, so
+    that a server can wait for them when it closes (:meth:`wait`), and
+    knows the Tasks of those that wait, to cancel the ones that outlive its
+    shutdown timeout (:meth:`cancel`)."""
 
-    __slots__ = ("_loop", "_on_error", "_batch", "_tasks", "_waiting", "_cancelling")
+    __slots__ = ("_loop", "_on_error", "_batch", "_live", "_idle", "_waiting", "_cancelling")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, on_error: Callable[[BaseException], None]) -> None:
         self._loop = loop
         self._on_error = on_error
         self._batch: list[Coroutine[Any, Any, Any]] | None = None
-        #: Every Task of this runner that has not finished.
-        self._tasks: set[asyncio.Task[None]] = set()
+        #: Coroutines started and not finished, and a future resolved when
+        #: none is left (made only while someone waits for that).
+        self._live = 0
+        self._idle: asyncio.Future[None] | None = None
         #: The Tasks driving a coroutine that waits: the ones to cancel.
         self._waiting: set[asyncio.Task[Any]] = set()
         #: Cancelled: coroutines not started yet are closed unstarted.
         self._cancelling = False
 
     def start(self, coro: Coroutine[Any, Any, Any]) -> None:
+        self._live += 1
         batch = self._batch
         if batch is None:
             self._batch = [coro]
-            self._track(self._loop.create_task(self._run_batch()))
+            self._loop.create_task(self._run_batch())
         else:
             batch.append(coro)
 
-    def _track(self, task: asyncio.Task[None]) -> None:
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _finished(self) -> None:
+        self._live -= 1
+        idle = self._idle
+        if not self._live and idle is not None and not idle.done():
+            idle.set_result(None)
 
     @property
     def running(self) -> int:
-        """How many of its Tasks have not finished."""
-        return len(self._tasks)
+        """How many coroutines it started have not finished."""
+        return self._live
 
     async def wait(self, timeout: float) -> bool:
         """Waits (at most ``timeout`` seconds) until every coroutine started
         has finished, those started meanwhile too; True if they have."""
         deadline = self._loop.time() + timeout
-        while self._tasks:
+        while self._live:
             remaining = deadline - self._loop.time()
             if remaining <= 0:
                 return False
-            await asyncio.wait(list(self._tasks), timeout=remaining)
+            if self._idle is None or self._idle.done():
+                self._idle = self._loop.create_future()
+            await asyncio.wait([self._idle], timeout=remaining)
         return True
 
     def cancel(self) -> int:
@@ -172,13 +180,15 @@ class CoroutineRunner:
             coro = batch[index]
             if self._cancelling:
                 coro.close()
+                self._finished()
                 continue
             context = contextvars.copy_context()
             try:
                 awaited = context.run(coro.send, None)
             except StopIteration:
-                pass
+                self._finished()
             except BaseException as exc:  # noqa: BLE001 - one request's failure
+                self._finished()
                 self._on_error(exc)
             else:
                 self._go_on(batch, index + 1)
@@ -192,6 +202,7 @@ class CoroutineRunner:
                     self._on_error(exc)
                 finally:
                     self._waiting.discard(task)  # type: ignore[arg-type]
+                    self._finished()
                 return
             if task is not None and _cancel_requested(task):
                 # The coroutine asked its Task to cancel, and nothing but it
@@ -203,7 +214,7 @@ class CoroutineRunner:
     def _go_on(self, batch: list[Coroutine[Any, Any, Any]], first: int) -> None:
         """Hands the rest of the batch to a new Task."""
         if first < len(batch):
-            self._track(self._loop.create_task(self._run(batch, first)))
+            self._loop.create_task(self._run(batch, first))
 
 
 #: Whether a Task was asked to cancel: ``cancelling()`` from Python 3.11;
