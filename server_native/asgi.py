@@ -296,7 +296,7 @@ class _WebSocketCycle:
             if waiter is not None:
                 await waiter
             return dict(_NEVER_OPENED)
-        if state >= _DENYING:
+        if state in (_DENYING, _DENIED):
             return dict(_NEVER_OPENED)
         create_future = self._loop.create_future
         while True:

@@ -22,7 +22,7 @@
 //! | 7    | abort          | both          | Rust → Python: reason u8 (1 client gone: the stream is over; 2 body too large, 3 body discarded (the response was complete before it was read): the request side is over); Python → Rust: none (a 500, or the stream is cut off; the stream is over) |
 //! | 8    | websocket accept | Python → Rust | instead of a response head, for a WebSocket request: subprotocol (empty: none), header count u32, (name, value)… |
 //! | 9    | websocket message | both       | flags u8 (1 text, 2 binary; +4 more fragments follow), data (at most 64 KiB per frame) |
-//! | 10   | websocket close | both         | code u16, reason (the rest). Python → Rust: start the closing handshake; Rust → Python: the socket is closed (the stream's last frame) |
+//! | 10   | websocket close | both         | code u16, reason (the rest). Python → Rust: start the closing handshake; Rust → Python: the socket is closed, or (1012) the server shuts down and closes it (the stream's last frame either way) |
 //! | 11   | window         | both          | u32: this many more data bytes may be sent on the stream |
 //!
 //! Flow control is per stream and per direction, counted in data bytes (body
