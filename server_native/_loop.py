@@ -202,7 +202,7 @@ class CoroutineRunner:
                     self._on_error(exc)
                 finally:
                     self._waiting.discard(task)  # type: ignore[arg-type]
-                    self._finished()
+                self._finished()
                 return
             if task is not None and _cancel_requested(task):
                 # The coroutine asked its Task to cancel, and nothing but it

@@ -1128,7 +1128,9 @@ def test_handler_that_never_answers_gets_504_async(start: Starter, native_callba
             await asyncio.get_running_loop().create_future()  # never resolved
         return text(200, "answered")
 
-    running = start(handler, response_timeout=0.5, native_callback=native_callback)
+    # The hung handlers are cancelled when the server stops, once
+    # shutdown_timeout has passed.
+    running = start(handler, response_timeout=0.5, shutdown_timeout=0.5, native_callback=native_callback)
     with h1() as client:
         hung = client.get(running.url("/hang"))
         assert hung.status_code == 504
