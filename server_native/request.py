@@ -10,7 +10,7 @@ from urllib.parse import SplitResult, parse_qs, parse_qsl
 
 from ._loop import body_chunks
 from .cookies import Cookie, parse_cookie_header
-from .headers import HttpHeaders
+from .headers import HttpHeaders, wire_headers
 from .response import HttpResponse
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ class HttpRequest:
         self._headers: HttpHeaders | None = None
         self._uri: Uri | None = None
         self._cookies: list[Cookie] | None = None
-        self.response = HttpResponse(self, server)
+        self.response = HttpResponse(native_request, server, loop)
 
     @property
     def method(self) -> str:
@@ -82,9 +82,7 @@ class HttpRequest:
     @property
     def headers(self) -> HttpHeaders:
         if self._headers is None:
-            self._headers = HttpHeaders(
-                self._native.headers(), immutable=True, protocol_version=self.protocol_version, _trusted=True
-            )
+            self._headers = wire_headers(self._native)
         return self._headers
 
     @property

@@ -12,11 +12,10 @@ from typing import TYPE_CHECKING, Any
 from ._loader import native
 from .cookies import Cookie
 from .errors import HttpBodyError, HttpException
-from .headers import HttpHeaders
+from .headers import HttpHeaders, wire_headers
 
 if TYPE_CHECKING:
     from .http_server import NativeHttpServer
-    from .request import HttpRequest
 
 __all__ = ["HttpResponse"]
 
@@ -29,10 +28,15 @@ class HttpResponse:
     """Set ``status_code`` and ``headers``, ``write`` the body, then
     ``await close()``. Output is buffered until ``flush()`` (or always sent
     at once when ``buffer_output`` is False), so a response that fits in
-    memory goes out in one native call."""
+    memory goes out in one native call.
+
+    It holds the native exchange, not its ``HttpRequest``: the request
+    holds the response, and a reference back would make every request a
+    cycle that only the garbage collector frees."""
 
     __slots__ = (
-        "_request",
+        "_native",
+        "_loop",
         "_server",
         "_status",
         "_reason",
@@ -49,8 +53,9 @@ class HttpResponse:
         "buffer_output",
     )
 
-    def __init__(self, request: HttpRequest, server: NativeHttpServer) -> None:
-        self._request = request
+    def __init__(self, native_request: Any, server: NativeHttpServer, loop: asyncio.AbstractEventLoop) -> None:
+        self._native = native_request
+        self._loop = loop
         self._server = server
         self._status = 200
         self._reason: str | None = None
@@ -70,7 +75,7 @@ class HttpResponse:
 
     def _check_head_open(self) -> None:
         if self._state != _OPEN:
-            raise HttpException("HTTP headers were already sent", uri=self._request.uri.path)
+            raise HttpException("HTTP headers were already sent", uri=self._native.path)
 
     @property
     def status_code(self) -> int:
@@ -103,7 +108,7 @@ class HttpResponse:
         """Starts as a copy of the server's ``default_response_headers``."""
         if self._headers is None:
             self._headers = self._server.default_response_headers.copy()
-            self._headers.protocol_version = self._request.protocol_version
+            self._headers.protocol_version = self._native.http_version
         return self._headers
 
     @property
@@ -118,7 +123,7 @@ class HttpResponse:
     @property
     def persistent_connection(self) -> bool:
         if self._persistent is None:
-            return self._request.persistent_connection
+            return wire_headers(self._native).persistent_connection
         return self._persistent
 
     @persistent_connection.setter
@@ -141,7 +146,7 @@ class HttpResponse:
         pairs = self.headers._pairs()
         if self._cookies:
             pairs.extend(("set-cookie", str(cookie)) for cookie in self._cookies)
-        if self._persistent is False and self._request.protocol_version in ("1.0", "1.1"):
+        if self._persistent is False and self._native.http_version in ("1.0", "1.1"):
             pairs = [p for p in pairs if p[0] != "connection"]
             pairs.append(("connection", "close"))
         return pairs
@@ -173,7 +178,7 @@ class HttpResponse:
 
     def add(self, data: bytes | bytearray | memoryview) -> None:
         if self._state == _CLOSED:
-            raise HttpException("the response is closed", uri=self._request.uri.path)
+            raise HttpException("the response is closed", uri=self._native.path)
         chunk = data if data.__class__ is bytes else bytes(data)
         if not chunk:
             return
@@ -196,7 +201,7 @@ class HttpResponse:
     async def flush(self) -> None:
         """Sends the head and everything written so far; the rest streams."""
         if self._state == _CLOSED:
-            raise HttpException("the response is closed", uri=self._request.uri.path)
+            raise HttpException("the response is closed", uri=self._native.path)
         if self._state == _OPEN:
             self._start()
         await self._drain()
@@ -209,11 +214,11 @@ class HttpResponse:
 
     def _client_gone(self) -> None:
         self._gone = True
-        self._fail(HttpException("the client disconnected", uri=self._request.uri.path))
+        self._fail(HttpException("the client disconnected", uri=self._native.path))
 
     def _start(self) -> None:
         self._state = _STREAMING
-        if not self._request._native.start(self._status, self._head(), self._reason):
+        if not self._native.start(self._status, self._head(), self._reason):
             self._client_gone()
         buffered, self._buffer = self._buffer, []
         for chunk in buffered:
@@ -224,11 +229,11 @@ class HttpResponse:
             return
         declared = self.content_length
         if declared >= 0 and self._sent + len(chunk) > declared:
-            self._cut(_too_long(self._sent + len(chunk), declared, self._request.uri.path))
+            self._cut(_too_long(self._sent + len(chunk), declared, self._native.path))
             chunk = chunk[: max(declared - self._sent, 0)]
         self._sent += len(chunk)
         try:
-            backlog = self._request._native.write(chunk, self._request._loop.create_future)
+            backlog = self._native.write(chunk, self._loop.create_future)
         except _ClientDisconnected:
             self._client_gone()
             return
@@ -258,7 +263,7 @@ class HttpResponse:
             raise self._error
 
     def _respond(self) -> None:
-        native_request = self._request._native
+        native_request = self._native
         body = b"".join(self._buffer) if len(self._buffer) != 1 else self._buffer[0]
         self._buffer = []
         declared = self.content_length
@@ -266,15 +271,15 @@ class HttpResponse:
             # The server answers such a response with a 500 (it owns the
             # framing); ``done`` fails as dart:io's does.
             too_long = len(body) > declared
-            self._fail((_too_long if too_long else _too_short)(len(body), declared, self._request.uri.path))
+            self._fail((_too_long if too_long else _too_short)(len(body), declared, self._native.path))
         if not native_request.respond(self._status, self._head(), body, self._reason):
             self._client_gone()
 
     def _finish_stream(self) -> None:
-        native_request = self._request._native
+        native_request = self._native
         declared = self.content_length
         if self._error is None and declared >= 0 and self._sent < declared:
-            self._cut(_too_short(self._sent, declared, self._request.uri.path))
+            self._cut(_too_short(self._sent, declared, self._native.path))
         if self._error is None:
             native_request.finish()
         else:
@@ -288,7 +293,7 @@ class HttpResponse:
         """A streamed body broke its ``content_length``: it is cut off (the
         server owns the framing), the error logged and raised by ``close``."""
         if self._error is None:
-            _error_log.error("the response to %s %s is cut off: %s", self._request.method, self._request.uri.path, error)
+            _error_log.error("the response to %s %s is cut off: %s", self._native.method, self._native.path, error)
         self._fail(error)
 
     def _settle(self, future: asyncio.Future[None]) -> None:
@@ -302,7 +307,7 @@ class HttpResponse:
         """Completes when the response is finished; fails like dart:io's when
         the body broke its ``content_length`` or the client went away."""
         if self._done is None:
-            self._done = self._request._loop.create_future()
+            self._done = self._loop.create_future()
             if self._state == _CLOSED:
                 self._settle(self._done)
         return self._done
@@ -317,7 +322,7 @@ class HttpResponse:
         if self._state == _CLOSED:
             return
         self._state = _CLOSED
-        native_request = self._request._native
+        native_request = self._native
         if native_request.head_sent:
             native_request.abort()
         else:
@@ -328,7 +333,7 @@ class HttpResponse:
         if self._state == _CLOSED:
             return
         self._state = _CLOSED
-        self._request._native.respond(status, [("content-type", "text/plain; charset=utf-8")], message)
+        self._native.respond(status, [("content-type", "text/plain; charset=utf-8")], message)
 
 
 def _too_long(size: int, declared: int, uri: str) -> HttpBodyError:
