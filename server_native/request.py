@@ -35,6 +35,10 @@ class Uri(SplitResult):
         return parse_qs(self.query, keep_blank_values=True)
 
 
+#: Builds a Uri from its five parts without the Python-level ``__new__``.
+_new_uri = tuple.__new__
+
+
 class HttpConnectionInfo(NamedTuple):
     remote_address: str
     remote_port: int
@@ -63,9 +67,11 @@ class HttpRequest:
     @property
     def uri(self) -> Uri:
         """The request target: path and query as sent."""
-        if self._uri is None:
-            self._uri = Uri("", "", self._native.path, self._native.query, "")
-        return self._uri
+        uri = self._uri
+        if uri is None:
+            native = self._native
+            uri = self._uri = _new_uri(Uri, ("", "", native.path, native.query, ""))
+        return uri
 
     @property
     def requested_uri(self) -> Uri:

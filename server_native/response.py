@@ -139,7 +139,8 @@ class HttpResponse:
         return self._cookies
 
     def _head(self) -> list[tuple[str, str]] | None:
-        """Header pairs for the wire; None means the server defaults unchanged."""
+        """Header pairs for the wire; None means the server defaults unchanged
+        (``close`` checks that case itself, without this call)."""
         if self._headers is None and not self._cookies and self._persistent is None:
             self._server._native_defaults()
             return None
@@ -155,8 +156,7 @@ class HttpResponse:
 
     def _encoding(self) -> str:
         if self._headers is None:
-            self._server._native_defaults()
-            return self._server._default_charset
+            return self._server._native_defaults()
         content_type = self._headers.content_type
         return (content_type.charset if content_type is not None else None) or "latin-1"
 
@@ -165,7 +165,13 @@ class HttpResponse:
         ``memoryview``) as they are, like :meth:`add`; anything else as
         ``str(obj)``, encoded with the content type's charset (latin-1 when
         it names none, as in dart:io)."""
-        if isinstance(obj, (bytes, bytearray, memoryview)):
+        if obj.__class__ is str:
+            data = obj.encode(self._server._native_defaults() if self._headers is None else self._encoding())  # type: ignore[attr-defined]
+            if self._state == _OPEN and self.buffer_output and data:
+                self._buffer.append(data)  # add()'s common case, without the call
+            else:
+                self.add(data)
+        elif isinstance(obj, (bytes, bytearray, memoryview)):
             self.add(obj)
         else:
             self.add(str(obj).encode(self._encoding()))
@@ -177,17 +183,18 @@ class HttpResponse:
         self.write(separator.join(str(o) for o in objects))
 
     def add(self, data: bytes | bytearray | memoryview) -> None:
-        if self._state == _CLOSED:
+        state = self._state
+        if state == _CLOSED:
             raise HttpException("the response is closed", uri=self._native.path)
         chunk = data if data.__class__ is bytes else bytes(data)
         if not chunk:
             return
-        if self._state == _STREAMING or not self.buffer_output:
-            if self._state == _OPEN:
+        if state == _OPEN and self.buffer_output:
+            self._buffer.append(chunk)
+        else:
+            if state == _OPEN:
                 self._start()
             self._send_chunk(chunk)
-        else:
-            self._buffer.append(chunk)
 
     async def add_stream(self, stream: AsyncIterable[bytes]) -> None:
         """Sends every chunk of ``stream``, waiting whenever the client reads
@@ -249,31 +256,41 @@ class HttpResponse:
         """Finishes the response. Raises ``HttpBodyError`` (an
         ``HttpException``) when the body did not match a declared
         ``content_length``."""
-        if self._state == _CLOSED:
+        state = self._state
+        if state == _OPEN:
+            # The whole response in one native call.
+            native_request = self._native
+            buffer = self._buffer
+            body = buffer[0] if len(buffer) == 1 else b"".join(buffer)
+            buffer.clear()
+            headers = self._headers
+            if headers is not None:
+                self._check_length(len(body), headers.content_length)
+                head = self._head()
+            elif self._cookies or self._persistent is not None:
+                head = self._head()
+            else:
+                self._server._native_defaults()
+                head = None
+            if not native_request.respond(self._status, head, body, self._reason):
+                self._client_gone()
+        elif state == _CLOSED:
             return
-        if self._state == _OPEN:
-            self._respond()
         else:
             await self._drain()
             self._finish_stream()
         self._state = _CLOSED
         if self._done is not None and not self._done.done():
             self._settle(self._done)
-        if isinstance(self._error, HttpBodyError):
+        if self._error is not None and isinstance(self._error, HttpBodyError):
             raise self._error
 
-    def _respond(self) -> None:
-        native_request = self._native
-        body = b"".join(self._buffer) if len(self._buffer) != 1 else self._buffer[0]
-        self._buffer = []
-        declared = self.content_length
-        if declared >= 0 and len(body) != declared and native_request.method != "HEAD":
-            # The server answers such a response with a 500 (it owns the
-            # framing); ``done`` fails as dart:io's does.
-            too_long = len(body) > declared
-            self._fail((_too_long if too_long else _too_short)(len(body), declared, self._native.path))
-        if not native_request.respond(self._status, self._head(), body, self._reason):
-            self._client_gone()
+    def _check_length(self, size: int, declared: int) -> None:
+        """A whole body that is not its declared ``content_length``: the
+        server answers it with a 500 (it owns the framing); ``done`` fails
+        as dart:io's does."""
+        if declared >= 0 and size != declared and self._native.method != "HEAD":
+            self._fail((_too_long if size > declared else _too_short)(size, declared, self._native.path))
 
     def _finish_stream(self) -> None:
         native_request = self._native
