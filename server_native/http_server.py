@@ -14,6 +14,7 @@ from ._loader import native
 from .config import ServerConfig
 from .headers import ContentType, HttpHeaders
 from .request import HttpRequest
+from .response import _CLOSED
 from .server import BoundServer, HttpConnectionsInfo, bind_settings, tls_settings
 
 __all__ = ["HttpConnectionsInfo", "NativeHttpServer", "RequestHandler"]
@@ -189,4 +190,5 @@ async def _handle(handler: RequestHandler, request: HttpRequest) -> None:
         logging.getLogger("server_native").exception("request handler failed: %s %s", request.method, request.uri.path)
         response._abort_for_error()
     else:
-        await response.close()
+        if response._state != _CLOSED:  # not closed by the handler
+            await response.close()
