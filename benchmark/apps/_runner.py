@@ -18,6 +18,7 @@ def run(serve: Serve) -> None:
         help="the socket bridge transport (native_callback=False) instead of in-process calls",
     )  # fmt: skip
     parser.add_argument("--sync", action="store_true", help="direct app: native_direct=True")
+    parser.add_argument("--callback", action="store_true", help="HttpServer-style app: serve_native_http(handler)")
     options = parser.parse_args()
     try:
         import uvloop
