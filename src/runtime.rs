@@ -22,6 +22,21 @@ fn yield_to_python_on_wake() {
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
 fn yield_to_python_on_wake() {}
 
+/// `mi_option_purge_delay`: its place in mimalloc's `mi_option_e` (mimalloc.h),
+/// which the bindings do not name.
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Memory the server frees goes back to the OS at once. mimalloc otherwise
+/// purges it a second later, and only when it next allocates: a server whose
+/// connections had all gone idle (HTTP/1.1 ones parked, their buffers freed)
+/// allocated nothing more and kept it all (10,000 idle HTTP/1.1 connections:
+/// about 17 against 4 KiB of RSS each).
+fn return_freed_memory_at_once() {
+    // SAFETY: mimalloc reads its options at each use; setting one is allowed
+    // at any time, from any thread.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
+}
+
 /// Created on first use rather than at import, so a process that forks workers
 /// before serving gets its runtime threads in the child, where they are needed.
 ///
@@ -32,6 +47,7 @@ fn yield_to_python_on_wake() {}
 /// with one, 20k with two). `SERVER_NATIVE_THREADS` overrides.
 pub fn runtime() -> &'static Runtime {
     RUNTIME.get_or_init(|| {
+        return_freed_memory_at_once();
         let workers = std::env::var("SERVER_NATIVE_THREADS")
             .ok()
             .and_then(|v| v.parse::<usize>().ok())
