@@ -29,8 +29,8 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// Memory the server frees goes back to the OS at once. mimalloc otherwise
 /// purges it a second later, and only when it next allocates: a server whose
 /// connections had all gone idle (HTTP/1.1 ones parked, their buffers freed)
-/// allocated nothing more and kept it all (10,000 idle HTTP/1.1 connections:
-/// about 17 against 4 KiB of RSS each).
+/// allocated nothing more and kept it all (2,000 idle HTTP/1.1 connections:
+/// 16 to 20 against 4 to 5 KiB of RSS each).
 fn return_freed_memory_at_once() {
     // SAFETY: mimalloc reads its options at each use; setting one is allowed
     // at any time, from any thread.
