@@ -20,6 +20,7 @@ import os
 import re
 import resource
 import select
+import signal
 import socket
 import ssl
 import statistics
@@ -48,6 +49,7 @@ TLS_PROTOCOLS = ("h1-tls", "h2-tls")
 # The most a server may use per idle connection (KiB of RSS), by protocol.
 TARGETS_KIB = {"h1": 8.0, "h1-tls": 8.0, "h2c": 16.0, "h2-tls": 16.0}
 KEEP_ALIVE_S = 3600  # no server may close a connection for idleness during a run
+MAX_CONNECTIONS = 65536  # more than a run opens: no server may refuse one
 STARTUP_TIMEOUT_S = 20.0
 CONNECT_TIMEOUT_S = 10.0
 CLIENT_THREADS = 8
@@ -133,20 +135,25 @@ def open_idle(target: Target, protocol: str, context: ssl.SSLContext | None) -> 
 
 
 def open_many(target: Target, protocol: str, count: int, threads: int = CLIENT_THREADS) -> list[socket.socket]:
+    """`count` idle connections; the first that fails stops the rest."""
     alpn = "h2" if protocol == "h2-tls" else "http/1.1"
     context = tls_context(target.ca, alpn) if protocol in TLS_PROTOCOLS and target.ca else None
+    opened: list[socket.socket] = []
+    error: BaseException | None = None
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
         futures = [pool.submit(open_idle, target, protocol, context) for _ in range(count)]
-        opened, error = [], None
-        for future in futures:
+        for future in concurrent.futures.as_completed(futures):
             try:
                 opened.append(future.result())
+            except concurrent.futures.CancelledError:
+                pass
             except (OSError, BenchError, http.client.HTTPException) as failure:
                 error = error or failure
+                pool.shutdown(wait=False, cancel_futures=True)
     if error is not None:
         for sock in opened:
             sock.close()
-        raise BenchError(f"{count - len(opened)} of {count} connections failed, the first: {error!r}")
+        raise BenchError(f"{len(opened)} of {count} connections opened before one failed: {error!r}")
     return opened
 
 
@@ -231,13 +238,14 @@ def uvicorn_asgi(port: int, tls: Tls | None) -> list[str]:
 
 def granian_asgi(port: int, tls: Tls | None) -> list[str]:
     # Granian's HTTP/1 header read timeout also runs while a connection waits for its
-    # next request, and it allows at most 60 s: the runs must be shorter.
+    # next request, and it allows at most 60 s: the runs must be shorter. Its
+    # backpressure (by default the backlog, 1024) also caps the connections it accepts.
     files = ["--ssl-certificate", tls.certfile, "--ssl-keyfile", tls.keyfile] if tls else []
     return [
         sys.executable, "-m", "granian", "--interface", "asgi", "--host", HOST,
         "--port", str(port), "--workers", "1", "--runtime-threads", "1", "--loop", "uvloop",
         "--no-access-log", "--log-level", "warning", "--http1-header-read-timeout", "60000",
-        "--working-dir", str(APPS), *files, "asgi_hello:app",
+        "--backpressure", str(MAX_CONNECTIONS), "--working-dir", str(APPS), *files, "asgi_hello:app",
     ]  # fmt: skip
 
 
@@ -518,6 +526,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.command == "client":
         return client_main(args)
+    # SIGTERM ends the run through the `finally` blocks that stop the servers.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     raise_fd_limit()
     needed = args.connections + 100
     if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < needed:
