@@ -168,7 +168,7 @@ where
     let io = Tracked::new(stream, conn.clone(), home.clone());
     let service = |conn: &Arc<Connection>| {
         let conn = conn.clone();
-        service_fn(move |request| exchange(request, conn.clone()))
+        service_fn(move |request| exchange(request, &conn))
     };
     // Boxed, so that a parked connection holds no hyper state.
     let mut parked = match &conn.server.protocols {
@@ -180,6 +180,7 @@ where
     while parked {
         let Some(mut stream) = home.lock().take() else { return };
         stream.release_buffers();
+        crate::runtime::return_freed_memory();
         if !unpark(&mut stream, &conn).await {
             return;
         }
@@ -192,13 +193,14 @@ where
 /// One request, counted as an open exchange of its connection until hyper
 /// drops the response body: by then an HTTP/1 response is wholly written to
 /// hyper's buffer.
-async fn exchange(
+fn exchange(
     request: hyper::Request<hyper::body::Incoming>,
-    conn: Arc<Connection>,
-) -> Result<hyper::Response<Exchanged<ResponseBody>>, Infallible> {
-    let open = OpenExchange::new(&conn);
-    let response = service::handle(request, conn).await?;
-    Ok(response.map(|body| Exchanged { body, _open: open }))
+    conn: &Arc<Connection>,
+) -> impl Future<Output = Result<hyper::Response<Exchanged<ResponseBody>>, Infallible>> {
+    let open = OpenExchange::new(conn);
+    // Boxed: hyper moves the service's future, and the handler's is large.
+    let response = Box::pin(service::handle(request, conn.clone()));
+    async move { Ok(response.await?.map(|body| Exchanged { body, _open: open })) }
 }
 
 struct OpenExchange(Arc<Connection>);
@@ -498,6 +500,8 @@ struct Tracked<S> {
     read_waiting: bool,
     /// The last write or flush could not finish: the socket is full.
     write_blocked: bool,
+    /// What the connection was last told of `parkable`.
+    parkable: bool,
 }
 
 /// Where the stream goes when hyper drops its `Tracked`.
@@ -538,6 +542,7 @@ where
             due: false,
             read_waiting: false,
             write_blocked: false,
+            parkable: false,
         }
     }
 
@@ -553,9 +558,14 @@ where
         } else {
             self.write_blocked = poll.is_pending();
         }
-        let between = self.inner.as_ref().is_some_and(|io| io.inner().between_requests());
-        let parkable = self.read_waiting && !self.write_blocked && self.held.is_empty() && between;
-        self.conn.parkable.store(parkable, Ordering::Relaxed);
+        let parkable = self.read_waiting
+            && !self.write_blocked
+            && self.held.is_empty()
+            && self.inner.as_ref().is_some_and(|io| io.inner().between_requests());
+        if parkable != self.parkable {
+            self.parkable = parkable;
+            self.conn.parkable.store(parkable, Ordering::Relaxed);
+        }
     }
 
     fn poll_write_held(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
