@@ -16,7 +16,6 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
-import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -248,12 +247,3 @@ def serve_one_request(*, cwd: Path, env: dict[str, str], python: str = sys.execu
             child.kill()
             child.wait(10)
         errors.close()
-
-
-def wait_until(predicate: Any, timeout: float = 10) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False

@@ -35,7 +35,7 @@ from websockets.sync.client import ClientConnection, connect
 
 from server_native import NativeHttpServer
 
-from conftest import Certificates, LoopThread, RunningServer, requires_ipv6
+from conftest import Certificates, BackgroundLoop, RunningServer, requires_ipv6
 
 CHROMIUM = shutil.which("chromium")
 pytestmark = pytest.mark.skipif(
@@ -260,7 +260,7 @@ async def answer(request: Any) -> None:
 
 
 @pytest.fixture
-def server(loop_thread: LoopThread, certs: Certificates, host: str) -> Iterator[RunningServer]:
+def server(loop_thread: BackgroundLoop, certs: Certificates, host: str) -> Iterator[RunningServer]:
     """A TLS server on ``host`` with HTTP/3 on, answering with ``answer``."""
 
     async def bind() -> NativeHttpServer:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from apps.harness import H1WebSocket, WebSocketClosed, free_port
+from apps.harness import H1WebSocket, WebSocketClosed, free_port, wait_refused
 from conftest import Certificates
 from h3client import H3Response
 
@@ -398,18 +398,6 @@ def open_stream(port: int, chunks: int = LONG_STREAM) -> http.client.HTTPRespons
     return response
 
 
-def wait_refused(port: int) -> None:
-    """Until the listener is gone: the first signal has been handled."""
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=10).close()
-        except ConnectionRefusedError:
-            return
-        except ConnectionResetError:  # caught in the closing listener's backlog
-            pass
-        time.sleep(0.05)
-    raise AssertionError("the server kept listening after the signal")
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])

@@ -43,7 +43,7 @@ import pytest
 
 from server_native import _loader, _platforms
 
-from apps.harness import free_port
+from apps.harness import free_port, wait_for
 from distribution_helpers import (
     HOST_LABEL,
     REAL_LIBRARY,
@@ -53,7 +53,6 @@ from distribution_helpers import (
     clean_env,
     serve_one_request,
     venv_tool,
-    wait_until,
     without_cargo,
 )
 
@@ -580,7 +579,7 @@ def test_progress_goes_on_while_one_crate_compiles() -> None:
     beating = threading.Thread(target=progress.heartbeat, args=(stop,))
     beating.start()
     try:
-        assert wait_until(lambda: out.getvalue().count("compiling server_native (crate 1)") >= 3, timeout=30), out.getvalue()
+        wait_for(lambda: out.getvalue().count("compiling server_native (crate 1)") >= 3, timeout=30, what="three progress lines")
     finally:
         stop.set()
         beating.join(10)

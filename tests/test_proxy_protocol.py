@@ -21,7 +21,7 @@ import h2.events
 import pytest
 
 from apps.harness import TIMEOUT, free_port, serving
-from conftest import Certificates, LogLines, LoopThread
+from conftest import Certificates, LogLines, BackgroundLoop
 from proxies import GET, body_of, connect, haproxy, nginx, proxy_v1, proxy_v2, read_all, through, tls_context, tlv
 from server_native import NativeHttpServer, ServerConfig
 from server_native.asgi import serve_asgi
@@ -143,7 +143,7 @@ def test_the_header_is_read_once_per_connection(serve: Any) -> None:
 
 @pytest.mark.skipif(sys.platform == "win32", reason="Unix domain sockets")
 @pytest.mark.parametrize("native_callback", TRANSPORTS)
-def test_over_a_unix_socket_the_header_names_the_client(tmp_path: Path, native_callback: bool, loop_thread: LoopThread) -> None:
+def test_over_a_unix_socket_the_header_names_the_client(tmp_path: Path, native_callback: bool, loop_thread: BackgroundLoop) -> None:
     path = f"/tmp/sn-pp-{tmp_path.name[-10:]}.sock"
     server = loop_thread.run(NativeHttpServer.bind_unix(path, proxy_protocol=True, native_callback=native_callback))
     try:

@@ -19,7 +19,7 @@ import hpack
 import httpx
 import hyperframe.frame
 import pytest
-from apps.harness import free_port
+from apps.harness import free_port, refused, wait_refused
 from conftest import requires_curl
 
 TIMEOUT = 10
@@ -91,25 +91,8 @@ def new_connection_is_served(port: int) -> bool:
         return False
 
 
-def refused_once(port: int) -> bool:
-    """Whether nothing listens on ``port`` (a reset means something does)."""
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-    except ConnectionRefusedError:
-        return True
-    except ConnectionResetError:
-        pass
-    return False
 
 
-def wait_refused(port: int) -> bool:
-    """Waits (bounded) until connecting to ``port`` is refused."""
-    end = time.monotonic() + TIMEOUT
-    while time.monotonic() < end:
-        if refused_once(port):
-            return True
-        time.sleep(0.02)
-    return False
 
 
 # ---------------------------------------------------------------- HTTP/1.1
@@ -448,7 +431,7 @@ def test_a_close_that_ends_after_its_loop_closed_reports_nothing(monkeypatch: py
     try:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             end = time.monotonic() + TIMEOUT
-            while refused_once(port) and time.monotonic() < end:
+            while refused(port) and time.monotonic() < end:
                 time.sleep(0.02)
             result = pool.submit(http11_get, port, "/never")
             assert arrived.wait(TIMEOUT)
@@ -481,7 +464,7 @@ def test_a_serve_coroutine_closed_with_its_loop_gone_stops_quietly() -> None:
 
     async def until_listening() -> None:
         end = time.monotonic() + TIMEOUT
-        while refused_once(port) and time.monotonic() < end:
+        while refused(port) and time.monotonic() < end:
             await asyncio.sleep(0.02)
 
     loop.run_until_complete(until_listening())

@@ -29,7 +29,7 @@ import httpx
 import pytest
 
 from apps.harness import serving
-from conftest import Certificates, LogLines, LoopThread, RunningServer, requires_curl
+from conftest import Certificates, LogLines, BackgroundLoop, RunningServer, requires_curl
 from server_native import ServerConfig
 from server_native.asgi import serve_asgi
 from server_native.direct import NativeDirectResponse, serve_native_direct
@@ -509,7 +509,7 @@ def test_http2_file_range_304_head_and_a_20_mib_file(static_server: Any, site: S
 
 
 def test_http3_file_range_head_traversal_and_a_20_mib_file(
-    serve: Callable[..., RunningServer], site: Site, loop_thread: LoopThread, certs: Certificates
+    serve: Callable[..., RunningServer], site: Site, loop_thread: BackgroundLoop, certs: Certificates
 ) -> None:
     app = RecordingApp()
     running = start_h3(serve, certs, app, static_files=[("/static", site.public)])
