@@ -33,6 +33,8 @@ pub struct Connection {
     pub server: Arc<ServerShared>,
     pub info: Arc<ConnInfo>,
     in_flight: AtomicUsize,
+    /// Whether a request has begun on this connection.
+    begun: AtomicBool,
     /// The request head being awaited, for `header_read_timeout`.
     pub head: Arc<PendingHead>,
     /// Whether a byte was read or written since the idle check last looked: a
@@ -52,6 +54,7 @@ impl Connection {
             server,
             info: Arc::new(info),
             in_flight: AtomicUsize::new(0),
+            begun: AtomicBool::new(false),
             head: Arc::new(PendingHead::new()),
             active: AtomicBool::new(false),
             multiplexed: AtomicBool::new(false),
@@ -65,6 +68,9 @@ impl Connection {
 
     /// Counts a request as in flight until the returned guard drops.
     pub fn begin_request(self: &Arc<Self>) -> InFlight {
+        if !self.begun.load(Ordering::Relaxed) {
+            self.begun.store(true, Ordering::Release);
+        }
         if self.in_flight.fetch_add(1, Ordering::AcqRel) == 0 {
             self.server.stats.active.fetch_add(1, Ordering::Relaxed);
         }
@@ -178,10 +184,17 @@ where
     }
 }
 
+/// How long a drain waits for the first request of a connection accepted
+/// just before it.
+const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
+
 /// Why a connection's watch ended.
 enum Stop {
     /// Finish the exchanges in flight, then close.
     Graceful,
+    /// The server drains: as `Graceful`, once a connection that has not yet
+    /// begun a request has had a moment to send it.
+    Draining,
     /// Drop the connection now.
     Now,
     /// A request head took longer than `header_read_timeout`: drop it now.
@@ -209,7 +222,7 @@ where
         tokio::select! {
             _ = server.force.cancelled() => Stop::Now,
             _ = head_overdue() => Stop::Overdue,
-            _ = server.shutdown.cancelled() => Stop::Graceful,
+            _ = server.shutdown.cancelled() => Stop::Draining,
             _ = idle(conn) => Stop::Graceful,
         }
     });
@@ -224,7 +237,25 @@ where
         let report = format!("closed a connection{peer}: no whole request head within header_read_timeout");
         server.log.report(log::Kind::Request, log::Level::Info, report);
     }
-    if let Stop::Graceful = stop {
+    if let Stop::Draining = stop {
+        // A client that connected just before the drain began has its first
+        // request on the way: closing at once would meet it with a closed
+        // connection. It gets a moment to arrive, and is then answered with
+        // `Connection: close` (or a GOAWAY's last stream) like any other.
+        let first_request = async {
+            let waited = Instant::now();
+            while !conn.begun.load(Ordering::Acquire) && waited.elapsed() < FIRST_REQUEST_GRACE {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::select! {
+            biased;
+            ended = http.as_mut() => return refused(conn, ended),
+            _ = server.force.cancelled() => return,
+            _ = first_request => {}
+        }
+    }
+    if let Stop::Graceful | Stop::Draining = stop {
         http.as_mut().graceful_shutdown();
         let _closing = server.stats.closing();
         let late = WokenOnly::new(async {

@@ -19,7 +19,7 @@ import hpack
 import httpx
 import hyperframe.frame
 import pytest
-from apps.harness import free_port, refused, wait_refused
+from apps.harness import free_port, refused, wait_for, wait_refused
 from conftest import requires_curl
 
 TIMEOUT = 10
@@ -143,6 +143,31 @@ def test_graceful_close_closes_idle_keep_alive_connections(serve: Any) -> None:
         running.loop_thread.run(running.server.close(), timeout=TIMEOUT)
         sock.settimeout(TIMEOUT)
         assert sock.recv(4096) == b"", "an idle keep-alive connection outlived a graceful close"
+
+
+def test_a_connection_accepted_before_the_drain_has_its_first_request_answered(serve: Any) -> None:
+    """A client that connected just before the drain began sends its request
+    a moment later: it gets the answer, with ``Connection: close``, not a
+    closed connection."""
+
+    async def handler(request: Any) -> None:
+        request.response.write("ok")
+
+    running = serve(handler)
+    with socket.create_connection(("127.0.0.1", running.port), timeout=TIMEOUT) as sock:
+        wait_for(lambda: running.server.connections_info().total == 1, what="the connection to be accepted")
+        closing = begin_close(running)
+        assert wait_refused(running.port)  # the drain has begun
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.settimeout(TIMEOUT)
+        response = b""
+        while chunk := sock.recv(4096):
+            response += chunk
+    closing.result(TIMEOUT)
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), response
+    assert b"connection: close" in head.lower()
+    assert body == b"ok"
 
 
 # ---------------------------------------------------------------- HTTP/2
