@@ -172,9 +172,10 @@ class ServerConfig:
     http2_initial_stream_window_size: int | None = None
     #: Size both windows from the measured bandwidth-delay product instead.
     http2_adaptive_window: bool = False
-    #: Seconds between the PINGs sent to every HTTP/2 connection (0 or None:
-    #: none); a connection whose peer leaves one unanswered for
-    #: ``http2_keep_alive_timeout`` seconds is closed (GOAWAY).
+    #: Seconds between the PINGs sent to every HTTP/2 connection, idle ones
+    #: included (0 or None: none); a connection whose peer leaves one
+    #: unanswered for ``http2_keep_alive_timeout`` seconds is closed (GOAWAY).
+    #: A PING and its answer are traffic to ``idle_timeout``.
     http2_keep_alive_interval: float | None = None
     http2_keep_alive_timeout: float = 20.0
     #: The largest HTTP/2 frame accepted (SETTINGS_MAX_FRAME_SIZE).
