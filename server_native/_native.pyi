@@ -21,6 +21,7 @@ __all__ = [
     "TlsConfigError",
     "bridge_response_head",
     "take_log_records",
+    "tls_cipher_suites",
 ]
 
 ABI_VERSION: int
@@ -93,6 +94,7 @@ def bridge_response_head(
     stream: int, status: int, headers: _HeaderPairs | None, reason: str | None, body_size: int | None
 ) -> bytes: ...
 def take_log_records() -> list[tuple[int, str]]: ...
+def tls_cipher_suites(names: list[str] | None = None) -> list[str]: ...
 
 @final
 class NativeDirectResponse:

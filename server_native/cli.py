@@ -8,10 +8,10 @@ import argparse
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from .config import ServerConfig
+from .config import BOUNDS, PROTOCOL_VERSIONS, ServerConfig, cipher_suites, out_of_bounds
 from .logs import LOG_LEVELS, configure_logging
 from .runner import INTERFACES, AppLoadError, load_app, run
 
@@ -166,6 +166,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--reload", action="store_true", help="restart when Python files change (needs watchfiles)")
     serve.add_argument("--reload-dir", action="append", default=[], help="directories to watch (default: the current one)")
     serve.add_argument("--shared", action="store_true", help=argparse.SUPPRESS)
+    _add_tuning_arguments(serve)
     from . import prebuilt
 
     setup = commands.add_parser("setup", help="download the prebuilt native library of a release into a cache")
@@ -175,6 +176,123 @@ def _parser() -> argparse.ArgumentParser:
     prebuilt.add_info_arguments(info)
     info.set_defaults(run_command=prebuilt.run_info)
     return parser
+
+
+def _add_tuning_arguments(serve: argparse.ArgumentParser) -> None:
+    """TLS suites, versions and revocation, HTTP/2 settings and the I/O
+    threads, named as Granian names them."""
+    tls = serve.add_argument_group("TLS: cipher suites, versions, revocation")
+    tls.add_argument(
+        "--ssl-ciphers", type=_cipher_suites, metavar="NAMES",
+        help="cipher suites, separated by commas or colons, by rustls name (TLS13_AES_256_GCM_SHA384, "
+        "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256) or OpenSSL's (ECDHE-ECDSA-AES128-GCM-SHA256); "
+        "not OpenSSL cipher strings such as HIGH:!aNULL (default: every suite rustls has)",
+    )
+    tls.add_argument(
+        "--ssl-protocol-min", choices=PROTOCOL_VERSIONS, default="tls1.2", help="the oldest TLS version accepted (default tls1.2)"
+    )
+    tls.add_argument(
+        "--ssl-crl", action="append", metavar="FILE",
+        help="a certificate revocation list (PEM or DER) for client certificates, with --ssl-ca-certs and "
+        "--ssl-cert-reqs 1 or 2; repeatable",
+    )
+    http2 = serve.add_argument_group("HTTP/2")
+    http2.add_argument(
+        "--http2-max-concurrent-streams", dest="max_concurrent_streams", type=_bounded("max_concurrent_streams"),
+        metavar="N", help=f"streams a connection may have open at once, HTTP/3's too (default {ServerConfig.max_concurrent_streams})",
+    )
+    http2.add_argument(
+        "--http2-initial-connection-window-size", type=_bounded("http2_initial_connection_window_size"), metavar="BYTES",
+        help="request body a connection may send ahead of the application (default 1 MiB)",
+    )
+    http2.add_argument(
+        "--http2-initial-stream-window-size", type=_bounded("http2_initial_stream_window_size"), metavar="BYTES",
+        help="request body a stream may send ahead of the application (default 1 MiB)",
+    )
+    http2.add_argument(
+        "--http2-adaptive-window", action=argparse.BooleanOptionalAction, default=False,
+        help="size the flow control windows from the measured bandwidth-delay product (instead of the two above)",
+    )
+    http2.add_argument(
+        "--http2-keep-alive-interval", type=_milliseconds, metavar="MS",
+        help="milliseconds between PINGs to every connection, as Granian takes it (default: none)",
+    )
+    http2.add_argument(
+        "--http2-keep-alive-timeout", type=float, metavar="SECONDS",
+        help=f"a connection that leaves a PING unanswered this long is closed (default {ServerConfig.http2_keep_alive_timeout:g})",
+    )
+    http2.add_argument(
+        "--http2-max-frame-size", type=_bounded("http2_max_frame_size"), metavar="BYTES",
+        help=f"the largest frame accepted (default {ServerConfig.http2_max_frame_size})",
+    )
+    http2.add_argument(
+        "--http2-max-headers-size", type=_bounded("http2_max_headers_size"), metavar="BYTES",
+        help="the largest header list accepted, 431 beyond it (default: --max-header-size)",
+    )
+    runtime = serve.add_argument_group("runtime")
+    runtime.add_argument(
+        "--runtime-threads", type=_bounded("runtime_threads"), metavar="N",
+        help="I/O threads per process (default: $SERVER_NATIVE_THREADS, or one per CPU it may run on, at most 64)",
+    )
+
+
+def _bounded(name: str) -> Callable[[str], int]:
+    """An argument type: a whole number within ``name``'s bounds."""
+
+    def parse(text: str) -> int:
+        value: Any = text
+        try:
+            value = int(text)
+        except ValueError:
+            pass
+        problem = out_of_bounds(name, value)
+        if problem is not None:
+            raise argparse.ArgumentTypeError(problem)
+        return int(value)
+
+    parse.__name__ = name
+    return parse
+
+
+def _milliseconds(text: str) -> float:
+    """Milliseconds from the command line, as seconds."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of milliseconds from 1, not {text!r}")
+    return value / 1000
+
+
+def _cipher_suites(text: str) -> tuple[str, ...]:
+    try:
+        return cipher_suites(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _check_tuning(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """TLS options need TLS; revocation lists need verified client certificates."""
+    tls_only = {"--ssl-ciphers": args.ssl_ciphers, "--ssl-crl": args.ssl_crl, "--ssl-protocol-min": args.ssl_protocol_min != "tls1.2"}
+    given = [flag for flag, value in tls_only.items() if value]
+    if given and not args.ssl_certfile:
+        parser.error(f"{', '.join(given)} needs --ssl-certfile and --ssl-keyfile")
+    if args.ssl_crl and (not args.ssl_ca or not args.ssl_cert_reqs):
+        parser.error("--ssl-crl checks client certificates: it needs --ssl-ca-certs and --ssl-cert-reqs 1 or 2")
+    if args.http2_keep_alive_timeout is not None and not args.http2_keep_alive_timeout > 0:
+        parser.error(f"--http2-keep-alive-timeout must be a number of seconds above 0, not {args.http2_keep_alive_timeout:g}")
+    windows = args.http2_initial_connection_window_size, args.http2_initial_stream_window_size
+    if args.http2_adaptive_window and any(size is not None for size in windows):
+        parser.error("--http2-adaptive-window sizes the flow control windows itself: give it or the window sizes, not both")
+
+
+def _tuning_options(args: argparse.Namespace) -> dict[str, Any]:
+    """run() keyword arguments of the HTTP/2 and runtime options given."""
+    names = (*BOUNDS, "http2_keep_alive_interval", "http2_keep_alive_timeout")
+    options: dict[str, Any] = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    options["http2_adaptive_window"] = args.http2_adaptive_window
+    return options
 
 
 def _header(text: str) -> tuple[str, str]:
@@ -249,6 +367,7 @@ def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     if args.ssl_cert_reqs and not args.ssl_certfile:
         parser.error("--ssl-cert-reqs needs --ssl-certfile and --ssl-keyfile")
     _check_static(args, parser)
+    _check_tuning(args, parser)
 
 
 def _check_static(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -284,6 +403,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         options["static_files"] = args.static_files
         options["static_files_expires"] = args.static_path_expires
         options["static_files_index"] = args.static_path_dir_to_file
+    options.update(_tuning_options(args))
     limits = (
         "max_body_size", "max_header_size", "max_connections", "websocket_max_message_size",
         "ws_max_queue", "ws_ping_interval", "ws_ping_timeout",
@@ -304,6 +424,9 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
             require_client_certificate=args.ssl_cert_reqs == 2,
             client_ca_path=args.ssl_ca,
             http2=options.get("http2", True),
+            ciphers=args.ssl_ciphers,
+            protocol_min=args.ssl_protocol_min,
+            crl_paths=args.ssl_crl or (),
         )
     interface = args.interface
     if interface in ("auto", "asgi", "wsgi"):

@@ -12,7 +12,7 @@ import asyncio
 import inspect
 import os
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 from ._loader import native
@@ -271,13 +271,18 @@ async def serve_secure_native_direct(
     key_path: str | os.PathLike[str],
     certificate_password: str | None = None,
     http2: bool = True,
+    ciphers: str | Sequence[str] | None = None,
+    protocol_min: str = "tls1.2",
     **options: Any,
 ) -> None:
-    """:func:`serve_native_direct` over TLS."""
+    """:func:`serve_native_direct` over TLS; ``ciphers`` and ``protocol_min``
+    as in :class:`TlsConfig`."""
     tls = tls_settings(
         certificate_path=certificate_path,
         key_path=key_path,
         certificate_password=certificate_password,
         http2=http2,
+        ciphers=ciphers,
+        protocol_min=protocol_min,
     )
     await serve_native_direct(handler, address, port, http2=http2, tls=tls, **options)

@@ -7,7 +7,7 @@ import asyncio
 import collections
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any
 
 from ._loader import native
@@ -80,10 +80,14 @@ class NativeHttpServer(BoundServer):
         require_client_certificate: bool = False,
         client_ca_path: str | os.PathLike[str] | None = None,
         http2: bool = True,
+        ciphers: str | Sequence[str] | None = None,
+        protocol_min: str = "tls1.2",
+        crl_paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] = (),
         **options: Any,
     ) -> NativeHttpServer:
         """Like :meth:`bind`, over TLS. A missing file, a bad key or a wrong
-        password raises here, before anything is bound."""
+        password raises here, before anything is bound. ``ciphers``,
+        ``protocol_min`` and ``crl_paths`` as in :class:`TlsConfig`."""
         tls = tls_settings(
             certificate_path=certificate_path,
             key_path=key_path,
@@ -92,6 +96,9 @@ class NativeHttpServer(BoundServer):
             require_client_certificate=require_client_certificate,
             client_ca_path=client_ca_path,
             http2=http2,
+            ciphers=ciphers,
+            protocol_min=protocol_min,
+            crl_paths=crl_paths,
         )
         return await cls.bind(address, port, http2=http2, tls=tls, **options)
 

@@ -8,6 +8,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any, NamedTuple
 
@@ -91,8 +92,12 @@ def tls_settings(
     require_client_certificate: bool = False,
     client_ca_path: str | os.PathLike[str] | None = None,
     http2: bool = True,
+    ciphers: str | Sequence[str] | None = None,
+    protocol_min: str = "tls1.2",
+    crl_paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] = (),
 ) -> TlsConfig:
-    """Checks that the files exist; the native side checks their contents."""
+    """Checks that the files exist and the names are known; the native side
+    checks the files' contents."""
     return TlsConfig(
         certificate_path=os.fspath(certificate_path),
         key_path=os.fspath(key_path),
@@ -101,6 +106,9 @@ def tls_settings(
         require_client_certificate=require_client_certificate,
         client_ca_path=None if client_ca_path is None else os.fspath(client_ca_path),
         http2=http2,
+        ciphers=ciphers,
+        protocol_min=protocol_min,
+        crl_paths=crl_paths,
     )
 
 

@@ -100,11 +100,15 @@ where
     let counter = server.clone();
     let _counted = counter.stats.open();
     let max_head = server.config.max_header_size;
+    let h2_limits = crate::guard::H2Limits {
+        max_head: server.config.http2_header_list_limit(),
+        max_frame: server.config.http2_max_frame_size as usize,
+    };
     let log = server.log;
     match server.tls.clone() {
         None => {
             let conn = Connection::new(server, ConnInfo { addresses, tls: false, peer_certificate: None });
-            run(Guard::http1(stream, max_head, conn.head.clone(), log), conn).await;
+            run(Guard::http1(stream, max_head, h2_limits, conn.head.clone(), log), conn).await;
         }
         Some(acceptor) => {
             let handshake = tokio::time::timeout(server.handshake_timeout, acceptor.accept(stream));
@@ -121,9 +125,9 @@ where
             let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
             let conn = Connection::new(server, ConnInfo { addresses, tls: true, peer_certificate });
             if h2 {
-                run(Guard::http2(stream, max_head, log), conn).await;
+                run(Guard::http2(stream, h2_limits, log), conn).await;
             } else {
-                run(Guard::http1(stream, max_head, conn.head.clone(), log), conn).await;
+                run(Guard::http1(stream, max_head, h2_limits, conn.head.clone(), log), conn).await;
             }
         }
     }
@@ -274,11 +278,17 @@ where
 
 /// Logs how hyper or h2 refused a client: a request it could not parse
 /// (hyper answered 400 or 431 and closed), an HTTP/2 connection it ended
-/// with an error (GOAWAY). A client that merely left is not news.
+/// with an error (GOAWAY), or one that left a keep-alive PING unanswered
+/// (GOAWAY). A client that merely left is not news.
 fn refused<E: Into<Box<dyn std::error::Error + Send + Sync>>>(conn: &Connection, ended: Result<(), E>) {
     let Err(error) = ended else { return };
     let error = error.into();
     let Some(error) = error.downcast_ref::<hyper::Error>() else { return };
+    if error.is_timeout() {
+        // hyper's own HTTP/1 header timeout is off: this is HTTP/2's keep-alive.
+        let report = format!("closed an HTTP/2 connection{}: a keep-alive PING went unanswered", conn.info.addresses.from_peer());
+        return conn.server.log.report(log::Kind::Request, log::Level::Info, report);
+    }
     let what = if error.is_parse() || error.is_parse_status() {
         let why = conn.head.refused().map_or_else(|| error.to_string(), str::to_owned);
         format!("refused an HTTP/1.1 request{}: {why}", conn.info.addresses.from_peer())

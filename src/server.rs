@@ -320,16 +320,27 @@ impl Protocols {
             .max_headers(config.max_headers)
             .auto_date_header(config.date_header)
             .keep_alive(true);
-        builder
-            .http2()
+        let mut http2 = builder.http2();
+        http2
             .timer(TokioTimer::new())
             .auto_date_header(config.date_header)
             .max_concurrent_streams(config.max_concurrent_streams)
-            .max_header_list_size(config.max_header_size as u32)
+            .max_header_list_size(u32::try_from(config.http2_header_list_limit()).unwrap_or(u32::MAX))
+            .max_frame_size(config.http2_max_frame_size)
+            .initial_connection_window_size(config.http2_initial_connection_window_size)
+            .initial_stream_window_size(config.http2_initial_stream_window_size)
+            .keep_alive_interval(seconds(config.http2_keep_alive_interval))
+            .keep_alive_timeout(seconds(config.http2_keep_alive_timeout).unwrap_or(HTTP2_KEEP_ALIVE_TIMEOUT))
             .enable_connect_protocol();
+        if config.http2_adaptive_window {
+            http2.adaptive_window(true);
+        }
         Protocols::Auto(builder)
     }
 }
+
+/// hyper's wait for a keep-alive PING's answer, when none is configured.
+const HTTP2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 fn millis(value: f64) -> u64 {
     seconds(value).map_or(0, |d| d.as_millis().max(1) as u64)
