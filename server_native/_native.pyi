@@ -8,7 +8,6 @@ import builtins
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol, final
 
-
 __all__ = [
     "ABI_VERSION",
     "FEATURES",

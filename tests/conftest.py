@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 import trustme
+from apps.harness import BackgroundLoop
 from cryptography.hazmat.primitives import serialization
 
-from apps.harness import BackgroundLoop
 from server_native import NativeHttpServer
-from server_native.addresses import ipv6_available
+from server_native.runtime.addresses import ipv6_available
 
 requires_ipv6 = pytest.mark.skipif(not ipv6_available(), reason="IPv6 loopback is not available here")
 requires_curl = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")

@@ -26,7 +26,6 @@ from typing import Any
 
 import httpx
 import pytest
-
 from apps import fastapi_app, starlette_app
 from apps.harness import (
     TIMEOUT,
@@ -40,9 +39,10 @@ from apps.harness import (
     uvicorn_process,
     wait_for,
 )
+
 from server_native import ClientDisconnected
-from server_native.asgi import LifespanFailure, serve_asgi
-from server_native.server import tls_settings
+from server_native.interfaces.asgi import LifespanFailure, serve_asgi
+from server_native.runtime.bound import tls_settings
 
 try:
     from .conftest import Certificates, LogLines
@@ -1207,9 +1207,8 @@ def test_fastapi_lifespan_runs(loop_thread: BackgroundLoop) -> None:
 @pytest.fixture(scope="module")
 def django_asgi() -> Iterator[Running]:
     import django
-    from django.conf import settings
-
     from apps import django_urls
+    from django.conf import settings
 
     if not settings.configured:
         settings.configure(**django_urls.SETTINGS)
@@ -1285,7 +1284,7 @@ async def client_and_scheme(scope: dict[str, Any], receive: Any, send: Any) -> N
 def test_proxy_headers_believed_only_from_trusted_peers(
     loop_thread: BackgroundLoop, trusted: list[str], headers: dict[str, str], client: str, scheme: str
 ) -> None:
-    from server_native.proxy import ProxyHeaders
+    from server_native.runtime.proxy import ProxyHeaders
 
     running = start(loop_thread, serve_asgi, client_and_scheme, lifespan="off", proxy=ProxyHeaders(trusted))
     try:

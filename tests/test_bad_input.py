@@ -21,7 +21,6 @@ import h2.errors
 import h2.events
 import hpack
 import pytest
-
 from apps.harness import wait_for
 
 from server_native import BodyTooLarge, ClientDisconnected, HttpException

@@ -35,8 +35,8 @@ from typing import Any
 
 import httpx
 import pytest
-
 from apps.harness import free_port, h2_websocket_exchange, wait_for
+
 from server_native import (
     ClientDisconnected,
     NativeDirectResponse,
@@ -47,14 +47,14 @@ from server_native import (
     serve_native_multi,
     serve_secure_native_http,
 )
-from server_native._loader import native
-from server_native.config import ServerConfig
-from server_native.websocket import is_upgrade_request, upgrade_websocket
+from server_native._dist.loader import native
+from server_native.http.websocket import is_upgrade_request, upgrade_websocket
+from server_native.runtime.config import ServerConfig
 
 try:
-    from .conftest import Certificates, BackgroundLoop
+    from .conftest import BackgroundLoop, Certificates
 except ImportError:  # tests/ run as a plain directory
-    from conftest import Certificates, BackgroundLoop  # type: ignore[no-redef]
+    from conftest import BackgroundLoop, Certificates  # type: ignore[no-redef]
 
 TIMEOUT = 10
 MIB = 1 << 20

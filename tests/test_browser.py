@@ -29,13 +29,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import BackgroundLoop, Certificates, RunningServer, requires_ipv6
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from websockets.sync.client import ClientConnection, connect
 
 from server_native import NativeHttpServer
-
-from conftest import Certificates, BackgroundLoop, RunningServer, requires_ipv6
 
 CHROMIUM = shutil.which("chromium")
 pytestmark = pytest.mark.skipif(

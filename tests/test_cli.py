@@ -324,7 +324,7 @@ def test_the_console_script_entry_point_is_main() -> None:
         text=True,
         timeout=60,
     )
-    assert result.stdout.strip() == "server_native.cli"
+    assert result.stdout.strip() == "server_native.cli.main"
 
 
 # ---------------------------------------------------------------- logging

@@ -32,7 +32,6 @@ from typing import Any
 import h11
 import httpx
 import pytest
-
 from apps.harness import free_port, refused, wait_for
 
 from server_native import (
@@ -45,9 +44,9 @@ from server_native import (
 )
 
 try:
-    from .conftest import Certificates, LogLines, BackgroundLoop, requires_ipv6
+    from .conftest import BackgroundLoop, Certificates, LogLines, requires_ipv6
 except ImportError:  # tests/ run as a plain directory
-    from conftest import Certificates, LogLines, BackgroundLoop, requires_ipv6  # type: ignore[no-redef]
+    from conftest import BackgroundLoop, Certificates, LogLines, requires_ipv6  # type: ignore[no-redef]
 
 TIMEOUT = 10
 ECHO = re.compile(r"^Server listening on (https?)://(\[[^\]]+\]|[^:/\s]+):(\d+) via server_native \(([^)]*)\)$")

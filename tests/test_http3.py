@@ -24,6 +24,14 @@ from typing import Any
 import httpx
 import pytest
 from aioquic.h3.connection import Setting
+from conftest import (
+    BackgroundLoop,
+    Certificates,
+    LogLines,
+    RunningServer,
+    requires_ipv6,
+)
+from h3client import H3Client, h3_connect
 
 from server_native import (
     BodyTooLarge,
@@ -37,9 +45,6 @@ from server_native import (
     serve_secure_native_http,
     serve_secure_native_multi,
 )
-
-from conftest import Certificates, LogLines, BackgroundLoop, RunningServer, requires_ipv6
-from h3client import H3Client, h3_connect
 
 TIMEOUT = 10
 #: Bound on one whole scenario run on the loop thread.
@@ -591,7 +596,7 @@ def test_ipv6_loopback(serve: Any, loop_thread: BackgroundLoop, certs: Certifica
 
 
 def test_localhost_binding_answers_http3_on_every_loopback(serve: Any, loop_thread: BackgroundLoop, certs: Certificates) -> None:
-    from server_native.addresses import ipv6_available
+    from server_native.runtime.addresses import ipv6_available
 
     running = start_h3(serve, certs, describe, "localhost")
     hosts = ["127.0.0.1", "::1"] if ipv6_available() else ["127.0.0.1"]

@@ -19,10 +19,10 @@ from typing import Any
 
 import httpx
 import pytest
-
 from apps.harness import refused, wait_for
+
 from server_native import ContentType, Cookie, HttpRequest, NativeHttpServer
-from server_native.addresses import ipv6_available
+from server_native.runtime.addresses import ipv6_available
 
 try:
     from .conftest import BackgroundLoop, RunningServer, requires_curl, requires_ipv6

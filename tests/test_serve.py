@@ -26,7 +26,6 @@ from typing import Any
 
 import httpx
 import pytest
-
 from apps.harness import free_port, refused
 
 from server_native import (
@@ -41,12 +40,12 @@ from server_native import (
     serve_secure_native_http,
     serve_secure_native_multi,
 )
-from server_native.addresses import ipv6_available
+from server_native.runtime.addresses import ipv6_available
 
 try:
-    from .conftest import Certificates, LogLines, BackgroundLoop, requires_ipv6
+    from .conftest import BackgroundLoop, Certificates, LogLines, requires_ipv6
 except ImportError:  # tests/ run as a plain directory
-    from conftest import Certificates, LogLines, BackgroundLoop, requires_ipv6  # type: ignore[no-redef]
+    from conftest import BackgroundLoop, Certificates, LogLines, requires_ipv6  # type: ignore[no-redef]
 
 TIMEOUT = 10
 ROOT = Path(__file__).resolve().parents[1]

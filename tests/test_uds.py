@@ -24,15 +24,15 @@ from typing import Any
 
 import httpx
 import pytest
-
 from apps.harness import serving
-from conftest import Certificates, BackgroundLoop, requires_curl
+from conftest import BackgroundLoop, Certificates, requires_curl
+
 from server_native import NativeHttpServer
-from server_native.asgi import serve_asgi
-from server_native.direct import NativeDirectResponse, serve_native_direct
-from server_native.proxy import ProxyHeaders
-from server_native.server import tls_settings
-from server_native.wsgi import serve_wsgi
+from server_native.interfaces.asgi import serve_asgi
+from server_native.interfaces.direct import NativeDirectResponse, serve_native_direct
+from server_native.interfaces.wsgi import serve_wsgi
+from server_native.runtime.bound import tls_settings
+from server_native.runtime.proxy import ProxyHeaders
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="Unix domain sockets")
 

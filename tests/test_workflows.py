@@ -12,15 +12,14 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
-
-from server_native import _platforms
-
+import tomllib
 from distribution_helpers import HOST_LABEL, REAL_LIBRARY, clean_env, venv_tool
 from test_packaging import build_wheel_without_rust, fresh_venv, source_tree
+
+from server_native._dist import platforms as _platforms
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = ROOT / ".github" / "workflows"
@@ -137,11 +136,11 @@ def test_the_release_check_fails_metadata_with_a_gap(tmp_path: Path, labels: tup
 
 def test_the_unpublished_metadata_in_the_checkout_fails_the_release_check() -> None:
     """Until a prebuilt release is made, the package names none: publishing must stop."""
-    from server_native import _prebuilt_release
+    from server_native._dist import release as _prebuilt_release
 
     if _prebuilt_release.REPOSITORY and len(_prebuilt_release.SHA256) == len(_platforms.LABELS):
         pytest.skip("this checkout's release metadata names a release")
-    done = check_release(ROOT / "server_native" / "_prebuilt_release.py")
+    done = check_release(ROOT / "server_native" / "_dist" / "release.py")
     assert done.returncode == 1 and "names no complete release" in done.stderr
 
 

@@ -28,11 +28,19 @@ import django
 import httpx
 import pytest
 import requests
+from apps import django_urls, flask_app
+from apps.harness import (
+    TIMEOUT,
+    BackgroundLoop,
+    Running,
+    plain_tracebacks,
+    serving,
+    start,
+    wait_for,
+)
 from django.conf import settings
 
-from apps import django_urls, flask_app
-from apps.harness import TIMEOUT, BackgroundLoop, Running, plain_tracebacks, serving, start, wait_for
-from server_native.wsgi import FileWrapper, serve_wsgi
+from server_native.interfaces.wsgi import FileWrapper, serve_wsgi
 
 if not settings.configured:
     settings.configure(**django_urls.SETTINGS)

@@ -10,12 +10,12 @@ import ssl
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from ._loader import native
-from .config import ServerConfig
-from .logs import error_logger, log_access
-from .proxy import ProxyHeaders
-from .serve import serve_bound
-from .server import BoundServer, bind_settings, logger
+from .._dist.loader import native
+from ..runtime.bound import BoundServer, bind_settings, logger
+from ..runtime.config import ServerConfig
+from ..runtime.logs import error_logger, log_access
+from ..runtime.proxy import ProxyHeaders
+from ..runtime.serving import serve_bound
 
 __all__ = ["ASGIApp", "ASGIServer", "Lifespan", "LifespanFailure", "serve_asgi"]
 

@@ -8,13 +8,13 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import SplitResult, parse_qs, parse_qsl
 
-from ._loop import body_chunks
+from ..runtime.loop import body_chunks
 from .cookies import Cookie, parse_cookie_header
 from .headers import HttpHeaders
 from .response import HttpResponse
 
 if TYPE_CHECKING:
-    from .http_server import NativeHttpServer
+    from .server import NativeHttpServer
 
 __all__ = ["HttpConnectionInfo", "HttpRequest", "Uri"]
 

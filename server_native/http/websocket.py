@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ._loader import native
+from .._dist.loader import native
 from .errors import HttpException
 
 if TYPE_CHECKING:

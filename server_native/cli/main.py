@@ -11,8 +11,14 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .config import BOUNDS, PROTOCOL_VERSIONS, ServerConfig, cipher_suites, out_of_bounds
-from .logs import LOG_LEVELS, configure_logging
+from ..runtime.config import (
+    BOUNDS,
+    PROTOCOL_VERSIONS,
+    ServerConfig,
+    cipher_suites,
+    out_of_bounds,
+)
+from ..runtime.logs import LOG_LEVELS, configure_logging
 from .runner import INTERFACES, AppLoadError, load_app, run
 
 __all__ = ["main"]
@@ -31,7 +37,7 @@ class _Version(argparse.Action):
         super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
 
     def __call__(self, parser: argparse.ArgumentParser, *_args: Any, **_kwargs: Any) -> None:
-        from . import __version__
+        from .. import __version__
 
         print(f"server-native {__version__}")
         print(f"native library: {_native_version()}")
@@ -39,7 +45,7 @@ class _Version(argparse.Action):
 
 
 def _native_version() -> str:
-    from ._loader import resolution
+    from .._dist.loader import resolution
 
     result = resolution(build=False)
     if result.module is None:
@@ -167,7 +173,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--reload-dir", action="append", default=[], help="directories to watch (default: the current one)")
     serve.add_argument("--shared", action="store_true", help=argparse.SUPPRESS)
     _add_tuning_arguments(serve)
-    from . import prebuilt
+    from .._dist import setup as prebuilt
 
     setup = commands.add_parser("setup", help="download the prebuilt native library of a release into a cache")
     prebuilt.add_setup_arguments(setup)
@@ -414,7 +420,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         if value is not None:
             options[name] = value
     if args.ssl_certfile:
-        from .server import tls_settings
+        from ..runtime.bound import tls_settings
 
         options["tls"] = tls_settings(
             certificate_path=args.ssl_certfile,
@@ -432,7 +438,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
     if interface in ("auto", "asgi", "wsgi"):
         options["root_path"] = args.root_path
         if args.proxy_headers:
-            from .proxy import ProxyHeaders
+            from ..runtime.proxy import ProxyHeaders
 
             options["proxy"] = ProxyHeaders(args.forwarded_allow_ips.split(","))
     if interface in ("auto", "asgi"):

@@ -10,11 +10,16 @@ import os
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any
 
-from ._loader import native
-from .config import ServerConfig
+from .._dist.loader import native
+from ..runtime.bound import (
+    BoundServer,
+    HttpConnectionsInfo,
+    bind_settings,
+    tls_settings,
+)
+from ..runtime.config import ServerConfig
 from .headers import ContentType, HttpHeaders
 from .request import HttpRequest
-from .server import BoundServer, HttpConnectionsInfo, bind_settings, tls_settings
 
 __all__ = ["HttpConnectionsInfo", "NativeHttpServer", "RequestHandler"]
 

@@ -17,7 +17,7 @@ import types
 from collections.abc import AsyncIterator, Callable, Coroutine, Generator
 from typing import Any
 
-from ._loader import native
+from .._dist.loader import native
 
 __all__ = ["CoroutineRunner", "EventPump", "body_chunks"]
 

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import unquote
 
-from ._loader import native
+from .._dist.loader import native
 from .proxy import PROXY_HEADER_NAMES
 
 __all__ = ["BridgeListener", "BridgeRequest"]

@@ -8,12 +8,12 @@ import threading
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import IO, Any
 
-from ._loader import native
-from .config import ServerConfig
-from .logs import log_access
-from .proxy import ProxyHeaders
-from .serve import serve_bound
-from .server import BoundServer, bind_settings, logger
+from .._dist.loader import native
+from ..runtime.bound import BoundServer, bind_settings
+from ..runtime.config import ServerConfig
+from ..runtime.logs import log_access
+from ..runtime.proxy import ProxyHeaders
+from ..runtime.serving import serve_bound
 
 __all__ = ["FileWrapper", "WSGIApp", "WSGIServer", "serve_wsgi"]
 

@@ -75,15 +75,15 @@ async def serve_app(
     if interface == "auto":
         interface = detect_interface(app)
     if interface == "asgi":
-        from .asgi import serve_asgi
+        from ..interfaces.asgi import serve_asgi
 
         await serve_asgi(app, host, port, shutdown_signal=shutdown_signal, **options)
     elif interface == "wsgi":
-        from .wsgi import serve_wsgi
+        from ..interfaces.wsgi import serve_wsgi
 
         await serve_wsgi(app, host, port, shutdown_signal=shutdown_signal, **options)
     else:
-        from .direct import serve_native_direct
+        from ..interfaces.direct import serve_native_direct
 
         await serve_native_direct(app, host, port, shutdown_signal=shutdown_signal, **options)
 
@@ -96,7 +96,7 @@ def run(app: Any, host: str = "127.0.0.1", port: int = 8000, *, log_level: str |
     :func:`serve_app`'s adapters (``access_log``...), and any ``ServerConfig``
     field."""
     if log_level is not None:
-        from .logs import configure_logging
+        from ..runtime.logs import configure_logging
 
         configure_logging(log_level)
     main = serve_app(app, host, port, **options)

@@ -12,11 +12,11 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any, NamedTuple
 
-from ._loader import native
-from ._loop import CoroutineRunner, EventPump
+from .._dist.loader import native
 from .addresses import resolve_bind_hosts
 from .bridge import BridgeListener
 from .config import ServerConfig, TlsConfig
+from .loop import CoroutineRunner, EventPump
 from .unix_socket import UnixSocketFile, bind_unix_socket
 
 __all__ = ["BoundServer", "HttpConnectionsInfo", "bind_settings", "tls_settings"]

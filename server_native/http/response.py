@@ -7,16 +7,16 @@ import asyncio
 import logging
 from collections.abc import AsyncIterable, Iterable
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from ._loader import native
+from .._dist.loader import native
 from .cookies import Cookie
 from .errors import HttpBodyError, HttpException
 from .headers import HttpHeaders
 
 if TYPE_CHECKING:
-    from .http_server import NativeHttpServer
     from .request import HttpRequest
+    from .server import NativeHttpServer
 
 __all__ = ["HttpResponse"]
 

@@ -15,12 +15,12 @@ import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
-from ._loader import native
-from ._loop import body_chunks
-from .config import ServerConfig
-from .logs import log_access
-from .serve import serve_bound
-from .server import BoundServer, bind_settings, logger, tls_settings
+from .._dist.loader import native
+from ..runtime.bound import BoundServer, bind_settings, tls_settings
+from ..runtime.config import ServerConfig
+from ..runtime.logs import log_access
+from ..runtime.loop import body_chunks
+from ..runtime.serving import serve_bound
 
 __all__ = [
     "DirectHandler",

@@ -22,9 +22,9 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 
-from .addresses import resolve_bind_hosts
-from .logs import configure_logging
-from .unix_socket import bind_unix_socket
+from ..runtime.addresses import resolve_bind_hosts
+from ..runtime.logs import configure_logging
+from ..runtime.unix_socket import bind_unix_socket
 
 __all__ = ["supervise"]
 

@@ -48,7 +48,7 @@ def cipher_suites(names: str | Sequence[str]) -> tuple[str, ...]:
     parts = re.split(r"[,:]", names) if isinstance(names, str) else list(names)
     if not all(isinstance(part, str) for part in parts):
         raise ValueError(f"ciphers must be names of cipher suites, not {names!r}")
-    from ._loader import native
+    from .._dist.loader import native
 
     return tuple(native.tls_cipher_suites([part.strip() for part in parts if part.strip()]))
 
