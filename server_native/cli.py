@@ -22,6 +22,8 @@ __all__ = ["main"]
 SERVER_HEADER = "server-native"
 #: The first descriptor systemd passes (``SD_LISTEN_FDS_START``).
 SD_LISTEN_FDS_START = 3
+#: Seconds a worker has to answer a health check, unless told otherwise.
+_HEALTHCHECK_TIMEOUT = 5.0
 
 
 class _Version(argparse.Action):
@@ -342,10 +344,6 @@ def _add_process_options(serve: argparse.ArgumentParser) -> None:
     group.add_argument("--supervisor-fd", type=int, help=argparse.SUPPRESS)
 
 
-#: Seconds a worker has to answer a health check, unless told otherwise.
-_HEALTHCHECK_TIMEOUT = 5.0
-
-
 def _at_least(low: float, kind: Callable[[str], Any]) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         try:
@@ -468,7 +466,6 @@ def _check_static(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     args.static_files = list(zip(routes, mounts))
 
 
-
 def _check_process_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     from .supervisor import CHANNELS
 
@@ -513,7 +510,7 @@ def _load_env_file(path: str) -> None:
 
 
 @contextmanager
-def _pid_file(path: str | None) -> Iterator[None]:
+def _pid_file(path: str | None, parser: argparse.ArgumentParser) -> Iterator[None]:
     """This process's id in ``path`` while it runs (a stale file is
     replaced); removed at exit if it still names this process."""
     if path is None:
@@ -521,9 +518,12 @@ def _pid_file(path: str | None) -> Iterator[None]:
         return
     pid = str(os.getpid())
     temporary = f"{path}.{pid}.tmp"
-    with open(temporary, "w", encoding="ascii") as file:
-        file.write(f"{pid}\n")
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "w", encoding="ascii") as file:
+            file.write(f"{pid}\n")
+        os.replace(temporary, path)
+    except OSError as exc:
+        parser.error(f"--pid-file {path}: {exc.strerror or exc}")
     try:
         yield
     finally:
@@ -657,7 +657,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging(args.log_level, args.log_config)
     except LogConfigError as exc:
         parser.error(f"--log-config {exc}")
-    with _pid_file(args.pid_file):
+    with _pid_file(args.pid_file, parser):
         if args.supervisor_fd is None and _supervised(args):
             from .supervisor import supervise
 

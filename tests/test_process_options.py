@@ -268,6 +268,7 @@ def test_the_readme_lists_every_process_option() -> None:
         (("--workers-max-rss", "0"), "argument --workers-max-rss: must be at least 1, not 0"),
         (("--timeout-worker-healthcheck", "-2"), "argument --timeout-worker-healthcheck: must be at least 0, not -2"),
         (("--pid-file", ""), "--pid-file needs a path"),
+        (("--pid-file", "no-such-dir/server.pid"), "--pid-file no-such-dir/server.pid: No such file or directory"),
         (("--env-file", "missing.env"), "argument --env-file: no such file: 'missing.env'"),
         (("--log-config", "missing.json"), "argument --log-config: no such file: 'missing.json'"),
         (("--access-log-format", "%(nope)s"), "argument --access-log-format: unknown access log atom %(nope)s: the atoms are h, l, u, t, r, m, U, q, H, s, B, b, f, a, T, M, D, L, p and {name}i"),

@@ -92,6 +92,7 @@ def test_a_worker_with_a_blocked_event_loop_is_killed_and_replaced(app_dir: Path
         victim = parse_pid(blocked.recv(65536))
         # The same connection, so the same worker: its loop sleeps 60 s.
         blocked.sendall(b"GET /block?seconds=60 HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert wait_until((app_dir / f"blocking-{victim}").exists, 30)
         # Meanwhile the other worker answers.
         others = set()
         while not others and alive(victim):

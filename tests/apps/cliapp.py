@@ -4,9 +4,11 @@ what the tests check: the worker's pid, the client and scheme the app saw,
 the server's address (a Unix socket's path) and the root path; ``/slow``
 answers after a second and leaves an ``arrived-*`` file behind; ``/stream``
 sends ``?chunks=N`` lines half a second apart; a WebSocket is accepted
-and held until the client's next message. For worker recycling:
-``/allocate?mib=N`` keeps N more MiB, ``/block?seconds=N`` blocks the event
-loop; ``/env`` answers the variables the app saw as it was imported."""
+and held until the client's next message. For worker recycling
+(tests/test_workers.py): ``/allocate?mib=N`` keeps N more MiB,
+``/block?seconds=N`` blocks the event loop (and leaves a ``blocking-PID``
+file behind); ``/env`` answers the variables the app saw as it was
+imported."""
 
 import asyncio
 import os
@@ -56,6 +58,8 @@ def allocate(mib):
 
 
 def block(seconds):
+    with open(f"blocking-{os.getpid()}", "w"):
+        pass
     time.sleep(float(seconds))  # the event loop with it
     return f"{os.getpid()} blocked"
 
