@@ -1,6 +1,6 @@
 """The command line as a real process, for the tests that run it: the app
-it serves (tests/apps/cliapp.py, copied into a directory of its own), the
-command, and a server that is up once it answers."""
+it serves (tests/apps/cliapp.py, copied into a directory of its own by the
+``app_dir`` fixture), the command, and a server that is up once it answers."""
 
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ import pytest
 from apps.harness import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-
 CLI_APP = Path(__file__).parent / "apps" / "cliapp.py"
 
 
@@ -39,16 +38,17 @@ def environment() -> dict[str, str]:
 
 @contextmanager
 def serving(
-    app_dir: Path, *args: str, ready: Callable[[int], object] | None = None
+    app_dir: Path, *args: str, ready: Callable[[int], object] | None = None, env: dict[str, str] | None = None
 ) -> Iterator[tuple[subprocess.Popen[str], int]]:
-    """The CLI serving ``args`` on a free port, once ``ready(port)`` (a plain
-    GET by default) stops raising OSError."""
+    """The CLI serving ``args`` on a free port (with ``env`` added to its
+    environment), once ``ready(port)`` (a plain GET by default) stops
+    raising OSError."""
     ready = ready or (lambda port: get(port, "/"))
     port = free_port()
     process = subprocess.Popen(
         command("serve", *args, "--port", str(port)),
         cwd=app_dir,
-        env=environment(),
+        env={**environment(), **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -10,7 +10,6 @@ import email.utils
 import http.client
 import os
 import re
-import shutil
 import signal
 import socket
 import ssl
@@ -18,8 +17,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -28,8 +25,6 @@ from apps.harness import H1WebSocket, WebSocketClosed, free_port, wait_refused
 from cliserver import app_dir, command, environment, get, serving, stop  # noqa: F401 - app_dir: a fixture
 from conftest import Certificates
 from h3client import H3Response
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_serves_an_asgi_app(app_dir: Path) -> None:

@@ -6,16 +6,14 @@ refusal of every bad value."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from apps.harness import free_port
+from apps.harness import free_port, wait_for
 from cliserver import ROOT, app_dir, command, environment, get, serving, stop  # noqa: F401 - app_dir: a fixture
 
 EXAMPLES = ROOT / "examples"
@@ -40,25 +38,21 @@ def test_the_pid_file_names_the_server_while_it_runs(app_dir: Path, workers: str
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_the_env_file_is_loaded_before_the_app_is_imported(app_dir: Path, workers: str) -> None:
     (app_dir / "app.env").write_text('# settings\nexport SERVER_NATIVE_GREETING="hello world"\nSERVER_NATIVE_KEPT=from-file\n')
-    process = subprocess.Popen(
-        command("serve", "cliapp:app", "--env-file", "app.env", "--workers", workers, "--port", str(port := free_port())),
-        cwd=app_dir, env={**environment(), "SERVER_NATIVE_KEPT": "from-environment"},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )  # fmt: skip
-    try:
-        assert wait_for_answer(port, "/env", process) == (200, "hello world from-environment")
-    finally:
+    options = ("--env-file", "app.env", "--workers", workers)
+    with serving(app_dir, "cliapp:app", *options, env={"SERVER_NATIVE_KEPT": "from-environment"}) as (process, port):
+        assert get(port, "/env") == (200, "hello world from-environment")
         stop(process)
 
 
 def wait_for_answer(port: int, path: str, process: subprocess.Popen[str]) -> tuple[int, str]:
-    deadline = time.monotonic() + 30
-    while True:
-        assert process.poll() is None and time.monotonic() < deadline, process.communicate(timeout=10)[0]
+    def answer() -> tuple[int, str] | None:
+        assert process.poll() is None, process.communicate(timeout=10)[0]
         try:
             return get(port, path)
         except OSError:
-            time.sleep(0.1)
+            return None
+
+    return wait_for(answer, 30, f"an answer to {path}")
 
 
 def test_without_python_dotenv_the_env_file_is_one_line(app_dir: Path) -> None:

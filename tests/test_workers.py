@@ -15,9 +15,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
+from apps.harness import wait_for
 from cliserver import ROOT, app_dir, command, environment, get, serving, stop  # noqa: F401 - app_dir: a fixture
 
 LOAD = ROOT / "benchmark" / "rolling_restart.py"
@@ -78,7 +78,7 @@ def test_a_worker_above_its_memory_limit_is_replaced(app_dir: Path) -> None:
         assert response.status == 200
         fat = response.read().decode().split()[0]
         connection.close()
-        assert wait_until(lambda: not alive(int(fat)), 30), "the worker holding 200 MiB was not replaced"
+        wait_for(lambda: not alive(int(fat)), 30, "the worker holding 200 MiB to be replaced")
         status, body = get(port, "/")
         assert status == 200 and body.split()[0] != fat
         output = stop(process)
@@ -92,7 +92,7 @@ def test_a_worker_with_a_blocked_event_loop_is_killed_and_replaced(app_dir: Path
         victim = parse_pid(blocked.recv(65536))
         # The same connection, so the same worker: its loop sleeps 60 s.
         blocked.sendall(b"GET /block?seconds=60 HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert wait_until((app_dir / f"blocking-{victim}").exists, 30)
+        wait_for((app_dir / f"blocking-{victim}").exists, 30, "the worker's loop to block")
         # Meanwhile the other worker answers.
         others = set()
         while not others and alive(victim):
@@ -103,7 +103,7 @@ def test_a_worker_with_a_blocked_event_loop_is_killed_and_replaced(app_dir: Path
             assert status == 200
             others.add(body.split()[0])
         assert others and str(victim) not in others
-        assert wait_until(lambda: not alive(victim), 30), "the blocked worker is still running"
+        wait_for(lambda: not alive(victim), 30, "the blocked worker to be killed")
         try:
             assert blocked.recv(65536) == b""  # cut off with its worker
         except ConnectionResetError:
@@ -128,7 +128,7 @@ def test_a_successor_that_cannot_start_leaves_the_old_worker_serving(app_dir: Pa
             status, body = get(port, "/")
             assert status == 200 and body.split()[0] == first
         source.write_text(good)
-        assert wait_until(lambda: get(port, "/")[1].split()[0] != first, 30), "no successor took over once the app was fixed"
+        wait_for(lambda: get(port, "/")[1].split()[0] != first, 30, "a successor to serve once the app is fixed")
         output = stop(process)
     assert re.search(rf"exited with 1 before it served; worker {first} serves on, another successor in 5s", output), output
 
@@ -186,7 +186,7 @@ def test_sighup_replaces_every_worker_once_its_successor_serves(app_dir: Path) -
     with serving(app_dir, "cliapp:app", "--workers", "2") as (process, port):
         before = pids_answering(port, 2)
         os.kill(process.pid, signal.SIGHUP)
-        assert wait_until(lambda: not any(alive(int(pid)) for pid in before), 30), "the old workers are still running"
+        wait_for(lambda: not any(alive(int(pid)) for pid in before), 30, "the old workers to exit")
         after = pids_answering(port, 2)
         output = stop(process)
     assert not before & after
@@ -215,32 +215,3 @@ def alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
-
-
-def wait_until(condition: Callable[[], bool], seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
-def test_a_client_that_connected_just_before_the_drain_is_answered(app_dir: Path) -> None:
-    """Accepted, but its request not read yet when SIGTERM comes: it is
-    served (then the connection closes), not closed unanswered."""
-    with serving(app_dir, "cliapp:app") as (process, port):
-        early = socket.create_connection(("127.0.0.1", port), timeout=10)
-        # Answered after ``early`` was accepted (the accept queue is in order).
-        assert get(port, "/")[0] == 200
-        os.kill(process.pid, signal.SIGTERM)
-        assert process.stdout is not None
-        while "SIGTERM: shutting down" not in process.stdout.readline():
-            pass
-        early.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        response = b""
-        while chunk := early.recv(65536):
-            response += chunk
-        early.close()
-        assert process.wait(30) == 0
-    assert response.startswith(b"HTTP/1.1 200 "), response
