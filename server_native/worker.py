@@ -79,6 +79,8 @@ class SupervisedWorker:
                 message = decode(line)
                 if message is not None:
                     self._on_message(message)
+        except ConnectionError:
+            pass  # Reset: the supervisor died with our messages unread.
         finally:
             if watch is not None:
                 watch.cancel()
@@ -107,5 +109,5 @@ class SupervisedWorker:
         while (served := figures()["requests"]) < limit:
             await asyncio.sleep(_LIMIT_CHECK_INTERVAL)
         reason = f"{served} requests answered, the limit is {limit}"
-        self._retire(reason)
         self._send({"type": "retire", "reason": reason, "figures": figures()})
+        self._retire(reason)

@@ -195,6 +195,19 @@ def test_sighup_replaces_every_worker_once_its_successor_serves(app_dir: Path) -
         assert re.search(rf"worker \d+ serves in place of worker {pid}, which drains", output), output
 
 
+def test_a_worker_whose_supervisor_is_killed_drains_and_exits(app_dir: Path) -> None:
+    """Even when the supervisor died with the worker's last message unread
+    (the worker's end of the channel is then reset, not closed)."""
+    with serving(app_dir, "cliapp:app", "--limit-max-requests", "1") as (process, port):
+        assert process.stdout is not None
+        os.kill(process.pid, signal.SIGSTOP)
+        worker = int(get(port, "/")[1].split()[0])
+        while "retiring" not in process.stdout.readline():
+            pass  # its message to the supervisor is sent, and left unread
+        os.kill(process.pid, signal.SIGKILL)
+        wait_for(lambda: not alive(worker), 30, "the orphaned worker to exit")
+
+
 def pids_answering(port: int, count: int) -> set[str]:
     pids: set[str] = set()
     deadline = time.monotonic() + 30
@@ -209,9 +222,9 @@ def parse_pid(response: bytes) -> int:
 
 
 def alive(pid: int) -> bool:
-    """Whether a worker still runs (the supervisor reaps its children)."""
+    """Whether a worker still runs (exited and not reaped yet is not)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
         return False
-    return True
