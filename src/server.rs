@@ -4,12 +4,13 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::HeaderMap;
+use http::header::CONNECTION;
+use http::{HeaderMap, HeaderValue, Response, StatusCode};
 use parking_lot::RwLock;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper::server::conn::http1;
@@ -41,6 +42,13 @@ pub struct ServerShared {
     pub native_response: Option<Bytes>,
     idle_timeout_ms: AtomicU64,
     pub stats: ConnectionStats,
+    /// Requests answered, over every protocol (a supervisor recycles a
+    /// worker after so many).
+    requests: AtomicU64,
+    /// Off: every HTTP/1 response asks its client to close the connection,
+    /// so that a server about to drain has no idle keep-alive connection
+    /// left to close under a client's next request.
+    keep_alive: AtomicBool,
     /// Stop accepting; ask connections to finish what they have.
     pub shutdown: CancellationToken,
     /// Drop every connection now.
@@ -82,6 +90,8 @@ impl ServerShared {
             whole_body,
             native_response,
             stats: ConnectionStats::default(),
+            requests: AtomicU64::new(0),
+            keep_alive: AtomicBool::new(true),
             shutdown: CancellationToken::new(),
             force: CancellationToken::new(),
             tasks: TaskTracker::new(),
@@ -102,6 +112,27 @@ impl ServerShared {
                 }
             }
         }
+    }
+
+    /// Counts a response on its way out; with keep-alive off, an HTTP/1
+    /// one (not a WebSocket's 101) closes its connection after it.
+    pub fn answered<B>(&self, http1: bool, response: &mut Response<B>) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        if http1 && !self.keep_alive() && response.status() != StatusCode::SWITCHING_PROTOCOLS {
+            response.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+        }
+    }
+
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    pub fn keep_alive(&self) -> bool {
+        self.keep_alive.load(Ordering::Relaxed)
+    }
+
+    pub fn set_keep_alive(&self, on: bool) {
+        self.keep_alive.store(on, Ordering::Relaxed);
     }
 
     pub fn idle_timeout(&self) -> Option<Duration> {

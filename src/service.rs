@@ -72,6 +72,7 @@ pub async fn handle<B: RequestBodySource>(
     if server.shutdown.is_cancelled() && version < Version::HTTP_2 {
         response.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
     }
+    server.answered(version < Version::HTTP_2, &mut response);
     Ok(if head { framing::without_body(response) } else { response })
 }
 

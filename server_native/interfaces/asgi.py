@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -38,7 +39,7 @@ class _HttpCycle:
     exchange. A response whose start and (only) body arrive together leaves
     in one native call."""
 
-    __slots__ = ("_native", "_loop", "_state", "_status", "_headers", "_body_done", "_gone", "_waiting")
+    __slots__ = ("_native", "_loop", "_state", "_status", "_headers", "_body_done", "_gone", "_waiting", "sent")
 
     def __init__(self, native_request: Any, loop: asyncio.AbstractEventLoop) -> None:
         self._native = native_request
@@ -49,6 +50,8 @@ class _HttpCycle:
         self._body_done = False
         self._gone = False
         self._waiting: asyncio.Future[None] | None = None
+        #: Response body bytes handed over, for the access log.
+        self.sent = 0
 
     async def receive(self) -> Message:
         if self._body_done or self._gone or self._state == _COMPLETE:
@@ -83,6 +86,10 @@ class _HttpCycle:
     @property
     def client_gone(self) -> bool:
         return self._gone
+
+    def header(self, name: str) -> str | None:
+        """A request header's first value."""
+        return self._native.header(name)  # type: ignore[no-any-return]
 
     @property
     def status(self) -> int:
@@ -122,6 +129,7 @@ class _HttpCycle:
         if state == _STARTED and not more:
             self._complete()
             self._native.respond(self._status, self._headers, body)
+            self.sent = len(body)
             return
         if state == _STARTED:
             self._state = _STREAMING
@@ -143,6 +151,7 @@ class _HttpCycle:
             self._gone = True
             self._wake_receive()
             raise
+        self.sent += len(chunk)
         if backlog is not None:
             await backlog
 
@@ -241,6 +250,7 @@ def _tls_extension(native_request: Any) -> dict[str, Any]:
 
 
 async def _run(app: ASGIApp, scope: Scope, cycle: _HttpCycle, access_log: bool) -> None:
+    started = time.perf_counter() if access_log else None
     try:
         await app(scope, cycle.receive, cycle.send)
     except BaseException as exc:
@@ -253,7 +263,10 @@ async def _run(app: ASGIApp, scope: Scope, cycle: _HttpCycle, access_log: bool) 
     else:
         cycle.close_for_app(None)
     if access_log:
-        log_access(scope["client"], scope["method"], scope["raw_path"].decode("latin-1"), scope["http_version"], cycle.status)
+        log_access(
+            scope["client"], scope["method"], scope["raw_path"].decode("latin-1"), scope["http_version"], cycle.status,
+            query=scope["query_string"], sent=cycle.sent, started=started, header=cycle.header,
+        )  # fmt: skip
 
 
 #: The scheme of a WebSocket behind a proxy that reports http or https.

@@ -12,6 +12,7 @@ import asyncio
 import inspect
 import os
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
@@ -197,36 +198,59 @@ class DirectServer(BoundServer):
 
 def _with_access_log(handler: DirectHandler) -> DirectHandler:
     """``handler``, logging every request it answers (500 when it raises or
-    returns anything but a NativeDirectResponse)."""
+    returns anything but a NativeDirectResponse); a streamed response once
+    its body has gone."""
 
-    def log(request: NativeDirectRequest, response: Any) -> None:
-        status = response.status if response.__class__ is NativeDirectResponse else 500
-        log_access(request.client, request.method, request.path, request.protocol, status)
+    def log(request: NativeDirectRequest, started: float, status: int, sent: int) -> None:
+        log_access(
+            request.client, request.method, request.path, request.protocol, status,
+            query=request.query, sent=sent, started=started, header=request.header,
+        )  # fmt: skip
 
-    async def log_when_done(request: NativeDirectRequest, result: Awaitable[Any]) -> Any:
+    def answered(request: NativeDirectRequest, started: float, response: Any) -> Any:
+        if response.__class__ is not NativeDirectResponse:
+            log(request, started, 500, 0)
+        elif response.stream_body is None:
+            log(request, started, response.status, len(response.body))
+        else:
+            body = _counted(response.stream_body, lambda sent: log(request, started, response.status, sent))
+            return NativeDirectResponse.stream(response.status, response.headers, body=body)
+        return response
+
+    async def answered_when_done(request: NativeDirectRequest, started: float, result: Awaitable[Any]) -> Any:
         try:
             response = await result
         except BaseException:
-            log(request, None)
+            log(request, started, 500, 0)
             raise
-        log(request, response)
-        return response
+        return answered(request, started, response)
 
     if inspect.iscoroutinefunction(handler):
-        return lambda request: log_when_done(request, handler(request))
+        return lambda request: answered_when_done(request, time.perf_counter(), handler(request))
 
     def logged(request: NativeDirectRequest) -> Any:
+        started = time.perf_counter()
         try:
             result = handler(request)
         except BaseException:
-            log(request, None)
+            log(request, started, 500, 0)
             raise
         if inspect.isawaitable(result):
-            return log_when_done(request, result)
-        log(request, result)
-        return result
+            return answered_when_done(request, started, result)
+        return answered(request, started, result)
 
     return logged
+
+
+async def _counted(body: Any, done: Callable[[int], None]) -> AsyncIterator[Any]:
+    """``body``'s chunks; ``done`` gets their bytes once it ends or fails."""
+    sent = 0
+    try:
+        async for chunk in body:
+            sent += len(chunk)
+            yield chunk
+    finally:
+        done(sent)
 
 
 async def _stream(native_request: Any, response: Any, loop: asyncio.AbstractEventLoop) -> None:

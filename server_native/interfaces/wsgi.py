@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import IO, Any
 
@@ -107,7 +108,7 @@ class InputStream:
 class _Response:
     """``start_response`` and ``write`` for one request."""
 
-    __slots__ = ("_native", "status", "reason", "headers", "started", "streaming", "gone")
+    __slots__ = ("_native", "status", "reason", "headers", "started", "streaming", "gone", "sent")
 
     def __init__(self, native_request: Any) -> None:
         self._native = native_request
@@ -117,6 +118,8 @@ class _Response:
         self.started = False
         self.streaming = False
         self.gone = False
+        #: Body bytes handed over, for the access log.
+        self.sent = 0
 
     def start_response(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable[[bytes], None]:
         if exc_info is not None:
@@ -146,6 +149,7 @@ class _Response:
         if data and not self.gone:
             try:
                 self._native.write_blocking(data)
+                self.sent += len(data)
             except _ClientDisconnected:
                 self.gone = True
 
@@ -220,12 +224,16 @@ class WSGIServer(BoundServer):
     def _call(self, app: WSGIApp, native_request: Any) -> None:
         response = _Response(native_request)
         environ: dict[str, Any] = {}
+        started = time.perf_counter() if self._access_log else None
         try:
             self._respond(app, native_request, response, environ)
         finally:
             if self._access_log:
                 client = (environ["REMOTE_ADDR"], int(environ["REMOTE_PORT"])) if "REMOTE_PORT" in environ else native_request.remote_addr
-                log_access(client, native_request.method, native_request.path, native_request.http_version, response.status)
+                log_access(
+                    client, native_request.method, native_request.path, native_request.http_version, response.status,
+                    query=native_request.query, sent=response.sent, started=started, header=native_request.header,
+                )  # fmt: skip
 
     def _respond(self, app: WSGIApp, native_request: Any, response: _Response, environ: dict[str, Any]) -> None:
         """Runs the app on one request and sends what it answers; ``environ``
@@ -240,7 +248,9 @@ class WSGIServer(BoundServer):
             if not response.streaming and isinstance(result, (list, tuple)) and len(result) <= 1:
                 if not response.started:
                     raise AssertionError("the WSGI app returned without calling start_response()")
-                native_request.respond(response.status, response.headers, result[0] if result else b"", response.reason)
+                body = result[0] if result else b""
+                native_request.respond(response.status, response.headers, body, response.reason)
+                response.sent = len(body)
                 return
             for chunk in result:
                 response.write(chunk)

@@ -8,6 +8,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any, NamedTuple
@@ -19,7 +20,7 @@ from .config import ServerConfig, TlsConfig
 from .loop import CoroutineRunner, EventPump
 from .unix_socket import UnixSocketFile, bind_unix_socket
 
-__all__ = ["BoundServer", "HttpConnectionsInfo", "bind_settings", "tls_settings"]
+__all__ = ["BoundServer", "HttpConnectionsInfo", "bind_settings", "open_servers", "tls_settings"]
 
 logger = logging.getLogger("server_native")
 #: What the native side decided on its own (refusals, framing errors of the
@@ -30,6 +31,16 @@ NATIVE_LOG_INTERVAL = 0.2
 #: How long application tasks cancelled at shutdown get to end (their
 #: ``finally`` blocks, a close frame) before the server stops waiting.
 CANCELLED_TASKS_GRACE = 1.0
+
+
+#: The servers of this process that have not closed, whatever API made them.
+_open: weakref.WeakSet[BoundServer] = weakref.WeakSet()
+
+
+def open_servers() -> list[BoundServer]:
+    """The servers of this process that have not closed: what a supervised
+    worker reports on and retires (``worker.py``)."""
+    return list(_open)
 
 
 def emit_native_log() -> None:
@@ -167,6 +178,7 @@ class BoundServer:
             self._pump.attach(self._native)
         self._closed = self._loop.create_future()
         self._native_log = self._loop.call_later(NATIVE_LOG_INTERVAL, self._emit_native_log)
+        _open.add(self)
 
     def _emit_native_log(self) -> None:
         emit_native_log()
@@ -228,6 +240,22 @@ class BoundServer:
     def connections_info(self) -> HttpConnectionsInfo:
         return HttpConnectionsInfo(*self._native.connections_info())
 
+    @property
+    def requests(self) -> int:
+        """Requests answered so far, over every protocol."""
+        return self._native.requests  # type: ignore[no-any-return]
+
+    @property
+    def keep_alive(self) -> bool:
+        """False: every HTTP/1 response carries ``Connection: close``, so
+        that clients move on before the server drains (HTTP/2 and HTTP/3
+        clients are told by the drain's GOAWAY)."""
+        return self._native.keep_alive  # type: ignore[no-any-return]
+
+    @keep_alive.setter
+    def keep_alive(self, on: bool) -> None:
+        self._native.keep_alive = bool(on)
+
     async def close(self, force: bool = False) -> None:
         """Stops accepting, closes every open WebSocket (1012), lets
         in-flight requests and the application's tasks finish (up to
@@ -253,6 +281,7 @@ class BoundServer:
             await self._bridge.close()
         await self._finish_tasks()
         await self._join_consumers()
+        _open.discard(self)
         if not self._closed.done():
             if self._pump is not None:
                 self._pump.detach()

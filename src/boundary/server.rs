@@ -194,6 +194,23 @@ impl NativeServer {
         self.shared.stats.snapshot()
     }
 
+    /// Requests answered so far, over every protocol.
+    #[getter]
+    fn requests(&self) -> u64 {
+        self.shared.requests()
+    }
+
+    /// False: every HTTP/1 response closes its connection after it.
+    #[getter]
+    fn keep_alive(&self) -> bool {
+        self.shared.keep_alive()
+    }
+
+    #[setter]
+    fn set_keep_alive(&self, on: bool) {
+        self.shared.set_keep_alive(on);
+    }
+
     #[getter]
     fn idle_timeout(&self) -> f64 {
         self.shared.idle_timeout().map_or(0.0, |d| d.as_secs_f64())
