@@ -61,7 +61,6 @@ from . import platforms as _platforms
 from . import release as release_metadata
 from .loader import (
     ENV_PREBUILT_TAG,
-    TAG_PREFIX,
     cache_dir,
     full_tag,
     pin_file,
@@ -69,6 +68,7 @@ from .loader import (
     user_cache,
     version_key,
 )
+from .release import TAG_PREFIX
 
 ENV_RELEASES_URL = "SERVER_NATIVE_RELEASES_URL"
 ENV_RELEASES_API_URL = "SERVER_NATIVE_RELEASES_API_URL"

@@ -10,6 +10,7 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING
 
 from .._dist.loader import native
+from ..runtime.bound import PLAIN_TEXT
 from .cookies import Cookie
 from .errors import HttpBodyError, HttpException
 from .headers import HttpHeaders
@@ -317,18 +318,14 @@ class HttpResponse:
         if self._state == _CLOSED:
             return
         self._state = _CLOSED
-        native_request = self._request._native
-        if native_request.head_sent:
-            native_request.abort()
-        else:
-            native_request.respond(500, [("content-type", "text/plain; charset=utf-8")], b"Internal Server Error")
+        self._request._native.abort()  # a 500, or a cut-off stream once the head is out
 
     def _respond_status(self, status: int, message: bytes) -> None:
         """Answers with a bare status (no listener, body too large...)."""
         if self._state == _CLOSED:
             return
         self._state = _CLOSED
-        self._request._native.respond(status, [("content-type", "text/plain; charset=utf-8")], message)
+        self._request._native.respond(status, PLAIN_TEXT, message)
 
 
 def _too_long(size: int, declared: int, uri: str) -> HttpBodyError:

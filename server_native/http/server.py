@@ -18,6 +18,7 @@ from ..runtime.bound import (
     tls_settings,
 )
 from ..runtime.config import ServerConfig
+from ..runtime.contract import Request
 from .headers import ContentType, HttpHeaders
 from .request import HttpRequest
 
@@ -133,7 +134,7 @@ class NativeHttpServer(BoundServer):
 
     # -- requests -----------------------------------------------------------
 
-    def _on_request(self, native_request: Any) -> None:
+    def _on_request(self, native_request: Request) -> None:
         request = HttpRequest(native_request, self, self._loop)
         handler = self._handler
         if handler is not None:
@@ -144,7 +145,7 @@ class NativeHttpServer(BoundServer):
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
         else:
-            request.response._respond_status(503, b"Service Unavailable: no listener")
+            request.response._respond_status(503, b"Service Unavailable")
 
     async def __aiter__(self) -> AsyncIterator[HttpRequest]:
         self._listeners += 1

@@ -12,8 +12,9 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from .._dist.loader import native
-from ..runtime.bound import BoundServer, bind_settings, logger
+from ..runtime.bound import BoundServer, answer_unavailable, bind_settings, logger
 from ..runtime.config import ServerConfig
+from ..runtime.contract import Request
 from ..runtime.logs import error_logger, log_access
 from ..runtime.proxy import ProxyHeaders
 from ..runtime.serving import serve_bound
@@ -41,7 +42,7 @@ class _HttpCycle:
 
     __slots__ = ("_native", "_loop", "_state", "_status", "_headers", "_body_done", "_gone", "_waiting", "sent")
 
-    def __init__(self, native_request: Any, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, native_request: Request, loop: asyncio.AbstractEventLoop) -> None:
         self._native = native_request
         self._loop = loop
         self._state = _BEFORE_START
@@ -89,7 +90,7 @@ class _HttpCycle:
 
     def header(self, name: str) -> str | None:
         """A request header's first value."""
-        return self._native.header(name)  # type: ignore[no-any-return]
+        return self._native.header(name)
 
     @property
     def status(self) -> int:
@@ -191,7 +192,7 @@ class _HttpCycle:
         elif state == _STARTED and error is None:
             self._native.respond(self._status, self._headers, b"")
         else:
-            self._native.respond(500, _PLAIN, b"Internal Server Error")
+            self._native.abort()  # a 500: nothing has gone out
 
 
 class ASGIServer(BoundServer):
@@ -218,10 +219,10 @@ class ASGIServer(BoundServer):
     def serve(self, app: ASGIApp) -> None:
         self._app = app
 
-    def _on_request(self, native_request: Any) -> None:
+    def _on_request(self, native_request: Request) -> None:
         app = self._app
         if app is None:
-            native_request.respond(503, _PLAIN, b"Service Unavailable")
+            answer_unavailable(native_request)
             return
         websocket = native_request.websocket
         scope = native_request.asgi_scope(self._websocket_scope_base if websocket else self._scope_base, self.state)
@@ -237,7 +238,7 @@ class ASGIServer(BoundServer):
         self._runner.start(_run(app, scope, cycle, self._access_log))
 
 
-def _tls_extension(native_request: Any) -> dict[str, Any]:
+def _tls_extension(native_request: Request) -> dict[str, Any]:
     certificate = native_request.peer_certificate
     return {
         "server_cert": None,
@@ -291,7 +292,7 @@ class _WebSocketCycle:
     (cut off once its head is out), and so does an app that returns without
     accepting or denying."""
 
-    def __init__(self, native_request: Any, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, native_request: Request, loop: asyncio.AbstractEventLoop) -> None:
         self._native = native_request
         self._loop = loop
         self._state = _CONNECTING
@@ -373,7 +374,7 @@ class _WebSocketCycle:
             self._state = _DENIED
             if error is None:
                 error_logger.error("ASGI app returned without accepting or denying the WebSocket %s: answered 500", self._native.path)
-            self._native.respond(500, _PLAIN, b"Internal Server Error")
+            self._native.abort()  # a 500: nothing has gone out
         elif state == _DENYING and self._denial is not None:
             self._state = _DENIED
             if error is None:

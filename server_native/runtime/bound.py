@@ -17,12 +17,20 @@ from .._dist.loader import native
 from .addresses import resolve_bind_hosts
 from .bridge import BridgeListener
 from .config import ServerConfig, TlsConfig
+from .contract import Request
 from .loop import CoroutineRunner, EventPump
 from .unix_socket import UnixSocketFile, bind_unix_socket
 
 __all__ = ["BoundServer", "HttpConnectionsInfo", "bind_settings", "open_servers", "tls_settings"]
 
 logger = logging.getLogger("server_native")
+#: The head of the plain answers the server gives on its own.
+PLAIN_TEXT = [("content-type", "text/plain; charset=utf-8")]
+
+
+def answer_unavailable(native_request: Request) -> None:
+    """A request that arrives while no handler is set: 503."""
+    native_request.respond(503, PLAIN_TEXT, b"Service Unavailable")
 #: What the native side decided on its own (refusals, framing errors of the
 #: application, failed accepts and handshakes), queued natively.
 native_logger = logging.getLogger("server_native.error")
@@ -185,7 +193,7 @@ class BoundServer:
         if not self._closed.done():
             self._native_log = self._loop.call_later(NATIVE_LOG_INTERVAL, self._emit_native_log)
 
-    def _on_request(self, native_request: Any) -> None:
+    def _on_request(self, native_request: Request) -> None:
         raise NotImplementedError
 
     @property
@@ -196,7 +204,7 @@ class BoundServer:
     def address(self) -> str:
         """The first bound address, or the Unix socket path."""
         uds = self.uds
-        return uds if uds is not None else self._native.addresses[0][0]  # type: ignore[no-any-return]
+        return uds if uds is not None else self._native.addresses[0][0]
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -231,7 +239,7 @@ class BoundServer:
     def idle_timeout(self) -> float | None:
         """Seconds an idle keep-alive connection stays open; None for ever."""
         value = self._native.idle_timeout
-        return None if value == 0 else value  # type: ignore[no-any-return]
+        return None if value == 0 else value
 
     @idle_timeout.setter
     def idle_timeout(self, seconds: float | None) -> None:
