@@ -3,7 +3,8 @@
 
 Every case is a server started as a subprocess on a free port of 127.0.0.1 that serves
 every workload by path (`GET /` hello, `GET /10k`, `POST /echo`), over HTTP/1.1 and
-prior-knowledge h2c on the same port. Each (protocol, workload) is checked for the
+prior-knowledge h2c on the same port; the static-file cases serve a 1 KiB and a 1 MiB
+file under `/static/` (the `static1k` and `static1m` workloads). Each (protocol, workload) is checked for the
 right answer, warmed up, then measured with a native load generator: wrk for HTTP/1.1,
 h2load for h2c. Iterations are interleaved (iteration 1 of every case, then iteration
 2 of every case, ...); the report gives, per pin mode, protocol and workload, medians of
@@ -90,8 +91,15 @@ WORKLOADS = (
              f"GET {PAYLOADS.TEN_K_PATH}, {len(PAYLOADS.TEN_K) // 1024} KiB body"),
     Workload("echo256", "POST", PAYLOADS.ECHO_PATH, PAYLOADS.ECHO_REQUEST, PAYLOADS.ECHO_REQUEST,
              f"POST {PAYLOADS.ECHO_PATH}, {len(PAYLOADS.ECHO_REQUEST)}-byte body echoed back"),
+    Workload("static1k", "GET", PAYLOADS.STATIC_1K_PATH, None, PAYLOADS.STATIC_1K,
+             f"GET {PAYLOADS.STATIC_1K_PATH}, a 1 KiB file (static-file cases)"),
+    Workload("static1m", "GET", PAYLOADS.STATIC_1M_PATH, None, PAYLOADS.STATIC_1M,
+             f"GET {PAYLOADS.STATIC_1M_PATH}, a 1 MiB file (static-file cases)"),
 )  # fmt: skip
 WORKLOADS_BY_NAME = {workload.name: workload for workload in WORKLOADS}
+STATIC_WORKLOADS = ("static1k", "static1m")
+#: What runs unless --workload says otherwise: the static files only on request.
+DEFAULT_WORKLOADS = [workload for workload in WORKLOADS if workload.name not in STATIC_WORKLOADS]
 
 PROTOCOLS = {
     "h1": "HTTP/1.1, wrk",
@@ -118,10 +126,23 @@ class Case:
     h2c_own_port: bool = False
     # (protocol or workload name, why this case does not run it)
     not_run: tuple[tuple[str, str], ...] = ()
+    # serves the files of static_files() under /static/: the static workloads
+    static_files: bool = False
 
     def why_not(self, protocol: str, workload: str) -> str | None:
         reasons = dict(self.not_run)
+        if workload in STATIC_WORKLOADS and not self.static_files:
+            return "serves no static files"
         return reasons.get(protocol) or reasons.get(workload)
+
+
+def static_files(scratch: Path) -> Path:
+    """The directory the static-file cases serve under /static/, with both files in it."""
+    directory = scratch / PAYLOADS.STATIC_DIR
+    directory.mkdir(exist_ok=True)
+    (directory / Path(PAYLOADS.STATIC_1K_PATH).name).write_bytes(PAYLOADS.STATIC_1K)
+    (directory / Path(PAYLOADS.STATIC_1M_PATH).name).write_bytes(PAYLOADS.STATIC_1M)
+    return directory
 
 
 def server_native_app(script: str, *flags: str) -> Callable[[Ports, Path], list[str]]:
@@ -131,14 +152,16 @@ def server_native_app(script: str, *flags: str) -> Callable[[Ports, Path], list[
     return command
 
 
-def server_native_serve(interface: str, target: str) -> Callable[[Ports, Path], list[str]]:
-    """An ASGI/WSGI app through `server-native serve`, as a user would run it."""
+def server_native_serve(interface: str, target: str, static: bool = False) -> Callable[[Ports, Path], list[str]]:
+    """An ASGI/WSGI app through `server-native serve`, as a user would run it; with
+    `static`, files under /static/ too (Granian's option names)."""
 
     def command(ports: Ports, scratch: Path) -> list[str]:
+        mount = ["--static-path-mount", str(static_files(scratch))] if static else []
         return [
             sys.executable, "-m", "server_native", "serve", target, "--app-dir", str(APPS),
             "--interface", interface, "--host", HOST, "--port", str(ports.h1),
-            "--no-http3", "--log-level", "warning",
+            "--no-http3", "--log-level", "warning", *mount,
         ]  # fmt: skip
 
     return command
@@ -169,14 +192,15 @@ def gunicorn_app(target: str) -> Callable[[Ports, Path], list[str]]:
     return command
 
 
-def granian_app(interface: str, target: str) -> Callable[[Ports, Path], list[str]]:
+def granian_app(interface: str, target: str, static: bool = False) -> Callable[[Ports, Path], list[str]]:
     # --http is left at its default, auto: HTTP/1.1 and prior-knowledge h2c on one port.
     def command(ports: Ports, scratch: Path) -> list[str]:
+        mount = ["--static-path-mount", str(static_files(scratch))] if static else []
         return [
             sys.executable, "-m", "granian", "--interface", interface,
             "--host", HOST, "--port", str(ports.h1), "--workers", "1", "--runtime-threads", "1",
             "--loop", "uvloop", "--no-access-log", "--log-level", "warning",
-            "--working-dir", str(APPS), target,
+            "--working-dir", str(APPS), *mount, target,
         ]  # fmt: skip
 
     return command
@@ -193,17 +217,22 @@ def nginx_return(body: bytes, piece: int = 2048) -> str:
     return " ".join(sets) + f' return 200 "{joined}";'
 
 
-def nginx_command(ports: Ports, scratch: Path) -> list[str]:
-    template = (APPS / "nginx.conf.template").read_text()
-    h2c_listen = f"listen {HOST}:{ports.h2c} http2;" if ports.h2c != ports.h1 else ""
-    config = scratch / "nginx.conf"
-    config.write_text(
-        template.replace("@PREFIX@", str(scratch))
-        .replace("@PORT@", str(ports.h1))
-        .replace("@H2C_LISTEN@", h2c_listen)
-        .replace("@TEN_K_RETURN@", nginx_return(PAYLOADS.TEN_K))
-    )
-    return [find_nginx() or "nginx", "-p", str(scratch), "-c", str(config), "-e", "stderr"]
+def nginx(sendfile: bool = True) -> Callable[[Ports, Path], list[str]]:
+    def command(ports: Ports, scratch: Path) -> list[str]:
+        template = (APPS / "nginx.conf.template").read_text()
+        h2c_listen = f"listen {HOST}:{ports.h2c} http2;" if ports.h2c != ports.h1 else ""
+        config = scratch / "nginx.conf"
+        static_files(scratch)
+        config.write_text(
+            template.replace("@PREFIX@", str(scratch))
+            .replace("@PORT@", str(ports.h1))
+            .replace("@H2C_LISTEN@", h2c_listen)
+            .replace("@TEN_K_RETURN@", nginx_return(PAYLOADS.TEN_K))
+            .replace("@SENDFILE@", "on" if sendfile else "off")
+        )
+        return [find_nginx() or "nginx", "-p", str(scratch), "-c", str(config), "-e", "stderr"]
+
+    return command
 
 
 NO_H2C_UVICORN = (("h2c", "uvicorn has no HTTP/2"),)
@@ -211,6 +240,7 @@ RUST_ONLY_BODY = (
     ("get10k", "native_response is one fixed body for every path"),
     ("echo256", "native_response is one fixed body for every path"),
 )
+STATIC_ONLY = tuple((name, "a static-file case") for name in ("hello", "get10k", "echo256"))
 
 CASES = (
     Case("native_direct_async",
@@ -239,10 +269,18 @@ CASES = (
     Case("uvicorn_asgi", "uvicorn + httptools + uvloop, raw ASGI app, 1 worker",
          uvicorn_app("asgi_hello:app"), modules=("uvicorn", "httptools", "uvloop"),
          not_run=NO_H2C_UVICORN),
-    Case("nginx", "nginx `return 200`, 1 process, no access log; h2c on a port of its own",
-         nginx_command, needs_nginx=True, h2c_own_port=True,
+    Case("nginx", "nginx `return 200`, 1 process, no access log; h2c on a port of its own;"
+         " static files with sendfile",
+         nginx(), needs_nginx=True, h2c_own_port=True, static_files=True,
          not_run=(("echo256", "nginx-light cannot echo a request body (no echo module)"),)),
-    # Issue 5's apps: the same app file on every server.
+    Case("nginx_no_sendfile", "nginx static files with `sendfile off` (read into buffers, then written)",
+         nginx(sendfile=False), needs_nginx=True, h2c_own_port=True, static_files=True, not_run=STATIC_ONLY),
+    Case("native_static", "server-native serve --static-path-mount: files answered natively",
+         server_native_serve("asgi", "asgi_hello:app", static=True), static_files=True, not_run=STATIC_ONLY),
+    Case("granian_static", "Granian --static-path-mount, 1 worker, 1 runtime thread",
+         granian_app("asgi", "asgi_hello:app", static=True), modules=("granian", "uvloop"),
+         static_files=True, not_run=STATIC_ONLY),
+    # Framework apps: the same app file on every server.
     Case("native_asgi", "server-native serve, raw ASGI app (the uvicorn/Granian one)",
          server_native_serve("asgi", "asgi_hello:app")),
     *(case
@@ -1329,8 +1367,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         + " (default: all; native_http with --rss-soak)",
     )  # fmt: skip
     parser.add_argument(
-        "--workload", type=parse_workloads, default=list(WORKLOADS),
-        help="comma list or 'all': " + ", ".join(WORKLOADS_BY_NAME) + " (default: all)",
+        "--workload", type=parse_workloads, default=DEFAULT_WORKLOADS,
+        help="comma list or 'all': " + ", ".join(WORKLOADS_BY_NAME)
+        + " (default: " + ",".join(w.name for w in DEFAULT_WORKLOADS) + ")",
     )  # fmt: skip
     parser.add_argument(
         "--protocol", type=parse_protocols, default=list(PROTOCOLS),

@@ -13,7 +13,7 @@
 //! | type | name           | direction     | payload |
 //! |------|----------------|---------------|---------|
 //! | 0    | hello          | Rust → Python | token (bytes); the first frame of every connection, stream 0 |
-//! | 1    | request head   | Rust → Python | opens a stream: client port u16, local port u16, flags u8 (1 TLS, 2 a WebSocket request, 4 no body: the request ends here, 8 over a Unix socket: no client address, local ip is the socket path), peer certificate DER (bytes; empty: none), then these strings with a NUL byte between each two (none holds one): method, scheme, authority (empty: none), path, query, HTTP version, client ip, local ip, then name and value of each header in order |
+//! | 1    | request head   | Rust → Python | opens a stream: client port u16, local port u16, flags u8 (1 TLS, 2 a WebSocket request, 4 no body: the request ends here, 8 over a Unix socket: local ip is the socket path), peer certificate DER (bytes; empty: none), then these strings with a NUL byte between each two (none holds one): method, scheme, authority (empty: none), path, query, HTTP version, client ip (empty: no client address, a Unix socket peer), local ip, then name and value of each header in order |
 //! | 2    | request chunk  | Rust → Python | body bytes (at most 64 KiB) |
 //! | 3    | request end    | Rust → Python | — |
 //! | 4    | response head  | Python → Rust | status u16, flags u8 (1: the server's default headers; 2: a whole body follows, collected before the head goes out; 4: the rest of this frame is the whole body, and the response ends with it), reason (empty: the standard one), header count u32, (name, value)…, [body] |
@@ -22,7 +22,7 @@
 //! | 7    | abort          | both          | Rust → Python: reason u8 (1 client gone: the stream is over; 2 body too large, 3 body discarded (the response was complete before it was read): the request side is over); Python → Rust: none (a 500, or the stream is cut off; the stream is over) |
 //! | 8    | websocket accept | Python → Rust | instead of a response head, for a WebSocket request: subprotocol (empty: none), header count u32, (name, value)… |
 //! | 9    | websocket message | both       | flags u8 (1 text, 2 binary; +4 more fragments follow), data (at most 64 KiB per frame) |
-//! | 10   | websocket close | both         | code u16, reason (the rest). Python → Rust: start the closing handshake; Rust → Python: the socket is closed (the stream's last frame) |
+//! | 10   | websocket close | both         | code u16, reason (the rest). Python → Rust: start the closing handshake; Rust → Python: the socket is closed, or (1012) the server shuts down and closes it (the stream's last frame either way) |
 //! | 11   | window         | both          | u32: this many more data bytes may be sent on the stream |
 //!
 //! Flow control is per stream and per direction, counted in data bytes (body
@@ -70,7 +70,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::body::{malformed, PumpLimits, Refusal, RefusalSignal, ResponseBody};
-use crate::config::{seconds, ServerConfig};
+use crate::config::seconds;
 use crate::connection::Connection;
 use crate::exchange::ConnInfo;
 use crate::server::ServerShared;
@@ -491,7 +491,7 @@ fn decode_response_head(payload: Bytes, defaults: &HeaderMap) -> Result<Response
     let code = fields.u16()?;
     let status = StatusCode::from_u16(code)
         .ok()
-        .filter(|s| s.as_u16() >= 200)
+        .filter(|s| (200..=599).contains(&s.as_u16()))
         .ok_or(BridgeError::InvalidStatus(code))?;
     let flags = fields.u8()?;
     let reason = fields.bytes()?;
@@ -1026,12 +1026,10 @@ impl Bridge {
         self: &Arc<Self>,
         request: Request<B>,
         info: &ConnInfo,
-        server: &ServerShared,
+        server: &Arc<ServerShared>,
     ) -> Result<Response<ResponseBody>, Failure> {
         let mut request = request;
-        let protocol = request.extensions().get::<hyper::ext::Protocol>().map(|p| p.as_str().to_owned());
-        let upgrade = websocket::is_upgrade(request.method(), request.version(), request.headers(), protocol.as_deref())
-            .then(|| hyper::upgrade::on(&mut request));
+        let upgrade = websocket::requested(&request).then(|| hyper::upgrade::on(&mut request));
         let (head, mut body) = request.into_parts();
         let limits = PumpLimits {
             max_size: server.config.max_body_size,
@@ -1094,7 +1092,7 @@ impl Bridge {
             kind::RESPONSE_HEAD => {}
             kind::WS_ACCEPT if upgrade.is_some() => {
                 let upgrade = upgrade.expect("checked above");
-                return accept_websocket(stream, upgrade, &head, frame.payload, &server.config).await;
+                return accept_websocket(stream, upgrade, &head, frame.payload, server).await;
             }
             kind::ABORT => {
                 stream.end = End::Aborted;
@@ -1321,7 +1319,7 @@ async fn accept_websocket(
     upgrade: OnUpgrade,
     request: &Parts,
     payload: Bytes,
-    config: &ServerConfig,
+    server: &Arc<ServerShared>,
 ) -> Result<Response<ResponseBody>, Failure> {
     let mut fields = Fields { payload };
     let subprotocol = fields.bytes()?;
@@ -1336,7 +1334,7 @@ async fn accept_websocket(
         let value = HeaderValue::from_maybe_shared(subprotocol).map_err(|_| BridgeError::Malformed("invalid subprotocol"))?;
         headers.insert(http::header::SEC_WEBSOCKET_PROTOCOL, value);
     }
-    let (status, handshake) = websocket::accept_head(request.version, &request.headers, &mut headers, config);
+    let (status, handshake) = websocket::accept_head(request.version, &request.headers, &mut headers, &server.config);
     // The request side is through before the socket starts (an upgrade
     // request has no body; should one come, it is sent first).
     if let Some(pump) = stream.pump.take() {
@@ -1345,8 +1343,9 @@ async fn accept_websocket(
         }
     }
     // The tunnel holds no permit of the server's: a long-lived socket does
-    // not count against the requests in flight.
-    tokio::spawn(tunnel(upgrade, stream, handshake));
+    // not count against the requests in flight. It is one of the server's
+    // tasks all the same: the drain waits for it.
+    websocket::spawn_tracked(server, tunnel(upgrade, stream, handshake, server.shutdown.clone()));
     let mut response = Response::new(ResponseBody::empty());
     *response.status_mut() = status;
     *response.headers_mut() = headers;
@@ -1375,16 +1374,18 @@ fn ws_close_payload(code: u16, reason: &str) -> Vec<u8> {
     payload
 }
 
-/// Fires 5 s after our close frame went out: the client's time to answer.
+/// Fires a while after our close frame went out: the client's time to answer.
 async fn close_grace(we_closed: &CancellationToken) {
     we_closed.cancelled().await;
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    tokio::time::sleep(websocket::CLOSE_ANSWER_TIMEOUT).await;
 }
 
 /// Carries one accepted WebSocket's messages between the client and Python
-/// until either side closes. The two directions run independently, so a
+/// until either side closes, or the server shuts down: then the client gets
+/// a close frame with 1012, and Python the same code at once, after the
+/// messages that came before. The two directions run independently, so a
 /// full buffer one way never stops the other.
-async fn tunnel(upgrade: OnUpgrade, mut stream: Stream, handshake: Handshake) {
+async fn tunnel(upgrade: OnUpgrade, mut stream: Stream, handshake: Handshake, shutdown: CancellationToken) {
     let max_message_size = handshake.max_message_size();
     let Some(socket) = handshake.open(upgrade).await else {
         stream.link.send(frame(kind::WS_CLOSE, stream.id, &ws_close_payload(WS_ABNORMAL, "")));
@@ -1426,11 +1427,28 @@ async fn tunnel(upgrade: OnUpgrade, mut stream: Stream, handshake: Handshake) {
     let from_python = async {
         let mut message: Option<(u8, BytesMut)> = None;
         let limit = max_message_size.max(MAX_FRAME);
+        // Shutting down: Python was told; what it sent before goes out, then
+        // the close frame.
+        let mut shutting = false;
         loop {
-            let frame = tokio::select! {
-                biased;
-                _ = client_done.cancelled() => return,
-                frame = stream.next() => frame,
+            let frame = if shutting {
+                match futures_util::FutureExt::now_or_never(stream.next()) {
+                    Some(frame) => frame,
+                    None => Err(BridgeError::Closed),
+                }
+            } else {
+                tokio::select! {
+                    biased;
+                    _ = client_done.cancelled() => return,
+                    _ = shutdown.cancelled() => {
+                        shutting = true;
+                        python_gone.store(true, Ordering::Relaxed);
+                        stream.link.send(frame(kind::WS_CLOSE, stream.id, &ws_close_payload(websocket::SERVICE_RESTART, "")));
+                        stream.end = End::Complete;
+                        continue;
+                    }
+                    frame = stream.next() => frame,
+                }
             };
             let close = match frame {
                 Ok(FrameIn { kind: kind::WS_MESSAGE, mut payload, .. }) if !payload.is_empty() => {
@@ -1473,6 +1491,7 @@ async fn tunnel(upgrade: OnUpgrade, mut stream: Stream, handshake: Handshake) {
                     we_closed.cancel();
                     return;
                 }
+                _ if shutting => Some((websocket::SERVICE_RESTART, "")),
                 // Python went away, aborted or broke the protocol: the client is told.
                 _ => Some((WS_SERVER_ERROR, "")),
             };
@@ -1519,3 +1538,52 @@ where
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(status: u16, headers: Option<&HeaderMap>, reason: &[u8], body_size: Option<usize>) -> Bytes {
+        let mut out = BytesMut::new();
+        put_response_head(&mut out, None, StatusCode::from_u16(status).unwrap(), headers, reason, body_size);
+        out.freeze()
+    }
+
+    #[test]
+    fn a_response_head_comes_back_as_it_went() {
+        let mut headers = HeaderMap::new();
+        headers.append("x-one", HeaderValue::from_static("1"));
+        headers.append("x-one", HeaderValue::from_static("again"));
+        let mut payload = BytesMut::from(&head(201, Some(&headers), b"Made", Some(4))[..]);
+        payload.extend_from_slice(b"body");
+        let decoded = decode_response_head(payload.freeze(), &HeaderMap::new()).unwrap();
+        assert_eq!(decoded.status, StatusCode::CREATED);
+        assert_eq!(decoded.reason.as_ref().map(|r| r.as_bytes()), Some(&b"Made"[..]));
+        let values: Vec<_> = decoded.headers.get_all("x-one").iter().collect();
+        assert_eq!(values, ["1", "again"]);
+        assert!(matches!(decoded.body, BodyShape::Inline(body) if body == "body"));
+    }
+
+    #[test]
+    fn default_headers_and_body_shapes_follow_the_flags() {
+        let mut defaults = HeaderMap::new();
+        defaults.insert("content-type", HeaderValue::from_static("text/plain"));
+        let streamed = decode_response_head(head(200, None, b"", None), &defaults).unwrap();
+        assert_eq!(streamed.headers.get("content-type").unwrap(), "text/plain");
+        assert!(matches!(streamed.body, BodyShape::Streamed));
+        let whole = decode_response_head(head(200, Some(&HeaderMap::new()), b"", Some(CHUNK + 1)), &defaults).unwrap();
+        assert!(whole.headers.is_empty());
+        assert!(matches!(whole.body, BodyShape::Whole));
+    }
+
+    #[test]
+    fn a_bad_head_is_an_error_not_a_response() {
+        let mut status = head(200, None, b"", None).to_vec();
+        status[..2].copy_from_slice(&999u16.to_be_bytes());
+        assert!(decode_response_head(Bytes::from(status), &HeaderMap::new()).is_err());
+        let cut = head(200, Some(&HeaderMap::new()), b"Reason", None);
+        assert!(decode_response_head(cut.slice(..cut.len() - 3), &HeaderMap::new()).is_err());
+        let mut trailing = head(200, Some(&HeaderMap::new()), b"", None).to_vec();
+        trailing.push(0);
+        assert!(decode_response_head(Bytes::from(trailing), &HeaderMap::new()).is_err());
+    }
+}

@@ -49,3 +49,24 @@ pub fn gzip(response: Response<ResponseBody>) -> Response<ResponseBody> {
     parts.headers.append(VARY, HeaderValue::from_static("accept-encoding"));
     Response::from_parts(parts, ResponseBody::full(compressed))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn accepts(value: &str) -> bool {
+        let mut headers = HeaderMap::new();
+        headers.insert(ACCEPT_ENCODING, HeaderValue::from_str(value).unwrap());
+        accepts_gzip(&headers)
+    }
+
+    #[test]
+    fn gzip_is_accepted_unless_refused_with_q_zero() {
+        assert!(accepts("gzip"));
+        assert!(accepts("br, GZIP;q=0.5"));
+        assert!(accepts("*"));
+        assert!(!accepts("gzip;q=0"));
+        assert!(!accepts("br, deflate"));
+        assert!(!accepts("identity"));
+    }
+}

@@ -1,4 +1,5 @@
-//! One accepted connection (TCP or Unix socket): optional TLS handshake, then HTTP/1.1 or
+//! One accepted connection (TCP or Unix socket): its PROXY protocol header when
+//! one is expected, optional TLS handshake, then HTTP/1.1 or
 //! HTTP/2 through hyper-util's auto builder, closed gracefully on shutdown or
 //! when idle, and aborted on a forced close. An HTTP/1.1 connection quiet
 //! between requests is parked: hyper's state and buffers for it are dropped,
@@ -36,6 +37,8 @@ pub struct Connection {
     pub server: Arc<ServerShared>,
     pub info: Arc<ConnInfo>,
     in_flight: AtomicUsize,
+    /// Whether a request has begun on this connection.
+    begun: AtomicBool,
     /// The request head being awaited, for `header_read_timeout`.
     pub head: Arc<PendingHead>,
     /// Whether a byte was read or written since the idle check last looked: a
@@ -60,6 +63,7 @@ impl Connection {
             server,
             info: Arc::new(info),
             in_flight: AtomicUsize::new(0),
+            begun: AtomicBool::new(false),
             head: Arc::new(PendingHead::new()),
             active: AtomicBool::new(false),
             multiplexed: AtomicBool::new(false),
@@ -81,6 +85,9 @@ impl Connection {
 
     /// Counts a request as in flight until the returned guard drops.
     pub fn begin_request(self: &Arc<Self>) -> InFlight {
+        if !self.begun.load(Ordering::Relaxed) {
+            self.begun.store(true, Ordering::Release);
+        }
         if self.in_flight.fetch_add(1, Ordering::AcqRel) == 0 {
             self.server.stats.active.fetch_add(1, Ordering::Relaxed);
         }
@@ -106,14 +113,19 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let _permit = permit;
+    let Some((stream, addresses)) = crate::proxy_protocol::accept(stream, addresses, &server).await else { return };
     let counter = server.clone();
     let _counted = counter.stats.open();
     let max_head = server.config.max_header_size;
+    let h2_limits = crate::guard::H2Limits {
+        max_head: server.config.http2_header_list_limit(),
+        max_frame: server.config.http2_max_frame_size as usize,
+    };
     let log = server.log;
     match server.tls.clone() {
         None => {
             let conn = Connection::new(server, ConnInfo { addresses, tls: false, peer_certificate: None });
-            run(Guard::http1(stream, max_head, conn.head.clone(), log), conn).await;
+            run(Guard::http1(stream, max_head, h2_limits, conn.head.clone(), log), conn).await;
         }
         Some(acceptor) => {
             // Boxed: inline, the handshake's state made every connection's task larger.
@@ -131,9 +143,9 @@ where
             let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
             let conn = Connection::new(server, ConnInfo { addresses, tls: true, peer_certificate });
             if h2 {
-                run(Guard::http2(stream, max_head, log), conn).await;
+                run(Guard::http2(stream, h2_limits, log), conn).await;
             } else {
-                run(Guard::http1(stream, max_head, conn.head.clone(), log), conn).await;
+                run(Guard::http1(stream, max_head, h2_limits, conn.head.clone(), log), conn).await;
             }
         }
     }
@@ -309,12 +321,19 @@ where
     }
 }
 
+/// How long a drain waits for the first request of a connection accepted
+/// just before it.
+const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
+
 /// Why a connection's watch ended.
 enum Stop {
     /// Finish the exchanges in flight, then close.
     Graceful,
     /// Let hyper go of an HTTP/1 connection between requests.
     Park,
+    /// The server drains: as `Graceful`, once a connection that has not yet
+    /// begun a request has had a moment to send it.
+    Draining,
     /// Drop the connection now.
     Now,
     /// A request head took longer than `header_read_timeout`: drop it now.
@@ -336,7 +355,7 @@ where
         tokio::select! {
             _ = server.force.cancelled() => Stop::Now,
             _ = head_overdue(conn) => Stop::Overdue,
-            _ = server.shutdown.cancelled() => Stop::Graceful,
+            _ = server.shutdown.cancelled() => Stop::Draining,
             stop = quiet(conn, true) => stop,
         }
     });
@@ -352,7 +371,30 @@ where
     match stop {
         Stop::Park => return true,
         Stop::Overdue => overdue(conn),
-        Stop::Graceful => {
+        Stop::Now => {}
+        Stop::Graceful | Stop::Draining => {
+            if let Stop::Draining = stop {
+                // A client that connected just before the drain began has its
+                // first request on the way: closing at once would meet it with
+                // a closed connection. It gets a moment to arrive, and is then
+                // answered with `Connection: close` (or a GOAWAY's last
+                // stream) like any other.
+                let first_request = async {
+                    let waited = Instant::now();
+                    while !conn.begun.load(Ordering::Acquire) && waited.elapsed() < FIRST_REQUEST_GRACE {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                };
+                tokio::select! {
+                    biased;
+                    ended = http.as_mut() => {
+                        refused(conn, ended);
+                        return false;
+                    }
+                    _ = server.force.cancelled() => return false,
+                    _ = first_request => {}
+                }
+            }
             http.as_mut().graceful_shutdown();
             let _closing = server.stats.closing();
             let late = WokenOnly::new(async {
@@ -367,7 +409,6 @@ where
                 _ = late => {}
             }
         }
-        Stop::Now => {}
     }
     false
 }
@@ -388,11 +429,17 @@ fn overdue(conn: &Connection) {
 
 /// Logs how hyper or h2 refused a client: a request it could not parse
 /// (hyper answered 400 or 431 and closed), an HTTP/2 connection it ended
-/// with an error (GOAWAY). A client that merely left is not news.
+/// with an error (GOAWAY), or one that left a keep-alive PING unanswered
+/// (GOAWAY). A client that merely left is not news.
 fn refused<E: Into<Box<dyn std::error::Error + Send + Sync>>>(conn: &Connection, ended: Result<(), E>) {
     let Err(error) = ended else { return };
     let error = error.into();
     let Some(error) = error.downcast_ref::<hyper::Error>() else { return };
+    if error.is_timeout() {
+        // hyper's own HTTP/1 header timeout is off: this is HTTP/2's keep-alive.
+        let report = format!("closed an HTTP/2 connection{}: a keep-alive PING went unanswered", conn.info.addresses.from_peer());
+        return conn.server.log.report(log::Kind::Request, log::Level::Info, report);
+    }
     let what = if error.is_parse() || error.is_parse_status() {
         let why = conn.head.refused().map_or_else(|| error.to_string(), str::to_owned);
         format!("refused an HTTP/1.1 request{}: {why}", conn.info.addresses.from_peer())

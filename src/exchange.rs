@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::body::{BodyEnd, RequestBody, ResponseBody, ResponseStream};
 use crate::boundary::queue::{Event, EventQueue};
+use crate::server::ServerShared;
 use crate::websocket::{Handshake, WebSocket};
 
 /// What a connection knows about itself, shared by its requests.
@@ -28,22 +29,25 @@ pub struct ConnInfo {
 pub enum Addresses {
     /// TCP or QUIC.
     Ip { peer: SocketAddr, local: SocketAddr },
-    /// A Unix domain socket: the client has no address worth naming (ASGI's
-    /// `client` is None), the server is known by the socket's path.
-    Unix { path: Arc<str> },
+    /// A Unix domain socket: the server is known by the socket's path; the
+    /// client has no address worth naming (ASGI's `client` is None) unless a
+    /// PROXY protocol header gave one.
+    Unix { path: Arc<str>, client: Option<SocketAddr> },
 }
 
 impl Addresses {
-    /// The client's IP and port; None over a Unix socket. IPv4 clients of a
-    /// dual-stack socket appear as IPv4, not as `::ffff:a.b.c.d`.
+    /// The client's IP and port; None over a Unix socket without a PROXY
+    /// protocol header. IPv4 clients of a dual-stack socket appear as IPv4,
+    /// not as `::ffff:a.b.c.d`.
     pub fn remote(&self) -> Option<(String, u16)> {
-        match self {
-            Addresses::Ip { peer, .. } => Some((peer.ip().to_canonical().to_string(), peer.port())),
-            Addresses::Unix { .. } => None,
-        }
+        let client = match self {
+            Addresses::Ip { peer, .. } => peer,
+            Addresses::Unix { client, .. } => client.as_ref()?,
+        };
+        Some((client.ip().to_canonical().to_string(), client.port()))
     }
 
-    /// " from IP:port" for a log line; nothing over a Unix socket.
+    /// " from IP:port" for a log line; nothing for a Unix socket peer.
     pub fn from_peer(&self) -> String {
         self.remote().map_or_else(String::new, |(ip, port)| format!(" from {ip}:{port}"))
     }
@@ -53,7 +57,7 @@ impl Addresses {
     pub fn local(&self) -> (String, Option<u16>) {
         match self {
             Addresses::Ip { local, .. } => (local.ip().to_canonical().to_string(), Some(local.port())),
-            Addresses::Unix { path } => (path.to_string(), None),
+            Addresses::Unix { path, .. } => (path.to_string(), None),
         }
     }
 }
@@ -123,13 +127,22 @@ impl Exchange {
         self.upgrade.lock().is_some() || self.websocket.get().is_some()
     }
 
-    /// Sends the accepting response and starts the WebSocket; None when this
-    /// is not a WebSocket request, it was already accepted, or the client left.
-    pub fn accept_websocket(&self, response: Response<ResponseBody>, handshake: Handshake) -> Option<Arc<WebSocket>> {
+    /// Starts the WebSocket and sends the accepting response; None when
+    /// this is not a WebSocket request, it was already accepted or answered,
+    /// or the client left (the socket then ends at once, 1006).
+    pub fn accept_websocket(
+        &self,
+        response: Response<ResponseBody>,
+        handshake: Handshake,
+        server: &Arc<ServerShared>,
+    ) -> Option<Arc<WebSocket>> {
+        if self.head_sent() {
+            return None;
+        }
         let upgrade = self.upgrade.lock().take()?;
-        self.send(response).ok()?;
-        let socket = WebSocket::start(upgrade, self.events.clone(), handshake);
+        let socket = WebSocket::start(upgrade, server, handshake);
         self.websocket.set(socket.clone()).ok()?;
+        self.send(response).ok()?;
         Some(socket)
     }
 

@@ -15,9 +15,11 @@ mod http3;
 mod listener;
 mod log;
 mod permessage_deflate;
+mod proxy_protocol;
 mod runtime;
 mod server;
 mod service;
+mod static_files;
 mod tls;
 mod websocket;
 
@@ -46,7 +48,7 @@ mod _native {
     #[pymodule_export]
     use crate::boundary::request::NativeRequest;
     #[pymodule_export]
-    use crate::boundary::server::NativeServer;
+    use crate::boundary::server::{tls_cipher_suites, NativeServer};
     #[pymodule_export]
     use crate::errors::{BodyTooLarge, ClientDisconnected, TlsConfigError};
 

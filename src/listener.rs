@@ -34,15 +34,22 @@ impl Listener {
 }
 
 /// Adopts the listening socket `fd` (TCP or Unix). The server works on its
-/// own duplicate: the caller's descriptor stays open and theirs to close.
+/// own duplicate: the caller's descriptor stays open and theirs to close;
+/// unless `close`: the caller gives `fd` up (a descriptor inherited for the
+/// server alone) and it is closed at once, so that the socket stops
+/// listening with the server if nobody else holds it.
 #[cfg(unix)]
-pub fn adopt(fd: i32, backlog: i32) -> io::Result<Listener> {
+pub fn adopt(fd: i32, backlog: i32, close: bool) -> io::Result<Listener> {
     use std::os::fd::{FromRawFd, OwnedFd};
     // F_DUPFD_CLOEXEC checks `fd` is open without assuming anything about it.
     let duplicate = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
     if duplicate < 0 {
         let error = io::Error::last_os_error();
         return Err(io::Error::new(error.kind(), format!("cannot use file descriptor {fd}: {error}")));
+    }
+    if close {
+        // SAFETY: the caller gave `fd` up; the duplicate stands for it.
+        unsafe { libc::close(fd) };
     }
     // SAFETY: `duplicate` was just made and nothing else owns it.
     let socket = Socket::from(unsafe { OwnedFd::from_raw_fd(duplicate) });
@@ -59,7 +66,7 @@ pub fn adopt(fd: i32, backlog: i32) -> io::Result<Listener> {
 }
 
 #[cfg(not(unix))]
-pub fn adopt(_fd: i32, _backlog: i32) -> io::Result<Listener> {
+pub fn adopt(_fd: i32, _backlog: i32, _close: bool) -> io::Result<Listener> {
     Err(io::Error::new(io::ErrorKind::Unsupported, "serving on an inherited file descriptor needs a Unix system"))
 }
 

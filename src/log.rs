@@ -41,6 +41,8 @@ pub enum Kind {
     Response,
     /// A request refused natively (malformed, too slow).
     Request,
+    /// A static file request not answered with the file.
+    StaticFile,
 }
 
 impl Kind {
@@ -52,6 +54,7 @@ impl Kind {
             Kind::Bridge => "socket bridge errors",
             Kind::Response => "response errors",
             Kind::Request => "refused requests",
+            Kind::StaticFile => "static file refusals",
         }
     }
 }

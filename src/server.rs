@@ -4,12 +4,13 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::HeaderMap;
+use http::header::CONNECTION;
+use http::{HeaderMap, HeaderValue, Response, StatusCode};
 use parking_lot::RwLock;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper::server::conn::http1;
@@ -41,6 +42,13 @@ pub struct ServerShared {
     pub native_response: Option<Bytes>,
     idle_timeout_ms: AtomicU64,
     pub stats: ConnectionStats,
+    /// Requests answered, over every protocol (a supervisor recycles a
+    /// worker after so many).
+    requests: AtomicU64,
+    /// Off: every HTTP/1 response asks its client to close the connection,
+    /// so that a server about to drain has no idle keep-alive connection
+    /// left to close under a client's next request.
+    keep_alive: AtomicBool,
     /// Stop accepting; ask connections to finish what they have.
     pub shutdown: CancellationToken,
     /// Drop every connection now.
@@ -82,6 +90,8 @@ impl ServerShared {
             whole_body,
             native_response,
             stats: ConnectionStats::default(),
+            requests: AtomicU64::new(0),
+            keep_alive: AtomicBool::new(true),
             shutdown: CancellationToken::new(),
             force: CancellationToken::new(),
             tasks: TaskTracker::new(),
@@ -102,6 +112,27 @@ impl ServerShared {
                 }
             }
         }
+    }
+
+    /// Counts a response on its way out; with keep-alive off, an HTTP/1
+    /// one (not a WebSocket's 101) closes its connection after it.
+    pub fn answered<B>(&self, http1: bool, response: &mut Response<B>) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        if http1 && !self.keep_alive() && response.status() != StatusCode::SWITCHING_PROTOCOLS {
+            response.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+        }
+    }
+
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    pub fn keep_alive(&self) -> bool {
+        self.keep_alive.load(Ordering::Relaxed)
+    }
+
+    pub fn set_keep_alive(&self, on: bool) {
+        self.keep_alive.store(on, Ordering::Relaxed);
     }
 
     pub fn idle_timeout(&self) -> Option<Duration> {
@@ -147,6 +178,13 @@ impl ServerShared {
     /// A port that cannot be bound is an error unless `http3_best_effort`.
     fn listen_http3(self: &Arc<Self>, addresses: &[SocketAddr]) -> std::io::Result<()> {
         let Some(tls) = self.tls.as_ref().filter(|_| self.config.http3 && !addresses.is_empty()) else { return Ok(()) };
+        if self.config.proxy_protocol {
+            // QUIC cannot carry a PROXY header, and a proxy in front would
+            // not forward the UDP that Alt-Svc points browsers at.
+            let report = "HTTP/3 is off: the PROXY protocol is on, and QUIC cannot carry it; serving over TCP only";
+            self.log.report(crate::log::Kind::Http3, crate::log::Level::Info, report);
+            return Ok(());
+        }
         let _entered = crate::runtime::runtime().enter();
         let endpoints = match crate::http3::bind(addresses, tls.config(), self) {
             Ok(endpoints) => endpoints,
@@ -227,7 +265,7 @@ impl Accept for UnixAcceptor {
 
     async fn accept(&self) -> io::Result<(tokio::net::UnixStream, Addresses)> {
         let (stream, _unnamed_peer) = self.listener.accept().await?;
-        Ok((stream, Addresses::Unix { path: self.path.clone() }))
+        Ok((stream, Addresses::Unix { path: self.path.clone(), client: None }))
     }
 }
 
@@ -316,13 +354,21 @@ impl Protocols {
         }
         let mut builder = auto::Builder::new(TokioExecutor::new());
         http1_settings!(builder.http1(), config);
-        builder
-            .http2()
+        let mut http2 = builder.http2();
+        http2
             .timer(TokioTimer::new())
             .auto_date_header(config.date_header)
             .max_concurrent_streams(config.max_concurrent_streams)
-            .max_header_list_size(config.max_header_size as u32)
+            .max_header_list_size(u32::try_from(config.http2_header_list_limit()).unwrap_or(u32::MAX))
+            .max_frame_size(config.http2_max_frame_size)
+            .initial_connection_window_size(config.http2_initial_connection_window_size)
+            .initial_stream_window_size(config.http2_initial_stream_window_size)
+            .keep_alive_interval(seconds(config.http2_keep_alive_interval))
+            .keep_alive_timeout(seconds(config.http2_keep_alive_timeout).unwrap_or(HTTP2_KEEP_ALIVE_TIMEOUT))
             .enable_connect_protocol();
+        if config.http2_adaptive_window {
+            http2.adaptive_window(true);
+        }
         Protocols::Auto(builder, http1)
     }
 
@@ -333,6 +379,9 @@ impl Protocols {
         }
     }
 }
+
+/// hyper's wait for a keep-alive PING's answer, when none is configured.
+const HTTP2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 fn millis(value: f64) -> u64 {
     seconds(value).map_or(0, |d| d.as_millis().max(1) as u64)

@@ -19,6 +19,7 @@ use crate::exchange::Exchange;
 use crate::framing::{self, Answering};
 use crate::log::{Kind, Level};
 use crate::server::ServerShared;
+use crate::static_files;
 use crate::websocket;
 
 /// A request body from any protocol (hyper's `Incoming`, HTTP/3 streams).
@@ -32,13 +33,19 @@ pub async fn handle<B: RequestBodySource>(
 ) -> Result<Response<ResponseBody>, Infallible> {
     let server = &conn.server;
     conn.head.finish();
-    let over_tcp = request.version() != Version::HTTP_3;
+    let version = request.version();
+    let over_tcp = version != Version::HTTP_3;
     let head = request.method() == Method::HEAD;
-    if request.version() == Version::HTTP_2 {
+    if version == Version::HTTP_2 {
         conn.set_multiplexed();
     }
     let mut response = if let Some(refusal) = refuse(&request, server.config.max_body_size) {
         refusal
+    } else if let Some(refusal) = refuse_handshake(&request, server) {
+        refusal
+    } else if let Some((mount, rest)) = static_files::route(&server.config.static_files, request.uri().path()) {
+        let _in_flight = conn.begin_request();
+        static_files::serve(&request, mount, rest, server).await
     } else if let Some(body) = &server.native_response {
         canned(body.clone())
     } else {
@@ -60,6 +67,12 @@ pub async fn handle<B: RequestBodySource>(
         response.headers_mut().entry(ALT_SVC).or_insert_with(|| alt_svc.clone());
     }
     server.add_response_headers(response.headers_mut());
+    // While the server drains, an HTTP/1 client learns that this connection
+    // ends with this response (HTTP/2 gets a GOAWAY).
+    if server.shutdown.is_cancelled() && version < Version::HTTP_2 {
+        response.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+    }
+    server.answered(version < Version::HTTP_2, &mut response);
     Ok(if head { framing::without_body(response) } else { response })
 }
 
@@ -86,6 +99,25 @@ fn refuse<B: Body>(request: &Request<B>, max_body_size: u64) -> Option<Response<
         return Some(error_response(StatusCode::PAYLOAD_TOO_LARGE, "request body too large"));
     }
     None
+}
+
+/// A request that asks for a WebSocket but is no valid handshake is
+/// answered here (400, or 426 naming the version spoken), logged, and never
+/// reaches the application: as a plain request it would be answered as one.
+fn refuse_handshake<B: Body>(request: &Request<B>, server: &ServerShared) -> Option<Response<ResponseBody>> {
+    if !websocket::requested(request) {
+        return None;
+    }
+    let invalid = websocket::invalid(request)?;
+    let target = request.uri().path_and_query().map_or("/", |p| p.as_str());
+    let (why, status) = (invalid.why, invalid.status.as_u16());
+    let report = format!("{} {target}: not a valid WebSocket handshake ({why}): answered {status}", request.method());
+    server.log.report(Kind::Request, Level::Info, report);
+    let mut response = error_response(invalid.status, why);
+    if invalid.version {
+        response.headers_mut().insert(http::header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+    }
+    Some(response)
 }
 
 /// A Host value is an authority without user info: `name[:port]` or
@@ -130,9 +162,7 @@ async fn dispatch<B: RequestBodySource>(request: Request<B>, conn: &Arc<Connecti
         return Box::pin(bridge.dispatch(request, conn)).await;
     }
     let mut request = request;
-    let protocol = request.extensions().get::<hyper::ext::Protocol>().map(|p| p.as_str().to_owned());
-    let upgrade = websocket::is_upgrade(request.method(), request.version(), request.headers(), protocol.as_deref())
-        .then(|| hyper::upgrade::on(&mut request));
+    let upgrade = websocket::requested(&request).then(|| hyper::upgrade::on(&mut request));
     let (head, mut body) = request.into_parts();
     let mut complete = body.is_end_stream().then_some(BodyEnd::Complete);
     let request_body = Arc::new(RequestBody::new(server.events.clone(), complete.clone()));
@@ -257,4 +287,35 @@ fn canned(body: Bytes) -> Response<ResponseBody> {
         .headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(value: &str) -> bool {
+        valid_host(&HeaderValue::from_str(value).unwrap())
+    }
+
+    #[test]
+    fn host_values_are_authorities_without_user_info() {
+        for good in ["example.com", "example.com:8080", "a-b.c", "127.0.0.1:65535", "[::1]", "[::1]:8443", "localhost:"] {
+            assert!(host(good), "{good}");
+        }
+        for bad in ["", "user@example.com", "example.com:65536", "example.com:http", "[::1]:99999", "exa mple.com", ":80"] {
+            assert!(!host(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_plain_host_shortcut_agrees_with_the_parser() {
+        for value in ["example.com", "example.com:80", "example.com:65535", "example.com:65536", "ex_ample.com", "a:b"] {
+            let parsed = http::uri::Authority::try_from(value).is_ok_and(|a| a.port().is_none_or(|p| p.as_str().parse::<u16>().is_ok()));
+            if is_plain_host(value.as_bytes()) {
+                assert!(parsed, "{value} passes the shortcut but not the parser");
+            }
+        }
+        assert!(!is_plain_host(b"example.com:65536"));
+        assert!(!is_plain_host(b""));
+    }
 }

@@ -2,13 +2,16 @@
 //! `Upgrade: websocket` (101) and HTTP/2 extended CONNECT (RFC 8441, 200),
 //! with permessage-deflate (RFC 7692) when the client offers it and the
 //! server allows it. Messages in and out go through bounded buffers, so a
-//! slow side makes the other wait instead of filling memory.
+//! slow side makes the other wait instead of filling memory. The server
+//! pings an idle client (`ws_ping_interval`) and closes one that does not
+//! answer (1011); on shutdown every open socket is closed with 1012.
 
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
@@ -16,22 +19,27 @@ use http::header::{
     CONNECTION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_EXTENSIONS, SEC_WEBSOCKET_KEY,
     SEC_WEBSOCKET_VERSION, UPGRADE,
 };
-use http::{HeaderMap, HeaderValue, Method, StatusCode, Version};
+use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Version};
+use http_body::Body;
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
 use pyo3::prelude::*;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
+use tokio::time::Sleep;
 use yawc::close::CloseCode;
 use yawc::streaming::Streaming;
 use yawc::{Frame, OpCode, Options, Role, WebSocketError};
 
 use crate::boundary::queue::{Event, EventQueue};
-use crate::config::ServerConfig;
+use crate::config::{seconds, ServerConfig};
 use crate::permessage_deflate;
+use crate::server::ServerShared;
+use tokio_util::sync::CancellationToken;
 
-/// Received messages buffered ahead of the application.
+/// Received messages buffered ahead of the application, in bytes (besides
+/// `ws_max_queue`, their count).
 const INBOX_HIGH_WATER: usize = 1024 * 1024;
 /// Outgoing messages the application may queue before it must wait.
 const OUTBOX_HIGH_WATER: usize = 1024 * 1024;
@@ -39,37 +47,94 @@ const OUTBOX_HIGH_WATER: usize = 1024 * 1024;
 const NO_STATUS: u16 = 1005;
 /// 1006: the connection ended without a close frame.
 pub const ABNORMAL_CLOSURE: u16 = 1006;
+/// 1011: the server failed; also a client that stopped answering pings.
+pub const INTERNAL_ERROR: u16 = 1011;
+/// 1012 (service restart): every open socket's close code when the server
+/// shuts down. A drain is nearly always a restart or a deploy; 1012 tells
+/// the client to reconnect (to the next instance), where 1001 (going away)
+/// says only that this end is leaving. It is also what uvicorn sends.
+pub const SERVICE_RESTART: u16 = 1012;
 /// How long the client has to answer our close frame, and then to close
 /// the connection.
-const CLOSE_ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+pub const CLOSE_ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Whether a request asks for a WebSocket, over HTTP/1.1 or HTTP/2.
-pub fn is_upgrade(
-    method: &Method,
-    version: Version,
-    headers: &HeaderMap,
-    protocol: Option<&str>,
-) -> bool {
-    if version == Version::HTTP_2 {
-        return method == Method::CONNECT && protocol == Some("websocket");
+/// Whether a request asks for a WebSocket: an HTTP/1.1 `GET` with
+/// `Upgrade: websocket` and `Connection: upgrade`, or an HTTP/2 extended
+/// CONNECT for `websocket`. Whether it is a valid handshake is `invalid`'s.
+pub fn requested<B>(request: &Request<B>) -> bool {
+    let headers = request.headers();
+    match request.version() {
+        Version::HTTP_2 => {
+            let protocol = request.extensions().get::<hyper::ext::Protocol>();
+            request.method() == Method::CONNECT && protocol.is_some_and(|p| p.as_str() == "websocket")
+        }
+        Version::HTTP_11 => {
+            request.method() == Method::GET && has_token(headers, UPGRADE, "websocket") && has_token(headers, CONNECTION, "upgrade")
+        }
+        _ => false,
     }
-    let has = |name, token: &str| {
-        headers
-            .get_all(name)
-            .iter()
-            .filter_map(|v: &HeaderValue| v.to_str().ok())
-            .any(|v| {
-                v.split(',')
-                    .any(|item| item.trim().eq_ignore_ascii_case(token))
-            })
-    };
-    method == Method::GET
-        && has(UPGRADE, "websocket")
-        && has(CONNECTION, "upgrade")
-        && headers
-            .get(SEC_WEBSOCKET_VERSION)
-            .is_some_and(|v| v == "13")
-        && headers.contains_key(SEC_WEBSOCKET_KEY)
+}
+
+fn has_token(headers: &HeaderMap, name: http::header::HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v: &HeaderValue| v.to_str().ok())
+        .any(|v| v.split(',').any(|item| item.trim().eq_ignore_ascii_case(token)))
+}
+
+/// A request that asks for a WebSocket and is no valid handshake (RFC 6455
+/// section 4.2.1, RFC 8441 section 5): the status the server answers it
+/// with itself, and why.
+pub struct InvalidHandshake {
+    pub status: StatusCode,
+    pub why: &'static str,
+    /// The version was the problem: the answer names the one spoken here
+    /// (`Sec-WebSocket-Version: 13`).
+    pub version: bool,
+}
+
+/// Why a request that asks for a WebSocket is no valid handshake: 426 for
+/// a version other than 13, else 400 (as wsproto answers).
+pub fn invalid<B: Body>(request: &Request<B>) -> Option<InvalidHandshake> {
+    let refused = |status, why, version| Some(InvalidHandshake { status, why, version });
+    let headers = request.headers();
+    let versions = headers.get_all(SEC_WEBSOCKET_VERSION).iter().collect::<Vec<_>>();
+    match versions.as_slice() {
+        [] => return refused(StatusCode::BAD_REQUEST, "no Sec-WebSocket-Version", true),
+        [version] if *version == "13" => {}
+        _ => return refused(StatusCode::UPGRADE_REQUIRED, "Sec-WebSocket-Version must be 13", true),
+    }
+    if request.version() == Version::HTTP_2 {
+        return None;
+    }
+    let mut keys = headers.get_all(SEC_WEBSOCKET_KEY).iter();
+    if !keys.next().is_some_and(valid_key) || keys.next().is_some() {
+        return refused(StatusCode::BAD_REQUEST, "Sec-WebSocket-Key must be one base64-encoded 16-byte value", false);
+    }
+    if !request.body().is_end_stream() {
+        return refused(StatusCode::BAD_REQUEST, "a WebSocket handshake has no body", false);
+    }
+    None
+}
+
+fn valid_key(key: &HeaderValue) -> bool {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.decode(key.as_bytes()).is_ok_and(|bytes| bytes.len() == 16)
+}
+
+/// The server's keep-alive pings: one every `interval` (counted from the
+/// last pong); no pong within `timeout` (when set) closes with 1011.
+#[derive(Clone, Copy)]
+pub struct Pings {
+    interval: Duration,
+    timeout: Option<Duration>,
+}
+
+impl Pings {
+    pub fn from_config(config: &ServerConfig) -> Option<Self> {
+        seconds(config.ws_ping_interval).map(|interval| Pings { interval, timeout: seconds(config.ws_ping_timeout) })
+    }
 }
 
 /// What the handshake settled, for the socket to run with once upgraded.
@@ -77,6 +142,9 @@ pub struct Handshake {
     max_message_size: usize,
     /// The `Sec-WebSocket-Extensions` answer: permessage-deflate's terms.
     extensions: Option<String>,
+    pings: Option<Pings>,
+    /// Received messages held for the application at most (`ws_max_queue`).
+    max_queue: usize,
 }
 
 /// The status and headers that accept the upgrade, and what the socket
@@ -102,6 +170,8 @@ pub fn accept_head(
     let handshake = Handshake {
         max_message_size: config.websocket_max_message_size,
         extensions,
+        pings: Pings::from_config(config),
+        max_queue: config.ws_max_queue.max(1),
     };
     if version == Version::HTTP_2 {
         return (StatusCode::OK, handshake);
@@ -167,6 +237,7 @@ impl Handshake {
             partial: None,
             ended: None,
             close_sent: false,
+            keepalive: self.pings.map(KeepAlive::new),
         })
     }
 }
@@ -176,7 +247,9 @@ impl Handshake {
 /// messages here, where the whole message's size and UTF-8 are checked.
 /// Closed in RFC 6455 order: when reading ended, the close frame owed to the
 /// client (yawc's answer, or ours for a message we refused) goes out before
-/// the connection shuts.
+/// the connection shuts. Reading also sends the keep-alive pings: the
+/// reading and writing halves run in one task, and a ping written from
+/// either half goes out the same way.
 pub struct Socket {
     frames: Streaming<Lingering>,
     max_message_size: usize,
@@ -184,6 +257,29 @@ pub struct Socket {
     partial: Option<(OpCode, BytesMut)>,
     ended: Option<Ending>,
     close_sent: bool,
+    keepalive: Option<KeepAlive>,
+}
+
+/// Where the keep-alive pings stand.
+struct KeepAlive {
+    pings: Pings,
+    /// When the next ping is due, or (`awaiting`) when its pong is overdue.
+    timer: Pin<Box<Sleep>>,
+    awaiting: bool,
+    /// A ping was queued and is not flushed yet.
+    unflushed: bool,
+}
+
+impl KeepAlive {
+    fn new(pings: Pings) -> Self {
+        KeepAlive { pings, timer: Box::pin(tokio::time::sleep(pings.interval)), awaiting: false, unflushed: false }
+    }
+
+    /// The client answered: the next ping is due an interval from now.
+    fn pong(&mut self) {
+        self.awaiting = false;
+        self.timer.as_mut().reset(tokio::time::Instant::now() + self.pings.interval);
+    }
 }
 
 /// How reading ended.
@@ -191,11 +287,46 @@ enum Ending {
     /// The client's close frame, or a failure yawc found: yawc has queued
     /// its answering close frame.
     Answered,
-    /// A message we refused, with the code of the close frame we owe.
-    Refused(u16),
+    /// A message we refused, or a pong overdue: the close frame we owe.
+    Refused(u16, &'static str),
 }
 
 impl Socket {
+    /// Sends a ping when one is due; true once a pong is overdue (the
+    /// client is closed with 1011). Pending writes only delay a ping.
+    fn poll_keepalive(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(keepalive) = self.keepalive.as_mut().filter(|_| !self.close_sent) else { return false };
+        if keepalive.unflushed && Pin::new(&mut self.frames).poll_flush(cx).is_ready() {
+            keepalive.unflushed = false;
+        }
+        if keepalive.timer.as_mut().poll(cx).is_pending() {
+            return false;
+        }
+        if keepalive.awaiting {
+            return true;
+        }
+        match Pin::new(&mut self.frames).poll_ready(cx) {
+            Poll::Ready(Ok(())) => {}
+            // A broken connection shows on the next read.
+            Poll::Ready(Err(_)) | Poll::Pending => return false,
+        }
+        if Pin::new(&mut self.frames).start_send(Frame::ping(Bytes::new())).is_err() {
+            return false;
+        }
+        keepalive.unflushed = Pin::new(&mut self.frames).poll_flush(cx).is_pending();
+        let wait = match keepalive.pings.timeout {
+            Some(timeout) => {
+                keepalive.awaiting = true;
+                timeout
+            }
+            None => keepalive.pings.interval,
+        };
+        keepalive.timer.as_mut().reset(tokio::time::Instant::now() + wait);
+        // Registers the new deadline's waker.
+        let _ = keepalive.timer.as_mut().poll(cx);
+        false
+    }
+
     /// The message `frame` completes, if it does; Err(close code) when the
     /// client broke the rules.
     fn assemble(&mut self, frame: Frame) -> Result<Option<Incoming>, u16> {
@@ -242,6 +373,9 @@ fn whole(opcode: OpCode, payload: Bytes) -> Result<Option<Incoming>, u16> {
     Ok(Some(Incoming::Message(message)))
 }
 
+/// The reason given to a client (and the application) whose pong was overdue.
+pub const PING_TIMEOUT: &str = "keepalive ping timeout";
+
 /// The code of the close frame yawc sends for a failure it found (1006 when
 /// the connection broke or ended without a close frame).
 fn failure_code(error: &WebSocketError) -> u16 {
@@ -261,7 +395,17 @@ impl Stream for Socket {
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Incoming>> {
         let this = self.get_mut();
         while this.ended.is_none() {
+            if this.poll_keepalive(cx) {
+                this.ended = Some(Ending::Refused(INTERNAL_ERROR, PING_TIMEOUT));
+                return Poll::Ready(Some(Incoming::Closed(INTERNAL_ERROR, PING_TIMEOUT.to_owned())));
+            }
             let assembled = match ready!(this.frames.poll_next_frame(cx)) {
+                Ok(frame) if frame.opcode() == OpCode::Pong => {
+                    if let Some(keepalive) = this.keepalive.as_mut() {
+                        keepalive.pong();
+                    }
+                    continue;
+                }
                 Ok(frame) => this.assemble(frame),
                 Err(error) => Ok(Some(Incoming::Closed(failure_code(&error), String::new()))),
             };
@@ -269,7 +413,7 @@ impl Stream for Socket {
                 Ok(None) => continue,
                 Ok(Some(incoming)) => incoming,
                 Err(code) => {
-                    this.ended = Some(Ending::Refused(code));
+                    this.ended = Some(Ending::Refused(code, ""));
                     return Poll::Ready(Some(Incoming::Closed(code, String::new())));
                 }
             };
@@ -308,9 +452,9 @@ impl Sink<Frame> for Socket {
                 let _ = ready!(this.frames.poll_next_frame(cx));
                 this.close_sent = true;
             }
-            Some(Ending::Refused(code)) => {
+            Some(Ending::Refused(code, reason)) => {
                 ready!(Pin::new(&mut this.frames).poll_ready(cx))?;
-                Pin::new(&mut *this).start_send(close_frame(code, ""))?;
+                Pin::new(&mut *this).start_send(close_frame(code, reason))?;
             }
             None => {}
         }
@@ -439,6 +583,18 @@ pub struct WebSocket {
     outbox: Mutex<Outbox>,
     ready: Notify,
     events: Arc<EventQueue>,
+    /// Received messages held for the application at most.
+    max_queue: usize,
+}
+
+/// Ends the application's side of a socket whose task ends, however it
+/// ends: 1006 unless the task said otherwise first.
+struct FinishOnDrop(Arc<WebSocket>);
+
+impl Drop for FinishOnDrop {
+    fn drop(&mut self) {
+        self.0.finish(ABNORMAL_CLOSURE, String::new());
+    }
 }
 
 /// What `send` did.
@@ -451,8 +607,12 @@ pub enum Sent {
 }
 
 impl WebSocket {
-    /// Starts the socket task once hyper hands over the upgraded connection.
-    pub fn start(upgrade: OnUpgrade, events: Arc<EventQueue>, handshake: Handshake) -> Arc<Self> {
+    /// Starts the socket task, which takes over the upgraded connection
+    /// once hyper hands it over. The task is the server's: its drain waits
+    /// for it, shutdown closes the socket (1012), a forced close drops it.
+    /// Started before the accepting response is sent, so that the drain
+    /// cannot miss it.
+    pub fn start(upgrade: OnUpgrade, server: &Arc<ServerShared>, handshake: Handshake) -> Arc<Self> {
         let socket = Arc::new(WebSocket {
             inbox: Mutex::new(Inbox {
                 messages: VecDeque::new(),
@@ -468,19 +628,24 @@ impl WebSocket {
                 waiter: None,
             }),
             ready: Notify::new(),
-            events,
+            events: server.events.clone(),
+            max_queue: handshake.max_queue,
         });
         let task = socket.clone();
-        crate::runtime::runtime().spawn(async move {
-            match handshake.open(upgrade).await {
-                Some(stream) => task.run(stream).await,
-                None => task.finish(ABNORMAL_CLOSURE, String::new()),
+        let shutdown = server.shutdown.clone();
+        spawn_tracked(server, async move {
+            // Dropped unfinished by a forced close, the task still tells the
+            // application (finishing twice changes nothing).
+            let finished = FinishOnDrop(task.clone());
+            if let Some(stream) = handshake.open(upgrade).await {
+                task.run(stream, shutdown).await;
             }
+            drop(finished);
         });
         socket
     }
 
-    async fn run(self: Arc<Self>, stream: Socket) {
+    async fn run(self: Arc<Self>, stream: Socket, shutdown: CancellationToken) {
         let (mut sink, mut source) = stream.split();
         let reading = async {
             loop {
@@ -488,7 +653,7 @@ impl WebSocket {
                     let room = self.room.notified();
                     tokio::pin!(room);
                     room.as_mut().enable();
-                    if self.inbox.lock().buffered < INBOX_HIGH_WATER {
+                    if self.has_room() {
                         break;
                     }
                     room.await;
@@ -498,6 +663,13 @@ impl WebSocket {
                     Incoming::Closed(code, reason) => return (code, reason),
                 }
             }
+        };
+        // Shutdown closes the socket as the application would, and tells
+        // the application at once; this never ends by itself.
+        let going_away = async {
+            shutdown.cancelled().await;
+            self.close_for_shutdown();
+            std::future::pending::<()>().await
         };
         let (code, reason) = {
             let writing = async {
@@ -519,8 +691,10 @@ impl WebSocket {
                 }
             };
             tokio::pin!(writing);
+            tokio::pin!(going_away);
             tokio::select! {
                 closed = reading => closed,
+                () = &mut going_away => unreachable!("shutdown only queues a close frame"),
                 _ = &mut writing => {
                     // We sent a close frame: the client has a moment to answer
                     // (data it sent meanwhile is dropped).
@@ -541,6 +715,27 @@ impl WebSocket {
         // down gracefully (see `Lingering`).
         self.finish(code, reason);
         let _ = sink.close().await;
+    }
+
+    /// Whether the inbox may take another message: under both its size and
+    /// its count bound.
+    fn has_room(&self) -> bool {
+        let inbox = self.inbox.lock();
+        inbox.buffered < INBOX_HIGH_WATER && inbox.messages.len() < self.max_queue
+    }
+
+    /// The server shuts down: the client gets a close frame with 1012 after
+    /// what the application already queued, and the application's receive
+    /// 1012 once it has taken the messages that came before.
+    fn close_for_shutdown(&self) {
+        {
+            let mut inbox = self.inbox.lock();
+            inbox.closed.get_or_insert((SERVICE_RESTART, String::new()));
+            if let Some(waiter) = inbox.waiter.take() {
+                self.events.push(Event::Wake(waiter));
+            }
+        }
+        self.send(close_frame(SERVICE_RESTART, ""), || unreachable!("a close frame never waits"));
     }
 
     fn receive(&self, message: Message) {
@@ -619,4 +814,14 @@ impl WebSocket {
     pub fn closed_code(&self) -> Option<u16> {
         self.inbox.lock().closed.as_ref().map(|(code, _)| *code)
     }
+}
+
+/// Runs a socket's task as one of the server's: the drain waits for it, and
+/// a forced close drops it (and its connection) at once.
+pub fn spawn_tracked(server: &ServerShared, task: impl Future<Output = ()> + Send + 'static) {
+    let force = server.force.clone();
+    let task = async move {
+        force.run_until_cancelled(task).await;
+    };
+    server.tasks.spawn_on(task, crate::runtime::runtime().handle());
 }

@@ -10,7 +10,6 @@ import email.utils
 import http.client
 import os
 import re
-import shutil
 import signal
 import socket
 import ssl
@@ -18,78 +17,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
-from apps.harness import free_port
+from apps.harness import H1WebSocket, WebSocketClosed, free_port, wait_refused
+from cliserver import app_dir, command, environment, get, serving, stop  # noqa: F401 - app_dir: a fixture
 from conftest import Certificates
 from h3client import H3Response
-
-ROOT = Path(__file__).resolve().parent.parent
-
-CLI_APP = Path(__file__).parent / "apps" / "cliapp.py"
-
-
-@pytest.fixture
-def app_dir(tmp_path: Path) -> Path:
-    shutil.copy(CLI_APP, tmp_path / "cliapp.py")
-    return tmp_path
-
-
-def command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "server_native", *args]
-
-
-def environment() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT)}
-
-
-@contextmanager
-def serving(
-    app_dir: Path, *args: str, ready: Callable[[int], object] | None = None
-) -> Iterator[tuple[subprocess.Popen[str], int]]:
-    """The CLI serving ``args`` on a free port, once ``ready(port)`` (a plain
-    GET by default) stops raising OSError."""
-    ready = ready or (lambda port: get(port, "/"))
-    port = free_port()
-    process = subprocess.Popen(
-        command("serve", *args, "--port", str(port)),
-        cwd=app_dir,
-        env=environment(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            assert process.poll() is None, process.stdout.read() if process.stdout else ""
-            try:
-                ready(port)
-                break
-            except OSError:
-                time.sleep(0.1)
-        else:
-            raise AssertionError("the server never answered")
-        yield process, port
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(10)
-
-
-def get(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        connection.request("GET", path, headers=headers or {})
-        response = connection.getresponse()
-        return response.status, response.read().decode()
-    finally:
-        connection.close()
 
 
 def test_serves_an_asgi_app(app_dir: Path) -> None:
@@ -150,7 +85,11 @@ def test_sigterm_drains_requests_in_flight(app_dir: Path) -> None:
         threads = [threading.Thread(target=lambda: results.append(get(port, "/slow")[0])) for _ in range(6)]
         for thread in threads:
             thread.start()
-        time.sleep(0.3)  # let the requests reach the workers; not an assertion
+        # SIGTERM once every request has reached a worker: one still in the
+        # socket's backlog when the workers stop accepting is not in flight.
+        deadline = time.monotonic() + 20
+        while len(list(app_dir.glob("arrived-*"))) < 6 and time.monotonic() < deadline:
+            time.sleep(0.02)
         os.kill(process.pid, signal.SIGTERM)
         for thread in threads:
             thread.join(20)
@@ -177,13 +116,6 @@ def test_app_dir_is_where_the_app_is_imported_from(app_dir: Path, tmp_path_facto
     assert result.returncode == 1
     # found and imported (the attribute is what is missing), though the cwd has no cliapp
     assert result.stderr.strip().splitlines() == ["server-native: error: module 'cliapp' has no attribute 'nothing'"]
-
-
-def stop(process: subprocess.Popen[str]) -> str:
-    """SIGTERM the server and return everything it printed."""
-    os.killpg(process.pid, signal.SIGTERM)
-    output, _ = process.communicate(timeout=30)
-    return output
 
 
 def test_factory_is_called_for_the_app(app_dir: Path) -> None:
@@ -320,7 +252,7 @@ def test_the_console_script_entry_point_is_main() -> None:
         text=True,
         timeout=60,
     )
-    assert result.stdout.strip() == "server_native.cli"
+    assert result.stdout.strip() == "server_native.cli.main"
 
 
 # ---------------------------------------------------------------- logging
@@ -394,18 +326,6 @@ def open_stream(port: int, chunks: int = LONG_STREAM) -> http.client.HTTPRespons
     return response
 
 
-def wait_refused(port: int) -> None:
-    """Until the listener is gone: the first signal has been handled."""
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=10).close()
-        except ConnectionRefusedError:
-            return
-        except ConnectionResetError:  # caught in the closing listener's backlog
-            pass
-        time.sleep(0.05)
-    raise AssertionError("the server kept listening after the signal")
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
@@ -648,3 +568,32 @@ def test_ws_max_size_closes_a_larger_message_with_1009(app_dir: Path) -> None:
             with pytest.raises(ConnectionClosed) as closed:
                 socket_over_limit.recv(timeout=10)
             assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+
+
+def test_sigterm_closes_open_websockets_with_1012_and_exits(app_dir: Path) -> None:
+    """The app's receive() gets the disconnect (the cli app then returns),
+    so the server exits at once with status 0."""
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    with serving(app_dir, "cliapp:app") as (process, port):
+        with connect(f"ws://127.0.0.1:{port}/ws", open_timeout=10) as ws:
+            os.killpg(process.pid, signal.SIGTERM)
+            with pytest.raises(ConnectionClosed) as closed:
+                ws.recv(timeout=10)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1012
+        assert process.wait(30) == 0
+
+
+def test_ws_ping_options_close_a_silent_client_with_1011(app_dir: Path) -> None:
+    with serving(app_dir, "cliapp:app", "--ws-ping-interval", "0.1", "--ws-ping-timeout", "0.3") as (_, port):
+        with H1WebSocket(port, path="/ws", answer_pings=False) as ws:
+            with pytest.raises(WebSocketClosed) as closed:
+                ws.receive()
+    assert (closed.value.code, closed.value.reason) == (1011, "keepalive ping timeout")
+
+
+def test_ws_max_queue_must_be_positive(app_dir: Path) -> None:
+    result = subprocess.run(command("serve", "cliapp:app", "--ws-max-queue", "0"), cwd=app_dir, env=environment(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == ["server-native: error: ValueError: ws_max_queue must be positive"]

@@ -18,7 +18,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-
 from conftest import Certificates, requires_ipv6
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -361,3 +360,13 @@ def test_websocket_echo() -> None:
                 return [await ws.recv(), await ws.recv()]
 
         assert asyncio.run(talk()) == ["text", b"\x00\x01"]
+
+
+def test_static_files() -> None:
+    port = free_port()
+    with example("static_files.py", port):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/static/hello.txt", timeout=10) as response:
+            assert response.read() == (EXAMPLES / "public" / "hello.txt").read_bytes()
+            assert response.headers["cache-control"] == "max-age=3600"
+        assert get(f"http://127.0.0.1:{port}/static/missing.txt") == (404, "not found")
+        assert get(f"http://127.0.0.1:{port}/elsewhere") == (200, "from the app: /elsewhere")

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import socket
 import ssl
+import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -27,15 +28,16 @@ import h2.config
 import h2.connection
 import h2.events
 import h11
+import httpx
 import pytest
 from apps.harness import Running, serving
-from conftest import Certificates, LogLines
+from conftest import Certificates, LogLines, requires_curl
 from h3client import h3_connect
 
 from server_native import NativeDirectResponse, serve_native_direct, serve_native_http
-from server_native.asgi import serve_asgi
-from server_native.server import tls_settings
-from server_native.wsgi import serve_wsgi
+from server_native.interfaces.asgi import serve_asgi
+from server_native.interfaces.wsgi import serve_wsgi
+from server_native.runtime.bound import tls_settings
 
 TIMEOUT = 10.0
 #: A response a body must never be able to smuggle onto a connection.
@@ -437,3 +439,64 @@ def test_a_head_response_carries_no_body_and_keeps_its_length(
         # A streamed GET has no length: its HEAD must not claim one.
         assert "content-length" not in streamed_head.headers, streamed_head
     assert [(o.status, o.body) for o in after] == [(200, CASES["/head"][2][0]), (200, OK_BODY)]
+
+
+# ---------------------------------------------------------------- HEAD with real apps and clients
+
+
+def _django(kind: str) -> Any:
+    import django
+    from apps import django_urls
+    from django.conf import settings
+
+    if not settings.configured:
+        settings.configure(**django_urls.SETTINGS)
+        django.setup()
+    if kind == "wsgi":
+        from django.core.wsgi import get_wsgi_application
+
+        return get_wsgi_application()
+    from django.core.asgi import get_asgi_application
+
+    return get_asgi_application()
+
+
+def _fastapi() -> Any:
+    from apps import fastapi_app
+
+    return fastapi_app.app
+
+
+REAL_APPS = {
+    # name: (serve helper, app factory, path, the status its HEAD gets)
+    "django-wsgi": (serve_wsgi, lambda: _django("wsgi"), "/", 200),
+    "django-asgi": (serve_asgi, lambda: _django("asgi"), "/", 200),
+    "fastapi-405": (serve_asgi, _fastapi, "/items", 405),
+}
+
+
+@requires_curl
+@pytest.mark.parametrize("client", ["curl-h2c", "curl-h2-tls", "httpx-h2-tls", "curl-h1"])
+@pytest.mark.parametrize("app_name", list(REAL_APPS))
+def test_head_of_a_real_app_view_over_every_client(app_name: str, client: str, certs: Certificates) -> None:
+    """Apps leave HEAD bodies to the server (every Django view, Starlette's
+    error responses): curl -I and httpx must get a clean head over HTTP/2."""
+    helper, app, path, status = REAL_APPS[app_name]
+    tls = client.endswith("tls")
+    options: dict[str, Any] = {}
+    if tls:
+        options["tls"] = tls_settings(certificate_path=certs.cert_path, key_path=certs.key_path)
+    with serving(helper, app(), **options) as server:
+        url = server.url(path).replace("127.0.0.1", "localhost") if tls else server.url(path)
+        if client.startswith("httpx"):
+            with httpx.Client(http2=True, http1=False, verify=ssl.create_default_context(cafile=str(certs.ca_path)), timeout=TIMEOUT) as c:
+                response = c.head(url)
+            assert (response.http_version, response.status_code, response.content) == ("HTTP/2", status, b"")
+            return
+        flags = {"curl-h2c": ["--http2-prior-knowledge"], "curl-h2-tls": ["--http2", "--cacert", str(certs.ca_path)], "curl-h1": ["--http1.1"]}[client]
+        done = subprocess.run(
+            ["curl", "-sS", "-I", "--max-time", str(TIMEOUT), *flags, url], capture_output=True, text=True, timeout=TIMEOUT + 5
+        )
+    assert done.returncode == 0, done.stderr
+    status_line = done.stdout.splitlines()[0]
+    assert status_line.split()[:2] == ["HTTP/1.1" if client == "curl-h1" else "HTTP/2", str(status)], done.stdout

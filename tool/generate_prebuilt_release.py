@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
-"""Writes ``server_native/_prebuilt_release.py``: the release metadata the
+"""Writes ``server_native/_dist/release.py``: the release metadata the
 package ships (its default prebuilt tag, where releases live, and the SHA-256 of
 each platform's archive in that release).
 
     python tool/generate_prebuilt_release.py                    # after a version bump
     python tool/generate_prebuilt_release.py --manifest SHA256SUMS --repository OWNER/NAME
     python tool/generate_prebuilt_release.py --check            # exit 1 when the file is stale
+    python tool/generate_prebuilt_release.py --check --require-release   # ... or names no complete release
 
 * The version comes from ``pyproject.toml`` (``--version`` overrides it); the
   tag is ``server-native-prebuilt-v<version>``.
@@ -18,9 +19,11 @@ each platform's archive in that release).
   under (kept from the module when not given).
 
 The prebuilt workflow (``.github/workflows/prebuilt.yml``) runs this with the
-manifest of the release it has just published; commit the result before the
+manifest of the release it has just built; commit the result before the
 wheels of that version are built, so ``setup`` can check the downloads against
-hashes that came inside the package.
+hashes that came inside the package. ``--require-release`` is what both
+workflows check before they publish: a package that names no repository, or
+lacks a platform's hash, could not install (or verify) its prebuilt libraries.
 """
 
 from __future__ import annotations
@@ -37,14 +40,14 @@ from pathlib import Path
 from types import ModuleType
 
 ROOT = Path(__file__).resolve().parent.parent
-MODULE = ROOT / "server_native" / "_prebuilt_release.py"
+MODULE = ROOT / "server_native" / "_dist" / "release.py"
 TAG_PREFIX = "server-native-prebuilt-v"
 MANIFEST_NAME = "SHA256SUMS"
 MANIFEST_LINE = re.compile(r"^([0-9a-fA-F]{64})\s+\*?(\S.*?)\s*$")
 
 
 def _platforms() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("_server_native_platforms", ROOT / "server_native" / "_platforms.py")
+    spec = importlib.util.spec_from_file_location("_server_native_platforms", ROOT / "server_native" / "_dist" / "platforms.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -153,6 +156,18 @@ def generate(version: str | None = None, manifest: str | None = None, repository
     return render(version, repository, hashes)
 
 
+def release_gaps(module: Path) -> list[str]:
+    """What ``module`` lacks to name a complete release: the repository, and
+    the hash of each platform's archive."""
+    values = current_values(module)
+    gaps = [] if values.get("REPOSITORY") else ["REPOSITORY is empty"]
+    hashes = values.get("SHA256") or {}
+    missing = [label for label in _platforms().LABELS if label not in hashes]  # type: ignore[operator]
+    if missing:
+        gaps.append(f"SHA256 has no hash for {', '.join(missing)}")
+    return gaps
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", help="package version (default: pyproject.toml's)")
@@ -160,7 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repository", help="GitHub owner/name of the releases (default: kept)")
     parser.add_argument("--output", type=Path, default=MODULE, help="module to write (default: %(default)s)")
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 when the module is stale")
+    parser.add_argument("--require-release", action="store_true",
+                        help="with --check: exit 1 too unless the module names the repository and every platform's hash")
     args = parser.parse_args(argv)
+    if args.require_release and not args.check:
+        parser.error("--require-release goes with --check")
     text = generate(args.version, args.manifest, args.repository, module=args.output)
     existing = args.output.read_text(encoding="utf-8") if args.output.exists() else ""
     if args.check:
@@ -168,7 +187,12 @@ def main(argv: list[str] | None = None) -> int:
             diff = "".join(difflib.unified_diff(existing.splitlines(True), text.splitlines(True), str(args.output), "regenerated"))
             print(f"{args.output} is stale; run `python tool/generate_prebuilt_release.py`:\n{diff}", file=sys.stderr)
             return 1
-        print(f"{args.output} is up to date")
+        gaps = release_gaps(args.output) if args.require_release else []
+        if gaps:
+            print(f"{args.output} names no complete release: {'; '.join(gaps)}. Publish the prebuilt release "
+                  "(.github/workflows/prebuilt.yml) and commit the release metadata it makes.", file=sys.stderr)
+            return 1
+        print(f"{args.output} is up to date" + (" and names the release" if args.require_release else ""))
         return 0
     if existing != text:
         args.output.write_text(text, encoding="utf-8")

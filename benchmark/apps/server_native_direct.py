@@ -10,6 +10,7 @@ import argparse
 
 from _payloads import ECHO_PATH, HELLO, TEN_K, TEN_K_PATH
 from _runner import bind_options, run
+
 from server_native import NativeDirectRequest, NativeDirectResponse, serve_native_direct
 
 HEADERS = [("content-type", "text/plain")]

@@ -13,7 +13,13 @@ import asyncio
 
 from _payloads import ECHO_PATH, TEN_K, TEN_K_PATH
 from _runner import run
-from server_native import ClientDisconnected, HttpException, HttpRequest, NativeHttpServer
+
+from server_native import (
+    ClientDisconnected,
+    HttpException,
+    HttpRequest,
+    NativeHttpServer,
+)
 
 
 async def echo(request: HttpRequest) -> None:

@@ -13,6 +13,7 @@ import os
 os.environ.setdefault("SERVER_NATIVE_THREADS", "1")  # read when the runtime starts
 
 from _runner import bind_options, run
+
 from server_native import NativeHttpServer
 
 

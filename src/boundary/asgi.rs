@@ -1,5 +1,5 @@
-//! The ASGI `http` scope of a request, built natively: the part of every
-//! ASGI call that is the same for every app.
+//! The ASGI `http` or `websocket` scope of a request, built natively: the
+//! part of every ASGI call that is the same for every app.
 
 use http::header::HOST;
 use pyo3::intern;
@@ -9,9 +9,11 @@ use pyo3::types::{PyBytes, PyDict, PyList};
 use super::request::{method_name, percent_decoded, scheme_name, version_names};
 use crate::exchange::Exchange;
 
-/// `base` (the server's constant keys, `root_path` among them) updated with
-/// the request's keys, and a copy of `state`. Proxy headers, the TLS
-/// extension and the WebSocket variant are left to the caller.
+/// `base` (the server's constant keys: `type`, `asgi`, `root_path`) updated
+/// with the request's keys, and a copy of `state`. A WebSocket request gets
+/// the `websocket` scope's keys: no `method`, `ws`/`wss`, `subprotocols`,
+/// the `websocket.http.response` extension. Proxy headers and the TLS
+/// extension are left to the caller.
 pub fn scope<'py>(
     py: Python<'py>,
     exchange: &Exchange,
@@ -20,9 +22,15 @@ pub fn scope<'py>(
 ) -> PyResult<Bound<'py, PyDict>> {
     let scope = base.copy()?;
     let head = &exchange.head;
+    let websocket = exchange.wants_websocket();
     scope.set_item(intern!(py, "http_version"), version_names(head.version).0)?;
-    scope.set_item(intern!(py, "method"), method_name(py, &head.method))?;
-    scope.set_item(intern!(py, "scheme"), scheme_name(py, exchange.conn.tls))?;
+    if websocket {
+        let scheme = if exchange.conn.tls { intern!(py, "wss") } else { intern!(py, "ws") };
+        scope.set_item(intern!(py, "scheme"), scheme)?;
+    } else {
+        scope.set_item(intern!(py, "method"), method_name(py, &head.method))?;
+        scope.set_item(intern!(py, "scheme"), scheme_name(py, exchange.conn.tls))?;
+    }
     let raw_path = head.uri.path();
     let root_path = match scope.get_item(intern!(py, "root_path"))? {
         Some(root) => root.extract::<String>()?,
@@ -46,7 +54,22 @@ pub fn scope<'py>(
     scope.set_item(intern!(py, "server"), exchange.conn.addresses.local())?;
     scope.set_item(intern!(py, "state"), state.copy()?)?;
     let extensions = PyDict::new(py);
-    extensions.set_item(intern!(py, "http.response.pathsend"), PyDict::new(py))?;
+    if websocket {
+        scope.set_item(intern!(py, "subprotocols"), subprotocols(&head.headers))?;
+        extensions.set_item(intern!(py, "websocket.http.response"), PyDict::new(py))?;
+    } else {
+        extensions.set_item(intern!(py, "http.response.pathsend"), PyDict::new(py))?;
+    }
     scope.set_item(intern!(py, "extensions"), extensions)?;
     Ok(scope)
+}
+
+/// The subprotocols the client offers, in its order (`Sec-WebSocket-Protocol`).
+fn subprotocols(headers: &http::HeaderMap) -> Vec<String> {
+    headers
+        .get_all(http::header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .flat_map(|value| super::request::latin1(value.as_bytes()).split(',').map(|p| p.trim().to_owned()).collect::<Vec<_>>())
+        .filter(|protocol| !protocol.is_empty())
+        .collect()
 }

@@ -351,7 +351,7 @@ impl NativeRequest {
         if !self.exchange.wants_websocket() {
             return Err(PyRuntimeError::new_err("not a WebSocket request"));
         }
-        Ok(self.exchange.accept_websocket(response, handshake).is_some())
+        Ok(self.exchange.accept_websocket(response, handshake, &self.server).is_some())
     }
 
     /// The next message: `("text", str)`, `("bytes", bytes)` or
@@ -559,4 +559,25 @@ pub fn header_map(headers: &Bound<'_, PyAny>) -> PyResult<HeaderMap> {
         map.append(name, value);
     }
     Ok(map)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percent_escapes_are_decoded_and_broken_ones_kept() {
+        assert_eq!(&*percent_decoded(b"/plain"), b"/plain");
+        assert_eq!(&*percent_decoded(b"/caf%C3%A9"), "/café".as_bytes());
+        assert_eq!(&*percent_decoded(b"/a%2Fb%20c"), b"/a/b c");
+        assert_eq!(&*percent_decoded(b"/100%"), b"/100%");
+        assert_eq!(&*percent_decoded(b"/%zz%4"), b"/%zz%4");
+    }
+
+    #[test]
+    fn header_bytes_map_to_code_points_one_to_one() {
+        assert_eq!(latin1(b"ascii"), "ascii");
+        assert_eq!(latin1(b"caf\xe9"), "café");
+        assert_eq!(latin1("é".as_bytes()), "\u{c3}\u{a9}");
+    }
 }

@@ -53,23 +53,28 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def refused(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether nothing listens any more. A reset is a connection caught in a
+    listener's backlog as it closed: not refused yet."""
     try:
         with socket.create_connection((host, port), timeout=TIMEOUT):
             return False
     except ConnectionRefusedError:
         return True
+    except ConnectionResetError:
+        return False
 
 
 class BackgroundLoop:
-    """An asyncio loop on its own thread (like conftest's ``LoopThread``,
-    usable from module-scoped fixtures)."""
+    """An asyncio loop on its own thread, so tests drive servers with
+    blocking clients (http.client, httpx, curl) from the test thread; usable
+    from module-scoped fixtures too (``loop_thread`` is the per-test one)."""
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="test-serve-loop", daemon=True)
         self._thread.start()
 
-    def run(self, coro: Any, timeout: float = TIMEOUT) -> Any:
+    def run(self, coro: Any, timeout: float = 30) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def call(self, fn: Callable[..., Any], *args: Any) -> None:
@@ -206,6 +211,11 @@ def wait_for(predicate: Callable[[], Any], timeout: float = TIMEOUT, what: str =
         time.sleep(0.01)
 
 
+def wait_refused(port: int, host: str = "127.0.0.1") -> bool:
+    """Waits (bounded) until nothing listens on ``port``."""
+    return bool(wait_for(lambda: refused(port, host), what=f"{host}:{port} to refuse connections"))
+
+
 TESTS_DIR = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
@@ -254,65 +264,296 @@ def uvicorn_process(target: str, *args: str) -> Iterator[str]:
             process.wait(TIMEOUT)
 
 
+class WebSocketClosed(Exception):
+    """The server's close frame (code None: the connection or stream ended
+    without one)."""
+
+    def __init__(self, code: int | None, reason: str = "") -> None:
+        super().__init__(code, reason)
+        self.code = code
+        self.reason = reason
+
+
+#: A valid Sec-WebSocket-Key (RFC 6455's example).
+WEBSOCKET_KEY = "dGhlIHNhbXBsZSBub25jZQ=="
+
+
+class RawWebSocket:
+    """A WebSocket client driven by hand with wsproto's frame layer, over a
+    transport of its subclass's: messages, the close frame (answered), and
+    the server's pings, counted in ``pings`` and answered unless
+    ``answer_pings`` is off. ``status``, ``headers`` and ``body`` are the
+    server's answer to the handshake (``body``: a refusal's)."""
+
+    def __init__(self, answer_pings: bool) -> None:
+        self.answer_pings = answer_pings
+        self.pings = 0
+        self._pongs = 0
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self.body = b""
+        self._ws: Any = None
+        self._messages: list[Any] = []
+        self._partial: list[Any] = []
+        self._closed: WebSocketClosed | None = None
+
+    def _open(self, extensions: list[Any]) -> None:
+        from wsproto.frame_protocol import FrameProtocol
+
+        self._ws = FrameProtocol(client=True, extensions=extensions)
+
+    _sock: socket.socket
+
+    def __enter__(self) -> RawWebSocket:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._sock.close()
+
+    def _receive_data(self) -> bytes | None:
+        """The next bytes of the WebSocket's stream; None at its end."""
+        raise NotImplementedError
+
+    def _send_data(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def send(self, message: bytes | str) -> None:
+        self._send_data(self._ws.send_data(message, fin=True))
+
+    def close(self, code: int = 1000) -> None:
+        self._send_data(self._ws.close(code))
+
+    def receive(self) -> bytes | str:
+        """The next message; raises :class:`WebSocketClosed` at the server's
+        close frame or the end of the stream."""
+        while not self._messages:
+            self._pump()
+        return self._messages.pop(0)
+
+    def wait_for_pings(self, count: int) -> None:
+        """Reads until the server has sent ``count`` pings."""
+        while self.pings < count:
+            self._pump()
+
+    def ping(self) -> None:
+        """A ping, and its pong waited for: the server has read everything
+        sent before it."""
+        pongs = self._pongs
+        self._send_data(self._ws.ping(b"client"))
+        while self._pongs == pongs:
+            self._pump()
+
+    def _pump(self) -> None:
+        """Reads once and takes in the frames that came."""
+        from wsproto.frame_protocol import Opcode
+
+        if self._closed is not None:
+            raise self._closed
+        data = self._receive_data()
+        if data is None:
+            self._closed = WebSocketClosed(None, "the stream ended")
+            return
+        self._ws.receive_bytes(data)
+        for frame in self._ws.received_frames():  # wsproto hands over partial frames
+            if frame.opcode is Opcode.PING:
+                self.pings += 1
+                if self.answer_pings:
+                    self._send_data(self._ws.pong(frame.payload))
+            elif frame.opcode is Opcode.PONG:
+                self._pongs += 1
+            elif frame.opcode is Opcode.CLOSE:
+                code, reason = frame.payload
+                self._closed = WebSocketClosed(code, reason)
+                self._send_data(self._ws.close(code, reason))
+            elif frame.opcode in (Opcode.BINARY, Opcode.TEXT, Opcode.CONTINUATION):
+                self._partial.append(frame.payload)
+                if frame.message_finished:
+                    whole = "".join(self._partial) if isinstance(frame.payload, str) else b"".join(self._partial)
+                    self._messages.append(whole)
+                    self._partial.clear()
+
+
+class H1WebSocket(RawWebSocket):
+    """RFC 6455 over HTTP/1.1 on a plain socket (or TLS: ``tls`` a client
+    context), the handshake written by hand: ``headers`` replace the
+    Upgrade request's own WebSocket headers (to send invalid ones)."""
+
+    def __init__(
+        self,
+        port: int,
+        *,
+        path: str = "/",
+        tls: Any = None,
+        headers: list[tuple[str, str]] | None = None,
+        body: bytes = b"",
+        answer_pings: bool = True,
+    ) -> None:
+        super().__init__(answer_pings)
+        sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        if tls is not None:
+            sock = tls.wrap_socket(sock, server_hostname="127.0.0.1")
+        self._sock = sock
+        if headers is None:
+            headers = [("Sec-WebSocket-Key", WEBSOCKET_KEY), ("Sec-WebSocket-Version", "13")]
+        lines = [f"GET {path} HTTP/1.1", f"Host: 127.0.0.1:{port}", "Upgrade: websocket", "Connection: Upgrade"]
+        lines += [f"{name}: {value}" for name, value in headers]
+        if body:
+            lines.append(f"Content-Length: {len(body)}")
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+        received = b""
+        while b"\r\n\r\n" not in received:
+            data = sock.recv(65536)
+            if not data:
+                raise WebSocketClosed(None, f"the connection closed before the response head: {received!r}")
+            received += data
+        head, self._rest = received.split(b"\r\n\r\n", 1)
+        status_line, *fields = head.decode("latin-1").split("\r\n")
+        self.status = int(status_line.split()[1])
+        self.headers = {name.strip().lower(): value.strip() for name, value in (field.split(":", 1) for field in fields)}
+        if self.status != 101:
+            length = int(self.headers.get("content-length", "0"))
+            while len(self._rest) < length:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                self._rest += data
+            self.body = self._rest
+            return
+        self._open([])
+
+    def _receive_data(self) -> bytes | None:
+        if self._rest:
+            data, self._rest = self._rest, b""
+            return data
+        return self._sock.recv(65536) or None
+
+    def _send_data(self, data: bytes) -> None:
+        self._sock.sendall(data)
+
+
+class H2WebSocket(RawWebSocket):
+    """RFC 8441 by hand: one WebSocket on an HTTP/2 extended CONNECT stream,
+    at the frame level (hyperframe + hpack: a stream goes on after a GOAWAY,
+    which h2's state machine refuses to see) with wsproto's frame layer, in
+    cleartext or over TLS (``tls``: a client context; ALPN h2). ``headers``
+    replace the request's ``sec-websocket-version``; with ``deflate``
+    permessage-deflate is offered and used as agreed. ``goaways`` lists the
+    GOAWAY frames' error codes."""
+
+    STREAM = 1
+
+    def __init__(
+        self,
+        port: int,
+        *,
+        path: str = "/h2",
+        deflate: bool = False,
+        tls: Any = None,
+        headers: list[tuple[str, str]] | None = None,
+        answer_pings: bool = True,
+    ) -> None:
+        import hpack
+        from wsproto.extensions import PerMessageDeflate
+
+        super().__init__(answer_pings)
+        compression = PerMessageDeflate() if deflate else None
+        request = [(":method", "CONNECT"), (":protocol", "websocket"), (":scheme", "https" if tls else "http"),
+                   (":path", path), (":authority", f"127.0.0.1:{port}")]  # fmt: skip
+        request += headers if headers is not None else [("sec-websocket-version", "13")]
+        if compression is not None:
+            request.append(("sec-websocket-extensions", f"permessage-deflate; {compression.offer()}"))
+        sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        if tls is not None:
+            tls.set_alpn_protocols(["h2"])
+            sock = tls.wrap_socket(sock, server_hostname="127.0.0.1")
+        self._sock = sock
+        self._decoder = hpack.Decoder()
+        self._buffer = b""
+        self._data: list[bytes] = []
+        self._ended = False
+        self.goaways: list[int] = []
+        frames = self._frames()
+        sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frames.SettingsFrame(0).serialize())
+        block = hpack.Encoder().encode(request)
+        sock.sendall(frames.HeadersFrame(self.STREAM, data=block, flags=["END_HEADERS"]).serialize())
+        while not self.status or (self.status != 200 and not self._ended):
+            if self._ended and not self.status:
+                raise WebSocketClosed(None, "the connection closed before the response")
+            self._read()
+        if self.status != 200:
+            self.body = b"".join(self._data)
+            return
+        extensions = []
+        if compression is not None and "sec-websocket-extensions" in self.headers:
+            compression.finalize(self.headers["sec-websocket-extensions"])
+            extensions.append(compression)
+        self._open(extensions)
+
+    @staticmethod
+    def _frames() -> Any:
+        import hyperframe.frame
+
+        return hyperframe.frame
+
+    def _read(self) -> None:
+        """Reads once; answers SETTINGS and PING, grants back what DATA
+        took, and keeps the stream's data and whether it ended."""
+        frames = self._frames()
+        data = self._sock.recv(65536)
+        if not data:
+            self._ended = True
+            return
+        self._buffer += data
+        while len(self._buffer) >= 9:
+            frame, length = frames.Frame.parse_frame_header(memoryview(self._buffer[:9]))
+            if len(self._buffer) < 9 + length:
+                break
+            frame.parse_body(memoryview(self._buffer[9 : 9 + length]))
+            self._buffer = self._buffer[9 + length :]
+            if isinstance(frame, frames.SettingsFrame) and "ACK" not in frame.flags:
+                self._sock.sendall(frames.SettingsFrame(0, flags=["ACK"]).serialize())
+            elif isinstance(frame, frames.PingFrame) and "ACK" not in frame.flags:
+                self._sock.sendall(frames.PingFrame(0, opaque_data=frame.opaque_data, flags=["ACK"]).serialize())
+            elif isinstance(frame, frames.GoAwayFrame):
+                self.goaways.append(frame.error_code)
+            elif frame.stream_id != self.STREAM:
+                continue
+            elif isinstance(frame, frames.HeadersFrame):
+                self.headers = {name.decode(): value.decode() for name, value in self._decoder.decode(frame.data, raw=True)}
+                self.status = int(self.headers[":status"])
+            elif isinstance(frame, frames.DataFrame):
+                self._data.append(frame.data)
+                if length:
+                    for stream in (0, self.STREAM):
+                        self._sock.sendall(frames.WindowUpdateFrame(stream, window_increment=length).serialize())
+            elif isinstance(frame, frames.RstStreamFrame):
+                self._ended = True
+            if "END_STREAM" in frame.flags:
+                self._ended = True
+
+    def _receive_data(self) -> bytes | None:
+        while not self._data and not self._ended:
+            self._read()
+        data = b"".join(self._data)
+        self._data.clear()
+        return data or None
+
+    def _send_data(self, data: bytes) -> None:
+        frames = self._frames()
+        for at in range(0, len(data), 16_384):  # the default frame size
+            self._sock.sendall(frames.DataFrame(self.STREAM, data=data[at : at + 16_384]).serialize())
+
+
 def h2_websocket_exchange(
     port: int, messages: list[bytes], *, deflate: bool = False
 ) -> tuple[dict[str, str], list[bytes]]:
-    """RFC 8441: a WebSocket over an HTTP/2 extended CONNECT stream, by hand
-    (h2 + wsproto's frame layer), sending ``messages`` as binary and
-    collecting the echoes; with ``deflate`` offering permessage-deflate and
-    compressing with what the server agreed to. Returns the response headers
-    and the echoed messages."""
-    import h2.config
-    import h2.connection
-    import h2.events
-    from wsproto.extensions import PerMessageDeflate
-    from wsproto.frame_protocol import FrameProtocol, Opcode
-
-    compression = PerMessageDeflate() if deflate else None
-    request = [(":method", "CONNECT"), (":protocol", "websocket"), (":scheme", "http"), (":path", "/h2"),
-               (":authority", f"127.0.0.1:{port}"), ("sec-websocket-version", "13")]  # fmt: skip
-    if compression is not None:
-        request.append(("sec-websocket-extensions", f"permessage-deflate; {compression.offer()}"))
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
-    conn.initiate_connection()
-    headers: dict[str, str] = {}
-    echoed: list[bytes] = []
-    partial = bytearray()
-    ws: FrameProtocol | None = None
-    sent = False
-    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
-        sock.sendall(conn.data_to_send())
-        while len(echoed) < len(messages):
-            data = sock.recv(65536)
-            if not data:
-                break
-            for event in conn.receive_data(data):
-                if isinstance(event, h2.events.RemoteSettingsChanged) and not sent:
-                    sent = True
-                    conn.send_headers(1, request)
-                elif isinstance(event, h2.events.ResponseReceived):
-                    headers = dict(event.headers)
-                    if headers[":status"] != "200":
-                        return headers, echoed
-                    extensions = []
-                    if compression is not None:
-                        if "sec-websocket-extensions" not in headers:
-                            return headers, echoed
-                        compression.finalize(headers["sec-websocket-extensions"])
-                        extensions.append(compression)
-                    ws = FrameProtocol(client=True, extensions=extensions)
-                    for message in messages:
-                        data = ws.send_data(message, fin=True)
-                        for at in range(0, len(data), 16_384):  # the default frame size
-                            conn.send_data(1, data[at : at + 16_384])
-                elif isinstance(event, h2.events.DataReceived) and ws is not None:
-                    conn.acknowledge_received_data(event.flow_controlled_length, 1)
-                    ws.receive_bytes(event.data)
-                    for frame in ws.received_frames():  # wsproto hands over partial frames
-                        if frame.opcode in (Opcode.BINARY, Opcode.TEXT, Opcode.CONTINUATION):
-                            partial += frame.payload if isinstance(frame.payload, bytes) else frame.payload.encode()
-                            if frame.message_finished:
-                                echoed.append(bytes(partial))
-                                partial.clear()
-            sock.sendall(conn.data_to_send())
-    return headers, echoed
+    """Sends ``messages`` as binary over an RFC 8441 WebSocket
+    (:class:`H2WebSocket`) and collects the echoes; with ``deflate``
+    offering permessage-deflate. Returns the response headers and the
+    echoed messages."""
+    with H2WebSocket(port, deflate=deflate) as ws:
+        if ws.status != 200 or (deflate and "sec-websocket-extensions" not in ws.headers):
+            return ws.headers, []
+        for message in messages:
+            ws.send(message)
+        return ws.headers, [bytes(ws.receive()) for _ in messages]
