@@ -38,7 +38,7 @@ def run(serve: Serve) -> None:
 
 def bind_options(options: argparse.Namespace) -> dict[str, Any]:
     """The bind options that --certfile, --keyfile and --keep-alive-timeout ask for."""
-    from server_native.config import TlsConfig
+    from server_native import TlsConfig
 
     bind: dict[str, Any] = {}
     if options.certfile is not None:
