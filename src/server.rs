@@ -320,37 +320,40 @@ fn accept_failed(server: &ServerShared, error: &io::Error) {
 
 /// The HTTP versions a server speaks. HTTP/1.1 alone uses hyper's own
 /// builder: hyper-util's auto builder still accepts h2c prior knowledge when
-/// told `http1_only` on connections with upgrades.
+/// told `http1_only` on connections with upgrades. With HTTP/2 too, hyper's
+/// own HTTP/1 builder serves a connection again after it was parked.
 ///
 /// hyper's HTTP/1 header timeout is off: it armed a timer per request and
 /// also ran between requests; the connection keeps `header_read_timeout`
 /// itself (`PendingHead`).
 pub enum Protocols {
-    Auto(auto::Builder<TokioExecutor>),
+    Auto(auto::Builder<TokioExecutor>, http1::Builder),
     Http1(http1::Builder),
+}
+
+/// The HTTP/1 settings, on hyper's builder and on hyper-util's (the same
+/// methods on two types).
+macro_rules! http1_settings {
+    ($builder:expr, $config:expr) => {
+        $builder
+            .header_read_timeout(None)
+            .max_buf_size($config.max_header_size.max(8192))
+            .max_headers($config.max_headers)
+            .auto_date_header($config.date_header)
+            .keep_alive(true)
+    };
 }
 
 impl Protocols {
     fn new(config: &ServerConfig) -> Self {
         let http2 = config.tls.as_ref().map_or(config.http2, |tls| tls.http2);
+        let mut http1 = http1::Builder::new();
+        http1_settings!(http1, config);
         if !http2 {
-            let mut builder = http1::Builder::new();
-            builder
-                .header_read_timeout(None)
-                .max_buf_size(config.max_header_size.max(8192))
-                .max_headers(config.max_headers)
-                .auto_date_header(config.date_header)
-                .keep_alive(true);
-            return Protocols::Http1(builder);
+            return Protocols::Http1(http1);
         }
         let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .header_read_timeout(None)
-            .max_buf_size(config.max_header_size.max(8192))
-            .max_headers(config.max_headers)
-            .auto_date_header(config.date_header)
-            .keep_alive(true);
+        http1_settings!(builder.http1(), config);
         let mut http2 = builder.http2();
         http2
             .timer(TokioTimer::new())
@@ -366,7 +369,14 @@ impl Protocols {
         if config.http2_adaptive_window {
             http2.adaptive_window(true);
         }
-        Protocols::Auto(builder)
+        Protocols::Auto(builder, http1)
+    }
+
+    /// The builder of HTTP/1 connections.
+    pub fn http1(&self) -> &http1::Builder {
+        match self {
+            Protocols::Auto(_, http1) | Protocols::Http1(http1) => http1,
+        }
     }
 }
 

@@ -156,6 +156,21 @@ impl<S> Guard<S> {
         Guard { inner, follower, h2, out: Vec::new(), out_at: 0, held: Vec::new(), log }
     }
 
+    /// Every byte read so far belongs to whole HTTP/1 requests (bodies
+    /// included), all of them handed on.
+    pub fn between_requests(&self) -> bool {
+        let framing_done = matches!(&self.follower, Follower::Http1(framing) if framing.between_requests());
+        framing_done && self.out_at >= self.out.len() && self.held.is_empty()
+    }
+
+    /// Lets go of the buffer of bytes already handed on.
+    pub fn release_buffers(&mut self) {
+        if self.out_at >= self.out.len() {
+            self.out = Vec::new();
+            self.out_at = 0;
+        }
+    }
+
     fn inspect(&mut self, data: &[u8]) -> Verdict {
         let mut from = 0;
         loop {
@@ -207,6 +222,25 @@ impl<S> Guard<S> {
         }
         self.out = out;
         self.out_at = 0;
+    }
+}
+
+impl<S: AsyncRead + Unpin> Guard<S> {
+    /// Waits for the peer's next bytes (a whole request head, if that is
+    /// what they begin) and keeps them for the next read. False at the end
+    /// of the stream.
+    pub fn poll_next_bytes(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
+        let mut first = [0u8; 512];
+        let mut first = ReadBuf::new(&mut first);
+        ready!(Pin::new(&mut *self).poll_read(cx, &mut first))?;
+        if first.filled().is_empty() {
+            return Poll::Ready(Ok(false));
+        }
+        let mut out = first.filled().to_vec();
+        out.extend_from_slice(&self.out[self.out_at..]);
+        self.out = out;
+        self.out_at = 0;
+        Poll::Ready(Ok(true))
     }
 }
 
