@@ -1,7 +1,7 @@
 """Hatchling build hook: puts the native module ``server_native._native`` in the wheel.
 
 hatchling packages the Python sources; this hook supplies the compiled Rust library.
-``_locate_or_build_library()`` finds it with the loader's resolution (``server_native/_loader.py``),
+``_locate_or_build_library()`` finds it with the loader's resolution (``server_native/_dist/loader.py``),
 at build time, for the target platform label (the host's, or the one of
 ``CARGO_BUILD_TARGET`` when cross-compiling):
 
@@ -12,11 +12,11 @@ at build time, for the target platform label (the host's, or the one of
 4. otherwise a source build through maturin (``maturin build --release``), whose
    wheel we open only to take the library and its wheel tag out of it.
 
-A prebuilt library's headers are read first (``_platforms.check_binary``: ELF,
+A prebuilt library's headers are read first (``platforms.check_binary``: ELF,
 Mach-O or PE; CPU; glibc, musl, Android, macOS, iOS or simulator): one built for
 another target than the build's stops the build with one line, since its wheel
 tag would be a lie. One that this machine can load must then have the package's
-``ABI_VERSION`` (read from ``server_native/_loader.py``); one that does not is
+``ABI_VERSION`` (read from ``server_native/_dist/loader.py``); one that does not is
 skipped with a message. Its wheel tag is ``cp310-abi3-<platform tag>``, the
 platform tag coming from the library (glibc symbol versions on Linux) and the label.
 
@@ -274,10 +274,10 @@ def _load_by_path(root: Path, relative: str) -> ModuleType:
 
 
 def _package_abi_version(root: Path) -> int:
-    text = (root / PACKAGE / "_loader.py").read_text(encoding="utf-8")
+    text = (root / PACKAGE / "_dist" / "loader.py").read_text(encoding="utf-8")
     match = re.search(r"^ABI_VERSION\s*=\s*(\d+)", text, re.M)
     if not match:
-        raise RuntimeError(f"no ABI_VERSION in {PACKAGE}/_loader.py")
+        raise RuntimeError(f"no ABI_VERSION in {PACKAGE}/_dist/loader.py")
     return int(match.group(1))
 
 
@@ -336,8 +336,8 @@ def _check_format(platforms: ModuleType, origin: str, path: Path, triple: str | 
 
 
 def _locate_prebuilt(root: Path, work_dir: Path, *, editable: bool) -> NativeLibrary | None:
-    platforms = _load_by_path(root, f"{PACKAGE}/_platforms.py")
-    release = _load_by_path(root, f"{PACKAGE}/_prebuilt_release.py")
+    platforms = _load_by_path(root, f"{PACKAGE}/_dist/platforms.py")
+    release = _load_by_path(root, f"{PACKAGE}/_dist/release.py")
     label, triple, runs_here = _target(platforms)
     if label is None:
         _log("no prebuilt platform label for this target (musl, or an unlisted architecture)")

@@ -3,11 +3,14 @@ processes on loopback ports, PROXY protocol v2) behind deploy/haproxy/http.cfg,
 a keep-alive load of GETs to a 20-50 ms handler, and the instances restarted
 one after another during it: SIGTERM, wait for the exit, start again, wait
 until HAProxy sees it up (``--mode instances``); or each instance run with
-``--workers 2`` and sent SIGHUP (``--mode sighup``). Counts every request
-the client saw fail and every 5xx.
+``--workers 2`` and sent SIGHUP (``--mode sighup``). Or no proxy at all: the
+load straight on one instance that replaces its own workers, as
+``--recycle-options`` say (``--mode recycle``). Counts every request the
+client saw fail and every 5xx.
 
     python benchmark/rolling_restart.py --requests 20000 --connections 64
     python benchmark/rolling_restart.py --mode sighup --json
+    python benchmark/rolling_restart.py --mode recycle --recycle-options "--workers 2 --limit-max-requests 500"
 
 Needs haproxy (Debian's package) and trustme (for the TLS bind)."""
 
@@ -17,6 +20,7 @@ import argparse
 import asyncio
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -74,15 +78,18 @@ class Report:
 class Instance:
     """One server_native CLI process."""
 
-    def __init__(self, port: int, workers: int, log: Path) -> None:
+    def __init__(self, port: int, workers: int, log: Path, options: list[str] | None = None) -> None:
         self.port = port
         self.workers = workers
         self.log = log
+        #: Options in place of the PROXY protocol HAProxy speaks.
+        self.options = options
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         command = [sys.executable, "-m", "server_native", "serve", "app:app", "--app-dir", str(DEPLOY),
-                   "--port", str(self.port), "--proxy-protocol", "--log-level", "warning"]  # fmt: skip
+                   "--port", str(self.port), "--log-level", "warning"]  # fmt: skip
+        command += ["--proxy-protocol"] if self.options is None else self.options
         if self.workers > 1:
             command += ["--workers", str(self.workers)]
         with self.log.open("ab") as out:
@@ -163,14 +170,15 @@ async def load_and_restart(args: argparse.Namespace, front: int, instances: list
     started = time.monotonic()
     clients = [asyncio.create_task(connection(front, budget, stop, statuses, errors, pids)) for _ in range(args.connections)]
     await asyncio.sleep(args.warmup)
-    for index, instance in enumerate(instances):
+    for index, instance in enumerate(instances if args.mode != "recycle" else ()):
         assert instance.process is not None
         if args.mode == "sighup":
             old = set(pids)
             instance.process.send_signal(signal.SIGHUP)
-            # Until answers come from new workers.
+            # Until answers come from every new worker: each old one serves
+            # on until its successor does.
             deadline = time.monotonic() + TIMEOUT
-            while not (pids - old) and time.monotonic() < deadline:
+            while len(pids - old) < instance.workers and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
         else:
             report.exit_codes.append(await asyncio.to_thread(instance.stop))
@@ -188,7 +196,28 @@ async def load_and_restart(args: argparse.Namespace, front: int, instances: list
     report.pids_seen = len(pids)
 
 
+def run_recycling(args: argparse.Namespace) -> Report:
+    """The load straight on one instance, which replaces its workers itself."""
+    report = Report(args.mode)
+    with tempfile.TemporaryDirectory(prefix="sn-recycle-") as directory:
+        log = Path(directory) / "server.log"
+        instance = Instance(free_port(), 1, log, shlex.split(args.recycle_options))
+        try:
+            instance.start()
+            asyncio.run(load_and_restart(args, instance.port, [instance], "", report))
+            report.exit_codes.append(instance.stop())
+        finally:
+            if instance.process is not None and instance.process.poll() is None:
+                instance.process.kill()
+                instance.process.wait(TIMEOUT)
+            if args.logs:
+                print(f"== {log.name}\n{log.read_text(errors='replace')[-8000:]}", file=sys.stderr)
+    return report
+
+
 def run(args: argparse.Namespace) -> Report:
+    if args.mode == "recycle":
+        return run_recycling(args)
     import trustme
 
     binary = haproxy_binary()
@@ -231,7 +260,11 @@ def run(args: argparse.Namespace) -> Report:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mode", choices=("instances", "sighup"), default="instances")
+    parser.add_argument("--mode", choices=("instances", "sighup", "recycle"), default="instances")
+    parser.add_argument(
+        "--recycle-options", default="--workers 2 --limit-max-requests 500",
+        help="--mode recycle: the server's options that make it replace its workers",
+    )
     parser.add_argument("--requests", type=int, default=20_000, help="at least this many (more if the restarts take longer)")
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of load before the first restart")

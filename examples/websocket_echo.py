@@ -1,8 +1,7 @@
 import asyncio
 import os
 
-from server_native import NativeHttpServer
-from server_native.websocket import is_upgrade_request, upgrade_websocket
+from server_native import NativeHttpServer, is_upgrade_request, upgrade_websocket
 
 
 async def main() -> None:

@@ -12,16 +12,13 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._native import BodyTooLarge, ClientDisconnected, TlsConfigError
-    from .config import ServerConfig, TlsConfig
-    from .cookies import Cookie, SameSite
-    from .direct import NativeDirectRequest, NativeDirectResponse, serve_native_direct, serve_secure_native_direct
-    from .errors import HttpBodyError, HttpException
-    from .headers import ContentType, HttpHeaders
-    from .http_server import HttpConnectionsInfo, NativeHttpServer
-    from .request import HttpConnectionInfo, HttpRequest, Uri
-    from .response import HttpResponse
-    from .runner import run
-    from .serve import (
+    from .cli.runner import run
+    from .http.cookies import Cookie, SameSite
+    from .http.errors import HttpBodyError, HttpException
+    from .http.headers import ContentType, HttpHeaders
+    from .http.request import HttpConnectionInfo, HttpRequest, Uri
+    from .http.response import HttpResponse
+    from .http.serve import (
         NativeMultiServer,
         NativeServerBind,
         serve_native,
@@ -31,21 +28,29 @@ if TYPE_CHECKING:
         serve_secure_native_http,
         serve_secure_native_multi,
     )
+    from .http.server import HttpConnectionsInfo, NativeHttpServer
+    from .http.websocket import is_upgrade_request, upgrade_websocket
+    from .interfaces.asgi import serve_asgi
+    from .interfaces.direct import (
+        NativeDirectRequest,
+        NativeDirectResponse,
+        serve_native_direct,
+        serve_secure_native_direct,
+    )
+    from .interfaces.wsgi import serve_wsgi
+    from .runtime.config import ServerConfig, TlsConfig
 
 # Importing the package loads no submodule and no native library: the first
 # use of a name does (``python -m server_native --help``, ``setup`` and
 # ``info`` never need the library, and a source checkout would build it).
 _SUBMODULES = {
-    "config": ("ServerConfig", "TlsConfig"),
-    "cookies": ("Cookie", "SameSite"),
-    "direct": ("NativeDirectRequest", "NativeDirectResponse", "serve_native_direct", "serve_secure_native_direct"),
-    "errors": ("HttpBodyError", "HttpException"),
-    "headers": ("ContentType", "HttpHeaders"),
-    "http_server": ("HttpConnectionsInfo", "NativeHttpServer"),
-    "request": ("HttpConnectionInfo", "HttpRequest", "Uri"),
-    "response": ("HttpResponse",),
-    "runner": ("run",),
-    "serve": (
+    "cli.runner": ("run",),
+    "http.cookies": ("Cookie", "SameSite"),
+    "http.errors": ("HttpBodyError", "HttpException"),
+    "http.headers": ("ContentType", "HttpHeaders"),
+    "http.request": ("HttpConnectionInfo", "HttpRequest", "Uri"),
+    "http.response": ("HttpResponse",),
+    "http.serve": (
         "NativeMultiServer",
         "NativeServerBind",
         "serve_native",
@@ -55,6 +60,12 @@ _SUBMODULES = {
         "serve_secure_native_http",
         "serve_secure_native_multi",
     ),
+    "http.server": ("HttpConnectionsInfo", "NativeHttpServer"),
+    "http.websocket": ("is_upgrade_request", "upgrade_websocket"),
+    "interfaces.asgi": ("serve_asgi",),
+    "interfaces.direct": ("NativeDirectRequest", "NativeDirectResponse", "serve_native_direct", "serve_secure_native_direct"),
+    "interfaces.wsgi": ("serve_wsgi",),
+    "runtime.config": ("ServerConfig", "TlsConfig"),
 }
 _HOME = {name: module for module, names in _SUBMODULES.items() for name in names}
 _NATIVE = ("BodyTooLarge", "ClientDisconnected", "TlsConfigError")
@@ -64,7 +75,7 @@ def __getattr__(name: str) -> Any:
     if name in _HOME:
         value = getattr(importlib.import_module(f".{_HOME[name]}", __name__), name)
     elif name == "_native" or name in _NATIVE:
-        from ._loader import load
+        from ._dist.loader import load
 
         native = load()
         value = native if name == "_native" else getattr(native, name)
@@ -102,7 +113,9 @@ __all__ = [
     "TlsConfig",
     "TlsConfigError",
     "Uri",
+    "is_upgrade_request",
     "run",
+    "serve_asgi",
     "serve_native",
     "serve_native_direct",
     "serve_native_http",
@@ -111,4 +124,6 @@ __all__ = [
     "serve_secure_native_direct",
     "serve_secure_native_http",
     "serve_secure_native_multi",
+    "serve_wsgi",
+    "upgrade_websocket",
 ]

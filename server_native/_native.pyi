@@ -8,7 +8,6 @@ import builtins
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol, final
 
-
 __all__ = [
     "ABI_VERSION",
     "FEATURES",
@@ -21,6 +20,7 @@ __all__ = [
     "TlsConfigError",
     "bridge_response_head",
     "take_log_records",
+    "tls_cipher_suites",
 ]
 
 ABI_VERSION: int
@@ -93,6 +93,7 @@ def bridge_response_head(
     stream: int, status: int, headers: _HeaderPairs | None, reason: str | None, body_size: int | None
 ) -> bytes: ...
 def take_log_records() -> list[tuple[int, str]]: ...
+def tls_cipher_suites(names: list[str] | None = None) -> list[str]: ...
 
 @final
 class NativeDirectResponse:
@@ -126,6 +127,12 @@ class NativeServer:
     def port(self) -> int: ...
     def close(self, force: bool, timeout: float | None, future: Any) -> None: ...
     def connections_info(self) -> tuple[int, int, int, int]: ...
+    @property
+    def requests(self) -> int: ...
+    @property
+    def keep_alive(self) -> bool: ...
+    @keep_alive.setter
+    def keep_alive(self, on: bool) -> None: ...
     @property
     def idle_timeout(self) -> float: ...
     @idle_timeout.setter

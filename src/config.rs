@@ -14,6 +14,12 @@ pub struct TlsSettings {
     pub require_client_certificate: bool,
     pub client_ca_path: Option<String>,
     pub http2: bool,
+    /// Cipher suites by rustls, IANA or OpenSSL name; None: all of them.
+    pub ciphers: Option<Vec<String>>,
+    /// The oldest TLS version accepted: `tls1.2` or `tls1.3`.
+    pub protocol_min: String,
+    /// Certificate revocation lists (PEM or DER) for client certificates.
+    pub crl_paths: Vec<String>,
 }
 
 #[derive(FromPyObject, Clone)]
@@ -41,6 +47,19 @@ pub struct ServerConfig {
     pub max_connections: usize,
     pub max_pending_requests: usize,
     pub max_concurrent_streams: u32,
+    /// HTTP/2 flow control windows (None: hyper's); `http2_adaptive_window`
+    /// sizes them from the measured bandwidth-delay product instead.
+    pub http2_initial_connection_window_size: Option<u32>,
+    pub http2_initial_stream_window_size: Option<u32>,
+    pub http2_adaptive_window: bool,
+    /// Seconds between PINGs (0: none) and how long one may go unanswered.
+    pub http2_keep_alive_interval: f64,
+    pub http2_keep_alive_timeout: f64,
+    pub http2_max_frame_size: u32,
+    /// SETTINGS_MAX_HEADER_LIST_SIZE; None: `max_header_size`.
+    pub http2_max_headers_size: Option<u32>,
+    /// The process-wide runtime's I/O threads, honoured when it starts.
+    pub runtime_threads: Option<usize>,
     pub header_read_timeout: f64,
     pub tls_handshake_timeout: f64,
     pub body_read_timeout: f64,
@@ -79,6 +98,13 @@ pub struct ServerConfig {
     /// is us connecting.
     pub bridge_address: Option<String>,
     pub bridge_token: Option<Vec<u8>>,
+}
+
+impl ServerConfig {
+    /// The header list HTTP/2 requests may carry (431 beyond it).
+    pub fn http2_header_list_limit(&self) -> usize {
+        self.http2_max_headers_size.map_or(self.max_header_size, |size| size as usize)
+    }
 }
 
 /// Seconds from Python to a `Duration`; zero or negative means "no limit".

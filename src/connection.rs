@@ -1,8 +1,11 @@
 //! One accepted connection (TCP or Unix socket): its PROXY protocol header when
 //! one is expected, optional TLS handshake, then HTTP/1.1 or
 //! HTTP/2 through hyper-util's auto builder, closed gracefully on shutdown or
-//! when idle, and aborted on a forced close.
+//! when idle, and aborted on a forced close. An HTTP/1.1 connection quiet
+//! between requests is parked: hyper's state and buffers for it are dropped,
+//! and built anew when the client sends again.
 
+use std::convert::Infallible;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -21,6 +24,7 @@ use futures_util::task::AtomicWaker;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
+use crate::body::ResponseBody;
 use crate::config::seconds;
 use crate::exchange::{Addresses, ConnInfo};
 use crate::guard::{Guard, PendingHead};
@@ -33,6 +37,8 @@ pub struct Connection {
     pub server: Arc<ServerShared>,
     pub info: Arc<ConnInfo>,
     in_flight: AtomicUsize,
+    /// Whether a request has begun on this connection.
+    begun: AtomicBool,
     /// The request head being awaited, for `header_read_timeout`.
     pub head: Arc<PendingHead>,
     /// Whether a byte was read or written since the idle check last looked: a
@@ -40,6 +46,11 @@ pub struct Connection {
     active: AtomicBool,
     /// Set by the first HTTP/2 request: writes are then coalesced (`Tracked`).
     multiplexed: AtomicBool,
+    /// Requests whose response hyper has not yet finished (dropped its body).
+    exchanges: AtomicUsize,
+    /// hyper waits for the next HTTP/1 request with nothing left to write
+    /// (`Tracked` keeps this up to date).
+    parkable: AtomicBool,
 }
 
 impl Connection {
@@ -52,10 +63,19 @@ impl Connection {
             server,
             info: Arc::new(info),
             in_flight: AtomicUsize::new(0),
+            begun: AtomicBool::new(false),
             head: Arc::new(PendingHead::new()),
             active: AtomicBool::new(false),
             multiplexed: AtomicBool::new(false),
+            exchanges: AtomicUsize::new(0),
+            parkable: AtomicBool::new(false),
         })
+    }
+
+    /// hyper holds nothing of this connection that a new hyper connection
+    /// would not start with.
+    fn may_park(&self) -> bool {
+        self.parkable.load(Ordering::Relaxed) && self.exchanges.load(Ordering::Acquire) == 0
     }
 
     /// The connection carries many streams at once (HTTP/2).
@@ -65,6 +85,9 @@ impl Connection {
 
     /// Counts a request as in flight until the returned guard drops.
     pub fn begin_request(self: &Arc<Self>) -> InFlight {
+        if !self.begun.load(Ordering::Relaxed) {
+            self.begun.store(true, Ordering::Release);
+        }
         if self.in_flight.fetch_add(1, Ordering::AcqRel) == 0 {
             self.server.stats.active.fetch_add(1, Ordering::Relaxed);
         }
@@ -94,14 +117,19 @@ where
     let counter = server.clone();
     let _counted = counter.stats.open();
     let max_head = server.config.max_header_size;
+    let h2_limits = crate::guard::H2Limits {
+        max_head: server.config.http2_header_list_limit(),
+        max_frame: server.config.http2_max_frame_size as usize,
+    };
     let log = server.log;
     match server.tls.clone() {
         None => {
             let conn = Connection::new(server, ConnInfo { addresses, tls: false, peer_certificate: None });
-            run(Guard::http1(stream, max_head, conn.head.clone(), log), conn).await;
+            run(Guard::http1(stream, max_head, h2_limits, conn.head.clone(), log), conn).await;
         }
         Some(acceptor) => {
-            let handshake = tokio::time::timeout(server.handshake_timeout, acceptor.accept(stream));
+            // Boxed: inline, the handshake's state made every connection's task larger.
+            let handshake = tokio::time::timeout(server.handshake_timeout, Box::pin(acceptor.accept(stream)));
             let stream = tokio::select! {
                 result = handshake => match result {
                     Ok(Ok(stream)) => stream,
@@ -115,9 +143,9 @@ where
             let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
             let conn = Connection::new(server, ConnInfo { addresses, tls: true, peer_certificate });
             if h2 {
-                run(Guard::http2(stream, max_head, log), conn).await;
+                run(Guard::http2(stream, h2_limits, log), conn).await;
             } else {
-                run(Guard::http1(stream, max_head, conn.head.clone(), log), conn).await;
+                run(Guard::http1(stream, max_head, h2_limits, conn.head.clone(), log), conn).await;
             }
         }
     }
@@ -130,17 +158,132 @@ fn handshake_failed(server: &ServerShared, addresses: &Addresses, why: &dyn std:
     server.log.report(log::Kind::TlsHandshake, log::Level::Debug, report);
 }
 
-async fn run<S>(stream: S, conn: Arc<Connection>)
+/// How long an HTTP/1.1 connection stays quiet between requests before it is
+/// parked. Under load a connection is never quiet this long, so hyper's
+/// connection is built once per connection there, not once per request.
+const PARK_AFTER: Duration = Duration::from_secs(1);
+
+/// Serves a connection with hyper until it ends. Boxed, and the stream boxed
+/// apart, so that the connection's task holds neither.
+fn run<S>(stream: Guard<S>, conn: Arc<Connection>) -> Pin<Box<dyn Future<Output = ()> + Send>>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let io = Tracked::new(stream, conn.clone());
-    let handler = conn.clone();
-    let service = service_fn(move |request| service::handle(request, handler.clone()));
-    match &conn.server.protocols {
-        Protocols::Auto(builder) => drive(builder.serve_connection_with_upgrades(io, service), &conn).await,
-        Protocols::Http1(builder) => drive(builder.serve_connection(io, service).with_upgrades(), &conn).await,
+    Box::pin(serve_http(Box::new(stream), conn))
+}
+
+async fn serve_http<S>(stream: Box<Guard<S>>, conn: Arc<Connection>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let home = Home::default();
+    let io = Tracked::new(stream, conn.clone(), home.clone());
+    let service = |conn: &Arc<Connection>| {
+        let conn = conn.clone();
+        service_fn(move |request| exchange(request, &conn))
+    };
+    // Boxed, so that a parked connection holds no hyper state.
+    let mut parked = match &conn.server.protocols {
+        Protocols::Auto(builder, _) => {
+            drive(Box::pin(builder.serve_connection_with_upgrades(io, service(&conn))), &conn).await
+        }
+        Protocols::Http1(builder) => drive(Box::pin(builder.serve_connection(io, service(&conn)).with_upgrades()), &conn).await,
+    };
+    while parked {
+        let Some(mut stream) = home.lock().take() else { return };
+        stream.release_buffers();
+        crate::runtime::return_freed_memory();
+        if !unpark(&mut stream, &conn).await {
+            return;
+        }
+        let io = Tracked::new(stream, conn.clone(), home.clone());
+        let http1 = conn.server.protocols.http1();
+        parked = drive(Box::pin(http1.serve_connection(io, service(&conn)).with_upgrades()), &conn).await;
     }
+}
+
+/// One request, counted as an open exchange of its connection until hyper
+/// drops the response body: by then an HTTP/1 response is wholly written to
+/// hyper's buffer.
+fn exchange(
+    request: hyper::Request<hyper::body::Incoming>,
+    conn: &Arc<Connection>,
+) -> impl Future<Output = Result<hyper::Response<Exchanged<ResponseBody>>, Infallible>> {
+    let open = OpenExchange::new(conn);
+    // Boxed: hyper moves the service's future, and the handler's is large.
+    let response = Box::pin(service::handle(request, conn.clone()));
+    async move { Ok(response.await?.map(|body| Exchanged { body, _open: open })) }
+}
+
+struct OpenExchange(Arc<Connection>);
+
+impl OpenExchange {
+    fn new(conn: &Arc<Connection>) -> Self {
+        conn.exchanges.fetch_add(1, Ordering::AcqRel);
+        OpenExchange(conn.clone())
+    }
+}
+
+impl Drop for OpenExchange {
+    fn drop(&mut self) {
+        self.0.exchanges.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A response body that keeps its exchange open.
+struct Exchanged<B> {
+    body: B,
+    _open: OpenExchange,
+}
+
+impl<B: http_body::Body + Unpin> http_body::Body for Exchanged<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Holds a parked connection until its client sends again (true), or closes
+/// it (false): the client left, the server shuts down, `idle_timeout` passed,
+/// or a request head took longer than `header_read_timeout`.
+async fn unpark<S>(stream: &mut Guard<S>, conn: &Connection) -> bool
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let server = &conn.server;
+    let stop = tokio::select! {
+        biased;
+        _ = server.force.cancelled() => return false,
+        more = std::future::poll_fn(|cx| stream.poll_next_bytes(cx)) => return matches!(more, Ok(true)),
+        _ = head_overdue(conn) => Stop::Overdue,
+        _ = server.shutdown.cancelled() => Stop::Graceful,
+        stop = quiet(conn, false) => stop,
+    };
+    match stop {
+        Stop::Overdue => overdue(conn),
+        _ => {
+            let _closing = server.stats.closing();
+            tokio::select! {
+                biased;
+                _ = server.force.cancelled() => {}
+                _ = tokio::io::AsyncWriteExt::shutdown(stream) => {}
+            }
+        }
+    }
+    false
 }
 
 /// A hyper connection that can be asked to finish its current exchanges and
@@ -178,10 +321,19 @@ where
     }
 }
 
+/// How long a drain waits for the first request of a connection accepted
+/// just before it.
+const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
+
 /// Why a connection's watch ended.
 enum Stop {
     /// Finish the exchanges in flight, then close.
     Graceful,
+    /// Let hyper go of an HTTP/1 connection between requests.
+    Park,
+    /// The server drains: as `Graceful`, once a connection that has not yet
+    /// begun a request has had a moment to send it.
+    Draining,
     /// Drop the connection now.
     Now,
     /// A request head took longer than `header_read_timeout`: drop it now.
@@ -190,64 +342,104 @@ enum Stop {
 
 /// Runs a connection until it ends, asking it to close gracefully on server
 /// shutdown or when idle, and dropping it on a forced close or a head that
-/// takes longer than `header_read_timeout`.
-async fn drive<C, E>(http: C, conn: &Connection)
+/// takes longer than `header_read_timeout`. True when it ended parked: hyper
+/// was quiet between HTTP/1 requests and has been dropped, its stream handed
+/// back through `Tracked`'s home.
+async fn drive<C, E>(mut http: Pin<Box<C>>, conn: &Connection) -> bool
 where
-    C: Graceful<Output = Result<(), E>>,
+    C: Graceful<Output = Result<(), E>> + ?Sized,
     E: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let server = &conn.server;
-    tokio::pin!(http);
-    let head_limit = seconds(server.config.header_read_timeout);
-    let head_overdue = || async move {
-        match head_limit {
-            Some(limit) => conn.head.overdue(limit).await,
-            None => std::future::pending().await,
-        }
-    };
     let watch = WokenOnly::new(async {
         tokio::select! {
             _ = server.force.cancelled() => Stop::Now,
-            _ = head_overdue() => Stop::Overdue,
-            _ = server.shutdown.cancelled() => Stop::Graceful,
-            _ = idle(conn) => Stop::Graceful,
+            _ = head_overdue(conn) => Stop::Overdue,
+            _ = server.shutdown.cancelled() => Stop::Draining,
+            stop = quiet(conn, true) => stop,
         }
     });
     tokio::pin!(watch);
     let stop = tokio::select! {
         biased;
-        ended = http.as_mut() => return refused(conn, ended),
+        ended = http.as_mut() => {
+            refused(conn, ended);
+            return false;
+        }
         stop = watch => stop,
     };
-    if let Stop::Overdue = stop {
-        let peer = conn.info.addresses.from_peer();
-        let report = format!("closed a connection{peer}: no whole request head within header_read_timeout");
-        server.log.report(log::Kind::Request, log::Level::Info, report);
-    }
-    if let Stop::Graceful = stop {
-        http.as_mut().graceful_shutdown();
-        let _closing = server.stats.closing();
-        let late = WokenOnly::new(async {
-            tokio::select! {
-                _ = server.force.cancelled() => {}
-                _ = head_overdue() => {}
+    match stop {
+        Stop::Park => return true,
+        Stop::Overdue => overdue(conn),
+        Stop::Now => {}
+        Stop::Graceful | Stop::Draining => {
+            if let Stop::Draining = stop {
+                // A client that connected just before the drain began has its
+                // first request on the way: closing at once would meet it with
+                // a closed connection. It gets a moment to arrive, and is then
+                // answered with `Connection: close` (or a GOAWAY's last
+                // stream) like any other.
+                let first_request = async {
+                    let waited = Instant::now();
+                    while !conn.begun.load(Ordering::Acquire) && waited.elapsed() < FIRST_REQUEST_GRACE {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                };
+                tokio::select! {
+                    biased;
+                    ended = http.as_mut() => {
+                        refused(conn, ended);
+                        return false;
+                    }
+                    _ = server.force.cancelled() => return false,
+                    _ = first_request => {}
+                }
             }
-        });
-        tokio::select! {
-            biased;
-            _ = http => {}
-            _ = late => {}
+            http.as_mut().graceful_shutdown();
+            let _closing = server.stats.closing();
+            let late = WokenOnly::new(async {
+                tokio::select! {
+                    _ = server.force.cancelled() => {}
+                    _ = head_overdue(conn) => {}
+                }
+            });
+            tokio::select! {
+                biased;
+                _ = http => {}
+                _ = late => {}
+            }
         }
     }
+    false
+}
+
+/// Resolves once a request head has been pending for `header_read_timeout`.
+async fn head_overdue(conn: &Connection) {
+    match seconds(conn.server.config.header_read_timeout) {
+        Some(limit) => conn.head.overdue(limit).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn overdue(conn: &Connection) {
+    let peer = conn.info.addresses.from_peer();
+    let report = format!("closed a connection{peer}: no whole request head within header_read_timeout");
+    conn.server.log.report(log::Kind::Request, log::Level::Info, report);
 }
 
 /// Logs how hyper or h2 refused a client: a request it could not parse
 /// (hyper answered 400 or 431 and closed), an HTTP/2 connection it ended
-/// with an error (GOAWAY). A client that merely left is not news.
+/// with an error (GOAWAY), or one that left a keep-alive PING unanswered
+/// (GOAWAY). A client that merely left is not news.
 fn refused<E: Into<Box<dyn std::error::Error + Send + Sync>>>(conn: &Connection, ended: Result<(), E>) {
     let Err(error) = ended else { return };
     let error = error.into();
     let Some(error) = error.downcast_ref::<hyper::Error>() else { return };
+    if error.is_timeout() {
+        // hyper's own HTTP/1 header timeout is off: this is HTTP/2's keep-alive.
+        let report = format!("closed an HTTP/2 connection{}: a keep-alive PING went unanswered", conn.info.addresses.from_peer());
+        return conn.server.log.report(log::Kind::Request, log::Level::Info, report);
+    }
     let what = if error.is_parse() || error.is_parse_status() {
         let why = conn.head.refused().map_or_else(|| error.to_string(), str::to_owned);
         format!("refused an HTTP/1.1 request{}: {why}", conn.info.addresses.from_peer())
@@ -264,20 +456,24 @@ fn refused<E: Into<Box<dyn std::error::Error + Send + Sync>>>(conn: &Connection,
 }
 
 /// Resolves once the connection has had no request in flight and no traffic
-/// for the server's current `idle_timeout` (give or take a quarter of it).
-async fn idle(conn: &Connection) {
+/// for the server's current `idle_timeout` (give or take a quarter of it):
+/// `Graceful`; or, with `may_park`, for `PARK_AFTER` (give or take as much)
+/// while hyper waits between HTTP/1 requests: `Park`.
+async fn quiet(conn: &Connection, may_park: bool) -> Stop {
     let mut quiet_since = Instant::now();
     loop {
-        let Some(timeout) = conn.server.idle_timeout() else {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            continue;
-        };
+        // An HTTP/2 connection is never parked: no need to look as often.
+        let may_park = may_park && !conn.multiplexed.load(Ordering::Relaxed);
+        let timeout = conn.server.idle_timeout();
         if conn.active.swap(false, Ordering::Relaxed) || conn.in_flight.load(Ordering::Acquire) > 0 {
             quiet_since = Instant::now();
-        } else if quiet_since.elapsed() >= timeout {
-            return;
+        } else if timeout.is_some_and(|timeout| quiet_since.elapsed() >= timeout) {
+            return Stop::Graceful;
+        } else if may_park && quiet_since.elapsed() >= PARK_AFTER && conn.may_park() {
+            return Stop::Park;
         }
-        tokio::time::sleep((timeout / 4).max(Duration::from_millis(10))).await;
+        let period = timeout.map_or(Duration::from_secs(1), |timeout| (timeout / 4).max(Duration::from_millis(10)));
+        tokio::time::sleep(if may_park { period.min(PARK_AFTER) } else { period }).await;
     }
 }
 
@@ -329,28 +525,43 @@ impl<F: Future> Future for WokenOnly<F> {
 }
 
 /// The connection's socket, noting the time of every read and write so idle
-/// connections can be closed.
+/// connections can be closed, and whether hyper may be let go of it (HTTP/1
+/// between requests: see `Connection::parkable`). When hyper drops it, the
+/// stream goes back to its home, so that a parked connection keeps it.
 ///
 /// On HTTP/2 writes are held for one turn of the scheduler and then go out
 /// in one system call: the responses of a batch answered by the application
 /// meanwhile join them. h2 itself flushes after every DATA frame of 256 bytes
 /// or more, so without this each such response cost a `writev`.
 struct Tracked<S> {
-    inner: TokioIo<S>,
+    /// Taken only when dropped.
+    inner: Option<TokioIo<Box<Guard<S>>>>,
     conn: Arc<Connection>,
+    home: Home<S>,
     /// HTTP/2 bytes accepted from h2, not yet written to the socket.
     held: BytesMut,
     /// The connection task has run again since `held` began filling: the
     /// next flush writes it out.
     due: bool,
+    /// The last read found nothing to read.
+    read_waiting: bool,
+    /// The last write or flush could not finish: the socket is full.
+    write_blocked: bool,
+    /// What the connection was last told of `parkable`.
+    parkable: bool,
 }
+
+/// Where the stream goes when hyper drops its `Tracked`.
+type Home<S> = Arc<parking_lot::Mutex<Option<Box<Guard<S>>>>>;
 
 /// Past this, writes wait for the held bytes to reach the socket.
 const HELD_MAX: usize = 32 * 1024;
 /// A write this large goes straight to the socket: copying it gains nothing.
 const WRITE_THROUGH: usize = 16 * 1024;
-/// The held buffer's size, allocated once and kept for the connection's
-/// life: growing it batch after batch cost more than the copies it saves.
+/// The held buffer's size, allocated at once when a batch begins: growing
+/// it batch after batch cost more than the copies it saves. It is kept
+/// while exchanges are open, and let go of once none is (an idle HTTP/2
+/// connection would otherwise keep 48 KiB).
 const HELD_CAPACITY: usize = HELD_MAX + WRITE_THROUGH;
 /// Writes are copied into the held buffer in pieces this size: below
 /// glibc's threshold for `rep movsb` (2112 bytes on x86-64), which on the
@@ -369,18 +580,53 @@ impl<S> Tracked<S>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    fn new(stream: S, conn: Arc<Connection>) -> Self {
-        Tracked { inner: TokioIo::new(stream), conn, held: BytesMut::new(), due: false }
+    fn new(stream: Box<Guard<S>>, conn: Arc<Connection>, home: Home<S>) -> Self {
+        Tracked {
+            inner: Some(TokioIo::new(stream)),
+            conn,
+            home,
+            held: BytesMut::new(),
+            due: false,
+            read_waiting: false,
+            write_blocked: false,
+            parkable: false,
+        }
+    }
+
+    fn io(&mut self) -> Pin<&mut TokioIo<Box<Guard<S>>>> {
+        Pin::new(self.inner.as_mut().expect("taken only when dropped"))
+    }
+
+    /// Tells the connection whether hyper now waits for the next HTTP/1
+    /// request with every byte written.
+    fn note<T>(&mut self, poll: &Poll<T>, reading: bool) {
+        if reading {
+            self.read_waiting = poll.is_pending();
+        } else {
+            self.write_blocked = poll.is_pending();
+        }
+        let parkable = self.read_waiting
+            && !self.write_blocked
+            && self.held.is_empty()
+            && self.inner.as_ref().is_some_and(|io| io.inner().between_requests());
+        if parkable != self.parkable {
+            self.parkable = parkable;
+            self.conn.parkable.store(parkable, Ordering::Relaxed);
+        }
     }
 
     fn poll_write_held(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while !self.held.is_empty() {
-            let written = ready!(Pin::new(&mut self.inner).poll_write(cx, &self.held))?;
+            let held = &self.held;
+            let written = ready!(Pin::new(self.inner.as_mut().expect("taken only when dropped")).poll_write(cx, held))?;
             if written == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
             self.held.advance(written);
             self.conn.touch();
+        }
+        if self.conn.exchanges.load(Ordering::Acquire) == 0 {
+            self.held = BytesMut::new();
         }
         Poll::Ready(Ok(()))
     }
@@ -407,8 +653,15 @@ where
         Poll::Ready(Ok(len))
     }
 
+    fn flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.due {
+            ready!(self.poll_write_held(cx))?;
+        }
+        self.io().poll_flush(cx)
+    }
+
     fn poll_write_through(&mut self, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
-        let inner = Pin::new(&mut self.inner);
+        let inner = self.io();
         let poll = if bufs.len() > 1 && bufs.iter().map(|b| b.len()).sum::<usize>() <= JOIN_MAX {
             let mut joined = [0u8; JOIN_MAX];
             let mut end = 0;
@@ -427,6 +680,14 @@ where
     }
 }
 
+impl<S> Drop for Tracked<S> {
+    fn drop(&mut self) {
+        if let Some(io) = self.inner.take() {
+            *self.home.lock() = Some(io.into_inner());
+        }
+    }
+}
+
 impl<S> Read for Tracked<S>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
@@ -436,10 +697,11 @@ where
         if !self.held.is_empty() {
             self.due = true;
         }
-        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let poll = self.io().poll_read(cx, buf);
         if poll.is_ready() {
             self.conn.touch();
         }
+        self.note(&poll, true);
         poll
     }
 }
@@ -449,7 +711,9 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        self.poll_send(cx, &[io::IoSlice::new(buf)])
+        let poll = self.poll_send(cx, &[io::IoSlice::new(buf)]);
+        self.note(&poll, false);
+        poll
     }
 
     fn poll_write_vectored(
@@ -457,22 +721,23 @@ where
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.poll_send(cx, bufs)
+        let poll = self.poll_send(cx, bufs);
+        self.note(&poll, false);
+        poll
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
+        self.inner.as_ref().is_some_and(|io| io.is_write_vectored())
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.due {
-            ready!(self.poll_write_held(cx))?;
-        }
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let poll = self.flush(cx);
+        self.note(&poll, false);
+        poll
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         ready!(self.poll_write_held(cx))?;
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        self.io().poll_shutdown(cx)
     }
 }

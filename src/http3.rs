@@ -34,7 +34,7 @@ pub fn bind(addresses: &[SocketAddr], tls: &rustls::ServerConfig, shared: &Serve
     let mut crypto = tls.clone();
     crypto.alpn_protocols = vec![b"h3".to_vec()];
     crypto.max_early_data_size = if shared.config.http3_early_data { u32::MAX } else { 0 };
-    let crypto = QuicServerConfig::try_from(crypto).map_err(io::Error::other)?;
+    let crypto = quic_crypto(crypto)?;
     let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
     transport
@@ -55,6 +55,20 @@ pub fn bind(addresses: &[SocketAddr], tls: &rustls::ServerConfig, shared: &Serve
             quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server_config.clone()), socket, runtime.clone())
         })
         .collect()
+}
+
+/// QUIC protects its Initial packets with TLS13_AES_128_GCM_SHA256 (RFC
+/// 9001 section 5.2) whichever suites are left to negotiate; it needs one of
+/// TLS 1.3's among them.
+fn quic_crypto(crypto: rustls::ServerConfig) -> io::Result<QuicServerConfig> {
+    if !crypto.crypto_provider().cipher_suites.iter().any(|suite| suite.tls13().is_some()) {
+        return Err(io::Error::other("HTTP/3 needs a TLS 1.3 cipher suite, and none of those given is one"));
+    }
+    let initial = rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256
+        .tls13()
+        .and_then(|suite| suite.quic_suite())
+        .ok_or_else(|| io::Error::other("no QUIC initial cipher suite"))?;
+    QuicServerConfig::with_initial(Arc::new(crypto), initial).map_err(io::Error::other)
 }
 
 fn udp_socket(addr: SocketAddr, v6_only: bool, shared: bool) -> io::Result<UdpSocket> {

@@ -48,7 +48,7 @@ mod _native {
     #[pymodule_export]
     use crate::boundary::request::NativeRequest;
     #[pymodule_export]
-    use crate::boundary::server::NativeServer;
+    use crate::boundary::server::{tls_cipher_suites, NativeServer};
     #[pymodule_export]
     use crate::errors::{BodyTooLarge, ClientDisconnected, TlsConfigError};
 

@@ -4,12 +4,13 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::HeaderMap;
+use http::header::CONNECTION;
+use http::{HeaderMap, HeaderValue, Response, StatusCode};
 use parking_lot::RwLock;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper::server::conn::http1;
@@ -41,6 +42,13 @@ pub struct ServerShared {
     pub native_response: Option<Bytes>,
     idle_timeout_ms: AtomicU64,
     pub stats: ConnectionStats,
+    /// Requests answered, over every protocol (a supervisor recycles a
+    /// worker after so many).
+    requests: AtomicU64,
+    /// Off: every HTTP/1 response asks its client to close the connection,
+    /// so that a server about to drain has no idle keep-alive connection
+    /// left to close under a client's next request.
+    keep_alive: AtomicBool,
     /// Stop accepting; ask connections to finish what they have.
     pub shutdown: CancellationToken,
     /// Drop every connection now.
@@ -82,6 +90,8 @@ impl ServerShared {
             whole_body,
             native_response,
             stats: ConnectionStats::default(),
+            requests: AtomicU64::new(0),
+            keep_alive: AtomicBool::new(true),
             shutdown: CancellationToken::new(),
             force: CancellationToken::new(),
             tasks: TaskTracker::new(),
@@ -102,6 +112,27 @@ impl ServerShared {
                 }
             }
         }
+    }
+
+    /// Counts a response on its way out; with keep-alive off, an HTTP/1
+    /// one (not a WebSocket's 101) closes its connection after it.
+    pub fn answered<B>(&self, http1: bool, response: &mut Response<B>) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        if http1 && !self.keep_alive() && response.status() != StatusCode::SWITCHING_PROTOCOLS {
+            response.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+        }
+    }
+
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    pub fn keep_alive(&self) -> bool {
+        self.keep_alive.load(Ordering::Relaxed)
+    }
+
+    pub fn set_keep_alive(&self, on: bool) {
+        self.keep_alive.store(on, Ordering::Relaxed);
     }
 
     pub fn idle_timeout(&self) -> Option<Duration> {
@@ -295,51 +326,70 @@ const HYPER_MAX_HEADERS: usize = 100;
 
 /// The HTTP versions a server speaks. HTTP/1.1 alone uses hyper's own
 /// builder: hyper-util's auto builder still accepts h2c prior knowledge when
-/// told `http1_only` on connections with upgrades.
+/// told `http1_only` on connections with upgrades. With HTTP/2 too, hyper's
+/// own HTTP/1 builder serves a connection again after it was parked.
 ///
 /// hyper's HTTP/1 header timeout is off: it armed a timer per request and
 /// also ran between requests; the connection keeps `header_read_timeout`
 /// itself (`PendingHead`).
 pub enum Protocols {
-    Auto(auto::Builder<TokioExecutor>),
+    Auto(auto::Builder<TokioExecutor>, http1::Builder),
     Http1(http1::Builder),
+}
+
+/// The HTTP/1 settings, on hyper's builder and on hyper-util's (the same
+/// methods on two types).
+macro_rules! http1_settings {
+    ($builder:expr, $config:expr) => {
+        $builder
+            .header_read_timeout(None)
+            .max_buf_size($config.max_header_size.max(8192))
+            .auto_date_header($config.date_header)
+            .keep_alive(true);
+        if $config.max_headers != HYPER_MAX_HEADERS {
+            $builder.max_headers($config.max_headers);
+        }
+    };
 }
 
 impl Protocols {
     fn new(config: &ServerConfig) -> Self {
         let http2 = config.tls.as_ref().map_or(config.http2, |tls| tls.http2);
+        let mut http1 = http1::Builder::new();
+        http1_settings!(http1, config);
         if !http2 {
-            let mut builder = http1::Builder::new();
-            builder
-                .header_read_timeout(None)
-                .max_buf_size(config.max_header_size.max(8192))
-                .auto_date_header(config.date_header)
-                .keep_alive(true);
-            if config.max_headers != HYPER_MAX_HEADERS {
-                builder.max_headers(config.max_headers);
-            }
-            return Protocols::Http1(builder);
+            return Protocols::Http1(http1);
         }
         let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .header_read_timeout(None)
-            .max_buf_size(config.max_header_size.max(8192))
-            .auto_date_header(config.date_header)
-            .keep_alive(true);
-        if config.max_headers != HYPER_MAX_HEADERS {
-            builder.http1().max_headers(config.max_headers);
-        }
-        builder
-            .http2()
+        http1_settings!(builder.http1(), config);
+        let mut http2 = builder.http2();
+        http2
             .timer(TokioTimer::new())
             .auto_date_header(config.date_header)
             .max_concurrent_streams(config.max_concurrent_streams)
-            .max_header_list_size(config.max_header_size as u32)
+            .max_header_list_size(u32::try_from(config.http2_header_list_limit()).unwrap_or(u32::MAX))
+            .max_frame_size(config.http2_max_frame_size)
+            .initial_connection_window_size(config.http2_initial_connection_window_size)
+            .initial_stream_window_size(config.http2_initial_stream_window_size)
+            .keep_alive_interval(seconds(config.http2_keep_alive_interval))
+            .keep_alive_timeout(seconds(config.http2_keep_alive_timeout).unwrap_or(HTTP2_KEEP_ALIVE_TIMEOUT))
             .enable_connect_protocol();
-        Protocols::Auto(builder)
+        if config.http2_adaptive_window {
+            http2.adaptive_window(true);
+        }
+        Protocols::Auto(builder, http1)
+    }
+
+    /// The builder of HTTP/1 connections.
+    pub fn http1(&self) -> &http1::Builder {
+        match self {
+            Protocols::Auto(_, http1) | Protocols::Http1(http1) => http1,
+        }
     }
 }
+
+/// hyper's wait for a keep-alive PING's answer, when none is configured.
+const HTTP2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 fn millis(value: f64) -> u64 {
     seconds(value).map_or(0, |d| d.as_millis().max(1) as u64)

@@ -33,9 +33,10 @@ pub async fn handle<B: RequestBodySource>(
 ) -> Result<Response<ResponseBody>, Infallible> {
     let server = &conn.server;
     conn.head.finish();
-    let over_tcp = request.version() != Version::HTTP_3;
+    let version = request.version();
+    let over_tcp = version != Version::HTTP_3;
     let head = request.method() == Method::HEAD;
-    if request.version() == Version::HTTP_2 {
+    if version == Version::HTTP_2 {
         conn.set_multiplexed();
     }
     let mut response = if let Some(refusal) = refuse(&request, server.config.max_body_size) {
@@ -66,6 +67,12 @@ pub async fn handle<B: RequestBodySource>(
         response.headers_mut().entry(ALT_SVC).or_insert_with(|| alt_svc.clone());
     }
     server.add_response_headers(response.headers_mut());
+    // While the server drains, an HTTP/1 client learns that this connection
+    // ends with this response (HTTP/2 gets a GOAWAY).
+    if server.shutdown.is_cancelled() && version < Version::HTTP_2 {
+        response.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+    }
+    server.answered(version < Version::HTTP_2, &mut response);
     Ok(if head { framing::without_body(response) } else { response })
 }
 

@@ -3,12 +3,10 @@ certificates made by trustme for every run."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
 import shutil
-import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -17,11 +15,11 @@ from typing import Any
 
 import pytest
 import trustme
+from apps.harness import BackgroundLoop
 from cryptography.hazmat.primitives import serialization
 
-from apps.harness import BackgroundLoop
 from server_native import NativeHttpServer
-from server_native.addresses import ipv6_available
+from server_native.runtime.addresses import ipv6_available
 
 requires_ipv6 = pytest.mark.skipif(not ipv6_available(), reason="IPv6 loopback is not available here")
 requires_curl = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
@@ -78,27 +76,11 @@ def server_log() -> Iterator[LogLines]:
     logger.setLevel(level)
 
 
-class LoopThread:
+@pytest.fixture
+def loop_thread() -> Iterator[BackgroundLoop]:
     """An asyncio loop on its own thread, so tests can drive servers with
     blocking clients (http.client, httpx, curl) from the test thread."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="test-loop", daemon=True)
-        self._thread.start()
-
-    def run(self, coro: Awaitable[Any], timeout: float = 30) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)  # type: ignore[arg-type]
-
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-        self.loop.close()
-
-
-@pytest.fixture
-def loop_thread() -> Iterator[LoopThread]:
-    thread = LoopThread()
+    thread = BackgroundLoop()
     yield thread
     thread.stop()
 
@@ -106,7 +88,7 @@ def loop_thread() -> Iterator[LoopThread]:
 @dataclass
 class RunningServer:
     server: NativeHttpServer
-    loop_thread: LoopThread
+    loop_thread: BackgroundLoop
 
     @property
     def port(self) -> int:
@@ -129,7 +111,7 @@ TRANSPORTS = [pytest.param(True, id="native"), pytest.param(False, id="bridge")]
 
 
 @pytest.fixture(params=TRANSPORTS)
-def serve(loop_thread: LoopThread, request: pytest.FixtureRequest) -> Iterator[Callable[..., RunningServer]]:
+def serve(loop_thread: BackgroundLoop, request: pytest.FixtureRequest) -> Iterator[Callable[..., RunningServer]]:
     """``serve(handler, address="127.0.0.1", port=0, secure=False, **options)``
     binds a real server that calls ``handler`` for every request. Every test
     using it runs on both transports (``native_callback`` True and False)."""
@@ -207,14 +189,6 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
         ca, ca_path, cert_path, key_path, encrypted_key_path, password,
         client_cert_path, client_key_path, client_ca, client_ca_path,
     )
-
-
-@pytest.fixture
-def bg() -> Iterator[BackgroundLoop]:
-    """An asyncio loop on a thread of its own, for servers started by hand."""
-    loop = BackgroundLoop()
-    yield loop
-    loop.stop()
 
 
 @pytest.fixture

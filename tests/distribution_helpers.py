@@ -16,14 +16,13 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
-import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import server_native._loader as loader
-from server_native import _platforms
-from server_native.prebuilt import make_folders
+import server_native._dist.loader as loader
+from server_native._dist import platforms as _platforms
+from server_native._dist.setup import make_folders
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "server_native"
@@ -53,13 +52,21 @@ def library_name() -> str:
 def copy_package(site: Path, *, with_library: bool = True) -> Path:
     """A copy of the Python package in ``site/server_native`` (an "installed"
     package: no Cargo.toml beside it), with or without the real library."""
-    target = site / "server_native"
-    target.mkdir(parents=True)
-    for source in PACKAGE.glob("*.py"):
-        shutil.copyfile(source, target / source.name)
+    target = copy_sources(site / "server_native")
     if with_library:
         shutil.copyfile(REAL_LIBRARY, target / REAL_LIBRARY.name)
     return target
+
+
+def copy_sources(target: Path) -> Path:
+    """The package's sources (.py, .pyi, py.typed, in their folders) copied
+    to ``target``; no library."""
+    shutil.copytree(PACKAGE, target, ignore=lambda _, names: [n for n in names if not _is_source(n)])
+    return target
+
+
+def _is_source(name: str) -> bool:
+    return name.endswith((".py", ".pyi")) or name == "py.typed" or "." not in name and name != "__pycache__"
 
 
 def place_library(folder: Path, source: Path | None = None, name: str | None = None) -> Path:
@@ -84,8 +91,8 @@ def sha256(path: Path) -> str:
 
 def ship_hashes(package: Path, hashes: dict[str, str], repository: str = "") -> None:
     """Make a package copy ship release hashes (and a repository), as a
-    released build's ``_prebuilt_release.py`` does."""
-    metadata = package / "_prebuilt_release.py"
+    released build's ``_dist/release.py`` does."""
+    metadata = package / "_dist" / "release.py"
     text = metadata.read_text()
     entries = "".join(f"    {label!r}: {digest!r},\n" for label, digest in hashes.items())
     text = re.sub(r"SHA256: dict\[str, str\] = \{.*?\}", lambda _: "SHA256: dict[str, str] = {\n" + entries + "}", text, flags=re.S)
@@ -139,7 +146,7 @@ PROBE = """
 import json, warnings
 warnings.simplefilter("always")
 import server_native
-from server_native import _loader
+from server_native._dist import loader as _loader
 print(json.dumps(_loader.resolution().as_dict()))
 """
 
@@ -203,7 +210,8 @@ def build_wrong_abi_library(folder: Path) -> Path | None:
 SERVE_ONE = """
 import asyncio, json
 import server_native
-from server_native import NativeHttpServer, _loader
+from server_native import NativeHttpServer
+from server_native._dist import loader as _loader
 
 async def main():
     server = await NativeHttpServer.bind("127.0.0.1", 0, http3=False)
@@ -248,12 +256,3 @@ def serve_one_request(*, cwd: Path, env: dict[str, str], python: str = sys.execu
             child.kill()
             child.wait(10)
         errors.close()
-
-
-def wait_until(predicate: Any, timeout: float = 10) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False

@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from apps.harness import TIMEOUT
 from conftest import Certificates
 

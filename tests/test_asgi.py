@@ -26,7 +26,6 @@ from typing import Any
 
 import httpx
 import pytest
-
 from apps import fastapi_app, starlette_app
 from apps.harness import (
     TIMEOUT,
@@ -40,9 +39,10 @@ from apps.harness import (
     uvicorn_process,
     wait_for,
 )
+
 from server_native import ClientDisconnected
-from server_native.asgi import LifespanFailure, serve_asgi
-from server_native.server import tls_settings
+from server_native.interfaces.asgi import LifespanFailure, serve_asgi
+from server_native.runtime.bound import tls_settings
 
 try:
     from .conftest import Certificates, LogLines
@@ -397,8 +397,8 @@ def starlette_with_base_http_middleware() -> Any:
 
 
 
-def test_raw_app_first_step_runs_in_an_asyncio_task(bg: BackgroundLoop) -> None:
-    running = start(bg, serve_asgi, task_probe, lifespan="off")
+def test_raw_app_first_step_runs_in_an_asyncio_task(loop_thread: BackgroundLoop) -> None:
+    running = start(loop_thread, serve_asgi, task_probe, lifespan="off")
     try:
         with client() as c:
             report = c.get(running.url("/")).json()
@@ -424,8 +424,8 @@ def test_starlette_file_response_without_prestat(star: Running, data_file: tuple
     assert response.content == data
 
 
-def test_starlette_base_http_middleware(bg: BackgroundLoop) -> None:
-    running = start(bg, serve_asgi, starlette_with_base_http_middleware())
+def test_starlette_base_http_middleware(loop_thread: BackgroundLoop) -> None:
+    running = start(loop_thread, serve_asgi, starlette_with_base_http_middleware())
     try:
         with client() as c:
             response = c.get(running.url("/"))
@@ -491,12 +491,12 @@ def stalled(read: Any, timeout: float = TIMEOUT) -> int:
     return last
 
 
-def test_streaming_send_waits_for_a_slow_client(bg: BackgroundLoop) -> None:
+def test_streaming_send_waits_for_a_slow_client(loop_thread: BackgroundLoop) -> None:
     """ASGI backpressure: while the client reads nothing, send() blocks once
     the buffers are full, instead of queueing the whole response in memory."""
     total = 256 * MiB
     app = Firehose(total)
-    running = start(bg, serve_asgi, app, lifespan="off")
+    running = start(loop_thread, serve_asgi, app, lifespan="off")
     try:
         with socket.create_connection(("127.0.0.1", running.port), timeout=TIMEOUT) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
@@ -560,8 +560,8 @@ def test_http2_concurrent_streams_on_one_connection(star: Running) -> None:
 # ---------------------------------------------------------------- root_path
 
 
-def test_root_path(bg: BackgroundLoop) -> None:
-    running = start(bg, serve_asgi, starlette_app.app, root_path="/api")
+def test_root_path(loop_thread: BackgroundLoop) -> None:
+    running = start(loop_thread, serve_asgi, starlette_app.app, root_path="/api")
     try:
         with client() as c:
             data = c.get(running.url("/scope")).json()
@@ -583,9 +583,9 @@ def test_root_path(bg: BackgroundLoop) -> None:
 # ---------------------------------------------------------------- TLS
 
 
-def test_tls_scope_scheme_and_extension(bg: BackgroundLoop, certs: Certificates) -> None:
+def test_tls_scope_scheme_and_extension(loop_thread: BackgroundLoop, certs: Certificates) -> None:
     tls = tls_settings(certificate_path=certs.cert_path, key_path=certs.key_path)
-    running = start(bg, serve_asgi, starlette_app.app, tls=tls)
+    running = start(loop_thread, serve_asgi, starlette_app.app, tls=tls)
     try:
         with client(verify=ssl.create_default_context(cafile=str(certs.ca_path))) as c:
             h1 = c.get(running.url("/scope")).json()
@@ -604,14 +604,14 @@ def test_tls_scope_scheme_and_extension(bg: BackgroundLoop, certs: Certificates)
     assert h2.json()["http_version"] == "2" and h2.json()["scheme"] == "https"
 
 
-def test_tls_client_certificate_in_extension(bg: BackgroundLoop, certs: Certificates) -> None:
+def test_tls_client_certificate_in_extension(loop_thread: BackgroundLoop, certs: Certificates) -> None:
     tls = tls_settings(
         certificate_path=certs.cert_path,
         key_path=certs.key_path,
         request_client_certificate=True,
         client_ca_path=certs.client_ca_path,
     )
-    running = start(bg, serve_asgi, starlette_app.app, tls=tls)
+    running = start(loop_thread, serve_asgi, starlette_app.app, tls=tls)
     try:
         context = ssl.create_default_context(cafile=str(certs.ca_path))
         context.load_cert_chain(str(certs.client_cert_path), str(certs.client_key_path))
@@ -665,9 +665,9 @@ class RawLifespanApp:
         await send({"type": "http.response.body", "body": body})
 
 
-def test_starlette_lifespan_startup_and_shutdown_run(bg: BackgroundLoop) -> None:
+def test_starlette_lifespan_startup_and_shutdown_run(loop_thread: BackgroundLoop) -> None:
     starlette_app.LIFESPAN_EVENTS.clear()
-    running = start(bg, serve_asgi, starlette_app.app)
+    running = start(loop_thread, serve_asgi, starlette_app.app)
     assert starlette_app.LIFESPAN_EVENTS == ["startup"]
     with client() as c:
         assert c.get(running.url("/state")).json()["greeting"] == "hello from lifespan"
@@ -676,9 +676,9 @@ def test_starlette_lifespan_startup_and_shutdown_run(bg: BackgroundLoop) -> None
     assert refused(running.port)
 
 
-def test_raw_lifespan_state_and_shutdown(bg: BackgroundLoop) -> None:
+def test_raw_lifespan_state_and_shutdown(loop_thread: BackgroundLoop) -> None:
     app = RawLifespanApp()
-    running = start(bg, serve_asgi, app, lifespan="on")
+    running = start(loop_thread, serve_asgi, app, lifespan="on")
     with client() as c:
         assert c.get(running.url("/")).json() == {"state": {"ready": "yes"}}
         assert c.get(running.url("/")).json() == {"state": {"ready": "yes"}}  # each request gets its own copy
@@ -686,10 +686,10 @@ def test_raw_lifespan_state_and_shutdown(bg: BackgroundLoop) -> None:
     assert app.events == ["startup", "shutdown"]
 
 
-def test_startup_failure_raises_and_nothing_is_served(bg: BackgroundLoop) -> None:
+def test_startup_failure_raises_and_nothing_is_served(loop_thread: BackgroundLoop) -> None:
     app = RawLifespanApp(fail_startup=True)
     port = free_port()
-    running = start(bg, serve_asgi, app, port=port, wait=False)
+    running = start(loop_thread, serve_asgi, app, port=port, wait=False)
     with pytest.raises(LifespanFailure, match="database unreachable"):
         running.future.result(TIMEOUT)
     assert app.events == ["startup"]
@@ -697,7 +697,7 @@ def test_startup_failure_raises_and_nothing_is_served(bg: BackgroundLoop) -> Non
     assert app.requests == 0
 
 
-def test_starlette_startup_exception_raises(bg: BackgroundLoop) -> None:
+def test_starlette_startup_exception_raises(loop_thread: BackgroundLoop) -> None:
     from starlette.applications import Starlette
 
     @contextlib.asynccontextmanager
@@ -706,39 +706,39 @@ def test_starlette_startup_exception_raises(bg: BackgroundLoop) -> None:
         yield  # pragma: no cover
 
     port = free_port()
-    running = start(bg, serve_asgi, Starlette(lifespan=broken), port=port, wait=False)
+    running = start(loop_thread, serve_asgi, Starlette(lifespan=broken), port=port, wait=False)
     with pytest.raises(LifespanFailure, match="no database"):
         running.future.result(TIMEOUT)
     assert refused(port)
 
 
-def test_lifespan_unsupported_auto_serves_on_refuses(bg: BackgroundLoop) -> None:
+def test_lifespan_unsupported_auto_serves_on_refuses(loop_thread: BackgroundLoop) -> None:
     app = RawLifespanApp(unsupported=True)
-    running = start(bg, serve_asgi, app, lifespan="auto")
+    running = start(loop_thread, serve_asgi, app, lifespan="auto")
     with client() as c:
         assert c.get(running.url("/")).json() == {"state": {}}
     running.stop()
     port = free_port()
-    strict = start(bg, serve_asgi, RawLifespanApp(unsupported=True), port=port, lifespan="on", wait=False)
+    strict = start(loop_thread, serve_asgi, RawLifespanApp(unsupported=True), port=port, lifespan="on", wait=False)
     with pytest.raises(LifespanFailure):
         strict.future.result(TIMEOUT)
     assert refused(port)
 
 
-def test_lifespan_off_never_calls_the_lifespan_scope(bg: BackgroundLoop) -> None:
+def test_lifespan_off_never_calls_the_lifespan_scope(loop_thread: BackgroundLoop) -> None:
     app = RawLifespanApp()
-    running = start(bg, serve_asgi, app, lifespan="off")
+    running = start(loop_thread, serve_asgi, app, lifespan="off")
     with client() as c:
         assert c.get(running.url("/")).json() == {"state": {}}
     running.stop()
     assert app.events == []
 
 
-def test_request_during_slow_startup_is_not_answered_503(bg: BackgroundLoop) -> None:
+def test_request_during_slow_startup_is_not_answered_503(loop_thread: BackgroundLoop) -> None:
     gate = threading.Event()
     app = RawLifespanApp(startup_gate=gate)
     port = free_port()
-    running = start(bg, serve_asgi, app, port=port, wait=False)
+    running = start(loop_thread, serve_asgi, app, port=port, wait=False)
     try:
         wait_for(lambda: app.events == ["startup"], what="startup to begin")
         outcome: concurrent.futures.Future[Any] = concurrent.futures.Future()
@@ -788,8 +788,8 @@ async def raise_before_start(scope: dict[str, Any], receive: Any, send: Any) -> 
         await send({"type": "http.response.start", "status": 204, "headers": [(b"x-start", b"only")]})
 
 
-def test_raw_app_errors(bg: BackgroundLoop) -> None:
-    running = start(bg, serve_asgi, raise_before_start, lifespan="off")
+def test_raw_app_errors(loop_thread: BackgroundLoop) -> None:
+    running = start(loop_thread, serve_asgi, raise_before_start, lifespan="off")
     try:
         with client() as c:
             raised = c.get(running.url("/raise"))
@@ -862,9 +862,9 @@ def raw_request(port: int, body: bytes = b"hello", path: str = "/") -> socket.so
     return sock
 
 
-def test_disconnect_delivered_after_body_and_send_after_disconnect_raises_an_oserror(bg: BackgroundLoop) -> None:
+def test_disconnect_delivered_after_body_and_send_after_disconnect_raises_an_oserror(loop_thread: BackgroundLoop) -> None:
     probe = DisconnectProbe()
-    running = start(bg, serve_asgi, probe, lifespan="off")
+    running = start(loop_thread, serve_asgi, probe, lifespan="off")
     try:
         sock = raw_request(running.port)
         assert probe.waiting.wait(TIMEOUT)
@@ -880,9 +880,9 @@ def test_disconnect_delivered_after_body_and_send_after_disconnect_raises_an_ose
         running.stop()
 
 
-def test_disconnect_during_streaming_response(bg: BackgroundLoop) -> None:
+def test_disconnect_during_streaming_response(loop_thread: BackgroundLoop) -> None:
     probe = DisconnectProbe(stream_first=True)
-    running = start(bg, serve_asgi, probe, lifespan="off")
+    running = start(loop_thread, serve_asgi, probe, lifespan="off")
     try:
         sock = raw_request(running.port)
         assert probe.waiting.wait(TIMEOUT)
@@ -939,9 +939,9 @@ class WriterProbe:
             self.done.set()
 
 
-def test_parked_receive_wakes_when_a_write_finds_the_client_gone(bg: BackgroundLoop) -> None:
+def test_parked_receive_wakes_when_a_write_finds_the_client_gone(loop_thread: BackgroundLoop) -> None:
     probe = WriterProbe()
-    running = start(bg, serve_asgi, probe, lifespan="off")
+    running = start(loop_thread, serve_asgi, probe, lifespan="off")
     try:
         sock = socket.create_connection(("127.0.0.1", running.port), timeout=TIMEOUT)
         sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -985,12 +985,12 @@ def test_starlette_endless_stream_stops_when_the_client_leaves(server: str, serv
     assert "ASGI app failed" not in server_log.read()
 
 
-def test_disconnect_over_http2_stream_reset(bg: BackgroundLoop) -> None:
+def test_disconnect_over_http2_stream_reset(loop_thread: BackgroundLoop) -> None:
     import h2.config
     import h2.connection
 
     probe = DisconnectProbe()
-    running = start(bg, serve_asgi, probe, lifespan="off")
+    running = start(loop_thread, serve_asgi, probe, lifespan="off")
     try:
         sock = socket.create_connection(("127.0.0.1", running.port), timeout=TIMEOUT)
         conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
@@ -1045,9 +1045,9 @@ class UploadProbe:
                 self.done.set()
 
 
-def test_client_abort_mid_upload_ends_the_read_and_the_server_goes_on(bg: BackgroundLoop) -> None:
+def test_client_abort_mid_upload_ends_the_read_and_the_server_goes_on(loop_thread: BackgroundLoop) -> None:
     probe = UploadProbe()
-    running = start(bg, serve_asgi, probe, lifespan="off")
+    running = start(loop_thread, serve_asgi, probe, lifespan="off")
     try:
         sock = socket.create_connection(("127.0.0.1", running.port), timeout=TIMEOUT)
         sock.sendall(f"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: {8 * MiB}\r\n\r\n".encode())
@@ -1095,9 +1095,9 @@ class LateReader:
             self.done.set()
 
 
-def test_client_abort_mid_upload_gives_http_disconnect(bg: BackgroundLoop) -> None:
+def test_client_abort_mid_upload_gives_http_disconnect(loop_thread: BackgroundLoop) -> None:
     probe = LateReader()
-    running = start(bg, serve_asgi, probe, lifespan="off")
+    running = start(loop_thread, serve_asgi, probe, lifespan="off")
     try:
         sock = socket.create_connection(("127.0.0.1", running.port), timeout=TIMEOUT)
         sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + b"a" * 100)
@@ -1192,9 +1192,9 @@ def test_fastapi_streaming_errors_and_openapi(fast: Running) -> None:
     assert openapi.status_code == 200 and "/items/{item_id}" in openapi.json()["paths"]
 
 
-def test_fastapi_lifespan_runs(bg: BackgroundLoop) -> None:
+def test_fastapi_lifespan_runs(loop_thread: BackgroundLoop) -> None:
     fastapi_app.EVENTS.clear()
-    running = start(bg, serve_asgi, fastapi_app.app)
+    running = start(loop_thread, serve_asgi, fastapi_app.app)
     with client() as c:
         assert c.get(running.url("/users/alice")).status_code == 200
     running.stop()
@@ -1207,9 +1207,8 @@ def test_fastapi_lifespan_runs(bg: BackgroundLoop) -> None:
 @pytest.fixture(scope="module")
 def django_asgi() -> Iterator[Running]:
     import django
-    from django.conf import settings
-
     from apps import django_urls
+    from django.conf import settings
 
     if not settings.configured:
         settings.configure(**django_urls.SETTINGS)
@@ -1247,9 +1246,9 @@ def test_django_asgi(django_asgi: Running, data_file: tuple[Path, bytes]) -> Non
 # ================================================================ the socket bridge
 
 
-def test_bridge_disconnect(bg: BackgroundLoop) -> None:
+def test_bridge_disconnect(loop_thread: BackgroundLoop) -> None:
     probe = DisconnectProbe()
-    running = start(bg, serve_asgi, probe, lifespan="off", native_callback=False)
+    running = start(loop_thread, serve_asgi, probe, lifespan="off", native_callback=False)
     try:
         sock = raw_request(running.port)
         assert probe.waiting.wait(TIMEOUT)
@@ -1283,11 +1282,11 @@ async def client_and_scheme(scope: dict[str, Any], receive: Any, send: Any) -> N
     ids=["no-headers", "trusted-chain", "forwarded", "untrusted-peer"],
 )
 def test_proxy_headers_believed_only_from_trusted_peers(
-    bg: BackgroundLoop, trusted: list[str], headers: dict[str, str], client: str, scheme: str
+    loop_thread: BackgroundLoop, trusted: list[str], headers: dict[str, str], client: str, scheme: str
 ) -> None:
-    from server_native.proxy import ProxyHeaders
+    from server_native.runtime.proxy import ProxyHeaders
 
-    running = start(bg, serve_asgi, client_and_scheme, lifespan="off", proxy=ProxyHeaders(trusted))
+    running = start(loop_thread, serve_asgi, client_and_scheme, lifespan="off", proxy=ProxyHeaders(trusted))
     try:
         with httpx.Client() as c:
             # twice: the second answer comes from the remembered trust of the peer

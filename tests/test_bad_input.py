@@ -21,6 +21,7 @@ import h2.errors
 import h2.events
 import hpack
 import pytest
+from apps.harness import wait_for
 
 from server_native import BodyTooLarge, ClientDisconnected, HttpException
 
@@ -108,14 +109,6 @@ def settle(loop_thread: Any) -> None:
     loop_thread.run(asyncio.sleep(0.01))
 
 
-def wait_for(predicate: Any, timeout: float = TIMEOUT) -> bool:
-    """Polls ``predicate`` until true or ``timeout`` (a bound, not a measure)."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 # ---------------------------------------------------------------- malformed requests → 400

@@ -35,8 +35,8 @@ from typing import Any
 
 import httpx
 import pytest
+from apps.harness import free_port, h2_websocket_exchange, wait_for
 
-from apps.harness import free_port, h2_websocket_exchange
 from server_native import (
     ClientDisconnected,
     NativeDirectResponse,
@@ -47,14 +47,14 @@ from server_native import (
     serve_native_multi,
     serve_secure_native_http,
 )
-from server_native._loader import native
-from server_native.config import ServerConfig
-from server_native.websocket import is_upgrade_request, upgrade_websocket
+from server_native._dist.loader import native
+from server_native.http.websocket import is_upgrade_request, upgrade_websocket
+from server_native.runtime.config import ServerConfig
 
 try:
-    from .conftest import Certificates, LoopThread
+    from .conftest import BackgroundLoop, Certificates
 except ImportError:  # tests/ run as a plain directory
-    from conftest import Certificates, LoopThread  # type: ignore[no-redef]
+    from conftest import BackgroundLoop, Certificates  # type: ignore[no-redef]
 
 TIMEOUT = 10
 MIB = 1 << 20
@@ -939,20 +939,13 @@ def test_an_invalid_bridge_address_is_refused_at_bind(address: str) -> None:
         native.NativeServer(ServerConfig(bridge_address=address, http3=False), ["127.0.0.1"], 0, None)
 
 
-def wait_for(condition: Callable[[], bool], deadline: float = TIMEOUT) -> bool:
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return condition()
 
 
 # ---------------------------------------------------------------- real applications over the bridge
 
 
 @pytest.fixture
-def bridge(loop_thread: LoopThread) -> Iterator[Callable[..., NativeHttpServer]]:
+def bridge(loop_thread: BackgroundLoop) -> Iterator[Callable[..., NativeHttpServer]]:
     """``bridge(handler, **options)``: a NativeHttpServer on the bridge."""
     started: list[NativeHttpServer] = []
 
@@ -1279,7 +1272,7 @@ def test_a_foreign_connection_without_the_token_is_refused(bridge: Callable[...,
     assert calls == ["/real"]
 
 
-def test_closing_removes_the_socket(loop_thread: LoopThread) -> None:
+def test_closing_removes_the_socket(loop_thread: BackgroundLoop) -> None:
     async def scenario() -> tuple[str, bool]:
         server = await NativeHttpServer.bind("127.0.0.1", 0, native_callback=False, http3=False)
         address = server.config.bridge_address
@@ -1292,7 +1285,7 @@ def test_closing_removes_the_socket(loop_thread: LoopThread) -> None:
     assert not exists, path
 
 
-def test_native_direct_cannot_use_the_bridge(loop_thread: LoopThread) -> None:
+def test_native_direct_cannot_use_the_bridge(loop_thread: BackgroundLoop) -> None:
     def handler(request: Any) -> Any:
         return NativeDirectResponse.bytes(200, [], b"x")
 
@@ -1309,7 +1302,7 @@ def test_native_direct_cannot_use_the_bridge(loop_thread: LoopThread) -> None:
 class Helper:
     """A ``serve_*`` helper running on the loop thread until stopped."""
 
-    loop_thread: LoopThread
+    loop_thread: BackgroundLoop
     event: asyncio.Event
     future: concurrent.futures.Future[Any]
 
@@ -1318,7 +1311,7 @@ class Helper:
         self.future.result(TIMEOUT)
 
 
-def run_helper(loop_thread: LoopThread, make: Callable[[asyncio.Event], Any]) -> Helper:
+def run_helper(loop_thread: BackgroundLoop, make: Callable[[asyncio.Event], Any]) -> Helper:
     event = asyncio.Event()
     future = asyncio.run_coroutine_threadsafe(make(event), loop_thread.loop)
     return Helper(loop_thread, event, future)
@@ -1340,7 +1333,7 @@ async def describe(request: Any) -> None:
     request.response.write(f"{type(request._native).__name__} {request.method} {request.uri.path} {len(body)}")
 
 
-def test_serve_native_http_on_the_bridge(loop_thread: LoopThread) -> None:
+def test_serve_native_http_on_the_bridge(loop_thread: BackgroundLoop) -> None:
     port = free_port()
     helper = run_helper(
         loop_thread,
@@ -1354,7 +1347,7 @@ def test_serve_native_http_on_the_bridge(loop_thread: LoopThread) -> None:
         helper.stop()
 
 
-def test_serve_native_multi_on_the_bridge(loop_thread: LoopThread) -> None:
+def test_serve_native_multi_on_the_bridge(loop_thread: BackgroundLoop) -> None:
     ports = [free_port(), free_port()]
     helper = run_helper(
         loop_thread,
@@ -1374,7 +1367,7 @@ def test_serve_native_multi_on_the_bridge(loop_thread: LoopThread) -> None:
         helper.stop()
 
 
-def test_serve_secure_native_http_on_the_bridge(loop_thread: LoopThread, certs: Certificates) -> None:
+def test_serve_secure_native_http_on_the_bridge(loop_thread: BackgroundLoop, certs: Certificates) -> None:
     port = free_port()
     helper = run_helper(
         loop_thread,
@@ -1397,7 +1390,7 @@ def test_serve_secure_native_http_on_the_bridge(loop_thread: LoopThread, certs: 
         helper.stop()
 
 
-def test_serve_native_direct_on_the_bridge(loop_thread: LoopThread) -> None:
+def test_serve_native_direct_on_the_bridge(loop_thread: BackgroundLoop) -> None:
     prebuilt = NativeDirectResponse.bytes(200, [("content-type", "text/plain"), ("x-prebuilt", "1")], b"prebuilt")
 
     async def chunks() -> Any:
@@ -1538,7 +1531,7 @@ def test_websocket_refused_with_a_plain_response(serve: Any) -> None:
     assert refused.value.response.body == b"no"
 
 
-def test_websocket_send_after_close_raises(serve: Any, loop_thread: LoopThread) -> None:
+def test_websocket_send_after_close_raises(serve: Any, loop_thread: BackgroundLoop) -> None:
     from websockets.sync.client import connect
 
     outcome: list[object] = []

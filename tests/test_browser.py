@@ -29,13 +29,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import BackgroundLoop, Certificates, RunningServer, requires_ipv6
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from websockets.sync.client import ClientConnection, connect
 
 from server_native import NativeHttpServer
-
-from conftest import Certificates, LoopThread, RunningServer, requires_ipv6
 
 CHROMIUM = shutil.which("chromium")
 pytestmark = pytest.mark.skipif(
@@ -260,7 +259,7 @@ async def answer(request: Any) -> None:
 
 
 @pytest.fixture
-def server(loop_thread: LoopThread, certs: Certificates, host: str) -> Iterator[RunningServer]:
+def server(loop_thread: BackgroundLoop, certs: Certificates, host: str) -> Iterator[RunningServer]:
     """A TLS server on ``host`` with HTTP/3 on, answering with ``answer``."""
 
     async def bind() -> NativeHttpServer:

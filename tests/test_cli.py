@@ -10,7 +10,6 @@ import email.utils
 import http.client
 import os
 import re
-import shutil
 import signal
 import socket
 import ssl
@@ -18,78 +17,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
-from apps.harness import H1WebSocket, WebSocketClosed, free_port
+from apps.harness import H1WebSocket, WebSocketClosed, free_port, wait_refused
+from cliserver import app_dir, command, environment, get, serving, stop  # noqa: F401 - app_dir: a fixture
 from conftest import Certificates
 from h3client import H3Response
-
-ROOT = Path(__file__).resolve().parent.parent
-
-CLI_APP = Path(__file__).parent / "apps" / "cliapp.py"
-
-
-@pytest.fixture
-def app_dir(tmp_path: Path) -> Path:
-    shutil.copy(CLI_APP, tmp_path / "cliapp.py")
-    return tmp_path
-
-
-def command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "server_native", *args]
-
-
-def environment() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT)}
-
-
-@contextmanager
-def serving(
-    app_dir: Path, *args: str, ready: Callable[[int], object] | None = None
-) -> Iterator[tuple[subprocess.Popen[str], int]]:
-    """The CLI serving ``args`` on a free port, once ``ready(port)`` (a plain
-    GET by default) stops raising OSError."""
-    ready = ready or (lambda port: get(port, "/"))
-    port = free_port()
-    process = subprocess.Popen(
-        command("serve", *args, "--port", str(port)),
-        cwd=app_dir,
-        env=environment(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            assert process.poll() is None, process.stdout.read() if process.stdout else ""
-            try:
-                ready(port)
-                break
-            except OSError:
-                time.sleep(0.1)
-        else:
-            raise AssertionError("the server never answered")
-        yield process, port
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(10)
-
-
-def get(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        connection.request("GET", path, headers=headers or {})
-        response = connection.getresponse()
-        return response.status, response.read().decode()
-    finally:
-        connection.close()
 
 
 def test_serves_an_asgi_app(app_dir: Path) -> None:
@@ -181,13 +116,6 @@ def test_app_dir_is_where_the_app_is_imported_from(app_dir: Path, tmp_path_facto
     assert result.returncode == 1
     # found and imported (the attribute is what is missing), though the cwd has no cliapp
     assert result.stderr.strip().splitlines() == ["server-native: error: module 'cliapp' has no attribute 'nothing'"]
-
-
-def stop(process: subprocess.Popen[str]) -> str:
-    """SIGTERM the server and return everything it printed."""
-    os.killpg(process.pid, signal.SIGTERM)
-    output, _ = process.communicate(timeout=30)
-    return output
 
 
 def test_factory_is_called_for_the_app(app_dir: Path) -> None:
@@ -324,7 +252,7 @@ def test_the_console_script_entry_point_is_main() -> None:
         text=True,
         timeout=60,
     )
-    assert result.stdout.strip() == "server_native.cli"
+    assert result.stdout.strip() == "server_native.cli.main"
 
 
 # ---------------------------------------------------------------- logging
@@ -398,18 +326,6 @@ def open_stream(port: int, chunks: int = LONG_STREAM) -> http.client.HTTPRespons
     return response
 
 
-def wait_refused(port: int) -> None:
-    """Until the listener is gone: the first signal has been handled."""
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=10).close()
-        except ConnectionRefusedError:
-            return
-        except ConnectionResetError:  # caught in the closing listener's backlog
-            pass
-        time.sleep(0.05)
-    raise AssertionError("the server kept listening after the signal")
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from apps.harness import TIMEOUT, free_port, wait_for
 from conftest import Certificates
 from proxies import haproxy, nginx, through, tls_context, tool, wait_listening
+
 from server_native import ServerConfig
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
@@ -179,7 +179,7 @@ def test_systemd_socket_activation_and_reload(tmp_path: Path) -> None:
 def test_socket_activation_rejects_a_second_address() -> None:
     result = subprocess.run(
         [sys.executable, "-c", "import os, sys; os.environ['LISTEN_FDS'] = '1'; os.environ['LISTEN_PID'] = str(os.getpid()); "
-         "from server_native.cli import main; sys.exit(main(['serve', 'app:app', '--port', '8123']))"],
+         "from server_native.cli.main import main; sys.exit(main(['serve', 'app:app', '--port', '8123']))"],
         capture_output=True, text=True, timeout=TIMEOUT,
     )  # fmt: skip
     assert result.returncode == 2

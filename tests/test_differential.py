@@ -54,12 +54,12 @@ from typing import Any
 
 import httpx
 import pytest
-from werkzeug.serving import make_server
-
 from apps import diff_flask, diff_starlette
 from apps.harness import TIMEOUT, plain_tracebacks, serving, uvicorn_process
-from server_native.asgi import serve_asgi
-from server_native.wsgi import serve_wsgi
+from werkzeug.serving import make_server
+
+from server_native.interfaces.asgi import serve_asgi
+from server_native.interfaces.wsgi import serve_wsgi
 
 LARGE = diff_starlette.LARGE
 assert diff_flask.LARGE == LARGE

@@ -4,7 +4,7 @@
 socket bridge, `native_callback=False`), HTTP/1.1, h2c and TLS (+ ALPN h2).
 
 Every server here is a real `serve_native_direct(...)` call running on a
-LoopThread with `port=0` (the bound port is read from its echo line) and an
+BackgroundLoop with `port=0` (the bound port is read from its echo line) and an
 `asyncio.Event` as its `shutdown_signal`; every client is a real one
 (http.client, httpx over HTTP/1.1 and prior-knowledge h2c, raw sockets where
 the exact bytes on the wire matter). Traffic stays on 127.0.0.1 / ::1."""
@@ -32,8 +32,7 @@ from typing import Any
 import h11
 import httpx
 import pytest
-
-from apps.harness import free_port
+from apps.harness import free_port, refused, wait_for
 
 from server_native import (
     ClientDisconnected,
@@ -45,9 +44,9 @@ from server_native import (
 )
 
 try:
-    from .conftest import Certificates, LogLines, LoopThread, requires_ipv6
+    from .conftest import BackgroundLoop, Certificates, LogLines, requires_ipv6
 except ImportError:  # tests/ run as a plain directory
-    from conftest import Certificates, LogLines, LoopThread, requires_ipv6  # type: ignore[no-redef]
+    from conftest import BackgroundLoop, Certificates, LogLines, requires_ipv6  # type: ignore[no-redef]
 
 TIMEOUT = 10
 ECHO = re.compile(r"^Server listening on (https?)://(\[[^\]]+\]|[^:/\s]+):(\d+) via server_native \(([^)]*)\)$")
@@ -64,22 +63,8 @@ PREBUILT = NativeDirectResponse.bytes(
 # ---------------------------------------------------------------- helpers
 
 
-def refused(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=TIMEOUT):
-            return False
-    except ConnectionRefusedError:
-        return True
-    except ConnectionResetError:  # accepted by a listener that is closing right now
-        return False
 
 
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def digest(data: bytes) -> str:
@@ -137,7 +122,7 @@ class Running:
     protocols: str
     future: concurrent.futures.Future[Any]
     event: asyncio.Event
-    loop_thread: LoopThread
+    loop_thread: BackgroundLoop
 
     def url(self, path: str = "/", host: str | None = None) -> str:
         host = host or self.host
@@ -162,7 +147,7 @@ def get_at_once(running: Running, paths: list[str]) -> list[str]:
 
 @dataclass
 class Starter:
-    loop_thread: LoopThread
+    loop_thread: BackgroundLoop
     server_log: LogLines
     certs: Certificates | None = None
     started: list[Running] = field(default_factory=list)
@@ -203,7 +188,7 @@ class Starter:
 
 
 @pytest.fixture
-def start(loop_thread: LoopThread, server_log: LogLines, certs: Certificates) -> Iterator[Starter]:
+def start(loop_thread: BackgroundLoop, server_log: LogLines, certs: Certificates) -> Iterator[Starter]:
     """``start(handler, host="127.0.0.1", *, secure=False, **options)`` runs
     ``serve_native_direct`` (or the secure one) on a free port."""
     starter = Starter(loop_thread, server_log, certs)
@@ -944,7 +929,7 @@ def test_a_handler_that_cancels_its_own_task_cancels_no_other(start: Starter, na
     assert get_at_once(running, ["/cancel", "/wait"] * 30) == ["cancelled itself", "waited"] * 30
 
 
-def test_sync_handler_on_the_loop_runs_on_the_loop_thread(start: Starter, loop_thread: LoopThread) -> None:
+def test_sync_handler_on_the_loop_runs_on_the_loop_thread(start: Starter, loop_thread: BackgroundLoop) -> None:
     threads: list[str] = []
 
     def handler(_request: NativeDirectRequest) -> NativeDirectResponse:
@@ -958,7 +943,7 @@ def test_sync_handler_on_the_loop_runs_on_the_loop_thread(start: Starter, loop_t
     assert threads == [loop_thread._thread.name]
 
 
-def test_native_direct_runs_off_the_event_loop(start: Starter, loop_thread: LoopThread) -> None:
+def test_native_direct_runs_off_the_event_loop(start: Starter, loop_thread: BackgroundLoop) -> None:
     seen: list[tuple[str, bool]] = []
 
     def handler(request: NativeDirectRequest) -> NativeDirectResponse:
@@ -981,7 +966,7 @@ def test_native_direct_runs_off_the_event_loop(start: Starter, loop_thread: Loop
     assert not any(has_loop for _, has_loop in seen)
 
 
-def test_native_direct_refuses_an_async_handler_at_start(loop_thread: LoopThread) -> None:
+def test_native_direct_refuses_an_async_handler_at_start(loop_thread: BackgroundLoop) -> None:
     async def handler(_request: NativeDirectRequest) -> NativeDirectResponse:
         return text(200, "never")
 
@@ -990,7 +975,7 @@ def test_native_direct_refuses_an_async_handler_at_start(loop_thread: LoopThread
         loop_thread.run(serve_native_direct(handler, "127.0.0.1", port, native_direct=True, http3=False, echo=False), TIMEOUT)
 
 
-def test_native_direct_refusal_leaves_nothing_listening(loop_thread: LoopThread) -> None:
+def test_native_direct_refusal_leaves_nothing_listening(loop_thread: BackgroundLoop) -> None:
     async def handler(_request: NativeDirectRequest) -> NativeDirectResponse:
         return text(200, "never")
 
@@ -1002,10 +987,10 @@ def test_native_direct_refusal_leaves_nothing_listening(loop_thread: LoopThread)
     # supervisor), nothing may be listening: a client would hang until
     # response_timeout, and a fallback bind of the port fails.
     assert refusal.value is not None
-    assert refused("127.0.0.1", port)
+    assert refused(port)
 
 
-def test_native_direct_is_in_process_only(loop_thread: LoopThread) -> None:
+def test_native_direct_is_in_process_only(loop_thread: BackgroundLoop) -> None:
     port = free_port()
     with pytest.raises(ValueError, match="native_callback=False"):
         loop_thread.run(
@@ -1015,7 +1000,7 @@ def test_native_direct_is_in_process_only(loop_thread: LoopThread) -> None:
             ),
             TIMEOUT,
         )
-    assert refused("127.0.0.1", port)
+    assert refused(port)
 
 
 # ---------------------------------------------------------------- failures
@@ -1209,7 +1194,7 @@ def test_shutdown_signal_drains_in_flight_requests_and_stops(start: Starter, mod
         assert running.stop() is None
         response = in_flight.result(TIMEOUT)
     assert (response.status_code, response.text) == (200, "finished /inflight")
-    assert refused("127.0.0.1", running.port)
+    assert refused(running.port)
 
 
 @pytest.mark.parametrize(
@@ -1253,7 +1238,7 @@ def test_shutdown_timeout_bounds_a_stuck_handler(start: Starter, mode: str) -> N
             except httpx.HTTPError:
                 cut = None
             assert cut != 200
-        assert refused("127.0.0.1", running.port)
+        assert refused(running.port)
     finally:
         release.set()
 
@@ -1266,7 +1251,7 @@ def test_cancelling_serve_closes_the_listener(start: Starter, mode: str) -> None
     running.loop_thread.loop.call_soon_threadsafe(running.future.cancel)
     with pytest.raises(concurrent.futures.CancelledError):
         running.future.result(TIMEOUT)
-    wait_until(lambda: refused("127.0.0.1", running.port), "the listener to close after cancellation", timeout=3)
+    wait_for(lambda: refused(running.port), timeout=3, what="the listener to close after cancellation")
 
 
 class SlowWakeLoop(asyncio.SelectorEventLoop):
@@ -1296,7 +1281,7 @@ def test_native_direct_thread_is_finished_when_serve_returns() -> None:
             ),
             loop,
         )
-        wait_until(lambda: not refused("127.0.0.1", port), "the server to listen")
+        wait_for(lambda: not refused(port), what="the server to listen")
         with h1() as client:
             assert client.get(f"http://127.0.0.1:{port}/").content == PREBUILT.body
         loop.call_soon_threadsafe(stop.set)
@@ -1304,7 +1289,7 @@ def test_native_direct_thread_is_finished_when_serve_returns() -> None:
         alive = [t for t in threading.enumerate() if t.name == "server-native-direct" and t.is_alive()]
         assert alive == [], "serve_native_direct returned before its native_direct thread finished"
     finally:
-        wait_until(lambda: not any(t.name == "server-native-direct" for t in threading.enumerate()), "the thread")
+        wait_for(lambda: not any(t.name == "server-native-direct" for t in threading.enumerate()), what="the thread")
         loop.call_soon_threadsafe(loop.stop)
         runner.join(TIMEOUT)
         loop.close()

@@ -18,7 +18,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-
 from conftest import Certificates, requires_ipv6
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -35,9 +35,9 @@ from conftest import Certificates, LogLines, requires_curl
 from h3client import h3_connect
 
 from server_native import NativeDirectResponse, serve_native_direct, serve_native_http
-from server_native.asgi import serve_asgi
-from server_native.server import tls_settings
-from server_native.wsgi import serve_wsgi
+from server_native.interfaces.asgi import serve_asgi
+from server_native.interfaces.wsgi import serve_wsgi
+from server_native.runtime.bound import tls_settings
 
 TIMEOUT = 10.0
 #: A response a body must never be able to smuggle onto a connection.
@@ -446,9 +446,8 @@ def test_a_head_response_carries_no_body_and_keeps_its_length(
 
 def _django(kind: str) -> Any:
     import django
-    from django.conf import settings
-
     from apps import django_urls
+    from django.conf import settings
 
     if not settings.configured:
         settings.configure(**django_urls.SETTINGS)

@@ -7,9 +7,14 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from server_native.cookies import Cookie, SameSite, parse_cookie_header
-from server_native.errors import HttpBodyError, HttpException
-from server_native.headers import ContentType, HttpHeaders, format_http_date, parse_http_date
+from server_native.http.cookies import Cookie, SameSite, parse_cookie_header
+from server_native.http.errors import HttpBodyError, HttpException
+from server_native.http.headers import (
+    ContentType,
+    HttpHeaders,
+    format_http_date,
+    parse_http_date,
+)
 
 UTC = timezone.utc
 MOMENT = datetime(2015, 10, 21, 7, 28, tzinfo=UTC)

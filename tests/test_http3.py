@@ -24,6 +24,14 @@ from typing import Any
 import httpx
 import pytest
 from aioquic.h3.connection import Setting
+from conftest import (
+    BackgroundLoop,
+    Certificates,
+    LogLines,
+    RunningServer,
+    requires_ipv6,
+)
+from h3client import H3Client, h3_connect
 
 from server_native import (
     BodyTooLarge,
@@ -37,9 +45,6 @@ from server_native import (
     serve_secure_native_http,
     serve_secure_native_multi,
 )
-
-from conftest import Certificates, LogLines, LoopThread, RunningServer, requires_ipv6
-from h3client import H3Client, h3_connect
 
 TIMEOUT = 10
 #: Bound on one whole scenario run on the loop thread.
@@ -104,7 +109,7 @@ def start_h3(serve: Callable[..., RunningServer], certs: Certificates, handler: 
     return serve(handler, address, certificate_path=certs.cert_path, key_path=certs.key_path, **options)
 
 
-def run(loop_thread: LoopThread, coro: Coroutine[Any, Any, Any], timeout: float = SCENARIO) -> Any:
+def run(loop_thread: BackgroundLoop, coro: Coroutine[Any, Any, Any], timeout: float = SCENARIO) -> Any:
     """Runs a client scenario on the servers' loop, bounded."""
     return loop_thread.run(asyncio.wait_for(coro, timeout), timeout=timeout + 5)
 
@@ -202,7 +207,7 @@ async def fails_to_connect(port: int, certs: Certificates, host: str = "127.0.0.
 # ---------------------------------------------------------------- requests and bodies
 
 
-def test_get_and_post(serve: Any, loop_thread: LoopThread, certs: Certificates) -> None:
+def test_get_and_post(serve: Any, loop_thread: BackgroundLoop, certs: Certificates) -> None:
     running = start_h3(serve, certs, describe)
 
     async def scenario() -> tuple[dict[str, Any], dict[str, Any], list[tuple[str, str]]]:
@@ -222,7 +227,7 @@ def test_get_and_post(serve: Any, loop_thread: LoopThread, certs: Certificates) 
     assert "alt-svc" not in names  # advertised over TCP only: this client is already on HTTP/3
 
 
-def test_protocol_version_scheme_and_connection_info(serve: Any, loop_thread: LoopThread, certs: Certificates) -> None:
+def test_protocol_version_scheme_and_connection_info(serve: Any, loop_thread: BackgroundLoop, certs: Certificates) -> None:
     running = start_h3(serve, certs, describe)
 
     async def scenario() -> dict[str, Any]:
@@ -238,7 +243,7 @@ def test_protocol_version_scheme_and_connection_info(serve: Any, loop_thread: Lo
     assert seen["early_data"] is None
 
 
-def test_upload_128_kib(serve: Any, loop_thread: LoopThread, certs: Certificates) -> None:
+def test_upload_128_kib(serve: Any, loop_thread: BackgroundLoop, certs: Certificates) -> None:
     async def handler(request: Any) -> None:
         chunks = [chunk async for chunk in request]
         request.response.write(f"{sum(map(len, chunks))} {sha256(b''.join(chunks))}")
@@ -256,7 +261,7 @@ def test_upload_128_kib(serve: Any, loop_thread: LoopThread, certs: Certificates
 
 
 @pytest.mark.parametrize("how", ["flush", "add_stream"])
-def test_streamed_1_mib_response(serve: Any, loop_thread: LoopThread, certs: Certificates, how: str) -> None:
+def test_streamed_1_mib_response(serve: Any, loop_thread: BackgroundLoop, certs: Certificates, how: str) -> None:
     """1 MiB in 16 KiB chunks; the first 64 KiB reach the client before the
     handler writes the rest (it waits for the client to see them), so the
     response really streams."""
@@ -299,7 +304,7 @@ def test_streamed_1_mib_response(serve: Any, loop_thread: LoopThread, certs: Cer
     assert sha256(response.body) == sha256(body)
 
 
-def test_100_concurrent_streams_on_one_connection(serve: Any, loop_thread: LoopThread, certs: Certificates) -> None:
+def test_100_concurrent_streams_on_one_connection(serve: Any, loop_thread: BackgroundLoop, certs: Certificates) -> None:
     """Every handler waits until all 100 requests have arrived: only streams
     served concurrently can finish."""
     count = 100
@@ -326,7 +331,7 @@ def test_100_concurrent_streams_on_one_connection(serve: Any, loop_thread: LoopT
     assert len(set(arrived)) == 1  # one QUIC connection
 
 
-def test_200_sequential_requests_on_one_connection(serve: Any, loop_thread: LoopThread, certs: Certificates) -> None:
+def test_200_sequential_requests_on_one_connection(serve: Any, loop_thread: BackgroundLoop, certs: Certificates) -> None:
     async def handler(request: Any) -> None:
         body = await request.read()
         request.response.write(f"{request.uri.path} {request.connection_info.remote_port} {len(body)}")
@@ -352,7 +357,7 @@ def test_200_sequential_requests_on_one_connection(serve: Any, loop_thread: Loop
     assert len(ports) == 1
 
 
-def test_client_reset_mid_body_leaves_the_server_serving(serve: Any, loop_thread: LoopThread, certs: Certificates) -> None:
+def test_client_reset_mid_body_leaves_the_server_serving(serve: Any, loop_thread: BackgroundLoop, certs: Certificates) -> None:
     """A POST whose body is half sent when the client resets the stream: the
     handler, reading the body as it streams in, gets ClientDisconnected (not
     a body that looks complete); the same connection and a new one are still
@@ -395,7 +400,7 @@ def test_client_reset_mid_body_leaves_the_server_serving(serve: Any, loop_thread
     assert bodies == [b"still serving /same-connection", b"still serving /new-connection"]
 
 
-def test_max_body_size_applies(serve: Any, loop_thread: LoopThread, certs: Certificates) -> None:
+def test_max_body_size_applies(serve: Any, loop_thread: BackgroundLoop, certs: Certificates) -> None:
     """A body past ``max_body_size`` never reaches the handler whole."""
     outcomes: list[str] = []
 
@@ -427,7 +432,7 @@ def test_max_body_size_applies(serve: Any, loop_thread: LoopThread, certs: Certi
     assert outcomes[0] == f"read {KIB}"
 
 
-def test_native_error_responses_keep_the_connection(serve: Any, loop_thread: LoopThread, certs: Certificates) -> None:
+def test_native_error_responses_keep_the_connection(serve: Any, loop_thread: BackgroundLoop, certs: Certificates) -> None:
     running = start_h3(serve, certs, describe, max_body_size=4 * KIB)
 
     async def scenario() -> tuple[int, int]:
@@ -439,7 +444,7 @@ def test_native_error_responses_keep_the_connection(serve: Any, loop_thread: Loo
     assert run(loop_thread, scenario()) == (413, 200)
 
 
-def test_connection_specific_headers_are_not_sent_over_http3(serve: Any, loop_thread: LoopThread, certs: Certificates) -> None:
+def test_connection_specific_headers_are_not_sent_over_http3(serve: Any, loop_thread: BackgroundLoop, certs: Certificates) -> None:
     async def handler(request: Any) -> None:
         request.response.headers.set("connection", "close")
         request.response.write("ok")
@@ -454,7 +459,7 @@ def test_connection_specific_headers_are_not_sent_over_http3(serve: Any, loop_th
     assert response.status == 200 and response.header("connection") is None
 
 
-def test_max_concurrent_streams_is_the_quic_stream_limit(serve: Any, loop_thread: LoopThread, certs: Certificates) -> None:
+def test_max_concurrent_streams_is_the_quic_stream_limit(serve: Any, loop_thread: BackgroundLoop, certs: Certificates) -> None:
     running = start_h3(serve, certs, hello, max_concurrent_streams=7)
 
     async def scenario() -> int:
@@ -468,7 +473,7 @@ def test_max_concurrent_streams_is_the_quic_stream_limit(serve: Any, loop_thread
     assert run(loop_thread, scenario()) == 7
 
 
-def test_idle_timeout_closes_the_connection(serve: Any, loop_thread: LoopThread, certs: Certificates) -> None:
+def test_idle_timeout_closes_the_connection(serve: Any, loop_thread: BackgroundLoop, certs: Certificates) -> None:
     running = start_h3(serve, certs, hello, idle_timeout=1)
 
     async def scenario() -> Any:
@@ -501,7 +506,7 @@ def recording(paths: list[str]) -> Callable[[Any], Awaitable[None]]:
     return handler
 
 
-def test_fragment_in_path_resets_only_its_stream(serve: Any, loop_thread: LoopThread, certs: Certificates) -> None:
+def test_fragment_in_path_resets_only_its_stream(serve: Any, loop_thread: BackgroundLoop, certs: Certificates) -> None:
     """h3 builds the URI with the `http` crate, which drops a `#` fragment:
     the guard makes h3 refuse such a request (H3_MESSAGE_ERROR) instead of
     serving `/a`. The requests around it on the connection are served."""
@@ -517,7 +522,7 @@ def test_fragment_in_path_resets_only_its_stream(serve: Any, loop_thread: LoopTh
 
 
 def test_websocket_over_http3_is_refused_and_the_connection_goes_on(
-    serve: Any, loop_thread: LoopThread, certs: Certificates
+    serve: Any, loop_thread: BackgroundLoop, certs: Certificates
 ) -> None:
     """WebSocket over HTTP/3 (RFC 9220) is not served: the server does not
     offer extended CONNECT, and h3 0.0.8 refuses a `:protocol` of
@@ -551,7 +556,7 @@ def h3_frame(kind: int, payload: bytes) -> bytes:
 
 @pytest.mark.parametrize(("path", "expected"), [(b"/a#frag", "reset"), (b"/fine", 200)])
 def test_fragment_in_a_hand_made_request_stream(
-    serve: Any, loop_thread: LoopThread, certs: Certificates, path: bytes, expected: int | str
+    serve: Any, loop_thread: BackgroundLoop, certs: Certificates, path: bytes, expected: int | str
 ) -> None:
     """A grease frame before the HEADERS frame, a `:path` with a literal name
     (the form no name reference finds), and every byte in a packet of its own."""
@@ -578,7 +583,7 @@ def test_fragment_in_a_hand_made_request_stream(
 
 
 @requires_ipv6
-def test_ipv6_loopback(serve: Any, loop_thread: LoopThread, certs: Certificates) -> None:
+def test_ipv6_loopback(serve: Any, loop_thread: BackgroundLoop, certs: Certificates) -> None:
     running = start_h3(serve, certs, describe, "::1")
 
     async def scenario() -> dict[str, Any]:
@@ -590,8 +595,8 @@ def test_ipv6_loopback(serve: Any, loop_thread: LoopThread, certs: Certificates)
     assert seen["remote"][0] == "::1"
 
 
-def test_localhost_binding_answers_http3_on_every_loopback(serve: Any, loop_thread: LoopThread, certs: Certificates) -> None:
-    from server_native.addresses import ipv6_available
+def test_localhost_binding_answers_http3_on_every_loopback(serve: Any, loop_thread: BackgroundLoop, certs: Certificates) -> None:
+    from server_native.runtime.addresses import ipv6_available
 
     running = start_h3(serve, certs, describe, "localhost")
     hosts = ["127.0.0.1", "::1"] if ipv6_available() else ["127.0.0.1"]
@@ -681,7 +686,7 @@ def test_alt_svc_on_natively_answered_responses(serve: Any, certs: Certificates,
         assert response.headers.get_list("alt-svc") == [f'h3=":{running.port}"; ma=86400']
 
 
-def test_client_switches_from_http2_to_http3_after_alt_svc(serve: Any, loop_thread: LoopThread, certs: Certificates) -> None:
+def test_client_switches_from_http2_to_http3_after_alt_svc(serve: Any, loop_thread: BackgroundLoop, certs: Certificates) -> None:
     """What a browser does: the first request goes over TCP (HTTP/2), the
     answer's Alt-Svc names the HTTP/3 port, the next request goes there."""
     running = start_h3(serve, certs, describe)
@@ -708,7 +713,7 @@ def test_client_switches_from_http2_to_http3_after_alt_svc(serve: Any, loop_thre
 # ---------------------------------------------------------------- every API
 
 
-def test_httpserver_iteration(serve: Any, loop_thread: LoopThread, certs: Certificates) -> None:
+def test_httpserver_iteration(serve: Any, loop_thread: BackgroundLoop, certs: Certificates) -> None:
     running = start_h3(serve, certs, None)
 
     async def loop() -> None:
@@ -758,7 +763,7 @@ async def helper_running(
 
 
 @pytest.mark.parametrize("helper_name", ["serve_secure_native_http", "serve_native_http"])
-def test_callback_api(loop_thread: LoopThread, certs: Certificates, server_log: LogLines, helper_name: str) -> None:
+def test_callback_api(loop_thread: BackgroundLoop, certs: Certificates, server_log: LogLines, helper_name: str) -> None:
     def helper(stop: Awaitable[Any]) -> Coroutine[Any, Any, Any]:
         if helper_name == "serve_secure_native_http":
             return serve_secure_native_http(
@@ -777,7 +782,7 @@ def test_callback_api(loop_thread: LoopThread, certs: Certificates, server_log: 
     assert (response.status, response.body) == (200, b"hello over HTTP/3")
 
 
-def test_multi_bind_api(loop_thread: LoopThread, certs: Certificates, server_log: LogLines) -> None:
+def test_multi_bind_api(loop_thread: BackgroundLoop, certs: Certificates, server_log: LogLines) -> None:
     async def handler(request: Any) -> None:
         request.response.write(f"{request.protocol_version} on {request.connection_info.local_port}")
 
@@ -802,7 +807,7 @@ def test_multi_bind_api(loop_thread: LoopThread, certs: Certificates, server_log
 
 
 @pytest.mark.parametrize("native_direct", [False, True], ids=["loop", "native_direct"])
-def test_direct_api(loop_thread: LoopThread, certs: Certificates, server_log: LogLines, native_direct: bool) -> None:
+def test_direct_api(loop_thread: BackgroundLoop, certs: Certificates, server_log: LogLines, native_direct: bool) -> None:
     def handler(request: NativeDirectRequest) -> NativeDirectResponse:
         body = request.body_bytes() if native_direct else b""
         text = f"{request.protocol} {request.scheme} {request.method} {request.uri} {len(body)}"
@@ -841,7 +846,7 @@ def test_direct_api(loop_thread: LoopThread, certs: Certificates, server_log: Lo
 # ---------------------------------------------------------------- shutdown
 
 
-def test_graceful_close_answers_streams_in_flight(serve: Any, loop_thread: LoopThread, certs: Certificates) -> None:
+def test_graceful_close_answers_streams_in_flight(serve: Any, loop_thread: BackgroundLoop, certs: Certificates) -> None:
     """close() with 10 streams held by the handler: GOAWAY arrives, no new
     connection is accepted, and once released every stream gets its 200."""
     count = 10
@@ -867,7 +872,7 @@ def test_graceful_close_answers_streams_in_flight(serve: Any, loop_thread: LoopT
 
 
 def test_graceful_close_then_closes_the_connection_with_h3_no_error(
-    serve: Any, loop_thread: LoopThread, certs: Certificates
+    serve: Any, loop_thread: BackgroundLoop, certs: Certificates
 ) -> None:
     count = 3
     gate = Gate()
@@ -888,7 +893,7 @@ def test_graceful_close_then_closes_the_connection_with_h3_no_error(
     assert terminated.error_code == H3_NO_ERROR, terminated
 
 
-def test_graceful_close_of_an_idle_server_is_prompt(serve: Any, loop_thread: LoopThread, certs: Certificates) -> None:
+def test_graceful_close_of_an_idle_server_is_prompt(serve: Any, loop_thread: BackgroundLoop, certs: Certificates) -> None:
     running = start_h3(serve, certs, hello, shutdown_timeout=60)
 
     async def scenario() -> None:
@@ -899,7 +904,7 @@ def test_graceful_close_of_an_idle_server_is_prompt(serve: Any, loop_thread: Loo
     run(loop_thread, scenario())
 
 
-def test_force_close_aborts_streams_in_flight(serve: Any, loop_thread: LoopThread, certs: Certificates) -> None:
+def test_force_close_aborts_streams_in_flight(serve: Any, loop_thread: BackgroundLoop, certs: Certificates) -> None:
     gate = Gate(hold=30)
     running = start_h3(serve, certs, gate, shutdown_timeout=60)
 
@@ -925,7 +930,7 @@ def test_force_close_aborts_streams_in_flight(serve: Any, loop_thread: LoopThrea
 # ---------------------------------------------------------------- a taken UDP port
 
 
-def test_taken_udp_port_is_a_clear_error(loop_thread: LoopThread, certs: Certificates) -> None:
+def test_taken_udp_port_is_a_clear_error(loop_thread: BackgroundLoop, certs: Certificates) -> None:
     from server_native import NativeHttpServer
 
     with udp_socket_on_free_port() as udp:
@@ -937,7 +942,7 @@ def test_taken_udp_port_is_a_clear_error(loop_thread: LoopThread, certs: Certifi
     assert str(port) in str(raised.value)
 
 
-def test_taken_udp_port_leaves_the_tcp_port_free(loop_thread: LoopThread, certs: Certificates) -> None:
+def test_taken_udp_port_leaves_the_tcp_port_free(loop_thread: BackgroundLoop, certs: Certificates) -> None:
     from server_native import NativeHttpServer
 
     with udp_socket_on_free_port() as udp:
@@ -949,7 +954,7 @@ def test_taken_udp_port_leaves_the_tcp_port_free(loop_thread: LoopThread, certs:
     assert tcp_port_is_free(port), "the failed bind left its TCP listener bound"
 
 
-def test_port_zero_picks_again_when_its_udp_twin_is_taken(loop_thread: LoopThread, certs: Certificates) -> None:
+def test_port_zero_picks_again_when_its_udp_twin_is_taken(loop_thread: BackgroundLoop, certs: Certificates) -> None:
     """With ``port=0`` the port TCP was given can be taken over UDP (by any
     process's client socket): the server picks another instead of failing."""
     from server_native import NativeHttpServer
@@ -999,7 +1004,7 @@ def test_taken_udp_port_with_best_effort_serves_without_http3(serve: Any, certs:
             assert "alt-svc" not in response.headers  # nothing is advertised that is not served
 
 
-def test_best_effort_still_serves_http3_when_the_port_is_free(serve: Any, loop_thread: LoopThread, certs: Certificates) -> None:
+def test_best_effort_still_serves_http3_when_the_port_is_free(serve: Any, loop_thread: BackgroundLoop, certs: Certificates) -> None:
     running = start_h3(serve, certs, hello, http3_best_effort=True)
     with tls_client(certs, http2=True) as client:
         assert client.get(running.url("/")).headers["alt-svc"] == f'h3=":{running.port}"; ma=86400'
@@ -1036,7 +1041,7 @@ async def zero_rtt_attempt(port: int, certs: Certificates) -> tuple[Any, dict[st
     return tickets[-1], first, resumed, accepted
 
 
-def test_zero_rtt_is_off_by_default(serve: Any, loop_thread: LoopThread, certs: Certificates) -> None:
+def test_zero_rtt_is_off_by_default(serve: Any, loop_thread: BackgroundLoop, certs: Certificates) -> None:
     running = start_h3(serve, certs, describe)
     ticket, first, resumed, accepted = run(loop_thread, zero_rtt_attempt(running.port, certs))
     assert ticket.max_early_data_size is None  # the server never offers early data
@@ -1044,7 +1049,7 @@ def test_zero_rtt_is_off_by_default(serve: Any, loop_thread: LoopThread, certs: 
     assert first["early_data"] is None and resumed["early_data"] is None
 
 
-def test_zero_rtt_requests_are_marked_early_data(serve: Any, loop_thread: LoopThread, certs: Certificates) -> None:
+def test_zero_rtt_requests_are_marked_early_data(serve: Any, loop_thread: BackgroundLoop, certs: Certificates) -> None:
     running = start_h3(serve, certs, describe, http3_early_data=True)
     ticket, first, resumed, accepted = run(loop_thread, zero_rtt_attempt(running.port, certs))
     if not ticket.max_early_data_size or not accepted:
@@ -1054,7 +1059,7 @@ def test_zero_rtt_requests_are_marked_early_data(serve: Any, loop_thread: LoopTh
     assert resumed["protocol_version"] == "3" and resumed["path"] == "/early"
 
 
-def test_full_handshake_requests_are_not_marked_early_data(serve: Any, loop_thread: LoopThread, certs: Certificates) -> None:
+def test_full_handshake_requests_are_not_marked_early_data(serve: Any, loop_thread: BackgroundLoop, certs: Certificates) -> None:
     running = start_h3(serve, certs, describe, http3_early_data=True)
 
     async def scenario() -> list[str | None]:

@@ -15,21 +15,21 @@ import random
 import socket
 import subprocess
 import threading
-import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import httpx
 import pytest
+from apps.harness import refused, wait_for
 
 from server_native import ContentType, Cookie, HttpRequest, NativeHttpServer
-from server_native.addresses import ipv6_available
+from server_native.runtime.addresses import ipv6_available
 
 try:
-    from .conftest import LoopThread, RunningServer, requires_curl, requires_ipv6
+    from .conftest import BackgroundLoop, RunningServer, requires_curl, requires_ipv6
 except ImportError:  # tests/ run as a plain directory
-    from conftest import LoopThread, RunningServer, requires_curl, requires_ipv6  # type: ignore[no-redef]
+    from conftest import BackgroundLoop, RunningServer, requires_curl, requires_ipv6  # type: ignore[no-redef]
 
 Serve = Callable[..., RunningServer]
 TIMEOUT = 10
@@ -61,26 +61,11 @@ def h2_client(**options: Any) -> httpx.Client:
     return httpx.Client(http1=False, http2=True, timeout=TIMEOUT, **options)
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
-    """Polls ``condition`` until it holds or ``timeout`` passes (a bound
-    against hangs, not a timing assertion)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
 
 
-def refused(port: int, host: str = "127.0.0.1") -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=TIMEOUT):
-            return False
-    except ConnectionRefusedError:
-        return True
 
 
-def on_loop(loop_thread: LoopThread, fn: Callable[[], Any]) -> Any:
+def on_loop(loop_thread: BackgroundLoop, fn: Callable[[], Any]) -> Any:
     async def call() -> Any:
         return fn()
 
@@ -130,7 +115,7 @@ def _fields(request: HttpRequest) -> dict[str, Any]:
 # ---------------------------------------------------------------- async iteration
 
 
-def iterate(loop_thread: LoopThread, server: NativeHttpServer, count: int) -> concurrent.futures.Future[list[str]]:
+def iterate(loop_thread: BackgroundLoop, server: NativeHttpServer, count: int) -> concurrent.futures.Future[list[str]]:
     """Starts ``async for request in server`` on the loop; it answers
     ``count`` requests with their path and then stops iterating. Returns once
     the iteration is listening."""
@@ -158,7 +143,7 @@ def iterate(loop_thread: LoopThread, server: NativeHttpServer, count: int) -> co
     return future
 
 
-def test_async_for_iteration(serve: Serve, loop_thread: LoopThread) -> None:
+def test_async_for_iteration(serve: Serve, loop_thread: BackgroundLoop) -> None:
     running = serve(None)
     future = iterate(loop_thread, running.server, 3)
     with httpx.Client(timeout=TIMEOUT) as client:
@@ -172,7 +157,7 @@ def test_async_for_iteration(serve: Serve, loop_thread: LoopThread) -> None:
     assert after.status == 503
 
 
-def test_async_for_iteration_over_http2(serve: Serve, loop_thread: LoopThread) -> None:
+def test_async_for_iteration_over_http2(serve: Serve, loop_thread: BackgroundLoop) -> None:
     running = serve(None)
     future = iterate(loop_thread, running.server, 2)
     with h2_client() as client:
@@ -698,7 +683,7 @@ def _gated_handler(release: asyncio.Event, *, buffered: bool) -> Callable[[HttpR
 
 
 @pytest.mark.parametrize("buffered", [True, False], ids=["flush", "buffer_output-false"])
-def test_streamed_output_reaches_the_client_before_close(serve: Serve, loop_thread: LoopThread, buffered: bool) -> None:
+def test_streamed_output_reaches_the_client_before_close(serve: Serve, loop_thread: BackgroundLoop, buffered: bool) -> None:
     """The first write arrives while the handler still waits (so it was
     really sent, chunked), then the rest follows."""
     release = asyncio.Event()
@@ -722,7 +707,7 @@ def test_streamed_output_reaches_the_client_before_close(serve: Serve, loop_thre
         conn.close()
 
 
-def test_streamed_output_over_http2(serve: Serve, loop_thread: LoopThread) -> None:
+def test_streamed_output_over_http2(serve: Serve, loop_thread: BackgroundLoop) -> None:
     release = asyncio.Event()
     running = serve(_gated_handler(release, buffered=True))
     with h2_client() as client, client.stream("GET", running.url()) as response:
@@ -774,7 +759,7 @@ def test_server_header(serve: Serve) -> None:
         assert client.get(running.url()).headers["server"] == "test-server/1.0"
 
 
-def test_connections_info_counts_an_open_keep_alive_connection(serve: Serve, loop_thread: LoopThread) -> None:
+def test_connections_info_counts_an_open_keep_alive_connection(serve: Serve, loop_thread: BackgroundLoop) -> None:
     running = serve(_ok)
     info = lambda: on_loop(loop_thread, running.server.connections_info)  # noqa: E731
     assert info().total == 0
@@ -1089,7 +1074,7 @@ def test_port_zero_is_one_port_on_every_interface(serve: Serve) -> None:
             assert request(running.port, host=host)[1] == b"ok"
 
 
-def test_loopback_constructor(loop_thread: LoopThread) -> None:
+def test_loopback_constructor(loop_thread: BackgroundLoop) -> None:
     async def scenario() -> tuple[list[tuple[str, int]], int]:
         server = await NativeHttpServer.loopback(0, http3=False)
         try:
@@ -1128,7 +1113,7 @@ def test_any_with_v6_only_binds_both_families_on_one_port(serve: Serve) -> None:
     assert request(port, host="::1")[1] == b"ok"
 
 
-def test_invalid_port_is_refused(loop_thread: LoopThread) -> None:
+def test_invalid_port_is_refused(loop_thread: BackgroundLoop) -> None:
     with pytest.raises(ValueError):
         loop_thread.run(NativeHttpServer.bind("127.0.0.1", 70000))
 
@@ -1136,7 +1121,7 @@ def test_invalid_port_is_refused(loop_thread: LoopThread) -> None:
 # ---------------------------------------------------------------- closing
 
 
-def test_async_context_manager_closes(loop_thread: LoopThread) -> None:
+def test_async_context_manager_closes(loop_thread: BackgroundLoop) -> None:
     async def scenario() -> tuple[int, int, str]:
         async with await NativeHttpServer.bind("127.0.0.1", 0, http3=False) as server:
             server.serve(_ok)
@@ -1178,7 +1163,7 @@ def test_close_drains_an_in_flight_request(serve: Serve) -> None:
     assert refused(running.port)
 
 
-def test_close_force_aborts_an_in_flight_request(serve: Serve, loop_thread: LoopThread) -> None:
+def test_close_force_aborts_an_in_flight_request(serve: Serve, loop_thread: BackgroundLoop) -> None:
     started = threading.Event()
     finished = threading.Event()
     release = asyncio.Event()

@@ -13,11 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
-import server_native
-from server_native import _loader, _platforms
-from server_native.prebuilt import make_folders
-
 from distribution_helpers import (
     HOST_LABEL,
     REAL_LIBRARY,
@@ -37,6 +32,11 @@ from distribution_helpers import (
     tool_module,
     user_cache_of,
 )
+
+import server_native
+from server_native._dist import loader as _loader
+from server_native._dist import platforms as _platforms
+from server_native._dist.setup import make_folders
 
 pytestmark = pytest.mark.skipif(HOST_LABEL is None or not REAL_LIBRARY.is_file(), reason="no platform label / library here")
 
@@ -312,7 +312,7 @@ def test_mobile_platforms_use_only_the_package(world: World) -> None:
     whatever the environment variable and the caches hold."""
     place_library(world.project_dir())
     code = (
-        "import json, server_native._loader as l\n"
+        "import json, server_native._dist.loader as l\n"
         "r = l.resolve(sys_platform='android', build=False)\n"
         "print(json.dumps(r.as_dict()))\n"
     )
@@ -373,7 +373,7 @@ if args:
     except SystemExit as exc:
         code = exc.code
 else:
-    import server_native, server_native.cli
+    import server_native, server_native.cli.main
     code = server_native.__version__
 print(json.dumps({"code": code, "loaded": sorted(m for m in ("server_native._native", "requests", "tqdm") if m in sys.modules)}))
 """

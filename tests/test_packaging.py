@@ -40,10 +40,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-
-from server_native import _loader, _platforms
-
-from apps.harness import free_port
+from apps.harness import free_port, wait_for
 from distribution_helpers import (
     HOST_LABEL,
     REAL_LIBRARY,
@@ -51,11 +48,14 @@ from distribution_helpers import (
     TAG,
     build_wrong_abi_library,
     clean_env,
+    copy_sources,
     serve_one_request,
     venv_tool,
-    wait_until,
     without_cargo,
 )
+
+from server_native._dist import loader as _loader
+from server_native._dist import platforms as _platforms
 
 pytestmark = [
     pytest.mark.skipif(not sys.platform.startswith("linux") or HOST_LABEL != "linux-x64", reason="the linux-x64 packaging checks"),
@@ -63,8 +63,8 @@ pytestmark = [
 ]
 
 SDIST_FILES = ["Cargo.toml", "Cargo.lock", "src/lib.rs", "hatch_build.py", "pyproject.toml", "LICENSE", "README.md",
-               "server_native/_loader.py", "server_native/_platforms.py", "server_native/_prebuilt_release.py",
-               "server_native/prebuilt.py", "server_native/py.typed", "server_native/_native.pyi"]
+               "server_native/_dist/loader.py", "server_native/_dist/platforms.py", "server_native/_dist/release.py",
+               "server_native/_dist/setup.py", "server_native/py.typed", "server_native/_native.pyi"]
 LOG = Path(os.environ.get("SERVER_NATIVE_PACKAGING_LOG", "")) if os.environ.get("SERVER_NATIVE_PACKAGING_LOG") else None
 
 
@@ -132,7 +132,7 @@ def test_wheel_tag_auditwheel_and_abi3audit(artifacts: Artifacts) -> None:
     assert wheel.name.startswith("server_native-") and "-cp310-abi3-manylinux_" in wheel.name and wheel.name.endswith("_x86_64.whl")
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
-    assert "server_native/_native.abi3.so" in names and "server_native/_loader.py" in names
+    assert "server_native/_native.abi3.so" in names and "server_native/_dist/loader.py" in names
     assert not [n for n in names if n.startswith("server_native/") and n.endswith(".so") and n != "server_native/_native.abi3.so"]
     shown = run([sys.executable, "-m", "auditwheel", "show", str(wheel)], timeout=300).stdout
     platform_tag = wheel.name[: -len(".whl")].split("-")[-1]
@@ -220,9 +220,7 @@ def test_loader_builds_from_source_in_a_checkout_without_a_library(tmp_path: Pat
     for name in ("pyproject.toml", "Cargo.toml", "Cargo.lock", "README.md"):
         shutil.copy2(ROOT / name, checkout / name)
     shutil.copytree(ROOT / "src", checkout / "src")
-    (checkout / "server_native").mkdir()
-    for source in (ROOT / "server_native").glob("*.py"):
-        shutil.copy2(source, checkout / "server_native" / source.name)
+    copy_sources(checkout / "server_native")
     home = tmp_path / "home"
     home.mkdir()
     work = tmp_path / "work"
@@ -246,10 +244,7 @@ def source_tree(target: Path) -> Path:
     for name in ("pyproject.toml", "Cargo.toml", "Cargo.lock", "hatch_build.py", "README.md", "LICENSE"):
         shutil.copyfile(ROOT / name, target / name)
     shutil.copytree(ROOT / "src", target / "src")
-    (target / "server_native").mkdir()
-    for source in (ROOT / "server_native").iterdir():
-        if source.suffix in (".py", ".pyi") or source.name == "py.typed":
-            shutil.copyfile(source, target / "server_native" / source.name)
+    copy_sources(target / "server_native")
     return target
 
 
@@ -321,7 +316,7 @@ def test_a_staged_library_with_the_wrong_abi_is_skipped(tmp_path: Path) -> None:
 
 
 def _loader_version() -> str:
-    from server_native import _prebuilt_release
+    from server_native._dist import release as _prebuilt_release
 
     return _prebuilt_release.VERSION
 
@@ -580,7 +575,7 @@ def test_progress_goes_on_while_one_crate_compiles() -> None:
     beating = threading.Thread(target=progress.heartbeat, args=(stop,))
     beating.start()
     try:
-        assert wait_until(lambda: out.getvalue().count("compiling server_native (crate 1)") >= 3, timeout=30), out.getvalue()
+        wait_for(lambda: out.getvalue().count("compiling server_native (crate 1)") >= 3, timeout=30, what="three progress lines")
     finally:
         stop.set()
         beating.join(10)
@@ -670,7 +665,7 @@ def test_sdist_holds_what_a_build_needs_and_no_tests(tmp_path: Path) -> None:
 def test_project_urls_follow_the_release_repository() -> None:
     import tomllib
 
-    from server_native import _prebuilt_release
+    from server_native._dist import release as _prebuilt_release
 
     urls = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["urls"]
     assert urls and all(url.startswith("https://") for url in urls.values())

@@ -19,13 +19,12 @@ import h2.exceptions
 import httpx
 import pytest
 import trustme
+from conftest import Certificates, requires_curl, requires_ipv6
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 import server_native
 from server_native import TlsConfigError
-
-from conftest import Certificates, requires_curl, requires_ipv6
 
 TIMEOUT = 10
 

@@ -19,14 +19,26 @@ import h2.config
 import h2.connection
 import h2.events
 import pytest
-
 from apps.harness import TIMEOUT, free_port, serving
-from conftest import Certificates, LogLines, LoopThread
-from proxies import GET, body_of, connect, haproxy, nginx, proxy_v1, proxy_v2, read_all, through, tls_context, tlv
+from conftest import BackgroundLoop, Certificates, LogLines
+from proxies import (
+    GET,
+    body_of,
+    connect,
+    haproxy,
+    nginx,
+    proxy_v1,
+    proxy_v2,
+    read_all,
+    through,
+    tls_context,
+    tlv,
+)
+
 from server_native import NativeHttpServer, ServerConfig
-from server_native.asgi import serve_asgi
-from server_native.direct import NativeDirectResponse, serve_native_direct
-from server_native.wsgi import serve_wsgi
+from server_native.interfaces.asgi import serve_asgi
+from server_native.interfaces.direct import NativeDirectResponse, serve_native_direct
+from server_native.interfaces.wsgi import serve_wsgi
 
 CLIENT = ("203.0.113.7", 56324)
 CLIENT6 = ("2001:db8::7", 4242)
@@ -143,7 +155,7 @@ def test_the_header_is_read_once_per_connection(serve: Any) -> None:
 
 @pytest.mark.skipif(sys.platform == "win32", reason="Unix domain sockets")
 @pytest.mark.parametrize("native_callback", TRANSPORTS)
-def test_over_a_unix_socket_the_header_names_the_client(tmp_path: Path, native_callback: bool, loop_thread: LoopThread) -> None:
+def test_over_a_unix_socket_the_header_names_the_client(tmp_path: Path, native_callback: bool, loop_thread: BackgroundLoop) -> None:
     path = f"/tmp/sn-pp-{tmp_path.name[-10:]}.sock"
     server = loop_thread.run(NativeHttpServer.bind_unix(path, proxy_protocol=True, native_callback=native_callback))
     try:
@@ -275,7 +287,7 @@ listen passthrough
 
 
 def _tls(certs: Certificates) -> Any:
-    from server_native.server import tls_settings
+    from server_native.runtime.bound import tls_settings
 
     return tls_settings(certificate_path=certs.cert_path, key_path=certs.key_path)
 

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from proxies import haproxy_or_skip
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmark" / "rolling_restart.py"

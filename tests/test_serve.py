@@ -26,8 +26,7 @@ from typing import Any
 
 import httpx
 import pytest
-
-from apps.harness import free_port
+from apps.harness import free_port, refused
 
 from server_native import (
     Cookie,
@@ -41,12 +40,12 @@ from server_native import (
     serve_secure_native_http,
     serve_secure_native_multi,
 )
-from server_native.addresses import ipv6_available
+from server_native.runtime.addresses import ipv6_available
 
 try:
-    from .conftest import Certificates, LogLines, LoopThread, requires_ipv6
+    from .conftest import BackgroundLoop, Certificates, LogLines, requires_ipv6
 except ImportError:  # tests/ run as a plain directory
-    from conftest import Certificates, LogLines, LoopThread, requires_ipv6  # type: ignore[no-redef]
+    from conftest import BackgroundLoop, Certificates, LogLines, requires_ipv6  # type: ignore[no-redef]
 
 TIMEOUT = 10
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,16 +83,6 @@ def url(host: str, port: int, path: str = "/", scheme: str = "http") -> str:
     return f"{scheme}://{shown}:{port}{path}"
 
 
-def refused(host: str, port: int) -> bool:
-    """Whether nothing listens any more. A reset is a connection caught in a
-    listener's backlog as it closed: not refused yet."""
-    try:
-        with socket.create_connection((host, port), timeout=TIMEOUT):
-            return False
-    except ConnectionRefusedError:
-        return True
-    except ConnectionResetError:
-        return False
 
 
 @dataclass
@@ -102,7 +91,7 @@ class Serving:
 
     future: concurrent.futures.Future[Any]
     event: asyncio.Event
-    loop_thread: LoopThread
+    loop_thread: BackgroundLoop
     server_log: LogLines
     output: list[str] = field(default_factory=list)
 
@@ -128,7 +117,7 @@ class Serving:
 
 
 @pytest.fixture
-def run_serve(loop_thread: LoopThread, server_log: LogLines) -> Iterator[Callable[..., Serving]]:
+def run_serve(loop_thread: BackgroundLoop, server_log: LogLines) -> Iterator[Callable[..., Serving]]:
     """``run_serve(helper, *args, **kwargs)`` runs a serve helper with an
     ``asyncio.Event`` as its shutdown signal (and HTTP/3 off)."""
     started: list[Serving] = []
@@ -190,7 +179,7 @@ def test_serve_native_http_serves_echoes_and_returns_on_the_signal(run_serve: Ca
     assert response.json()["path"] == "/hello"
     assert not serving.future.done()
     assert serving.stop() is None
-    assert refused("127.0.0.1", line.port)
+    assert refused(line.port)
 
 
 def test_echo_line_without_http2(run_serve: Callable[..., Serving]) -> None:
@@ -282,10 +271,10 @@ def test_shutdown_signal_future_drains_an_in_flight_request(run_serve: Callable[
         response = pending.result(TIMEOUT)
     assert response.status_code == 200
     assert response.text == "slow but answered"
-    assert refused("127.0.0.1", line.port)
+    assert refused(line.port)
 
 
-def test_shutdown_signal_can_be_any_awaitable(loop_thread: LoopThread, server_log: LogLines) -> None:
+def test_shutdown_signal_can_be_any_awaitable(loop_thread: BackgroundLoop, server_log: LogLines) -> None:
     async def scenario() -> tuple[int, str]:
         stop: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         task = asyncio.ensure_future(serve_native_http(echo_handler, "127.0.0.1", 0, shutdown_signal=stop, http3=False))
@@ -305,7 +294,7 @@ def test_shutdown_signal_can_be_any_awaitable(loop_thread: LoopThread, server_lo
 
     port, path = loop_thread.run(scenario())
     assert path == "/future"
-    assert refused("127.0.0.1", port)
+    assert refused(port)
 
 
 def test_handler_exception_gives_500_through_serve(run_serve: Callable[..., Serving]) -> None:
@@ -337,15 +326,15 @@ def test_serve_native_multi_two_binds_on_different_ports(run_serve: Callable[...
         assert data["remote"] == line.host
     serving.stop()
     for line in lines:
-        assert refused(line.host, line.port)
+        assert refused(line.port, line.host)
 
 
-def test_serve_native_multi_with_empty_binds_raises(loop_thread: LoopThread) -> None:
+def test_serve_native_multi_with_empty_binds_raises(loop_thread: BackgroundLoop) -> None:
     with pytest.raises(ValueError):
         loop_thread.run(serve_native_multi(echo_handler, [], http3=False))
 
 
-def test_serve_secure_native_multi_with_empty_binds_raises(loop_thread: LoopThread, certs: Certificates) -> None:
+def test_serve_secure_native_multi_with_empty_binds_raises(loop_thread: BackgroundLoop, certs: Certificates) -> None:
     with pytest.raises(ValueError):
         loop_thread.run(
             serve_secure_native_multi(
@@ -354,7 +343,7 @@ def test_serve_secure_native_multi_with_empty_binds_raises(loop_thread: LoopThre
         )
 
 
-def test_serve_native_multi_releases_earlier_binds_when_one_fails(loop_thread: LoopThread) -> None:
+def test_serve_native_multi_releases_earlier_binds_when_one_fails(loop_thread: BackgroundLoop) -> None:
     with socket.socket() as occupied:
         occupied.bind(("127.0.0.1", 0))
         occupied.listen()
@@ -385,7 +374,7 @@ def test_native_multi_server_loopback(run_serve: Callable[..., Serving]) -> None
     port = lines[0].port
     assert get(url("127.0.0.1", port, "/loop")).json()["path"] == "/loop"
     serving.stop()
-    assert refused("127.0.0.1", port)
+    assert refused(port)
 
 
 @requires_ipv6
@@ -477,7 +466,7 @@ def test_native_multi_server_bind_secure(run_serve: Callable[..., Serving], cert
     serving.stop()
 
 
-def test_serve_secure_with_a_missing_certificate_raises(loop_thread: LoopThread, certs: Certificates, tmp_path: Path) -> None:
+def test_serve_secure_with_a_missing_certificate_raises(loop_thread: BackgroundLoop, certs: Certificates, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         loop_thread.run(
             serve_secure_native_http(
@@ -609,7 +598,7 @@ def test_second_signal_during_the_drain_exits_at_once(child: Child, sig: signal.
         # The first signal was handled once the listener is gone (the drain
         # stops accepting); bounded wait.
         deadline = time.monotonic() + 5
-        while not refused("127.0.0.1", port):
+        while not refused(port):
             if time.monotonic() > deadline:
                 child.fail("the server kept accepting during the drain")
             time.sleep(0.02)

@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 import pytest
+from apps.harness import free_port
 from conftest import Certificates, LogLines
 from test_bad_input import exchange, read_response, status_of
 
@@ -153,8 +154,8 @@ def test_a_flood_of_refusals_is_one_line_a_second_with_a_count(serve: Any, serve
 
 def test_http3_left_off_for_a_taken_udp_port_is_a_warning(serve: Any, certs: Certificates, server_log: LogLines) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
-        taken.bind(("127.0.0.1", 0))
-        port = taken.getsockname()[1]
+        port = free_port()  # free over TCP: only its UDP twin is taken
+        taken.bind(("127.0.0.1", port))
         server = serve(
             BodyReader(), port=port, certificate_path=certs.cert_path, key_path=certs.key_path, http3=True, http3_best_effort=True
         )

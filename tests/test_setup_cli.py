@@ -19,13 +19,14 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
-from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import (
+    BaseHTTPRequestHandler,
+    SimpleHTTPRequestHandler,
+    ThreadingHTTPServer,
+)
 from pathlib import Path
 
 import pytest
-
-from server_native import _platforms, _prebuilt_release, prebuilt
-
 from distribution_helpers import (
     HOST_LABEL,
     REAL_LIBRARY,
@@ -41,6 +42,10 @@ from distribution_helpers import (
     tool_module,
     user_cache_of,
 )
+
+from server_native._dist import platforms as _platforms
+from server_native._dist import release as _prebuilt_release
+from server_native._dist import setup as prebuilt
 
 pytestmark = pytest.mark.skipif(HOST_LABEL is None or not REAL_LIBRARY.is_file(), reason="no platform label / library here")
 
@@ -587,7 +592,7 @@ def test_without_gh_setup_says_nothing_proved_the_download(project: Project, rel
 
 
 def test_release_metadata_is_not_stale() -> None:
-    """server_native/_prebuilt_release.py matches the version in pyproject.toml
+    """server_native/_dist/release.py matches the version in pyproject.toml
     (after a version bump: python tool/generate_prebuilt_release.py)."""
     done = subprocess.run([sys.executable, str(ROOT / "tool" / "generate_prebuilt_release.py"), "--check"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

@@ -19,7 +19,7 @@ import hpack
 import httpx
 import hyperframe.frame
 import pytest
-from apps.harness import free_port
+from apps.harness import free_port, refused, wait_for, wait_refused
 from conftest import requires_curl
 
 TIMEOUT = 10
@@ -91,25 +91,8 @@ def new_connection_is_served(port: int) -> bool:
         return False
 
 
-def refused_once(port: int) -> bool:
-    """Whether nothing listens on ``port`` (a reset means something does)."""
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-    except ConnectionRefusedError:
-        return True
-    except ConnectionResetError:
-        pass
-    return False
 
 
-def wait_refused(port: int) -> bool:
-    """Waits (bounded) until connecting to ``port`` is refused."""
-    end = time.monotonic() + TIMEOUT
-    while time.monotonic() < end:
-        if refused_once(port):
-            return True
-        time.sleep(0.02)
-    return False
 
 
 # ---------------------------------------------------------------- HTTP/1.1
@@ -160,6 +143,31 @@ def test_graceful_close_closes_idle_keep_alive_connections(serve: Any) -> None:
         running.loop_thread.run(running.server.close(), timeout=TIMEOUT)
         sock.settimeout(TIMEOUT)
         assert sock.recv(4096) == b"", "an idle keep-alive connection outlived a graceful close"
+
+
+def test_a_connection_accepted_before_the_drain_has_its_first_request_answered(serve: Any) -> None:
+    """A client that connected just before the drain began sends its request
+    a moment later: it gets the answer, with ``Connection: close``, not a
+    closed connection."""
+
+    async def handler(request: Any) -> None:
+        request.response.write("ok")
+
+    running = serve(handler)
+    with socket.create_connection(("127.0.0.1", running.port), timeout=TIMEOUT) as sock:
+        wait_for(lambda: running.server.connections_info().total == 1, what="the connection to be accepted")
+        closing = begin_close(running)
+        assert wait_refused(running.port)  # the drain has begun
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.settimeout(TIMEOUT)
+        response = b""
+        while chunk := sock.recv(4096):
+            response += chunk
+    closing.result(TIMEOUT)
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), response
+    assert b"connection: close" in head.lower()
+    assert body == b"ok"
 
 
 # ---------------------------------------------------------------- HTTP/2
@@ -448,7 +456,7 @@ def test_a_close_that_ends_after_its_loop_closed_reports_nothing(monkeypatch: py
     try:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             end = time.monotonic() + TIMEOUT
-            while refused_once(port) and time.monotonic() < end:
+            while refused(port) and time.monotonic() < end:
                 time.sleep(0.02)
             result = pool.submit(http11_get, port, "/never")
             assert arrived.wait(TIMEOUT)
@@ -481,7 +489,7 @@ def test_a_serve_coroutine_closed_with_its_loop_gone_stops_quietly() -> None:
 
     async def until_listening() -> None:
         end = time.monotonic() + TIMEOUT
-        while refused_once(port) and time.monotonic() < end:
+        while refused(port) and time.monotonic() < end:
             await asyncio.sleep(0.02)
 
     loop.run_until_complete(until_listening())

@@ -27,15 +27,22 @@ from typing import Any
 
 import httpx
 import pytest
-
 from apps.harness import serving
-from conftest import Certificates, LogLines, LoopThread, RunningServer, requires_curl
-from server_native import ServerConfig
-from server_native.asgi import serve_asgi
-from server_native.direct import NativeDirectResponse, serve_native_direct
-from server_native.wsgi import serve_wsgi
-from test_cli import app_dir, command, environment, serving as cli_serving  # noqa: F401 - app_dir is a fixture
+from conftest import (
+    BackgroundLoop,
+    Certificates,
+    LogLines,
+    RunningServer,
+    requires_curl,
+)
+from test_cli import app_dir, command, environment  # noqa: F401 - app_dir is a fixture
+from test_cli import serving as cli_serving
 from test_http3 import connect, run, start_h3
+
+from server_native import ServerConfig
+from server_native.interfaces.asgi import serve_asgi
+from server_native.interfaces.direct import NativeDirectResponse, serve_native_direct
+from server_native.interfaces.wsgi import serve_wsgi
 
 TIMEOUT = 10
 MIB = 1024 * 1024
@@ -509,7 +516,7 @@ def test_http2_file_range_304_head_and_a_20_mib_file(static_server: Any, site: S
 
 
 def test_http3_file_range_head_traversal_and_a_20_mib_file(
-    serve: Callable[..., RunningServer], site: Site, loop_thread: LoopThread, certs: Certificates
+    serve: Callable[..., RunningServer], site: Site, loop_thread: BackgroundLoop, certs: Certificates
 ) -> None:
     app = RecordingApp()
     running = start_h3(serve, certs, app, static_files=[("/static", site.public)])

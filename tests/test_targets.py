@@ -38,10 +38,10 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-
-from server_native import _platforms, _prebuilt_release
-
 from distribution_helpers import ROOT, TAG, clean_env, copy_package, run_cli
+
+from server_native._dist import platforms as _platforms
+from server_native._dist import release as _prebuilt_release
 
 CARGO = shutil.which("cargo") or shutil.which("cargo", path=str(Path.home() / ".cargo" / "bin"))
 requires_cargo = pytest.mark.skipif(CARGO is None, reason="cargo is not installed")
@@ -306,7 +306,7 @@ def test_a_release_of_cross_built_libraries_installs_with_setup(cross_builds: Cr
     # the package as a wheel of this release would carry it: metadata with its hashes
     site = tmp_path / "site"
     package = copy_package(site)
-    metadata = package / "_prebuilt_release.py"
+    metadata = package / "_dist" / "release.py"
     tool("generate_prebuilt_release", "--manifest", str(release / "SHA256SUMS"), "--repository", "example/server_native", "--output", str(metadata))
     tool("generate_prebuilt_release", "--check", "--output", str(metadata))
     generated = metadata.read_text()

@@ -24,15 +24,15 @@ from typing import Any
 
 import httpx
 import pytest
-
 from apps.harness import serving
-from conftest import Certificates, LoopThread, requires_curl
+from conftest import BackgroundLoop, Certificates, requires_curl
+
 from server_native import NativeHttpServer
-from server_native.asgi import serve_asgi
-from server_native.direct import NativeDirectResponse, serve_native_direct
-from server_native.proxy import ProxyHeaders
-from server_native.server import tls_settings
-from server_native.wsgi import serve_wsgi
+from server_native.interfaces.asgi import serve_asgi
+from server_native.interfaces.direct import NativeDirectResponse, serve_native_direct
+from server_native.interfaces.wsgi import serve_wsgi
+from server_native.runtime.bound import tls_settings
+from server_native.runtime.proxy import ProxyHeaders
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="Unix domain sockets")
 
@@ -128,7 +128,7 @@ def test_direct_handler_sees_no_client(sock_path: str, native_callback: bool) ->
 
 
 @contextmanager
-def http_server_on(path: str, loop_thread: LoopThread, native_callback: bool, **options: Any) -> Iterator[NativeHttpServer]:
+def http_server_on(path: str, loop_thread: BackgroundLoop, native_callback: bool, **options: Any) -> Iterator[NativeHttpServer]:
     async def handler(request: Any) -> None:
         info = request.connection_info
         request.response.write(f"{tuple(info)} {request.requested_uri.geturl()}")
@@ -148,7 +148,7 @@ def http_server_on(path: str, loop_thread: LoopThread, native_callback: bool, **
 
 @requires_curl
 @pytest.mark.parametrize("native_callback", TRANSPORTS)
-def test_http_server_bind_unix_with_curl(sock_path: str, loop_thread: LoopThread, native_callback: bool) -> None:
+def test_http_server_bind_unix_with_curl(sock_path: str, loop_thread: BackgroundLoop, native_callback: bool) -> None:
     with http_server_on(sock_path, loop_thread, native_callback) as server:
         assert (server.uds, server.address, server.addresses, server.port) == (sock_path, sock_path, [], 0)
         outputs = [
@@ -163,7 +163,7 @@ def test_http_server_bind_unix_with_curl(sock_path: str, loop_thread: LoopThread
 
 
 @requires_curl
-def test_tls_over_the_socket(sock_path: str, loop_thread: LoopThread, certs: Certificates) -> None:
+def test_tls_over_the_socket(sock_path: str, loop_thread: BackgroundLoop, certs: Certificates) -> None:
     tls = tls_settings(certificate_path=certs.cert_path, key_path=certs.key_path)
     with http_server_on(sock_path, loop_thread, True, tls=tls):
         output = subprocess.run(
@@ -173,19 +173,19 @@ def test_tls_over_the_socket(sock_path: str, loop_thread: LoopThread, certs: Cer
     assert output == "('', 0, 0) https://localhost/"
 
 
-def test_socket_file_mode(sock_path: str, loop_thread: LoopThread) -> None:
+def test_socket_file_mode(sock_path: str, loop_thread: BackgroundLoop) -> None:
     with http_server_on(sock_path, loop_thread, True, uds_mode=0o660):
         assert stat.S_IMODE(os.lstat(sock_path).st_mode) == 0o660
 
 
-def test_a_stale_socket_file_is_replaced(sock_path: str, loop_thread: LoopThread) -> None:
+def test_a_stale_socket_file_is_replaced(sock_path: str, loop_thread: BackgroundLoop) -> None:
     with socket.socket(socket.AF_UNIX) as gone:
         gone.bind(sock_path)  # bound, never listening, closed: what a killed server leaves
     with http_server_on(sock_path, loop_thread, True):
         assert raw_request(sock_path, b"GET / HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.0 200")
 
 
-def test_a_live_socket_is_not_stolen(sock_path: str, loop_thread: LoopThread) -> None:
+def test_a_live_socket_is_not_stolen(sock_path: str, loop_thread: BackgroundLoop) -> None:
     with http_server_on(sock_path, loop_thread, True):
         with pytest.raises(OSError) as raised:
             loop_thread.run(NativeHttpServer.bind_unix(sock_path))
@@ -193,26 +193,26 @@ def test_a_live_socket_is_not_stolen(sock_path: str, loop_thread: LoopThread) ->
         assert raw_request(sock_path, b"GET / HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.0 200")
 
 
-def test_a_regular_file_is_refused_and_left_alone(sock_path: str, loop_thread: LoopThread) -> None:
+def test_a_regular_file_is_refused_and_left_alone(sock_path: str, loop_thread: BackgroundLoop) -> None:
     Path(sock_path).write_text("precious")
     with pytest.raises(FileExistsError, match="not a socket"):
         loop_thread.run(NativeHttpServer.bind_unix(sock_path))
     assert Path(sock_path).read_text() == "precious"
 
 
-def test_a_missing_directory_is_a_clear_error(sock_path: str, loop_thread: LoopThread) -> None:
+def test_a_missing_directory_is_a_clear_error(sock_path: str, loop_thread: BackgroundLoop) -> None:
     with pytest.raises(FileNotFoundError, match="cannot bind unix socket"):
         loop_thread.run(NativeHttpServer.bind_unix(os.path.join(sock_path, "nowhere", "app.sock")))
 
 
-def test_close_leaves_a_file_that_replaced_the_socket(sock_path: str, loop_thread: LoopThread) -> None:
+def test_close_leaves_a_file_that_replaced_the_socket(sock_path: str, loop_thread: BackgroundLoop) -> None:
     with http_server_on(sock_path, loop_thread, True):
         os.unlink(sock_path)
         Path(sock_path).write_text("someone else's")
     assert Path(sock_path).read_text() == "someone else's"
 
 
-def test_serves_an_inherited_listening_fd(loop_thread: LoopThread) -> None:
+def test_serves_an_inherited_listening_fd(loop_thread: BackgroundLoop) -> None:
     with socket.socket() as listening:
         listening.bind(("127.0.0.1", 0))
         listening.listen()
@@ -233,7 +233,7 @@ async def _hello(request: Any) -> None:
     await request.response.close()
 
 
-def test_an_fd_that_is_not_a_socket_is_a_clear_error(tmp_path: Path, loop_thread: LoopThread) -> None:
+def test_an_fd_that_is_not_a_socket_is_a_clear_error(tmp_path: Path, loop_thread: BackgroundLoop) -> None:
     with open(tmp_path / "file", "w") as file:
         with pytest.raises(OSError, match="not a stream socket"):
             loop_thread.run(NativeHttpServer.bind("", fd=file.fileno()))

@@ -13,10 +13,10 @@ import threading
 from typing import Any
 
 import pytest
-
 from apps.harness import h2_websocket_exchange, serving
-from server_native.asgi import serve_asgi
-from server_native.websocket import upgrade_websocket
+
+from server_native.http.websocket import upgrade_websocket
+from server_native.interfaces.asgi import serve_asgi
 
 TIMEOUT = 10
 MIB = 1 << 20

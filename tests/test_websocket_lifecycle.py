@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-
 from apps.harness import (
     TIMEOUT,
     WEBSOCKET_KEY,
@@ -29,10 +28,11 @@ from apps.harness import (
     wait_for,
 )
 from conftest import TRANSPORTS, Certificates, LogLines
-from server_native.asgi import serve_asgi
-from server_native.config import TlsConfig
-from server_native.serve import serve_native_http
-from server_native.websocket import upgrade_websocket
+
+from server_native.http.serve import serve_native_http
+from server_native.http.websocket import upgrade_websocket
+from server_native.interfaces.asgi import serve_asgi
+from server_native.runtime.config import TlsConfig
 
 #: The keys of the ASGI `websocket` scope, and no others.
 SCOPE_KEYS = {
@@ -480,7 +480,7 @@ def test_pings_can_be_turned_off(native_callback: bool) -> None:
 
 
 def test_ping_options_are_checked() -> None:
-    from server_native.config import ServerConfig
+    from server_native.runtime.config import ServerConfig
 
     with pytest.raises(ValueError, match="ws_ping_interval"):
         ServerConfig(ws_ping_interval=-1)

@@ -28,11 +28,19 @@ import django
 import httpx
 import pytest
 import requests
+from apps import django_urls, flask_app
+from apps.harness import (
+    TIMEOUT,
+    BackgroundLoop,
+    Running,
+    plain_tracebacks,
+    serving,
+    start,
+    wait_for,
+)
 from django.conf import settings
 
-from apps import django_urls, flask_app
-from apps.harness import TIMEOUT, BackgroundLoop, Running, plain_tracebacks, serving, start, wait_for
-from server_native.wsgi import FileWrapper, serve_wsgi
+from server_native.interfaces.wsgi import FileWrapper, serve_wsgi
 
 if not settings.configured:
     settings.configure(**django_urls.SETTINGS)
@@ -77,8 +85,8 @@ def django_server() -> Iterator[Running]:
         yield running
 
 
-def run_raw(bg: BackgroundLoop, app: Callable[[Environ, StartResponse], Iterable[bytes]], **options: Any) -> Running:
-    return start(bg, serve_wsgi, app, **options)
+def run_raw(loop_thread: BackgroundLoop, app: Callable[[Environ, StartResponse], Iterable[bytes]], **options: Any) -> Running:
+    return start(loop_thread, serve_wsgi, app, **options)
 
 
 # ================================================================ Flask
@@ -343,8 +351,8 @@ def test_django_streaming_file_cookies_errors_redirect(django_server: Running, d
         assert go.status_code == 302 and go.headers["location"] == "/"
 
 
-def test_django_script_name(bg: BackgroundLoop) -> None:
-    running = start(bg, serve_wsgi, get_wsgi_application(), root_path="/app")
+def test_django_script_name(loop_thread: BackgroundLoop) -> None:
+    running = start(loop_thread, serve_wsgi, get_wsgi_application(), root_path="/app")
     try:
         data = get(running.url("/meta/")).json()
         item = get(running.url("/items/3/")).json()
@@ -367,9 +375,9 @@ def environ_app(environ: Environ, start_response: StartResponse) -> Iterable[byt
     return [json.dumps(shown).encode()]
 
 
-def environ_of(bg: BackgroundLoop, request: bytes) -> dict[str, Any]:
+def environ_of(loop_thread: BackgroundLoop, request: bytes) -> dict[str, Any]:
     """The environ ``environ_app`` saw for ``request``, sent as these bytes."""
-    running = run_raw(bg, environ_app)
+    running = run_raw(loop_thread, environ_app)
     try:
         with socket.create_connection(("127.0.0.1", running.port), timeout=TIMEOUT) as sock:
             sock.sendall(request)
@@ -382,19 +390,19 @@ def environ_of(bg: BackgroundLoop, request: bytes) -> dict[str, Any]:
     return environ
 
 
-def test_path_info_is_latin1_of_the_decoded_bytes(bg: BackgroundLoop) -> None:
-    data = environ_of(bg, b"GET /caf%C3%A9/a%20b/%2F/x?q=%C3%A9 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+def test_path_info_is_latin1_of_the_decoded_bytes(loop_thread: BackgroundLoop) -> None:
+    data = environ_of(loop_thread, b"GET /caf%C3%A9/a%20b/%2F/x?q=%C3%A9 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     # PEP 3333: PATH_INFO is the percent-decoded bytes as a latin-1 "native string".
     assert data["PATH_INFO"] == "/caf\xc3\xa9/a b///x"
     assert data["PATH_INFO"].encode("latin-1").decode("utf-8") == "/café/a b///x"
     assert data["QUERY_STRING"] == "q=%C3%A9"  # not decoded
 
 
-def test_environ_edge_cases(bg: BackgroundLoop) -> None:
+def test_environ_edge_cases(loop_thread: BackgroundLoop) -> None:
     """Stray percent signs stay in PATH_INFO, header bytes map to latin-1,
     repeats join with "," and Content-Type/Length lose their HTTP_ prefix."""
     data = environ_of(
-        bg,
+        loop_thread,
         b"POST /a%zz/%41%4 HTTP/1.1\r\nHost: x\r\nX-Latin: caf\xe9\r\nX-Multi: 1\r\nX-Multi: 2\r\n"
         b"Content-Type: text/plain\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi",
     )
@@ -408,8 +416,8 @@ def test_environ_edge_cases(bg: BackgroundLoop) -> None:
     assert data["REMOTE_ADDR"] == "127.0.0.1" and data["REMOTE_PORT"].isdigit()
 
 
-def test_script_name_root_path(bg: BackgroundLoop) -> None:
-    running = run_raw(bg, environ_app, root_path="/mount")
+def test_script_name_root_path(loop_thread: BackgroundLoop) -> None:
+    running = run_raw(loop_thread, environ_app, root_path="/mount")
     try:
         data = get(running.url("/inner/x")).json()
     finally:
@@ -418,8 +426,8 @@ def test_script_name_root_path(bg: BackgroundLoop) -> None:
     assert data["PATH_INFO"] == "/inner/x"
 
 
-def test_flask_under_root_path(bg: BackgroundLoop) -> None:
-    running = start(bg, serve_wsgi, flask_app.app, root_path="/api")
+def test_flask_under_root_path(loop_thread: BackgroundLoop) -> None:
+    running = start(loop_thread, serve_wsgi, flask_app.app, root_path="/api")
     try:
         data = get(running.url("/items/5")).json()
         redirected = get(running.url("/redirect"), allow_redirects=False)
@@ -480,10 +488,10 @@ class InputProbe:
 
 
 @pytest.mark.parametrize("mode", ["read-size", "read-all", "readline", "readline-size", "readlines", "iterate"])
-def test_wsgi_input_4mib(bg: BackgroundLoop, mode: str) -> None:
+def test_wsgi_input_4mib(loop_thread: BackgroundLoop, mode: str) -> None:
     lines = [f"line {i:07d} ".encode() + os.urandom(20).hex().encode() + b"\n" for i in range(4 * MiB // 56)]
     body = b"".join(lines) + b"no newline at the end"
-    running = run_raw(bg, InputProbe())
+    running = run_raw(loop_thread, InputProbe())
     try:
         data = post(running.url(f"/?{mode}"), data=body).json()
     finally:
@@ -498,9 +506,9 @@ def test_wsgi_input_4mib(bg: BackgroundLoop, mode: str) -> None:
         assert data["max_size"] == 10
 
 
-def test_wsgi_input_streams_while_the_client_is_still_sending(bg: BackgroundLoop) -> None:
+def test_wsgi_input_streams_while_the_client_is_still_sending(loop_thread: BackgroundLoop) -> None:
     probe = InputProbe()
-    running = run_raw(bg, probe)
+    running = run_raw(loop_thread, probe)
     first, second = os.urandom(MiB), os.urandom(MiB)
     try:
         with socket.create_connection(("127.0.0.1", running.port), timeout=TIMEOUT) as sock:
@@ -518,9 +526,9 @@ def test_wsgi_input_streams_while_the_client_is_still_sending(bg: BackgroundLoop
     assert reading, "the app read nothing while half of the body was still to come"
 
 
-def test_wsgi_input_without_content_length_chunked(bg: BackgroundLoop) -> None:
+def test_wsgi_input_without_content_length_chunked(loop_thread: BackgroundLoop) -> None:
     pieces = [os.urandom(50_000) for _ in range(30)]
-    running = run_raw(bg, InputProbe())
+    running = run_raw(loop_thread, InputProbe())
     try:
         data = post(running.url("/?read-size"), data=iter(pieces)).json()
     finally:
@@ -650,10 +658,10 @@ def raw_get(port: int, path: str) -> bytes:
     return raw
 
 
-def test_file_wrapper(bg: BackgroundLoop, data_file: tuple[Path, bytes]) -> None:
+def test_file_wrapper(loop_thread: BackgroundLoop, data_file: tuple[Path, bytes]) -> None:
     path, data = data_file
     apps = RawApps(path)
-    running = run_raw(bg, apps)
+    running = run_raw(loop_thread, apps)
     try:
         response = get(running.url("/file-wrapper"))
         assert response.content == data
@@ -671,8 +679,8 @@ def test_file_wrapper_is_the_pep_3333_kind() -> None:
     assert handle.closed
 
 
-def test_start_response_with_exc_info_replaces_the_headers(bg: BackgroundLoop) -> None:
-    running = run_raw(bg, RawApps())
+def test_start_response_with_exc_info_replaces_the_headers(loop_thread: BackgroundLoop) -> None:
+    running = run_raw(loop_thread, RawApps())
     try:
         response = get(running.url("/exc-info"))
     finally:
@@ -683,9 +691,9 @@ def test_start_response_with_exc_info_replaces_the_headers(bg: BackgroundLoop) -
     assert "x-first" not in response.headers
 
 
-def test_start_response_with_exc_info_after_the_headers_reraises(bg: BackgroundLoop) -> None:
+def test_start_response_with_exc_info_after_the_headers_reraises(loop_thread: BackgroundLoop) -> None:
     apps = RawApps()
-    running = run_raw(bg, apps)
+    running = run_raw(loop_thread, apps)
     try:
         raw = raw_get(running.port, "/exc-info-after-body")
         assert get(running.url("/write")).text == "one,two,three"  # the worker goes on
@@ -697,9 +705,9 @@ def test_start_response_with_exc_info_after_the_headers_reraises(bg: BackgroundL
     assert not raw.endswith(b"0\r\n\r\n")  # cut, not a clean end of the chunked body
 
 
-def test_start_response_twice_without_exc_info_is_an_error(bg: BackgroundLoop) -> None:
+def test_start_response_twice_without_exc_info_is_an_error(loop_thread: BackgroundLoop) -> None:
     apps = RawApps()
-    running = run_raw(bg, apps)
+    running = run_raw(loop_thread, apps)
     try:
         response = get(running.url("/start-twice"))
     finally:
@@ -708,9 +716,9 @@ def test_start_response_twice_without_exc_info_is_an_error(bg: BackgroundLoop) -
     assert response.status_code == 500
 
 
-def test_write_callable(bg: BackgroundLoop) -> None:
+def test_write_callable(loop_thread: BackgroundLoop) -> None:
     apps = RawApps()
-    running = run_raw(bg, apps)
+    running = run_raw(loop_thread, apps)
     try:
         assert get(running.url("/write")).text == "one,two,three"
         with get(running.url("/write-gated"), stream=True) as response:
@@ -725,9 +733,9 @@ def test_write_callable(bg: BackgroundLoop) -> None:
         running.stop()
 
 
-def test_iterable_close_is_called(bg: BackgroundLoop) -> None:
+def test_iterable_close_is_called(loop_thread: BackgroundLoop) -> None:
     apps = RawApps()
-    running = run_raw(bg, apps)
+    running = run_raw(loop_thread, apps)
     try:
         assert get(running.url("/closing-ok")).content == b"a" * 1000 + b"b" * 1000 + b"c" * 1000
         assert apps.closings["/closing-ok"].closed.wait(TIMEOUT)
@@ -756,7 +764,7 @@ def wait_until_stalled(progress: Callable[[], int]) -> int:
     return last
 
 
-def test_iterable_close_is_called_when_the_client_goes_away(bg: BackgroundLoop) -> None:
+def test_iterable_close_is_called_when_the_client_goes_away(loop_thread: BackgroundLoop) -> None:
     closed = threading.Event()
     started = threading.Event()
 
@@ -773,7 +781,7 @@ def test_iterable_close_is_called_when_the_client_goes_away(bg: BackgroundLoop) 
         start_response("200 OK", [("Content-Type", "application/octet-stream")])
         return Endless()
 
-    running = run_raw(bg, app)
+    running = run_raw(loop_thread, app)
     try:
         sock = socket.create_connection(("127.0.0.1", running.port), timeout=TIMEOUT)
         sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -785,8 +793,8 @@ def test_iterable_close_is_called_when_the_client_goes_away(bg: BackgroundLoop) 
         running.stop()
 
 
-def test_errors_give_500_and_the_workers_go_on(bg: BackgroundLoop) -> None:
-    running = run_raw(bg, RawApps(), threads=2)
+def test_errors_give_500_and_the_workers_go_on(loop_thread: BackgroundLoop) -> None:
+    running = run_raw(loop_thread, RawApps(), threads=2)
     try:
         with session() as s:
             for path in ("/raise", "/no-start", "/generator-fails-first") * 3:
@@ -798,8 +806,8 @@ def test_errors_give_500_and_the_workers_go_on(bg: BackgroundLoop) -> None:
         running.stop()
 
 
-def test_status_reason_phrase_is_sent(bg: BackgroundLoop) -> None:
-    running = run_raw(bg, RawApps())
+def test_status_reason_phrase_is_sent(loop_thread: BackgroundLoop) -> None:
+    running = run_raw(loop_thread, RawApps())
     try:
         raw = raw_get(running.port, "/reason")
     finally:
@@ -807,7 +815,7 @@ def test_status_reason_phrase_is_sent(bg: BackgroundLoop) -> None:
     assert raw.startswith(b"HTTP/1.1 299 Custom Reason\r\n")
 
 
-def test_thread_pool_serves_requests_concurrently(bg: BackgroundLoop) -> None:
+def test_thread_pool_serves_requests_concurrently(loop_thread: BackgroundLoop) -> None:
     barrier = threading.Barrier(4, timeout=TIMEOUT)
     seen: list[str] = []
     lock = threading.Lock()
@@ -823,7 +831,7 @@ def test_thread_pool_serves_requests_concurrently(bg: BackgroundLoop) -> None:
         start_response(status, [("Content-Type", "text/plain")])
         return [environ["PATH_INFO"].encode()]
 
-    running = run_raw(bg, app, threads=4)
+    running = run_raw(loop_thread, app, threads=4)
     try:
         results: list[Any] = [None] * 8
 
@@ -844,7 +852,7 @@ def test_thread_pool_serves_requests_concurrently(bg: BackgroundLoop) -> None:
     assert len(set(seen)) == 4  # four worker threads, no more
 
 
-def test_more_requests_than_threads_queue_and_complete(bg: BackgroundLoop) -> None:
+def test_more_requests_than_threads_queue_and_complete(loop_thread: BackgroundLoop) -> None:
     gate = threading.Event()
     inside = []
     lock = threading.Lock()
@@ -856,7 +864,7 @@ def test_more_requests_than_threads_queue_and_complete(bg: BackgroundLoop) -> No
         start_response("200 OK", [])
         return [environ["PATH_INFO"].encode()]
 
-    running = run_raw(bg, app, threads=2)
+    running = run_raw(loop_thread, app, threads=2)
     try:
         results: list[Any] = [None] * 6
 
@@ -877,7 +885,7 @@ def test_more_requests_than_threads_queue_and_complete(bg: BackgroundLoop) -> No
     assert results == [f"/q{i}" for i in range(6)]
 
 
-def test_client_abort_mid_upload(bg: BackgroundLoop) -> None:
+def test_client_abort_mid_upload(loop_thread: BackgroundLoop) -> None:
     """A client that sends half of its body and leaves: the app never gets a
     truncated body as if it were whole, and the server goes on."""
     calls: list[tuple[str, int, str]] = []
@@ -892,7 +900,7 @@ def test_client_abort_mid_upload(bg: BackgroundLoop) -> None:
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [str(len(data)).encode()]
 
-    running = run_raw(bg, app)
+    running = run_raw(loop_thread, app)
     try:
         sock = socket.create_connection(("127.0.0.1", running.port), timeout=TIMEOUT)
         sock.sendall(f"POST /aborted HTTP/1.1\r\nHost: x\r\nContent-Length: {4 * MiB}\r\n\r\n".encode())
@@ -908,7 +916,7 @@ def test_client_abort_mid_upload(bg: BackgroundLoop) -> None:
 
 
 @pytest.mark.parametrize("threads", [4, 1])
-def test_write_blocks_for_a_slow_client(bg: BackgroundLoop, threads: int) -> None:
+def test_write_blocks_for_a_slow_client(loop_thread: BackgroundLoop, threads: int) -> None:
     """WSGI backpressure: while the client reads nothing, the worker thread
     blocks in the server instead of buffering the whole response, and goes
     on once the client reads."""
@@ -930,7 +938,7 @@ def test_write_blocks_for_a_slow_client(bg: BackgroundLoop, threads: int) -> Non
 
         return body()
 
-    running = run_raw(bg, app, threads=threads)
+    running = run_raw(loop_thread, app, threads=threads)
     try:
         with socket.create_connection(("127.0.0.1", running.port), timeout=TIMEOUT) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
@@ -952,7 +960,7 @@ def test_write_blocks_for_a_slow_client(bg: BackgroundLoop, threads: int) -> Non
 
 
 @pytest.mark.parametrize("http2", [False, True], ids=["http1-chunked", "h2c"])
-def test_large_upload_is_read_piece_by_piece_as_the_client_sends_it(bg: BackgroundLoop, http2: bool) -> None:
+def test_large_upload_is_read_piece_by_piece_as_the_client_sends_it(loop_thread: BackgroundLoop, http2: bool) -> None:
     """The client sends the next piece only once the app has read the last
     one: the app must get each piece while the rest is still to come."""
     probe = InputProbe()
@@ -965,7 +973,7 @@ def test_large_upload_is_read_piece_by_piece_as_the_client_sends_it(bg: Backgrou
             sent += len(piece)
             wait_for(lambda: probe.progress >= sent, what=f"the app to read {sent} bytes before the rest is sent")
 
-    running = run_raw(bg, probe, threads=1)
+    running = run_raw(loop_thread, probe, threads=1)
     try:
         with httpx.Client(http1=not http2, http2=http2, timeout=TIMEOUT) as client:
             data = client.post(running.url("/?read-size"), content=paced()).json()
@@ -1049,9 +1057,9 @@ def read_response(sock: socket.socket) -> bytes:
     return raw
 
 
-def test_a_slow_reader_on_one_thread_holds_the_next_request_only_until_it_reads(bg: BackgroundLoop) -> None:
+def test_a_slow_reader_on_one_thread_holds_the_next_request_only_until_it_reads(loop_thread: BackgroundLoop) -> None:
     apps = BlockingApps()
-    running = run_raw(bg, apps, threads=1)
+    running = run_raw(loop_thread, apps, threads=1)
     try:
         with stalled_download(running.port, apps) as sock:
             waiting: list[Any] = []
@@ -1072,11 +1080,11 @@ def test_a_slow_reader_on_one_thread_holds_the_next_request_only_until_it_reads(
     assert waiting == ["small"]
 
 
-def test_a_request_queued_behind_a_worker_blocked_reading_gets_the_idle_thread(bg: BackgroundLoop) -> None:
+def test_a_request_queued_behind_a_worker_blocked_reading_gets_the_idle_thread(loop_thread: BackgroundLoop) -> None:
     # The pool leaves a new request to a busy thread; one blocked on its
     # client must hand it on, or the GET below waits for the upload forever.
     apps = BlockingApps()
-    running = run_raw(bg, apps, threads=2)
+    running = run_raw(loop_thread, apps, threads=2)
     try:
         with stalled_upload(running.port, apps, "Connection: close\r\n") as sock:
             assert get(running.url("/next"), timeout=TIMEOUT).text == "small"
@@ -1088,9 +1096,9 @@ def test_a_request_queued_behind_a_worker_blocked_reading_gets_the_idle_thread(b
     assert answer.endswith(f"read {2 * MiB}".encode())
 
 
-def test_client_gone_while_a_worker_is_blocked_writing(bg: BackgroundLoop) -> None:
+def test_client_gone_while_a_worker_is_blocked_writing(loop_thread: BackgroundLoop) -> None:
     apps = BlockingApps()
-    running = run_raw(bg, apps, threads=1)
+    running = run_raw(loop_thread, apps, threads=1)
     try:
         sock = stalled_download(running.port, apps)
         sock.close()
@@ -1101,9 +1109,9 @@ def test_client_gone_while_a_worker_is_blocked_writing(bg: BackgroundLoop) -> No
     assert apps.sent < BlockingApps.DOWNLOAD
 
 
-def test_client_gone_while_a_worker_is_blocked_reading(bg: BackgroundLoop) -> None:
+def test_client_gone_while_a_worker_is_blocked_reading(loop_thread: BackgroundLoop) -> None:
     apps = BlockingApps()
-    running = run_raw(bg, apps, threads=1)
+    running = run_raw(loop_thread, apps, threads=1)
     try:
         stalled_upload(running.port, apps).close()
         wait_for(lambda: apps.outcomes, what="the blocked read to end")
@@ -1113,9 +1121,9 @@ def test_client_gone_while_a_worker_is_blocked_reading(bg: BackgroundLoop) -> No
     assert apps.outcomes == ["OSError: request body unavailable: the client disconnected"]
 
 
-def test_body_too_large_while_a_worker_is_blocked_reading(bg: BackgroundLoop) -> None:
+def test_body_too_large_while_a_worker_is_blocked_reading(loop_thread: BackgroundLoop) -> None:
     apps = BlockingApps()
-    running = run_raw(bg, apps, threads=1, max_body_size=MiB)
+    running = run_raw(loop_thread, apps, threads=1, max_body_size=MiB)
     try:
         with socket.create_connection(("127.0.0.1", running.port), timeout=TIMEOUT) as sock:
             sock.sendall(b"POST /read HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
@@ -1131,9 +1139,9 @@ def test_body_too_large_while_a_worker_is_blocked_reading(bg: BackgroundLoop) ->
     assert apps.outcomes == ["OSError: request body unavailable: request body exceeds max_body_size"]
 
 
-def test_response_timeout_wakes_a_worker_blocked_reading(bg: BackgroundLoop) -> None:
+def test_response_timeout_wakes_a_worker_blocked_reading(loop_thread: BackgroundLoop) -> None:
     apps = BlockingApps()
-    running = run_raw(bg, apps, threads=1, response_timeout=0.5)
+    running = run_raw(loop_thread, apps, threads=1, response_timeout=0.5)
     try:
         with stalled_upload(running.port, apps) as sock:
             raw = b""
@@ -1148,9 +1156,9 @@ def test_response_timeout_wakes_a_worker_blocked_reading(bg: BackgroundLoop) -> 
 
 
 @pytest.mark.parametrize("blocked_in", ["read", "write"])
-def test_shutdown_wakes_a_blocked_worker(bg: BackgroundLoop, blocked_in: str) -> None:
+def test_shutdown_wakes_a_blocked_worker(loop_thread: BackgroundLoop, blocked_in: str) -> None:
     apps = BlockingApps()
-    running = run_raw(bg, apps, threads=1, shutdown_timeout=0.5)
+    running = run_raw(loop_thread, apps, threads=1, shutdown_timeout=0.5)
     sock = stalled_upload(running.port, apps) if blocked_in == "read" else stalled_download(running.port, apps)
     try:
         running.stop()  # a graceful drain that gives up on the stalled client
@@ -1164,7 +1172,7 @@ def test_shutdown_wakes_a_blocked_worker(bg: BackgroundLoop, blocked_in: str) ->
         sock.close()
 
 
-def test_a_worker_thread_cannot_park_a_future(bg: BackgroundLoop) -> None:
+def test_a_worker_thread_cannot_park_a_future(loop_thread: BackgroundLoop) -> None:
     """A request taken by a worker thread waits natively: parking a future,
     which only an event loop would resolve, is refused rather than left to
     hang, and the body is still there to read."""
@@ -1180,7 +1188,7 @@ def test_a_worker_thread_cannot_park_a_future(bg: BackgroundLoop) -> None:
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [environ["wsgi.input"].read()]
 
-    running = run_raw(bg, app)
+    running = run_raw(loop_thread, app)
     try:
         assert post(running.url("/"), data=b"payload").text == "payload"
     finally:
@@ -1188,12 +1196,12 @@ def test_a_worker_thread_cannot_park_a_future(bg: BackgroundLoop) -> None:
     assert len(refusals) == 2 and all("read_blocking()" in refusal for refusal in refusals), refusals
 
 
-def test_close_waits_for_the_worker_threads(bg: BackgroundLoop) -> None:
+def test_close_waits_for_the_worker_threads(loop_thread: BackgroundLoop) -> None:
     """The workers are gone once the server has closed: none is left to be
     stopped inside native code when the interpreter exits (that aborts the
     process)."""
     before = set(threading.enumerate())
-    running = run_raw(bg, BlockingApps(), threads=3)
+    running = run_raw(loop_thread, BlockingApps(), threads=3)
     try:
         assert get(running.url("/x")).text == "small"
         workers = [t for t in threading.enumerate() if t not in before and t.name.startswith("server-native-wsgi-")]
@@ -1273,7 +1281,7 @@ class H2Client:
     ("blocked_in", "error_code"),
     [("read", "CANCEL"), ("read", "NO_ERROR"), ("write", "CANCEL")],
 )
-def test_h2_stream_reset_while_a_worker_is_blocked(bg: BackgroundLoop, blocked_in: str, error_code: str) -> None:
+def test_h2_stream_reset_while_a_worker_is_blocked(loop_thread: BackgroundLoop, blocked_in: str, error_code: str) -> None:
     """The client resets its stream while the one worker waits on it; the
     worker goes on to the next request on the same connection. (hyper ends
     a body reset with NO_ERROR as if it were complete: short of its
@@ -1281,7 +1289,7 @@ def test_h2_stream_reset_while_a_worker_is_blocked(bg: BackgroundLoop, blocked_i
     import h2.errors
 
     apps = BlockingApps()
-    running = run_raw(bg, apps, threads=1)
+    running = run_raw(loop_thread, apps, threads=1)
     client = H2Client(running.port)
     try:
         if blocked_in == "read":

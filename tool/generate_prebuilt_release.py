@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Writes ``server_native/_prebuilt_release.py``: the release metadata the
+"""Writes ``server_native/_dist/release.py``: the release metadata the
 package ships (its default prebuilt tag, where releases live, and the SHA-256 of
 each platform's archive in that release).
 
@@ -40,14 +40,14 @@ from pathlib import Path
 from types import ModuleType
 
 ROOT = Path(__file__).resolve().parent.parent
-MODULE = ROOT / "server_native" / "_prebuilt_release.py"
+MODULE = ROOT / "server_native" / "_dist" / "release.py"
 TAG_PREFIX = "server-native-prebuilt-v"
 MANIFEST_NAME = "SHA256SUMS"
 MANIFEST_LINE = re.compile(r"^([0-9a-fA-F]{64})\s+\*?(\S.*?)\s*$")
 
 
 def _platforms() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("_server_native_platforms", ROOT / "server_native" / "_platforms.py")
+    spec = importlib.util.spec_from_file_location("_server_native_platforms", ROOT / "server_native" / "_dist" / "platforms.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

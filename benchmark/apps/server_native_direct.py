@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 
 from _payloads import ECHO_PATH, HELLO, TEN_K, TEN_K_PATH
-from _runner import run
+from _runner import bind_options, run
+
 from server_native import NativeDirectRequest, NativeDirectResponse, serve_native_direct
 
 HEADERS = [("content-type", "text/plain")]
@@ -37,7 +38,7 @@ async def serve(options: argparse.Namespace) -> None:
         handle_sync if options.sync else handle_async,
         "127.0.0.1", options.port,
         native_direct=options.sync, native_callback=not options.bridge,
-        http3=False, echo=False,
+        http3=False, echo=False, **bind_options(options),
     )  # fmt: skip
 
 

@@ -14,7 +14,14 @@ import asyncio
 
 from _payloads import ECHO_PATH, TEN_K, TEN_K_PATH
 from _runner import run
-from server_native import ClientDisconnected, HttpException, HttpRequest, NativeHttpServer, serve_native_http
+
+from server_native import (
+    ClientDisconnected,
+    HttpException,
+    HttpRequest,
+    NativeHttpServer,
+    serve_native_http,
+)
 
 
 async def echo(request: HttpRequest) -> None:

@@ -12,15 +12,17 @@ import os
 
 os.environ.setdefault("SERVER_NATIVE_THREADS", "1")  # read when the runtime starts
 
-from _runner import run
+from _runner import bind_options, run
+
 from server_native import NativeHttpServer
 
 
 async def serve(options: argparse.Namespace) -> None:
     # Held in a local so the listener lives as long as this coroutine.
     _server = await NativeHttpServer.bind(
-        "127.0.0.1", options.port, http3=False, native_response=b"Hello, World!"
-    )
+        "127.0.0.1", options.port, http3=False, native_response=b"Hello, World!",
+        **bind_options(options),
+    )  # fmt: skip
     await asyncio.Event().wait()
 
 

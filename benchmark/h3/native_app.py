@@ -14,7 +14,12 @@ import asyncio
 import signal
 from typing import Any
 
-from server_native import ClientDisconnected, HttpException, HttpRequest, NativeHttpServer
+from server_native import (
+    ClientDisconnected,
+    HttpException,
+    HttpRequest,
+    NativeHttpServer,
+)
 
 HELLO = b"Hello, World!"
 

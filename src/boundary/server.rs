@@ -39,6 +39,7 @@ impl NativeServer {
     #[new]
     #[pyo3(signature = (config, hosts, port, wake_fd, whole_body = false))]
     fn new(config: ServerConfig, hosts: Vec<String>, port: u16, wake_fd: Option<i64>, whole_body: bool) -> PyResult<Self> {
+        crate::runtime::start(config.runtime_threads).map_err(PyValueError::new_err)?;
         let ips = hosts
             .iter()
             .map(|h| h.parse::<IpAddr>().map_err(|_| PyValueError::new_err(format!("not an IP address: {h:?}"))))
@@ -193,6 +194,23 @@ impl NativeServer {
         self.shared.stats.snapshot()
     }
 
+    /// Requests answered so far, over every protocol.
+    #[getter]
+    fn requests(&self) -> u64 {
+        self.shared.requests()
+    }
+
+    /// False: every HTTP/1 response closes its connection after it.
+    #[getter]
+    fn keep_alive(&self) -> bool {
+        self.shared.keep_alive()
+    }
+
+    #[setter]
+    fn set_keep_alive(&self, on: bool) {
+        self.shared.set_keep_alive(on);
+    }
+
     #[getter]
     fn idle_timeout(&self) -> f64 {
         self.shared.idle_timeout().map_or(0.0, |d| d.as_secs_f64())
@@ -244,6 +262,18 @@ fn response_header_map(pairs: &[(String, String)]) -> PyResult<http::HeaderMap> 
 
 fn internal_error() -> http::Response<crate::body::ResponseBody> {
     crate::service::error_response(http::StatusCode::INTERNAL_SERVER_ERROR, "internal server error")
+}
+
+/// The rustls names of the cipher suites `names` gives (rustls's, IANA's
+/// or OpenSSL's), in order; every suite the server knows when None.
+#[pyfunction]
+#[pyo3(signature = (names = None))]
+pub fn tls_cipher_suites(names: Option<Vec<String>>) -> PyResult<Vec<String>> {
+    let suites = match names {
+        Some(names) => tls::cipher_suites(&names).map_err(tls_error)?,
+        None => rustls::crypto::ring::default_provider().cipher_suites,
+    };
+    Ok(suites.iter().filter_map(|suite| suite.suite().as_str()).map(str::to_owned).collect())
 }
 
 fn tls_error(error: TlsError) -> PyErr {

@@ -50,6 +50,11 @@ impl Framing {
         Framing { state: State::Head, first: true, line: Vec::new(), max_head, pending }
     }
 
+    /// A request has been seen, and every byte since belongs to it.
+    pub fn between_requests(&self) -> bool {
+        !self.first && matches!(self.state, State::Head)
+    }
+
     /// Follows the framing through freshly read bytes, spoiling refused heads.
     pub fn inspect(&mut self, data: &[u8]) -> Verdict {
         let mut pos = 0;

@@ -22,8 +22,8 @@ const END_STREAM: u8 = 0x1;
 const END_HEADERS: u8 = 0x4;
 const PADDED: u8 = 0x8;
 const PRIORITY: u8 = 0x20;
-/// SETTINGS_MAX_FRAME_SIZE as hyper leaves it: h2 ends a connection whose
-/// peer sends a larger frame.
+/// SETTINGS_MAX_FRAME_SIZE's least value, which every HTTP/2 endpoint takes:
+/// a rebuilt block's frames are no larger.
 const MAX_FRAME: usize = 16 << 10;
 /// The dynamic table size h2 advertises (SETTINGS_HEADER_TABLE_SIZE is left
 /// at its default).
@@ -53,9 +53,19 @@ enum Block {
     Aside,
 }
 
+/// What h2 was told to take: SETTINGS_MAX_HEADER_LIST_SIZE and
+/// SETTINGS_MAX_FRAME_SIZE.
+#[derive(Clone, Copy)]
+pub struct Limits {
+    pub max_head: usize,
+    pub max_frame: usize,
+}
+
 pub struct Frames {
     state: State,
     table: Table,
+    /// h2 ends a connection whose peer sends a larger frame.
+    max_frame: usize,
     /// The most CONTINUATION frames without END_HEADERS h2 takes in a block.
     max_continuations: usize,
     /// The fragments of a block of several frames, joined.
@@ -63,13 +73,13 @@ pub struct Frames {
 }
 
 impl Frames {
-    /// Frames that start with the client's preface; `max_head` is h2's
-    /// header list limit.
-    pub fn new(max_head: usize) -> Self {
+    /// Frames that start with the client's preface, read within h2's `limits`.
+    pub fn new(limits: Limits) -> Self {
         Frames {
             state: State::Skip(PREFACE.len()),
             table: Table::new(HEADER_TABLE_SIZE),
-            max_continuations: max_continuations(max_head),
+            max_frame: limits.max_frame,
+            max_continuations: max_continuations(limits),
             joined: Vec::new(),
         }
     }
@@ -120,7 +130,7 @@ impl Frames {
         let mut continuations = 0;
         loop {
             let Some(head) = Head::parse(&data[end..]) else { return Block::Partial };
-            if end > 0 && (head.kind != CONTINUATION || head.stream != first.stream) || head.len > MAX_FRAME {
+            if end > 0 && (head.kind != CONTINUATION || head.stream != first.stream) || head.len > self.max_frame {
                 return Block::Aside;
             }
             if end > 0 && head.flags & END_HEADERS == 0 {
@@ -241,9 +251,9 @@ fn frames(stream: &[u8], flags: u8, priority: Option<&[u8]>, block: &[u8]) -> Ve
 }
 
 /// h2's bound on CONTINUATION frames in one block: enough for a header list
-/// of `max_head` in frames of `MAX_FRAME`, and a quarter more, at least 5.
-fn max_continuations(max_head: usize) -> usize {
-    let frames = (max_head / MAX_FRAME).max(1);
+/// of `max_head` in frames of `max_frame`, and a quarter more, at least 5.
+fn max_continuations(Limits { max_head, max_frame }: Limits) -> usize {
+    let frames = (max_head / max_frame).max(1);
     frames.saturating_add(frames >> 2).max(5)
 }
 
@@ -261,7 +271,7 @@ mod tests {
 
     /// Frames past the preface (and an empty SETTINGS).
     fn after_preface() -> Frames {
-        let mut frames = Frames::new(64 << 10);
+        let mut frames = Frames::new(Limits { max_head: 64 << 10, max_frame: MAX_FRAME });
         let start = [PREFACE, &frame(0x4, 0, 0, b"")].concat();
         assert!(matches!(frames.inspect(&start), Verdict::Pass));
         frames
@@ -328,6 +338,23 @@ mod tests {
     }
 
     #[test]
+    fn frames_as_large_as_h2_takes_are_read() {
+        let mut block = REQUEST.to_vec();
+        for i in 0..3 {
+            block.extend_from_slice(&[0x00, 0x03, b'x', b'-', b'0' + i, 0x7f, 0xc1, 0x3d]); // a value of 8000 bytes
+            block.extend_from_slice(&[b'v'; 8000]);
+        }
+        block.extend_from_slice(UPPERCASE);
+        let data = frame(HEADERS, END_HEADERS, 1, &block);
+        let start = [PREFACE, &frame(0x4, 0, 0, b"")].concat();
+        let mut frames = Frames::new(Limits { max_head: 64 << 10, max_frame: 32 << 10 });
+        assert!(matches!(frames.inspect(&start), Verdict::Pass));
+        assert!(matches!(frames.inspect(&data), Verdict::Refuse(_)));
+        // h2 ends the connection over a frame beyond its limit: the guard stands aside
+        assert!(matches!(after_preface().inspect(&data), Verdict::Pass));
+    }
+
+    #[test]
     fn a_block_is_held_until_its_last_frame_is_whole() {
         let mut frames = after_preface();
         let block = [REQUEST, UPPERCASE].concat();
@@ -368,8 +395,10 @@ mod tests {
 
     #[test]
     fn continuation_bound_is_h2s() {
-        assert_eq!(max_continuations(16 << 10), 5);
-        assert_eq!(max_continuations(64 << 10), 5);
-        assert_eq!(max_continuations(1 << 20), 80);
+        let limits = |max_head, max_frame| Limits { max_head, max_frame };
+        assert_eq!(max_continuations(limits(16 << 10, MAX_FRAME)), 5);
+        assert_eq!(max_continuations(limits(64 << 10, MAX_FRAME)), 5);
+        assert_eq!(max_continuations(limits(1 << 20, MAX_FRAME)), 80);
+        assert_eq!(max_continuations(limits(1 << 20, 64 << 10)), 20);
     }
 }

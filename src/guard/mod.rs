@@ -35,6 +35,8 @@ use tokio::time::Instant;
 
 use crate::log::{Kind, Level, Source};
 
+pub use h2::Limits as H2Limits;
+
 /// Since when a request head has been awaited and is still incomplete: from
 /// the connection's start until its first request, then from the first byte
 /// of each HTTP/1 head that arrives in pieces. Idle time between requests is
@@ -128,7 +130,8 @@ enum Follower {
 pub struct Guard<S> {
     inner: S,
     follower: Follower,
-    max_head: usize,
+    /// What h2 takes, should the connection turn to HTTP/2.
+    h2: h2::Limits,
     /// Inspected bytes not yet handed to hyper.
     out: Vec<u8>,
     out_at: usize,
@@ -140,17 +143,32 @@ pub struct Guard<S> {
 impl<S> Guard<S> {
     /// A connection that begins with HTTP/1 (or the HTTP/2 preface, over
     /// cleartext).
-    pub fn http1(inner: S, max_head: usize, pending: Arc<PendingHead>, log: Source) -> Self {
-        Self::new(inner, max_head, Follower::Http1(h1::Framing::new(max_head, pending)), log)
+    pub fn http1(inner: S, max_head: usize, h2: h2::Limits, pending: Arc<PendingHead>, log: Source) -> Self {
+        Self::new(inner, h2, Follower::Http1(h1::Framing::new(max_head, pending)), log)
     }
 
     /// A connection that ALPN made HTTP/2.
-    pub fn http2(inner: S, max_head: usize, log: Source) -> Self {
-        Self::new(inner, max_head, Follower::Http2(h2::Frames::new(max_head)), log)
+    pub fn http2(inner: S, h2: h2::Limits, log: Source) -> Self {
+        Self::new(inner, h2, Follower::Http2(h2::Frames::new(h2)), log)
     }
 
-    fn new(inner: S, max_head: usize, follower: Follower, log: Source) -> Self {
-        Guard { inner, follower, max_head, out: Vec::new(), out_at: 0, held: Vec::new(), log }
+    fn new(inner: S, h2: h2::Limits, follower: Follower, log: Source) -> Self {
+        Guard { inner, follower, h2, out: Vec::new(), out_at: 0, held: Vec::new(), log }
+    }
+
+    /// Every byte read so far belongs to whole HTTP/1 requests (bodies
+    /// included), all of them handed on.
+    pub fn between_requests(&self) -> bool {
+        let framing_done = matches!(&self.follower, Follower::Http1(framing) if framing.between_requests());
+        framing_done && self.out_at >= self.out.len() && self.held.is_empty()
+    }
+
+    /// Lets go of the buffer of bytes already handed on.
+    pub fn release_buffers(&mut self) {
+        if self.out_at >= self.out.len() {
+            self.out = Vec::new();
+            self.out_at = 0;
+        }
     }
 
     fn inspect(&mut self, data: &[u8]) -> Verdict {
@@ -171,7 +189,7 @@ impl<S> Guard<S> {
                     Verdict::Refuse(refusal.shifted(from))
                 }
                 Verdict::Http2(at) => {
-                    self.follower = Follower::Http2(h2::Frames::new(self.max_head));
+                    self.follower = Follower::Http2(h2::Frames::new(self.h2));
                     from += at;
                     continue;
                 }
@@ -204,6 +222,25 @@ impl<S> Guard<S> {
         }
         self.out = out;
         self.out_at = 0;
+    }
+}
+
+impl<S: AsyncRead + Unpin> Guard<S> {
+    /// Waits for the peer's next bytes (a whole request head, if that is
+    /// what they begin) and keeps them for the next read. False at the end
+    /// of the stream.
+    pub fn poll_next_bytes(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
+        let mut first = [0u8; 512];
+        let mut first = ReadBuf::new(&mut first);
+        ready!(Pin::new(&mut *self).poll_read(cx, &mut first))?;
+        if first.filled().is_empty() {
+            return Poll::Ready(Ok(false));
+        }
+        let mut out = first.filled().to_vec();
+        out.extend_from_slice(&self.out[self.out_at..]);
+        self.out = out;
+        self.out_at = 0;
+        Poll::Ready(Ok(true))
     }
 }
 

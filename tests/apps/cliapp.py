@@ -4,10 +4,20 @@ what the tests check: the worker's pid, the client and scheme the app saw,
 the server's address (a Unix socket's path) and the root path; ``/slow``
 answers after a second and leaves an ``arrived-*`` file behind; ``/stream``
 sends ``?chunks=N`` lines half a second apart; a WebSocket is accepted
-and held until the client's next message."""
+and held until the client's next message. For worker recycling
+(tests/test_workers.py): ``/allocate?mib=N`` keeps N more MiB,
+``/block?seconds=N`` blocks the event loop (and leaves a ``blocking-PID``
+file behind); ``/env`` answers the variables the app saw as it was
+imported."""
 
 import asyncio
 import os
+import time
+
+#: Read as the module is imported, as settings modules do (--env-file).
+IMPORTED_ENV = f"{os.environ.get('SERVER_NATIVE_GREETING')} {os.environ.get('SERVER_NATIVE_KEPT')}"
+#: Memory /allocate keeps.
+_held = []
 
 
 async def app(scope, receive, send):
@@ -28,6 +38,11 @@ async def app(scope, receive, send):
         with open(f"arrived-{os.getpid()}-{id(scope)}", "w"):
             pass
         await asyncio.sleep(1)
+    if scope["path"] in ROUTES:
+        body = ROUTES[scope["path"]](scope["query_string"].decode().partition("=")[2]).encode()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": body})
+        return
     if scope["path"] == "/stream":
         await stream(send, int(scope["query_string"].decode().removeprefix("chunks=") or "4"))
         return
@@ -35,6 +50,21 @@ async def app(scope, receive, send):
     body = f"{os.getpid()} {client} {scope['scheme']} {scope['server'][0]} root={scope['root_path']}".encode()
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
     await send({"type": "http.response.body", "body": body})
+
+
+def allocate(mib):
+    _held.append(b"\x01" * (int(mib) << 20))  # written, so resident
+    return f"{os.getpid()} holds {len(_held)} blocks"
+
+
+def block(seconds):
+    with open(f"blocking-{os.getpid()}", "w"):
+        pass
+    time.sleep(float(seconds))  # the event loop with it
+    return f"{os.getpid()} blocked"
+
+
+ROUTES = {"/allocate": allocate, "/block": block, "/env": lambda _: IMPORTED_ENV}
 
 
 async def stream(send, chunks):
@@ -61,3 +91,15 @@ def direct(request):
     from server_native import NativeDirectResponse
 
     return NativeDirectResponse.bytes(200, [("content-type", "text/plain")], f"direct {request.client}")
+
+
+async def direct_stream(request):
+    """A direct handler's streamed response: three words, 0.1 s apart."""
+    from server_native import NativeDirectResponse
+
+    async def words():
+        for word in ("one", "two", "three"):
+            await asyncio.sleep(0.1)
+            yield f"{word} ".encode()
+
+    return NativeDirectResponse.stream(200, [("content-type", "text/plain")], body=words())

@@ -7,7 +7,15 @@ from __future__ import annotations
 import hashlib
 import json
 
-from django.http import FileResponse, Http404, HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse, StreamingHttpResponse
+from django.http import (
+    FileResponse,
+    Http404,
+    HttpRequest,
+    HttpResponse,
+    HttpResponseRedirect,
+    JsonResponse,
+    StreamingHttpResponse,
+)
 from django.urls import path, reverse
 from django.views.decorators.csrf import csrf_exempt
 

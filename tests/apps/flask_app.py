@@ -9,7 +9,18 @@ import hashlib
 import threading
 from typing import Any
 
-from flask import Flask, Response, abort, jsonify, make_response, redirect, request, send_file, stream_with_context, url_for
+from flask import (
+    Flask,
+    Response,
+    abort,
+    jsonify,
+    make_response,
+    redirect,
+    request,
+    send_file,
+    stream_with_context,
+    url_for,
+)
 
 app = Flask(__name__)
 

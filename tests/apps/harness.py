@@ -53,23 +53,28 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def refused(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether nothing listens any more. A reset is a connection caught in a
+    listener's backlog as it closed: not refused yet."""
     try:
         with socket.create_connection((host, port), timeout=TIMEOUT):
             return False
     except ConnectionRefusedError:
         return True
+    except ConnectionResetError:
+        return False
 
 
 class BackgroundLoop:
-    """An asyncio loop on its own thread (like conftest's ``LoopThread``,
-    usable from module-scoped fixtures)."""
+    """An asyncio loop on its own thread, so tests drive servers with
+    blocking clients (http.client, httpx, curl) from the test thread; usable
+    from module-scoped fixtures too (``loop_thread`` is the per-test one)."""
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="test-serve-loop", daemon=True)
         self._thread.start()
 
-    def run(self, coro: Any, timeout: float = TIMEOUT) -> Any:
+    def run(self, coro: Any, timeout: float = 30) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def call(self, fn: Callable[..., Any], *args: Any) -> None:
@@ -204,6 +209,11 @@ def wait_for(predicate: Callable[[], Any], timeout: float = TIMEOUT, what: str =
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.01)
+
+
+def wait_refused(port: int, host: str = "127.0.0.1") -> bool:
+    """Waits (bounded) until nothing listens on ``port``."""
+    return bool(wait_for(lambda: refused(port, host), what=f"{host}:{port} to refuse connections"))
 
 
 TESTS_DIR = __import__("pathlib").Path(__file__).resolve().parents[1]

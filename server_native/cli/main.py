@@ -8,11 +8,23 @@ import argparse
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
-from .config import ServerConfig
-from .logs import LOG_LEVELS, configure_logging
+from ..runtime.config import (
+    BOUNDS,
+    PROTOCOL_VERSIONS,
+    ServerConfig,
+    cipher_suites,
+    out_of_bounds,
+)
+from ..runtime.logs import (
+    LOG_LEVELS,
+    LogConfigError,
+    access_log_format,
+    configure_logging,
+)
 from .runner import INTERFACES, AppLoadError, load_app, run
 
 __all__ = ["main"]
@@ -21,6 +33,8 @@ __all__ = ["main"]
 SERVER_HEADER = "server-native"
 #: The first descriptor systemd passes (``SD_LISTEN_FDS_START``).
 SD_LISTEN_FDS_START = 3
+#: Seconds a worker has to answer a health check, unless told otherwise.
+_HEALTHCHECK_TIMEOUT = 5.0
 
 
 class _Version(argparse.Action):
@@ -31,7 +45,7 @@ class _Version(argparse.Action):
         super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
 
     def __call__(self, parser: argparse.ArgumentParser, *_args: Any, **_kwargs: Any) -> None:
-        from . import __version__
+        from .. import __version__
 
         print(f"server-native {__version__}")
         print(f"native library: {_native_version()}")
@@ -39,7 +53,7 @@ class _Version(argparse.Action):
 
 
 def _native_version() -> str:
-    from ._loader import resolution
+    from .._dist.loader import resolution
 
     result = resolution(build=False)
     if result.module is None:
@@ -95,12 +109,13 @@ def _parser() -> argparse.ArgumentParser:
         help="every connection opens with a PROXY protocol header (v1 or v2) from --forwarded-allow-ips; no HTTP/3",
     )
     serve.add_argument(
-        "--log-level", choices=LOG_LEVELS, default="info",
-        help="level of the server's loggers (server_native, server_native.access); the root logger is the app's",
+        "--log-level", choices=LOG_LEVELS,
+        help="level of the server's loggers (server_native, server_native.access); the root logger is the app's "
+        "(default info, or as --log-config says)",
     )
     serve.add_argument(
-        "--access-log", action=argparse.BooleanOptionalAction, default=False,
-        help="log every request to the server_native.access logger, whatever the interface",
+        "--access-log", action=argparse.BooleanOptionalAction,
+        help="log every request to the server_native.access logger, whatever the interface (default: off, on with --access-log-format)",
     )
     serve.add_argument(
         "--server-header", action=argparse.BooleanOptionalAction, default=False,
@@ -166,7 +181,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--reload", action="store_true", help="restart when Python files change (needs watchfiles)")
     serve.add_argument("--reload-dir", action="append", default=[], help="directories to watch (default: the current one)")
     serve.add_argument("--shared", action="store_true", help=argparse.SUPPRESS)
-    from . import prebuilt
+    _add_tuning_arguments(serve)
+    _add_process_options(serve)
+    from .._dist import setup as prebuilt
 
     setup = commands.add_parser("setup", help="download the prebuilt native library of a release into a cache")
     prebuilt.add_setup_arguments(setup)
@@ -175,6 +192,200 @@ def _parser() -> argparse.ArgumentParser:
     prebuilt.add_info_arguments(info)
     info.set_defaults(run_command=prebuilt.run_info)
     return parser
+
+
+def _add_tuning_arguments(serve: argparse.ArgumentParser) -> None:
+    """TLS suites, versions and revocation, HTTP/2 settings and the I/O
+    threads, named as Granian names them."""
+    tls = serve.add_argument_group("TLS: cipher suites, versions, revocation")
+    tls.add_argument(
+        "--ssl-ciphers", type=_cipher_suites, metavar="NAMES",
+        help="cipher suites, separated by commas or colons, by rustls name (TLS13_AES_256_GCM_SHA384, "
+        "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256) or OpenSSL's (ECDHE-ECDSA-AES128-GCM-SHA256); "
+        "not OpenSSL cipher strings such as HIGH:!aNULL (default: every suite rustls has)",
+    )
+    tls.add_argument(
+        "--ssl-protocol-min", choices=PROTOCOL_VERSIONS, default="tls1.2", help="the oldest TLS version accepted (default tls1.2)"
+    )
+    tls.add_argument(
+        "--ssl-crl", action="append", metavar="FILE",
+        help="a certificate revocation list (PEM or DER) for client certificates, with --ssl-ca-certs and "
+        "--ssl-cert-reqs 1 or 2; repeatable",
+    )
+    http2 = serve.add_argument_group("HTTP/2")
+    http2.add_argument(
+        "--http2-max-concurrent-streams", dest="max_concurrent_streams", type=_bounded("max_concurrent_streams"),
+        metavar="N", help=f"streams a connection may have open at once, HTTP/3's too (default {ServerConfig.max_concurrent_streams})",
+    )
+    http2.add_argument(
+        "--http2-initial-connection-window-size", type=_bounded("http2_initial_connection_window_size"), metavar="BYTES",
+        help="request body a connection may send ahead of the application (default 1 MiB)",
+    )
+    http2.add_argument(
+        "--http2-initial-stream-window-size", type=_bounded("http2_initial_stream_window_size"), metavar="BYTES",
+        help="request body a stream may send ahead of the application (default 1 MiB)",
+    )
+    http2.add_argument(
+        "--http2-adaptive-window", action=argparse.BooleanOptionalAction, default=False,
+        help="size the flow control windows from the measured bandwidth-delay product (instead of the two above)",
+    )
+    http2.add_argument(
+        "--http2-keep-alive-interval", type=_milliseconds, metavar="MS",
+        help="milliseconds between PINGs to every connection, as Granian takes it (default: none)",
+    )
+    http2.add_argument(
+        "--http2-keep-alive-timeout", type=float, metavar="SECONDS",
+        help=f"a connection that leaves a PING unanswered this long is closed (default {ServerConfig.http2_keep_alive_timeout:g})",
+    )
+    http2.add_argument(
+        "--http2-max-frame-size", type=_bounded("http2_max_frame_size"), metavar="BYTES",
+        help=f"the largest frame accepted (default {ServerConfig.http2_max_frame_size})",
+    )
+    http2.add_argument(
+        "--http2-max-headers-size", type=_bounded("http2_max_headers_size"), metavar="BYTES",
+        help="the largest header list accepted, 431 beyond it (default: --max-header-size)",
+    )
+    runtime = serve.add_argument_group("runtime")
+    runtime.add_argument(
+        "--runtime-threads", type=_bounded("runtime_threads"), metavar="N",
+        help="I/O threads per process (default: $SERVER_NATIVE_THREADS, or one per CPU it may run on, at most 64)",
+    )
+
+
+def _bounded(name: str) -> Callable[[str], int]:
+    """An argument type: a whole number within ``name``'s bounds."""
+
+    def parse(text: str) -> int:
+        value: Any = text
+        try:
+            value = int(text)
+        except ValueError:
+            pass
+        problem = out_of_bounds(name, value)
+        if problem is not None:
+            raise argparse.ArgumentTypeError(problem)
+        return int(value)
+
+    parse.__name__ = name
+    return parse
+
+
+def _milliseconds(text: str) -> float:
+    """Milliseconds from the command line, as seconds."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of milliseconds from 1, not {text!r}")
+    return value / 1000
+
+
+def _cipher_suites(text: str) -> tuple[str, ...]:
+    try:
+        return cipher_suites(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _check_tuning(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """TLS options need TLS; revocation lists need verified client certificates."""
+    tls_only = {"--ssl-ciphers": args.ssl_ciphers, "--ssl-crl": args.ssl_crl, "--ssl-protocol-min": args.ssl_protocol_min != "tls1.2"}
+    given = [flag for flag, value in tls_only.items() if value]
+    if given and not args.ssl_certfile:
+        parser.error(f"{', '.join(given)} needs --ssl-certfile and --ssl-keyfile")
+    if args.ssl_crl and (not args.ssl_ca or not args.ssl_cert_reqs):
+        parser.error("--ssl-crl checks client certificates: it needs --ssl-ca-certs and --ssl-cert-reqs 1 or 2")
+    if args.http2_keep_alive_timeout is not None and not args.http2_keep_alive_timeout > 0:
+        parser.error(f"--http2-keep-alive-timeout must be a number of seconds above 0, not {args.http2_keep_alive_timeout:g}")
+    windows = args.http2_initial_connection_window_size, args.http2_initial_stream_window_size
+    if args.http2_adaptive_window and any(size is not None for size in windows):
+        parser.error("--http2-adaptive-window sizes the flow control windows itself: give it or the window sizes, not both")
+
+
+def _tuning_options(args: argparse.Namespace) -> dict[str, Any]:
+    """run() keyword arguments of the HTTP/2 and runtime options given."""
+    names = (*BOUNDS, "http2_keep_alive_interval", "http2_keep_alive_timeout")
+    options: dict[str, Any] = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    options["http2_adaptive_window"] = args.http2_adaptive_window
+    return options
+
+
+def _add_process_options(serve: argparse.ArgumentParser) -> None:
+    """Worker recycling and health, the pid file, the environment file and
+    the logging configuration."""
+    group = serve.add_argument_group("worker processes, pid file, environment, logging")
+    group.add_argument(
+        "--limit-max-requests", type=_at_least(1, int), metavar="N",
+        help="replace a worker once it has answered N requests (a successor starts first, then it drains); "
+        "runs the server under a supervisor even without --workers",
+    )
+    group.add_argument(
+        "--limit-max-requests-jitter", type=_at_least(0, int), default=0, metavar="J",
+        help="each worker's limit is --limit-max-requests plus a random 0 to J, so that workers are not replaced together",
+    )
+    group.add_argument(
+        "--workers-lifetime", type=_above_zero, metavar="SECONDS",
+        help="replace a worker this long after it started, as --limit-max-requests does",
+    )
+    group.add_argument(
+        "--workers-max-rss", type=_at_least(1, int), metavar="MiB",
+        help="replace a worker whose resident memory (VmRSS, read every second) is above this, as --limit-max-requests does",
+    )
+    group.add_argument(
+        "--timeout-worker-healthcheck", type=_at_least(0, float), metavar="SECONDS",
+        help="replace a worker whose event loop leaves a ping unanswered this long, and kill it (SIGKILL) "
+        f"if it does not answer as long again (default {_HEALTHCHECK_TIMEOUT:g} with worker processes, none with --reload; 0: none)",
+    )
+    group.add_argument("--pid-file", metavar="PATH", help="write the server's process id to this file; removed at exit")
+    group.add_argument(
+        "--env-file", type=_existing_file, metavar="PATH",
+        help="load environment variables from this dotenv file before the app is imported; "
+        "variables already set win (needs python-dotenv)",
+    )
+    group.add_argument(
+        "--log-config", type=_existing_file, metavar="PATH",
+        help="logging configuration replacing the server's: .json or .yaml (dictConfig), else .ini (fileConfig)",
+    )
+    group.add_argument(
+        "--access-log-format", type=_access_log_format, metavar="FORMAT",
+        help="the access log line, with gunicorn's atoms, e.g. '%%(h)s \"%%(r)s\" %%(s)s %%(b)s %%(D)s' "
+        "(see the README); turns the access log on",
+    )
+    group.add_argument("--supervisor-fd", type=int, help=argparse.SUPPRESS)
+
+
+def _at_least(low: float, kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {'a whole number' if kind is int else 'a number'}: {text!r}") from None
+        if not value >= low:  # NaN too
+            raise argparse.ArgumentTypeError(f"must be at least {low:g}, not {text}")
+        return value
+
+    return parse
+
+
+def _above_zero(text: str) -> float:
+    value = _at_least(0, float)(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be more than 0")
+    return float(value)
+
+
+def _existing_file(text: str) -> str:
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"no such file: {text!r}")
+    return text
+
+
+def _access_log_format(text: str) -> str:
+    try:
+        return access_log_format(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _header(text: str) -> tuple[str, str]:
@@ -249,6 +460,8 @@ def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     if args.ssl_cert_reqs and not args.ssl_certfile:
         parser.error("--ssl-cert-reqs needs --ssl-certfile and --ssl-keyfile")
     _check_static(args, parser)
+    _check_tuning(args, parser)
+    _check_process_options(args, parser)
 
 
 def _check_static(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -262,6 +475,76 @@ def _check_static(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         if not os.path.isdir(mount):
             parser.error(f"--static-path-mount: not a directory: {mount!r}")
     args.static_files = list(zip(routes, mounts))
+
+
+def _check_process_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    from .supervisor import CHANNELS
+
+    if args.limit_max_requests_jitter and args.limit_max_requests is None:
+        parser.error("--limit-max-requests-jitter needs --limit-max-requests")
+    recycling = ("--limit-max-requests", "--workers-lifetime", "--workers-max-rss", "--timeout-worker-healthcheck")
+    for option in recycling:
+        if getattr(args, option[2:].replace("-", "_")) is not None and not CHANNELS:
+            parser.error(f"{option} needs a POSIX system (the supervisor's channel to its workers)")
+    if args.workers_max_rss is not None and not os.path.exists("/proc/self/status"):
+        parser.error("--workers-max-rss reads /proc/PID/status, which this system does not have")
+    if args.pid_file == "":
+        parser.error("--pid-file needs a path")
+
+
+def _supervised(args: argparse.Namespace) -> bool:
+    """Whether workers run under a supervisor: several of them, --reload,
+    or an option that replaces a worker (which even a single process needs
+    a supervisor for: its successor starts beside it)."""
+    replacing = (args.limit_max_requests, args.workers_lifetime, args.workers_max_rss, args.timeout_worker_healthcheck)
+    return args.workers > 1 or args.reload or any(value is not None for value in replacing)
+
+
+def _recycling(args: argparse.Namespace) -> Any:
+    from .supervisor import Recycling
+
+    timeout = args.timeout_worker_healthcheck
+    if timeout is None:
+        # A debugger stopped at a breakpoint blocks the loop: not a fault.
+        timeout = None if args.reload else _HEALTHCHECK_TIMEOUT
+    return Recycling(lifetime=args.workers_lifetime, max_rss_mib=args.workers_max_rss, healthcheck_timeout=timeout or None)
+
+
+def _load_env_file(path: str) -> None:
+    """The dotenv file's variables, into this process's environment (and
+    so its workers'); those already set are kept, as uvicorn does."""
+    try:
+        from dotenv import load_dotenv
+    except ImportError:
+        sys.exit("server-native: error: --env-file needs python-dotenv (pip install 'server-native[dotenv]')")
+    load_dotenv(path, override=False)
+
+
+@contextmanager
+def _pid_file(path: str | None, parser: argparse.ArgumentParser) -> Iterator[None]:
+    """This process's id in ``path`` while it runs (a stale file is
+    replaced); removed at exit if it still names this process."""
+    if path is None:
+        yield
+        return
+    pid = str(os.getpid())
+    temporary = f"{path}.{pid}.tmp"
+    try:
+        with open(temporary, "w", encoding="ascii") as file:
+            file.write(f"{pid}\n")
+        os.replace(temporary, path)
+    except OSError as exc:
+        parser.error(f"--pid-file {path}: {exc.strerror or exc}")
+    try:
+        yield
+    finally:
+        try:
+            with open(path, encoding="ascii") as file:
+                ours = file.read().strip() == pid
+            if ours:
+                os.remove(path)
+        except OSError:
+            pass
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
@@ -284,6 +567,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         options["static_files"] = args.static_files
         options["static_files_expires"] = args.static_path_expires
         options["static_files_index"] = args.static_path_dir_to_file
+    options.update(_tuning_options(args))
     limits = (
         "max_body_size", "max_header_size", "max_connections", "websocket_max_message_size",
         "ws_max_queue", "ws_ping_interval", "ws_ping_timeout",
@@ -294,7 +578,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         if value is not None:
             options[name] = value
     if args.ssl_certfile:
-        from .server import tls_settings
+        from ..runtime.bound import tls_settings
 
         options["tls"] = tls_settings(
             certificate_path=args.ssl_certfile,
@@ -304,19 +588,29 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
             require_client_certificate=args.ssl_cert_reqs == 2,
             client_ca_path=args.ssl_ca,
             http2=options.get("http2", True),
+            ciphers=args.ssl_ciphers,
+            protocol_min=args.ssl_protocol_min,
+            crl_paths=args.ssl_crl or (),
         )
     interface = args.interface
     if interface in ("auto", "asgi", "wsgi"):
         options["root_path"] = args.root_path
         if args.proxy_headers:
-            from .proxy import ProxyHeaders
+            from ..runtime.proxy import ProxyHeaders
 
             options["proxy"] = ProxyHeaders(args.forwarded_allow_ips.split(","))
     if interface in ("auto", "asgi"):
         options["lifespan"] = args.lifespan
     if interface in ("auto", "wsgi"):
         options["threads"] = args.threads
-    options["access_log"] = args.access_log
+    options["access_log"] = bool(args.access_log_format) if args.access_log is None else args.access_log
+    options["access_log_format"] = args.access_log_format
+    if args.supervisor_fd is not None:
+        from .worker import SupervisedWorker
+
+        options["shutdown_signal"] = SupervisedWorker(
+            args.supervisor_fd, max_requests=args.limit_max_requests, jitter=args.limit_max_requests_jitter
+        )
     return options
 
 
@@ -330,9 +624,6 @@ def _response_headers(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 
 def _serve_one(args: argparse.Namespace) -> int:
-    # Before the app is imported: an app that configures its logging there
-    # may then change the server's loggers too.
-    configure_logging(args.log_level)
     sys.path.insert(0, os.path.abspath(args.app_dir))
     try:
         app = load_app(args.app, factory=args.factory)
@@ -368,21 +659,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.run_command(args))
     _socket_activation(args, parser)
     _check(args, parser)
-    if args.workers > 1 or args.reload:
-        from .supervisor import supervise
+    # Both before the app is imported (and before workers start, which
+    # inherit the environment): an app that configures its logging as it is
+    # imported may then change the server's loggers too.
+    if args.env_file is not None:
+        _load_env_file(args.env_file)
+    try:
+        configure_logging(args.log_level, args.log_config)
+    except LogConfigError as exc:
+        parser.error(f"--log-config {exc}")
+    with _pid_file(args.pid_file, parser):
+        if args.supervisor_fd is None and _supervised(args):
+            from .supervisor import supervise
 
-        return supervise(
-            raw,
-            workers=args.workers,
-            reload=args.reload,
-            reload_dirs=args.reload_dir or [os.getcwd()],
-            host=args.host,
-            port=args.port,
-            uds=args.uds,
-            uds_mode=args.uds_mode,
-            fds=args.fd,
-            backlog=args.backlog,
-            log_level=args.log_level,
-            shutdown_timeout=ServerConfig.shutdown_timeout if args.shutdown_timeout is None else args.shutdown_timeout,
-        )
-    return _serve_one(args)
+            return supervise(
+                raw,
+                workers=args.workers,
+                reload=args.reload,
+                reload_dirs=args.reload_dir or [os.getcwd()],
+                host=args.host,
+                port=args.port,
+                uds=args.uds,
+                uds_mode=args.uds_mode,
+                fds=args.fd,
+                backlog=args.backlog,
+                shutdown_timeout=ServerConfig.shutdown_timeout if args.shutdown_timeout is None else args.shutdown_timeout,
+                recycling=_recycling(args),
+            )
+        return _serve_one(args)

@@ -9,6 +9,7 @@ from email.utils import format_datetime, parsedate_to_datetime
 from functools import lru_cache
 from typing import Any, ClassVar, Union
 
+from ..runtime.addresses import split_host
 from .errors import HttpException
 
 __all__ = ["ContentType", "HttpHeaders", "format_http_date", "parse_http_date", "wire_headers"]
@@ -79,27 +80,6 @@ def _check_value(name: str, value: str) -> None:
         )
     if name == "content-length" and not (value.isascii() and value.isdigit()):
         raise ValueError(f"Content-Length must contain only digits, got {value!r}")
-
-
-def _split_host(value: str) -> tuple[str | None, int | None]:
-    """Split a Host header into (host, port); brackets around IPv6 literals are dropped."""
-    value = value.strip()
-    port = ""
-    if value.startswith("["):
-        end = value.find("]")
-        if end == -1:
-            return value, None
-        host = value[1:end]
-        rest = value[end + 1 :]
-        if rest.startswith(":"):
-            port = rest[1:]
-    elif value.count(":") == 1:
-        host, _, port = value.partition(":")
-    else:  # no port, or a bare (invalid but seen) IPv6 literal
-        host = value
-    if not (port.isascii() and port.isdigit() and int(port) <= 65535):
-        return host or None, None
-    return host or None, int(port)
 
 
 def _join_host(host: str, port: int | None) -> str:
@@ -390,7 +370,7 @@ class HttpHeaders:
     def host(self) -> str | None:
         """The host part of the Host header (IPv6 literals without brackets)."""
         value = self.get("host")
-        return None if value is None else _split_host(value)[0]
+        return None if value is None else split_host(value)[0]
 
     @host.setter
     def host(self, host: str | None) -> None:
@@ -402,14 +382,14 @@ class HttpHeaders:
         if not host:
             raise ValueError("host must not be empty")
         current = self.get("host")
-        self.set("host", _join_host(host, None if current is None else _split_host(current)[1]))
+        self.set("host", _join_host(host, None if current is None else split_host(current)[1]))
 
     @property
     def port(self) -> int | None:
         """The port of the Host header; None when it names none (the default
         port depends on the scheme, which headers do not know)."""
         value = self.get("host")
-        return None if value is None else _split_host(value)[1]
+        return None if value is None else split_host(value)[1]
 
     @port.setter
     def port(self, port: int | None) -> None:
@@ -419,7 +399,7 @@ class HttpHeaders:
         ):
             raise ValueError(f"port must be an int in 0..65535 or None, got {port!r}")
         current = self.get("host")
-        host = None if current is None else _split_host(current)[0]
+        host = None if current is None else split_host(current)[0]
         if host is None:
             raise ValueError("Cannot set a port without a host")
         self.set("host", _join_host(host, port))

@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ._loader import native
+from .._dist.loader import native
+from ..runtime.contract import Request
 from .errors import HttpException
 
 if TYPE_CHECKING:
@@ -45,7 +46,7 @@ class WebSocket:
     """An accepted WebSocket: ``await send(text_or_bytes)``, ``async for
     message in ws`` (str or bytes), ``await close(code, reason)``."""
 
-    def __init__(self, native_request: Any, create_future: Callable[[], Any], protocol: str | None) -> None:
+    def __init__(self, native_request: Request, create_future: Callable[[], Any], protocol: str | None) -> None:
         self._native = native_request
         self._create_future = create_future
         self.protocol = protocol

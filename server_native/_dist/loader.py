@@ -63,8 +63,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from . import _platforms
-from ._prebuilt_release import RELEASES_URL, SHA256, TAG, TAG_PREFIX
+from . import platforms as _platforms
+from .release import RELEASES_URL, SHA256, TAG, TAG_PREFIX
 
 #: The native ABI this Python package speaks (``ABI_VERSION`` in src/lib.rs).
 ABI_VERSION = 2
@@ -75,7 +75,8 @@ ENV_PREBUILT = "SERVER_NATIVE_PREBUILT"
 ENV_PREBUILT_TAG = "SERVER_NATIVE_PREBUILT_TAG"
 ENV_SOURCE_BUILD = "SERVER_NATIVE_SOURCE_BUILD"
 ENV_RELEASES_URL = "SERVER_NATIVE_RELEASES_URL"
-PACKAGE_DIR = Path(__file__).resolve().parent
+#: The package folder, where its own native library lives.
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
 CACHE_DIR_NAME = ".server_native"
 PROJECT_MARKERS = (CACHE_DIR_NAME, "pyproject.toml", "setup.py", "setup.cfg", ".git")
 USER_CACHE_APP = "server_native"

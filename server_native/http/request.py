@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 from urllib.parse import SplitResult, parse_qs, parse_qsl
 
-from ._loop import body_chunks
+from ..runtime.contract import Request
+from ..runtime.loop import body_chunks
 from .cookies import Cookie, parse_cookie_header
 from .headers import HttpHeaders, wire_headers
 from .response import HttpResponse
 
 if TYPE_CHECKING:
-    from .http_server import NativeHttpServer
+    from .server import NativeHttpServer
 
 __all__ = ["HttpConnectionInfo", "HttpRequest", "Uri"]
 
@@ -51,7 +52,7 @@ class HttpRequest:
 
     __slots__ = ("_native", "_server", "_loop", "_headers", "_uri", "_cookies", "response", "__weakref__")
 
-    def __init__(self, native_request: Any, server: NativeHttpServer, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, native_request: Request, server: NativeHttpServer, loop: asyncio.AbstractEventLoop) -> None:
         self._native = native_request
         self._server = server
         self._loop = loop
@@ -62,7 +63,7 @@ class HttpRequest:
 
     @property
     def method(self) -> str:
-        return self._native.method  # type: ignore[no-any-return]
+        return self._native.method
 
     @property
     def uri(self) -> Uri:
@@ -83,7 +84,7 @@ class HttpRequest:
 
     @property
     def scheme(self) -> str:
-        return self._native.scheme  # type: ignore[no-any-return]
+        return self._native.scheme
 
     @property
     def headers(self) -> HttpHeaders:
@@ -94,7 +95,7 @@ class HttpRequest:
     @property
     def protocol_version(self) -> str:
         """``"1.0"``, ``"1.1"``, ``"2"`` or ``"3"``."""
-        return self._native.http_version  # type: ignore[no-any-return]
+        return self._native.http_version
 
     @property
     def connection_info(self) -> HttpConnectionInfo:
@@ -104,13 +105,13 @@ class HttpRequest:
         remote = self._native.remote_addr
         if remote is None:
             return HttpConnectionInfo("", 0, 0)
-        return HttpConnectionInfo(remote[0], remote[1], self._native.local_addr[1])
+        return HttpConnectionInfo(remote[0], remote[1], self._native.local_addr[1] or 0)
 
     @property
     def certificate(self) -> bytes | None:
         """The client's certificate (DER) when it sent one. It was verified
         only if the server was given ``client_ca_path``."""
-        return self._native.peer_certificate  # type: ignore[no-any-return]
+        return self._native.peer_certificate
 
     @property
     def cookies(self) -> list[Cookie]:

@@ -75,30 +75,41 @@ async def serve_app(
     if interface == "auto":
         interface = detect_interface(app)
     if interface == "asgi":
-        from .asgi import serve_asgi
+        from ..interfaces.asgi import serve_asgi
 
         await serve_asgi(app, host, port, shutdown_signal=shutdown_signal, **options)
     elif interface == "wsgi":
-        from .wsgi import serve_wsgi
+        from ..interfaces.wsgi import serve_wsgi
 
         await serve_wsgi(app, host, port, shutdown_signal=shutdown_signal, **options)
     else:
-        from .direct import serve_native_direct
+        from ..interfaces.direct import serve_native_direct
 
         await serve_native_direct(app, host, port, shutdown_signal=shutdown_signal, **options)
 
 
-def run(app: Any, host: str = "127.0.0.1", port: int = 8000, *, log_level: str | None = "info", **options: Any) -> None:
+def run(
+    app: Any,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    log_level: str | None = "info",
+    access_log_format: str | None = None,
+    **options: Any,
+) -> None:
     """Blocking: serves ``app`` until SIGINT/SIGTERM, on uvloop when it is
     installed. ``log_level`` gives the server's own loggers (``server_native``,
     ``server_native.access``) handlers at that level, leaving the root logger
-    alone; None leaves logging as it is. ``options``: ``interface``, those of
-    :func:`serve_app`'s adapters (``access_log``...), and any ``ServerConfig``
-    field."""
-    if log_level is not None:
-        from .logs import configure_logging
+    alone; None leaves logging as it is. ``access_log_format``: the access
+    log's line, with gunicorn's atoms (``"%(h)s %(r)s %(s)s %(b)s %(D)s"``;
+    see ``server_native.runtime.logs.ACCESS_LOG_ATOMS``). ``options``: ``interface``,
+    those of :func:`serve_app`'s adapters (``access_log``...), and any
+    ``ServerConfig`` field."""
+    from ..runtime.logs import configure_logging, set_access_log_format
 
+    if log_level is not None:
         configure_logging(log_level)
+    set_access_log_format(access_log_format)
     main = serve_app(app, host, port, **options)
     runner: Callable[[Any], Any] = asyncio.run
     if sys.platform != "win32":

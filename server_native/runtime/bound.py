@@ -8,19 +8,29 @@ import logging
 import os
 import threading
 import time
+import weakref
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any, NamedTuple
 
-from ._loader import native
-from ._loop import CoroutineRunner, EventPump
+from .._dist.loader import native
 from .addresses import resolve_bind_hosts
 from .bridge import BridgeListener
 from .config import ServerConfig, TlsConfig
+from .contract import Request
+from .loop import CoroutineRunner, EventPump
 from .unix_socket import UnixSocketFile, bind_unix_socket
 
-__all__ = ["BoundServer", "HttpConnectionsInfo", "bind_settings", "tls_settings"]
+__all__ = ["BoundServer", "HttpConnectionsInfo", "bind_settings", "open_servers", "tls_settings"]
 
 logger = logging.getLogger("server_native")
+#: The head of the plain answers the server gives on its own.
+PLAIN_TEXT = [("content-type", "text/plain; charset=utf-8")]
+
+
+def answer_unavailable(native_request: Request) -> None:
+    """A request that arrives while no handler is set: 503."""
+    native_request.respond(503, PLAIN_TEXT, b"Service Unavailable")
 #: What the native side decided on its own (refusals, framing errors of the
 #: application, failed accepts and handshakes), queued natively.
 native_logger = logging.getLogger("server_native.error")
@@ -29,6 +39,16 @@ NATIVE_LOG_INTERVAL = 0.2
 #: How long application tasks cancelled at shutdown get to end (their
 #: ``finally`` blocks, a close frame) before the server stops waiting.
 CANCELLED_TASKS_GRACE = 1.0
+
+
+#: The servers of this process that have not closed, whatever API made them.
+_open: weakref.WeakSet[BoundServer] = weakref.WeakSet()
+
+
+def open_servers() -> list[BoundServer]:
+    """The servers of this process that have not closed: what a supervised
+    worker reports on and retires (``worker.py``)."""
+    return list(_open)
 
 
 def emit_native_log() -> None:
@@ -91,8 +111,12 @@ def tls_settings(
     require_client_certificate: bool = False,
     client_ca_path: str | os.PathLike[str] | None = None,
     http2: bool = True,
+    ciphers: str | Sequence[str] | None = None,
+    protocol_min: str = "tls1.2",
+    crl_paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] = (),
 ) -> TlsConfig:
-    """Checks that the files exist; the native side checks their contents."""
+    """Checks that the files exist and the names are known; the native side
+    checks the files' contents."""
     return TlsConfig(
         certificate_path=os.fspath(certificate_path),
         key_path=os.fspath(key_path),
@@ -101,6 +125,9 @@ def tls_settings(
         require_client_certificate=require_client_certificate,
         client_ca_path=None if client_ca_path is None else os.fspath(client_ca_path),
         http2=http2,
+        ciphers=ciphers,
+        protocol_min=protocol_min,
+        crl_paths=crl_paths,
     )
 
 
@@ -159,13 +186,14 @@ class BoundServer:
             self._pump.attach(self._native)
         self._closed = self._loop.create_future()
         self._native_log = self._loop.call_later(NATIVE_LOG_INTERVAL, self._emit_native_log)
+        _open.add(self)
 
     def _emit_native_log(self) -> None:
         emit_native_log()
         if not self._closed.done():
             self._native_log = self._loop.call_later(NATIVE_LOG_INTERVAL, self._emit_native_log)
 
-    def _on_request(self, native_request: Any) -> None:
+    def _on_request(self, native_request: Request) -> None:
         raise NotImplementedError
 
     @property
@@ -176,7 +204,7 @@ class BoundServer:
     def address(self) -> str:
         """The first bound address, or the Unix socket path."""
         uds = self.uds
-        return uds if uds is not None else self._native.addresses[0][0]  # type: ignore[no-any-return]
+        return uds if uds is not None else self._native.addresses[0][0]
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -211,7 +239,7 @@ class BoundServer:
     def idle_timeout(self) -> float | None:
         """Seconds an idle keep-alive connection stays open; None for ever."""
         value = self._native.idle_timeout
-        return None if value == 0 else value  # type: ignore[no-any-return]
+        return None if value == 0 else value
 
     @idle_timeout.setter
     def idle_timeout(self, seconds: float | None) -> None:
@@ -219,6 +247,22 @@ class BoundServer:
 
     def connections_info(self) -> HttpConnectionsInfo:
         return HttpConnectionsInfo(*self._native.connections_info())
+
+    @property
+    def requests(self) -> int:
+        """Requests answered so far, over every protocol."""
+        return self._native.requests  # type: ignore[no-any-return]
+
+    @property
+    def keep_alive(self) -> bool:
+        """False: every HTTP/1 response carries ``Connection: close``, so
+        that clients move on before the server drains (HTTP/2 and HTTP/3
+        clients are told by the drain's GOAWAY)."""
+        return self._native.keep_alive  # type: ignore[no-any-return]
+
+    @keep_alive.setter
+    def keep_alive(self, on: bool) -> None:
+        self._native.keep_alive = bool(on)
 
     async def close(self, force: bool = False) -> None:
         """Stops accepting, closes every open WebSocket (1012), lets
@@ -245,6 +289,7 @@ class BoundServer:
             await self._bridge.close()
         await self._finish_tasks()
         await self._join_consumers()
+        _open.discard(self)
         if not self._closed.done():
             if self._pump is not None:
                 self._pump.detach()

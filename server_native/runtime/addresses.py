@@ -7,7 +7,7 @@ import functools
 import ipaddress
 import socket
 
-__all__ = ["resolve_bind_hosts"]
+__all__ = ["resolve_bind_hosts", "split_host"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -50,3 +50,25 @@ def resolve_bind_hosts(address: str, *, v6_only: bool = False) -> list[str]:
     except socket.gaierror as exc:
         raise OSError(f"cannot resolve {name!r}: {exc}") from exc
     return [str(infos[0][4][0])]
+
+
+def split_host(value: str) -> tuple[str | None, int | None]:
+    """A Host value (or an authority) as (host, port); brackets around an IPv6
+    literal are dropped, and a port that is not a number up to 65535 is None."""
+    value = value.strip()
+    port = ""
+    if value.startswith("["):
+        end = value.find("]")
+        if end == -1:
+            return value, None
+        host = value[1:end]
+        rest = value[end + 1 :]
+        if rest.startswith(":"):
+            port = rest[1:]
+    elif value.count(":") == 1:
+        host, _, port = value.partition(":")
+    else:  # no port, or a bare (invalid but seen) IPv6 literal
+        host = value
+    if not (port.isascii() and port.isdigit() and int(port) <= 65535):
+        return host or None, None
+    return host or None, int(port)

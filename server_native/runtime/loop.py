@@ -17,7 +17,8 @@ import types
 from collections.abc import AsyncIterator, Callable, Coroutine, Generator
 from typing import Any
 
-from ._loader import native
+from .._dist.loader import native
+from .contract import Request
 
 __all__ = ["CoroutineRunner", "EventPump", "body_chunks"]
 
@@ -208,7 +209,7 @@ class CoroutineRunner:
                 except BaseException as exc:  # noqa: BLE001
                     self._on_error(exc)
                 finally:
-                    self._waiting.discard(task)  # type: ignore[arg-type]
+                    self._waiting.discard(task)
                 self._finished()
                 return
             if task is not None and _cancel_requested(task):
@@ -252,7 +253,7 @@ def _resumed(coro: Coroutine[Any, Any, Any], context: contextvars.Context, await
             return stop.value
 
 
-async def body_chunks(native_request: Any, create_future: Callable[[], Any]) -> AsyncIterator[bytes]:
+async def body_chunks(native_request: Request, create_future: Callable[[], Any]) -> AsyncIterator[bytes]:
     """A request body as it arrives, waiting on the native side's futures."""
     while True:
         step = native_request.read(create_future)

@@ -12,15 +12,17 @@ import asyncio
 import inspect
 import os
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
-from ._loader import native
-from ._loop import body_chunks
-from .config import ServerConfig
-from .logs import log_access
-from .serve import serve_bound
-from .server import BoundServer, bind_settings, logger, tls_settings
+from .._dist.loader import native
+from ..runtime.bound import BoundServer, answer_unavailable, bind_settings, tls_settings
+from ..runtime.config import ServerConfig
+from ..runtime.contract import Request
+from ..runtime.logs import log_access
+from ..runtime.loop import body_chunks
+from ..runtime.serving import serve_bound
 
 __all__ = [
     "DirectHandler",
@@ -32,7 +34,6 @@ __all__ = [
 
 NativeDirectResponse = native.NativeDirectResponse
 _ClientDisconnected = native.ClientDisconnected
-_INTERNAL_ERROR = NativeDirectResponse.bytes(500, [("content-type", "text/plain; charset=utf-8")], b"Internal Server Error")
 
 
 class NativeDirectRequest:
@@ -43,53 +44,53 @@ class NativeDirectRequest:
 
     __slots__ = ("_native", "_loop")
 
-    def __init__(self, native_request: Any, loop: asyncio.AbstractEventLoop | None = None) -> None:
+    def __init__(self, native_request: Request, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self._native = native_request
         self._loop = loop
 
     @property
     def method(self) -> str:
-        return self._native.method  # type: ignore[no-any-return]
+        return self._native.method
 
     @property
     def scheme(self) -> str:
-        return self._native.scheme  # type: ignore[no-any-return]
+        return self._native.scheme
 
     @property
     def authority(self) -> str | None:
-        return self._native.authority  # type: ignore[no-any-return]
+        return self._native.authority
 
     @property
     def path(self) -> str:
-        return self._native.path  # type: ignore[no-any-return]
+        return self._native.path
 
     @property
     def query(self) -> str:
-        return self._native.query  # type: ignore[no-any-return]
+        return self._native.query
 
     @property
     def protocol(self) -> str:
         """``"1.0"``, ``"1.1"``, ``"2"`` or ``"3"``."""
-        return self._native.http_version  # type: ignore[no-any-return]
+        return self._native.http_version
 
     @property
     def headers(self) -> list[tuple[str, str]]:
-        return self._native.headers()  # type: ignore[no-any-return]
+        return self._native.headers()
 
     def header(self, name: str) -> str | None:
         """The first value of a header, by case-insensitive name."""
-        return self._native.header(name)  # type: ignore[no-any-return]
+        return self._native.header(name)
 
     @property
     def uri(self) -> str:
         """The request target: path, and ``?query`` when there is one."""
         query = self._native.query
-        return f"{self._native.path}?{query}" if query else self._native.path  # type: ignore[no-any-return]
+        return f"{self._native.path}?{query}" if query else self._native.path
 
     @property
     def client(self) -> tuple[str, int] | None:
         """The client's real address and port; None over a Unix socket."""
-        return self._native.remote_addr  # type: ignore[no-any-return]
+        return self._native.remote_addr
 
     @property
     def body(self) -> AsyncIterator[bytes]:
@@ -115,7 +116,7 @@ class NativeDirectRequest:
         return f"<NativeDirectRequest {self.method} {self.uri}>"
 
 
-def _take_arrived(native_request: Any, chunks: list[bytes]) -> bool:
+def _take_arrived(native_request: Request, chunks: list[bytes]) -> bool:
     """Takes the body chunks that have arrived; True when that was all of it."""
     while True:
         step = native_request.read()
@@ -156,10 +157,10 @@ class DirectServer(BoundServer):
             thread.start()
         self._handler = handler
 
-    def _on_request(self, native_request: Any) -> None:
+    def _on_request(self, native_request: Request) -> None:
         handler = self._handler
         if handler is None:
-            native_request.respond(503, [("content-type", "text/plain; charset=utf-8")], b"Service Unavailable")
+            answer_unavailable(native_request)
             return
         try:
             result = handler(NativeDirectRequest(native_request, self._loop))
@@ -171,7 +172,7 @@ class DirectServer(BoundServer):
         else:
             self._runner.start(self._finish(native_request, result))
 
-    async def _finish(self, native_request: Any, result: Any) -> None:
+    async def _finish(self, native_request: Request, result: Any) -> None:
         try:
             response = await result if inspect.isawaitable(result) else result
             if response.__class__ is not NativeDirectResponse:
@@ -187,49 +188,69 @@ class DirectServer(BoundServer):
         except BaseException as exc:  # noqa: BLE001 - the client gets a 500, cancellation included
             self._fail(native_request, exc)
 
-    def _fail(self, native_request: Any, exc: BaseException) -> None:
+    def _fail(self, native_request: Request, exc: BaseException) -> None:
         self._report(exc)
-        if native_request.head_sent:
-            native_request.abort()
-        else:
-            native_request.send_direct(_INTERNAL_ERROR)
+        native_request.abort()  # a 500, or a cut-off stream once the head is out
 
 
 def _with_access_log(handler: DirectHandler) -> DirectHandler:
     """``handler``, logging every request it answers (500 when it raises or
-    returns anything but a NativeDirectResponse)."""
+    returns anything but a NativeDirectResponse); a streamed response once
+    its body has gone."""
 
-    def log(request: NativeDirectRequest, response: Any) -> None:
-        status = response.status if response.__class__ is NativeDirectResponse else 500
-        log_access(request.client, request.method, request.path, request.protocol, status)
+    def log(request: NativeDirectRequest, started: float, status: int, sent: int) -> None:
+        log_access(
+            request.client, request.method, request.path, request.protocol, status,
+            query=request.query, sent=sent, started=started, header=request.header,
+        )  # fmt: skip
 
-    async def log_when_done(request: NativeDirectRequest, result: Awaitable[Any]) -> Any:
+    def answered(request: NativeDirectRequest, started: float, response: Any) -> Any:
+        if response.__class__ is not NativeDirectResponse:
+            log(request, started, 500, 0)
+        elif response.stream_body is None:
+            log(request, started, response.status, len(response.body))
+        else:
+            body = _counted(response.stream_body, lambda sent: log(request, started, response.status, sent))
+            return NativeDirectResponse.stream(response.status, response.headers, body=body)
+        return response
+
+    async def answered_when_done(request: NativeDirectRequest, started: float, result: Awaitable[Any]) -> Any:
         try:
             response = await result
         except BaseException:
-            log(request, None)
+            log(request, started, 500, 0)
             raise
-        log(request, response)
-        return response
+        return answered(request, started, response)
 
     if inspect.iscoroutinefunction(handler):
-        return lambda request: log_when_done(request, handler(request))
+        return lambda request: answered_when_done(request, time.perf_counter(), handler(request))
 
     def logged(request: NativeDirectRequest) -> Any:
+        started = time.perf_counter()
         try:
             result = handler(request)
         except BaseException:
-            log(request, None)
+            log(request, started, 500, 0)
             raise
         if inspect.isawaitable(result):
-            return log_when_done(request, result)
-        log(request, result)
-        return result
+            return answered_when_done(request, started, result)
+        return answered(request, started, result)
 
     return logged
 
 
-async def _stream(native_request: Any, response: Any, loop: asyncio.AbstractEventLoop) -> None:
+async def _counted(body: Any, done: Callable[[int], None]) -> AsyncIterator[Any]:
+    """``body``'s chunks; ``done`` gets their bytes once it ends or fails."""
+    sent = 0
+    try:
+        async for chunk in body:
+            sent += len(chunk)
+            yield chunk
+    finally:
+        done(sent)
+
+
+async def _stream(native_request: Request, response: Any, loop: asyncio.AbstractEventLoop) -> None:
     if not native_request.start(response.status, response.headers):
         return
     create_future = loop.create_future
@@ -271,13 +292,18 @@ async def serve_secure_native_direct(
     key_path: str | os.PathLike[str],
     certificate_password: str | None = None,
     http2: bool = True,
+    ciphers: str | Sequence[str] | None = None,
+    protocol_min: str = "tls1.2",
     **options: Any,
 ) -> None:
-    """:func:`serve_native_direct` over TLS."""
+    """:func:`serve_native_direct` over TLS; ``ciphers`` and ``protocol_min``
+    as in :class:`TlsConfig`."""
     tls = tls_settings(
         certificate_path=certificate_path,
         key_path=key_path,
         certificate_password=certificate_password,
         http2=http2,
+        ciphers=ciphers,
+        protocol_min=protocol_min,
     )
     await serve_native_direct(handler, address, port, http2=http2, tls=tls, **options)

@@ -29,11 +29,14 @@ import tempfile
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
-from ._loader import native
+from .._dist.loader import native
 from .proxy import PROXY_HEADER_NAMES
+
+if TYPE_CHECKING:
+    from .contract import Request
 
 __all__ = ["BridgeListener", "BridgeRequest"]
 
@@ -102,7 +105,7 @@ def _wire(value: Any) -> bytes:
     """Header text for the wire: latin-1 when every character fits, else
     UTF-8 (the in-process transport's rule)."""
     if value.__class__ is bytes:
-        return value  # type: ignore[no-any-return]
+        return value
     if isinstance(value, str):
         if value.isascii():
             return value.encode("ascii")
@@ -487,7 +490,9 @@ class BridgeRequest:
         if self._state != _WAITING:
             raise RuntimeError("the response was already sent")
 
-    def respond(self, status: int, headers: Iterable[tuple[Any, Any]] | None, body: bytes, reason: str | None = None) -> bool:
+    def respond(
+        self, status: int, headers: Iterable[tuple[Any, Any]] | None, body: bytes | bytearray | memoryview, reason: str | None = None
+    ) -> bool:
         """Sends a whole response. ``headers=None`` sends the server's default
         headers. Returns False when the client is already gone."""
         self._check_unsent()
@@ -1025,3 +1030,9 @@ class BridgeListener:
             self._cleanup()
             self._closing.set_result(None)
         await asyncio.shield(self._closing)
+
+
+if TYPE_CHECKING:
+
+    def _bridge_keeps_the_request_contract(request: BridgeRequest) -> Request:
+        return request

@@ -7,15 +7,21 @@ import asyncio
 import collections
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any
 
-from ._loader import native
-from .config import ServerConfig
+from .._dist.loader import native
+from ..runtime.bound import (
+    BoundServer,
+    HttpConnectionsInfo,
+    bind_settings,
+    tls_settings,
+)
+from ..runtime.config import ServerConfig
+from ..runtime.contract import Request
 from .headers import ContentType, HttpHeaders
 from .request import HttpRequest
 from .response import _CLOSED
-from .server import BoundServer, HttpConnectionsInfo, bind_settings, tls_settings
 
 __all__ = ["HttpConnectionsInfo", "NativeHttpServer", "RequestHandler"]
 
@@ -83,10 +89,14 @@ class NativeHttpServer(BoundServer):
         require_client_certificate: bool = False,
         client_ca_path: str | os.PathLike[str] | None = None,
         http2: bool = True,
+        ciphers: str | Sequence[str] | None = None,
+        protocol_min: str = "tls1.2",
+        crl_paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] = (),
         **options: Any,
     ) -> NativeHttpServer:
         """Like :meth:`bind`, over TLS. A missing file, a bad key or a wrong
-        password raises here, before anything is bound."""
+        password raises here, before anything is bound. ``ciphers``,
+        ``protocol_min`` and ``crl_paths`` as in :class:`TlsConfig`."""
         tls = tls_settings(
             certificate_path=certificate_path,
             key_path=key_path,
@@ -95,6 +105,9 @@ class NativeHttpServer(BoundServer):
             require_client_certificate=require_client_certificate,
             client_ca_path=client_ca_path,
             http2=http2,
+            ciphers=ciphers,
+            protocol_min=protocol_min,
+            crl_paths=crl_paths,
         )
         return await cls.bind(address, port, http2=http2, tls=tls, **options)
 
@@ -129,7 +142,7 @@ class NativeHttpServer(BoundServer):
 
     # -- requests -----------------------------------------------------------
 
-    def _on_request(self, native_request: Any) -> None:
+    def _on_request(self, native_request: Request) -> None:
         request = HttpRequest(native_request, self, self._loop)
         handler = self._handler
         if handler is not None:
@@ -140,7 +153,7 @@ class NativeHttpServer(BoundServer):
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
         else:
-            request.response._respond_status(503, b"Service Unavailable: no listener")
+            request.response._respond_status(503, b"Service Unavailable")
 
     async def __aiter__(self) -> AsyncIterator[HttpRequest]:
         self._listeners += 1

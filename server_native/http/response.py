@@ -7,15 +7,16 @@ import asyncio
 import logging
 from collections.abc import AsyncIterable, Iterable
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from ._loader import native
+from .._dist.loader import native
+from ..runtime.bound import PLAIN_TEXT
 from .cookies import Cookie
 from .errors import HttpBodyError, HttpException
 from .headers import HttpHeaders, wire_headers
 
 if TYPE_CHECKING:
-    from .http_server import NativeHttpServer
+    from .server import NativeHttpServer
 
 __all__ = ["HttpResponse"]
 
@@ -339,18 +340,14 @@ class HttpResponse:
         if self._state == _CLOSED:
             return
         self._state = _CLOSED
-        native_request = self._native
-        if native_request.head_sent:
-            native_request.abort()
-        else:
-            native_request.respond(500, [("content-type", "text/plain; charset=utf-8")], b"Internal Server Error")
+        self._native.abort()  # a 500, or a cut-off stream once the head is out
 
     def _respond_status(self, status: int, message: bytes) -> None:
         """Answers with a bare status (no listener, body too large...)."""
         if self._state == _CLOSED:
             return
         self._state = _CLOSED
-        self._native.respond(status, [("content-type", "text/plain; charset=utf-8")], message)
+        self._native.respond(status, PLAIN_TEXT, message)
 
 
 def _too_long(size: int, declared: int, uri: str) -> HttpBodyError:

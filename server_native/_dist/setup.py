@@ -57,9 +57,18 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from . import _platforms
-from . import _prebuilt_release as release_metadata
-from ._loader import ENV_PREBUILT_TAG, TAG_PREFIX, cache_dir, full_tag, pin_file, project_cache, user_cache, version_key
+from . import platforms as _platforms
+from . import release as release_metadata
+from .loader import (
+    ENV_PREBUILT_TAG,
+    cache_dir,
+    full_tag,
+    pin_file,
+    project_cache,
+    user_cache,
+    version_key,
+)
+from .release import TAG_PREFIX
 
 ENV_RELEASES_URL = "SERVER_NATIVE_RELEASES_URL"
 ENV_RELEASES_API_URL = "SERVER_NATIVE_RELEASES_API_URL"
@@ -608,7 +617,7 @@ def add_info_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from ._loader import resolution
+    from .loader import resolution
 
     info = resolution(build=False).as_dict()
     if args.json:

@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import IO, Any
 
-from ._loader import native
-from .config import ServerConfig
-from .logs import log_access
-from .proxy import ProxyHeaders
-from .serve import serve_bound
-from .server import BoundServer, bind_settings, logger
+from .._dist.loader import native
+from ..runtime.addresses import split_host
+from ..runtime.bound import BoundServer, bind_settings
+from ..runtime.config import ServerConfig
+from ..runtime.contract import ThreadedRequest
+from ..runtime.logs import log_access
+from ..runtime.proxy import ProxyHeaders
+from ..runtime.serving import serve_bound
 
 __all__ = ["FileWrapper", "WSGIApp", "WSGIServer", "serve_wsgi"]
 
@@ -46,7 +49,7 @@ class InputStream:
     """``wsgi.input``: the request body, read as it arrives. A read waits in
     the native side (without the GIL) for the client to send more."""
 
-    def __init__(self, native_request: Any) -> None:
+    def __init__(self, native_request: ThreadedRequest) -> None:
         self._native = native_request
         self._buffer = b""
         self._done = False
@@ -107,9 +110,9 @@ class InputStream:
 class _Response:
     """``start_response`` and ``write`` for one request."""
 
-    __slots__ = ("_native", "status", "reason", "headers", "started", "streaming", "gone")
+    __slots__ = ("_native", "status", "reason", "headers", "started", "streaming", "gone", "sent")
 
-    def __init__(self, native_request: Any) -> None:
+    def __init__(self, native_request: ThreadedRequest) -> None:
         self._native = native_request
         self.status = 0
         self.reason: str | None = None
@@ -117,6 +120,8 @@ class _Response:
         self.started = False
         self.streaming = False
         self.gone = False
+        #: Body bytes handed over, for the access log.
+        self.sent = 0
 
     def start_response(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable[[bytes], None]:
         if exc_info is not None:
@@ -146,6 +151,7 @@ class _Response:
         if data and not self.gone:
             try:
                 self._native.write_blocking(data)
+                self.sent += len(data)
             except _ClientDisconnected:
                 self.gone = True
 
@@ -203,7 +209,7 @@ class WSGIServer(BoundServer):
             except Exception as exc:  # noqa: BLE001 - one request failed, the worker goes on
                 self._report(exc)
 
-    def _environ(self, native_request: Any) -> dict[str, Any]:
+    def _environ(self, native_request: ThreadedRequest) -> dict[str, Any]:
         # Built natively: the CGI variables, the headers and the client.
         environ: dict[str, Any] = native_request.wsgi_environ(self._base)
         if self._proxy is not None and native_request.has_proxy_headers:
@@ -213,21 +219,25 @@ class WSGIServer(BoundServer):
                 environ["REMOTE_PORT"] = str(port)
             environ["wsgi.url_scheme"] = scheme
         if self._uds is not None and native_request.authority:
-            environ["SERVER_NAME"], environ["SERVER_PORT"] = _split_host(native_request.authority, environ["wsgi.url_scheme"])
+            environ["SERVER_NAME"], environ["SERVER_PORT"] = _server_name_and_port(native_request.authority, environ["wsgi.url_scheme"])
         environ["wsgi.input"] = InputStream(native_request)
         return environ
 
-    def _call(self, app: WSGIApp, native_request: Any) -> None:
+    def _call(self, app: WSGIApp, native_request: ThreadedRequest) -> None:
         response = _Response(native_request)
         environ: dict[str, Any] = {}
+        started = time.perf_counter() if self._access_log else None
         try:
             self._respond(app, native_request, response, environ)
         finally:
             if self._access_log:
                 client = (environ["REMOTE_ADDR"], int(environ["REMOTE_PORT"])) if "REMOTE_PORT" in environ else native_request.remote_addr
-                log_access(client, native_request.method, native_request.path, native_request.http_version, response.status)
+                log_access(
+                    client, native_request.method, native_request.path, native_request.http_version, response.status,
+                    query=native_request.query, sent=response.sent, started=started, header=native_request.header,
+                )  # fmt: skip
 
-    def _respond(self, app: WSGIApp, native_request: Any, response: _Response, environ: dict[str, Any]) -> None:
+    def _respond(self, app: WSGIApp, native_request: ThreadedRequest, response: _Response, environ: dict[str, Any]) -> None:
         """Runs the app on one request and sends what it answers; ``environ``
         is filled in for the access log."""
         try:
@@ -240,7 +250,9 @@ class WSGIServer(BoundServer):
             if not response.streaming and isinstance(result, (list, tuple)) and len(result) <= 1:
                 if not response.started:
                     raise AssertionError("the WSGI app returned without calling start_response()")
-                native_request.respond(response.status, response.headers, result[0] if result else b"", response.reason)
+                body = result[0] if result else b""
+                native_request.respond(response.status, response.headers, body, response.reason)
+                response.sent = len(body)
                 return
             for chunk in result:
                 response.write(chunk)
@@ -256,7 +268,7 @@ class WSGIServer(BoundServer):
             if close is not None:
                 close()
 
-    def _fail(self, native_request: Any, response: _Response, exc: BaseException) -> None:
+    def _fail(self, native_request: ThreadedRequest, response: _Response, exc: BaseException) -> None:
         self._report(exc)
         # A 500 when no head has gone out, else a cut-off stream.
         if not response.streaming:
@@ -264,12 +276,10 @@ class WSGIServer(BoundServer):
         native_request.abort()
 
 
-def _split_host(authority: str, scheme: str) -> tuple[str, str]:
+def _server_name_and_port(authority: str, scheme: str) -> tuple[str, str]:
     """``SERVER_NAME`` and ``SERVER_PORT`` from a Host header value."""
-    name, colon, port = authority.rpartition(":")
-    if colon and port.isdigit():
-        return name, port
-    return authority, "443" if scheme == "https" else "80"
+    host, port = split_host(authority)
+    return host or authority, str(port) if port is not None else "443" if scheme == "https" else "80"
 
 
 async def serve_wsgi(

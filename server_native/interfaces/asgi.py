@@ -7,15 +7,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from ._loader import native
-from .config import ServerConfig
-from .logs import error_logger, log_access
-from .proxy import ProxyHeaders
-from .serve import serve_bound
-from .server import BoundServer, bind_settings, logger
+from .._dist.loader import native
+from ..runtime.bound import BoundServer, answer_unavailable, bind_settings, logger
+from ..runtime.config import ServerConfig
+from ..runtime.contract import Request
+from ..runtime.logs import error_logger, log_access
+from ..runtime.proxy import ProxyHeaders
+from ..runtime.serving import serve_bound
 
 __all__ = ["ASGIApp", "ASGIServer", "Lifespan", "LifespanFailure", "serve_asgi"]
 
@@ -38,9 +40,9 @@ class _HttpCycle:
     exchange. A response whose start and (only) body arrive together leaves
     in one native call."""
 
-    __slots__ = ("_native", "_loop", "_state", "_status", "_headers", "_body_done", "_gone", "_waiting")
+    __slots__ = ("_native", "_loop", "_state", "_status", "_headers", "_body_done", "_gone", "_waiting", "sent")
 
-    def __init__(self, native_request: Any, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, native_request: Request, loop: asyncio.AbstractEventLoop) -> None:
         self._native = native_request
         self._loop = loop
         self._state = _BEFORE_START
@@ -49,6 +51,8 @@ class _HttpCycle:
         self._body_done = False
         self._gone = False
         self._waiting: asyncio.Future[None] | None = None
+        #: Response body bytes handed over, for the access log.
+        self.sent = 0
 
     async def receive(self) -> Message:
         if self._body_done or self._gone or self._state == _COMPLETE:
@@ -84,6 +88,10 @@ class _HttpCycle:
     def client_gone(self) -> bool:
         return self._gone
 
+    def header(self, name: str) -> str | None:
+        """A request header's first value."""
+        return self._native.header(name)
+
     @property
     def status(self) -> int:
         """The status sent (500 when the app sent none)."""
@@ -108,8 +116,10 @@ class _HttpCycle:
             if self._state == _STARTED and not message.get("more_body", False):
                 # The whole response at once: the common case, without the
                 # coroutine _body would cost.
+                body = message.get("body", b"")
                 self._complete()
-                self._native.respond(self._status, self._headers, message.get("body", b""))
+                self._native.respond(self._status, self._headers, body)
+                self.sent = len(body)
                 return
             await self._body(message.get("body", b""), message.get("more_body", False))
         elif kind == "http.response.start":
@@ -147,6 +157,7 @@ class _HttpCycle:
             self._gone = True
             self._wake_receive()
             raise
+        self.sent += len(chunk)
         if backlog is not None:
             await backlog
 
@@ -187,7 +198,7 @@ class _HttpCycle:
         elif state == _STARTED and error is None:
             self._native.respond(self._status, self._headers, b"")
         else:
-            self._native.respond(500, _PLAIN, b"Internal Server Error")
+            self._native.abort()  # a 500: nothing has gone out
 
 
 class ASGIServer(BoundServer):
@@ -214,10 +225,10 @@ class ASGIServer(BoundServer):
     def serve(self, app: ASGIApp) -> None:
         self._app = app
 
-    def _on_request(self, native_request: Any) -> None:
+    def _on_request(self, native_request: Request) -> None:
         app = self._app
         if app is None:
-            native_request.respond(503, _PLAIN, b"Service Unavailable")
+            answer_unavailable(native_request)
             return
         websocket = native_request.websocket
         scope = native_request.asgi_scope(self._websocket_scope_base if websocket else self._scope_base, self.state)
@@ -233,7 +244,7 @@ class ASGIServer(BoundServer):
         self._runner.start(_run(app, scope, cycle, self._access_log))
 
 
-def _tls_extension(native_request: Any) -> dict[str, Any]:
+def _tls_extension(native_request: Request) -> dict[str, Any]:
     certificate = native_request.peer_certificate
     return {
         "server_cert": None,
@@ -246,6 +257,7 @@ def _tls_extension(native_request: Any) -> dict[str, Any]:
 
 
 async def _run(app: ASGIApp, scope: Scope, cycle: _HttpCycle, access_log: bool) -> None:
+    started = time.perf_counter() if access_log else None
     try:
         await app(scope, cycle.receive, cycle.send)
     except BaseException as exc:
@@ -258,7 +270,10 @@ async def _run(app: ASGIApp, scope: Scope, cycle: _HttpCycle, access_log: bool) 
     else:
         cycle.close_for_app(None)
     if access_log:
-        log_access(scope["client"], scope["method"], scope["raw_path"].decode("latin-1"), scope["http_version"], cycle.status)
+        log_access(
+            scope["client"], scope["method"], scope["raw_path"].decode("latin-1"), scope["http_version"], cycle.status,
+            query=scope["query_string"], sent=cycle.sent, started=started, header=cycle.header,
+        )  # fmt: skip
 
 
 #: The scheme of a WebSocket behind a proxy that reports http or https.
@@ -283,7 +298,7 @@ class _WebSocketCycle:
     (cut off once its head is out), and so does an app that returns without
     accepting or denying."""
 
-    def __init__(self, native_request: Any, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, native_request: Request, loop: asyncio.AbstractEventLoop) -> None:
         self._native = native_request
         self._loop = loop
         self._state = _CONNECTING
@@ -365,7 +380,7 @@ class _WebSocketCycle:
             self._state = _DENIED
             if error is None:
                 error_logger.error("ASGI app returned without accepting or denying the WebSocket %s: answered 500", self._native.path)
-            self._native.respond(500, _PLAIN, b"Internal Server Error")
+            self._native.abort()  # a 500: nothing has gone out
         elif state == _DENYING and self._denial is not None:
             self._state = _DENIED
             if error is None:

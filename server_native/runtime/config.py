@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,6 +13,44 @@ from typing import Any
 __all__ = ["ServerConfig", "TlsConfig"]
 
 MiB = 1024 * 1024
+
+#: The oldest TLS version a server may accept (Granian's ``--ssl-protocol-min`` values).
+PROTOCOL_VERSIONS = ("tls1.2", "tls1.3")
+
+#: The whole numbers each of these settings may be, inclusive: HTTP/2's own
+#: bounds (RFC 9113 section 6.5.2; a flow control window below 1 KiB only
+#: stalls uploads) and the I/O threads a process may run.
+BOUNDS = {
+    "max_concurrent_streams": (1, 2**32 - 1),
+    "http2_initial_connection_window_size": (1024, 2**31 - 1),
+    "http2_initial_stream_window_size": (1024, 2**31 - 1),
+    "http2_max_frame_size": (16384, 2**24 - 1),
+    "http2_max_headers_size": (1, 2**32 - 1),
+    "runtime_threads": (1, 1024),
+}
+
+#: The settings of :data:`BOUNDS` for which None means "the default".
+_NONE_IS_DEFAULT = frozenset(BOUNDS) - {"max_concurrent_streams", "http2_max_frame_size"}
+
+
+def out_of_bounds(name: str, value: Any) -> str | None:
+    """What is wrong with ``value`` for the setting ``name`` of :data:`BOUNDS`, or None."""
+    low, high = BOUNDS[name]
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        return f"must be a whole number from {low} to {high}, not {value!r}"
+    return None
+
+
+def cipher_suites(names: str | Sequence[str]) -> tuple[str, ...]:
+    """The rustls names of cipher suites given by their rustls, IANA or
+    OpenSSL names, as a sequence or one string separated by commas or colons.
+    Raises ``TlsConfigError`` (a ValueError) naming the known ones for any other."""
+    parts = re.split(r"[,:]", names) if isinstance(names, str) else list(names)
+    if not all(isinstance(part, str) for part in parts):
+        raise ValueError(f"ciphers must be names of cipher suites, not {names!r}")
+    from .._dist.loader import native
+
+    return tuple(native.tls_cipher_suites([part.strip() for part in parts if part.strip()]))
 
 
 @dataclass
@@ -29,18 +68,41 @@ class TlsConfig:
     #: PEM bundle of CAs that client certificates must chain to.
     client_ca_path: str | None = None
     http2: bool = True
+    #: The cipher suites offered, by rustls name (``TLS13_AES_256_GCM_SHA384``,
+    #: ``TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256``) or OpenSSL's
+    #: (``ECDHE-ECDSA-AES128-GCM-SHA256``); a sequence, or one string separated
+    #: by commas or colons. Kept as rustls names. None: every suite rustls has.
+    ciphers: str | Sequence[str] | None = None
+    #: The oldest TLS version accepted: ``"tls1.2"`` or ``"tls1.3"``.
+    protocol_min: str = "tls1.2"
+    #: Certificate revocation lists (PEM or DER files) from the CAs of
+    #: ``client_ca_path``: a client whose certificate, or one above it below
+    #: the CA, is revoked or not covered by its issuer's list is refused.
+    crl_paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] = ()
 
     def __post_init__(self) -> None:
         self.certificate_path = _existing_file(self.certificate_path, "certificate_path")
         self.key_path = _existing_file(self.key_path, "key_path")
         if self.client_ca_path is not None:
             self.client_ca_path = _existing_file(self.client_ca_path, "client_ca_path")
+        if self.ciphers is not None:
+            self.ciphers = cipher_suites(self.ciphers)
+        if self.protocol_min not in PROTOCOL_VERSIONS:
+            raise ValueError(f"protocol_min must be one of {', '.join(PROTOCOL_VERSIONS)}, not {self.protocol_min!r}")
+        crl_paths = [self.crl_paths] if isinstance(self.crl_paths, (str, os.PathLike)) else self.crl_paths
+        self.crl_paths = tuple(_existing_file(path, "crl_paths") for path in crl_paths)
+        asks = self.request_client_certificate or self.require_client_certificate
+        if self.crl_paths and (self.client_ca_path is None or not asks):
+            raise ValueError(
+                "crl_paths checks client certificates: it needs client_ca_path, "
+                "and request_client_certificate or require_client_certificate"
+            )
 
 
 def _existing_file(path: str | os.PathLike[str], what: str) -> str:
     text = os.fspath(path)
     if not text:
-        raise ValueError(f"{what} must name a PEM file")
+        raise ValueError(f"{what} must name a file")
     if not os.path.isfile(text):
         raise FileNotFoundError(2, f"{what}: no such file", text)
     return text
@@ -101,7 +163,32 @@ class ServerConfig:
     #: Requests handed to Python and not yet answered; the native side waits
     #: (and so do its clients) beyond this.
     max_pending_requests: int = 1024
+    #: HTTP/2 streams a connection may have open at once (and HTTP/3's).
     max_concurrent_streams: int = 250
+    #: HTTP/2 flow control: how much request body a connection, and each of
+    #: its streams, may send ahead of the application reading it, in bytes
+    #: (None: hyper's 1 MiB each).
+    http2_initial_connection_window_size: int | None = None
+    http2_initial_stream_window_size: int | None = None
+    #: Size both windows from the measured bandwidth-delay product instead.
+    http2_adaptive_window: bool = False
+    #: Seconds between the PINGs sent to every HTTP/2 connection, idle ones
+    #: included (0 or None: none); a connection whose peer leaves one
+    #: unanswered for ``http2_keep_alive_timeout`` seconds is closed (GOAWAY).
+    #: A PING and its answer are traffic to ``idle_timeout``.
+    http2_keep_alive_interval: float | None = None
+    http2_keep_alive_timeout: float = 20.0
+    #: The largest HTTP/2 frame accepted (SETTINGS_MAX_FRAME_SIZE).
+    http2_max_frame_size: int = 16384
+    #: The largest HTTP/2 header list accepted, 431 beyond it
+    #: (SETTINGS_MAX_HEADER_LIST_SIZE); None: ``max_header_size``.
+    http2_max_headers_size: int | None = None
+    #: The I/O threads of the process-wide runtime (Granian's
+    #: ``--runtime-threads``): honoured by the first server a process starts;
+    #: a later one asking for another number is refused. None: the
+    #: ``SERVER_NATIVE_THREADS`` environment variable, or one per CPU this
+    #: process may run on (at most 64).
+    runtime_threads: int | None = None
     #: How long a request head may take to arrive in full, from its first
     #: byte (the first request's: from connecting). Between requests,
     #: ``idle_timeout`` applies.
@@ -180,6 +267,7 @@ class ServerConfig:
         for name in ("max_header_size", "max_headers", "max_body_size", "max_connections", "max_pending_requests", "ws_max_queue"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        self._check_tuning()
         if not 0 <= self.backlog < 2**31:
             raise ValueError("backlog must be between 0 and 2**31-1")
         if self.uds is not None:
@@ -201,6 +289,26 @@ class ServerConfig:
         index = self.static_files_index
         if index is not None and (index in ("", ".", "..") or any(c in index for c in "/\\\0")):
             raise ValueError(f"static_files_index must be a file name, not {index!r}")
+
+
+    def _check_tuning(self) -> None:
+        """The HTTP/2 settings and ``runtime_threads``."""
+        for name in BOUNDS:
+            value = getattr(self, name)
+            problem = None if value is None and name in _NONE_IS_DEFAULT else out_of_bounds(name, value)
+            if problem is not None:
+                raise ValueError(f"{name} {problem}")
+        given_windows = self.http2_initial_connection_window_size, self.http2_initial_stream_window_size
+        if self.http2_adaptive_window and any(size is not None for size in given_windows):
+            raise ValueError("http2_adaptive_window sizes the flow control windows itself: give it or the window sizes, not both")
+        self.http2_keep_alive_interval = _seconds(
+            "http2_keep_alive_interval", self.http2_keep_alive_interval, none_is_no_limit=True
+        )
+        self.http2_keep_alive_timeout = _seconds(
+            "http2_keep_alive_timeout", self.http2_keep_alive_timeout, none_is_no_limit=False
+        )
+        if self.http2_keep_alive_timeout <= 0:
+            raise ValueError("http2_keep_alive_timeout must be a number of seconds above 0")
 
 
 def _descriptors(fd: int | Sequence[int]) -> tuple[int, ...]:
