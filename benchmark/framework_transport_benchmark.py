@@ -145,7 +145,9 @@ def static_files(scratch: Path) -> Path:
     return directory
 
 
-def server_native_app(script: str, *flags: str) -> Callable[[Ports, Path], list[str]]:
+def python_app(script: str, *flags: str) -> Callable[[Ports, Path], list[str]]:
+    """An app of apps/ that runs its own server: `python apps/<script> --port N`."""
+
     def command(ports: Ports, scratch: Path) -> list[str]:
         return [sys.executable, str(APPS / script), "--port", str(ports.h1), *flags]
 
@@ -246,22 +248,28 @@ CASES = (
     Case("native_direct_async",
          "server_native direct API, async handler returning a prebuilt response"
          " (native_direct=False), in-process transport",
-         server_native_app("server_native_direct.py")),
+         python_app("server_native_direct.py")),
     Case("native_direct_sync",
          "server_native direct API, sync handler called from the native side"
          " (native_direct=True), in-process transport",
-         server_native_app("server_native_direct.py", "--sync")),
+         python_app("server_native_direct.py", "--sync")),
     Case("native_http", "server_native HttpServer-style loop, in-process transport",
-         server_native_app("server_native_http.py")),
+         python_app("server_native_http.py")),
+    Case("native_http_callback",
+         "server_native HttpServer-style handler (serve_native_http), in-process transport",
+         python_app("server_native_http.py", "--callback")),
     # native_direct=True has no bridge form: the handler is called in-process by design
     # (serve_native_direct raises ValueError for native_direct=True, native_callback=False).
     Case("native_direct_async_bridge",
          "native_direct_async over the socket bridge (native_callback=False)",
-         server_native_app("server_native_direct.py", "--bridge")),
+         python_app("server_native_direct.py", "--bridge")),
     Case("native_http_bridge", "native_http over the socket bridge (native_callback=False)",
-         server_native_app("server_native_http.py", "--bridge")),
+         python_app("server_native_http.py", "--bridge")),
     Case("native_rust_only", "server_native native_response: answered in Rust (ceiling), 1 I/O thread",
-         server_native_app("server_native_rust_only.py"), not_run=RUST_ONLY_BODY),
+         python_app("server_native_rust_only.py"), not_run=RUST_ONLY_BODY),
+    Case("socketify", "socketify (uWebSockets) with its own API, sync handlers, 1 process",
+         python_app("socketify_hello.py"), modules=("socketify",),
+         not_run=(("h2c", "uWebSockets has no HTTP/2"),)),
     Case("granian_rsgi", "Granian RSGI + uvloop, raw RSGI app, 1 worker, 1 runtime thread",
          granian_app("rsgi", "rsgi_hello:app"), modules=("granian", "uvloop")),
     Case("granian_asgi", "Granian ASGI + uvloop, raw ASGI app, 1 worker, 1 runtime thread",
@@ -932,10 +940,16 @@ TARGETS = (
            "native_direct_async", "granian_rsgi", 1.0, 1.0, ("h2c",), ALL_WORKLOADS),
     Target("HttpServer-style hello >= 1.3x uvicorn unpinned, >= 1.1x pinned",
            "native_http", "uvicorn_asgi", 1.3, 1.1, ("h1",), ("hello",)),
+    Target("HttpServer-style (`async for`) hello >= 1.3x Granian ASGI",
+           "native_http", "granian_asgi", 1.3, 1.3, ("h1",), ("hello",)),
+    Target("HttpServer-style (serve_native_http) hello >= 1.3x Granian ASGI",
+           "native_http_callback", "granian_asgi", 1.3, 1.3, ("h1",), ("hello",)),
+    Target("native_direct=True GET hello >= 1.3x socketify",
+           "native_direct_sync", "socketify", 1.3, 1.3, ("h1",), ("hello",)),
     Target("Rust-only >= nginx `return 200`",
            "native_rust_only", "nginx", 1.0, 1.0, ("h1",), ("hello",), show_client_cpu=True),
-    Target("raw ASGI hello >= 1.1x Granian ASGI",
-           "native_asgi", "granian_asgi", 1.1, 1.1, ("h1",), ("hello",)),
+    Target("raw ASGI hello >= 1.1x Granian ASGI unpinned, >= 1.3x pinned",
+           "native_asgi", "granian_asgi", 1.1, 1.3, ("h1",), ("hello",)),
     Target("raw WSGI hello >= 1.1x Granian WSGI",
            "native_wsgi", "granian_wsgi", 1.1, 1.1, ("h1",), ("hello",)),
     Target("Starlette >= 1.2x Starlette on uvicorn",

@@ -656,6 +656,18 @@ def test_more_headers_than_max_headers_gets_431(serve: Any) -> None:
     assert calls.paths == ["/few"]
 
 
+def test_the_default_max_headers_lets_100_header_lines_through_and_refuses_101(serve: Any) -> None:
+    calls = Calls()
+    server = serve(calls)
+    head = b"GET /%d HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+    fits = b"".join(b"X-N%d: v\r\n" % i for i in range(98))  # with Host and Connection: 100
+    response = exchange(server.port, head % 100 + fits + b"\r\n")
+    assert status_of(response) == 200, response[:200]
+    response = exchange(server.port, head % 101 + fits + b"X-Last: v\r\n\r\n")
+    assert status_of(response) == 431, response[:200]
+    assert calls.paths == ["/100"]
+
+
 def test_declared_body_over_max_body_size_gets_413_without_handler(serve: Any) -> None:
     calls = Calls()
     server = serve(calls, max_body_size=1000)

@@ -18,6 +18,7 @@ def run(serve: Serve) -> None:
         help="the socket bridge transport (native_callback=False) instead of in-process calls",
     )  # fmt: skip
     parser.add_argument("--sync", action="store_true", help="direct app: native_direct=True")
+    parser.add_argument("--callback", action="store_true", help="HttpServer-style app: serve_native_http(handler)")
     parser.add_argument("--certfile", help="serve over TLS with this certificate chain (PEM)")
     parser.add_argument("--keyfile", help="the private key of --certfile (PEM)")
     parser.add_argument(

@@ -7,12 +7,12 @@ from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timezone
 from email.utils import format_datetime, parsedate_to_datetime
 from functools import lru_cache
-from typing import ClassVar, Union
+from typing import Any, ClassVar, Union
 
 from ..runtime.addresses import split_host
 from .errors import HttpException
 
-__all__ = ["ContentType", "HttpHeaders", "format_http_date", "parse_http_date"]
+__all__ = ["ContentType", "HttpHeaders", "format_http_date", "parse_http_date", "wire_headers"]
 
 # RFC 9110 section 5.6.2: token = 1*tchar.
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -437,6 +437,13 @@ class HttpHeaders:
     @if_modified_since.setter
     def if_modified_since(self, moment: datetime | None) -> None:
         self._set_date("if-modified-since", moment)
+
+
+def wire_headers(native_request: Any) -> HttpHeaders:
+    """A request's headers as it sent them (immutable), from its native exchange."""
+    return HttpHeaders(
+        native_request.headers(), immutable=True, protocol_version=native_request.http_version, _trusted=True
+    )
 
 
 def _quote(value: str) -> str:

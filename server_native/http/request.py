@@ -11,7 +11,7 @@ from urllib.parse import SplitResult, parse_qs, parse_qsl
 from ..runtime.contract import Request
 from ..runtime.loop import body_chunks
 from .cookies import Cookie, parse_cookie_header
-from .headers import HttpHeaders
+from .headers import HttpHeaders, wire_headers
 from .response import HttpResponse
 
 if TYPE_CHECKING:
@@ -36,6 +36,10 @@ class Uri(SplitResult):
         return parse_qs(self.query, keep_blank_values=True)
 
 
+#: Builds a Uri from its five parts without the Python-level ``__new__``.
+_new_uri = tuple.__new__
+
+
 class HttpConnectionInfo(NamedTuple):
     remote_address: str
     remote_port: int
@@ -55,7 +59,7 @@ class HttpRequest:
         self._headers: HttpHeaders | None = None
         self._uri: Uri | None = None
         self._cookies: list[Cookie] | None = None
-        self.response = HttpResponse(self, server)
+        self.response = HttpResponse(native_request, server, loop)
 
     @property
     def method(self) -> str:
@@ -64,9 +68,11 @@ class HttpRequest:
     @property
     def uri(self) -> Uri:
         """The request target: path and query as sent."""
-        if self._uri is None:
-            self._uri = Uri("", "", self._native.path, self._native.query, "")
-        return self._uri
+        uri = self._uri
+        if uri is None:
+            native = self._native
+            uri = self._uri = _new_uri(Uri, ("", "", native.path, native.query, ""))
+        return uri
 
     @property
     def requested_uri(self) -> Uri:
@@ -83,9 +89,7 @@ class HttpRequest:
     @property
     def headers(self) -> HttpHeaders:
         if self._headers is None:
-            self._headers = HttpHeaders(
-                self._native.headers(), immutable=True, protocol_version=self.protocol_version, _trusted=True
-            )
+            self._headers = wire_headers(self._native)
         return self._headers
 
     @property

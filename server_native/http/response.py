@@ -13,10 +13,9 @@ from .._dist.loader import native
 from ..runtime.bound import PLAIN_TEXT
 from .cookies import Cookie
 from .errors import HttpBodyError, HttpException
-from .headers import HttpHeaders
+from .headers import HttpHeaders, wire_headers
 
 if TYPE_CHECKING:
-    from .request import HttpRequest
     from .server import NativeHttpServer
 
 __all__ = ["HttpResponse"]
@@ -30,10 +29,15 @@ class HttpResponse:
     """Set ``status_code`` and ``headers``, ``write`` the body, then
     ``await close()``. Output is buffered until ``flush()`` (or always sent
     at once when ``buffer_output`` is False), so a response that fits in
-    memory goes out in one native call."""
+    memory goes out in one native call.
+
+    It holds the native exchange, not its ``HttpRequest``: the request
+    holds the response, and a reference back would make every request a
+    cycle that only the garbage collector frees."""
 
     __slots__ = (
-        "_request",
+        "_native",
+        "_loop",
         "_server",
         "_status",
         "_reason",
@@ -50,8 +54,9 @@ class HttpResponse:
         "buffer_output",
     )
 
-    def __init__(self, request: HttpRequest, server: NativeHttpServer) -> None:
-        self._request = request
+    def __init__(self, native_request: Any, server: NativeHttpServer, loop: asyncio.AbstractEventLoop) -> None:
+        self._native = native_request
+        self._loop = loop
         self._server = server
         self._status = 200
         self._reason: str | None = None
@@ -71,7 +76,7 @@ class HttpResponse:
 
     def _check_head_open(self) -> None:
         if self._state != _OPEN:
-            raise HttpException("HTTP headers were already sent", uri=self._request.uri.path)
+            raise HttpException("HTTP headers were already sent", uri=self._native.path)
 
     @property
     def status_code(self) -> int:
@@ -104,7 +109,7 @@ class HttpResponse:
         """Starts as a copy of the server's ``default_response_headers``."""
         if self._headers is None:
             self._headers = self._server.default_response_headers.copy()
-            self._headers.protocol_version = self._request.protocol_version
+            self._headers.protocol_version = self._native.http_version
         return self._headers
 
     @property
@@ -119,7 +124,7 @@ class HttpResponse:
     @property
     def persistent_connection(self) -> bool:
         if self._persistent is None:
-            return self._request.persistent_connection
+            return wire_headers(self._native).persistent_connection
         return self._persistent
 
     @persistent_connection.setter
@@ -135,14 +140,15 @@ class HttpResponse:
         return self._cookies
 
     def _head(self) -> list[tuple[str, str]] | None:
-        """Header pairs for the wire; None means the server defaults unchanged."""
+        """Header pairs for the wire; None means the server defaults unchanged
+        (``close`` checks that case itself, without this call)."""
         if self._headers is None and not self._cookies and self._persistent is None:
             self._server._native_defaults()
             return None
         pairs = self.headers._pairs()
         if self._cookies:
             pairs.extend(("set-cookie", str(cookie)) for cookie in self._cookies)
-        if self._persistent is False and self._request.protocol_version in ("1.0", "1.1"):
+        if self._persistent is False and self._native.http_version in ("1.0", "1.1"):
             pairs = [p for p in pairs if p[0] != "connection"]
             pairs.append(("connection", "close"))
         return pairs
@@ -151,8 +157,7 @@ class HttpResponse:
 
     def _encoding(self) -> str:
         if self._headers is None:
-            self._server._native_defaults()
-            return self._server._default_charset
+            return self._server._native_defaults()
         content_type = self._headers.content_type
         return (content_type.charset if content_type is not None else None) or "latin-1"
 
@@ -161,7 +166,13 @@ class HttpResponse:
         ``memoryview``) as they are, like :meth:`add`; anything else as
         ``str(obj)``, encoded with the content type's charset (latin-1 when
         it names none, as in dart:io)."""
-        if isinstance(obj, (bytes, bytearray, memoryview)):
+        if obj.__class__ is str:
+            data = obj.encode(self._server._native_defaults() if self._headers is None else self._encoding())  # type: ignore[attr-defined]
+            if self._state == _OPEN and self.buffer_output and data:
+                self._buffer.append(data)  # add()'s common case, without the call
+            else:
+                self.add(data)
+        elif isinstance(obj, (bytes, bytearray, memoryview)):
             self.add(obj)
         else:
             self.add(str(obj).encode(self._encoding()))
@@ -173,17 +184,18 @@ class HttpResponse:
         self.write(separator.join(str(o) for o in objects))
 
     def add(self, data: bytes | bytearray | memoryview) -> None:
-        if self._state == _CLOSED:
-            raise HttpException("the response is closed", uri=self._request.uri.path)
+        state = self._state
+        if state == _CLOSED:
+            raise HttpException("the response is closed", uri=self._native.path)
         chunk = data if data.__class__ is bytes else bytes(data)
         if not chunk:
             return
-        if self._state == _STREAMING or not self.buffer_output:
-            if self._state == _OPEN:
+        if state == _OPEN and self.buffer_output:
+            self._buffer.append(chunk)
+        else:
+            if state == _OPEN:
                 self._start()
             self._send_chunk(chunk)
-        else:
-            self._buffer.append(chunk)
 
     async def add_stream(self, stream: AsyncIterable[bytes]) -> None:
         """Sends every chunk of ``stream``, waiting whenever the client reads
@@ -197,7 +209,7 @@ class HttpResponse:
     async def flush(self) -> None:
         """Sends the head and everything written so far; the rest streams."""
         if self._state == _CLOSED:
-            raise HttpException("the response is closed", uri=self._request.uri.path)
+            raise HttpException("the response is closed", uri=self._native.path)
         if self._state == _OPEN:
             self._start()
         await self._drain()
@@ -210,11 +222,11 @@ class HttpResponse:
 
     def _client_gone(self) -> None:
         self._gone = True
-        self._fail(HttpException("the client disconnected", uri=self._request.uri.path))
+        self._fail(HttpException("the client disconnected", uri=self._native.path))
 
     def _start(self) -> None:
         self._state = _STREAMING
-        if not self._request._native.start(self._status, self._head(), self._reason):
+        if not self._native.start(self._status, self._head(), self._reason):
             self._client_gone()
         buffered, self._buffer = self._buffer, []
         for chunk in buffered:
@@ -225,11 +237,11 @@ class HttpResponse:
             return
         declared = self.content_length
         if declared >= 0 and self._sent + len(chunk) > declared:
-            self._cut(_too_long(self._sent + len(chunk), declared, self._request.uri.path))
+            self._cut(_too_long(self._sent + len(chunk), declared, self._native.path))
             chunk = chunk[: max(declared - self._sent, 0)]
         self._sent += len(chunk)
         try:
-            backlog = self._request._native.write(chunk, self._request._loop.create_future)
+            backlog = self._native.write(chunk, self._loop.create_future)
         except _ClientDisconnected:
             self._client_gone()
             return
@@ -245,37 +257,47 @@ class HttpResponse:
         """Finishes the response. Raises ``HttpBodyError`` (an
         ``HttpException``) when the body did not match a declared
         ``content_length``."""
-        if self._state == _CLOSED:
+        state = self._state
+        if state == _OPEN:
+            # The whole response in one native call.
+            native_request = self._native
+            buffer = self._buffer
+            body = buffer[0] if len(buffer) == 1 else b"".join(buffer)
+            buffer.clear()
+            headers = self._headers
+            if headers is not None:
+                self._check_length(len(body), headers.content_length)
+                head = self._head()
+            elif self._cookies or self._persistent is not None:
+                head = self._head()
+            else:
+                self._server._native_defaults()
+                head = None
+            if not native_request.respond(self._status, head, body, self._reason):
+                self._client_gone()
+        elif state == _CLOSED:
             return
-        if self._state == _OPEN:
-            self._respond()
         else:
             await self._drain()
             self._finish_stream()
         self._state = _CLOSED
         if self._done is not None and not self._done.done():
             self._settle(self._done)
-        if isinstance(self._error, HttpBodyError):
+        if self._error is not None and isinstance(self._error, HttpBodyError):
             raise self._error
 
-    def _respond(self) -> None:
-        native_request = self._request._native
-        body = b"".join(self._buffer) if len(self._buffer) != 1 else self._buffer[0]
-        self._buffer = []
-        declared = self.content_length
-        if declared >= 0 and len(body) != declared and native_request.method != "HEAD":
-            # The server answers such a response with a 500 (it owns the
-            # framing); ``done`` fails as dart:io's does.
-            too_long = len(body) > declared
-            self._fail((_too_long if too_long else _too_short)(len(body), declared, self._request.uri.path))
-        if not native_request.respond(self._status, self._head(), body, self._reason):
-            self._client_gone()
+    def _check_length(self, size: int, declared: int) -> None:
+        """A whole body that is not its declared ``content_length``: the
+        server answers it with a 500 (it owns the framing); ``done`` fails
+        as dart:io's does."""
+        if declared >= 0 and size != declared and self._native.method != "HEAD":
+            self._fail((_too_long if size > declared else _too_short)(size, declared, self._native.path))
 
     def _finish_stream(self) -> None:
-        native_request = self._request._native
+        native_request = self._native
         declared = self.content_length
         if self._error is None and declared >= 0 and self._sent < declared:
-            self._cut(_too_short(self._sent, declared, self._request.uri.path))
+            self._cut(_too_short(self._sent, declared, self._native.path))
         if self._error is None:
             native_request.finish()
         else:
@@ -289,7 +311,7 @@ class HttpResponse:
         """A streamed body broke its ``content_length``: it is cut off (the
         server owns the framing), the error logged and raised by ``close``."""
         if self._error is None:
-            _error_log.error("the response to %s %s is cut off: %s", self._request.method, self._request.uri.path, error)
+            _error_log.error("the response to %s %s is cut off: %s", self._native.method, self._native.path, error)
         self._fail(error)
 
     def _settle(self, future: asyncio.Future[None]) -> None:
@@ -303,7 +325,7 @@ class HttpResponse:
         """Completes when the response is finished; fails like dart:io's when
         the body broke its ``content_length`` or the client went away."""
         if self._done is None:
-            self._done = self._request._loop.create_future()
+            self._done = self._loop.create_future()
             if self._state == _CLOSED:
                 self._settle(self._done)
         return self._done
@@ -318,14 +340,14 @@ class HttpResponse:
         if self._state == _CLOSED:
             return
         self._state = _CLOSED
-        self._request._native.abort()  # a 500, or a cut-off stream once the head is out
+        self._native.abort()  # a 500, or a cut-off stream once the head is out
 
     def _respond_status(self, status: int, message: bytes) -> None:
         """Answers with a bare status (no listener, body too large...)."""
         if self._state == _CLOSED:
             return
         self._state = _CLOSED
-        self._request._native.respond(status, PLAIN_TEXT, message)
+        self._native.respond(status, PLAIN_TEXT, message)
 
 
 def _too_long(size: int, declared: int, uri: str) -> HttpBodyError:

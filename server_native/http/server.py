@@ -21,6 +21,7 @@ from ..runtime.config import ServerConfig
 from ..runtime.contract import Request
 from .headers import ContentType, HttpHeaders
 from .request import HttpRequest
+from .response import _CLOSED
 
 __all__ = ["HttpConnectionsInfo", "NativeHttpServer", "RequestHandler"]
 
@@ -42,8 +43,10 @@ class NativeHttpServer(BoundServer):
     def __init__(self, config: ServerConfig, hosts: list[str], port: int) -> None:
         self.default_response_headers = HttpHeaders(_DEFAULT_HEADERS)
         self.server_header: str | None = None
-        self._synced: tuple[int, str | None] | None = None
-        self._defaults: list[tuple[str, str]] = []
+        #: What the native copy of the default headers was made from.
+        self._synced_headers: HttpHeaders | None = None
+        self._synced_version = -1
+        self._synced_server: str | None = None
         self._default_charset = "utf-8"
         self._queue: collections.deque[HttpRequest] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
@@ -118,19 +121,24 @@ class NativeHttpServer(BoundServer):
     def auto_compress(self) -> bool:
         return self._config.auto_compress
 
-    def _native_defaults(self) -> None:
-        """Syncs the native copy of the default headers and returns None, the
-        header list that means "the defaults". Pushed again only after the
-        headers or the server header change."""
-        state = (self.default_response_headers._version, self.server_header)
-        if state != self._synced:
-            pairs = self.default_response_headers._pairs()
+    def _native_defaults(self) -> str:
+        """Syncs the native copy of the default headers (the header list None
+        means "the defaults") and returns their charset. Pushed again only
+        after the headers or the server header change."""
+        headers = self.default_response_headers
+        if (
+            headers._version != self._synced_version
+            or headers is not self._synced_headers
+            or self.server_header != self._synced_server
+        ):
+            pairs = headers._pairs()
             if self.server_header is not None:
                 pairs.append(("server", self.server_header))
             self._native.set_default_headers(pairs)
-            content_type = self.default_response_headers.content_type
+            content_type = headers.content_type
             self._default_charset = (content_type.charset if content_type else None) or "latin-1"
-            self._synced = state
+            self._synced_headers, self._synced_version, self._synced_server = headers, headers._version, self.server_header
+        return self._default_charset
 
     # -- requests -----------------------------------------------------------
 
@@ -195,4 +203,5 @@ async def _handle(handler: RequestHandler, request: HttpRequest) -> None:
         logging.getLogger("server_native").exception("request handler failed: %s %s", request.method, request.uri.path)
         response._abort_for_error()
     else:
-        await response.close()
+        if response._state != _CLOSED:  # not closed by the handler
+            await response.close()

@@ -113,6 +113,14 @@ class _HttpCycle:
         if self._gone and self._state != _COMPLETE:
             raise _ClientDisconnected("the client disconnected")
         if kind == "http.response.body":
+            if self._state == _STARTED and not message.get("more_body", False):
+                # The whole response at once: the common case, without the
+                # coroutine _body would cost.
+                body = message.get("body", b"")
+                self._complete()
+                self._native.respond(self._status, self._headers, body)
+                self.sent = len(body)
+                return
             await self._body(message.get("body", b""), message.get("more_body", False))
         elif kind == "http.response.start":
             if self._state != _BEFORE_START:
@@ -126,12 +134,9 @@ class _HttpCycle:
             raise RuntimeError(f"ASGI: unexpected message {kind!r} on an http connection")
 
     async def _body(self, body: bytes, more: bool) -> None:
+        """A body part of a response that streams (``send`` answers a whole
+        one itself)."""
         state = self._state
-        if state == _STARTED and not more:
-            self._complete()
-            self._native.respond(self._status, self._headers, body)
-            self.sent = len(body)
-            return
         if state == _STARTED:
             self._state = _STREAMING
             if not self._native.start(self._status, self._headers):
@@ -171,7 +176,8 @@ class _HttpCycle:
 
     def _complete(self) -> None:
         self._state = _COMPLETE
-        self._wake_receive()
+        if self._waiting is not None:
+            self._wake_receive()
 
     def _wake_receive(self) -> None:
         waiting = self._waiting

@@ -140,8 +140,12 @@ class CoroutineRunner:
 
     def _finished(self) -> None:
         self._live -= 1
+        if not self._live:
+            self._finished_all()
+
+    def _finished_all(self) -> None:
         idle = self._idle
-        if not self._live and idle is not None and not idle.done():
+        if idle is not None and not idle.done():
             idle.set_result(None)
 
     @property
@@ -187,7 +191,10 @@ class CoroutineRunner:
             try:
                 awaited = context.run(coro.send, None)
             except StopIteration:
-                self._finished()
+                # _finished(), without the call: the common case.
+                self._live -= 1
+                if self._idle is not None and not self._live:
+                    self._finished_all()
             except BaseException as exc:  # noqa: BLE001 - one request's failure
                 self._finished()
                 self._on_error(exc)
