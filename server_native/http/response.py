@@ -16,6 +16,7 @@ from .errors import HttpBodyError, HttpException
 from .headers import HttpHeaders, wire_headers
 
 if TYPE_CHECKING:
+    from ..runtime.contract import Request
     from .server import NativeHttpServer
 
 __all__ = ["HttpResponse"]
@@ -54,7 +55,7 @@ class HttpResponse:
         "buffer_output",
     )
 
-    def __init__(self, native_request: Any, server: NativeHttpServer, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, native_request: Request, server: NativeHttpServer, loop: asyncio.AbstractEventLoop) -> None:
         self._native = native_request
         self._loop = loop
         self._server = server
@@ -167,7 +168,7 @@ class HttpResponse:
         ``str(obj)``, encoded with the content type's charset (latin-1 when
         it names none, as in dart:io)."""
         if obj.__class__ is str:
-            data = obj.encode(self._server._native_defaults() if self._headers is None else self._encoding())  # type: ignore[attr-defined]
+            data = obj.encode(self._server._native_defaults() if self._headers is None else self._encoding())
             if self._state == _OPEN and self.buffer_output and data:
                 self._buffer.append(data)  # add()'s common case, without the call
             else:
