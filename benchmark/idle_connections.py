@@ -36,7 +36,16 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 from framework_transport_benchmark import (  # noqa: E402
-    APPS, HOST, PAYLOADS, BenchError, cpu_model, free_ports, log_tail, machine, process_tree, stop,
+    APPS,
+    HOST,
+    PAYLOADS,
+    BenchError,
+    cpu_model,
+    free_ports,
+    log_tail,
+    machine,
+    process_tree,
+    stop,
 )  # fmt: skip
 
 PROTOCOLS = {

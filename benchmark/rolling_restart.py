@@ -172,18 +172,18 @@ async def load_and_restart(args: argparse.Namespace, front: int, instances: list
     await asyncio.sleep(args.warmup)
     for index, instance in enumerate(instances if args.mode != "recycle" else ()):
         assert instance.process is not None
+        old = set(pids)
         if args.mode == "sighup":
-            old = set(pids)
             instance.process.send_signal(signal.SIGHUP)
-            # Until answers come from every new worker: each old one serves
-            # on until its successor does.
-            deadline = time.monotonic() + TIMEOUT
-            while len(pids - old) < instance.workers and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
         else:
             report.exit_codes.append(await asyncio.to_thread(instance.stop))
             await asyncio.to_thread(instance.start)
             await asyncio.to_thread(wait_up, stats, f"app{index + 1}")
+        # Until answers come from every new process: with SIGHUP each old
+        # worker serves on until its successor does.
+        deadline = time.monotonic() + TIMEOUT
+        while len(pids - old) < instance.workers and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
         report.restarts += 1
     stop.set()
     await asyncio.gather(*clients)

@@ -154,7 +154,7 @@ where
 /// TLS handshakes fail all day on a public port (scanners, old clients):
 /// worth a debug line, no more.
 fn handshake_failed(server: &ServerShared, addresses: &Addresses, why: &dyn std::fmt::Display) {
-    let report = format!("TLS handshake{} failed: {why}", addresses.from_peer());
+    let report = format!("TLS handshake{} failed: {why}", addresses.peer_note());
     server.log.report(log::Kind::TlsHandshake, log::Level::Debug, report);
 }
 
@@ -422,7 +422,7 @@ async fn head_overdue(conn: &Connection) {
 }
 
 fn overdue(conn: &Connection) {
-    let peer = conn.info.addresses.from_peer();
+    let peer = conn.info.addresses.peer_note();
     let report = format!("closed a connection{peer}: no whole request head within header_read_timeout");
     conn.server.log.report(log::Kind::Request, log::Level::Info, report);
 }
@@ -437,17 +437,17 @@ fn refused<E: Into<Box<dyn std::error::Error + Send + Sync>>>(conn: &Connection,
     let Some(error) = error.downcast_ref::<hyper::Error>() else { return };
     if error.is_timeout() {
         // hyper's own HTTP/1 header timeout is off: this is HTTP/2's keep-alive.
-        let report = format!("closed an HTTP/2 connection{}: a keep-alive PING went unanswered", conn.info.addresses.from_peer());
+        let report = format!("closed an HTTP/2 connection{}: a keep-alive PING went unanswered", conn.info.addresses.peer_note());
         return conn.server.log.report(log::Kind::Request, log::Level::Info, report);
     }
     let what = if error.is_parse() || error.is_parse_status() {
         let why = conn.head.refused().map_or_else(|| error.to_string(), str::to_owned);
-        format!("refused an HTTP/1.1 request{}: {why}", conn.info.addresses.from_peer())
+        format!("refused an HTTP/1.1 request{}: {why}", conn.info.addresses.peer_note())
     } else {
         let h2 = std::error::Error::source(error).and_then(|cause| cause.downcast_ref::<h2::Error>());
         match h2.and_then(h2::Error::reason) {
             Some(reason) if h2.is_some_and(|h2| h2.is_go_away() && !h2.is_remote()) && reason != h2::Reason::NO_ERROR => {
-                format!("closed an HTTP/2 connection{} with {reason:?}: {error}", conn.info.addresses.from_peer())
+                format!("closed an HTTP/2 connection{} with {reason:?}: {error}", conn.info.addresses.peer_note())
             }
             _ => return,
         }

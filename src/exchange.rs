@@ -48,7 +48,7 @@ impl Addresses {
     }
 
     /// " from IP:port" for a log line; nothing for a Unix socket peer.
-    pub fn from_peer(&self) -> String {
+    pub fn peer_note(&self) -> String {
         self.remote().map_or_else(String::new, |(ip, port)| format!(" from {ip}:{port}"))
     }
 

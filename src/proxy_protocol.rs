@@ -88,7 +88,7 @@ where
         return Some((Rewound::new(stream, Bytes::new()), addresses));
     }
     let refuse = |why: &str| {
-        let report = format!("closed a connection{}: {why}", addresses.from_peer());
+        let report = format!("closed a connection{}: {why}", addresses.peer_note());
         server.log.report(Kind::Request, Level::Warning, report);
     };
     if let Addresses::Ip { peer, .. } = &addresses {
@@ -118,7 +118,7 @@ where
         }
         // Not news: a client that left, or whose connection broke.
         Err(refusal @ (Refusal::Silent | Refusal::Io(_))) => {
-            let report = format!("a connection{} ended before its PROXY protocol header: {refusal}", addresses.from_peer());
+            let report = format!("a connection{} ended before its PROXY protocol header: {refusal}", addresses.peer_note());
             server.log.report(Kind::Request, Level::Debug, report);
             None
         }

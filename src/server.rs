@@ -333,7 +333,7 @@ const HYPER_MAX_HEADERS: usize = 100;
 /// also ran between requests; the connection keeps `header_read_timeout`
 /// itself (`PendingHead`).
 pub enum Protocols {
-    Auto(auto::Builder<TokioExecutor>, http1::Builder),
+    Auto(Box<auto::Builder<TokioExecutor>>, http1::Builder),
     Http1(http1::Builder),
 }
 
@@ -377,7 +377,7 @@ impl Protocols {
         if config.http2_adaptive_window {
             http2.adaptive_window(true);
         }
-        Protocols::Auto(builder, http1)
+        Protocols::Auto(Box::new(builder), http1)
     }
 
     /// The builder of HTTP/1 connections.

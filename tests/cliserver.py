@@ -1,12 +1,11 @@
 """The command line as a real process, for the tests that run it: the app
-it serves (tests/apps/cliapp.py, copied into a directory of its own by the
-``app_dir`` fixture), the command, and a server that is up once it answers."""
+it serves (tests/apps/cliapp.py, copied into a directory of its own by
+conftest's ``app_dir`` fixture), the command, and a server that is up once it answers."""
 
 from __future__ import annotations
 
 import http.client
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,17 +14,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
 from apps.harness import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI_APP = Path(__file__).parent / "apps" / "cliapp.py"
-
-
-@pytest.fixture
-def app_dir(tmp_path: Path) -> Path:
-    shutil.copy(CLI_APP, tmp_path / "cliapp.py")
-    return tmp_path
 
 
 def command(*args: str) -> list[str]:

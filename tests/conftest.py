@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import trustme
 from apps.harness import BackgroundLoop
+from cliserver import CLI_APP
 from cryptography.hazmat.primitives import serialization
 
 from server_native import NativeHttpServer
@@ -198,3 +199,10 @@ def data_file(tmp_path: Path) -> tuple[Path, bytes]:
     path = tmp_path / "data.bin"
     path.write_bytes(data)
     return path, data
+
+
+@pytest.fixture
+def app_dir(tmp_path: Path) -> Path:
+    """A directory holding the command line's test app, ``cliapp.py``."""
+    shutil.copy(CLI_APP, tmp_path / "cliapp.py")
+    return tmp_path

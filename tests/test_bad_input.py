@@ -53,7 +53,7 @@ def read_response(sock: socket.socket, deadline: float = TIMEOUT, until_eof: boo
     while time.monotonic() < end:
         try:
             chunk = sock.recv(65536)
-        except socket.timeout:
+        except TimeoutError:
             break
         except ConnectionResetError:
             break
@@ -737,7 +737,7 @@ def read_until_closed(sock: socket.socket, deadline: float = TIMEOUT) -> tuple[b
         sock.settimeout(left)
         try:
             chunk = sock.recv(65536)
-        except socket.timeout:
+        except TimeoutError:
             return data, False
         except ConnectionResetError:
             return data, True
@@ -901,7 +901,7 @@ def test_client_disconnect_mid_upload(serve: Any, loop_thread: Any) -> None:
         try:
             body = await request.read()
             seen.append(len(body))
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 - recorded for the assertions
             seen.append(error)
         finally:
             finished.set()
@@ -929,7 +929,7 @@ def test_client_disconnect_mid_upload_is_client_disconnected(serve: Any) -> None
         started.set()
         try:
             seen.append(await request.read())
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 - recorded for the assertions
             seen.append(error)
         finally:
             finished.set()
@@ -964,7 +964,7 @@ class LateResponder:
             await request.response.close()
             await request.response.done
             self.seen.append("completed")
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 - recorded for the assertions
             self.seen.append(error)
         finally:
             self.finished.set()
@@ -1019,13 +1019,13 @@ class EndlessStreamer:
         response = request.response
         writes = 0
         try:
-            for writes in range(1, self.limit + 1):
+            for writes in range(1, self.limit + 1):  # noqa: B007 - read after the loop
                 response.add(self.chunk)
                 await response.flush()
             await response.close()
             await response.done
             self.seen.append(("completed", writes))
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 - recorded for the assertions
             self.seen.append((error, writes))
         finally:
             self.finished.set()

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 from apps.harness import H1WebSocket, WebSocketClosed, free_port, wait_refused
-from cliserver import app_dir, command, environment, get, serving, stop  # noqa: F401 - app_dir: a fixture
+from cliserver import command, environment, get, serving, stop
 from conftest import Certificates
 from h3client import H3Response
 

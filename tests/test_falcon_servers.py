@@ -33,7 +33,7 @@ def test_falcons_asgi_server_suite_passes(transport: str, tmp_path: Path) -> Non
         if hasattr(tarfile, "data_filter"):  # Python 3.11.4 and later
             sdist.extractall(tmp_path, filter="data")
         else:
-            sdist.extractall(tmp_path)  # noqa: S202 - PyPI's sdist of a pinned version
+            sdist.extractall(tmp_path)
     source = tmp_path / f"falcon-{FALCON}"
     env = dict(
         os.environ,

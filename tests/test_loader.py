@@ -218,7 +218,7 @@ def test_own_tag_with_its_verified_archive_loads(world: World, shipped: Path) ->
 
 @pytest.mark.parametrize("tampering", ["no archive", "another archive", "another library"])
 def test_own_tag_that_does_not_match_the_shipped_hash_is_refused(world: World, shipped: Path, wrong_abi: Path, tampering: str) -> None:
-    library = place_library(world.project_dir(), source=wrong_abi if tampering == "another library" else None)
+    place_library(world.project_dir(), source=wrong_abi if tampering == "another library" else None)
     asset = shipped.name
     if tampering != "no archive":
         archive = place_library(world.project_dir(), source=shipped, name=asset)

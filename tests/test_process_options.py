@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from apps.harness import free_port, wait_for
-from cliserver import ROOT, app_dir, command, environment, get, serving, stop  # noqa: F401 - app_dir: a fixture
+from cliserver import ROOT, command, environment, get, serving, stop
 
 EXAMPLES = ROOT / "examples"
 

@@ -66,7 +66,7 @@ def http11_get(port: int, path: str) -> tuple[int, bytes] | BaseException:
         connection.request("GET", path)
         response = connection.getresponse()
         return response.status, response.read()
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 - recorded for the assertions
         return error
     finally:
         connection.close()
@@ -87,7 +87,7 @@ def new_connection_is_served(port: int) -> bool:
             sock.sendall(b"GET /late HTTP/1.1\r\nHost: x\r\n\r\n")
             sock.settimeout(2)
             return sock.recv(1024).startswith(b"HTTP/")
-    except (ConnectionRefusedError, ConnectionResetError, socket.timeout, BrokenPipeError):
+    except (TimeoutError, ConnectionRefusedError, ConnectionResetError, BrokenPipeError):
         return False
 
 
@@ -188,7 +188,7 @@ def test_graceful_close_finishes_http2_streams_httpx(serve: Any, loop_thread: An
         def fetch(i: int) -> httpx.Response | BaseException:
             try:
                 return client.get(running.url(f"/h2/{i}"))
-            except Exception as error:
+            except Exception as error:  # noqa: BLE001 - recorded for the assertions
                 return error
 
         with concurrent.futures.ThreadPoolExecutor(count) as pool:
@@ -272,7 +272,7 @@ class FrameClient:
             self.sock.settimeout(max(end - time.monotonic(), 0.01))
             try:
                 data = self.sock.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 break
             if not data:
                 self.closed = True

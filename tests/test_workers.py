@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from apps.harness import wait_for
-from cliserver import ROOT, app_dir, command, environment, get, serving, stop  # noqa: F401 - app_dir: a fixture
+from cliserver import ROOT, command, environment, get, serving, stop
 
 LOAD = ROOT / "benchmark" / "rolling_restart.py"
 

@@ -46,7 +46,7 @@ if not settings.configured:
     settings.configure(**django_urls.SETTINGS)
     django.setup()
 
-from django.core.wsgi import get_wsgi_application  # noqa: E402 - after settings
+from django.core.wsgi import get_wsgi_application
 
 MiB = 1024 * 1024
 Environ = dict[str, Any]
@@ -568,7 +568,7 @@ class RawApps:
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         path = environ["PATH_INFO"]
         if path == "/file-wrapper":
-            handle = open(self.file_path, "rb")  # type: ignore[arg-type]  # noqa: SIM115 - closed by the wrapper
+            handle = open(self.file_path, "rb")  # type: ignore[arg-type]
             original_close = handle.close
 
             def close() -> None:

@@ -332,7 +332,7 @@ def _accept(module: ModuleType) -> ModuleType:
     sys.modules[MODULE_NAME] = module
     package = sys.modules.get(PACKAGE_NAME)
     if package is not None:
-        setattr(package, "_native", module)
+        setattr(package, "_native", module)  # noqa: B010 - an attribute the module type does not declare
     return module
 
 

@@ -48,7 +48,7 @@ def load_app(path: str, *, factory: bool = False) -> Any:
 def detect_interface(app: Any) -> str:
     """ASGI for a coroutine function (or an object with one as ``__call__``)
     of three arguments, WSGI for a plain callable of two."""
-    call = app if inspect.isfunction(app) or inspect.ismethod(app) else getattr(app, "__call__", app)
+    call = app if inspect.isfunction(app) or inspect.ismethod(app) else getattr(app, "__call__", app)  # noqa: B004 - the method, for its signature
     if inspect.iscoroutinefunction(call):
         return "asgi"
     try:

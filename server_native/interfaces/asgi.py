@@ -260,7 +260,7 @@ async def _run(app: ASGIApp, scope: Scope, cycle: _HttpCycle, access_log: bool) 
     started = time.perf_counter() if access_log else None
     try:
         await app(scope, cycle.receive, cycle.send)
-    except BaseException as exc:
+    except BaseException as exc:  # noqa: BLE001 - the app's failure, whatever it is, ends its exchange
         cycle.close_for_app(exc)
         if cycle.client_gone:
             # Most often the app passing on our ClientDisconnected as its own.
@@ -403,7 +403,7 @@ _STATE_NAMES = {
 async def _run_websocket(app: ASGIApp, scope: Scope, cycle: _WebSocketCycle) -> None:
     try:
         await app(scope, cycle.receive, cycle.send)
-    except BaseException as exc:
+    except BaseException as exc:  # noqa: BLE001 - the app's failure, whatever it is, ends its exchange
         cycle.close_for_app(exc)
         if not isinstance(exc, (asyncio.CancelledError, OSError)):
             logger.error("ASGI websocket app failed: %s", scope["path"], exc_info=exc)
@@ -444,7 +444,7 @@ class Lifespan:
     async def _main(self, scope: Scope) -> None:
         try:
             await self._app(scope, self._inbox.get, self._send)
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - lifespan: any failure is reported to startup or shutdown
             if self._startup is not None and not self._startup.done():
                 if self._mode == "on":
                     self._startup.set_exception(LifespanFailure(f"lifespan failed: {exc!r}"))

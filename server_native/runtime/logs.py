@@ -102,7 +102,7 @@ def load_logging_config(path: str | os.PathLike[str]) -> None:
             logging.config.fileConfig(file, disable_existing_loggers=False)
     except LogConfigError as exc:
         raise LogConfigError(f"{file}: {exc}") from None
-    except Exception as exc:  # noqa: BLE001 - parse and dictConfig errors of every kind: one line
+    except Exception as exc:
         raise LogConfigError(f"{file}: {type(exc).__name__}: {exc}") from exc
 
 

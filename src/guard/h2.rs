@@ -376,7 +376,7 @@ mod tests {
         let oversize = frame(HEADERS, END_HEADERS, 1, &[0; MAX_FRAME + 1]);
         let flood: Vec<u8> = [frame(HEADERS, 0, 1, REQUEST)]
             .into_iter()
-            .chain(std::iter::repeat(frame(CONTINUATION, 0, 1, b"")).take(6))
+            .chain(std::iter::repeat_n(frame(CONTINUATION, 0, 1, b""), 6))
             .flatten()
             .collect();
         let other_stream = [frame(HEADERS, 0, 1, REQUEST), frame(CONTINUATION, END_HEADERS, 3, b"")].concat();

@@ -58,7 +58,7 @@ async def root() -> dict[str, str]:
 
 
 @app.get("/items/{item_id}")
-async def read_item(item_id: int, q: str | None = None, tag: Annotated[list[str], Query()] = []) -> dict[str, Any]:
+async def read_item(item_id: int, q: str | None = None, tag: Annotated[list[str], Query()] = []) -> dict[str, Any]:  # noqa: B006 - FastAPI copies it
     return {"item_id": item_id, "q": q, "tags": tag}
 
 
