@@ -18,11 +18,10 @@ use http::StatusCode;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use parking_lot::{Condvar, Mutex};
-use pyo3::prelude::*;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::boundary::queue::{Event, EventQueue};
+use crate::boundary::queue::{Event, EventQueue, Waiter};
 use crate::exchange::Exchange;
 
 /// How much of a request body is read ahead of the application.
@@ -51,7 +50,7 @@ struct RequestBodyState {
     chunks: VecDeque<Bytes>,
     buffered: usize,
     end: Option<BodyEnd>,
-    waiter: Option<Py<PyAny>>,
+    waiter: Option<Waiter>,
 }
 
 /// The request body between the pump task and the application.
@@ -75,7 +74,7 @@ impl RequestBody {
 
     /// Takes the next chunk, or parks the waiter (if one is given) until
     /// there is one.
-    pub fn read(&self, waiter: impl FnOnce() -> Option<Py<PyAny>>) -> BodyRead {
+    pub fn read(&self, waiter: impl FnOnce() -> Option<Waiter>) -> BodyRead {
         let mut state = self.state.lock();
         self.take(&mut state).unwrap_or_else(|| {
             if let Some(waiter) = waiter() {
@@ -310,7 +309,7 @@ struct ResponseStreamState {
     abort_flushed: bool,
     peer_gone: bool,
     reader: Option<Waker>,
-    writer: Option<Py<PyAny>>,
+    writer: Option<Waiter>,
 }
 
 /// Outcome of queueing a response chunk.
@@ -350,7 +349,7 @@ impl ResponseStream {
     }
 
     /// Queues a chunk; when that fills the buffer, parks the waiter.
-    pub fn write(&self, chunk: Bytes, waiter: impl FnOnce() -> Py<PyAny>) -> WriteResult {
+    pub fn write(&self, chunk: Bytes, waiter: impl FnOnce() -> Waiter) -> WriteResult {
         let mut state = self.state.lock();
         let result = Self::queue(&mut state, chunk);
         if let WriteResult::Wait = result {

@@ -8,13 +8,12 @@ use http::request::Parts;
 use http::Response;
 use parking_lot::Mutex;
 use rustls::pki_types::CertificateDer;
-use pyo3::prelude::*;
 use hyper::upgrade::OnUpgrade;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::body::{BodyEnd, RequestBody, ResponseBody, ResponseStream};
-use crate::boundary::queue::{Event, EventQueue};
+use crate::boundary::queue::{Event, EventQueue, Waiter};
 use crate::server::ServerShared;
 use crate::websocket::{Handshake, WebSocket};
 
@@ -113,7 +112,7 @@ pub struct Exchange {
     pub over: CancellationToken,
     /// A Python future to resolve when the client goes away (ASGI's
     /// `http.disconnect`).
-    disconnect_waiter: Mutex<Option<Py<PyAny>>>,
+    disconnect_waiter: Mutex<Option<Waiter>>,
     events: Arc<EventQueue>,
     /// For a WebSocket request: hyper's handle on the upgraded connection,
     /// until the application accepts.
@@ -176,7 +175,7 @@ impl Exchange {
     }
 
     /// Parks `waiter` until the client goes away; false if it already has.
-    pub fn watch_disconnect(&self, waiter: impl FnOnce() -> Py<PyAny>) -> bool {
+    pub fn watch_disconnect(&self, waiter: impl FnOnce() -> Waiter) -> bool {
         if matches!(*self.responder.lock(), Responder::Gone) {
             return false;
         }

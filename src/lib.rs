@@ -1,6 +1,9 @@
 //! The native side of server_native: hyper, tokio and rustls own the sockets
 //! and the protocols; Python owns the application.
 
+#[macro_use]
+mod write_through;
+
 mod body;
 mod boundary;
 mod bridge;

@@ -28,6 +28,14 @@ use crate::connection;
 use crate::exchange::Addresses;
 use crate::listener::Listener;
 
+/// Where a server hands its requests: to Python in this process, as
+/// exchanges on the event queue, or to Python in another process, over the
+/// socket bridge (`native_callback=False`).
+pub enum Handoff {
+    Queue,
+    Bridge(Arc<crate::bridge::Bridge>),
+}
+
 /// Everything connections and requests of one server share.
 pub struct ServerShared {
     pub config: ServerConfig,
@@ -60,8 +68,8 @@ pub struct ServerShared {
     pub default_headers: RwLock<HeaderMap>,
     /// `config.response_headers`, parsed: added to every response lacking them.
     pub response_headers: HeaderMap,
-    /// `native_callback=False`: requests go to Python over this socket bridge.
-    pub bridge: Option<Arc<crate::bridge::Bridge>>,
+    /// Where requests go.
+    pub handoff: Handoff,
     /// What this server tells Python's `logging`.
     pub log: crate::log::Source,
 }
@@ -76,9 +84,10 @@ impl ServerShared {
     ) -> Self {
         let protocols = Protocols::new(&config);
         let native_response = config.native_response.clone().map(Bytes::from);
-        let bridge = config.bridge_address.as_deref().map(|address| {
-            Arc::new(crate::bridge::Bridge::new(address, config.bridge_token.as_deref()))
-        });
+        let handoff = match config.bridge_address.as_deref() {
+            Some(address) => Handoff::Bridge(Arc::new(crate::bridge::Bridge::new(address, config.bridge_token.as_deref()))),
+            None => Handoff::Queue,
+        };
         ServerShared {
             handshake_timeout: seconds(config.tls_handshake_timeout).unwrap_or(Duration::from_secs(3600)),
             pending: Arc::new(Semaphore::new(config.max_pending_requests.max(1))),
@@ -97,7 +106,7 @@ impl ServerShared {
             tasks: TaskTracker::new(),
             default_headers: RwLock::new(HeaderMap::new()),
             response_headers,
-            bridge,
+            handoff,
             log: crate::log::Source::new(),
             alt_svc: std::sync::OnceLock::new(),
         }
@@ -229,7 +238,7 @@ impl ServerShared {
             self.tasks.wait().await;
         }
         self.pending.close();
-        if let Some(bridge) = &self.bridge {
+        if let Handoff::Bridge(bridge) = &self.handoff {
             bridge.close();
         }
     }

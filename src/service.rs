@@ -18,7 +18,7 @@ use crate::connection::Connection;
 use crate::exchange::Exchange;
 use crate::framing::{self, Answering};
 use crate::log::{Kind, Level};
-use crate::server::ServerShared;
+use crate::server::{Handoff, ServerShared};
 use crate::static_files;
 use crate::websocket;
 
@@ -158,10 +158,15 @@ async fn dispatch<B: RequestBodySource>(request: Request<B>, conn: &Arc<Connecti
     let Ok(_permit) = server.pending.clone().acquire_owned().await else {
         return error_response(StatusCode::SERVICE_UNAVAILABLE, "server is closing");
     };
-    if let Some(bridge) = &server.bridge {
-        return Box::pin(bridge.dispatch(request, conn)).await;
+    match &server.handoff {
+        Handoff::Bridge(bridge) => Box::pin(bridge.dispatch(request, conn)).await,
+        Handoff::Queue => to_queue(request, conn).await,
     }
-    let mut request = request;
+}
+
+/// The request, as an exchange on the event queue, and its response.
+async fn to_queue<B: RequestBodySource>(mut request: Request<B>, conn: &Arc<Connection>) -> Response<ResponseBody> {
+    let server = &conn.server;
     let upgrade = websocket::requested(&request).then(|| hyper::upgrade::on(&mut request));
     let (head, mut body) = request.into_parts();
     let mut complete = body.is_end_stream().then_some(BodyEnd::Complete);

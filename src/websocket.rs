@@ -24,7 +24,6 @@ use http_body::Body;
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
-use pyo3::prelude::*;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 use tokio::time::Sleep;
@@ -32,7 +31,7 @@ use yawc::close::CloseCode;
 use yawc::streaming::Streaming;
 use yawc::{Frame, OpCode, Options, Role, WebSocketError};
 
-use crate::boundary::queue::{Event, EventQueue};
+use crate::boundary::queue::{Event, EventQueue, Waiter};
 use crate::config::{seconds, ServerConfig};
 use crate::permessage_deflate;
 use crate::server::ServerShared;
@@ -565,7 +564,7 @@ struct Inbox {
     messages: VecDeque<Message>,
     buffered: usize,
     closed: Option<(u16, String)>,
-    waiter: Option<Py<PyAny>>,
+    waiter: Option<Waiter>,
 }
 
 struct Outbox {
@@ -573,7 +572,7 @@ struct Outbox {
     buffered: usize,
     /// No more sends: a close frame was queued or the peer is gone.
     closed: bool,
-    waiter: Option<Py<PyAny>>,
+    waiter: Option<Waiter>,
 }
 
 /// An accepted WebSocket, between the application and its socket task.
@@ -777,7 +776,7 @@ impl WebSocket {
         }
     }
 
-    pub fn recv(&self, waiter: impl FnOnce() -> Py<PyAny>) -> Received {
+    pub fn recv(&self, waiter: impl FnOnce() -> Waiter) -> Received {
         let mut inbox = self.inbox.lock();
         if let Some(message) = inbox.messages.pop_front() {
             inbox.buffered -= message.len();
@@ -792,7 +791,7 @@ impl WebSocket {
     }
 
     /// Queues a message; a close frame never waits (its `waiter` is unused).
-    pub fn send(&self, frame: Frame, waiter: impl FnOnce() -> Py<PyAny>) -> Sent {
+    pub fn send(&self, frame: Frame, waiter: impl FnOnce() -> Waiter) -> Sent {
         let mut outbox = self.outbox.lock();
         if outbox.closed {
             return Sent::Closed;

@@ -20,7 +20,22 @@ pub enum Event {
     /// A Python future parked by the application (body data, writable,
     /// closed). Only a loop consumer parks futures: consumer threads wait on
     /// the exchange itself (`NativeRequest.read_blocking`/`write_blocking`).
-    Wake(Py<PyAny>),
+    Wake(Waiter),
+}
+
+/// The asyncio future of an operation that had to wait (body data, room to
+/// write, a disconnect): the core keeps it without knowing what it is and
+/// hands it back in `Event::Wake`, and the loop resolves it.
+pub struct Waiter(Py<PyAny>);
+
+impl Waiter {
+    pub fn new(future: Py<PyAny>) -> Self {
+        Waiter(future)
+    }
+
+    pub fn into_future(self) -> Py<PyAny> {
+        self.0
+    }
 }
 
 impl Event {

@@ -15,6 +15,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 
 use super::direct::DirectResponse;
+use super::queue::Waiter;
 use crate::body::{BodyEnd, BodyRead, ResponseBody, ResponseStream, StreamBody, WriteResult};
 use crate::errors::{BodyTooLarge, ClientDisconnected};
 use crate::exchange::{Exchange, SendError};
@@ -390,7 +391,7 @@ impl NativeRequest {
     #[pyo3(signature = (code = 1000, reason = ""))]
     fn ws_close(&self, py: Python<'_>, code: u16, reason: &str) -> PyResult<()> {
         let socket = self.socket()?;
-        socket.send(websocket::close_frame(code, reason), || py.None());
+        socket.send(websocket::close_frame(code, reason), || Waiter::new(py.None()));
         Ok(())
     }
 
@@ -414,11 +415,11 @@ impl<'a, 'py> Parked<'a, 'py> {
 
     /// The handle the native side keeps (None if making the future failed;
     /// the failure is raised by `take`).
-    fn make(&mut self) -> Py<PyAny> {
+    fn make(&mut self) -> Waiter {
         let made = self.create_future.call0();
         let handle = made.as_ref().map_or_else(|_| self.create_future.py().None(), |f| f.clone().unbind());
         self.made = Some(made);
-        handle
+        Waiter::new(handle)
     }
 
     fn take(self) -> PyResult<Bound<'py, PyAny>> {

@@ -12,7 +12,7 @@ use tokio_rustls::TlsAcceptor;
 use parking_lot::Condvar;
 
 use super::direct::DirectResponse;
-use super::queue::{Consumer, Event, EventQueue, WakeSignal};
+use super::queue::{Consumer, Event, EventQueue, WakeSignal, Waiter};
 use super::request::{header_map, NativeRequest};
 use crate::config::{seconds, ServerConfig};
 use crate::errors::TlsConfigError;
@@ -80,7 +80,7 @@ impl NativeServer {
                 Event::Request(exchange) => {
                     list.append(NativeRequest::new(exchange, self.shared.clone()))?;
                 }
-                Event::Wake(future) => list.append(future)?,
+                Event::Wake(waiter) => list.append(waiter.into_future())?,
             }
         }
         Ok(list)
@@ -183,7 +183,7 @@ impl NativeServer {
                     }
                 });
             } else {
-                shared.events.push(Event::Wake(future));
+                shared.events.push(Event::Wake(Waiter::new(future)));
             }
             shared.events.close();
         });
