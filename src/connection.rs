@@ -561,19 +561,17 @@ const WRITE_THROUGH: usize = 16 * 1024;
 /// The held buffer's size, allocated at once when a batch begins: growing
 /// it batch after batch cost more than the copies it saves. It is kept
 /// while exchanges are open, and let go of once none is (an idle HTTP/2
-/// connection would otherwise keep 48 KiB).
+/// connection would otherwise keep it).
 const HELD_CAPACITY: usize = HELD_MAX + WRITE_THROUGH;
 /// Writes are copied into the held buffer in pieces this size: below
-/// glibc's threshold for `rep movsb` (2112 bytes on x86-64), which on the
-/// AMD EPYC we measure on ran at about half the speed of the vector loop
-/// copying to the held buffer's unaligned offsets (pinned h2c get10k:
-/// memmove went from 11.9% to 6.4% of the server's CPU).
+/// glibc's threshold for `rep movsb` (2112 bytes on x86-64), which on AMD
+/// EPYC CPUs runs at about half the speed of the vector loop copying to the
+/// held buffer's unaligned offsets (the pinned h2c get10k case).
 const COPY_PIECE: usize = 2048;
 /// A write in several pieces (an HTTP/1 head and a small body, chunk
 /// framing) up to this size is joined into one buffer and one `write`: the
-/// kernel's per-piece cost of a `writev` was more than the copy (Rust-only
-/// h1 hello, pinned: 4.58 against 4.75 µs per request, lower in 6 of 6
-/// rounds).
+/// kernel's per-piece cost of a `writev` is more than the copy (the pinned
+/// Rust-only h1 hello case).
 const JOIN_MAX: usize = 2048;
 
 impl<S> Tracked<S>

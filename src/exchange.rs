@@ -62,8 +62,8 @@ impl Addresses {
 }
 
 /// An address as text, an IPv4 one mapped into IPv6 as IPv4. IPv4 is
-/// written without `fmt`'s machinery, which cost 1,350 instructions an
-/// address: an ASGI scope names two per request.
+/// written without `fmt`'s machinery, which costs more than the rest of
+/// the work: an ASGI scope names two addresses per request.
 fn ip_text(ip: IpAddr) -> String {
     match ip.to_canonical() {
         IpAddr::V4(v4) => {

@@ -38,9 +38,8 @@ const TIDY_AFTER: Duration = Duration::from_secs(1);
 /// mimalloc purges freed memory a second after the free, and only when it
 /// next allocates or frees a page: a server whose connections had all gone idle
 /// (HTTP/1.1 ones parked, their buffers freed) did neither and kept it all
-/// (2,000 idle HTTP/1.1 connections: 16 to 20 against 4 to 5 KiB of RSS
-/// each). Purging at every free instead (mimalloc's purge delay 0) cost 1 to
-/// 2 µs of server CPU per request under load.
+/// (benchmark/idle_connections.py). Purging at every free instead
+/// (mimalloc's purge delay 0) costs server CPU on every request under load.
 pub fn return_freed_memory() {
     FREED.store(true, Ordering::Release);
     if !TIDYING.swap(true, Ordering::AcqRel) {
@@ -79,7 +78,7 @@ static STARTING: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
 /// on (its CPU affinity, so a server pinned with `taskset` to one core gets
 /// one): with requests announced to Python only when a worker runs out of
 /// work, a second worker on the same core only takes time from Python
-/// (pinned Starlette: 29k req/s with one, 20k with two). Started on first
+/// (the pinned Starlette case of the benchmark). Started on first
 /// use rather than at import, so a process that forks workers before
 /// serving gets its runtime threads in the child, where they are needed.
 ///

@@ -329,8 +329,7 @@ fn accept_failed(server: &ServerShared, error: &io::Error) {
 
 /// hyper's HTTP/1 header limit when none is set. Left unset at this value:
 /// hyper then parses a head into an uninitialised array, where a limit set
-/// makes it fill a vector of that many entries for every request (about
-/// 1,700 instructions a request, a twentieth of a Python GET hello).
+/// makes it fill a vector of that many entries for every request.
 const HYPER_MAX_HEADERS: usize = 100;
 
 /// The HTTP versions a server speaks. HTTP/1.1 alone uses hyper's own

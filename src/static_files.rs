@@ -18,8 +18,8 @@
 //!   read on the I/O thread (`preadv2` with `RWF_NOWAIT`, which never waits
 //!   for the disk), the rest on a blocking thread. Every chunk on the blocking
 //!   pool cost a thread hop and, pinned to one core, grew the pool to its 512
-//!   threads, each allocator heap with its own fresh pages (1 MiB file: 2.5 ms
-//!   of CPU a request, 1 GiB RSS). Not `sendfile`: hyper writes every body
+//!   threads, each allocator heap with its own fresh pages (the static1m
+//!   case of the benchmark). Not `sendfile`: hyper writes every body
 //!   through its own buffers and has no way to hand a file to the socket,
 //!   and TLS, HTTP/2 and HTTP/3 could not use it anyway.
 

@@ -82,8 +82,7 @@ pub fn mark_io_thread() {
 ///
 /// A pool of consumer threads (WSGI) shares the GIL, so waking a second
 /// thread while one is running Python only makes them trade the GIL per
-/// request (pinned to one core: 30k req/s with four threads against 47k with
-/// one). A request that comes while a pool thread is busy is left for that
+/// request (the pinned WSGI case of the benchmark). A request that comes while a pool thread is busy is left for that
 /// thread to take when it is done; an idle thread is woken only when no busy
 /// thread finishes anything for `POOL_STALL` (it is blocked: a slow upstream,
 /// a sleep) or when a busy thread blocks natively on its client.
