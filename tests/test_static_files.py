@@ -28,6 +28,7 @@ from typing import Any
 import httpx
 import pytest
 from apps.harness import serving
+from cliserver import command, environment
 from conftest import (
     BackgroundLoop,
     Certificates,
@@ -35,7 +36,6 @@ from conftest import (
     RunningServer,
     requires_curl,
 )
-from test_cli import app_dir, command, environment  # noqa: F401 - app_dir is a fixture
 from test_cli import serving as cli_serving
 from test_http3 import connect, run, start_h3
 
@@ -608,7 +608,7 @@ def test_settings_are_checked(site: Site, tmp_path: Path) -> None:
     assert relative.static_files == (("/static", os.path.realpath(site.public)),)
 
 
-def test_cli_granian_options(app_dir: Path, site: Site) -> None:  # noqa: F811 - the fixture
+def test_cli_granian_options(app_dir: Path, site: Site) -> None:
     (app_dir / "assets").mkdir()
     (app_dir / "assets" / "a.css").write_text("a {}\n")
     options = (
@@ -628,7 +628,7 @@ def test_cli_granian_options(app_dir: Path, site: Site) -> None:  # noqa: F811 -
     assert app.status_code == 200 and "root=" in app.text
 
 
-def test_cli_one_mount_alone_is_served_under_static(app_dir: Path, site: Site) -> None:  # noqa: F811 - the fixture
+def test_cli_one_mount_alone_is_served_under_static(app_dir: Path, site: Site) -> None:
     with cli_serving(app_dir, "cliapp:app", "--static-path-mount", str(site.public)) as (_, port):
         response = httpx.get(f"http://127.0.0.1:{port}/static/hello.txt", timeout=TIMEOUT)
     assert (response.content, response.headers["cache-control"]) == (HELLO, "max-age=86400")
@@ -642,7 +642,7 @@ def test_cli_one_mount_alone_is_served_under_static(app_dir: Path, site: Site) -
         (("--static-path-mount", ".", "--static-path-expires", "soon"), "a duration is"),
     ],
 )
-def test_cli_refuses_bad_static_options(app_dir: Path, args: tuple[str, ...], message: str) -> None:  # noqa: F811
+def test_cli_refuses_bad_static_options(app_dir: Path, args: tuple[str, ...], message: str) -> None:
     result = subprocess.run(
         command("serve", "cliapp:app", *args), cwd=app_dir, env=environment(), capture_output=True, text=True, timeout=60
     )

@@ -25,11 +25,11 @@ import h2.settings
 import pytest
 import trustme
 from apps.harness import TIMEOUT
+from cliserver import command, environment, serving
 from conftest import Certificates, LogLines
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from h3client import h3_connect
-from test_cli import app_dir, command, environment, serving  # noqa: F401 (app_dir: a fixture)
 
 from server_native import NativeHttpServer, ServerConfig, TlsConfig, TlsConfigError
 
@@ -522,7 +522,7 @@ def ready_for(ca_path: Path, client: tuple[Path, Path] | None = None) -> Any:
     return lambda port: https_get(port, ca_path, client=client)
 
 
-def test_cli_tls_options(app_dir: Path, certs: Certificates, clients: Clients) -> None:  # noqa: F811
+def test_cli_tls_options(app_dir: Path, certs: Certificates, clients: Clients) -> None:
     tls = (
         "--ssl-certfile", str(certs.cert_path), "--ssl-keyfile", str(certs.key_path), "--no-http3",
         "--ssl-ca-certs", str(clients.ca_path), "--ssl-cert-reqs", "2", "--ssl-crl", str(clients.crl_pem),
@@ -537,7 +537,7 @@ def test_cli_tls_options(app_dir: Path, certs: Certificates, clients: Clients) -
             https_get(port, certs.ca_path, client=clients.good, maximum=ssl.TLSVersion.TLSv1_2)
 
 
-def test_cli_http2_options(app_dir: Path) -> None:  # noqa: F811
+def test_cli_http2_options(app_dir: Path) -> None:
     flags = (
         "--http2-max-concurrent-streams", "33", "--http2-initial-connection-window-size", "2000000",
         "--http2-initial-stream-window-size", "100000", "--http2-max-frame-size", "20000",
@@ -566,7 +566,7 @@ def test_cli_http2_options(app_dir: Path) -> None:  # noqa: F811
         (("--runtime-threads", "0"), "argument --runtime-threads: must be a whole number from 1 to 1024, not 0"),
     ],
 )
-def test_cli_refuses_bad_values_with_one_line(app_dir: Path, flags: tuple[str, ...], error: str) -> None:  # noqa: F811
+def test_cli_refuses_bad_values_with_one_line(app_dir: Path, flags: tuple[str, ...], error: str) -> None:
     result = subprocess.run(
         command("serve", "cliapp:app", *flags), cwd=app_dir, env=environment(), capture_output=True, text=True, timeout=60
     )
@@ -605,7 +605,7 @@ requires_proc = pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason=
     ids=["option", "environment", "option-over-environment"],
 )
 def test_runtime_threads(
-    app_dir: Path, monkeypatch: pytest.MonkeyPatch, flags: tuple[str, ...], variable: str | None, threads: int  # noqa: F811
+    app_dir: Path, monkeypatch: pytest.MonkeyPatch, flags: tuple[str, ...], variable: str | None, threads: int
 ) -> None:
     if variable is None:
         monkeypatch.delenv("SERVER_NATIVE_THREADS", raising=False)
@@ -615,7 +615,7 @@ def test_runtime_threads(
         assert io_threads(process.pid) == threads
 
 
-def test_a_bad_thread_count_in_the_environment_is_one_line(app_dir: Path) -> None:  # noqa: F811
+def test_a_bad_thread_count_in_the_environment_is_one_line(app_dir: Path) -> None:
     result = subprocess.run(
         command("serve", "cliapp:app", "--port", "0"), cwd=app_dir,
         env={**environment(), "SERVER_NATIVE_THREADS": "lots"}, capture_output=True, text=True, timeout=60,
