@@ -18,6 +18,7 @@ __all__ = [
     "NativeRequest",
     "NativeServer",
     "TlsConfigError",
+    "bridge_asgi_scope",
     "bridge_response_head",
     "take_log_records",
     "tls_cipher_suites",
@@ -89,6 +90,14 @@ class NativeRequest:
     def finish(self) -> None: ...
     def abort(self) -> None: ...
 
+def bridge_asgi_scope(
+    fields: list[builtins.bytes],
+    flags: int,
+    client: tuple[str, int] | None,
+    server: tuple[str, int | None],
+    base: dict[str, Any],
+    state: dict[str, Any],
+) -> dict[str, Any]: ...
 def bridge_response_head(
     stream: int, status: int, headers: _HeaderPairs | None, reason: str | None, body_size: int | None
 ) -> bytes: ...

@@ -38,10 +38,12 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Bumped whenever the Python package and this library stop fitting each
 /// other; the loader refuses a library whose number differs.
-const ABI_VERSION: u32 = 2;
+const ABI_VERSION: u32 = 3;
 
 #[pymodule]
 mod _native {
+    #[pymodule_export]
+    use crate::boundary::asgi::bridge_asgi_scope;
     #[pymodule_export]
     use crate::boundary::bridge::bridge_response_head;
     #[pymodule_export]

@@ -67,7 +67,7 @@ from . import platforms as _platforms
 from .release import RELEASES_URL, SHA256, TAG, TAG_PREFIX
 
 #: The native ABI this Python package speaks (``ABI_VERSION`` in src/lib.rs).
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 MODULE_NAME = "server_native._native"
 PACKAGE_NAME = "server_native"

@@ -30,7 +30,6 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote
 
 from .._dist.loader import native
 from .proxy import PROXY_HEADER_NAMES
@@ -79,6 +78,8 @@ _BodyTooLarge = native.BodyTooLarge
 #: what the in-process transport checks (ValueError); with a body of at most
 #: CHUNK bytes, the whole response.
 _response_head = native.bridge_response_head
+#: (head strings, head flags, client, server, base, state) -> the ASGI scope.
+_asgi_scope: Callable[..., dict[str, Any]] = native.bridge_asgi_scope
 
 # What the native side's `http` crate accepts (HeaderName, HeaderValue,
 # ReasonPhrase): checked here so a bad value is a ValueError at the call,
@@ -273,39 +274,9 @@ class BridgeRequest:
         return not PROXY_HEADER_NAMES.isdisjoint(self._fields[8::2])
 
     def asgi_scope(self, base: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
-        """The ASGI ``http`` or ``websocket`` scope, as
-        ``NativeRequest.asgi_scope`` makes it."""
-        path = self.path
-        headers = self.raw_headers()
-        authority = self._fields[2]
-        if authority and self.http_version in ("2", "3") and b"host" not in self._fields[8::2]:
-            headers.insert(0, (b"host", authority))
-        scope = base.copy()
-        scope.update(
-            http_version=self.http_version,
-            path=base.get("root_path", "") + (unquote(path) if "%" in path else path),
-            raw_path=path.encode(),
-            query_string=self.query.encode(),
-            headers=headers,
-            client=self.remote_addr,
-            server=self.local_addr,
-            state=state.copy(),
-        )
-        if self.websocket:
-            scope.update(
-                scheme="wss" if self.tls else "ws",
-                subprotocols=[
-                    offered.strip()
-                    for name, value in headers
-                    if name == b"sec-websocket-protocol"
-                    for offered in value.decode("latin-1").split(",")
-                    if offered.strip()
-                ],
-                extensions={"websocket.http.response": {}},
-            )
-        else:
-            scope.update(method=self.method, scheme=self.scheme, extensions={"http.response.pathsend": {}})
-        return scope
+        """The ASGI ``http`` or ``websocket`` scope, built by the native
+        code that builds ``NativeRequest.asgi_scope``."""
+        return _asgi_scope(self._fields, self._fixed[2], self.remote_addr, self.local_addr, base, state)
 
     def header(self, name: str) -> str | None:
         """The first value of a header, by case-insensitive name."""

@@ -178,7 +178,7 @@ impl NativeRequest {
     /// The ASGI `http` scope: `base` updated with this request's keys and a
     /// copy of `state` (see `asgi::scope`).
     fn asgi_scope<'py>(&self, py: Python<'py>, base: &Bound<'py, PyDict>, state: &Bound<'py, PyDict>) -> PyResult<Bound<'py, PyDict>> {
-        super::asgi::scope(py, &self.exchange, base, state)
+        super::asgi::exchange_scope(py, &self.exchange, base, state)
     }
 
     /// Whether the request carries any header a proxy reports the client

@@ -204,6 +204,18 @@ pub(super) fn version_text(version: Version) -> &'static [u8] {
     }
 }
 
+/// The version a request head names (`version_text`'s inverse).
+pub fn version_from_text(text: &[u8]) -> Option<Version> {
+    [Version::HTTP_11, Version::HTTP_2, Version::HTTP_3, Version::HTTP_10, Version::HTTP_09]
+        .into_iter()
+        .find(|&version| version_text(version) == text)
+}
+
+/// Whether a request head's flags say TLS, and a WebSocket request.
+pub fn head_flags(flags: u8) -> (bool, bool) {
+    (flags & HEAD_TLS != 0, flags & HEAD_WEBSOCKET != 0)
+}
+
 /// The request head: the fixed fields and the certificate, then every
 /// string with a NUL byte between them — so the Python end takes them apart
 /// with one `split`. False (nothing written) when a string holds a NUL,
