@@ -7,8 +7,10 @@ From the worker:
 - ``{"type": "ready"}``: it serves (after the app's startup).
 - ``{"type": "pong", "id": N, "figures": {...}}``: the answer to a ping,
   written by the event loop (a blocked loop does not answer), with the
-  worker's figures: ``requests`` answered, and ``connections`` open and
-  ``active``.
+  worker's figures: ``requests`` answered, ``connections`` open and
+  ``active``, and ``metrics``, its servers' figures for monitoring
+  (``server.metrics()``, added up), which the supervisor serves with
+  ``--metrics``.
 - ``{"type": "retire", "reason": "...", "figures": {...}}``: past its request
   limit, it asks to be replaced.
 
@@ -34,6 +36,7 @@ from collections.abc import Generator
 from typing import Any
 
 from ..runtime.bound import open_servers
+from ..runtime.metrics import total
 from .supervisor import decode, encode
 
 __all__ = ["SupervisedWorker", "figures"]
@@ -44,14 +47,20 @@ logger = logging.getLogger("server_native.worker")
 _LIMIT_CHECK_INTERVAL = 0.2
 
 
-def figures() -> dict[str, int]:
+def answered() -> int:
+    """Requests this process's servers answered."""
+    return sum(server.requests for server in open_servers())
+
+
+def figures() -> dict[str, Any]:
     """This process's figures, summed over its servers."""
     servers = open_servers()
     connections = [server.connections_info() for server in servers]
     return {
-        "requests": sum(server.requests for server in servers),
+        "requests": answered(),
         "connections": sum(info.total for info in connections),
         "active": sum(info.active for info in connections),
+        "metrics": total(server.metrics() for server in servers),
     }
 
 
@@ -106,7 +115,7 @@ class SupervisedWorker:
             server.keep_alive = False
 
     async def _watch_requests(self, limit: int) -> None:
-        while (served := figures()["requests"]) < limit:
+        while (served := answered()) < limit:
             await asyncio.sleep(_LIMIT_CHECK_INTERVAL)
         reason = f"{served} requests answered, the limit is {limit}"
         self._send({"type": "retire", "reason": reason, "figures": figures()})

@@ -11,7 +11,7 @@ import time
 import weakref
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .._dist.loader import native
 from .addresses import resolve_bind_hosts
@@ -20,6 +20,9 @@ from .config import ServerConfig, TlsConfig
 from .contract import Request
 from .loop import CoroutineRunner, EventPump
 from .unix_socket import UnixSocketFile, bind_unix_socket
+
+if TYPE_CHECKING:
+    from .metrics import ServerMetrics
 
 __all__ = ["BoundServer", "HttpConnectionsInfo", "bind_settings", "open_servers", "tls_settings"]
 
@@ -247,6 +250,13 @@ class BoundServer:
 
     def connections_info(self) -> HttpConnectionsInfo:
         return HttpConnectionsInfo(*self._native.connections_info())
+
+    def metrics(self) -> ServerMetrics:
+        """The server's figures for monitoring: connections, requests by
+        protocol and status class, refusals, bytes, request durations (see
+        ``server_native.runtime.metrics``). Counted natively; reading them
+        takes a snapshot."""
+        return self._native.metrics()  # type: ignore[no-any-return]
 
     @property
     def requests(self) -> int:
