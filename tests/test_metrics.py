@@ -7,6 +7,7 @@ must match them."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
 import ssl
 import subprocess
@@ -168,13 +169,14 @@ def requests_answered(samples: dict[tuple[str, tuple[tuple[str, str], ...]], flo
 
 
 @contextmanager
-def metrics_cli(app_dir: Path, *args: str) -> Iterator[tuple[int, int]]:
-    """The command line serving cliapp with --metrics: the app's port and
-    the metrics port, once the readiness request (one GET /) is counted."""
+def metrics_cli(app_dir: Path, *args: str) -> Iterator[tuple[subprocess.Popen[str], int, int]]:
+    """The command line serving cliapp with --metrics: its process, the
+    app's port and the metrics port, once the readiness request (one GET /)
+    is counted."""
     metrics_port = free_port()
-    with serving(app_dir, "cliapp:app", "--metrics", "--metrics-port", str(metrics_port), *args) as (_, port):
+    with serving(app_dir, "cliapp:app", "--metrics", "--metrics-port", str(metrics_port), *args) as (process, port):
         wait_for(lambda: requests_answered(scrape(metrics_port)) == 1, what="the readiness request counted")
-        yield port, metrics_port
+        yield process, port, metrics_port
 
 
 def load(port: int) -> list[str]:
@@ -203,7 +205,7 @@ def check_counts(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float]) 
 
 
 def test_one_process_serves_its_metrics_while_it_serves_requests(app_dir: Path) -> None:
-    with metrics_cli(app_dir) as (port, metrics_port):
+    with metrics_cli(app_dir) as (_, port, metrics_port):
         seen: list[float] = []
         loading = threading.Thread(target=load, args=(port,))
         loading.start()
@@ -219,7 +221,7 @@ def test_one_process_serves_its_metrics_while_it_serves_requests(app_dir: Path) 
 
 
 def test_workers_figures_are_added_up_by_the_supervisor(app_dir: Path) -> None:
-    with metrics_cli(app_dir, "--workers", "2") as (port, metrics_port):
+    with metrics_cli(app_dir, "--workers", "2") as (_, port, metrics_port):
         answered_by = set(load(port))
         assert malformed(port).startswith(b"HTTP/1.1 400")
         assert len(answered_by) == 2, "both workers served"
@@ -235,6 +237,31 @@ def test_workers_figures_are_added_up_by_the_supervisor(app_dir: Path) -> None:
         resident = {labels: value for (name, labels), value in samples.items() if name == "server_native_worker_resident_memory_bytes"}
         assert {dict(labels)["pid"] for labels in resident} == answered_by
         assert all(value > 1 << 20 for value in resident.values())
+
+
+def test_counts_outlive_the_workers_that_made_them(app_dir: Path) -> None:
+    """SIGHUP replaces every worker: what the old ones counted, up to their
+    last request, stays in the totals."""
+    with metrics_cli(app_dir, "--workers", "2") as (supervisor, port, metrics_port):
+        old_workers = set(load(port))
+        supervisor.send_signal(signal.SIGHUP)
+        samples = once(
+            lambda: scrape(metrics_port),
+            lambda samples: samples[("server_native_worker_respawns_total", ())] == 2
+            and not old_workers & worker_pids(samples),
+            "the old workers replaced and gone",
+        )
+        assert requests_answered(samples) == REQUESTS + 1
+        assert samples[("server_native_connections_handled_total", ())] == REQUESTS + 1
+        assert samples[("server_native_connections_open", ())] == 0
+        assert samples[("server_native_worker_spawns_total", ())] == 4
+        load(port)
+        samples = once(lambda: scrape(metrics_port), lambda s: requests_answered(s) == 2 * REQUESTS + 1, "the new workers' figures")
+        assert samples[("server_native_responses_total", (("status_class", "4xx"),))] == 2 * MISSING
+
+
+def worker_pids(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> set[str]:
+    return {dict(labels)["pid"] for (name, labels) in samples if name == "server_native_worker_resident_memory_bytes"}
 
 
 def refused(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> float:

@@ -703,13 +703,12 @@ def _metrics_listener(listen: tuple[str, int] | None) -> Iterator[None]:
     if listen is None:
         yield
         return
-    from ..runtime.bound import open_servers
-    from ..runtime.metrics import total
+    from ..runtime.bound import process_metrics
     from ..runtime.prometheus import FiguresCollector
     from .metrics import MetricsListener
 
     try:
-        listener = MetricsListener(*listen, FiguresCollector(lambda: total(server.metrics() for server in open_servers())))
+        listener = MetricsListener(*listen, FiguresCollector(process_metrics))
     except OSError as exc:
         raise OSError(exc.errno, f"--metrics: cannot listen on {listen[0]} port {listen[1]}: {exc.strerror or exc}") from None
     try:

@@ -22,7 +22,8 @@ sockets and drains every worker, and a second signal stops them at once.
 
 Each worker has a channel to the supervisor, a Unix socket pair carrying
 one JSON object per line (``worker.py``): readiness, pings and pongs (which
-carry the worker's figures), and retirement. With ``--metrics`` the
+carry the worker's figures), retirement, and a worker's last figures as it
+exits. With ``--metrics`` the
 supervisor serves the workers' figures, added up (``metrics.py``), and
 pings them for fresh ones every second even without health checks."""
 
@@ -254,6 +255,12 @@ class _Supervisor:
 
     def forget(self, worker: _Worker) -> None:
         """Closes the channel of a worker that exited, and keeps what it counted."""
+        if worker.channel is not None:
+            # Its last figures, sent as it exited, may be unread yet.
+            while messages := worker.receive():
+                for message in messages:
+                    if isinstance(message.get("figures"), dict):
+                        worker.figures = message["figures"]
         with self.figures_lock:
             self.exited_figures = add_figures(self.exited_figures, worker.figures.get("metrics") or {}, counters_only=True)
             worker.figures = {}
@@ -326,6 +333,8 @@ class _Supervisor:
             elif kind == "pong":
                 if worker.ping is not None and message.get("id") == worker.ping[0]:
                     worker.ping = None
+                worker.figures = message.get("figures") or {}
+            elif kind == "figures":
                 worker.figures = message.get("figures") or {}
             elif kind == "retire" and worker.retire_reason is None:
                 worker.retire_reason = str(message.get("reason"))

@@ -13,6 +13,8 @@ From the worker:
   ``--metrics``.
 - ``{"type": "retire", "reason": "...", "figures": {...}}``: past its request
   limit, it asks to be replaced.
+- ``{"type": "figures", "figures": {...}}``: its last figures, once its
+  servers have drained, as it exits.
 
 From the supervisor:
 
@@ -35,8 +37,7 @@ import socket
 from collections.abc import Generator
 from typing import Any
 
-from ..runtime.bound import open_servers
-from ..runtime.metrics import total
+from ..runtime.bound import open_servers, process_metrics
 from .supervisor import decode, encode
 
 __all__ = ["SupervisedWorker", "figures"]
@@ -60,7 +61,7 @@ def figures() -> dict[str, Any]:
         "requests": answered(),
         "connections": sum(info.total for info in connections),
         "active": sum(info.active for info in connections),
-        "metrics": total(server.metrics() for server in servers),
+        "metrics": process_metrics(),
     }
 
 
@@ -83,16 +84,22 @@ class SupervisedWorker:
         reader, self._writer = await asyncio.open_unix_connection(sock=socket.socket(fileno=self._fd))
         self._send({"type": "ready"})
         watch = None if self._limit is None else asyncio.ensure_future(self._watch_requests(self._limit))
+        supervisor_gone = False
         try:
             while line := await reader.readline():
                 message = decode(line)
                 if message is not None:
                     self._on_message(message)
+            supervisor_gone = True
         except ConnectionError:
-            pass  # Reset: the supervisor died with our messages unread.
+            supervisor_gone = True  # Reset: the supervisor died with our messages unread.
         finally:
             if watch is not None:
                 watch.cancel()
+            if not supervisor_gone:
+                # Ended with the servers closed (a drain): what they counted
+                # since the last pong.
+                self._send({"type": "figures", "figures": figures()})
             self._writer.close()
         logger.warning("the supervisor is gone: draining")
 

@@ -11,7 +11,7 @@ import time
 import weakref
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 from .._dist.loader import native
 from .addresses import resolve_bind_hosts
@@ -19,12 +19,10 @@ from .bridge import BridgeListener
 from .config import ServerConfig, TlsConfig
 from .contract import Request
 from .loop import CoroutineRunner, EventPump
+from .metrics import ServerMetrics, add_figures, total
 from .unix_socket import UnixSocketFile, bind_unix_socket
 
-if TYPE_CHECKING:
-    from .metrics import ServerMetrics
-
-__all__ = ["BoundServer", "HttpConnectionsInfo", "bind_settings", "open_servers", "tls_settings"]
+__all__ = ["BoundServer", "HttpConnectionsInfo", "bind_settings", "open_servers", "process_metrics", "tls_settings"]
 
 logger = logging.getLogger("server_native")
 #: The head of the plain answers the server gives on its own.
@@ -46,12 +44,33 @@ CANCELLED_TASKS_GRACE = 1.0
 
 #: The servers of this process that have not closed, whatever API made them.
 _open: weakref.WeakSet[BoundServer] = weakref.WeakSet()
+#: What the closed servers of this process counted.
+_closed_metrics: dict[str, Any] = {}
+#: Held while a closing server's figures move to ``_closed_metrics``: a
+#: metrics listener's thread adds them up meanwhile.
+_metrics_lock = threading.Lock()
 
 
 def open_servers() -> list[BoundServer]:
     """The servers of this process that have not closed: what a supervised
     worker reports on and retires (``worker.py``)."""
     return list(_open)
+
+
+def process_metrics() -> ServerMetrics:
+    """The figures of every server this process has run, added up: the
+    open ones' now, the counts of those closed (so that no counter goes
+    back when a server closes)."""
+    with _metrics_lock:
+        return total([_closed_metrics, *(server.metrics() for server in _open)])
+
+
+def _forget(server: BoundServer) -> None:
+    global _closed_metrics
+    with _metrics_lock:
+        if server in _open:
+            _closed_metrics = add_figures(_closed_metrics, server.metrics(), counters_only=True)
+            _open.discard(server)
 
 
 def emit_native_log() -> None:
@@ -299,7 +318,7 @@ class BoundServer:
             await self._bridge.close()
         await self._finish_tasks()
         await self._join_consumers()
-        _open.discard(self)
+        _forget(self)
         if not self._closed.done():
             if self._pump is not None:
                 self._pump.detach()
