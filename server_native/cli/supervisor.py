@@ -23,9 +23,9 @@ sockets and drains every worker, and a second signal stops them at once.
 Each worker has a channel to the supervisor, a Unix socket pair carrying
 one JSON object per line (``worker.py``): readiness, pings and pongs (which
 carry the worker's figures), retirement, and a worker's last figures as it
-exits. With ``--metrics`` the
-supervisor serves the workers' figures, added up (``metrics.py``), and
-pings them for fresh ones every second even without health checks."""
+exits. With ``--metrics`` the supervisor serves the workers' figures, added
+up (``metrics.py``), and pings the workers for fresh ones every second even
+without health checks."""
 
 from __future__ import annotations
 

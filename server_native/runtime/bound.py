@@ -46,8 +46,8 @@ CANCELLED_TASKS_GRACE = 1.0
 _open: weakref.WeakSet[BoundServer] = weakref.WeakSet()
 #: What the closed servers of this process counted.
 _closed_metrics: dict[str, Any] = {}
-#: Held while a closing server's figures move to ``_closed_metrics``: a
-#: metrics listener's thread adds them up meanwhile.
+#: Held while a server joins ``_open`` or its figures move from there to
+#: ``_closed_metrics``: a metrics listener's thread adds them up meanwhile.
 _metrics_lock = threading.Lock()
 
 
@@ -66,6 +66,7 @@ def process_metrics() -> ServerMetrics:
 
 
 def _forget(server: BoundServer) -> None:
+    """A server closes: what it counted joins what the closed ones did."""
     global _closed_metrics
     with _metrics_lock:
         if server in _open:
@@ -208,7 +209,8 @@ class BoundServer:
             self._pump.attach(self._native)
         self._closed = self._loop.create_future()
         self._native_log = self._loop.call_later(NATIVE_LOG_INTERVAL, self._emit_native_log)
-        _open.add(self)
+        with _metrics_lock:
+            _open.add(self)
 
     def _emit_native_log(self) -> None:
         emit_native_log()
