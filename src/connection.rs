@@ -113,6 +113,7 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let _permit = permit;
+    let stream = crate::metrics::Counted::new(stream, server.metrics.clone());
     let Some((stream, addresses)) = crate::proxy_protocol::accept(stream, addresses, &server).await else { return };
     let counter = server.clone();
     let _counted = counter.stats.open();
@@ -155,6 +156,7 @@ where
 /// worth a debug line, no more.
 fn handshake_failed(server: &ServerShared, addresses: &Addresses, why: &dyn std::fmt::Display) {
     let report = format!("TLS handshake{} failed: {why}", addresses.peer_note());
+    server.metrics.connection_errored();
     server.log.report(log::Kind::TlsHandshake, log::Level::Debug, report);
 }
 
@@ -424,6 +426,7 @@ async fn head_overdue(conn: &Connection) {
 fn overdue(conn: &Connection) {
     let peer = conn.info.addresses.peer_note();
     let report = format!("closed a connection{peer}: no whole request head within header_read_timeout");
+    conn.server.metrics.closed_connection(crate::metrics::Refused::Timeout);
     conn.server.log.report(log::Kind::Request, log::Level::Info, report);
 }
 
@@ -438,10 +441,12 @@ fn refused<E: Into<Box<dyn std::error::Error + Send + Sync>>>(conn: &Connection,
     if error.is_timeout() {
         // hyper's own HTTP/1 header timeout is off: this is HTTP/2's keep-alive.
         let report = format!("closed an HTTP/2 connection{}: a keep-alive PING went unanswered", conn.info.addresses.peer_note());
+        conn.server.metrics.connection_errored();
         return conn.server.log.report(log::Kind::Request, log::Level::Info, report);
     }
     let what = if error.is_parse() || error.is_parse_status() {
         let why = conn.head.refused().map_or_else(|| error.to_string(), str::to_owned);
+        conn.server.metrics.parse_refused(error);
         format!("refused an HTTP/1.1 request{}: {why}", conn.info.addresses.peer_note())
     } else {
         let h2 = std::error::Error::source(error).and_then(|cause| cause.downcast_ref::<h2::Error>());
@@ -452,6 +457,7 @@ fn refused<E: Into<Box<dyn std::error::Error + Send + Sync>>>(conn: &Connection,
             _ => return,
         }
     };
+    conn.server.metrics.connection_errored();
     conn.server.log.report(log::Kind::Request, log::Level::Warning, what);
 }
 

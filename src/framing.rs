@@ -25,6 +25,7 @@ use http_body_util::BodyExt;
 
 use crate::body::ResponseBody;
 use crate::log::{Kind, Level, Source};
+use crate::metrics::{Metrics, Refused};
 use crate::service::error_response;
 
 /// The request a response answers, as far as its framing depends on it.
@@ -91,6 +92,7 @@ fn declared_length(headers: &HeaderMap) -> Result<Option<u64>, String> {
 }
 
 fn refuse(log: Source, request: &Answering, problem: String) -> Response<ResponseBody> {
+    Metrics::refused_by(log, Refused::ResponseFraming);
     log.report(
         Kind::Response,
         Level::Error,
@@ -155,6 +157,7 @@ impl DeclaredLength {
     }
 
     fn cut(&self, problem: String) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        Metrics::refused_by(self.log, Refused::ResponseFraming);
         self.log.report(
             Kind::Response,
             Level::Error,

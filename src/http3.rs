@@ -108,6 +108,7 @@ pub async fn accept_loop(endpoint: quinn::Endpoint, server: Arc<ServerShared>) {
 async fn serve_connection(incoming: quinn::Incoming, local: SocketAddr, server: Arc<ServerShared>) {
     let _counted = server.stats.open();
     let Some((quic, mut handshake)) = establish(incoming, &server).await else { return };
+    let _bytes = server.metrics.count_quic(quic.clone());
     let peer_certificate = quic
         .peer_identity()
         .and_then(|identity| identity.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok())

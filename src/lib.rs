@@ -17,6 +17,7 @@ mod guard;
 mod http3;
 mod listener;
 mod log;
+mod metrics;
 mod permessage_deflate;
 mod proxy_protocol;
 mod runtime;

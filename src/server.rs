@@ -6,11 +6,11 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::CONNECTION;
-use http::{HeaderMap, HeaderValue, Response, StatusCode};
+use http::{HeaderMap, HeaderValue, Response, StatusCode, Version};
 use parking_lot::RwLock;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper::server::conn::http1;
@@ -72,6 +72,8 @@ pub struct ServerShared {
     pub handoff: Handoff,
     /// What this server tells Python's `logging`.
     pub log: crate::log::Source,
+    /// What it counts for monitoring.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl ServerShared {
@@ -84,6 +86,7 @@ impl ServerShared {
     ) -> Self {
         let protocols = Protocols::new(&config);
         let native_response = config.native_response.clone().map(Bytes::from);
+        let log = crate::log::Source::new();
         let handoff = match config.bridge_address.as_deref() {
             Some(address) => Handoff::Bridge(Arc::new(crate::bridge::Bridge::new(address, config.bridge_token.as_deref()))),
             None => Handoff::Queue,
@@ -107,7 +110,8 @@ impl ServerShared {
             default_headers: RwLock::new(HeaderMap::new()),
             response_headers,
             handoff,
-            log: crate::log::Source::new(),
+            log,
+            metrics: crate::metrics::Metrics::register(log),
             alt_svc: std::sync::OnceLock::new(),
         }
     }
@@ -123,11 +127,13 @@ impl ServerShared {
         }
     }
 
-    /// Counts a response on its way out; with keep-alive off, an HTTP/1
-    /// one (not a WebSocket's 101) closes its connection after it.
-    pub fn answered<B>(&self, http1: bool, response: &mut Response<B>) {
+    /// Counts a response on its way out, to a request that arrived at
+    /// `started`; with keep-alive off, an HTTP/1 one (not a WebSocket's 101)
+    /// closes its connection after it.
+    pub fn answered<B>(&self, version: Version, started: Instant, response: &mut Response<B>) {
         self.requests.fetch_add(1, Ordering::Relaxed);
-        if http1 && !self.keep_alive() && response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        self.metrics.answered(version, response.status(), started);
+        if version < Version::HTTP_2 && !self.keep_alive() && response.status() != StatusCode::SWITCHING_PROTOCOLS {
             response.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
         }
     }
@@ -407,6 +413,8 @@ fn millis(value: f64) -> u64 {
 #[derive(Default)]
 pub struct ConnectionStats {
     pub total: AtomicUsize,
+    /// Connections opened so far.
+    pub handled: AtomicU64,
     pub active: AtomicUsize,
     pub closing: AtomicUsize,
 }
@@ -423,6 +431,7 @@ impl Drop for Counted<'_> {
 impl ConnectionStats {
     pub fn open(&self) -> Counted<'_> {
         self.total.fetch_add(1, Ordering::Relaxed);
+        self.handled.fetch_add(1, Ordering::Relaxed);
         Counted(&self.total)
     }
 

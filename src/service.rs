@@ -18,6 +18,7 @@ use crate::connection::Connection;
 use crate::exchange::Exchange;
 use crate::framing::{self, Answering};
 use crate::log::{Kind, Level};
+use crate::metrics::Refused;
 use crate::server::{Handoff, ServerShared};
 use crate::static_files;
 use crate::websocket;
@@ -31,6 +32,7 @@ pub async fn handle<B: RequestBodySource>(
     request: Request<B>,
     conn: Arc<Connection>,
 ) -> Result<Response<ResponseBody>, Infallible> {
+    let started = std::time::Instant::now();
     let server = &conn.server;
     conn.head.finish();
     let version = request.version();
@@ -40,8 +42,10 @@ pub async fn handle<B: RequestBodySource>(
         conn.set_multiplexed();
     }
     let mut response = if let Some(refusal) = refuse(&request, server.config.max_body_size) {
+        server.metrics.refused(Refused::of_status(refusal.status()));
         refusal
     } else if let Some(refusal) = refuse_handshake(&request, server) {
+        server.metrics.refused(Refused::of_status(refusal.status()));
         refusal
     } else if let Some((mount, rest)) = static_files::route(&server.config.static_files, request.uri().path()) {
         let _in_flight = conn.begin_request();
@@ -72,7 +76,7 @@ pub async fn handle<B: RequestBodySource>(
     if server.shutdown.is_cancelled() && version < Version::HTTP_2 {
         response.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
     }
-    server.answered(version < Version::HTTP_2, &mut response);
+    server.answered(version, started, &mut response);
     Ok(if head { framing::without_body(response) } else { response })
 }
 
@@ -257,6 +261,7 @@ pub async fn fired(refusal: Option<&RefusalSignal>) -> Refusal {
 pub fn refused(server: &ServerShared, refusal: Refusal, head: &http::request::Parts) -> Response<ResponseBody> {
     let target = head.uri.path_and_query().map_or("/", |p| p.as_str());
     let level = if refusal == Refusal::Malformed { Level::Warning } else { Level::Info };
+    server.metrics.refused(Refused::of_status(refusal.status()));
     server.log.report(Kind::Request, level, format!("{} {target}: {}: answered {}", head.method, refusal.reason(), refusal.status().as_u16()));
     error_response(refusal.status(), refusal.reason())
 }

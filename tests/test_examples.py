@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Certificates, requires_ipv6
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -97,6 +98,18 @@ def test_quickstart() -> None:
     with example("quickstart.py", port):
         assert get(f"http://127.0.0.1:{port}/health") == (200, '{"ok":true}')
         assert get(f"http://127.0.0.1:{port}/missing") == (404, "Not Found")
+
+
+def test_metrics_route() -> None:
+    port = free_port()
+    with example("metrics_route.py", port):
+        for answered in range(3):
+            assert get(f"http://127.0.0.1:{port}/") == (200, f"requests answered before this one: {answered}")
+        status, text = get(f"http://127.0.0.1:{port}/metrics")
+    assert status == 200
+    families = {family.name: family for family in text_string_to_metric_families(text)}
+    h1 = [sample for sample in families["server_native_requests"].samples if sample.labels == {"protocol": "h1"}]
+    assert [sample.value for sample in h1] == [3.0]
 
 
 def test_localhost_multi() -> None:

@@ -15,7 +15,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 from apps.harness import wait_for
 from cliserver import ROOT, command, environment, get, serving, stop
@@ -133,33 +136,50 @@ def test_a_successor_that_cannot_start_leaves_the_old_worker_serving(app_dir: Pa
     assert re.search(rf"exited with 1 before it served; worker {first} serves on, another successor in 5s", output), output
 
 
-def test_the_channel_carries_readiness_pings_and_retirement(app_dir: Path) -> None:
-    """A worker started by hand with one end of a socket pair, as the
-    supervisor starts it, answers what the supervisor would say."""
+@contextmanager
+def worker_by_hand(app_dir: Path, *args: str) -> Iterator[tuple[subprocess.Popen[str], BinaryIO, int]]:
+    """A worker started with one end of a socket pair, as the supervisor
+    starts it: the process, our end of its channel and its port."""
     ours, theirs = socket.socketpair()
     ours.settimeout(30)
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
     worker = subprocess.Popen(
-        command("serve", "cliapp:app", "--fd", str(listener.fileno()), "--supervisor-fd", str(theirs.fileno()),
-                "--limit-max-requests", "3"),  # fmt: skip
+        command("serve", "cliapp:app", "--fd", str(listener.fileno()), "--supervisor-fd", str(theirs.fileno()), *args),
         cwd=app_dir, env=environment(), pass_fds=(listener.fileno(), theirs.fileno()),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     theirs.close()
     listener.close()
-    lines = ours.makefile("rwb")
-
-    def ask(message: dict[str, object]) -> dict[str, object]:
-        lines.write(json.dumps(message).encode() + b"\n")
-        lines.flush()
-        return dict(json.loads(lines.readline()))
-
+    # The socket closes with the file: closing ``lines`` ends the channel.
+    with ours:
+        lines = ours.makefile("rwb")
     try:
-        assert json.loads(lines.readline()) == {"type": "ready"}
+        with lines:
+            assert json.loads(lines.readline()) == {"type": "ready"}
+            yield worker, lines, port
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait(10)
+
+
+def test_the_channel_carries_readiness_pings_and_retirement(app_dir: Path) -> None:
+    """A worker answers what the supervisor would say."""
+    with worker_by_hand(app_dir, "--limit-max-requests", "3") as (worker, lines, port):
+
+        def ask(message: dict[str, object]) -> dict[str, object]:
+            lines.write(json.dumps(message).encode() + b"\n")
+            lines.flush()
+            return dict(json.loads(lines.readline()))
+
         pong = ask({"type": "ping", "id": 7})
         assert pong["type"] == "pong" and pong["id"] == 7
-        assert pong["figures"] == {"requests": 0, "connections": 0, "active": 0}
+        figures = pong["figures"]
+        assert isinstance(figures, dict)
+        metrics = figures.pop("metrics")
+        assert figures == {"requests": 0, "connections": 0, "active": 0}
+        assert metrics["requests"] == {"h1": 0, "h2": 0, "h3": 0}  # for --metrics (tests/test_metrics.py)
         for _ in range(3):
             assert get(port, "/")[0] == 200
         # Past its limit, it asks to be replaced, and closes its connections.
@@ -172,14 +192,22 @@ def test_the_channel_carries_readiness_pings_and_retirement(app_dir: Path) -> No
         assert ask({"type": "ping", "id": 8})["figures"]["requests"] == 4
         # The supervisor gone, the worker drains and exits.
         lines.close()
-        ours.close()
         output, _ = worker.communicate(timeout=30)
         assert worker.returncode == 0, output
         assert "the supervisor is gone: draining" in output
-    finally:
-        if worker.poll() is None:
-            worker.kill()
-            worker.wait(10)
+
+
+def test_a_draining_worker_sends_its_last_figures_as_it_exits(app_dir: Path) -> None:
+    with worker_by_hand(app_dir) as (worker, lines, port):
+        for _ in range(3):
+            assert get(port, "/")[0] == 200
+        worker.send_signal(signal.SIGTERM)
+        last = json.loads(lines.readline())
+        assert last["type"] == "figures", last
+        assert last["figures"]["metrics"]["requests"]["h1"] == 3
+        assert last["figures"]["metrics"]["responses"]["2xx"] == 3
+        worker.communicate(timeout=30)
+        assert worker.returncode == 0
 
 
 def test_sighup_replaces_every_worker_once_its_successor_serves(app_dir: Path) -> None:
@@ -226,5 +254,5 @@ def alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as stat:
             return stat.read().rpartition(")")[2].split()[0] != "Z"
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone, before or while it was read
         return False

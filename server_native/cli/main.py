@@ -35,6 +35,9 @@ SERVER_HEADER = "server-native"
 SD_LISTEN_FDS_START = 3
 #: Seconds a worker has to answer a health check, unless told otherwise.
 _HEALTHCHECK_TIMEOUT = 5.0
+#: Where ``--metrics`` listens, unless told otherwise.
+_METRICS_ADDRESS = "127.0.0.1"
+_METRICS_PORT = 9090
 
 
 class _Version(argparse.Action):
@@ -183,6 +186,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--shared", action="store_true", help=argparse.SUPPRESS)
     _add_tuning_arguments(serve)
     _add_process_options(serve)
+    _add_metrics_options(serve)
     from .._dist import setup as prebuilt
 
     setup = commands.add_parser("setup", help="download the prebuilt native library of a release into a cache")
@@ -355,6 +359,42 @@ def _add_process_options(serve: argparse.ArgumentParser) -> None:
     group.add_argument("--supervisor-fd", type=int, help=argparse.SUPPRESS)
 
 
+def _add_metrics_options(serve: argparse.ArgumentParser) -> None:
+    group = serve.add_argument_group("metrics")
+    group.add_argument(
+        "--metrics", action="store_true",
+        help="serve the server's figures (connections, requests by protocol and status class, refusals, bytes, "
+        "request durations; with --workers, added up over the workers, and their spawns and memory) "
+        "in the Prometheus text format at http://ADDRESS:PORT/metrics",
+    )
+    group.add_argument(
+        "--metrics-address", default=None, metavar="ADDRESS",
+        help=f"the address --metrics listens on (default {_METRICS_ADDRESS})",
+    )
+    group.add_argument(
+        "--metrics-port", type=_port, default=None, metavar="PORT",
+        help=f"the port --metrics listens on (default {_METRICS_PORT})",
+    )
+
+
+def _metrics_listen(args: argparse.Namespace) -> tuple[str, int] | None:
+    """Where --metrics listens, or None without it."""
+    if not args.metrics:
+        return None
+    address = _METRICS_ADDRESS if args.metrics_address is None else args.metrics_address
+    return address, _METRICS_PORT if args.metrics_port is None else args.metrics_port
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is a number from 0 to 65535, not {text!r}")
+    return port
+
+
 def _at_least(low: float, kind: Callable[[str], Any]) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         try:
@@ -462,6 +502,9 @@ def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     _check_static(args, parser)
     _check_tuning(args, parser)
     _check_process_options(args, parser)
+    for option in ("--metrics-address", "--metrics-port"):
+        if getattr(args, option[2:].replace("-", "_")) is not None and not args.metrics:
+            parser.error(f"{option} needs --metrics")
 
 
 def _check_static(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -490,6 +533,8 @@ def _check_process_options(args: argparse.Namespace, parser: argparse.ArgumentPa
         parser.error("--workers-max-rss reads /proc/PID/status, which this system does not have")
     if args.pid_file == "":
         parser.error("--pid-file needs a path")
+    if args.metrics and _supervised(args) and not CHANNELS:
+        parser.error("--metrics with worker processes needs a POSIX system (the supervisor's channel to its workers)")
 
 
 def _supervised(args: argparse.Namespace) -> bool:
@@ -641,7 +686,8 @@ def _serve_one(args: argparse.Namespace) -> int:
         if name not in keep:
             options.pop(name, None)
     try:
-        run(app, args.host, args.port, log_level=None, **options)
+        with _metrics_listener(_metrics_listen(args)):
+            run(app, args.host, args.port, log_level=None, **options)
     except OSError as exc:
         print(f"server-native: error: {exc}", file=sys.stderr)
         return 1
@@ -649,6 +695,26 @@ def _serve_one(args: argparse.Namespace) -> int:
         print(f"server-native: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+@contextmanager
+def _metrics_listener(listen: tuple[str, int] | None) -> Iterator[None]:
+    """With --metrics, this process's servers' figures served while it runs."""
+    if listen is None:
+        yield
+        return
+    from ..runtime.bound import process_metrics
+    from ..runtime.prometheus import FiguresCollector
+    from .metrics import MetricsListener
+
+    try:
+        listener = MetricsListener(*listen, FiguresCollector(process_metrics))
+    except OSError as exc:
+        raise OSError(exc.errno, f"--metrics: cannot listen on {listen[0]} port {listen[1]}: {exc.strerror or exc}") from None
+    try:
+        yield
+    finally:
+        listener.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -685,5 +751,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 backlog=args.backlog,
                 shutdown_timeout=ServerConfig.shutdown_timeout if args.shutdown_timeout is None else args.shutdown_timeout,
                 recycling=_recycling(args),
+                metrics=_metrics_listen(args),
             )
         return _serve_one(args)

@@ -22,7 +22,10 @@ sockets and drains every worker, and a second signal stops them at once.
 
 Each worker has a channel to the supervisor, a Unix socket pair carrying
 one JSON object per line (``worker.py``): readiness, pings and pongs (which
-carry the worker's figures), and retirement."""
+carry the worker's figures), retirement, and a worker's last figures as it
+exits. With ``--metrics`` the supervisor serves the workers' figures, added
+up (``metrics.py``), and pings the workers for fresh ones every second even
+without health checks."""
 
 from __future__ import annotations
 
@@ -36,14 +39,19 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..runtime.addresses import resolve_bind_hosts
+from ..runtime.metrics import add_figures, total
 from ..runtime.unix_socket import bind_unix_socket
+
+if TYPE_CHECKING:
+    from .metrics import MetricsListener
 
 __all__ = ["Recycling", "supervise"]
 
@@ -70,7 +78,10 @@ CHANNELS = os.name == "posix"
 _SUPERVISOR_OPTIONS = (
     "--workers", "--reload-dir", "--pid-file", "--env-file",
     "--workers-lifetime", "--workers-max-rss", "--timeout-worker-healthcheck",
+    "--metrics-address", "--metrics-port",
 )  # fmt: skip
+#: Flags that the supervisor decides for its workers.
+_SUPERVISOR_FLAGS = ("--reload", "--metrics")
 #: Where to listen: replaced by ``--fd`` when the supervisor holds the sockets.
 _LISTEN_OPTIONS = ("--host", "--port", "--uds", "--uds-mode", "--fd")
 
@@ -115,7 +126,7 @@ def _worker_command(argv: Sequence[str], *, listening_fds: Sequence[int] = ()) -
         if arg in dropped:
             skip = True
             continue
-        if arg.startswith(tuple(f"{option}=" for option in dropped)) or arg == "--reload":
+        if arg.startswith(tuple(f"{option}=" for option in dropped)) or arg in _SUPERVISOR_FLAGS:
             continue
         command.append(arg)
     for fd in listening_fds:
@@ -225,16 +236,34 @@ class _Supervisor:
         self.forced: int | None = None
         self.ping_ids = itertools.count(1)
         self.next_rss_check = 0.0
+        #: Ping workers for their figures even without health checks.
+        self.collect_figures = False
+        self.spawns = 0
+        #: Counted by the workers that exited, from their last figures.
+        self.exited_figures: dict[str, Any] = {}
+        #: Held while figures move from a worker to ``exited_figures``: the
+        #: metrics listener's thread adds them up meanwhile.
+        self.figures_lock = threading.Lock()
 
     def spawn(self, slot: int) -> _Worker:
         command, fds = self.slots[slot]
         worker = _Worker(slot, command, fds)
+        self.spawns += 1
         if worker.channel is not None:
             self.selector.register(worker.channel, selectors.EVENT_READ, worker)
         return worker
 
     def forget(self, worker: _Worker) -> None:
-        """Closes the channel of a worker that exited."""
+        """Closes the channel of a worker that exited, and keeps what it counted."""
+        if worker.channel is not None:
+            # Its last figures, sent as it exited, may be unread yet.
+            while messages := worker.receive():
+                for message in messages:
+                    if isinstance(message.get("figures"), dict):
+                        worker.figures = message["figures"]
+        with self.figures_lock:
+            self.exited_figures = add_figures(self.exited_figures, worker.figures.get("metrics") or {}, counters_only=True)
+            worker.figures = {}
         if worker.channel is not None:
             self.selector.unregister(worker.channel)
             worker.channel.close()
@@ -305,6 +334,8 @@ class _Supervisor:
                 if worker.ping is not None and message.get("id") == worker.ping[0]:
                     worker.ping = None
                 worker.figures = message.get("figures") or {}
+            elif kind == "figures":
+                worker.figures = message.get("figures") or {}
             elif kind == "retire" and worker.retire_reason is None:
                 worker.retire_reason = str(message.get("reason"))
 
@@ -360,23 +391,33 @@ class _Supervisor:
                 worker.killed = True
         self.retiring = draining
 
+    def figures(self) -> dict[str, Any]:
+        """The workers' figures for monitoring, added up: the last each
+        running worker sent, and what the exited ones counted."""
+        with self.figures_lock:
+            running = [worker.figures.get("metrics") or {} for worker in self.everyone()]
+            return dict(total([self.exited_figures, *running]))
+
     def check_health(self, now: float) -> None:
         """Pings every serving worker; replaces one that leaves a ping
         unanswered past the timeout, and kills it (SIGKILL) once twice the
         timeout has passed."""
         timeout = self.recycling.healthcheck_timeout
-        if not timeout:
+        if not timeout and not self.collect_figures:
             return
+        interval = min(_PING_INTERVAL, timeout / 2) if timeout else _PING_INTERVAL
         for worker in self.everyone():
             if not worker.ready or worker.channel is None or worker.killed:
                 continue
             if worker.ping is None:
-                if now - worker.pinged_at >= min(_PING_INTERVAL, timeout / 2):
+                if now - worker.pinged_at >= interval:
                     worker.ping = (next(self.ping_ids), now)
                     worker.pinged_at = now
                     worker.send({"type": "ping", "id": worker.ping[0]})
                 continue
             silent = now - worker.ping[1]
+            if not timeout:
+                continue
             if silent > 2 * timeout:
                 logger.error("worker %d has not answered a health check for %.1fs: killed", worker.pid, silent)
                 worker.process.kill()
@@ -443,11 +484,18 @@ class _Supervisor:
 def resident_mib(pid: int) -> int | None:
     """A process's resident memory (``VmRSS``), in MiB; None when it is gone
     or the system has no ``/proc``."""
+    kib = resident_kib(pid)
+    return None if kib is None else kib // 1024
+
+
+def resident_kib(pid: int) -> int | None:
+    """A process's resident memory (``VmRSS``), in KiB; None when it is gone
+    or the system has no ``/proc``."""
     try:
         with open(f"/proc/{pid}/status", encoding="ascii") as status:
             for line in status:
                 if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) // 1024
+                    return int(line.split()[1])
     except (OSError, ValueError, IndexError):
         return None
     return None
@@ -467,17 +515,20 @@ def supervise(
     backlog: int = 0,
     shutdown_timeout: float = 30.0,
     recycling: Recycling = Recycling(),
+    metrics: tuple[str, int] | None = None,
 ) -> int:
     """Runs ``workers`` workers of the serve command ``argv`` until SIGTERM
-    or SIGINT; the server's logging is configured already."""
+    or SIGINT; the server's logging is configured already. ``metrics``: the
+    address and port to serve the workers' figures on."""
     drain_limit = shutdown_timeout + _EXIT_GRACE
     if fds:
         command = _worker_command(argv, listening_fds=fds)
-        return _supervise(_Supervisor([(command, tuple(fds))] * workers, drain_limit, recycling=recycling), reload, reload_dirs)
+        supervisor = _Supervisor([(command, tuple(fds))] * workers, drain_limit, recycling=recycling)
+        return _supervise(supervisor, reload, reload_dirs, metrics)
     if uds is None and not hasattr(socket, "SO_REUSEPORT"):
         # No SO_REUSEPORT (Windows): every worker binds the port itself.
         slots: list[tuple[list[str], tuple[int, ...]]] = [(_worker_command(argv), ())] * workers
-        return _supervise(_Supervisor(slots, drain_limit, recycling=recycling), reload, reload_dirs)
+        return _supervise(_Supervisor(slots, drain_limit, recycling=recycling), reload, reload_dirs, metrics)
     with ExitStack() as held:
         try:
             if uds is not None:
@@ -494,7 +545,7 @@ def supervise(
             listening = tuple(sock.fileno() for sock in sockets)
             slots.append((_worker_command(argv, listening_fds=listening), listening))
         listeners = list({id(sock): sock for group in per_slot for sock in group}.values())
-        return _supervise(_Supervisor(slots, drain_limit, listeners, recycling), reload, reload_dirs)
+        return _supervise(_Supervisor(slots, drain_limit, listeners, recycling), reload, reload_dirs, metrics)
 
 
 def _bind_tcp_slots(host: str, port: int, backlog: int, workers: int) -> list[list[socket.socket]]:
@@ -556,7 +607,38 @@ def _listen_tcp(address: str, port: int, backlog: int, reuse_port: bool) -> sock
     return sock
 
 
-def _supervise(supervisor: _Supervisor, reload: bool, reload_dirs: Sequence[str]) -> int:
+def _supervise(supervisor: _Supervisor, reload: bool, reload_dirs: Sequence[str], metrics: tuple[str, int] | None) -> int:
+    """Runs the supervisor, with ``metrics`` (address, port) serving its figures."""
+    listener = None
+    if metrics is not None:
+        try:
+            listener = _serve_metrics(supervisor, *metrics)
+        except OSError as exc:
+            print(f"server-native: error: --metrics: cannot listen on {metrics[0]} port {metrics[1]}: {exc}", file=sys.stderr)
+            return 1
+    try:
+        return _run(supervisor, reload, reload_dirs)
+    finally:
+        if listener is not None:
+            listener.close()
+
+
+def _serve_metrics(supervisor: _Supervisor, address: str, port: int) -> MetricsListener:
+    """The workers' figures, added up, and the supervisor's own, served from
+    a thread (its collector reads what the supervisor's loop writes)."""
+    from ..runtime.prometheus import FiguresCollector, WorkerFigures
+    from .metrics import MetricsListener
+
+    def workers() -> WorkerFigures:
+        running = supervisor.everyone()
+        resident = [(worker.slot, worker.pid, 1024 * kib) for worker in running if (kib := resident_kib(worker.pid)) is not None]
+        return WorkerFigures(supervisor.spawns, max(supervisor.spawns - len(supervisor.slots), 0), resident)
+
+    supervisor.collect_figures = True
+    return MetricsListener(address, port, FiguresCollector(supervisor.figures, workers))
+
+
+def _run(supervisor: _Supervisor, reload: bool, reload_dirs: Sequence[str]) -> int:
     signal.signal(signal.SIGTERM, supervisor.on_signal)
     signal.signal(signal.SIGINT, supervisor.on_signal)
     if hasattr(signal, "SIGHUP"):

@@ -7,10 +7,14 @@ From the worker:
 - ``{"type": "ready"}``: it serves (after the app's startup).
 - ``{"type": "pong", "id": N, "figures": {...}}``: the answer to a ping,
   written by the event loop (a blocked loop does not answer), with the
-  worker's figures: ``requests`` answered, and ``connections`` open and
-  ``active``.
+  worker's figures: ``requests`` answered, ``connections`` open and
+  ``active``, and ``metrics``, its servers' figures for monitoring
+  (``server.metrics()``, added up), which the supervisor serves with
+  ``--metrics``.
 - ``{"type": "retire", "reason": "...", "figures": {...}}``: past its request
   limit, it asks to be replaced.
+- ``{"type": "figures", "figures": {...}}``: its last figures, once its
+  servers have drained, as it exits.
 
 From the supervisor:
 
@@ -33,7 +37,7 @@ import socket
 from collections.abc import Generator
 from typing import Any
 
-from ..runtime.bound import open_servers
+from ..runtime.bound import open_servers, process_metrics
 from .supervisor import decode, encode
 
 __all__ = ["SupervisedWorker", "figures"]
@@ -44,14 +48,20 @@ logger = logging.getLogger("server_native.worker")
 _LIMIT_CHECK_INTERVAL = 0.2
 
 
-def figures() -> dict[str, int]:
+def answered() -> int:
+    """Requests this process's servers answered."""
+    return sum(server.requests for server in open_servers())
+
+
+def figures() -> dict[str, Any]:
     """This process's figures, summed over its servers."""
     servers = open_servers()
     connections = [server.connections_info() for server in servers]
     return {
-        "requests": sum(server.requests for server in servers),
+        "requests": answered(),
         "connections": sum(info.total for info in connections),
         "active": sum(info.active for info in connections),
+        "metrics": process_metrics(),
     }
 
 
@@ -74,16 +84,22 @@ class SupervisedWorker:
         reader, self._writer = await asyncio.open_unix_connection(sock=socket.socket(fileno=self._fd))
         self._send({"type": "ready"})
         watch = None if self._limit is None else asyncio.ensure_future(self._watch_requests(self._limit))
+        supervisor_gone = False
         try:
             while line := await reader.readline():
                 message = decode(line)
                 if message is not None:
                     self._on_message(message)
+            supervisor_gone = True
         except ConnectionError:
-            pass  # Reset: the supervisor died with our messages unread.
+            supervisor_gone = True  # Reset: the supervisor died with our messages unread.
         finally:
             if watch is not None:
                 watch.cancel()
+            if not supervisor_gone:
+                # Ended with the servers closed (a drain): what they counted
+                # since the last pong.
+                self._send({"type": "figures", "figures": figures()})
             self._writer.close()
         logger.warning("the supervisor is gone: draining")
 
@@ -106,7 +122,7 @@ class SupervisedWorker:
             server.keep_alive = False
 
     async def _watch_requests(self, limit: int) -> None:
-        while (served := figures()["requests"]) < limit:
+        while (served := answered()) < limit:
             await asyncio.sleep(_LIMIT_CHECK_INTERVAL)
         reason = f"{served} requests answered, the limit is {limit}"
         self._send({"type": "retire", "reason": reason, "figures": figures()})

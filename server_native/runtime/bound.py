@@ -19,9 +19,10 @@ from .bridge import BridgeListener
 from .config import ServerConfig, TlsConfig
 from .contract import Request
 from .loop import CoroutineRunner, EventPump
+from .metrics import ServerMetrics, add_figures, total
 from .unix_socket import UnixSocketFile, bind_unix_socket
 
-__all__ = ["BoundServer", "HttpConnectionsInfo", "bind_settings", "open_servers", "tls_settings"]
+__all__ = ["BoundServer", "HttpConnectionsInfo", "bind_settings", "open_servers", "process_metrics", "tls_settings"]
 
 logger = logging.getLogger("server_native")
 #: The head of the plain answers the server gives on its own.
@@ -43,12 +44,34 @@ CANCELLED_TASKS_GRACE = 1.0
 
 #: The servers of this process that have not closed, whatever API made them.
 _open: weakref.WeakSet[BoundServer] = weakref.WeakSet()
+#: What the closed servers of this process counted.
+_closed_metrics: dict[str, Any] = {}
+#: Held while a server joins ``_open`` or its figures move from there to
+#: ``_closed_metrics``: a metrics listener's thread adds them up meanwhile.
+_metrics_lock = threading.Lock()
 
 
 def open_servers() -> list[BoundServer]:
     """The servers of this process that have not closed: what a supervised
     worker reports on and retires (``worker.py``)."""
     return list(_open)
+
+
+def process_metrics() -> ServerMetrics:
+    """The figures of every server this process has run, added up: the
+    open ones' now, the counts of those closed (so that no counter goes
+    back when a server closes)."""
+    with _metrics_lock:
+        return total([_closed_metrics, *(server.metrics() for server in _open)])
+
+
+def _forget(server: BoundServer) -> None:
+    """A server closes: what it counted joins what the closed ones did."""
+    global _closed_metrics
+    with _metrics_lock:
+        if server in _open:
+            _closed_metrics = add_figures(_closed_metrics, server.metrics(), counters_only=True)
+            _open.discard(server)
 
 
 def emit_native_log() -> None:
@@ -186,7 +209,8 @@ class BoundServer:
             self._pump.attach(self._native)
         self._closed = self._loop.create_future()
         self._native_log = self._loop.call_later(NATIVE_LOG_INTERVAL, self._emit_native_log)
-        _open.add(self)
+        with _metrics_lock:
+            _open.add(self)
 
     def _emit_native_log(self) -> None:
         emit_native_log()
@@ -248,6 +272,13 @@ class BoundServer:
     def connections_info(self) -> HttpConnectionsInfo:
         return HttpConnectionsInfo(*self._native.connections_info())
 
+    def metrics(self) -> ServerMetrics:
+        """The server's figures for monitoring: connections, requests by
+        protocol and status class, refusals, bytes, request durations (see
+        ``server_native.runtime.metrics``). Counted natively; reading them
+        takes a snapshot."""
+        return self._native.metrics()  # type: ignore[no-any-return]
+
     @property
     def requests(self) -> int:
         """Requests answered so far, over every protocol."""
@@ -289,7 +320,7 @@ class BoundServer:
             await self._bridge.close()
         await self._finish_tasks()
         await self._join_consumers()
-        _open.discard(self)
+        _forget(self)
         if not self._closed.done():
             if self._pump is not None:
                 self._pump.detach()

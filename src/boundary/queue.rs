@@ -297,6 +297,11 @@ impl EventQueue {
         }
     }
 
+    /// Events waiting for the consumer.
+    pub fn depth(&self) -> usize {
+        self.events.lock().len()
+    }
+
     /// Takes everything queued. The flag is cleared first, so an event pushed
     /// while the loop drains writes a new wake-up byte rather than being lost.
     pub fn take(&self) -> VecDeque<Event> {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use pyo3::exceptions::{PyFileNotFoundError, PyOSError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyList;
+use pyo3::types::{IntoPyDict, PyDict, PyList};
 use tokio_rustls::TlsAcceptor;
 
 use parking_lot::Condvar;
@@ -17,6 +17,7 @@ use super::request::{header_map, NativeRequest};
 use crate::config::{seconds, ServerConfig};
 use crate::errors::TlsConfigError;
 use crate::listener::{adopt, bind_all, BindError, Listener, SocketOptions};
+use crate::metrics::DURATION_BUCKETS;
 use crate::server::ServerShared;
 use crate::tls::{self, TlsError};
 
@@ -192,6 +193,39 @@ impl NativeServer {
     /// `(total, active, idle, closing)` connection counts.
     fn connections_info(&self) -> (usize, usize, usize, usize) {
         self.shared.stats.snapshot()
+    }
+
+    /// The server's figures for monitoring, as a dict of counts (see
+    /// `server_native.runtime.metrics`).
+    fn metrics<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let shared = &self.shared;
+        let snapshot = shared.metrics.snapshot();
+        let load = |counter: &std::sync::atomic::AtomicUsize| counter.load(std::sync::atomic::Ordering::Relaxed);
+        let figures = PyDict::new(py);
+        figures.set_item("connections_open", load(&shared.stats.total))?;
+        figures.set_item("connections_active", load(&shared.stats.active))?;
+        figures.set_item("connections_handled", shared.stats.handled.load(std::sync::atomic::Ordering::Relaxed))?;
+        figures.set_item("connections_errored", snapshot.connections_errored)?;
+        figures.set_item("requests", snapshot.requests.into_py_dict(py)?)?;
+        figures.set_item("responses", snapshot.statuses.into_py_dict(py)?)?;
+        figures.set_item("refused", snapshot.refused.into_py_dict(py)?)?;
+        figures.set_item("bytes_received", snapshot.bytes_received)?;
+        figures.set_item("bytes_sent", snapshot.bytes_sent)?;
+        // Cumulative, as Prometheus has them: each bucket counts those below it.
+        let buckets = PyDict::new(py);
+        let bounds = DURATION_BUCKETS.iter().map(|bound| format!("{bound:?}")).chain(["+Inf".to_owned()]);
+        let mut count = 0;
+        for (bound, in_bucket) in bounds.zip(&snapshot.durations) {
+            count += in_bucket;
+            buckets.set_item(bound, count)?;
+        }
+        let duration = PyDict::new(py);
+        duration.set_item("buckets", buckets)?;
+        duration.set_item("count", count)?;
+        duration.set_item("sum", snapshot.duration_seconds)?;
+        figures.set_item("request_duration_seconds", duration)?;
+        figures.set_item("event_queue_depth", shared.events.depth())?;
+        Ok(figures)
     }
 
     /// Requests answered so far, over every protocol.

@@ -185,6 +185,7 @@ impl<S> Guard<S> {
                     // HTTP/1: the connection logs hyper's 400 with the reason.
                     if let Follower::Http2(_) = self.follower {
                         self.log.report(Kind::Request, Level::Warning, format!("refused an HTTP/2 request: {}", refusal.reason));
+                        crate::metrics::Metrics::refused_by(self.log, crate::metrics::Refused::BadRequest);
                     }
                     Verdict::Refuse(refusal.shifted(from))
                 }

@@ -1,7 +1,8 @@
 """The app the command-line tests serve, copied next to them as a module of
 its own (tests/test_cli.py, tests/test_uds.py). Each interface answers with
 what the tests check: the worker's pid, the client and scheme the app saw,
-the server's address (a Unix socket's path) and the root path; ``/slow``
+the server's address (a Unix socket's path) and the root path;
+``/missing`` answers 404 (tests/test_metrics.py); ``/slow``
 answers after a second and leaves an ``arrived-*`` file behind; ``/stream``
 sends ``?chunks=N`` lines half a second apart; a WebSocket is accepted
 and held until the client's next message. For worker recycling
@@ -38,6 +39,10 @@ async def app(scope, receive, send):
         with open(f"arrived-{os.getpid()}-{id(scope)}", "w"):
             pass
         await asyncio.sleep(1)
+    if scope["path"] == "/missing":
+        await send({"type": "http.response.start", "status": 404, "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": f"{os.getpid()} has no such page".encode()})
+        return
     if scope["path"] in ROUTES:
         body = ROUTES[scope["path"]](scope["query_string"].decode().partition("=")[2]).encode()
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
