@@ -638,8 +638,15 @@ async def main():
         await NativeHttpServer.bind("127.0.0.1", 0, runtime_threads=3)
     except ValueError as exc:
         print("refused:", exc)
-    names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
-    print("threads:", names.count("server-native-i"))
+    def count():
+        names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+        return names.count("server-native-i")
+    # A thread names itself once it runs: wait for the two, then for any more.
+    deadline = asyncio.get_running_loop().time() + 10
+    while count() < 2 and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.2)
+    print("threads:", count())
     for server in (first, same, unspecified):
         await server.close()
 
