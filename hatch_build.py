@@ -104,7 +104,12 @@ class BuildProgress:
     how many of all the units are done. At most one line per ``interval``."""
 
     def __init__(
-        self, out: TextIO, *, interval: float = 10.0, clock: Callable[[], float] = time.monotonic, terminal: bool = False
+        self,
+        out: TextIO,
+        *,
+        interval: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+        terminal: bool = False,
     ) -> None:
         self.out = out
         self.terminal = terminal
@@ -196,8 +201,9 @@ def stream_build(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[int, s
             progress.say(f"[server_native build] compiling the Rust extension ({FIRST_BUILD}); progress every 10 s")
         try:
             # text mode reads cargo's "\r" bar redraws as lines of their own
-            proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True, errors="replace")
+            proc = subprocess.Popen(
+                cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+            )
         except OSError as exc:
             raise RuntimeError(f"could not start {cmd[0]}: {exc}\n\n{RUST_HINT}") from exc
         assert proc.stdout is not None
@@ -213,7 +219,9 @@ def stream_build(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[int, s
         finally:
             stop.set()
         if progress is not None and progress.terminal:
-            progress.say(f"[server_native build] {progress.elapsed()}: {'done' if code == 0 else f'failed (exit code {code})'}")
+            progress.say(
+                f"[server_native build] {progress.elapsed()}: {'done' if code == 0 else f'failed (exit code {code})'}"
+            )
     finally:
         if out is not None and out is not sys.stderr:
             out.close()
@@ -251,8 +259,9 @@ def _build_from_source(root: Path, work_dir: Path) -> NativeLibrary:
         raise RuntimeError(f"expected one wheel from maturin in {out_dir}, found {wheels}")
     wheel = wheels[0]
     with zipfile.ZipFile(wheel) as zf:
-        members = [n for n in zf.namelist()
-                   if n.startswith(f"{PACKAGE}/") and n.count("/") == 1 and _is_native_library(n)]
+        members = [
+            n for n in zf.namelist() if n.startswith(f"{PACKAGE}/") and n.count("/") == 1 and _is_native_library(n)
+        ]
         if len(members) != 1:
             raise RuntimeError(f"expected one {PACKAGE}/_native library in {wheel.name}, found {members}")
         target = work_dir / members[0].rsplit("/", 1)[-1]
@@ -312,7 +321,9 @@ def _target(platforms: ModuleType) -> tuple[str | None, str | None, bool]:
     return host, platforms.RUST_TARGETS.get(host) if host else None, host is not None
 
 
-def _prebuilt_candidates(root: Path, label: str | None, release: ModuleType, platforms: ModuleType, editable: bool) -> list[tuple[str, Path]]:
+def _prebuilt_candidates(
+    root: Path, label: str | None, release: ModuleType, platforms: ModuleType, editable: bool
+) -> list[tuple[str, Path]]:
     candidates: list[tuple[str, Path]] = []
     explicit = os.environ.get(PREBUILT_ENV)
     if explicit:

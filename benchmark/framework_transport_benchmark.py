@@ -443,9 +443,7 @@ def wait_until_ready(process: subprocess.Popen[bytes], port: int, log: Path) -> 
             continue
         check_answer(status, body, hello)
         return
-    raise BenchError(
-        f"no answer on {HOST}:{port} within {STARTUP_TIMEOUT_S:.0f} s: {log_tail(log)}"
-    )
+    raise BenchError(f"no answer on {HOST}:{port} within {STARTUP_TIMEOUT_S:.0f} s: {log_tail(log)}")
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
@@ -482,15 +480,11 @@ class Server:
 
     def check_alive(self) -> None:
         if self.process.poll() is not None:
-            raise BenchError(
-                f"server exited with code {self.process.returncode}: {log_tail(self.log)}"
-            )
+            raise BenchError(f"server exited with code {self.process.returncode}: {log_tail(self.log)}")
 
 
 @contextmanager
-def running_server(
-    case: Case, pinned: bool, scratch: Path, h2c: bool = False
-) -> Iterator[Server]:
+def running_server(case: Case, pinned: bool, scratch: Path, h2c: bool = False) -> Iterator[Server]:
     """Start the case's server, yield it once it answers hello, stop it on exit."""
     own_h2c_port = h2c and case.h2c_own_port
     numbers = free_ports(2 if own_h2c_port else 1)
@@ -567,9 +561,7 @@ def parse_wrk(output: str, wall: float, client_cpu: float) -> LoadResult:
     p50 = output_field("wrk", rf"^\s*50(?:\.0+)?%\s+([\d.]+){unit}\s*$", output)
     p99 = output_field("wrk", rf"^\s*99(?:\.0+)?%\s+([\d.]+){unit}\s*$", output)
     mean = output_field("wrk", rf"^\s*Latency\s+([\d.]+){unit}\s", output)
-    socket_errors = re.search(
-        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output
-    )
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
     errors = sum(int(n) for n in socket_errors.groups()) if socket_errors else 0
     return LoadResult(
@@ -583,7 +575,6 @@ def parse_wrk(output: str, wall: float, client_cpu: float) -> LoadResult:
         errors=errors + (int(non_2xx.group(1)) if non_2xx else 0),
         client_cpu=client_cpu,
     )
-
 
 
 def run_wrk(port: int, workload: Workload, seconds: int, args: argparse.Namespace,
@@ -627,12 +618,8 @@ def parse_h2load(output: str, wall: float, client_cpu: float) -> LoadResult:
         r" (\d+) errored, (\d+) timeout",
         output,
     )
-    statuses = output_field(
-        "h2load", r"^status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", output
-    )
-    mean = output_field(
-        "h2load", r"^time for request:\s+\S+\s+\S+\s+([\d.]+)(us|ms|s)\s", output
-    )
+    statuses = output_field("h2load", r"^status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", output)
+    mean = output_field("h2load", r"^time for request:\s+\S+\s+\S+\s+([\d.]+)(us|ms|s)\s", output)
     _, _, succeeded, failed, errored, timeout = (int(n) for n in counts.groups())
     if succeeded == 0:
         wanted = ("requests:", "status codes:", "time for connect")
@@ -767,8 +754,7 @@ def measure_case(case: Case, pinned: bool, iteration: int, pairs: list[tuple[str
                         run.error = f"{type(exc).__name__}: {exc}"
                     if run.error is not None and server.process.poll() is not None:
                         run.error += (
-                            f"; the server exited with code {server.process.returncode}:"
-                            f" {log_tail(server.log)}"
+                            f"; the server exited with code {server.process.returncode}: {log_tail(server.log)}"
                         )
                     print(describe(run), file=sys.stderr, flush=True)
                     runs.append(run)
@@ -828,8 +814,7 @@ def run_matrix(cases: list[Case], modes: list[bool], args: argparse.Namespace) -
                 pairs = [
                     (protocol, workload)
                     for protocol, workload in selected_pairs(args)
-                    if case.why_not(protocol, workload) is None
-                    and (case.name, protocol, workload) not in failed
+                    if case.why_not(protocol, workload) is None and (case.name, protocol, workload) not in failed
                 ]
                 if not pairs:
                     continue
@@ -892,9 +877,7 @@ def summarize(runs: list[Run]) -> list[Summary]:
     summaries = [summarize_runs(mine, mine[0]) for mine in groups.values()]
     for summary in summaries:
         for baseline in BASELINES:
-            reference = find_summary(
-                summaries, baseline, summary.pinned, summary.protocol, summary.workload
-            )
+            reference = find_summary(summaries, baseline, summary.pinned, summary.protocol, summary.workload)
             if reference and reference.requests_per_s and summary.requests_per_s is not None:
                 summary.ratios[baseline] = summary.requests_per_s / reference.requests_per_s
     return summaries
@@ -1283,9 +1266,7 @@ def load_until(port: int, target: int, rate: float, soak: Soak, args: argparse.N
     """wrk runs sized from the last rate until `target` requests were served in total."""
     while soak.served < target:
         if time.monotonic() > deadline:
-            raise BenchError(
-                f"soak exceeded {SOAK_TIME_LIMIT_S:.0f} s after {soak.served} requests"
-            )
+            raise BenchError(f"soak exceeded {SOAK_TIME_LIMIT_S:.0f} s after {soak.served} requests")
         seconds = math.ceil((target - soak.served) / max(rate, 1.0))
         rate = load(port, max(1, min(SOAK_MAX_CHUNK_S, seconds)), soak, args)
     return rate
@@ -1336,9 +1317,7 @@ def comma_list(value: str, known: dict[str, object], what: str) -> list[str]:
         return list(known)
     unknown = [name for name in names if name not in known]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"unknown {what} {unknown}; choose from all, {', '.join(known)}"
-        )
+        raise argparse.ArgumentTypeError(f"unknown {what} {unknown}; choose from all, {', '.join(known)}")
     return list(dict.fromkeys(names))
 
 
@@ -1391,9 +1370,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         " (default: all)",
     )  # fmt: skip
     length = parser.add_mutually_exclusive_group()
-    length.add_argument(
-        "--duration", type=positive, default=10, help="seconds per measured run (default 10)"
-    )
+    length.add_argument("--duration", type=positive, default=10, help="seconds per measured run (default 10)")
     length.add_argument(
         "--requests", type=positive, default=None,
         help="requests per measured run instead of --duration. h2c: h2load -n exactly."
@@ -1466,10 +1443,7 @@ def check_environment(modes: list[bool], protocols: list[str]) -> None:
     if "h1" in protocols and shutil.which("wrk") is None:
         sys.exit("wrk is not installed: apt-get install -y wrk (or leave out --protocol h1)")
     if "h2c" in protocols and shutil.which("h2load") is None:
-        sys.exit(
-            "h2load is not installed: apt-get install -y nghttp2-client"
-            " (or use --protocol h1)"
-        )
+        sys.exit("h2load is not installed: apt-get install -y nghttp2-client (or use --protocol h1)")
     if True in modes:
         if shutil.which("taskset") is None:
             sys.exit("taskset is not installed (util-linux); needed for --pin split/both")
@@ -1498,10 +1472,7 @@ def not_run_notes(cases: list[Case], args: argparse.Namespace) -> dict[str, str]
 def estimate_minutes(cases: list[Case], modes: list[bool], args: argparse.Namespace) -> float:
     per_run = args.warmup + (args.duration if args.requests is None else 5) + 1
     runs = sum(
-        1
-        for case in cases
-        for protocol, workload in selected_pairs(args)
-        if case.why_not(protocol, workload) is None
+        1 for case in cases for protocol, workload in selected_pairs(args) if case.why_not(protocol, workload) is None
     )
     sessions = len(cases) * 3  # start-up and shut-down of each server, about 3 s
     return float(len(modes) * args.iterations * (runs * per_run + sessions) / 60)

@@ -131,7 +131,9 @@ def wait_up(stats: str, server: str | None = None) -> None:
         time.sleep(0.05)
 
 
-async def connection(port: int, budget: list[int], stop: asyncio.Event, statuses: Counter[str], errors: list[str], pids: set[str]) -> None:
+async def connection(
+    port: int, budget: list[int], stop: asyncio.Event, statuses: Counter[str], errors: list[str], pids: set[str]
+) -> None:
     """One keep-alive client connection sending GET /work until the budget
     is spent (and the restarts are over)."""
     reader = writer = None
@@ -144,7 +146,11 @@ async def connection(port: int, budget: list[int], stop: asyncio.Event, statuses
             writer.write(b"GET /work HTTP/1.1\r\nHost: app\r\n\r\n")
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
             status = head.split(b" ", 2)[1].decode()
-            headers = {line.split(b":", 1)[0].strip().lower(): line.split(b":", 1)[1].strip() for line in head.split(b"\r\n")[1:] if b":" in line}
+            headers = {
+                line.split(b":", 1)[0].strip().lower(): line.split(b":", 1)[1].strip()
+                for line in head.split(b"\r\n")[1:]
+                if b":" in line
+            }
             body = await reader.readexactly(int(headers.get(b"content-length", b"0")))
             statuses[status] += 1
             if status == "200":
@@ -161,14 +167,18 @@ async def connection(port: int, budget: list[int], stop: asyncio.Event, statuses
         writer.close()
 
 
-async def load_and_restart(args: argparse.Namespace, front: int, instances: list[Instance], stats: str, report: Report) -> None:
+async def load_and_restart(
+    args: argparse.Namespace, front: int, instances: list[Instance], stats: str, report: Report
+) -> None:
     budget = [args.requests]
     stop = asyncio.Event()
     statuses: Counter[str] = Counter()
     errors: list[str] = []
     pids: set[str] = set()
     started = time.monotonic()
-    clients = [asyncio.create_task(connection(front, budget, stop, statuses, errors, pids)) for _ in range(args.connections)]
+    clients = [
+        asyncio.create_task(connection(front, budget, stop, statuses, errors, pids)) for _ in range(args.connections)
+    ]
     await asyncio.sleep(args.warmup)
     for index, instance in enumerate(instances if args.mode != "recycle" else ()):
         assert instance.process is not None
@@ -240,7 +250,12 @@ def run(args: argparse.Namespace) -> Report:
             for instance in instances:
                 instance.start()
             with (work / "haproxy.log").open("wb") as out:
-                haproxy = subprocess.Popen([binary, "-db", "-f", str(DEPLOY / "haproxy" / "http.cfg")], stdout=out, stderr=subprocess.STDOUT, env=env)
+                haproxy = subprocess.Popen(
+                    [binary, "-db", "-f", str(DEPLOY / "haproxy" / "http.cfg")],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                )
             wait_listening(front)
             wait_up(stats)
             asyncio.run(load_and_restart(args, front, instances, stats, report))
@@ -262,10 +277,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mode", choices=("instances", "sighup", "recycle"), default="instances")
     parser.add_argument(
-        "--recycle-options", default="--workers 2 --limit-max-requests 500",
+        "--recycle-options",
+        default="--workers 2 --limit-max-requests 500",
         help="--mode recycle: the server's options that make it replace its workers",
     )
-    parser.add_argument("--requests", type=int, default=20_000, help="at least this many (more if the restarts take longer)")
+    parser.add_argument(
+        "--requests", type=int, default=20_000, help="at least this many (more if the restarts take longer)"
+    )
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of load before the first restart")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")

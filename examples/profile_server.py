@@ -149,9 +149,7 @@ async def handle_http(request: HttpRequest) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mode", choices=["direct", "http"], default="direct")
-    parser.add_argument(
-        "--native-direct", action="store_true", help="direct mode: a sync handler on the native thread"
-    )
+    parser.add_argument("--native-direct", action="store_true", help="direct mode: a sync handler on the native thread")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
     args = parser.parse_args()

@@ -63,7 +63,12 @@ _SUBMODULES = {
     "http.server": ("HttpConnectionsInfo", "NativeHttpServer"),
     "http.websocket": ("is_upgrade_request", "upgrade_websocket"),
     "interfaces.asgi": ("serve_asgi",),
-    "interfaces.direct": ("NativeDirectRequest", "NativeDirectResponse", "serve_native_direct", "serve_secure_native_direct"),
+    "interfaces.direct": (
+        "NativeDirectRequest",
+        "NativeDirectResponse",
+        "serve_native_direct",
+        "serve_secure_native_direct",
+    ),
     "interfaces.wsgi": ("serve_wsgi",),
     "runtime.config": ("ServerConfig", "TlsConfig"),
 }

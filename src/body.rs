@@ -192,7 +192,12 @@ pub struct PumpLimits {
 /// Returns why the body was refused, if it was: `target` is then left
 /// unfinished, for the caller to `refuse` once the answer is decided on, so
 /// that an application woken by that cannot answer first.
-pub async fn pump<B>(body: &mut B, target: Arc<RequestBody>, limits: PumpLimits, stop: CancellationToken) -> Option<Refusal>
+pub async fn pump<B>(
+    body: &mut B,
+    target: Arc<RequestBody>,
+    limits: PumpLimits,
+    stop: CancellationToken,
+) -> Option<Refusal>
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: std::error::Error + 'static,
@@ -493,10 +498,7 @@ impl Body for ResponseBody {
     type Data = Bytes;
     type Error = std::io::Error;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.get_mut() {
             ResponseBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             ResponseBody::Stream(stream) => stream.stream.poll_chunk(cx).map(|c| c.map(|r| r.map(Frame::data))),

@@ -14,13 +14,13 @@ use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
+use futures_util::task::AtomicWaker;
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
 use hyper_util::server::conn::auto;
 use std::future::Future;
-use hyper_util::rt::TokioIo;
-use futures_util::task::AtomicWaker;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
@@ -189,7 +189,9 @@ where
         Protocols::Auto(builder, _) => {
             drive(Box::pin(builder.serve_connection_with_upgrades(io, service(&conn))), &conn).await
         }
-        Protocols::Http1(builder) => drive(Box::pin(builder.serve_connection(io, service(&conn)).with_upgrades()), &conn).await,
+        Protocols::Http1(builder) => {
+            drive(Box::pin(builder.serve_connection(io, service(&conn)).with_upgrades()), &conn).await
+        }
     };
     while parked {
         let Some(mut stream) = home.lock().take() else { return };
@@ -440,7 +442,10 @@ fn refused<E: Into<Box<dyn std::error::Error + Send + Sync>>>(conn: &Connection,
     let Some(error) = error.downcast_ref::<hyper::Error>() else { return };
     if error.is_timeout() {
         // hyper's own HTTP/1 header timeout is off: this is HTTP/2's keep-alive.
-        let report = format!("closed an HTTP/2 connection{}: a keep-alive PING went unanswered", conn.info.addresses.peer_note());
+        let report = format!(
+            "closed an HTTP/2 connection{}: a keep-alive PING went unanswered",
+            conn.info.addresses.peer_note()
+        );
         conn.server.metrics.connection_errored();
         return conn.server.log.report(log::Kind::Request, log::Level::Info, report);
     }
@@ -451,7 +456,9 @@ fn refused<E: Into<Box<dyn std::error::Error + Send + Sync>>>(conn: &Connection,
     } else {
         let h2 = std::error::Error::source(error).and_then(|cause| cause.downcast_ref::<h2::Error>());
         match h2.and_then(h2::Error::reason) {
-            Some(reason) if h2.is_some_and(|h2| h2.is_go_away() && !h2.is_remote()) && reason != h2::Reason::NO_ERROR => {
+            Some(reason)
+                if h2.is_some_and(|h2| h2.is_go_away() && !h2.is_remote()) && reason != h2::Reason::NO_ERROR =>
+            {
                 format!("closed an HTTP/2 connection{} with {reason:?}: {error}", conn.info.addresses.peer_note())
             }
             _ => return,

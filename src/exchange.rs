@@ -6,9 +6,9 @@ use std::sync::{Arc, OnceLock};
 
 use http::request::Parts;
 use http::Response;
+use hyper::upgrade::OnUpgrade;
 use parking_lot::Mutex;
 use rustls::pki_types::CertificateDer;
-use hyper::upgrade::OnUpgrade;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
@@ -235,7 +235,9 @@ mod tests {
 
     #[test]
     fn ip_text_writes_what_display_writes() {
-        for ip in ["0.0.0.0", "127.0.0.1", "10.20.30.40", "100.9.99.255", "255.255.255.255", "::1", "2001:db8::8a2e:370:7334"] {
+        for ip in
+            ["0.0.0.0", "127.0.0.1", "10.20.30.40", "100.9.99.255", "255.255.255.255", "::1", "2001:db8::8a2e:370:7334"]
+        {
             let ip: IpAddr = ip.parse().unwrap();
             assert_eq!(ip_text(ip), ip.to_string());
         }

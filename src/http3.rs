@@ -30,7 +30,11 @@ use crate::service;
 const H3_NO_ERROR: u32 = 0x100;
 
 /// Binds one QUIC endpoint per address, on the same ports as TCP.
-pub fn bind(addresses: &[SocketAddr], tls: &rustls::ServerConfig, shared: &ServerShared) -> io::Result<Vec<quinn::Endpoint>> {
+pub fn bind(
+    addresses: &[SocketAddr],
+    tls: &rustls::ServerConfig,
+    shared: &ServerShared,
+) -> io::Result<Vec<quinn::Endpoint>> {
     let mut crypto = tls.clone();
     crypto.alpn_protocols = vec![b"h3".to_vec()];
     crypto.max_early_data_size = if shared.config.http3_early_data { u32::MAX } else { 0 };
@@ -94,7 +98,9 @@ pub async fn accept_loop(endpoint: quinn::Endpoint, server: Arc<ServerShared>) {
             incoming = endpoint.accept() => incoming,
         };
         let Some(incoming) = incoming else { break };
-        let local = endpoint.local_addr().unwrap_or_else(|_| incoming.local_ip().map_or(incoming.remote_address(), |ip| SocketAddr::new(ip, 0)));
+        let local = endpoint
+            .local_addr()
+            .unwrap_or_else(|_| incoming.local_ip().map_or(incoming.remote_address(), |ip| SocketAddr::new(ip, 0)));
         server.tasks.spawn(serve_connection(incoming, local, server.clone()));
     }
     // New handshakes are refused; established connections finish on their own.
@@ -113,7 +119,8 @@ async fn serve_connection(incoming: quinn::Incoming, local: SocketAddr, server: 
         .peer_identity()
         .and_then(|identity| identity.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok())
         .and_then(|chain| chain.first().cloned());
-    let info = ConnInfo { addresses: Addresses::Ip { peer: quic.remote_address(), local }, tls: true, peer_certificate };
+    let info =
+        ConnInfo { addresses: Addresses::Ip { peer: quic.remote_address(), local }, tls: true, peer_certificate };
     let conn = Connection::new(server.clone(), info);
     let mut builder = h3::server::builder();
     builder.max_field_section_size(server.config.max_header_size as u64);
@@ -171,7 +178,10 @@ async fn serve_connection(incoming: quinn::Incoming, local: SocketAddr, server: 
 
 /// Completes the handshake. With 0-RTT on, the connection is used at once,
 /// with the future that resolves once the handshake completes.
-async fn establish(incoming: quinn::Incoming, server: &ServerShared) -> Option<(quinn::Connection, Option<quinn::ZeroRttAccepted>)> {
+async fn establish(
+    incoming: quinn::Incoming,
+    server: &ServerShared,
+) -> Option<(quinn::Connection, Option<quinn::ZeroRttAccepted>)> {
     let connecting = incoming.accept().ok()?;
     let connecting = if server.config.http3_early_data {
         match connecting.into_0rtt() {
@@ -197,7 +207,13 @@ async fn serve_request(request: Request<()>, stream: Stream, conn: Arc<Connectio
     let Ok(response) = service::handle(Request::from_parts(parts, H3Body(recv)), conn).await;
     let (mut head, mut body) = response.into_parts();
     // Connection-specific headers are malformed in HTTP/3 (RFC 9114 4.2).
-    for name in [CONNECTION, TRANSFER_ENCODING, UPGRADE, HeaderName::from_static("keep-alive"), HeaderName::from_static("proxy-connection")] {
+    for name in [
+        CONNECTION,
+        TRANSFER_ENCODING,
+        UPGRADE,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+    ] {
         head.headers.remove(name);
     }
     if let Some(length) = body.size_hint().exact() {
@@ -205,7 +221,8 @@ async fn serve_request(request: Request<()>, stream: Stream, conn: Arc<Connectio
     }
     if date_header {
         head.headers.entry(DATE).or_insert_with(|| {
-            HeaderValue::from_str(&httpdate::fmt_http_date(std::time::SystemTime::now())).expect("an HTTP date is a valid header value")
+            HeaderValue::from_str(&httpdate::fmt_http_date(std::time::SystemTime::now()))
+                .expect("an HTTP date is a valid header value")
         });
     }
     if send.send_response(Response::from_parts(head, ())).await.is_err() {

@@ -53,7 +53,8 @@ pub fn adopt(fd: i32, backlog: i32, close: bool) -> io::Result<Listener> {
     }
     // SAFETY: `duplicate` was just made and nothing else owns it.
     let socket = Socket::from(unsafe { OwnedFd::from_raw_fd(duplicate) });
-    let not_a_stream = || io::Error::new(io::ErrorKind::InvalidInput, format!("file descriptor {fd} is not a stream socket"));
+    let not_a_stream =
+        || io::Error::new(io::ErrorKind::InvalidInput, format!("file descriptor {fd} is not a stream socket"));
     if socket.r#type().map_err(|_| not_a_stream())? != Type::STREAM {
         return Err(not_a_stream());
     }
@@ -105,11 +106,7 @@ pub fn bind_all(ips: &[IpAddr], port: u16, opts: SocketOptions) -> Result<Vec<Tc
     Err(last_error.unwrap_or_else(|| io::Error::from(io::ErrorKind::AddrInUse).into()))
 }
 
-fn bind_with_first_port(
-    ips: &[IpAddr],
-    port: u16,
-    opts: SocketOptions,
-) -> Result<Vec<TcpListener>, BindError> {
+fn bind_with_first_port(ips: &[IpAddr], port: u16, opts: SocketOptions) -> Result<Vec<TcpListener>, BindError> {
     let first = bind_one(SocketAddr::new(ips[0], port), opts)?;
     let chosen = first.local_addr()?.port();
     let mut listeners = vec![first];
@@ -144,5 +141,9 @@ fn bind_socket(addr: SocketAddr, opts: SocketOptions) -> io::Result<TcpListener>
 }
 
 fn backlog_or_default(backlog: i32) -> i32 {
-    if backlog <= 0 { 1024 } else { backlog }
+    if backlog <= 0 {
+        1024
+    } else {
+        backlog
+    }
 }

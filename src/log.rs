@@ -94,7 +94,11 @@ impl Source {
         }
         let mut message = message.into();
         if flood.held_back > 0 {
-            message.push_str(&format!(" ({} more {} in the last second were not logged)", flood.held_back, kind.plural()));
+            message.push_str(&format!(
+                " ({} more {} in the last second were not logged)",
+                flood.held_back,
+                kind.plural()
+            ));
         }
         *flood = Flood { since: Some(now), held_back: 0, level: None };
         push(&mut state, Record { level, message });

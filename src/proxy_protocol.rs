@@ -118,7 +118,8 @@ where
         }
         // Not news: a client that left, or whose connection broke.
         Err(refusal @ (Refusal::Silent | Refusal::Io(_))) => {
-            let report = format!("a connection{} ended before its PROXY protocol header: {refusal}", addresses.peer_note());
+            let report =
+                format!("a connection{} ended before its PROXY protocol header: {refusal}", addresses.peer_note());
             server.log.report(Kind::Request, Level::Debug, report);
             None
         }
@@ -208,8 +209,12 @@ fn parse(buffer: &mut BytesMut) -> Result<Option<Header>, Refusal> {
             // LOCAL: the proxy speaking for itself. Unix and unspecified
             // families carry no client address worth naming.
             let client = match (header.command, header.addresses) {
-                (v2::Command::Proxy, v2::Addresses::IPv4(a)) => Some(SocketAddr::from((a.source_address, a.source_port))),
-                (v2::Command::Proxy, v2::Addresses::IPv6(a)) => Some(SocketAddr::from((a.source_address, a.source_port))),
+                (v2::Command::Proxy, v2::Addresses::IPv4(a)) => {
+                    Some(SocketAddr::from((a.source_address, a.source_port)))
+                }
+                (v2::Command::Proxy, v2::Addresses::IPv6(a)) => {
+                    Some(SocketAddr::from((a.source_address, a.source_port)))
+                }
                 _ => None,
             };
             (client, header.len())

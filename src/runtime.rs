@@ -101,8 +101,9 @@ pub fn start(threads: Option<usize>) -> Result<&'static Runtime, String> {
     }
     let workers = match threads {
         Some(threads) => threads,
-        None => from_environment()?
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()).min(64)),
+        None => {
+            from_environment()?.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()).min(64))
+        }
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)

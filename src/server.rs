@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::CONNECTION;
 use http::{HeaderMap, HeaderValue, Response, StatusCode, Version};
-use parking_lot::RwLock;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper::server::conn::http1;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
+use parking_lot::RwLock;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -88,7 +88,9 @@ impl ServerShared {
         let native_response = config.native_response.clone().map(Bytes::from);
         let log = crate::log::Source::new();
         let handoff = match config.bridge_address.as_deref() {
-            Some(address) => Handoff::Bridge(Arc::new(crate::bridge::Bridge::new(address, config.bridge_token.as_deref()))),
+            Some(address) => {
+                Handoff::Bridge(Arc::new(crate::bridge::Bridge::new(address, config.bridge_token.as_deref())))
+            }
             None => Handoff::Queue,
         };
         ServerShared {
@@ -204,7 +206,8 @@ impl ServerShared {
         let endpoints = match crate::http3::bind(addresses, tls.config(), self) {
             Ok(endpoints) => endpoints,
             Err(error) if self.config.http3_best_effort => {
-                let report = format!("HTTP/3 is off: UDP {addresses:?} could not be bound ({error}); serving over TCP only");
+                let report =
+                    format!("HTTP/3 is off: UDP {addresses:?} could not be bound ({error}); serving over TCP only");
                 self.log.report(crate::log::Kind::Http3, crate::log::Level::Warning, report);
                 return Ok(());
             }

@@ -24,9 +24,15 @@ use crate::static_files;
 use crate::websocket;
 
 /// A request body from any protocol (hyper's `Incoming`, HTTP/3 streams).
-pub trait RequestBodySource: Body<Data = Bytes, Error: std::error::Error + Send + Sync + 'static> + Send + Unpin + 'static {}
+pub trait RequestBodySource:
+    Body<Data = Bytes, Error: std::error::Error + Send + Sync + 'static> + Send + Unpin + 'static
+{
+}
 
-impl<B> RequestBodySource for B where B: Body<Data = Bytes, Error: std::error::Error + Send + Sync + 'static> + Send + Unpin + 'static {}
+impl<B> RequestBodySource for B where
+    B: Body<Data = Bytes, Error: std::error::Error + Send + Sync + 'static> + Send + Unpin + 'static
+{
+}
 
 pub async fn handle<B: RequestBodySource>(
     request: Request<B>,
@@ -189,7 +195,8 @@ async fn to_queue<B: RequestBodySource>(mut request: Request<B>, conn: &Arc<Conn
         complete = Some(BodyEnd::Complete);
     }
     let (responder, response) = oneshot::channel();
-    let exchange = Arc::new(Exchange::new(head, conn.info.clone(), request_body.clone(), responder, server.events.clone()));
+    let exchange =
+        Arc::new(Exchange::new(head, conn.info.clone(), request_body.clone(), responder, server.events.clone()));
     // Only a body still arriving can be refused.
     let refusal = complete.is_none().then(RefusalSignal::default);
     if let Some(refusal) = &refusal {
@@ -262,7 +269,11 @@ pub fn refused(server: &ServerShared, refusal: Refusal, head: &http::request::Pa
     let target = head.uri.path_and_query().map_or("/", |p| p.as_str());
     let level = if refusal == Refusal::Malformed { Level::Warning } else { Level::Info };
     server.metrics.refused(Refused::of_status(refusal.status()));
-    server.log.report(Kind::Request, level, format!("{} {target}: {}: answered {}", head.method, refusal.reason(), refusal.status().as_u16()));
+    server.log.report(
+        Kind::Request,
+        level,
+        format!("{} {target}: {}: answered {}", head.method, refusal.reason(), refusal.status().as_u16()),
+    );
     error_response(refusal.status(), refusal.reason())
 }
 
@@ -293,9 +304,7 @@ pub fn error_response(status: StatusCode, message: &'static str) -> Response<Res
 
 fn canned(body: Bytes) -> Response<ResponseBody> {
     let mut response = Response::new(ResponseBody::full(body));
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     response
 }
 
@@ -309,18 +318,23 @@ mod tests {
 
     #[test]
     fn host_values_are_authorities_without_user_info() {
-        for good in ["example.com", "example.com:8080", "a-b.c", "127.0.0.1:65535", "[::1]", "[::1]:8443", "localhost:"] {
+        for good in ["example.com", "example.com:8080", "a-b.c", "127.0.0.1:65535", "[::1]", "[::1]:8443", "localhost:"]
+        {
             assert!(host(good), "{good}");
         }
-        for bad in ["", "user@example.com", "example.com:65536", "example.com:http", "[::1]:99999", "exa mple.com", ":80"] {
+        for bad in
+            ["", "user@example.com", "example.com:65536", "example.com:http", "[::1]:99999", "exa mple.com", ":80"]
+        {
             assert!(!host(bad), "{bad}");
         }
     }
 
     #[test]
     fn the_plain_host_shortcut_agrees_with_the_parser() {
-        for value in ["example.com", "example.com:80", "example.com:65535", "example.com:65536", "ex_ample.com", "a:b"] {
-            let parsed = http::uri::Authority::try_from(value).is_ok_and(|a| a.port().is_none_or(|p| p.as_str().parse::<u16>().is_ok()));
+        for value in ["example.com", "example.com:80", "example.com:65535", "example.com:65536", "ex_ample.com", "a:b"]
+        {
+            let parsed = http::uri::Authority::try_from(value)
+                .is_ok_and(|a| a.port().is_none_or(|p| p.as_str().parse::<u16>().is_ok()));
             if is_plain_host(value.as_bytes()) {
                 assert!(parsed, "{value} passes the shortcut but not the parser");
             }

@@ -34,8 +34,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::header::{
-    ACCEPT_RANGES, ALLOW, CACHE_CONTROL, CONNECTION, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG, IF_MODIFIED_SINCE,
-    IF_NONE_MATCH, IF_RANGE, LAST_MODIFIED, RANGE,
+    ACCEPT_RANGES, ALLOW, CACHE_CONTROL, CONNECTION, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG,
+    IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE, LAST_MODIFIED, RANGE,
 };
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
@@ -80,28 +80,43 @@ pub fn route<'m, 'p>(mounts: &'m [Mount], path: &'p str) -> Option<(&'m Mount, &
 }
 
 /// The answer to a request under `mount`; `rest` is its path after the route.
-pub async fn serve<B>(request: &Request<B>, mount: &Mount, rest: &str, server: &ServerShared) -> Response<ResponseBody> {
+pub async fn serve<B>(
+    request: &Request<B>,
+    mount: &Mount,
+    rest: &str,
+    server: &ServerShared,
+) -> Response<ResponseBody> {
     let target = request.uri().path();
     let log = server.log;
     let head = match *request.method() {
         Method::GET => false,
         Method::HEAD => true,
         _ => {
-            log.report(Kind::StaticFile, Level::Info, format!("{} {target}: a static file is only read: answered 405", request.method()));
+            log.report(
+                Kind::StaticFile,
+                Level::Info,
+                format!("{} {target}: a static file is only read: answered 405", request.method()),
+            );
             let mut response = answer(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
             response.headers_mut().insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
             return response;
         }
     };
     let Some(relative) = relative_path(rest) else {
-        log.report(Kind::StaticFile, Level::Warning, format!("{target}: a path that leaves its static directory: answered 404"));
+        log.report(
+            Kind::StaticFile,
+            Level::Warning,
+            format!("{target}: a path that leaves its static directory: answered 404"),
+        );
         return answer(StatusCode::NOT_FOUND, "not found");
     };
     let wanted = Wanted::from_headers(request.headers(), head);
     let directory = mount.directory.clone();
     let index = server.config.static_files_index.clone();
     let trailing_slash = rest.ends_with('/');
-    let opened = tokio::task::spawn_blocking(move || open(&directory, &relative, index.as_deref(), trailing_slash, &wanted)).await;
+    let opened =
+        tokio::task::spawn_blocking(move || open(&directory, &relative, index.as_deref(), trailing_slash, &wanted))
+            .await;
     match opened {
         Ok(Ok(file)) => respond(file, head, server.config.static_files_expires, log, target),
         Ok(Err(miss)) => missed(miss, log, target),
@@ -186,7 +201,13 @@ struct Opened {
 }
 
 /// Blocking: finds the file and opens it.
-fn open(directory: &Path, relative: &Path, index: Option<&str>, trailing_slash: bool, wanted: &Wanted) -> Result<Opened, Miss> {
+fn open(
+    directory: &Path,
+    relative: &Path,
+    index: Option<&str>,
+    trailing_slash: bool,
+    wanted: &Wanted,
+) -> Result<Opened, Miss> {
     let mut named = directory.join(relative);
     let mut real = inside(directory, &named)?;
     if real.is_dir() {
@@ -236,7 +257,9 @@ fn read_at(file: &File, offset: u64, length: usize) -> io::Result<Bytes> {
         #[cfg(windows)]
         let read = std::os::windows::fs::FileExt::seek_read(file, &mut buffer[filled..], offset + filled as u64);
         match read {
-            Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the file shrank while it was being sent")),
+            Ok(0) => {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the file shrank while it was being sent"))
+            }
             Ok(read) => filled += read,
             Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
             Err(error) => return Err(error),
@@ -340,7 +363,10 @@ enum Plan {
     NotModified,
     Whole,
     /// Bytes `start..=end`.
-    Part { start: u64, end: u64 },
+    Part {
+        start: u64,
+        end: u64,
+    },
     Unsatisfiable,
 }
 
@@ -413,7 +439,11 @@ fn respond(opened: Opened, head: bool, expires: u64, log: Source, target: &str) 
     let (status, start, length) = match plan {
         Plan::NotModified => return with_headers(StatusCode::NOT_MODIFIED, headers, ResponseBody::empty()),
         Plan::Unsatisfiable => {
-            log.report(Kind::StaticFile, Level::Debug, format!("{target}: a range past the end of its {size} bytes: answered 416"));
+            log.report(
+                Kind::StaticFile,
+                Level::Debug,
+                format!("{target}: a range past the end of its {size} bytes: answered 416"),
+            );
             let mut response = answer(StatusCode::RANGE_NOT_SATISFIABLE, "range not satisfiable");
             response.headers_mut().insert(CONTENT_RANGE, header_value(format!("bytes */{size}")));
             return response;
@@ -437,7 +467,10 @@ fn respond(opened: Opened, head: bool, expires: u64, log: Source, target: &str) 
             first => {
                 let file = Arc::new(file);
                 let next = start + first.as_ref().map_or(0, |chunk| chunk.len() as u64);
-                ResponseBody::Boxed(FileBody { file, ready: first, reading: None, next, unsent: length, target: target.into(), log }.boxed())
+                ResponseBody::Boxed(
+                    FileBody { file, ready: first, reading: None, next, unsent: length, target: target.into(), log }
+                        .boxed(),
+                )
             }
         }
     };
@@ -467,7 +500,9 @@ fn missed(miss: Miss, log: Source, target: &str) -> Response<ResponseBody> {
         Miss::NotFound => (Level::Debug, "no such file".to_owned(), StatusCode::NOT_FOUND),
         Miss::Outside => (Level::Warning, "a link out of its static directory".to_owned(), StatusCode::NOT_FOUND),
         Miss::Forbidden => (Level::Info, "not readable".to_owned(), StatusCode::FORBIDDEN),
-        Miss::Failed(error) => (Level::Error, format!("could not be read ({error})"), StatusCode::INTERNAL_SERVER_ERROR),
+        Miss::Failed(error) => {
+            (Level::Error, format!("could not be read ({error})"), StatusCode::INTERNAL_SERVER_ERROR)
+        }
     };
     log.report(Kind::StaticFile, level, format!("{target}: {why}: answered {}", status.as_u16()));
     let message = match miss {
@@ -532,7 +567,11 @@ impl Body for FileBody {
                 Poll::Ready(Some(Ok(Frame::data(chunk))))
             }
             Err(error) => {
-                this.log.report(Kind::StaticFile, Level::Error, format!("{}: {error}: the response was cut off", this.target));
+                this.log.report(
+                    Kind::StaticFile,
+                    Level::Error,
+                    format!("{}: {error}: the response was cut off", this.target),
+                );
                 Poll::Ready(Some(Err(error)))
             }
         }

@@ -73,11 +73,8 @@ pub fn server_config(settings: &TlsSettings) -> Result<rustls::ServerConfig, Tls
             settings.key_path, settings.certificate_path
         ))
     })?;
-    config.alpn_protocols = if settings.http2 {
-        vec![b"h2".to_vec(), b"http/1.1".to_vec()]
-    } else {
-        vec![b"http/1.1".to_vec()]
-    };
+    config.alpn_protocols =
+        if settings.http2 { vec![b"h2".to_vec(), b"http/1.1".to_vec()] } else { vec![b"http/1.1".to_vec()] };
     Ok(config)
 }
 
@@ -103,16 +100,16 @@ pub fn cipher_suites(names: &[String]) -> Result<Vec<SupportedCipherSuite>, TlsE
             .iter()
             .find(|suite| suite_names(suite.suite()).any(|known| known.eq_ignore_ascii_case(name)))
             .ok_or_else(|| {
-                let known = all.iter().map(|suite| {
-                    let mut names = suite_names(suite.suite());
-                    let rustls = names.next().unwrap_or_default();
-                    names.next().map_or_else(|| rustls.to_owned(), |openssl| format!("{rustls} ({openssl})"))
-                });
-                TlsError::Invalid(format!(
-                    "unknown cipher suite {name:?} (suite names only, not OpenSSL cipher strings); known: {}",
-                    known.collect::<Vec<_>>().join(", ")
-                ))
-            })?;
+            let known = all.iter().map(|suite| {
+                let mut names = suite_names(suite.suite());
+                let rustls = names.next().unwrap_or_default();
+                names.next().map_or_else(|| rustls.to_owned(), |openssl| format!("{rustls} ({openssl})"))
+            });
+            TlsError::Invalid(format!(
+                "unknown cipher suite {name:?} (suite names only, not OpenSSL cipher strings); known: {}",
+                known.collect::<Vec<_>>().join(", ")
+            ))
+        })?;
         if !chosen.iter().any(|c| c.suite() == suite.suite()) {
             chosen.push(*suite);
         }
@@ -156,25 +153,21 @@ fn load_key(path: &str, password: Option<&str>) -> Result<PrivateKeyDer<'static>
     let pem = read(path)?;
     let text = String::from_utf8_lossy(&pem);
     if text.contains("-----BEGIN ENCRYPTED PRIVATE KEY-----") {
-        let password = password.ok_or_else(|| {
-            TlsError::Invalid(format!("{path} is encrypted: pass certificate_password"))
-        })?;
+        let password =
+            password.ok_or_else(|| TlsError::Invalid(format!("{path} is encrypted: pass certificate_password")))?;
         return decrypt_pkcs8(path, &text, password);
     }
-    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
-        TlsError::Invalid(format!("{path} holds no usable PKCS#8, RSA or EC private key: {e}"))
-    })
+    PrivateKeyDer::from_pem_slice(&pem)
+        .map_err(|e| TlsError::Invalid(format!("{path} holds no usable PKCS#8, RSA or EC private key: {e}")))
 }
 
 fn decrypt_pkcs8(path: &str, text: &str, password: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
     let invalid = |what: &str| TlsError::Invalid(format!("{path}: {what}"));
-    let (_, document) = SecretDocument::from_pem(text)
-        .map_err(|_| invalid("not a valid encrypted PKCS#8 PEM block"))?;
+    let (_, document) =
+        SecretDocument::from_pem(text).map_err(|_| invalid("not a valid encrypted PKCS#8 PEM block"))?;
     let info = EncryptedPrivateKeyInfo::try_from(document.as_bytes())
         .map_err(|_| invalid("not a valid encrypted PKCS#8 key"))?;
-    let key = info
-        .decrypt(password)
-        .map_err(|_| invalid("wrong certificate_password (or an unsupported cipher)"))?;
+    let key = info.decrypt(password).map_err(|_| invalid("wrong certificate_password (or an unsupported cipher)"))?;
     Ok(PrivatePkcs8KeyDer::from(key.as_bytes().to_vec()).into())
 }
 
@@ -190,23 +183,15 @@ fn client_verifier(
     };
     let mut roots = RootCertStore::empty();
     for cert in load_certificates(ca_path)? {
-        roots
-            .add(cert)
-            .map_err(|e| TlsError::Invalid(format!("{ca_path}: unusable CA certificate: {e}")))?;
+        roots.add(cert).map_err(|e| TlsError::Invalid(format!("{ca_path}: unusable CA certificate: {e}")))?;
     }
     let mut crls = Vec::new();
     for path in &settings.crl_paths {
         crls.extend(load_crls(path)?);
     }
     let builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).with_crls(crls);
-    let builder = if settings.require_client_certificate {
-        builder
-    } else {
-        builder.allow_unauthenticated()
-    };
-    builder
-        .build()
-        .map_err(|e| TlsError::Invalid(format!("client certificate verification: {e}")))
+    let builder = if settings.require_client_certificate { builder } else { builder.allow_unauthenticated() };
+    builder.build().map_err(|e| TlsError::Invalid(format!("client certificate verification: {e}")))
 }
 
 /// The certificate revocation lists in `path`: PEM (one or more `X509 CRL`
@@ -225,9 +210,8 @@ fn load_crls(path: &str) -> Result<Vec<CertificateRevocationListDer<'static>>, T
         vec![CertificateRevocationListDer::from(data)]
     };
     for crl in &crls {
-        webpki::OwnedCertRevocationList::from_der(crl).map_err(|e| {
-            TlsError::Invalid(format!("{path} holds no usable certificate revocation list: {e}"))
-        })?;
+        webpki::OwnedCertRevocationList::from_der(crl)
+            .map_err(|e| TlsError::Invalid(format!("{path} holds no usable certificate revocation list: {e}")))?;
     }
     Ok(crls)
 }

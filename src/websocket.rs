@@ -16,8 +16,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use http::header::{
-    CONNECTION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_EXTENSIONS, SEC_WEBSOCKET_KEY,
-    SEC_WEBSOCKET_VERSION, UPGRADE,
+    CONNECTION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_EXTENSIONS, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_VERSION, UPGRADE,
 };
 use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Version};
 use http_body::Body;
@@ -68,7 +67,9 @@ pub fn requested<B>(request: &Request<B>) -> bool {
             request.method() == Method::CONNECT && protocol.is_some_and(|p| p.as_str() == "websocket")
         }
         Version::HTTP_11 => {
-            request.method() == Method::GET && has_token(headers, UPGRADE, "websocket") && has_token(headers, CONNECTION, "upgrade")
+            request.method() == Method::GET
+                && has_token(headers, UPGRADE, "websocket")
+                && has_token(headers, CONNECTION, "upgrade")
         }
         _ => false,
     }
@@ -155,10 +156,7 @@ pub fn accept_head(
     headers: &mut HeaderMap,
     config: &ServerConfig,
 ) -> (StatusCode, Handshake) {
-    let extensions = config
-        .websocket_compression
-        .then(|| permessage_deflate::negotiate(request_headers))
-        .flatten();
+    let extensions = config.websocket_compression.then(|| permessage_deflate::negotiate(request_headers)).flatten();
     headers.remove(SEC_WEBSOCKET_EXTENSIONS);
     if let Some(answer) = &extensions {
         headers.insert(
@@ -175,10 +173,7 @@ pub fn accept_head(
     if version == Version::HTTP_2 {
         return (StatusCode::OK, handshake);
     }
-    let key = request_headers
-        .get(SEC_WEBSOCKET_KEY)
-        .map(|k| k.as_bytes())
-        .unwrap_or_default();
+    let key = request_headers.get(SEC_WEBSOCKET_KEY).map(|k| k.as_bytes()).unwrap_or_default();
     headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
     headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
     headers.insert(
@@ -192,10 +187,7 @@ pub fn accept_head(
 fn derive_accept_key(key: &[u8]) -> String {
     use base64::Engine as _;
     use sha1::Digest as _;
-    let digest = sha1::Sha1::new()
-        .chain_update(key)
-        .chain_update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11")
-        .finalize();
+    let digest = sha1::Sha1::new().chain_update(key).chain_update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").finalize();
     base64::engine::general_purpose::STANDARD.encode(digest)
 }
 
@@ -214,16 +206,10 @@ impl Handshake {
         if self.extensions.is_some() {
             // Empty messages go uncompressed: yawc 0.5.0's deflate spins
             // forever flushing an empty message right after another flush.
-            options = options
-                .with_low_latency_compression()
-                .with_compression_threshold(1);
+            options = options.with_low_latency_compression().with_compression_threshold(1);
         }
         let frames = yawc::WebSocket::from_stream_with_extensions(
-            Lingering {
-                io: TokioIo::new(upgraded),
-                write_shut: false,
-                deadline: None,
-            },
+            Lingering { io: TokioIo::new(upgraded), write_shut: false, deadline: None },
             Role::Server,
             self.extensions.as_deref(),
             options,
@@ -363,9 +349,7 @@ impl Socket {
 /// A whole message; text must be UTF-8 (1007 otherwise).
 fn whole(opcode: OpCode, payload: Bytes) -> Result<Option<Incoming>, u16> {
     let message = match opcode {
-        OpCode::Text if std::str::from_utf8(&payload).is_err() => {
-            return Err(CloseCode::Invalid.into())
-        }
+        OpCode::Text if std::str::from_utf8(&payload).is_err() => return Err(CloseCode::Invalid.into()),
         OpCode::Text => Message::Text(payload),
         _ => Message::Binary(payload),
     };
@@ -488,21 +472,13 @@ pub struct Lingering {
 }
 
 impl AsyncRead for Lingering {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for Lingering {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.get_mut().io).poll_write(cx, data)
     }
 
@@ -516,9 +492,7 @@ impl AsyncWrite for Lingering {
             ready!(Pin::new(&mut this.io).poll_shutdown(cx))?;
             this.write_shut = true;
         }
-        let deadline = this
-            .deadline
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(CLOSE_ANSWER_TIMEOUT)));
+        let deadline = this.deadline.get_or_insert_with(|| Box::pin(tokio::time::sleep(CLOSE_ANSWER_TIMEOUT)));
         let mut scratch = [0u8; 8192];
         loop {
             if deadline.as_mut().poll(cx).is_ready() {
@@ -613,19 +587,9 @@ impl WebSocket {
     /// cannot miss it.
     pub fn start(upgrade: OnUpgrade, server: &Arc<ServerShared>, handshake: Handshake) -> Arc<Self> {
         let socket = Arc::new(WebSocket {
-            inbox: Mutex::new(Inbox {
-                messages: VecDeque::new(),
-                buffered: 0,
-                closed: None,
-                waiter: None,
-            }),
+            inbox: Mutex::new(Inbox { messages: VecDeque::new(), buffered: 0, closed: None, waiter: None }),
             room: Notify::new(),
-            outbox: Mutex::new(Outbox {
-                messages: VecDeque::new(),
-                buffered: 0,
-                closed: false,
-                waiter: None,
-            }),
+            outbox: Mutex::new(Outbox { messages: VecDeque::new(), buffered: 0, closed: false, waiter: None }),
             ready: Notify::new(),
             events: server.events.clone(),
             max_queue: handshake.max_queue,

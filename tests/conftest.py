@@ -187,8 +187,16 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
     client_ca_path = directory / "client-ca.pem"
     client_ca.cert_pem.write_to_path(str(client_ca_path))
     return Certificates(
-        ca, ca_path, cert_path, key_path, encrypted_key_path, password,
-        client_cert_path, client_key_path, client_ca, client_ca_path,
+        ca,
+        ca_path,
+        cert_path,
+        key_path,
+        encrypted_key_path,
+        password,
+        client_cert_path,
+        client_key_path,
+        client_ca,
+        client_ca_path,
     )
 
 

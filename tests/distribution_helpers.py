@@ -95,7 +95,12 @@ def ship_hashes(package: Path, hashes: dict[str, str], repository: str = "") -> 
     metadata = package / "_dist" / "release.py"
     text = metadata.read_text()
     entries = "".join(f"    {label!r}: {digest!r},\n" for label, digest in hashes.items())
-    text = re.sub(r"SHA256: dict\[str, str\] = \{.*?\}", lambda _: "SHA256: dict[str, str] = {\n" + entries + "}", text, flags=re.S)
+    text = re.sub(
+        r"SHA256: dict\[str, str\] = \{.*?\}",
+        lambda _: "SHA256: dict[str, str] = {\n" + entries + "}",
+        text,
+        flags=re.S,
+    )
     text = re.sub(r'^REPOSITORY = ".*"$', f"REPOSITORY = {repository!r}", text, flags=re.M)
     metadata.write_text(text)
 
@@ -133,12 +138,19 @@ def clean_env(home: Path, pythonpath: Path | None = None, *, cargo: bool = True,
 
 
 def run_python(code: str, *, cwd: Path, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def run_cli(*args: str, cwd: Path, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "server_native", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "server_native", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -227,12 +239,16 @@ asyncio.run(main())
 """
 
 
-def serve_one_request(*, cwd: Path, env: dict[str, str], python: str = sys.executable, timeout: float = 60) -> dict[str, Any]:
+def serve_one_request(
+    *, cwd: Path, env: dict[str, str], python: str = sys.executable, timeout: float = 60
+) -> dict[str, Any]:
     """Start a server in a child (``python``), GET / from it with http.client;
     the child answers with the loader's rung and library path."""
     # stderr to a file: a long build's output must never fill a pipe nobody reads
     errors = tempfile.TemporaryFile(mode="w+")
-    child = subprocess.Popen([python, "-c", SERVE_ONE], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=errors, text=True)
+    child = subprocess.Popen(
+        [python, "-c", SERVE_ONE], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=errors, text=True
+    )
     try:
         assert child.stdout is not None
         line = child.stdout.readline()

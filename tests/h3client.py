@@ -130,7 +130,12 @@ class H3Client(QuicConnectionProtocol):
         stream_id, future = self._expect()
         if method == "HEAD":
             self.http.head_streams.add(stream_id)
-        pseudo = [(b":method", method.encode()), (b":scheme", b"https"), (b":authority", authority.encode()), (b":path", path.encode())]
+        pseudo = [
+            (b":method", method.encode()),
+            (b":scheme", b"https"),
+            (b":authority", authority.encode()),
+            (b":path", path.encode()),
+        ]
         extra = [(k.lower().encode(), v.encode()) for k, v in headers]
         self.http.send_headers(stream_id, pseudo + extra, end_stream=body is None and end)
         if body is not None:

@@ -71,7 +71,9 @@ def wait_listening(port: int, host: str = "127.0.0.1", process: subprocess.Popen
 
 
 @contextlib.contextmanager
-def running(command: list[str], listening: list[int], log: Path, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+def running(
+    command: list[str], listening: list[int], log: Path, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
     """``command`` in the foreground, its output in ``log``, until it
     listens on every port of ``listening``; terminated after the block."""
     with log.open("wb") as out:
@@ -93,12 +95,20 @@ def running(command: list[str], listening: list[int], log: Path, env: dict[str, 
 
 
 @contextlib.contextmanager
-def haproxy(config: str, directory: Path, listening: list[int], env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+def haproxy(
+    config: str, directory: Path, listening: list[int], env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
     """HAProxy on ``config`` (checked first), in the foreground (``-db``)."""
     binary = haproxy_or_skip()
     path = directory / "haproxy.cfg"
     path.write_text(config)
-    check = subprocess.run([binary, "-c", "-f", str(path)], capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=TIMEOUT)
+    check = subprocess.run(
+        [binary, "-c", "-f", str(path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=TIMEOUT,
+    )
     assert check.returncode == 0, check.stdout + check.stderr
     with running([binary, "-db", "-f", str(path)], listening, directory / "haproxy.log", env) as process:
         yield process

@@ -52,8 +52,6 @@ except ImportError:  # tests/ run as a plain directory
 MiB = 1024 * 1024
 
 
-
-
 def client(**options: Any) -> httpx.Client:
     options.setdefault("timeout", TIMEOUT)
     return httpx.Client(**options)
@@ -119,7 +117,11 @@ def test_path_with_stray_percent_signs_and_bad_utf8(star: Running) -> None:
             raw += chunk
     head, _, body = raw.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200"), head
-    assert json.loads(body) == {"path": "/raw/a%zz/A%4/\ufffdx", "raw_path": "/raw/a%zz/%41%4/%C3x", "rest": "a%zz/A%4/\ufffdx"}
+    assert json.loads(body) == {
+        "path": "/raw/a%zz/A%4/\ufffdx",
+        "raw_path": "/raw/a%zz/%41%4/%C3x",
+        "rest": "a%zz/A%4/\ufffdx",
+    }
 
 
 def test_query_string_percent_encoded_and_utf8(star: Running) -> None:
@@ -196,8 +198,18 @@ def test_multipart_upload_with_fields_and_files(star: Running) -> None:
     assert response.json() == {
         "title": ["two files"],
         "doc": [
-            {"filename": "big.bin", "content_type": "application/octet-stream", "size": len(big), "sha256": hashlib.sha256(big).hexdigest()},
-            {"filename": "small.csv", "content_type": "text/csv", "size": len(small), "sha256": hashlib.sha256(small).hexdigest()},
+            {
+                "filename": "big.bin",
+                "content_type": "application/octet-stream",
+                "size": len(big),
+                "sha256": hashlib.sha256(big).hexdigest(),
+            },
+            {
+                "filename": "small.csv",
+                "content_type": "text/csv",
+                "size": len(small),
+                "sha256": hashlib.sha256(small).hexdigest(),
+            },
         ],
     }
 
@@ -284,7 +296,9 @@ def test_file_response_range(star: Running, data_file: tuple[Path, bytes]) -> No
     path, data = data_file
     with client() as c:
         # A single range is not sent with pathsend: Starlette opens the file with anyio.
-        ranged = c.get(star.url("/file"), params={"path": str(path), "prestat": "1"}, headers={"range": "bytes=100-1099"})
+        ranged = c.get(
+            star.url("/file"), params={"path": str(path), "prestat": "1"}, headers={"range": "bytes=100-1099"}
+        )
     assert ranged.status_code == 206
     assert ranged.content == data[100:1100]
     assert ranged.headers["content-range"] == f"bytes 100-1099/{len(data)}"
@@ -395,8 +409,6 @@ def starlette_with_base_http_middleware() -> Any:
     return Starlette(routes=[Route("/", home)], middleware=[Middleware(AddHeader)])
 
 
-
-
 def test_raw_app_first_step_runs_in_an_asyncio_task(loop_thread: BackgroundLoop) -> None:
     running = start(loop_thread, serve_asgi, task_probe, lifespan="off")
     try:
@@ -468,7 +480,13 @@ class Firehose:
             return
         chunk = b"x" * 65536
         try:
-            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", str(self.total).encode())]})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-length", str(self.total).encode())],
+                }
+            )
             while self.sent < self.total:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 self.sent += len(chunk)
@@ -598,7 +616,14 @@ def test_tls_scope_scheme_and_extension(loop_thread: BackgroundLoop, certs: Cert
     assert h1["url"].startswith("https://")
     assert "tls" in h1["extensions"] and "http.response.pathsend" in h1["extensions"]
     tls_ext = h1["tls"]
-    assert set(tls_ext) >= {"server_cert", "client_cert_chain", "client_cert_name", "client_cert_error", "tls_version", "cipher_suite"}
+    assert set(tls_ext) >= {
+        "server_cert",
+        "client_cert_chain",
+        "client_cert_name",
+        "client_cert_error",
+        "tls_version",
+        "cipher_suite",
+    }
     assert list(tls_ext["client_cert_chain"]) == []  # no client certificate was sent
     assert h2.http_version == "HTTP/2"  # ALPN
     assert h2.json()["http_version"] == "2" and h2.json()["scheme"] == "https"
@@ -631,7 +656,9 @@ def test_tls_client_certificate_in_extension(loop_thread: BackgroundLoop, certs:
 class RawLifespanApp:
     """A raw ASGI app whose lifespan can fail at startup or be unsupported."""
 
-    def __init__(self, *, fail_startup: bool = False, unsupported: bool = False, startup_gate: threading.Event | None = None) -> None:
+    def __init__(
+        self, *, fail_startup: bool = False, unsupported: bool = False, startup_gate: threading.Event | None = None
+    ) -> None:
         self.fail_startup = fail_startup
         self.unsupported = unsupported
         self.startup_gate = startup_gate
@@ -862,7 +889,9 @@ def raw_request(port: int, body: bytes = b"hello", path: str = "/") -> socket.so
     return sock
 
 
-def test_disconnect_delivered_after_body_and_send_after_disconnect_raises_an_oserror(loop_thread: BackgroundLoop) -> None:
+def test_disconnect_delivered_after_body_and_send_after_disconnect_raises_an_oserror(
+    loop_thread: BackgroundLoop,
+) -> None:
     probe = DisconnectProbe()
     running = start(loop_thread, serve_asgi, probe, lifespan="off")
     try:
@@ -995,7 +1024,9 @@ def test_disconnect_over_http2_stream_reset(loop_thread: BackgroundLoop) -> None
         sock = socket.create_connection(("127.0.0.1", running.port), timeout=TIMEOUT)
         conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
         conn.initiate_connection()
-        conn.send_headers(1, [(":method", "POST"), (":path", "/"), (":scheme", "http"), (":authority", "x"), ("content-length", "5")])
+        conn.send_headers(
+            1, [(":method", "POST"), (":path", "/"), (":scheme", "http"), (":authority", "x"), ("content-length", "5")]
+        )
         conn.send_data(1, b"hello", end_stream=True)
         sock.sendall(conn.data_to_send())
         assert probe.waiting.wait(TIMEOUT)
@@ -1173,8 +1204,18 @@ def test_fastapi_form_and_uploads(fast: Running) -> None:
     assert upload.json() == {
         "description": "two files",
         "files": [
-            {"filename": "one.bin", "content_type": "application/octet-stream", "size": len(one), "sha256": hashlib.sha256(one).hexdigest()},
-            {"filename": "two.txt", "content_type": "text/plain", "size": len(two), "sha256": hashlib.sha256(two).hexdigest()},
+            {
+                "filename": "one.bin",
+                "content_type": "application/octet-stream",
+                "size": len(one),
+                "sha256": hashlib.sha256(one).hexdigest(),
+            },
+            {
+                "filename": "two.txt",
+                "content_type": "text/plain",
+                "size": len(two),
+                "sha256": hashlib.sha256(two).hexdigest(),
+            },
         ],
     }
     assert missing.status_code == 422
@@ -1231,9 +1272,14 @@ def test_django_asgi(django_asgi: Running, data_file: tuple[Path, bytes]) -> Non
         assert meta["get"] == [["q", "café"]]
         assert meta["meta"]["REMOTE_ADDR"] == "127.0.0.1"
         assert meta["multi"] == "one,two"
-        assert c.post(django_asgi.url("/json/"), json={"a": [1, 2]}).json() == {"received": {"a": [1, 2]}, "method": "POST"}
+        assert c.post(django_asgi.url("/json/"), json={"a": [1, 2]}).json() == {
+            "received": {"a": [1, 2]},
+            "method": "POST",
+        }
         big = os.urandom(4 * MiB)
-        form = c.post(django_asgi.url("/form/"), data={"t": "x"}, files={"doc": ("big.bin", big, "application/octet-stream")}).json()
+        form = c.post(
+            django_asgi.url("/form/"), data={"t": "x"}, files={"doc": ("big.bin", big, "application/octet-stream")}
+        ).json()
         assert form["files"]["doc"][0]["sha256"] == hashlib.sha256(big).hexdigest()
         assert c.get(django_asgi.url("/stream/?count=3")).text == "part-0\npart-1\npart-2\n"
         assert c.get(django_asgi.url("/file/"), params={"path": str(path)}).content == data
@@ -1275,7 +1321,12 @@ async def client_and_scheme(scope: dict[str, Any], receive: Any, send: Any) -> N
     ("trusted", "headers", "client", "scheme"),
     [
         (["127.0.0.0/8"], {}, "127.0.0.1", "http"),
-        (["127.0.0.0/8"], {"X-Forwarded-For": "203.0.113.7, 127.0.0.5", "X-Forwarded-Proto": "https"}, "203.0.113.7", "https"),
+        (
+            ["127.0.0.0/8"],
+            {"X-Forwarded-For": "203.0.113.7, 127.0.0.5", "X-Forwarded-Proto": "https"},
+            "203.0.113.7",
+            "https",
+        ),
         (["127.0.0.0/8"], {"Forwarded": 'for="[2001:db8::1]:4711";proto=https'}, "2001:db8::1", "https"),
         (["10.0.0.0/8"], {"X-Forwarded-For": "203.0.113.7", "X-Forwarded-Proto": "https"}, "127.0.0.1", "http"),
     ],

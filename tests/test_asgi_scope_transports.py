@@ -123,14 +123,21 @@ def http11(target: bytes, *fields: bytes) -> bytes:
     return b"\r\n".join([b"GET " + target + b" HTTP/1.1", *fields, b"Connection: close", b"", b""])
 
 
-def h2_get(path: bytes, *fields: tuple[bytes, bytes], authority: bytes | None = b"example.test") -> list[tuple[bytes, bytes]]:
+def h2_get(
+    path: bytes, *fields: tuple[bytes, bytes], authority: bytes | None = b"example.test"
+) -> list[tuple[bytes, bytes]]:
     pseudo = [(b":method", b"GET"), (b":scheme", b"http"), (b":path", path)]
     if authority is not None:
         pseudo.insert(2, (b":authority", authority))
     return [*pseudo, *fields]
 
 
-H1_UPGRADE = [b"Upgrade: websocket", b"Connection: Upgrade", b"Sec-WebSocket-Key: " + WEBSOCKET_KEY.encode(), b"Sec-WebSocket-Version: 13"]
+H1_UPGRADE = [
+    b"Upgrade: websocket",
+    b"Connection: Upgrade",
+    b"Sec-WebSocket-Key: " + WEBSOCKET_KEY.encode(),
+    b"Sec-WebSocket-Version: 13",
+]
 
 #: name: (the request, what its scope must hold under ASGI's rules; or the
 #: status of its refusal (0: a stream reset), the app never called).

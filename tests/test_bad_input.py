@@ -109,8 +109,6 @@ def settle(loop_thread: Any) -> None:
     loop_thread.run(asyncio.sleep(0.01))
 
 
-
-
 # ---------------------------------------------------------------- malformed requests → 400
 
 
@@ -130,9 +128,7 @@ MALFORMED: dict[str, bytes] = {
     "two different Content-Length values": (
         b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd"
     ),
-    "Content-Length list with different values": (
-        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3, 4\r\n\r\nabcd"
-    ),
+    "Content-Length list with different values": (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3, 4\r\n\r\nabcd"),
     "non-numeric Content-Length": b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
     "negative Content-Length": b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
     "missing Host on HTTP/1.1": b"GET / HTTP/1.1\r\n\r\n",
@@ -145,14 +141,8 @@ MALFORMED: dict[str, bytes] = {
 
 
 MALFORMED_CASES = [pytest.param(data, id=name) for name, data in MALFORMED.items()] + [
-    pytest.param(
-        b"GET / HTTP/1.1\r\nHost: x:notaport\r\n\r\n",
-        id="Host with a non-numeric port"
-    ),
-    pytest.param(
-        b"GET / HTTP/1.1\r\nHost: x:99999\r\n\r\n",
-        id="Host with an out-of-range port"
-    ),
+    pytest.param(b"GET / HTTP/1.1\r\nHost: x:notaport\r\n\r\n", id="Host with a non-numeric port"),
+    pytest.param(b"GET / HTTP/1.1\r\nHost: x:99999\r\n\r\n", id="Host with an out-of-range port"),
 ]
 
 

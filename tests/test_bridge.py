@@ -283,7 +283,9 @@ class FakeConnection:
                     head = Head.decode(payload)
                     exchange = Exchange(head, b"", head.ended)
                     self.end.exchanges.append(exchange)
-                    thread = threading.Thread(target=self.run, args=(fake, exchange), name="fake-bridge-stream", daemon=True)
+                    thread = threading.Thread(
+                        target=self.run, args=(fake, exchange), name="fake-bridge-stream", daemon=True
+                    )
                     self.end.threads.append(thread)
                     thread.start()
                 elif stream in self.streams:
@@ -452,7 +454,13 @@ def test_request_head_carries_every_field(fake: FakeEnd, native_server: Callable
     assert fake.hellos == [b"secret-token"]
     (exchange,) = fake.exchanges
     head = exchange.head
-    assert (head.method, head.scheme, head.path, head.query, head.version) == ("POST", "http", "/a%20b/c", "x=1&y=%C3%A9", "1.1")
+    assert (head.method, head.scheme, head.path, head.query, head.version) == (
+        "POST",
+        "http",
+        "/a%20b/c",
+        "x=1&y=%C3%A9",
+        "1.1",
+    )
     assert head.authority == f"127.0.0.1:{running.port}"
     assert head.client == ("127.0.0.1", local_port)
     assert head.local == ("127.0.0.1", running.port)
@@ -553,26 +561,42 @@ FAILURES = {
     "closes-without-answering": close_at_once,
     "length-below-six": send_and_stay(lambda s: b"\x00\x00\x00\x05\x02\x04\x00\x00\x00"),
     "length-over-the-maximum": send_and_stay(lambda s: b"\xff\xff\xff\xff\x02\x04" + struct.pack(">I", s)),
-    "unknown-version": send_and_stay(lambda s: frame(RESPONSE_HEAD, struct.pack(">HBII", 200, 0, 0, 0), stream=s, version=1)),
+    "unknown-version": send_and_stay(
+        lambda s: frame(RESPONSE_HEAD, struct.pack(">HBII", 200, 0, 0, 0), stream=s, version=1)
+    ),
     "window-frame-of-the-wrong-size": send_and_stay(lambda s: frame(WINDOW, b"\x00\x01", stream=s)),
     "truncated-head": send_and_stay(lambda s: frame(RESPONSE_HEAD, struct.pack(">HB", 200, 0) + b"\x00\x00", stream=s)),
-    "head-with-trailing-bytes": send_and_stay(lambda s: frame(RESPONSE_HEAD, struct.pack(">HBII", 200, 0, 0, 0) + b"junk", stream=s)),
+    "head-with-trailing-bytes": send_and_stay(
+        lambda s: frame(RESPONSE_HEAD, struct.pack(">HBII", 200, 0, 0, 0) + b"junk", stream=s)
+    ),
     "string-past-the-frame": send_and_stay(lambda s: frame(RESPONSE_HEAD, struct.pack(">HBI", 200, 0, 1000), stream=s)),
     "wrong-frame-type": send_and_stay(lambda s: frame(REQUEST_CHUNK, b"not a response", stream=s)),
     "hello-from-python": send_and_stay(lambda s: frame(HELLO, b"", stream=s)),
     "unknown-frame-type": send_and_stay(lambda s: frame(99, b"", stream=s)),
-    "chunk-before-head": send_and_stay(lambda s: frame(RESPONSE_CHUNK, b"body", stream=s) + good_head(s) + frame(RESPONSE_END, stream=s)),
+    "chunk-before-head": send_and_stay(
+        lambda s: frame(RESPONSE_CHUNK, b"body", stream=s) + good_head(s) + frame(RESPONSE_END, stream=s)
+    ),
     "status-42": send_and_stay(lambda s: response_head(42, stream=s) + frame(RESPONSE_END, stream=s)),
     "status-1000": send_and_stay(lambda s: response_head(1000, stream=s) + frame(RESPONSE_END, stream=s)),
     "status-101": send_and_stay(lambda s: response_head(101, stream=s) + frame(RESPONSE_END, stream=s)),
-    "invalid-header-name": send_and_stay(lambda s: response_head(200, [(b"bad name", b"v")], stream=s) + frame(RESPONSE_END, stream=s)),
-    "invalid-header-value": send_and_stay(lambda s: response_head(200, [(b"x-bad", b"a\r\nb")], stream=s) + frame(RESPONSE_END, stream=s)),
-    "invalid-reason": send_and_stay(lambda s: response_head(200, reason=b"bad\nreason", stream=s) + frame(RESPONSE_END, stream=s)),
+    "invalid-header-name": send_and_stay(
+        lambda s: response_head(200, [(b"bad name", b"v")], stream=s) + frame(RESPONSE_END, stream=s)
+    ),
+    "invalid-header-value": send_and_stay(
+        lambda s: response_head(200, [(b"x-bad", b"a\r\nb")], stream=s) + frame(RESPONSE_END, stream=s)
+    ),
+    "invalid-reason": send_and_stay(
+        lambda s: response_head(200, reason=b"bad\nreason", stream=s) + frame(RESPONSE_END, stream=s)
+    ),
     "whole-body-without-end-then-close": send_then_close(
         lambda s: response_head(200, flags=WHOLE_BODY, stream=s) + frame(RESPONSE_CHUNK, b"partial", stream=s)
     ),
-    "whole-body-wrong-frame": send_and_stay(lambda s: response_head(200, flags=WHOLE_BODY, stream=s) + frame(REQUEST_END, stream=s)),
-    "websocket-accept-for-a-plain-request": send_and_stay(lambda s: frame(WS_ACCEPT, string(b"") + struct.pack(">I", 0), stream=s)),
+    "whole-body-wrong-frame": send_and_stay(
+        lambda s: response_head(200, flags=WHOLE_BODY, stream=s) + frame(REQUEST_END, stream=s)
+    ),
+    "websocket-accept-for-a-plain-request": send_and_stay(
+        lambda s: frame(WS_ACCEPT, string(b"") + struct.pack(">I", 0), stream=s)
+    ),
     "half-a-frame-then-close": send_then_close(lambda s: response_head(200, stream=s)[:7]),
 }
 
@@ -714,7 +738,10 @@ def test_a_missing_end_frame_cuts_a_streamed_response(fake: FakeEnd, native_serv
     short success), and the server goes on."""
     fake.then(
         send_then_close(
-            lambda s: response_head(200, [(b"content-type", b"text/plain")], stream=s) + frame(RESPONSE_CHUNK, b"x" * 1000, stream=s)
+            lambda s: (
+                response_head(200, [(b"content-type", b"text/plain")], stream=s)
+                + frame(RESPONSE_CHUNK, b"x" * 1000, stream=s)
+            )
         )
     )
     running = native_server(fake.address)
@@ -740,7 +767,11 @@ def test_an_abort_frame_before_the_head_is_a_500(fake: FakeEnd, native_server: C
 
 def test_an_abort_frame_mid_stream_cuts_the_response(fake: FakeEnd, native_server: Callable[..., Native]) -> None:
     def abort_mid_stream(stream: FakeStream, exchange: Exchange) -> bool:
-        stream.send(response_head(200, stream=stream.id) + frame(RESPONSE_CHUNK, b"abc", stream=stream.id) + frame(ABORT, stream=stream.id))
+        stream.send(
+            response_head(200, stream=stream.id)
+            + frame(RESPONSE_CHUNK, b"abc", stream=stream.id)
+            + frame(ABORT, stream=stream.id)
+        )
         return True
 
     fake.then(abort_mid_stream)
@@ -752,12 +783,16 @@ def test_an_abort_frame_mid_stream_cuts_the_response(fake: FakeEnd, native_serve
     assert fake.connections == 1
 
 
-def test_default_headers_flag_uses_the_servers_default_headers(fake: FakeEnd, native_server: Callable[..., Native]) -> None:
+def test_default_headers_flag_uses_the_servers_default_headers(
+    fake: FakeEnd, native_server: Callable[..., Native]
+) -> None:
     fake.then(
         send_and_stay(
-            lambda s: response_head(201, stream=s, flags=DEFAULT_HEADERS | WHOLE_BODY)
-            + frame(RESPONSE_CHUNK, b"d", stream=s)
-            + frame(RESPONSE_END, stream=s)
+            lambda s: (
+                response_head(201, stream=s, flags=DEFAULT_HEADERS | WHOLE_BODY)
+                + frame(RESPONSE_CHUNK, b"d", stream=s)
+                + frame(RESPONSE_END, stream=s)
+            )
         )
     )
     running = native_server(fake.address)
@@ -772,13 +807,17 @@ def test_a_whole_body_gets_content_length_and_a_reason(fake: FakeEnd, native_ser
     body = os.urandom(200 * KIB)  # several chunk frames
 
     def chunks(stream: int) -> bytes:
-        return b"".join(frame(RESPONSE_CHUNK, body[at : at + 64 * KIB], stream=stream) for at in range(0, len(body), 64 * KIB))
+        return b"".join(
+            frame(RESPONSE_CHUNK, body[at : at + 64 * KIB], stream=stream) for at in range(0, len(body), 64 * KIB)
+        )
 
     fake.then(
         send_and_stay(
-            lambda s: response_head(299, [(b"x-a", b"1")], reason=b"Fine Thanks", flags=WHOLE_BODY, stream=s)
-            + chunks(s)
-            + frame(RESPONSE_END, stream=s)
+            lambda s: (
+                response_head(299, [(b"x-a", b"1")], reason=b"Fine Thanks", flags=WHOLE_BODY, stream=s)
+                + chunks(s)
+                + frame(RESPONSE_END, stream=s)
+            )
         )
     )
     running = native_server(fake.address)
@@ -795,7 +834,11 @@ def test_a_whole_body_gets_content_length_and_a_reason(fake: FakeEnd, native_ser
 
 def test_an_inline_body_is_the_whole_response(fake: FakeEnd, native_server: Callable[..., Native]) -> None:
     def inline(stream: FakeStream, exchange: Exchange) -> bool:
-        stream.send(response_head(200, [(b"content-type", b"text/plain")], flags=INLINE_BODY, body=b"all here", stream=stream.id))
+        stream.send(
+            response_head(
+                200, [(b"content-type", b"text/plain")], flags=INLINE_BODY, body=b"all here", stream=stream.id
+            )
+        )
         return True
 
     fake.then(inline)
@@ -899,7 +942,9 @@ def test_the_request_body_waits_for_window_frames(native_server: Callable[..., N
         end.close()
 
 
-def test_the_response_is_granted_back_as_the_client_takes_it(fake: FakeEnd, native_server: Callable[..., Native]) -> None:
+def test_the_response_is_granted_back_as_the_client_takes_it(
+    fake: FakeEnd, native_server: Callable[..., Native]
+) -> None:
     """Flow control toward the client: a streamed response of 1 MiB goes out
     in WINDOW_SIZE steps, each sent only once the native side granted it."""
     data = os.urandom(MIB)
@@ -937,8 +982,6 @@ def test_tcp_bridge_address(native_server: Callable[..., Native]) -> None:
 def test_an_invalid_bridge_address_is_refused_at_bind(address: str) -> None:
     with pytest.raises(ValueError, match="bridge_address"):
         native.NativeServer(ServerConfig(bridge_address=address, http3=False), ["127.0.0.1"], 0, None)
-
-
 
 
 # ---------------------------------------------------------------- real applications over the bridge
@@ -1266,7 +1309,9 @@ def test_a_foreign_connection_without_the_token_is_refused(bridge: Callable[...,
         host, port = address[4:].rsplit(":", 1)
         sock = socket.create_connection((host, int(port)), timeout=TIMEOUT)
     with sock:
-        sock.sendall(frame(HELLO, b"not the token") + request_head(b"GET", b"/forged", stream=1) + frame(REQUEST_END, stream=1))
+        sock.sendall(
+            frame(HELLO, b"not the token") + request_head(b"GET", b"/forged", stream=1) + frame(REQUEST_END, stream=1)
+        )
         assert sock.recv(65536) == b"", "the bridge answered a connection without the token"
     assert get(url(server, "/real")).text == "ok"
     assert calls == ["/real"]
@@ -1291,7 +1336,9 @@ def test_native_direct_cannot_use_the_bridge(loop_thread: BackgroundLoop) -> Non
 
     with pytest.raises(ValueError, match="native_callback=False"):
         loop_thread.run(
-            serve_native_direct(handler, "127.0.0.1", 0, native_direct=True, native_callback=False, http3=False, echo=False)
+            serve_native_direct(
+                handler, "127.0.0.1", 0, native_direct=True, native_callback=False, http3=False, echo=False
+            )
         )
 
 
@@ -1471,7 +1518,9 @@ def test_websocket_echo_text_binary_and_large_messages(serve: Any) -> None:
     running = serve(handler)
     big = os.urandom(3 * MIB)
     text = "é" * 100_000  # 200 KB of UTF-8, several frames on the bridge
-    with connect(ws_url(running), subprotocols=["chat", "superchat"], max_size=None, open_timeout=TIMEOUT, close_timeout=TIMEOUT) as ws:
+    with connect(
+        ws_url(running), subprotocols=["chat", "superchat"], max_size=None, open_timeout=TIMEOUT, close_timeout=TIMEOUT
+    ) as ws:
         assert ws.subprotocol == "superchat"
         ws.send("hello")
         assert ws.recv(timeout=TIMEOUT) == "hello"
@@ -1579,7 +1628,9 @@ def test_websocket_through_a_fake_python_end(fake: FakeEnd, native_server: Calla
     def accept(stream: FakeStream, exchange: Exchange) -> bool:
         assert exchange.head.websocket
         s = stream.id
-        stream.send(frame(WS_ACCEPT, string(b"proto-x") + struct.pack(">I", 1) + string(b"x-extra") + string(b"1"), stream=s))
+        stream.send(
+            frame(WS_ACCEPT, string(b"proto-x") + struct.pack(">I", 1) + string(b"x-extra") + string(b"1"), stream=s)
+        )
         for _ in range(2):
             kind, payload = stream.frame()
             assert kind == WS_MESSAGE
@@ -1596,7 +1647,9 @@ def test_websocket_through_a_fake_python_end(fake: FakeEnd, native_server: Calla
 
     fake.then(accept)
     running = native_server(fake.address)
-    with connect(f"ws://127.0.0.1:{running.port}/fake", subprotocols=["proto-x"], open_timeout=TIMEOUT, close_timeout=TIMEOUT) as ws:
+    with connect(
+        f"ws://127.0.0.1:{running.port}/fake", subprotocols=["proto-x"], open_timeout=TIMEOUT, close_timeout=TIMEOUT
+    ) as ws:
         assert ws.subprotocol == "proto-x"
         assert ws.response.headers["x-extra"] == "1"
         ws.send("tx")

@@ -141,8 +141,10 @@ class DevTools:
         self.call(method, **params)
         outcome = self.take(
             "document response",
-            lambda event: event.get("method") in ("Network.responseReceived", "Network.loadingFailed")
-            and event["params"].get("type") == "Document",
+            lambda event: (
+                event.get("method") in ("Network.responseReceived", "Network.loadingFailed")
+                and event["params"].get("type") == "Document"
+            ),
         )
         if outcome["method"] == "Network.loadingFailed":
             raise AssertionError(f"Chromium could not load the page: {outcome['params']['errorText']}")
@@ -152,7 +154,9 @@ class DevTools:
     def response_for(self, url: str) -> dict[str, Any]:
         event = self.take(
             f"response for {url}",
-            lambda event: event.get("method") == "Network.responseReceived" and event["params"]["response"]["url"] == url,
+            lambda event: (
+                event.get("method") == "Network.responseReceived" and event["params"]["response"]["url"] == url
+            ),
         )
         return event["params"]["response"]  # type: ignore[no-any-return]
 

@@ -98,13 +98,17 @@ def test_sigterm_drains_requests_in_flight(app_dir: Path) -> None:
 
 
 def test_a_bad_app_path_is_one_line_and_non_zero(app_dir: Path) -> None:
-    result = subprocess.run(command("serve", "cliapp:nothing"), cwd=app_dir, env=environment(), capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        command("serve", "cliapp:nothing"), cwd=app_dir, env=environment(), capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == ["server-native: error: module 'cliapp' has no attribute 'nothing'"]
 
 
 def test_an_unimportable_module_is_one_line_and_non_zero(app_dir: Path) -> None:
-    result = subprocess.run(command("serve", "nosuchmodule:app"), cwd=app_dir, env=environment(), capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        command("serve", "nosuchmodule:app"), cwd=app_dir, env=environment(), capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 1
     assert "cannot import module 'nosuchmodule'" in result.stderr
 
@@ -112,7 +116,9 @@ def test_an_unimportable_module_is_one_line_and_non_zero(app_dir: Path) -> None:
 def test_app_dir_is_where_the_app_is_imported_from(app_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     elsewhere = tmp_path_factory.mktemp("elsewhere")
     args = ("serve", "cliapp:nothing", "--app-dir", str(app_dir))
-    result = subprocess.run(command(*args), cwd=elsewhere, env=environment(), capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        command(*args), cwd=elsewhere, env=environment(), capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 1
     # found and imported (the attribute is what is missing), though the cwd has no cliapp
     assert result.stderr.strip().splitlines() == ["server-native: error: module 'cliapp' has no attribute 'nothing'"]
@@ -191,7 +197,15 @@ def test_tls_with_required_client_certificates(app_dir: Path, tmp_path: Path) ->
         "--ssl-certfile", str(tmp_path / "server.pem"), "--ssl-keyfile", str(tmp_path / "server.pem"),
         "--ssl-ca", str(tmp_path / "ca.pem"), "--ssl-cert-reqs", "2",
     )  # fmt: skip
-    process = subprocess.Popen(command(*args), cwd=app_dir, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    process = subprocess.Popen(
+        command(*args),
+        cwd=app_dir,
+        env=environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         with_cert = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
         with_cert.load_cert_chain(str(tmp_path / "client.pem"))
@@ -221,10 +235,17 @@ def websocket_extensions(port: int) -> str | None:
     """The Sec-WebSocket-Extensions answer to an upgrade offering permessage-deflate."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
-        connection.request("GET", "/ws", headers={
-            "Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
-            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Extensions": "permessage-deflate",
-        })
+        connection.request(
+            "GET",
+            "/ws",
+            headers={
+                "Upgrade": "websocket",
+                "Connection": "Upgrade",
+                "Sec-WebSocket-Version": "13",
+                "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+                "Sec-WebSocket-Extensions": "permessage-deflate",
+            },
+        )
         response = connection.getresponse()
         assert response.status == 101
         return response.getheader("Sec-WebSocket-Extensions")
@@ -239,7 +260,14 @@ def test_websocket_compression_flag(app_dir: Path, flag: tuple[str, ...], answer
 
 
 def test_a_bad_option_exits_with_usage(app_dir: Path) -> None:
-    result = subprocess.run(command("serve", "cliapp:app", "--http", "3"), cwd=app_dir, env=environment(), capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        command("serve", "cliapp:app", "--http", "3"),
+        cwd=app_dir,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2
     assert "invalid choice" in result.stderr
 
@@ -257,7 +285,7 @@ def test_the_console_script_entry_point_is_main() -> None:
 
 # ---------------------------------------------------------------- logging
 
-DJANGO_APP = '''
+DJANGO_APP = """
 import logging
 
 from django.conf import settings
@@ -294,7 +322,7 @@ def order(request):
 
 urlpatterns = [path("order", order)]
 application = get_asgi_application()
-'''
+"""
 
 
 def test_an_app_that_configures_its_logging_sees_each_record_once(app_dir: Path) -> None:
@@ -324,8 +352,6 @@ def open_stream(port: int, chunks: int = LONG_STREAM) -> http.client.HTTPRespons
     response = connection.getresponse()
     assert response.readline() == b"chunk 0\n"
     return response
-
-
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
@@ -399,7 +425,9 @@ def test_version_names_the_package_and_the_native_library() -> None:
     assert result.returncode == 0, result.stderr
     package, native = result.stdout.splitlines()
     assert package == f"server-native {server_native.__version__}"
-    assert native.startswith(f"native library: {server_native._native.__version__} (ABI {server_native._native.ABI_VERSION}) from ")
+    assert native.startswith(
+        f"native library: {server_native._native.__version__} (ABI {server_native._native.ABI_VERSION}) from "
+    )
 
 
 def test_help_lists_the_commands_and_exits_0() -> None:
@@ -413,13 +441,17 @@ def test_help_lists_the_commands_and_exits_0() -> None:
 
 
 @pytest.mark.parametrize(
-    "app", [("cliapp:app",), ("cliapp:wsgi",), ("cliapp:direct", "--interface", "direct")], ids=["asgi", "wsgi", "direct"]
+    "app",
+    [("cliapp:app",), ("cliapp:wsgi",), ("cliapp:direct", "--interface", "direct")],
+    ids=["asgi", "wsgi", "direct"],
 )
 def test_access_log_for_every_interface(app_dir: Path, app: tuple[str, ...]) -> None:
     with serving(app_dir, *app, "--access-log") as (process, port):
         assert get(port, "/logged?x=1")[0] == 200
         output = stop(process)
-    assert re.search(r'INFO server_native\.access: 127\.0\.0\.1:\d+ - "GET /logged HTTP/1\.1" 200$', output, re.M), output
+    assert re.search(r'INFO server_native\.access: 127\.0\.0\.1:\d+ - "GET /logged HTTP/1\.1" 200$', output, re.M), (
+        output
+    )
 
 
 RUN_SCRIPT = """
@@ -461,7 +493,9 @@ def test_access_log_through_run(app_dir: Path, interface: str) -> None:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
         process.wait(10)
-    assert re.search(r'INFO server_native\.access: 127\.0\.0\.1:\d+ - "GET /through-run HTTP/1\.1" 200$', output, re.M), output
+    assert re.search(
+        r'INFO server_native\.access: 127\.0\.0\.1:\d+ - "GET /through-run HTTP/1\.1" 200$', output, re.M
+    ), output
     assert "Server listening on http://127.0.0.1:" in output  # run() configures the server's loggers
 
 
@@ -485,10 +519,21 @@ def test_default_headers_are_a_date_and_no_server(app_dir: Path, app: str) -> No
 
 
 @pytest.mark.parametrize(
-    "app", [("cliapp:app",), ("cliapp:wsgi",), ("cliapp:direct", "--interface", "direct")], ids=["asgi", "wsgi", "direct"]
+    "app",
+    [("cliapp:app",), ("cliapp:wsgi",), ("cliapp:direct", "--interface", "direct")],
+    ids=["asgi", "wsgi", "direct"],
 )
 def test_server_date_and_extra_headers(app_dir: Path, app: tuple[str, ...]) -> None:
-    options = ("--server-header", "--no-date-header", "--header", "X-Deploy: blue", "--header", "x-region:eu", "--header", "Content-Type: application/json")
+    options = (
+        "--server-header",
+        "--no-date-header",
+        "--header",
+        "X-Deploy: blue",
+        "--header",
+        "x-region:eu",
+        "--header",
+        "Content-Type: application/json",
+    )
     with serving(app_dir, *app, *options) as (_, port):
         for http2 in (False, True):
             headers = response_headers(port, http2)
@@ -505,7 +550,14 @@ def test_a_server_given_with_header_replaces_the_server_header(app_dir: Path) ->
 
 
 def test_a_bad_header_option_exits_with_usage(app_dir: Path) -> None:
-    result = subprocess.run(command("serve", "cliapp:app", "--header", "no-colon"), cwd=app_dir, env=environment(), capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        command("serve", "cliapp:app", "--header", "no-colon"),
+        cwd=app_dir,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2
     assert "a header is NAME:VALUE, not 'no-colon'" in result.stderr
 
@@ -533,8 +585,14 @@ def test_over_http3_the_banner_says_so_and_the_headers_apply(app_dir: Path, cert
         response = asyncio.run(h3_get(port))
         output = stop(process)
     assert response.status == 200
-    assert (response.header("server"), response.header("x-deploy"), response.header("date")) == ("server-native", "blue", None)
-    assert f"Server listening on https://127.0.0.1:{port} via server_native (HTTP/1.1, HTTP/2, HTTP/3)" in output, output
+    assert (response.header("server"), response.header("x-deploy"), response.header("date")) == (
+        "server-native",
+        "blue",
+        None,
+    )
+    assert f"Server listening on https://127.0.0.1:{port} via server_native (HTTP/1.1, HTTP/2, HTTP/3)" in output, (
+        output
+    )
 
 
 def test_without_http3_the_banner_leaves_it_out(app_dir: Path, certs: Certificates) -> None:
@@ -542,7 +600,10 @@ def test_without_http3_the_banner_leaves_it_out(app_dir: Path, certs: Certificat
     context = ssl.create_default_context(cafile=str(certs.ca_path))
 
     def https_get(port: int) -> None:
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, context.wrap_socket(raw, server_hostname="localhost"):
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+            context.wrap_socket(raw, server_hostname="localhost"),
+        ):
             pass
 
     with serving(app_dir, "cliapp:app", *tls, ready=https_get) as (process, port):
@@ -594,6 +655,13 @@ def test_ws_ping_options_close_a_silent_client_with_1011(app_dir: Path) -> None:
 
 
 def test_ws_max_queue_must_be_positive(app_dir: Path) -> None:
-    result = subprocess.run(command("serve", "cliapp:app", "--ws-max-queue", "0"), cwd=app_dir, env=environment(), capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        command("serve", "cliapp:app", "--ws-max-queue", "0"),
+        cwd=app_dir,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == ["server-native: error: ValueError: ws_max_queue must be positive"]

@@ -25,7 +25,9 @@ TIMEOUT = 10
 # ---------------------------------------------------------------- helpers
 
 
-def get(server: RunningServer, path: str = "/", method: str = "GET", headers: dict[str, str] | None = None) -> tuple[http.client.HTTPResponse, bytes]:
+def get(
+    server: RunningServer, path: str = "/", method: str = "GET", headers: dict[str, str] | None = None
+) -> tuple[http.client.HTTPResponse, bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=TIMEOUT)
     try:
         conn.request(method, path, headers=headers or {})

@@ -32,7 +32,9 @@ WORK = b"GET /work HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
 
 
 @contextlib.contextmanager
-def server(*options: str, log: Path, wait_port: int | None = None, wait_path: str | None = None) -> Iterator[subprocess.Popen[bytes]]:
+def server(
+    *options: str, log: Path, wait_port: int | None = None, wait_path: str | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
     """``server-native serve app:app`` on deploy/app.py, as the examples run it."""
     command = [sys.executable, "-m", "server_native", "serve", "app:app", "--app-dir", str(DEPLOY), *options]
     with log.open("wb") as out:
@@ -78,10 +80,13 @@ def test_haproxy_terminating_tls_with_the_proxy_protocol(tmp_path: Path, certs: 
     app, http, https = free_port(), free_port(), free_port()
     env = {"HTTP_BIND": f"127.0.0.1:{http}", "HTTPS_BIND": f"127.0.0.1:{https}", "TLS_PEM": str(site_pem(certs, tmp_path)),
            "STATS_SOCKET": str(tmp_path / "stats.sock"), "APP1": f"127.0.0.1:{app}", "APP2": f"127.0.0.1:{app}", "APP3": f"127.0.0.1:{app}"}  # fmt: skip
-    with server("--port", str(app), "--proxy-protocol", log=tmp_path / "app.log", wait_port=app), haproxy(
-        haproxy_config("http.cfg"), tmp_path, [http, https], env
+    with (
+        server("--port", str(app), "--proxy-protocol", log=tmp_path / "app.log", wait_port=app),
+        haproxy(haproxy_config("http.cfg"), tmp_path, [http, https], env),
     ):
-        body, own_port = wait_for(lambda: _answer(https, CLIENT, tls_context(certs)), what="HAProxy to see the server up")
+        body, own_port = wait_for(
+            lambda: _answer(https, CLIENT, tls_context(certs)), what="HAProxy to see the server up"
+        )
         assert json.loads(body) == {"client": ["127.0.0.1", own_port], "scheme": "https"}
         body, own_port = through(http, CLIENT)
         assert json.loads(body) == {"client": ["127.0.0.1", own_port], "scheme": "http"}
@@ -97,9 +102,18 @@ def _answer(port: int, request: bytes, tls: object = None) -> tuple[str, int] | 
 
 def test_haproxy_passing_tls_through_to_a_unix_socket(tmp_path: Path, certs: Certificates) -> None:
     front, path = free_port(), socket_path(tmp_path)
-    options = ("--uds", path, "--proxy-protocol", "--ssl-certfile", str(certs.cert_path), "--ssl-keyfile", str(certs.key_path))
-    with server(*options, log=tmp_path / "app.log", wait_path=path), haproxy(
-        haproxy_config("tcp.cfg"), tmp_path, [front], {"TLS_BIND": f"127.0.0.1:{front}", "APP_SOCKET": path}
+    options = (
+        "--uds",
+        path,
+        "--proxy-protocol",
+        "--ssl-certfile",
+        str(certs.cert_path),
+        "--ssl-keyfile",
+        str(certs.key_path),
+    )
+    with (
+        server(*options, log=tmp_path / "app.log", wait_path=path),
+        haproxy(haproxy_config("tcp.cfg"), tmp_path, [front], {"TLS_BIND": f"127.0.0.1:{front}", "APP_SOCKET": path}),
     ):
         body, own_port = through(front, CLIENT, tls_context(certs))
         assert json.loads(body) == {"client": ["127.0.0.1", own_port], "scheme": "https"}
@@ -110,7 +124,10 @@ def test_nginx_terminating_tls_to_a_unix_socket(tmp_path: Path, certs: Certifica
     front, path = free_port(), socket_path(tmp_path)
     config = nginx_config("http.conf.template", HTTPS_LISTEN=f"127.0.0.1:{front}", TLS_CERT=str(certs.cert_path),
                           TLS_KEY=str(certs.key_path), APP_SOCKET=path)  # fmt: skip
-    with server("--uds", path, log=tmp_path / "app.log", wait_path=path), nginx(f"events {{}}\nhttp {{\n{config}\n}}\n", tmp_path, [front]):
+    with (
+        server("--uds", path, log=tmp_path / "app.log", wait_path=path),
+        nginx(f"events {{}}\nhttp {{\n{config}\n}}\n", tmp_path, [front]),
+    ):
         body, _ = through(front, CLIENT, tls_context(certs))
         # X-Forwarded-For names the client (without its port).
         assert json.loads(body) == {"client": ["127.0.0.1", 0], "scheme": "https"}
@@ -119,8 +136,19 @@ def test_nginx_terminating_tls_to_a_unix_socket(tmp_path: Path, certs: Certifica
 def test_nginx_stream_passing_tls_through_with_the_proxy_protocol(tmp_path: Path, certs: Certificates) -> None:
     front, app = free_port(), free_port()
     config = nginx_config("stream.conf.template", TLS_LISTEN=f"127.0.0.1:{front}", APP=f"127.0.0.1:{app}")
-    options = ("--port", str(app), "--proxy-protocol", "--ssl-certfile", str(certs.cert_path), "--ssl-keyfile", str(certs.key_path))
-    with server(*options, log=tmp_path / "app.log", wait_port=app), nginx(f"events {{}}\n{config}\n", tmp_path, [front]):
+    options = (
+        "--port",
+        str(app),
+        "--proxy-protocol",
+        "--ssl-certfile",
+        str(certs.cert_path),
+        "--ssl-keyfile",
+        str(certs.key_path),
+    )
+    with (
+        server(*options, log=tmp_path / "app.log", wait_port=app),
+        nginx(f"events {{}}\n{config}\n", tmp_path, [front]),
+    ):
         body, own_port = through(front, CLIENT, tls_context(certs))
         assert json.loads(body) == {"client": ["127.0.0.1", own_port], "scheme": "https"}
 
@@ -152,7 +180,17 @@ def test_systemd_socket_activation_and_reload(tmp_path: Path) -> None:
     executable, *arguments = shlex.split(service["ExecStart"])
     assert executable.endswith("/server-native") and "--host" not in arguments and "--port" not in arguments
     port = free_port()
-    command = [activate, "-l", f"127.0.0.1:{port}", sys.executable, "-m", "server_native", *arguments, "--app-dir", str(DEPLOY)]
+    command = [
+        activate,
+        "-l",
+        f"127.0.0.1:{port}",
+        sys.executable,
+        "-m",
+        "server_native",
+        *arguments,
+        "--app-dir",
+        str(DEPLOY),
+    ]
     with (tmp_path / "service.log").open("wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
     try:

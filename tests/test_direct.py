@@ -55,16 +55,17 @@ MIB = 1 << 20
 #: The pre-encoded form: built once at import, returned for every request.
 PREBUILT = NativeDirectResponse.bytes(
     200,
-    [("content-type", "text/plain; charset=utf-8"), ("x-prebuilt", "yes"), ("set-cookie", "a=1"), ("set-cookie", "b=2")],
+    [
+        ("content-type", "text/plain; charset=utf-8"),
+        ("x-prebuilt", "yes"),
+        ("set-cookie", "a=1"),
+        ("set-cookie", "b=2"),
+    ],
     b"prebuilt body \x00\xff",
 )
 
 
 # ---------------------------------------------------------------- helpers
-
-
-
-
 
 
 def digest(data: bytes) -> str:
@@ -180,8 +181,13 @@ class Starter:
                 pytest.fail(f"no echo line within {TIMEOUT}s: {output!r}")
             time.sleep(0.01)
         running = Running(
-            match.group(1), match.group(2).strip("[]"), int(match.group(3)), match.group(4),
-            future, event, self.loop_thread,
+            match.group(1),
+            match.group(2).strip("[]"),
+            int(match.group(3)),
+            match.group(4),
+            future,
+            event,
+            self.loop_thread,
         )
         self.started.append(running)
         return running
@@ -453,7 +459,7 @@ def test_tls_streaming_and_large_upload_over_h2(start: Starter, native_callback:
 
         async def chunks() -> AsyncIterator[bytes]:
             for offset in range(0, len(body), 100_000):
-                yield body[offset:offset + 100_000]
+                yield body[offset : offset + 100_000]
 
         return NativeDirectResponse.stream(200, [("x-sha", digest(body))], body=chunks())
 
@@ -472,7 +478,9 @@ def test_tls_streaming_and_large_upload_over_h2(start: Starter, native_callback:
 @pytest.mark.parametrize("mode", BODY_MODES)
 @pytest.mark.parametrize("client_kind", ["h1", "h2c"])
 def test_binary_body_round_trip(start: Starter, mode: str, client_kind: str) -> None:
-    running = start(make_handler(mode, lambda _request, body: NativeDirectResponse.bytes(body=body)), **options_for(mode))
+    running = start(
+        make_handler(mode, lambda _request, body: NativeDirectResponse.bytes(body=body)), **options_for(mode)
+    )
     payload = bytes(range(256)) * 64 + b"\r\n\r\n\x00"
     with h1() if client_kind == "h1" else h2c() as client:
         response = client.post(running.url("/echo"), content=payload)
@@ -508,7 +516,9 @@ def test_default_response_is_an_empty_200(start: Starter) -> None:
 
 
 def test_text_body_is_sent_as_utf8(start: Starter) -> None:
-    running = start(lambda _request: NativeDirectResponse.bytes(201, [("content-type", "text/plain; charset=utf-8")], "héllo ✓"))
+    running = start(
+        lambda _request: NativeDirectResponse.bytes(201, [("content-type", "text/plain; charset=utf-8")], "héllo ✓")
+    )
     with h1() as client:
         response = client.get(running.url())
     assert response.status_code == 201
@@ -579,7 +589,7 @@ def test_8_mib_chunked_upload_is_iterated(start: Starter, native_callback: bool)
 
     def pieces() -> Iterator[bytes]:
         for offset in range(0, len(payload), 500_000):
-            yield payload[offset:offset + 500_000]
+            yield payload[offset : offset + 500_000]
 
     with h1() as client:
         response = client.post(running.url("/iter"), content=pieces())  # Transfer-Encoding: chunked
@@ -597,7 +607,7 @@ def test_native_direct_body_bytes_has_the_whole_8_mib_body(start: Starter, chunk
     payload = pattern(8 * MIB)
     content: Any = payload
     if chunked:
-        content = (payload[offset:offset + 1_000_000] for offset in range(0, len(payload), 1_000_000))
+        content = (payload[offset : offset + 1_000_000] for offset in range(0, len(payload), 1_000_000))
     with h1() as client:
         response = client.post(running.url("/up"), content=content)
     seen = response.json()
@@ -652,7 +662,7 @@ def test_client_gone_mid_body_is_reported_to_the_handler(start: Starter, native_
 def stream_of(data: bytes, size: int = 64 * 1024) -> Callable[[], AsyncIterator[bytes]]:
     async def chunks() -> AsyncIterator[bytes]:
         for offset in range(0, len(data), size):
-            yield data[offset:offset + size]
+            yield data[offset : offset + size]
 
     return chunks
 
@@ -663,7 +673,9 @@ def test_4_mib_stream_checked_by_sha256(start: Starter, native_callback: bool, c
     data = pattern(4 * MIB + 5)
     chunks = stream_of(data)
     running = start(
-        lambda _request: NativeDirectResponse.stream(200, [("content-type", "application/octet-stream")], body=chunks()),
+        lambda _request: NativeDirectResponse.stream(
+            200, [("content-type", "application/octet-stream")], body=chunks()
+        ),
         native_callback=native_callback,
     )
     with h1() if client_kind == "h1" else h2c() as client:
@@ -774,7 +786,10 @@ def test_stream_response_under_native_direct_is_sent_or_refused(start: Starter) 
         response = client.get(running.url())
     # Either the stream is sent, or the handler is told (500); a silent,
     # empty 200 loses the body without a trace.
-    assert (response.status_code, response.content) in {(200, b"streamed under native_direct"), (500, b"internal server error")}
+    assert (response.status_code, response.content) in {
+        (200, b"streamed under native_direct"),
+        (500, b"internal server error"),
+    }
 
 
 # ---------------------------------------------------------------- pre-encoded responses
@@ -809,7 +824,10 @@ def test_one_prebuilt_response_for_1000_requests(start: Starter, mode: str) -> N
     # Sending it did not consume or change it.
     assert (PREBUILT.status, PREBUILT.body, PREBUILT.stream_body) == (200, b"prebuilt body \x00\xff", None)
     assert PREBUILT.headers == [
-        ("content-type", "text/plain; charset=utf-8"), ("x-prebuilt", "yes"), ("set-cookie", "a=1"), ("set-cookie", "b=2"),
+        ("content-type", "text/plain; charset=utf-8"),
+        ("x-prebuilt", "yes"),
+        ("set-cookie", "a=1"),
+        ("set-cookie", "b=2"),
     ]
 
 
@@ -972,7 +990,9 @@ def test_native_direct_refuses_an_async_handler_at_start(loop_thread: Background
 
     port = free_port()
     with pytest.raises(TypeError, match="synchronous"):
-        loop_thread.run(serve_native_direct(handler, "127.0.0.1", port, native_direct=True, http3=False, echo=False), TIMEOUT)
+        loop_thread.run(
+            serve_native_direct(handler, "127.0.0.1", port, native_direct=True, http3=False, echo=False), TIMEOUT
+        )
 
 
 def test_native_direct_refusal_leaves_nothing_listening(loop_thread: BackgroundLoop) -> None:
@@ -981,7 +1001,9 @@ def test_native_direct_refusal_leaves_nothing_listening(loop_thread: BackgroundL
 
     port = free_port()
     with pytest.raises(TypeError) as refusal:
-        loop_thread.run(serve_native_direct(handler, "127.0.0.1", port, native_direct=True, http3=False, echo=False), TIMEOUT)
+        loop_thread.run(
+            serve_native_direct(handler, "127.0.0.1", port, native_direct=True, http3=False, echo=False), TIMEOUT
+        )
     # While the caller still holds the exception (an `except` block that
     # falls back to native_direct=False on the same port, a logger, a
     # supervisor), nothing may be listening: a client would hang until
@@ -995,8 +1017,13 @@ def test_native_direct_is_in_process_only(loop_thread: BackgroundLoop) -> None:
     with pytest.raises(ValueError, match="native_callback=False"):
         loop_thread.run(
             serve_native_direct(
-                lambda _request: PREBUILT, "127.0.0.1", port,
-                native_direct=True, native_callback=False, http3=False, echo=False,
+                lambda _request: PREBUILT,
+                "127.0.0.1",
+                port,
+                native_direct=True,
+                native_callback=False,
+                http3=False,
+                echo=False,
             ),
             TIMEOUT,
         )
@@ -1066,7 +1093,13 @@ def test_handler_ending_in_cancelled_error_is_a_500(start: Starter, mode: str) -
         assert client.get(running.url("/ok")).text == "ok"
 
 
-WRONG_VALUES: dict[str, Any] = {"none": None, "dict": {"status": 200}, "bytes": b"body", "str": "body", "tuple": (200, [], b"")}
+WRONG_VALUES: dict[str, Any] = {
+    "none": None,
+    "dict": {"status": 200},
+    "bytes": b"body",
+    "str": "body",
+    "tuple": (200, [], b""),
+}
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -1201,9 +1234,7 @@ def test_shutdown_signal_drains_in_flight_requests_and_stops(start: Starter, mod
     "mode",
     [
         "async",
-        pytest.param(
-            "native_direct"
-        ),
+        pytest.param("native_direct"),
     ],
 )
 def test_shutdown_timeout_bounds_a_stuck_handler(start: Starter, mode: str) -> None:
@@ -1276,8 +1307,13 @@ def test_native_direct_thread_is_finished_when_serve_returns() -> None:
         stop = asyncio.Event()
         serving = asyncio.run_coroutine_threadsafe(
             serve_native_direct(
-                lambda _request: PREBUILT, "127.0.0.1", port,
-                native_direct=True, echo=False, http3=False, shutdown_signal=stop.wait(),
+                lambda _request: PREBUILT,
+                "127.0.0.1",
+                port,
+                native_direct=True,
+                echo=False,
+                http3=False,
+                shutdown_signal=stop.wait(),
             ),
             loop,
         )
@@ -1377,9 +1413,10 @@ def test_h1_pipelined_responses_around_the_join_size_arrive_whole(
     client = h11.Connection(h11.CLIENT)
     received: list[tuple[int, int, str]] = []
     context = ssl.create_default_context(cafile=str(certs.ca_path)) if secure else None
-    with socket.create_connection((running.host, running.port), timeout=TIMEOUT) as raw, (
-        context.wrap_socket(raw, server_hostname="localhost") if context else raw
-    ) as sock:
+    with (
+        socket.create_connection((running.host, running.port), timeout=TIMEOUT) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") if context else raw as sock,
+    ):
         sock.sendall(requests.encode())
         for target in targets:
             client.send(h11.Request(method="GET", target=target, headers=[("Host", "localhost")]))

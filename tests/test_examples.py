@@ -166,7 +166,13 @@ def test_graceful_shutdown_by_signal_future() -> None:
 def test_unix_socket() -> None:
     path = f"/tmp/server-native-example-{os.getpid()}.sock"
     environment = {**os.environ, "UDS": path, "PYTHONPATH": str(ROOT)}
-    process = subprocess.Popen([sys.executable, str(EXAMPLES / "unix_socket.py")], env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [sys.executable, str(EXAMPLES / "unix_socket.py")],
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 30
         while True:

@@ -25,7 +25,9 @@ FALCON_SDIST = ROOT / ".venv" / "compat" / f"falcon-{FALCON}.tar.gz"
 @pytest.mark.parametrize("transport", ["cli", "bridge"])
 def test_falcons_asgi_server_suite_passes(transport: str, tmp_path: Path) -> None:
     if not FALCON_SDIST.exists():
-        pytest.skip(f"{FALCON_SDIST} is missing: .ci/run downloads it (pip download --no-binary :all: falcon=={FALCON})")
+        pytest.skip(
+            f"{FALCON_SDIST} is missing: .ci/run downloads it (pip download --no-binary :all: falcon=={FALCON})"
+        )
     import falcon
 
     assert falcon.__version__ == FALCON, "the installed Falcon must be the one whose tests run"

@@ -82,7 +82,9 @@ async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await send({"type": "http.response.body", "body": "text, not bytes"})
         return
     status, headers, chunks, streamed = _case(scope["path"])
-    await send({"type": "http.response.start", "status": status, "headers": [(k.encode(), v.encode()) for k, v in headers]})
+    await send(
+        {"type": "http.response.start", "status": status, "headers": [(k.encode(), v.encode()) for k, v in headers]}
+    )
     if not streamed:
         await send({"type": "http.response.body", "body": b"".join(chunks)})
         return
@@ -160,7 +162,9 @@ INTERFACES = [
     Interface("asgi", serve_asgi, asgi_app),
     Interface("wsgi", serve_wsgi, wsgi_app, bridge=False),
     Interface("direct", serve_native_direct, direct_handler),
-    Interface("direct-threads", serve_native_direct, direct_sync_handler, {"native_direct": True}, bridge=False, streams=False),
+    Interface(
+        "direct-threads", serve_native_direct, direct_sync_handler, {"native_direct": True}, bridge=False, streams=False
+    ),
     Interface("http-server", serve_native_http, http_server_handler),
 ]
 
@@ -173,7 +177,9 @@ SERVERS = [
 
 
 @contextlib.contextmanager
-def running(interface: Interface, native_callback: bool, certs: Certificates | None = None, http3: bool = False) -> Iterator[Running]:
+def running(
+    interface: Interface, native_callback: bool, certs: Certificates | None = None, http3: bool = False
+) -> Iterator[Running]:
     options = dict(interface.options, native_callback=native_callback, http3=http3)
     if certs is not None:
         options["tls"] = tls_settings(certificate_path=certs.cert_path, key_path=certs.key_path)
@@ -207,7 +213,9 @@ def _h1_socket(port: int, context: ssl.SSLContext | None) -> socket.socket:
     return context.wrap_socket(sock, server_hostname="localhost")
 
 
-def h1_exchange(port: int, paths: list[str], method: str = "GET", context: ssl.SSLContext | None = None) -> list[Outcome]:
+def h1_exchange(
+    port: int, paths: list[str], method: str = "GET", context: ssl.SSLContext | None = None
+) -> list[Outcome]:
     """Sends each request on one connection, one after another, while the
     connection lasts; the outcomes of those answered."""
     outcomes: list[Outcome] = []
@@ -254,7 +262,9 @@ def _h1_read(sock: socket.socket, conn: h11.Connection, outcome: Outcome) -> boo
             return False
 
 
-def h2_exchange(port: int, paths: list[str], method: str = "GET", context: ssl.SSLContext | None = None) -> list[Outcome]:
+def h2_exchange(
+    port: int, paths: list[str], method: str = "GET", context: ssl.SSLContext | None = None
+) -> list[Outcome]:
     """Sends every request at once on one HTTP/2 connection; the outcome of
     each stream (a reset stream is a cut or unanswered one)."""
     config = h2.config.H2Configuration(client_side=True, validate_inbound_headers=False)
@@ -324,7 +334,9 @@ def h3_exchange(port: int, certs: Certificates, paths: list[str], method: str = 
 PROTOCOLS = ["h1", "h1-tls", "h2c", "h2-tls", "h3"]
 
 
-def exchange(protocol: str, server: Running, certs: Certificates, paths: list[str], method: str = "GET") -> list[Outcome]:
+def exchange(
+    protocol: str, server: Running, certs: Certificates, paths: list[str], method: str = "GET"
+) -> list[Outcome]:
     if protocol == "h3":
         return h3_exchange(server.port, certs, paths, method)
     context = None
@@ -358,10 +370,18 @@ def assert_next_request_served(outcomes: list[Outcome], protocol: str) -> None:
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 @pytest.mark.parametrize(("interface", "native_callback"), SERVERS)
-@pytest.mark.parametrize(("path", "declared", "actual"), [("/whole-long", 20, 10), ("/whole-short", 5, 5 + len(FORGED))])
+@pytest.mark.parametrize(
+    ("path", "declared", "actual"), [("/whole-long", 20, 10), ("/whole-short", 5, 5 + len(FORGED))]
+)
 def test_a_whole_body_that_disagrees_with_its_content_length_is_answered_500(
-    interface: Interface, native_callback: bool, protocol: str, path: str, declared: int, actual: int,
-    certs: Certificates, server_log: LogLines,
+    interface: Interface,
+    native_callback: bool,
+    protocol: str,
+    path: str,
+    declared: int,
+    actual: int,
+    certs: Certificates,
+    server_log: LogLines,
 ) -> None:
     with server_for(protocol, interface, native_callback, certs) as server:
         outcomes = exchange(protocol, server, certs, [path, "/ok"])
@@ -380,8 +400,12 @@ def test_a_whole_body_that_disagrees_with_its_content_length_is_answered_500(
 @pytest.mark.parametrize(("interface", "native_callback"), SERVERS)
 @pytest.mark.parametrize("path", ["/stream-short", "/stream-over"])
 def test_a_streamed_body_that_breaks_its_content_length_is_cut_off(
-    interface: Interface, native_callback: bool, protocol: str, path: str,
-    certs: Certificates, server_log: LogLines,
+    interface: Interface,
+    native_callback: bool,
+    protocol: str,
+    path: str,
+    certs: Certificates,
+    server_log: LogLines,
 ) -> None:
     if not interface.streams:
         pytest.skip("native_direct=True answers with whole bodies only")
@@ -489,13 +513,22 @@ def test_head_of_a_real_app_view_over_every_client(app_name: str, client: str, c
     with serving(helper, app(), **options) as server:
         url = server.url(path).replace("127.0.0.1", "localhost") if tls else server.url(path)
         if client.startswith("httpx"):
-            with httpx.Client(http2=True, http1=False, verify=ssl.create_default_context(cafile=str(certs.ca_path)), timeout=TIMEOUT) as c:
+            with httpx.Client(
+                http2=True, http1=False, verify=ssl.create_default_context(cafile=str(certs.ca_path)), timeout=TIMEOUT
+            ) as c:
                 response = c.head(url)
             assert (response.http_version, response.status_code, response.content) == ("HTTP/2", status, b"")
             return
-        flags = {"curl-h2c": ["--http2-prior-knowledge"], "curl-h2-tls": ["--http2", "--cacert", str(certs.ca_path)], "curl-h1": ["--http1.1"]}[client]
+        flags = {
+            "curl-h2c": ["--http2-prior-knowledge"],
+            "curl-h2-tls": ["--http2", "--cacert", str(certs.ca_path)],
+            "curl-h1": ["--http1.1"],
+        }[client]
         done = subprocess.run(
-            ["curl", "-sS", "-I", "--max-time", str(TIMEOUT), *flags, url], capture_output=True, text=True, timeout=TIMEOUT + 5
+            ["curl", "-sS", "-I", "--max-time", str(TIMEOUT), *flags, url],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT + 5,
         )
     assert done.returncode == 0, done.stderr
     status_line = done.stdout.splitlines()[0]

@@ -546,9 +546,7 @@ def test_content_type_constants() -> None:
 
 
 def test_content_type_constructor_normalizes() -> None:
-    content_type = ContentType(
-        " Text ", "HTML", charset="UTF-8", parameters={"Level": "1", "q": "a b"}
-    )
+    content_type = ContentType(" Text ", "HTML", charset="UTF-8", parameters={"Level": "1", "q": "a b"})
     assert content_type.primary_type == "text"
     assert content_type.sub_type == "html"
     assert content_type.mime_type == "text/html"
@@ -580,9 +578,7 @@ def test_content_type_parameters_are_a_copy() -> None:
         ("text", "plain", {"x": "a\r\nb"}),
     ],
 )
-def test_content_type_constructor_rejects_invalid(
-    primary: str, sub: str, parameters: dict[str, str]
-) -> None:
+def test_content_type_constructor_rejects_invalid(primary: str, sub: str, parameters: dict[str, str]) -> None:
     with pytest.raises(ValueError):
         ContentType(primary, sub, parameters=parameters)
 
@@ -607,9 +603,7 @@ def test_content_type_quotes_and_escapes_parameter_values() -> None:
         ("", "/", {}),
     ],
 )
-def test_content_type_parse_is_tolerant(
-    text: str, mime_type: str, parameters: dict[str, str]
-) -> None:
+def test_content_type_parse_is_tolerant(text: str, mime_type: str, parameters: dict[str, str]) -> None:
     content_type = ContentType.parse(text)
     assert content_type.mime_type == mime_type
     assert content_type.parameters == parameters

@@ -103,7 +103,9 @@ async def describe(request: Any) -> None:
     )
 
 
-def start_h3(serve: Callable[..., RunningServer], certs: Certificates, handler: Any, address: str = "127.0.0.1", **options: Any) -> RunningServer:
+def start_h3(
+    serve: Callable[..., RunningServer], certs: Certificates, handler: Any, address: str = "127.0.0.1", **options: Any
+) -> RunningServer:
     """A TLS server with HTTP/3 on (the ``serve`` fixture defaults it off)."""
     options.setdefault("http3", True)
     return serve(handler, address, certificate_path=certs.cert_path, key_path=certs.key_path, **options)
@@ -227,7 +229,9 @@ def test_get_and_post(serve: Any, loop_thread: BackgroundLoop, certs: Certificat
     assert "alt-svc" not in names  # advertised over TCP only: this client is already on HTTP/3
 
 
-def test_protocol_version_scheme_and_connection_info(serve: Any, loop_thread: BackgroundLoop, certs: Certificates) -> None:
+def test_protocol_version_scheme_and_connection_info(
+    serve: Any, loop_thread: BackgroundLoop, certs: Certificates
+) -> None:
     running = start_h3(serve, certs, describe)
 
     async def scenario() -> dict[str, Any]:
@@ -331,7 +335,9 @@ def test_100_concurrent_streams_on_one_connection(serve: Any, loop_thread: Backg
     assert len(set(arrived)) == 1  # one QUIC connection
 
 
-def test_200_sequential_requests_on_one_connection(serve: Any, loop_thread: BackgroundLoop, certs: Certificates) -> None:
+def test_200_sequential_requests_on_one_connection(
+    serve: Any, loop_thread: BackgroundLoop, certs: Certificates
+) -> None:
     async def handler(request: Any) -> None:
         body = await request.read()
         request.response.write(f"{request.uri.path} {request.connection_info.remote_port} {len(body)}")
@@ -357,7 +363,9 @@ def test_200_sequential_requests_on_one_connection(serve: Any, loop_thread: Back
     assert len(ports) == 1
 
 
-def test_client_reset_mid_body_leaves_the_server_serving(serve: Any, loop_thread: BackgroundLoop, certs: Certificates) -> None:
+def test_client_reset_mid_body_leaves_the_server_serving(
+    serve: Any, loop_thread: BackgroundLoop, certs: Certificates
+) -> None:
     """A POST whose body is half sent when the client resets the stream: the
     handler, reading the body as it streams in, gets ClientDisconnected (not
     a body that looks complete); the same connection and a new one are still
@@ -432,7 +440,9 @@ def test_max_body_size_applies(serve: Any, loop_thread: BackgroundLoop, certs: C
     assert outcomes[0] == f"read {KIB}"
 
 
-def test_native_error_responses_keep_the_connection(serve: Any, loop_thread: BackgroundLoop, certs: Certificates) -> None:
+def test_native_error_responses_keep_the_connection(
+    serve: Any, loop_thread: BackgroundLoop, certs: Certificates
+) -> None:
     running = start_h3(serve, certs, describe, max_body_size=4 * KIB)
 
     async def scenario() -> tuple[int, int]:
@@ -444,7 +454,9 @@ def test_native_error_responses_keep_the_connection(serve: Any, loop_thread: Bac
     assert run(loop_thread, scenario()) == (413, 200)
 
 
-def test_connection_specific_headers_are_not_sent_over_http3(serve: Any, loop_thread: BackgroundLoop, certs: Certificates) -> None:
+def test_connection_specific_headers_are_not_sent_over_http3(
+    serve: Any, loop_thread: BackgroundLoop, certs: Certificates
+) -> None:
     async def handler(request: Any) -> None:
         request.response.headers.set("connection", "close")
         request.response.write("ok")
@@ -459,7 +471,9 @@ def test_connection_specific_headers_are_not_sent_over_http3(serve: Any, loop_th
     assert response.status == 200 and response.header("connection") is None
 
 
-def test_max_concurrent_streams_is_the_quic_stream_limit(serve: Any, loop_thread: BackgroundLoop, certs: Certificates) -> None:
+def test_max_concurrent_streams_is_the_quic_stream_limit(
+    serve: Any, loop_thread: BackgroundLoop, certs: Certificates
+) -> None:
     running = start_h3(serve, certs, hello, max_concurrent_streams=7)
 
     async def scenario() -> int:
@@ -515,7 +529,9 @@ def test_fragment_in_path_resets_only_its_stream(serve: Any, loop_thread: Backgr
 
     async def scenario() -> list[int | str]:
         async with connect(running.port, certs) as client:
-            return [await outcome(client.start("GET", path)[1]) for path in ("/before", "/a#frag", "/after?x#y", "/last")]
+            return [
+                await outcome(client.start("GET", path)[1]) for path in ("/before", "/a#frag", "/after?x#y", "/last")
+            ]
 
     assert run(loop_thread, scenario()) == [200, "reset", "reset", 200]
     assert seen == ["/before", "/last"]
@@ -565,8 +581,10 @@ def test_fragment_in_a_hand_made_request_stream(
     section = (
         b"\x00\x00"  # no dynamic table
         + bytes([0xC0 | 17, 0xC0 | 23])  # static :method GET, :scheme https
-        + b"\x50" + qpack_string(b"localhost", 7)  # :authority, a static name
-        + qpack_string(b":path", 3, 0x20) + qpack_string(path, 7)  # literal name and value
+        + b"\x50"
+        + qpack_string(b"localhost", 7)  # :authority, a static name
+        + qpack_string(b":path", 3, 0x20)
+        + qpack_string(path, 7)  # literal name and value
     )
     stream = h3_frame(0x21, b"grease") + h3_frame(0x01, section)
 
@@ -595,7 +613,9 @@ def test_ipv6_loopback(serve: Any, loop_thread: BackgroundLoop, certs: Certifica
     assert seen["remote"][0] == "::1"
 
 
-def test_localhost_binding_answers_http3_on_every_loopback(serve: Any, loop_thread: BackgroundLoop, certs: Certificates) -> None:
+def test_localhost_binding_answers_http3_on_every_loopback(
+    serve: Any, loop_thread: BackgroundLoop, certs: Certificates
+) -> None:
     from server_native.runtime.addresses import ipv6_available
 
     running = start_h3(serve, certs, describe, "localhost")
@@ -686,7 +706,9 @@ def test_alt_svc_on_natively_answered_responses(serve: Any, certs: Certificates,
         assert response.headers.get_list("alt-svc") == [f'h3=":{running.port}"; ma=86400']
 
 
-def test_client_switches_from_http2_to_http3_after_alt_svc(serve: Any, loop_thread: BackgroundLoop, certs: Certificates) -> None:
+def test_client_switches_from_http2_to_http3_after_alt_svc(
+    serve: Any, loop_thread: BackgroundLoop, certs: Certificates
+) -> None:
     """What a browser does: the first request goes over TCP (HTTP/2), the
     answer's Alt-Svc names the HTTP/3 port, the next request goes there."""
     running = start_h3(serve, certs, describe)
@@ -767,8 +789,13 @@ def test_callback_api(loop_thread: BackgroundLoop, certs: Certificates, server_l
     def helper(stop: Awaitable[Any]) -> Coroutine[Any, Any, Any]:
         if helper_name == "serve_secure_native_http":
             return serve_secure_native_http(
-                hello, "127.0.0.1", 0, certificate_path=certs.cert_path, key_path=certs.key_path,
-                shutdown_signal=stop, shutdown_timeout=HELPER_DRAIN,
+                hello,
+                "127.0.0.1",
+                0,
+                certificate_path=certs.cert_path,
+                key_path=certs.key_path,
+                shutdown_signal=stop,
+                shutdown_timeout=HELPER_DRAIN,
             )
         tls = TlsConfig(certificate_path=str(certs.cert_path), key_path=str(certs.key_path))
         return serve_native_http(hello, "127.0.0.1", 0, tls=tls, shutdown_signal=stop, shutdown_timeout=HELPER_DRAIN)
@@ -789,8 +816,12 @@ def test_multi_bind_api(loop_thread: BackgroundLoop, certs: Certificates, server
     def helper(stop: Awaitable[Any]) -> Coroutine[Any, Any, Any]:
         binds = [NativeServerBind("127.0.0.1", 0), NativeServerBind("127.0.0.1", 0)]
         return serve_secure_native_multi(
-            handler, binds, certificate_path=certs.cert_path, key_path=certs.key_path,
-            shutdown_signal=stop, shutdown_timeout=HELPER_DRAIN,
+            handler,
+            binds,
+            certificate_path=certs.cert_path,
+            key_path=certs.key_path,
+            shutdown_signal=stop,
+            shutdown_timeout=HELPER_DRAIN,
         )
 
     async def scenario() -> tuple[list[int], list[bytes]]:
@@ -807,7 +838,9 @@ def test_multi_bind_api(loop_thread: BackgroundLoop, certs: Certificates, server
 
 
 @pytest.mark.parametrize("native_direct", [False, True], ids=["loop", "native_direct"])
-def test_direct_api(loop_thread: BackgroundLoop, certs: Certificates, server_log: LogLines, native_direct: bool) -> None:
+def test_direct_api(
+    loop_thread: BackgroundLoop, certs: Certificates, server_log: LogLines, native_direct: bool
+) -> None:
     def handler(request: NativeDirectRequest) -> NativeDirectResponse:
         body = request.body_bytes() if native_direct else b""
         text = f"{request.protocol} {request.scheme} {request.method} {request.uri} {len(body)}"
@@ -893,7 +926,9 @@ def test_graceful_close_then_closes_the_connection_with_h3_no_error(
     assert terminated.error_code == H3_NO_ERROR, terminated
 
 
-def test_graceful_close_of_an_idle_server_is_prompt(serve: Any, loop_thread: BackgroundLoop, certs: Certificates) -> None:
+def test_graceful_close_of_an_idle_server_is_prompt(
+    serve: Any, loop_thread: BackgroundLoop, certs: Certificates
+) -> None:
     running = start_h3(serve, certs, hello, shutdown_timeout=60)
 
     async def scenario() -> None:
@@ -937,7 +972,9 @@ def test_taken_udp_port_is_a_clear_error(loop_thread: BackgroundLoop, certs: Cer
         port = udp.getsockname()[1]
         with pytest.raises(OSError, match="HTTP/3") as raised:
             loop_thread.run(
-                NativeHttpServer.bind_secure("127.0.0.1", port, certificate_path=certs.cert_path, key_path=certs.key_path)
+                NativeHttpServer.bind_secure(
+                    "127.0.0.1", port, certificate_path=certs.cert_path, key_path=certs.key_path
+                )
             )
     assert str(port) in str(raised.value)
 
@@ -949,7 +986,9 @@ def test_taken_udp_port_leaves_the_tcp_port_free(loop_thread: BackgroundLoop, ce
         port = udp.getsockname()[1]
         with pytest.raises(OSError, match="HTTP/3"):
             loop_thread.run(
-                NativeHttpServer.bind_secure("127.0.0.1", port, certificate_path=certs.cert_path, key_path=certs.key_path)
+                NativeHttpServer.bind_secure(
+                    "127.0.0.1", port, certificate_path=certs.cert_path, key_path=certs.key_path
+                )
             )
     assert tcp_port_is_free(port), "the failed bind left its TCP listener bound"
 
@@ -1004,7 +1043,9 @@ def test_taken_udp_port_with_best_effort_serves_without_http3(serve: Any, certs:
             assert "alt-svc" not in response.headers  # nothing is advertised that is not served
 
 
-def test_best_effort_still_serves_http3_when_the_port_is_free(serve: Any, loop_thread: BackgroundLoop, certs: Certificates) -> None:
+def test_best_effort_still_serves_http3_when_the_port_is_free(
+    serve: Any, loop_thread: BackgroundLoop, certs: Certificates
+) -> None:
     running = start_h3(serve, certs, hello, http3_best_effort=True)
     with tls_client(certs, http2=True) as client:
         assert client.get(running.url("/")).headers["alt-svc"] == f'h3=":{running.port}"; ma=86400'
@@ -1059,7 +1100,9 @@ def test_zero_rtt_requests_are_marked_early_data(serve: Any, loop_thread: Backgr
     assert resumed["protocol_version"] == "3" and resumed["path"] == "/early"
 
 
-def test_full_handshake_requests_are_not_marked_early_data(serve: Any, loop_thread: BackgroundLoop, certs: Certificates) -> None:
+def test_full_handshake_requests_are_not_marked_early_data(
+    serve: Any, loop_thread: BackgroundLoop, certs: Certificates
+) -> None:
     running = start_h3(serve, certs, describe, http3_early_data=True)
 
     async def scenario() -> list[str | None]:

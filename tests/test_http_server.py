@@ -61,10 +61,6 @@ def h2_client(**options: Any) -> httpx.Client:
     return httpx.Client(http1=False, http2=True, timeout=TIMEOUT, **options)
 
 
-
-
-
-
 def on_loop(loop_thread: BackgroundLoop, fn: Callable[[], Any]) -> Any:
     async def call() -> Any:
         return fn()
@@ -414,7 +410,9 @@ def test_request_body_over_http2(serve: Serve) -> None:
 # ---------------------------------------------------------------- responses
 
 
-@pytest.mark.parametrize(("status", "reason"), [(201, "Created"), (404, "Not Found"), (418, "I'm a Teapot"), (503, "Service Unavailable")])
+@pytest.mark.parametrize(
+    ("status", "reason"), [(201, "Created"), (404, "Not Found"), (418, "I'm a Teapot"), (503, "Service Unavailable")]
+)
 def test_response_status_codes(serve: Serve, status: int, reason: str) -> None:
     async def handler(r: HttpRequest) -> None:
         r.response.status_code = status
@@ -683,7 +681,9 @@ def _gated_handler(release: asyncio.Event, *, buffered: bool) -> Callable[[HttpR
 
 
 @pytest.mark.parametrize("buffered", [True, False], ids=["flush", "buffer_output-false"])
-def test_streamed_output_reaches_the_client_before_close(serve: Serve, loop_thread: BackgroundLoop, buffered: bool) -> None:
+def test_streamed_output_reaches_the_client_before_close(
+    serve: Serve, loop_thread: BackgroundLoop, buffered: bool
+) -> None:
     """The first write arrives while the handler still waits (so it was
     really sent, chunked), then the rest follows."""
     release = asyncio.Event()
@@ -1000,7 +1000,18 @@ def test_curl_http2_prior_knowledge(serve: Serve) -> None:
     recorder = Recorder(lambda r: r.protocol_version, body=b"from h2")
     running = serve(recorder)
     result = subprocess.run(
-        ["curl", "-sS", "--http2-prior-knowledge", "-o", "-", "-w", "\n%{http_version}", "--max-time", "10", running.url()],
+        [
+            "curl",
+            "-sS",
+            "--http2-prior-knowledge",
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_version}",
+            "--max-time",
+            "10",
+            running.url(),
+        ],
         capture_output=True,
         timeout=20,
         check=True,

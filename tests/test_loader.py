@@ -38,7 +38,9 @@ from server_native._dist import loader as _loader
 from server_native._dist import platforms as _platforms
 from server_native._dist.setup import make_folders
 
-pytestmark = pytest.mark.skipif(HOST_LABEL is None or not REAL_LIBRARY.is_file(), reason="no platform label / library here")
+pytestmark = pytest.mark.skipif(
+    HOST_LABEL is None or not REAL_LIBRARY.is_file(), reason="no platform label / library here"
+)
 
 
 class World:
@@ -124,7 +126,9 @@ def test_env_var_beats_project_cache(world: World, tmp_path: Path) -> None:
     library = place_library(tmp_path / "elsewhere", name="any-name.so")
     info = world.probe(SERVER_NATIVE_PREBUILT=str(library))
     assert (info["rung"], info["source"], info["path"]) == (1, "SERVER_NATIVE_PREBUILT", str(library))
-    assert info["tried"] == [{"rung": 1, "source": "SERVER_NATIVE_PREBUILT", "place": str(library), "outcome": "loaded"}]
+    assert info["tried"] == [
+        {"rung": 1, "source": "SERVER_NATIVE_PREBUILT", "place": str(library), "outcome": "loaded"}
+    ]
 
 
 def test_other_tags_in_a_cache_are_not_used_unless_named(world: World) -> None:
@@ -178,7 +182,9 @@ def test_a_pin_in_the_user_cache_names_a_tag(world: World) -> None:
 @pytest.mark.parametrize("component", ["library", "platform folder", "cache root"])
 def test_a_cache_others_can_write_is_refused(world: World, component: str) -> None:
     library = place_library(world.project_dir())
-    loose = {"library": library, "platform folder": library.parent, "cache root": world.project / ".server_native"}[component]
+    loose = {"library": library, "platform folder": library.parent, "cache root": world.project / ".server_native"}[
+        component
+    ]
     os.chmod(loose, 0o777 if loose.is_dir() else 0o666)
     info = world.probe()
     assert info["rung"] == 3, info["tried"]
@@ -196,7 +202,10 @@ def test_a_cache_owned_by_another_user_is_refused(world: World) -> None:
     os.chown(library.parent, 65534, 65534)
     info = world.probe()
     assert info["rung"] == 3
-    assert info["tried"][1]["outcome"] == f"refused: {library.parent} belongs to uid 65534, not to this user (uid 0) or root"
+    assert (
+        info["tried"][1]["outcome"]
+        == f"refused: {library.parent} belongs to uid 65534, not to this user (uid 0) or root"
+    )
 
 
 @pytest.fixture
@@ -217,7 +226,9 @@ def test_own_tag_with_its_verified_archive_loads(world: World, shipped: Path) ->
 
 
 @pytest.mark.parametrize("tampering", ["no archive", "another archive", "another library"])
-def test_own_tag_that_does_not_match_the_shipped_hash_is_refused(world: World, shipped: Path, wrong_abi: Path, tampering: str) -> None:
+def test_own_tag_that_does_not_match_the_shipped_hash_is_refused(
+    world: World, shipped: Path, wrong_abi: Path, tampering: str
+) -> None:
     place_library(world.project_dir(), source=wrong_abi if tampering == "another library" else None)
     asset = shipped.name
     if tampering != "no archive":
@@ -258,7 +269,12 @@ def test_missing_file_is_reported(world: World, tmp_path: Path) -> None:
     missing = tmp_path / "nowhere" / library_name()
     info = world.probe(SERVER_NATIVE_PREBUILT=str(missing))
     assert info["rung"] == 3
-    assert info["tried"][0] == {"rung": 1, "source": "SERVER_NATIVE_PREBUILT", "place": str(missing), "outcome": "not found"}
+    assert info["tried"][0] == {
+        "rung": 1,
+        "source": "SERVER_NATIVE_PREBUILT",
+        "place": str(missing),
+        "outcome": "not found",
+    }
     assert "NativeLibraryWarning" in info["stderr"] and str(missing) in info["stderr"]
 
 
@@ -285,7 +301,12 @@ def test_nothing_fits_one_error_lists_every_place(tmp_path: Path, wrong_abi: Pat
     assert done.returncode != 0
     error = done.stderr[done.stderr.index("ImportError: server_native could not load its native library") :]
     assert "could not load its native library" in error
-    for place in (str(wrong_abi), str(world.project_dir() / library_name()), str(world.user_dir() / library_name()), str(world.package)):
+    for place in (
+        str(wrong_abi),
+        str(world.project_dir() / library_name()),
+        str(world.user_dir() / library_name()),
+        str(world.package),
+    ):
         assert place in error
     assert "4. source build" in error and "not a source checkout" in error
     assert "pip install server-native" in error and "SERVER_NATIVE_PREBUILT=" in error
@@ -357,7 +378,9 @@ def test_info_and_setup_run_when_no_library_loads(tmp_path: Path) -> None:
     assert "pip install server-native" in done.stderr and "setup" not in done.stderr
     done = run_cli("setup", "--platform", "nowhere-x64", cwd=world.cwd, env=world.env())
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == [f"server-native setup: error: unknown platform 'nowhere-x64' (known: {', '.join(_platforms.LABELS)})"]
+    assert done.stderr.strip().splitlines() == [
+        f"server-native setup: error: unknown platform 'nowhere-x64' (known: {', '.join(_platforms.LABELS)})"
+    ]
 
 
 # ---------------------------------------------------------------- what loads nothing
@@ -383,7 +406,12 @@ def run_loading_nothing(world: World, *args: str) -> tuple[dict, str]:
     """``python -m server_native ARGS`` (or, without ARGS, importing the package
     and its CLI) in a child; its exit code and which heavy modules it imported."""
     done = subprocess.run(
-        [sys.executable, "-c", NOTHING_LOADED, *args], cwd=world.cwd, env=world.env(), capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", NOTHING_LOADED, *args],
+        cwd=world.cwd,
+        env=world.env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert done.stdout.strip(), done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
@@ -407,9 +435,18 @@ def checkout_without_library(tmp_path: Path) -> World:
 
 @pytest.mark.parametrize(
     ("args", "code"),
-    [(("--help",), 0), (("--version",), 0), (("serve", "--help"), 0), (("setup", "--help"), 0), (("info",), 1), (("setup", "--platform", "nowhere-x64"), 2)],
+    [
+        (("--help",), 0),
+        (("--version",), 0),
+        (("serve", "--help"), 0),
+        (("setup", "--help"), 0),
+        (("info",), 1),
+        (("setup", "--platform", "nowhere-x64"), 2),
+    ],
 )
-def test_commands_that_need_no_library_load_none_and_build_none(checkout_without_library: World, args: tuple[str, ...], code: int) -> None:
+def test_commands_that_need_no_library_load_none_and_build_none(
+    checkout_without_library: World, args: tuple[str, ...], code: int
+) -> None:
     answer, stderr = run_loading_nothing(checkout_without_library, *args)
     assert answer == {"code": code, "loaded": []}, stderr
     assert "building the native library" not in stderr
@@ -427,8 +464,13 @@ def test_a_source_build_says_it_starts_why_and_how_to_skip_it(checkout_without_l
     done = run_python("from server_native import NativeHttpServer", cwd=world.cwd, env=world.env())
     assert done.returncode != 0
     notice = done.stderr[done.stderr.index("server_native: building the native library from source") :]
-    assert notice.startswith(f"server_native: building the native library from source in {world.site} (maturin build --release, about 8 minutes")
-    assert "Why: this is a source checkout and no library fits (project cache: not found; user cache: not found; package: no _native library in the package)" in notice
+    assert notice.startswith(
+        f"server_native: building the native library from source in {world.site} (maturin build --release, about 8 minutes"
+    )
+    assert (
+        "Why: this is a source checkout and no library fits (project cache: not found; user cache: not found; package: no _native library in the package)"
+        in notice
+    )
     assert "To skip it:" in notice and "SERVER_NATIVE_SOURCE_BUILD=0" in notice
     assert "4. source build: " in done.stderr and "maturin failed" in done.stderr
 
@@ -474,8 +516,18 @@ def test_host_labels(sys_platform: str, machine: str, label: str | None) -> None
 
 def test_labels_targets_and_file_names() -> None:
     assert _platforms.LABELS == (
-        "linux-x64", "linux-arm64", "macos-arm64", "macos-x64", "windows-x64", "windows-arm64",
-        "android-arm64", "android-armv7", "android-x64", "ios-arm64", "ios-sim-arm64", "ios-sim-x64",
+        "linux-x64",
+        "linux-arm64",
+        "macos-arm64",
+        "macos-x64",
+        "windows-x64",
+        "windows-arm64",
+        "android-arm64",
+        "android-armv7",
+        "android-x64",
+        "ios-arm64",
+        "ios-sim-arm64",
+        "ios-sim-x64",
     )
     assert set(_platforms.RUST_TARGETS) == set(_platforms.LABELS)
     for label, triple in _platforms.RUST_TARGETS.items():

@@ -113,7 +113,9 @@ def test_each_refusal_is_counted_by_its_reason(serve: Callable[..., RunningServe
             return client.recv(4096)
 
     # hyper reads heads of up to 8 KiB whatever the limit below that.
-    assert send(b"GET / HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"a" * 10_000 + b"\r\n\r\n").startswith(b"HTTP/1.1 431")
+    assert send(b"GET / HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"a" * 10_000 + b"\r\n\r\n").startswith(
+        b"HTTP/1.1 431"
+    )
     assert send(b"GET / HTTP/1.1\r\nHost: localhost\r\n") == b"", "closed: no whole head in time"
     assert send(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n").startswith(b"HTTP/1.1 500")
     assert send(b"GET / HTTP/1.1\r\nHost: one\r\nHost: two\r\n\r\n").startswith(b"HTTP/1.1 400")
@@ -194,7 +196,9 @@ def load(port: int) -> list[str]:
 def check_counts(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> None:
     """What ``load`` and one malformed request leave, after the readiness request."""
     assert samples[("server_native_requests_total", (("protocol", "h1"),))] == REQUESTS + 1
-    by_class = {labels[0][1]: value for (name, labels), value in samples.items() if name == "server_native_responses_total"}
+    by_class = {
+        labels[0][1]: value for (name, labels), value in samples.items() if name == "server_native_responses_total"
+    }
     assert by_class == {"1xx": 0, "2xx": REQUESTS - MISSING + 1, "3xx": 0, "4xx": MISSING, "5xx": 0}
     assert samples[("server_native_refused_total", (("reason", "bad_request"),))] == 1
     assert samples[("server_native_connections_handled_total", ())] == REQUESTS + 2
@@ -234,7 +238,11 @@ def test_workers_figures_are_added_up_by_the_supervisor(app_dir: Path) -> None:
         check_counts(samples)
         assert samples[("server_native_worker_spawns_total", ())] == 2
         assert samples[("server_native_worker_respawns_total", ())] == 0
-        resident = {labels: value for (name, labels), value in samples.items() if name == "server_native_worker_resident_memory_bytes"}
+        resident = {
+            labels: value
+            for (name, labels), value in samples.items()
+            if name == "server_native_worker_resident_memory_bytes"
+        }
         assert {dict(labels)["pid"] for labels in resident} == answered_by
         assert all(value > 1 << 20 for value in resident.values())
 
@@ -247,8 +255,9 @@ def test_counts_outlive_the_workers_that_made_them(app_dir: Path) -> None:
         supervisor.send_signal(signal.SIGHUP)
         samples = once(
             lambda: scrape(metrics_port),
-            lambda samples: samples[("server_native_worker_respawns_total", ())] == 2
-            and not old_workers & worker_pids(samples),
+            lambda samples: (
+                samples[("server_native_worker_respawns_total", ())] == 2 and not old_workers & worker_pids(samples)
+            ),
             "the old workers replaced and gone",
         )
         assert requests_answered(samples) == REQUESTS + 1
@@ -256,7 +265,9 @@ def test_counts_outlive_the_workers_that_made_them(app_dir: Path) -> None:
         assert samples[("server_native_connections_open", ())] == 0
         assert samples[("server_native_worker_spawns_total", ())] == 4
         load(port)
-        samples = once(lambda: scrape(metrics_port), lambda s: requests_answered(s) == 2 * REQUESTS + 1, "the new workers' figures")
+        samples = once(
+            lambda: scrape(metrics_port), lambda s: requests_answered(s) == 2 * REQUESTS + 1, "the new workers' figures"
+        )
         assert samples[("server_native_responses_total", (("status_class", "4xx"),))] == 2 * MISSING
 
 
@@ -287,7 +298,12 @@ def test_help_and_readme_document_the_metrics_options() -> None:
 )
 def test_metrics_options_are_checked(app_dir: Path, args: list[str], message: str) -> None:
     finished = subprocess.run(
-        command("serve", "cliapp:app", *args), cwd=app_dir, env=environment(), capture_output=True, text=True, timeout=60
+        command("serve", "cliapp:app", *args),
+        cwd=app_dir,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert finished.returncode == 2
     assert message in finished.stderr

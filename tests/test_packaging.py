@@ -58,13 +58,27 @@ from server_native._dist import loader as _loader
 from server_native._dist import platforms as _platforms
 
 pytestmark = [
-    pytest.mark.skipif(not sys.platform.startswith("linux") or HOST_LABEL != "linux-x64", reason="the linux-x64 packaging checks"),
+    pytest.mark.skipif(
+        not sys.platform.startswith("linux") or HOST_LABEL != "linux-x64", reason="the linux-x64 packaging checks"
+    ),
     pytest.mark.skipif(not REAL_LIBRARY.is_file(), reason="no native library built"),
 ]
 
-SDIST_FILES = ["Cargo.toml", "Cargo.lock", "src/lib.rs", "hatch_build.py", "pyproject.toml", "LICENSE", "README.md",
-               "server_native/_dist/loader.py", "server_native/_dist/platforms.py", "server_native/_dist/release.py",
-               "server_native/_dist/setup.py", "server_native/py.typed", "server_native/_native.pyi"]
+SDIST_FILES = [
+    "Cargo.toml",
+    "Cargo.lock",
+    "src/lib.rs",
+    "hatch_build.py",
+    "pyproject.toml",
+    "LICENSE",
+    "README.md",
+    "server_native/_dist/loader.py",
+    "server_native/_dist/platforms.py",
+    "server_native/_dist/release.py",
+    "server_native/_dist/setup.py",
+    "server_native/py.typed",
+    "server_native/_native.pyi",
+]
 LOG = Path(os.environ.get("SERVER_NATIVE_PACKAGING_LOG", "")) if os.environ.get("SERVER_NATIVE_PACKAGING_LOG") else None
 
 
@@ -129,11 +143,19 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Artifacts]:
 @pytest.mark.timeout(1800)
 def test_wheel_tag_auditwheel_and_abi3audit(artifacts: Artifacts) -> None:
     wheel = artifacts.wheel
-    assert wheel.name.startswith("server_native-") and "-cp310-abi3-manylinux_" in wheel.name and wheel.name.endswith("_x86_64.whl")
+    assert (
+        wheel.name.startswith("server_native-")
+        and "-cp310-abi3-manylinux_" in wheel.name
+        and wheel.name.endswith("_x86_64.whl")
+    )
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
     assert "server_native/_native.abi3.so" in names and "server_native/_dist/loader.py" in names
-    assert not [n for n in names if n.startswith("server_native/") and n.endswith(".so") and n != "server_native/_native.abi3.so"]
+    assert not [
+        n
+        for n in names
+        if n.startswith("server_native/") and n.endswith(".so") and n != "server_native/_native.abi3.so"
+    ]
     shown = run([sys.executable, "-m", "auditwheel", "show", str(wheel)], timeout=300).stdout
     platform_tag = wheel.name[: -len(".whl")].split("-")[-1]
     assert f'consistent with the following platform tag: "{platform_tag}"' in " ".join(shown.split()), shown
@@ -159,7 +181,9 @@ def test_wheel_in_a_fresh_venv_without_rust_serves(artifacts: Artifacts, tmp_pat
     answer = serve_one_request(cwd=work, env=env, python=str(python))
     assert answer["rung"] == 3 and answer["source"] == "package"
     assert Path(answer["path"]).is_relative_to(tmp_path / "venv")
-    info = json.loads(run([str(python.parent / "server-native"), "info", "--json"], timeout=60, cwd=work, env=env).stdout)
+    info = json.loads(
+        run([str(python.parent / "server-native"), "info", "--json"], timeout=60, cwd=work, env=env).stdout
+    )
     assert info["rung"] == 3 and info["abi_version"] == _loader.ABI_VERSION and "http3" in info["features"]
     _timed("fresh venv + wheel install + one request", started)
 
@@ -187,8 +211,11 @@ def test_sdist_in_a_fresh_venv_builds_from_source_and_serves(artifacts: Artifact
     python = fresh_venv(tmp_path / "venv")
     target = tmp_path / "cargo-target"
     try:
-        done = run([str(python), "-m", "pip", "install", "-v", str(artifacts.sdist)], timeout=2400,
-                   env=cargo_env(CARGO_TARGET_DIR=str(target)))
+        done = run(
+            [str(python), "-m", "pip", "install", "-v", str(artifacts.sdist)],
+            timeout=2400,
+            env=cargo_env(CARGO_TARGET_DIR=str(target)),
+        )
     finally:
         shutil.rmtree(target, ignore_errors=True)
     log = done.stdout + done.stderr
@@ -230,7 +257,9 @@ def test_loader_builds_from_source_in_a_checkout_without_a_library(tmp_path: Pat
     built = checkout / "server_native" / "_native.abi3.so"
     assert answer == {"rung": 4, "source": "source build", "path": str(built)}
     # the next import finds it in the package (rung 3), with no build
-    info = json.loads(run([sys.executable, "-m", "server_native", "info", "--json"], timeout=120, cwd=work, env=env).stdout)
+    info = json.loads(
+        run([sys.executable, "-m", "server_native", "info", "--json"], timeout=120, cwd=work, env=env).stdout
+    )
     assert (info["rung"], info["path"]) == (3, str(built))
     _timed("loader rung 4 (maturin build in a copied checkout, shared target dir)", started)
 
@@ -254,8 +283,22 @@ def build_wheel_without_rust(tree: Path, out: Path, home: Path, **extra: str) ->
     env = clean_env(home, None, cargo=False, **extra)
     assert shutil.which("cargo", path=env["PATH"]) is None
     return subprocess.run(
-        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--skip-dependency-check", "--outdir", str(out), str(tree)],
-        capture_output=True, text=True, timeout=600, env=env, cwd=tree,
+        [
+            sys.executable,
+            "-m",
+            "build",
+            "--wheel",
+            "--no-isolation",
+            "--skip-dependency-check",
+            "--outdir",
+            str(out),
+            str(tree),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=tree,
     )
 
 
@@ -292,10 +335,17 @@ def test_a_staged_library_is_used_with_no_compile_step(tmp_path: Path, where: st
         dist_info = f"server_native-{_loader_version()}.dist-info"
         assert archive.read(f"{dist_info}/licenses/LICENSE") == (ROOT / "LICENSE").read_bytes()
         metadata = archive.read(f"{dist_info}/METADATA").decode()
-        assert "License-Expression: MIT" in metadata and "Project-URL: Homepage, https://pypi.org/project/server-native/" in metadata
+        assert (
+            "License-Expression: MIT" in metadata
+            and "Project-URL: Homepage, https://pypi.org/project/server-native/" in metadata
+        )
     if venv_tool("auditwheel") or _has_module("auditwheel"):
-        shown = subprocess.run([sys.executable, "-m", "auditwheel", "show", str(wheel)], capture_output=True, text=True, timeout=300)
-        assert f'platform tag: "{expected_tag.split("-")[-1]}"' in " ".join(shown.stdout.split()), shown.stdout + shown.stderr
+        shown = subprocess.run(
+            [sys.executable, "-m", "auditwheel", "show", str(wheel)], capture_output=True, text=True, timeout=300
+        )
+        assert f'platform tag: "{expected_tag.split("-")[-1]}"' in " ".join(shown.stdout.split()), (
+            shown.stdout + shown.stderr
+        )
 
 
 def test_a_staged_library_with_the_wrong_abi_is_skipped(tmp_path: Path) -> None:
@@ -309,7 +359,9 @@ def test_a_staged_library_with_the_wrong_abi_is_skipped(tmp_path: Path) -> None:
     shutil.copyfile(wrong, staged)
     done = build_wheel_without_rust(tree, tmp_path / "dist", tmp_path / "home")
     log = done.stdout + done.stderr
-    assert f"prebuilt/{HOST_LABEL}: {staged} has ABI version 999, the package needs {_loader.ABI_VERSION}: skipped" in log
+    assert (
+        f"prebuilt/{HOST_LABEL}: {staged} has ABI version 999, the package needs {_loader.ABI_VERSION}: skipped" in log
+    )
     # then the source build, which needs the Rust toolchain this environment hides
     assert done.returncode != 0 and "compiling the Rust extension" in log and "rustup" in log
     assert not list((tmp_path / "dist").glob("*.whl")) if (tmp_path / "dist").exists() else True
@@ -376,7 +428,12 @@ def test_headers_of_real_libraries() -> None:
     for library in (REAL_LIBRARY, Path(_ctypes.__file__)):
         found = _platforms.check_binary(library, "x86_64-unknown-linux-gnu")
         assert found == _platforms.Binary("ELF", ("x86_64",), 64, True, "glibc"), library
-    for triple in ("x86_64-unknown-linux-musl", "x86_64-linux-android", "aarch64-unknown-linux-gnu", "x86_64-pc-windows-msvc"):
+    for triple in (
+        "x86_64-unknown-linux-musl",
+        "x86_64-linux-android",
+        "aarch64-unknown-linux-gnu",
+        "x86_64-pc-windows-msvc",
+    ):
         with pytest.raises(_platforms.BinaryMismatch):
             _platforms.check_binary(REAL_LIBRARY, triple)
 
@@ -394,18 +451,25 @@ def test_a_musl_target_library_linked_against_glibc_is_refused(tmp_path: Path) -
     rustup = shutil.which("rustup", path=str(Path(cargo).parent)) if cargo else None
     if rustup is None:
         pytest.skip("no cargo/rustup here")
-    installed = subprocess.run([rustup, "target", "list", "--installed"], capture_output=True, text=True, timeout=60).stdout.split()
+    installed = subprocess.run(
+        [rustup, "target", "list", "--installed"], capture_output=True, text=True, timeout=60
+    ).stdout.split()
     if "x86_64-unknown-linux-musl" not in installed:
         pytest.skip("the x86_64-unknown-linux-musl target is not installed")
     crate = tmp_path / "probe"
     (crate / "src").mkdir(parents=True)
-    (crate / "Cargo.toml").write_text('[package]\nname = "probe"\nversion = "0.1.0"\nedition = "2021"\n[lib]\ncrate-type = ["cdylib"]\n')
+    (crate / "Cargo.toml").write_text(
+        '[package]\nname = "probe"\nversion = "0.1.0"\nedition = "2021"\n[lib]\ncrate-type = ["cdylib"]\n'
+    )
     (crate / "src" / "lib.rs").write_text('#[no_mangle]\npub extern "C" fn probe() -> u32 { std::process::id() }\n')
     env = {**os.environ, "RUSTFLAGS": "-C target-feature=-crt-static", "CARGO_TARGET_DIR": str(tmp_path / "target")}
     run([cargo, "build", "--release", "--target", "x86_64-unknown-linux-musl"], timeout=600, cwd=crate, env=env)
     library = tmp_path / "target" / "x86_64-unknown-linux-musl" / "release" / "libprobe.so"
     assert _platforms.inspect_binary(library).system == "glibc"
-    with pytest.raises(_platforms.BinaryMismatch, match=r"\(glibc\); the target x86_64-unknown-linux-musl needs an ELF x86_64 shared library \(musl\)"):
+    with pytest.raises(
+        _platforms.BinaryMismatch,
+        match=r"\(glibc\); the target x86_64-unknown-linux-musl needs an ELF x86_64 shared library \(musl\)",
+    ):
         _platforms.check_binary(library, "x86_64-unknown-linux-musl")
 
 
@@ -448,7 +512,7 @@ def craft_fat(*slices: bytes) -> bytes:
     offset = 8 + 20 * len(slices)
     table = b""
     for part in slices:
-        cpu, = struct.unpack_from("<i", part, 4)
+        (cpu,) = struct.unpack_from("<i", part, 4)
         table += struct.pack(">iiIII", cpu, 0, offset, len(part), 0)
         offset += len(part)
     return header + table + b"".join(slices)
@@ -471,24 +535,53 @@ ARM64, X86_64 = 0x0100000C, 0x01000007
 @pytest.mark.parametrize(
     ("content", "fits", "refused"),
     [
-        pytest.param(craft_elf(0xB7, needed=("libc.so", "libdl.so"), notes=("Android",)), ["aarch64-linux-android"],
-                     ["aarch64-unknown-linux-gnu", "aarch64-unknown-linux-musl", "x86_64-linux-android"], id="elf-android-arm64"),
-        pytest.param(craft_elf(0x28, needed=("libc.so",), notes=("Android",)), ["armv7-linux-androideabi"], ["aarch64-linux-android"],
-                     id="elf-android-armv7"),
-        pytest.param(craft_elf(0x3E, needed=("libc.musl-x86_64.so.1",)), ["x86_64-unknown-linux-musl"],
-                     ["x86_64-unknown-linux-gnu", "x86_64-linux-android"], id="elf-musl-x64"),
-        pytest.param(craft_elf(0x3E, needed=("libc.so.6",), shared=False), [], ["x86_64-unknown-linux-gnu"], id="elf-object-file"),
-        pytest.param(craft_macho(ARM64, 2), ["aarch64-apple-ios"], ["aarch64-apple-ios-sim", "aarch64-apple-darwin", "aarch64-linux-android"],
-                     id="macho-ios-arm64"),
+        pytest.param(
+            craft_elf(0xB7, needed=("libc.so", "libdl.so"), notes=("Android",)),
+            ["aarch64-linux-android"],
+            ["aarch64-unknown-linux-gnu", "aarch64-unknown-linux-musl", "x86_64-linux-android"],
+            id="elf-android-arm64",
+        ),
+        pytest.param(
+            craft_elf(0x28, needed=("libc.so",), notes=("Android",)),
+            ["armv7-linux-androideabi"],
+            ["aarch64-linux-android"],
+            id="elf-android-armv7",
+        ),
+        pytest.param(
+            craft_elf(0x3E, needed=("libc.musl-x86_64.so.1",)),
+            ["x86_64-unknown-linux-musl"],
+            ["x86_64-unknown-linux-gnu", "x86_64-linux-android"],
+            id="elf-musl-x64",
+        ),
+        pytest.param(
+            craft_elf(0x3E, needed=("libc.so.6",), shared=False), [], ["x86_64-unknown-linux-gnu"], id="elf-object-file"
+        ),
+        pytest.param(
+            craft_macho(ARM64, 2),
+            ["aarch64-apple-ios"],
+            ["aarch64-apple-ios-sim", "aarch64-apple-darwin", "aarch64-linux-android"],
+            id="macho-ios-arm64",
+        ),
         pytest.param(craft_macho(ARM64, 7), ["aarch64-apple-ios-sim"], ["aarch64-apple-ios"], id="macho-ios-sim-arm64"),
         pytest.param(craft_macho(X86_64, 7), ["x86_64-apple-ios"], ["x86_64-apple-darwin"], id="macho-ios-sim-x64"),
-        pytest.param(craft_fat(craft_macho(X86_64, 1), craft_macho(ARM64, 1)), ["x86_64-apple-darwin", "aarch64-apple-darwin"],
-                     ["aarch64-apple-ios"], id="macho-universal-macos"),
+        pytest.param(
+            craft_fat(craft_macho(X86_64, 1), craft_macho(ARM64, 1)),
+            ["x86_64-apple-darwin", "aarch64-apple-darwin"],
+            ["aarch64-apple-ios"],
+            id="macho-universal-macos",
+        ),
         pytest.param(craft_macho(ARM64, 1, filetype=2), [], ["aarch64-apple-darwin"], id="macho-executable"),
-        pytest.param(craft_pe(0x8664), ["x86_64-pc-windows-msvc"], ["aarch64-pc-windows-msvc", "x86_64-unknown-linux-gnu"], id="pe-amd64-dll"),
+        pytest.param(
+            craft_pe(0x8664),
+            ["x86_64-pc-windows-msvc"],
+            ["aarch64-pc-windows-msvc", "x86_64-unknown-linux-gnu"],
+            id="pe-amd64-dll",
+        ),
         pytest.param(craft_pe(0xAA64), ["aarch64-pc-windows-msvc"], ["x86_64-pc-windows-msvc"], id="pe-arm64-dll"),
         pytest.param(craft_pe(0x8664, dll=False), [], ["x86_64-pc-windows-msvc"], id="pe-executable"),
-        pytest.param(b"#!/bin/sh\necho not a library\n", [], ["x86_64-unknown-linux-gnu", "x86_64-pc-windows-msvc"], id="script"),
+        pytest.param(
+            b"#!/bin/sh\necho not a library\n", [], ["x86_64-unknown-linux-gnu", "x86_64-pc-windows-msvc"], id="script"
+        ),
         pytest.param(craft_elf(0xB7)[:40], [], ["aarch64-unknown-linux-gnu"], id="elf-cut-short"),
     ],
 )
@@ -524,7 +617,9 @@ def tiny_workspace(tmp_path: Path) -> Path:
         (root / crate / "src").mkdir(parents=True)
     (root / "Cargo.toml").write_text('[workspace]\nmembers = ["alpha", "beta"]\nresolver = "2"\n')
     (root / "alpha" / "Cargo.toml").write_text('[package]\nname = "alpha"\nversion = "0.1.0"\nedition = "2021"\n')
-    (root / "alpha" / "build.rs").write_text("fn main() { std::thread::sleep(std::time::Duration::from_millis(1500)); }\n")
+    (root / "alpha" / "build.rs").write_text(
+        "fn main() { std::thread::sleep(std::time::Duration::from_millis(1500)); }\n"
+    )
     (root / "alpha" / "src" / "lib.rs").write_text("pub fn a() -> u32 { 1 }\n")
     (root / "beta" / "Cargo.toml").write_text(
         '[package]\nname = "beta"\nversion = "0.1.0"\nedition = "2021"\n[dependencies]\nalpha = { path = "../alpha" }\n'
@@ -545,7 +640,11 @@ def cargo_build_env(workspace: Path, **extra: str) -> dict[str, str]:
 
 def test_progress_lines_from_real_cargo_output(tiny_workspace: Path) -> None:
     done = subprocess.run(
-        ["cargo", "build", "-p", "beta"], cwd=tiny_workspace, capture_output=True, text=True, timeout=300,
+        ["cargo", "build", "-p", "beta"],
+        cwd=tiny_workspace,
+        capture_output=True,
+        text=True,
+        timeout=300,
         env=cargo_build_env(tiny_workspace, CARGO_TERM_PROGRESS_WHEN="always", CARGO_TERM_PROGRESS_WIDTH="100"),
     )
     assert done.returncode == 0, done.stderr
@@ -558,7 +657,10 @@ def test_progress_lines_from_real_cargo_output(tiny_workspace: Path) -> None:
     assert not [piece for piece in kept if "Building [" in piece]  # bar redraws stay out of the log
     lines = out.getvalue().splitlines()
     assert lines[0] == "[server_native build] 0m00s: compiling alpha (crate 1)"
-    counted = [re.fullmatch(r"\[server_native build\] \dm\d\ds: (\d+) of (\d+) compiled, now (alpha|beta)", line) for line in lines]
+    counted = [
+        re.fullmatch(r"\[server_native build\] \dm\d\ds: (\d+) of (\d+) compiled, now (alpha|beta)", line)
+        for line in lines
+    ]
     totals = {int(match.group(2)) for match in counted if match}
     assert len(totals) == 1, lines  # cargo's bar: n of m units
 
@@ -575,7 +677,11 @@ def test_progress_goes_on_while_one_crate_compiles() -> None:
     beating = threading.Thread(target=progress.heartbeat, args=(stop,))
     beating.start()
     try:
-        wait_for(lambda: out.getvalue().count("compiling server_native (crate 1)") >= 3, timeout=30, what="three progress lines")
+        wait_for(
+            lambda: out.getvalue().count("compiling server_native (crate 1)") >= 3,
+            timeout=30,
+            what="three progress lines",
+        )
     finally:
         stop.set()
         beating.join(10)
@@ -600,7 +706,11 @@ def run_stream_child(workspace: Path, tmp_path: Path, tty: str | None) -> tuple[
     with open(stderr, "w") as errors:
         child = subprocess.Popen(
             [sys.executable, "-c", STREAM_CHILD, str(ROOT / "hatch_build.py"), str(workspace), *([tty] if tty else [])],
-            stdin=subprocess.DEVNULL, stdout=errors, stderr=errors, env=cargo_build_env(workspace), start_new_session=True,
+            stdin=subprocess.DEVNULL,
+            stdout=errors,
+            stderr=errors,
+            env=cargo_build_env(workspace),
+            start_new_session=True,
         )
     return child, stderr
 
@@ -628,7 +738,10 @@ def test_progress_reaches_the_terminal_while_the_output_is_captured(tiny_workspa
         os.close(slave)
         os.close(master)
     terminal = shown.decode().replace("\r\n", "\n")
-    assert "[server_native build] compiling the Rust extension (a first build takes about 8 minutes on 2 busy cores, 3-4 on idle ones)" in terminal
+    assert (
+        "[server_native build] compiling the Rust extension (a first build takes about 8 minutes on 2 busy cores, 3-4 on idle ones)"
+        in terminal
+    )
     assert re.search(r"compiling alpha \(crate 1\)", terminal), terminal
     assert re.search(r"\[server_native build\] \dm\d\ds: done\n", terminal), terminal
     log = stderr.read_text()
@@ -649,8 +762,21 @@ def test_progress_falls_back_to_stderr_without_a_terminal(tiny_workspace: Path, 
 def test_sdist_holds_what_a_build_needs_and_no_tests(tmp_path: Path) -> None:
     """Building the sdist compiles nothing; the tests stay in the repository
     (they need examples/, tool/, the workflows beside them)."""
-    run([sys.executable, "-m", "build", "--sdist", "--no-isolation", "--skip-dependency-check", "--outdir", str(tmp_path), str(ROOT)],
-        timeout=300, cwd=tmp_path)
+    run(
+        [
+            sys.executable,
+            "-m",
+            "build",
+            "--sdist",
+            "--no-isolation",
+            "--skip-dependency-check",
+            "--outdir",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        timeout=300,
+        cwd=tmp_path,
+    )
     (sdist,) = tmp_path.glob("*.tar.gz")
     with tarfile.open(sdist) as tar:
         names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
@@ -658,7 +784,11 @@ def test_sdist_holds_what_a_build_needs_and_no_tests(tmp_path: Path) -> None:
         assert license_member is not None and license_member.read() == (ROOT / "LICENSE").read_bytes()
     for needed in SDIST_FILES:
         assert needed in names, needed
-    assert not [n for n in names if n.startswith(("tests/", "examples/", "tool/", "benchmark/", "prebuilt/", "target/", ".server_native/"))]
+    assert not [
+        n
+        for n in names
+        if n.startswith(("tests/", "examples/", "tool/", "benchmark/", "prebuilt/", "target/", ".server_native/"))
+    ]
     assert not [n for n in names if n.endswith((".so", ".pyd", ".dylib"))]
 
 
@@ -681,7 +811,11 @@ def test_tools_are_found_without_the_venv_on_path() -> None:
     assert shutil.which("actionlint", path=env["PATH"]) is None
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_workflows.py::test_actionlint"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert "1 passed" in done.stdout
@@ -715,8 +849,14 @@ def test_readme_first_command_with_the_system_python(tmp_path: Path) -> None:
     env.update(PATH=system_path, PORT=str(port))
     log = tmp_path / "command.log"
     with open(log, "w") as out:
-        child = subprocess.Popen(["bash", "-c", readme_first_command()], cwd=checkout, env=env, stdout=out,
-                                 stderr=subprocess.STDOUT, start_new_session=True)
+        child = subprocess.Popen(
+            ["bash", "-c", readme_first_command()],
+            cwd=checkout,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         answer = _wait_for_health(port, child, deadline=time.monotonic() + 2000)
         assert answer == (200, {"ok": True}), log.read_text()[-6000:]
@@ -725,7 +865,9 @@ def test_readme_first_command_with_the_system_python(tmp_path: Path) -> None:
             os.killpg(child.pid, 15)
         child.wait(60)
     assert (checkout / ".venv" / "bin" / "python").is_file()
-    _timed("README command 1 with the system python3 (venv, pip install . with a warm target dir, one request)", started)
+    _timed(
+        "README command 1 with the system python3 (venv, pip install . with a warm target dir, one request)", started
+    )
 
 
 def _wait_for_health(port: int, child: subprocess.Popen[bytes], deadline: float) -> tuple[int, object]:

@@ -37,7 +37,9 @@ def test_the_pid_file_names_the_server_while_it_runs(app_dir: Path, workers: str
 
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_the_env_file_is_loaded_before_the_app_is_imported(app_dir: Path, workers: str) -> None:
-    (app_dir / "app.env").write_text('# settings\nexport SERVER_NATIVE_GREETING="hello world"\nSERVER_NATIVE_KEPT=from-file\n')
+    (app_dir / "app.env").write_text(
+        '# settings\nexport SERVER_NATIVE_GREETING="hello world"\nSERVER_NATIVE_KEPT=from-file\n'
+    )
     options = ("--env-file", "app.env", "--workers", workers)
     with serving(app_dir, "cliapp:app", *options, env={"SERVER_NATIVE_KEPT": "from-environment"}) as (process, port):
         assert get(port, "/env") == (200, "hello world from-environment")
@@ -68,7 +70,12 @@ def run_cli_without(app_dir: Path, module: str, *args: str) -> subprocess.Comple
     """The CLI in a process where ``module`` cannot be imported."""
     script = f"import sys; sys.modules[{module!r}] = None; from server_native.cli.main import main; sys.exit(main(sys.argv[1:]))"
     return subprocess.run(
-        [sys.executable, "-c", script, *args], cwd=app_dir, env=environment(), capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", script, *args],
+        cwd=app_dir,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -111,7 +118,11 @@ def yaml_config() -> str:
 
 @pytest.mark.parametrize(
     ("name", "text"),
-    [("log_config.json", lambda: (EXAMPLES / "log_config.json").read_text()), ("log.yaml", yaml_config), ("log.ini", lambda: INI_CONFIG)],
+    [
+        ("log_config.json", lambda: (EXAMPLES / "log_config.json").read_text()),
+        ("log.yaml", yaml_config),
+        ("log.ini", lambda: INI_CONFIG),
+    ],
     ids=["json", "yaml", "ini"],
 )
 def test_a_log_config_file_replaces_the_logging_configuration(app_dir: Path, name: str, text: object) -> None:
@@ -120,13 +131,17 @@ def test_a_log_config_file_replaces_the_logging_configuration(app_dir: Path, nam
     with serving(app_dir, "cliapp:app", "--log-config", name, "--access-log") as (process, port):
         assert get(port, "/configured")[0] == 200
         output = stop(process)
-    assert re.search(r'^ACCESS 127\.0\.0\.1:\d+ - "GET /configured HTTP/1\.1" 200$', (app_dir / "access.log").read_text(), re.M)
+    assert re.search(
+        r'^ACCESS 127\.0\.0\.1:\d+ - "GET /configured HTTP/1\.1" 200$', (app_dir / "access.log").read_text(), re.M
+    )
     assert "/configured" not in output
 
 
 def test_log_level_still_applies_over_a_log_config(app_dir: Path) -> None:
     shutil.copy(EXAMPLES / "log_config.json", app_dir / "log_config.json")
-    with serving(app_dir, "cliapp:app", "--log-config", "log_config.json", "--access-log", "--log-level", "warning") as (process, port):
+    with serving(
+        app_dir, "cliapp:app", "--log-config", "log_config.json", "--access-log", "--log-level", "warning"
+    ) as (process, port):
         assert get(port, "/quiet")[0] == 200
         stop(process)
     assert "/quiet" not in (app_dir / "access.log").read_text()
@@ -134,7 +149,14 @@ def test_log_level_still_applies_over_a_log_config(app_dir: Path) -> None:
 
 def test_a_broken_log_config_is_one_line(app_dir: Path) -> None:
     (app_dir / "log.json").write_text('{"version": 1, "handlers": {"h": {"class": "no.such.Handler"}}}')
-    result = subprocess.run(command("serve", "cliapp:app", "--log-config", "log.json"), cwd=app_dir, env=environment(), capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        command("serve", "cliapp:app", "--log-config", "log.json"),
+        cwd=app_dir,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2
     assert error_line(result).startswith("error: --log-config log.json: ValueError: Unable to configure handler 'h'")
 
@@ -143,7 +165,10 @@ def test_a_yaml_log_config_without_pyyaml_is_one_line(app_dir: Path) -> None:
     (app_dir / "log.yaml").write_text("version: 1\n")
     result = run_cli_without(app_dir, "yaml", "serve", "cliapp:app", "--log-config", "log.yaml")
     assert result.returncode == 2
-    assert error_line(result) == "error: --log-config log.yaml: a YAML logging configuration needs PyYAML (pip install pyyaml)"
+    assert (
+        error_line(result)
+        == "error: --log-config log.yaml: a YAML logging configuration needs PyYAML (pip install pyyaml)"
+    )
 
 
 def error_line(result: subprocess.CompletedProcess[str]) -> str:
@@ -158,12 +183,15 @@ def error_line(result: subprocess.CompletedProcess[str]) -> str:
 
 FORMAT = '%(h)s "%(r)s" %(s)s %(B)s %(D)s %(H)s %(m)s %(U)s %(q)s %(p)s "%(a)s" %({x-trace}i)s'
 LINE = re.compile(
-    r'^INFO server_native\.access: 127\.0\.0\.1 "GET /slow\?x=1 HTTP/1\.1" 200 (\d+) (\d+) HTTP/1\.1 GET /slow x=1 <(\d+)> "probe/1" t-42$', re.M
+    r'^INFO server_native\.access: 127\.0\.0\.1 "GET /slow\?x=1 HTTP/1\.1" 200 (\d+) (\d+) HTTP/1\.1 GET /slow x=1 <(\d+)> "probe/1" t-42$',
+    re.M,
 )
 
 
 @pytest.mark.parametrize(
-    "app", [("cliapp:app",), ("cliapp:wsgi",), ("cliapp:direct", "--interface", "direct")], ids=["asgi", "wsgi", "direct"]
+    "app",
+    [("cliapp:app",), ("cliapp:wsgi",), ("cliapp:direct", "--interface", "direct")],
+    ids=["asgi", "wsgi", "direct"],
 )
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_the_access_log_format_on_every_interface(app_dir: Path, app: tuple[str, ...], workers: str) -> None:
@@ -182,7 +210,9 @@ def test_the_access_log_format_on_every_interface(app_dir: Path, app: tuple[str,
 
 def test_a_streamed_response_is_logged_once_it_has_gone(app_dir: Path) -> None:
     """A direct handler's stream: bytes and duration cover the whole body."""
-    with serving(app_dir, "cliapp:direct_stream", "--interface", "direct", "--access-log-format", "%(r)s %(s)s %(B)s %(D)s") as (process, port):
+    with serving(
+        app_dir, "cliapp:direct_stream", "--interface", "direct", "--access-log-format", "%(r)s %(s)s %(B)s %(D)s"
+    ) as (process, port):
         status, body = get(port, "/streamed")
         output = stop(process)
     assert (status, body) == (200, "one two three ")
@@ -218,7 +248,11 @@ def test_the_access_log_format_with_native_direct_through_run(app_dir: Path) -> 
     finally:
         output = stop(process)
     assert status == 200
-    assert re.search(rf"^INFO server_native\.access: 127\.0\.0\.1 GET /native\?y=2 HTTP/1\.1 200 {len(body)} \d+\.\d{{6}}$", output, re.M), output
+    assert re.search(
+        rf"^INFO server_native\.access: 127\.0\.0\.1 GET /native\?y=2 HTTP/1\.1 200 {len(body)} \d+\.\d{{6}}$",
+        output,
+        re.M,
+    ), output
 
 
 def test_no_access_log_wins_over_a_format(app_dir: Path) -> None:
@@ -255,7 +289,10 @@ def test_the_readme_lists_every_process_option() -> None:
     [
         (("--limit-max-requests", "0"), "argument --limit-max-requests: must be at least 1, not 0"),
         (("--limit-max-requests", "many"), "argument --limit-max-requests: not a whole number: 'many'"),
-        (("--limit-max-requests-jitter", "-1", "--limit-max-requests", "5"), "argument --limit-max-requests-jitter: must be at least 0, not -1"),
+        (
+            ("--limit-max-requests-jitter", "-1", "--limit-max-requests", "5"),
+            "argument --limit-max-requests-jitter: must be at least 0, not -1",
+        ),
         (("--limit-max-requests-jitter", "5"), "--limit-max-requests-jitter needs --limit-max-requests"),
         (("--workers-lifetime", "0"), "argument --workers-lifetime: must be more than 0"),
         (("--workers-lifetime", "nan"), "argument --workers-lifetime: must be at least 0, not nan"),
@@ -265,13 +302,29 @@ def test_the_readme_lists_every_process_option() -> None:
         (("--pid-file", "no-such-dir/server.pid"), "--pid-file no-such-dir/server.pid: No such file or directory"),
         (("--env-file", "missing.env"), "argument --env-file: no such file: 'missing.env'"),
         (("--log-config", "missing.json"), "argument --log-config: no such file: 'missing.json'"),
-        (("--access-log-format", "%(nope)s"), "argument --access-log-format: unknown access log atom %(nope)s: the atoms are h, l, u, t, r, m, U, q, H, s, B, b, f, a, T, M, D, L, p and {name}i"),
-        (("--access-log-format", "%(h)s %(s"), "argument --access-log-format: not an access log format (incomplete format key): '%(h)s %(s'"),
-        (("--access-log-format", "%(h)d"), "argument --access-log-format: not an access log format (%d format: a real number is required, not str): '%(h)d'"),
+        (
+            ("--access-log-format", "%(nope)s"),
+            "argument --access-log-format: unknown access log atom %(nope)s: the atoms are h, l, u, t, r, m, U, q, H, s, B, b, f, a, T, M, D, L, p and {name}i",
+        ),
+        (
+            ("--access-log-format", "%(h)s %(s"),
+            "argument --access-log-format: not an access log format (incomplete format key): '%(h)s %(s'",
+        ),
+        (
+            ("--access-log-format", "%(h)d"),
+            "argument --access-log-format: not an access log format (%d format: a real number is required, not str): '%(h)d'",
+        ),
     ],
     ids=lambda value: value[0] if isinstance(value, tuple) else "",
 )
 def test_a_bad_value_is_one_line(app_dir: Path, args: tuple[str, ...], message: str) -> None:
-    result = subprocess.run(command("serve", "cliapp:app", *args), cwd=app_dir, env=environment(), capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        command("serve", "cliapp:app", *args),
+        cwd=app_dir,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2
     assert error_line(result) == f"error: {message}"

@@ -551,7 +551,9 @@ def test_no_client_certificate_requested_by_default(serve: Any, certs: Certifica
 
 def test_required_client_certificate_refuses_client_without_one(serve: Any, certs: Certificates) -> None:
     recorder = Recorder()
-    server = serve(recorder, client_ca_path=certs.client_ca_path, require_client_certificate=True, **secure_options(certs))
+    server = serve(
+        recorder, client_ca_path=certs.client_ca_path, require_client_certificate=True, **secure_options(certs)
+    )
     with httpx.Client(verify=tls_context(certs), timeout=TIMEOUT) as client:
         with pytest.raises((httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError)):
             client.get(server.url("/refused"))
@@ -560,7 +562,9 @@ def test_required_client_certificate_refuses_client_without_one(serve: Any, cert
 
 def test_required_client_certificate_serves_client_with_one(serve: Any, certs: Certificates) -> None:
     recorder = Recorder()
-    server = serve(recorder, client_ca_path=certs.client_ca_path, require_client_certificate=True, **secure_options(certs))
+    server = serve(
+        recorder, client_ca_path=certs.client_ca_path, require_client_certificate=True, **secure_options(certs)
+    )
     with httpx.Client(http2=True, verify=tls_context(certs, client_cert=True), timeout=TIMEOUT) as client:
         response = client.get(server.url("/admitted"))
     assert response.status_code == 200
@@ -575,7 +579,9 @@ def test_required_client_certificate_refuses_certificate_from_other_ca(
     stranger.cert_chain_pems[0].write_to_path(str(cert_path))
     stranger.private_key_pem.write_to_path(str(key_path))
     recorder = Recorder()
-    server = serve(recorder, client_ca_path=certs.client_ca_path, require_client_certificate=True, **secure_options(certs))
+    server = serve(
+        recorder, client_ca_path=certs.client_ca_path, require_client_certificate=True, **secure_options(certs)
+    )
     context = tls_context(certs)
     context.load_cert_chain(str(cert_path), str(key_path))
     with httpx.Client(verify=context, timeout=TIMEOUT) as client:

@@ -89,7 +89,11 @@ def h2_get(where: int | str, prefix: bytes, tls: ssl.SSLContext | None = None) -
     TLS): the response body."""
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     conn.initiate_connection()
-    conn.send_headers(1, [(":method", "GET"), (":scheme", "https" if tls else "http"), (":authority", "app"), (":path", "/who")], end_stream=True)
+    conn.send_headers(
+        1,
+        [(":method", "GET"), (":scheme", "https" if tls else "http"), (":authority", "app"), (":path", "/who")],
+        end_stream=True,
+    )
     with connect(where) as raw:
         raw.sendall(prefix)
         sock = raw if tls is None else tls.wrap_socket(raw, server_hostname="localhost")
@@ -122,7 +126,9 @@ def test_http_server_reports_the_client_of_the_header_over_http1_h2c_and_tls(
 
 
 @pytest.mark.parametrize("native_callback", TRANSPORTS)
-@pytest.mark.parametrize(("helper", "app"), [(serve_asgi, who_asgi), (serve_native_direct, who_direct)], ids=["asgi", "direct"])
+@pytest.mark.parametrize(
+    ("helper", "app"), [(serve_asgi, who_asgi), (serve_native_direct, who_direct)], ids=["asgi", "direct"]
+)
 def test_asgi_and_direct_report_the_client_of_the_header(helper: Any, app: Any, native_callback: bool) -> None:
     with serving(helper, app, proxy_protocol=True, native_callback=native_callback) as server:
         assert body_of(exchange(server.port, proxy_v1(CLIENT, ("127.0.0.1", 80)))) == "203.0.113.7 56324"
@@ -131,7 +137,10 @@ def test_asgi_and_direct_report_the_client_of_the_header(helper: Any, app: Any, 
 
 def test_wsgi_reports_the_client_of_the_header() -> None:
     with serving(serve_wsgi, who_wsgi, proxy_protocol=True) as server:
-        assert body_of(exchange(server.port, proxy_v2(CLIENT, tlvs=tlv(0x01, b"h2") + tlv(0x04, b"\0" * 40)))) == "203.0.113.7 56324"
+        assert (
+            body_of(exchange(server.port, proxy_v2(CLIENT, tlvs=tlv(0x01, b"h2") + tlv(0x04, b"\0" * 40))))
+            == "203.0.113.7 56324"
+        )
         assert body_of(exchange(server.port, proxy_v1(CLIENT6, ("::1", 80)))) == "2001:db8::7 4242"
 
 
@@ -155,7 +164,9 @@ def test_the_header_is_read_once_per_connection(serve: Any) -> None:
 
 @pytest.mark.skipif(sys.platform == "win32", reason="Unix domain sockets")
 @pytest.mark.parametrize("native_callback", TRANSPORTS)
-def test_over_a_unix_socket_the_header_names_the_client(tmp_path: Path, native_callback: bool, loop_thread: BackgroundLoop) -> None:
+def test_over_a_unix_socket_the_header_names_the_client(
+    tmp_path: Path, native_callback: bool, loop_thread: BackgroundLoop
+) -> None:
     path = f"/tmp/sn-pp-{tmp_path.name[-10:]}.sock"
     server = loop_thread.run(NativeHttpServer.bind_unix(path, proxy_protocol=True, native_callback=native_callback))
     try:
@@ -176,13 +187,17 @@ def test_over_a_unix_socket_the_header_names_the_client(tmp_path: Path, native_c
 REFUSED = [
     pytest.param(b"", "no valid PROXY protocol header", id="missing"),
     pytest.param(b"PROXY TCP4 203.0.113.7 nonsense 1 2\r\n", "no valid PROXY protocol header", id="malformed-v1"),
-    pytest.param(proxy_v2(CLIENT)[:12] + b"\x31\x11\x00\x0c" + bytes(12), "no valid PROXY protocol header", id="malformed-v2"),
+    pytest.param(
+        proxy_v2(CLIENT)[:12] + b"\x31\x11\x00\x0c" + bytes(12), "no valid PROXY protocol header", id="malformed-v2"
+    ),
     pytest.param(b"PROXY TCP4 " + b"1" * 120 + b"\r\n", "no valid PROXY protocol header", id="oversized"),
 ]
 
 
 @pytest.mark.parametrize(("header", "logged"), REFUSED)
-def test_a_bad_or_missing_header_closes_the_connection(serve: Any, server_log: LogLines, header: bytes, logged: str) -> None:
+def test_a_bad_or_missing_header_closes_the_connection(
+    serve: Any, server_log: LogLines, header: bytes, logged: str
+) -> None:
     server = serve(who_http_server, proxy_protocol=True)
     assert exchange(server.port, header) == b""
     server_log.wait("closed a connection from 127.0.0.1:", logged)
@@ -200,7 +215,10 @@ def test_a_bad_header_before_tls_closes_the_connection(serve: Any, certs: Certif
     # A client speaking TLS at once is no better: its ClientHello is not a header.
     with connect(server.port) as raw, pytest.raises((ssl.SSLError, ConnectionError, OSError)):
         tls_context(certs).wrap_socket(raw, server_hostname="localhost")
-    assert body_of(exchange(server.port, proxy_v1(CLIENT, ("127.0.0.1", 80)), tls=tls_context(certs))) == "203.0.113.7 56324"
+    assert (
+        body_of(exchange(server.port, proxy_v1(CLIENT, ("127.0.0.1", 80)), tls=tls_context(certs)))
+        == "203.0.113.7 56324"
+    )
 
 
 def test_a_truncated_header_closes_the_connection(serve: Any, server_log: LogLines) -> None:
@@ -231,7 +249,7 @@ def test_a_peer_not_in_forwarded_allow_ips_is_refused(serve: Any, server_log: Lo
 def test_without_proxy_protocol_a_header_is_a_bad_request(serve: Any) -> None:
     server = serve(who_http_server)
     assert exchange(server.port, proxy_v1(CLIENT, ("127.0.0.1", 80))).startswith(b"HTTP/1.1 400")
-    assert body_of(exchange(server.port, b"")) .startswith("127.0.0.1 ")
+    assert body_of(exchange(server.port, b"")).startswith("127.0.0.1 ")
 
 
 def test_forwarded_allow_ips_must_be_addresses_or_networks() -> None:
@@ -242,7 +260,9 @@ def test_forwarded_allow_ips_must_be_addresses_or_networks() -> None:
 
 
 def test_http3_is_off_with_the_proxy_protocol(serve: Any, certs: Certificates, server_log: LogLines) -> None:
-    server = serve(who_http_server, proxy_protocol=True, http3=True, certificate_path=certs.cert_path, key_path=certs.key_path)
+    server = serve(
+        who_http_server, proxy_protocol=True, http3=True, certificate_path=certs.cert_path, key_path=certs.key_path
+    )
     assert not server.server.http3
     server_log.wait("HTTP/3 is off: the PROXY protocol is on")
 
@@ -269,7 +289,9 @@ def test_haproxy_tcp_mode_in_front(tmp_path: Path, send_proxy: str, native_callb
         serve_asgi, who_asgi, proxy_protocol=True, native_callback=native_callback,
         tls=_tls(certs),
     ) as secure:  # fmt: skip
-        config = HAPROXY_DEFAULTS + f"""
+        config = (
+            HAPROXY_DEFAULTS
+            + f"""
 listen plain
     mode tcp
     bind 127.0.0.1:{front}
@@ -279,6 +301,7 @@ listen passthrough
     bind 127.0.0.1:{front_tls}
     server app 127.0.0.1:{secure.port} {send_proxy}
 """
+        )
         with haproxy(config, tmp_path, [front, front_tls]):
             body, own_port = through(front)
             assert body == f"127.0.0.1 {own_port}"
@@ -295,12 +318,15 @@ def _tls(certs: Certificates) -> Any:
 def test_haproxy_http_mode_speaking_h2_to_the_server(tmp_path: Path) -> None:
     front = free_port()
     with serving(serve_native_direct, who_direct, proxy_protocol=True) as server:
-        config = HAPROXY_DEFAULTS + f"""
+        config = (
+            HAPROXY_DEFAULTS
+            + f"""
 listen web
     mode http
     bind 127.0.0.1:{front}
     server app 127.0.0.1:{server.port} send-proxy-v2 proto h2
 """
+        )
         with haproxy(config, tmp_path, [front]):
             for _ in range(3):
                 body, own_port = through(front)
@@ -312,8 +338,9 @@ listen web
 def test_nginx_stream_with_proxy_protocol_on(tmp_path: Path, native_callback: bool) -> None:
     front, front_unix = free_port(), free_port()
     path = f"/tmp/sn-ngx-{tmp_path.name[-10:]}.sock"
-    with serving(serve_asgi, who_asgi, proxy_protocol=True, native_callback=native_callback) as tcp, serving(
-        serve_asgi, who_asgi, uds=path, proxy_protocol=True, native_callback=native_callback
+    with (
+        serving(serve_asgi, who_asgi, proxy_protocol=True, native_callback=native_callback) as tcp,
+        serving(serve_asgi, who_asgi, uds=path, proxy_protocol=True, native_callback=native_callback),
     ):
         config = f"""
 events {{}}
@@ -350,7 +377,9 @@ def test_haproxy_health_checks_and_real_clients_through_the_cli(tmp_path: Path, 
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
     try:
         wait_listening(app_port, process=process)
-        config = HAPROXY_DEFAULTS + f"""
+        config = (
+            HAPROXY_DEFAULTS
+            + f"""
 backend app
     mode http
     option httpchk GET /health
@@ -360,6 +389,7 @@ frontend web
     bind 127.0.0.1:{front}
     default_backend app
 """
+        )
         with haproxy(config, tmp_path, [front]):
             deadline = time.monotonic() + TIMEOUT
             while True:

@@ -19,7 +19,18 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmark" / "rolling_restart.py
 @pytest.mark.parametrize("mode", ["instances", "sighup"])
 def test_no_request_fails_while_every_instance_is_restarted(mode: str) -> None:
     haproxy_or_skip()
-    command = [sys.executable, str(SCRIPT), "--mode", mode, "--requests", "2000", "--connections", "32", "--json", "--logs"]
+    command = [
+        sys.executable,
+        str(SCRIPT),
+        "--mode",
+        mode,
+        "--requests",
+        "2000",
+        "--connections",
+        "32",
+        "--json",
+        "--logs",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-6000:]
     report = json.loads(result.stdout)

@@ -83,8 +83,6 @@ def url(host: str, port: int, path: str = "/", scheme: str = "http") -> str:
     return f"{scheme}://{shown}:{port}{path}"
 
 
-
-
 @dataclass
 class Serving:
     """One ``serve_*`` helper running on the loop thread until ``stop()``."""
@@ -239,7 +237,12 @@ def test_forwarding_over_http2(run_serve: Callable[..., Serving]) -> None:
     assert response.http_version == "HTTP/2"
     data = response.json()
     assert (data["method"], data["path"], data["query"], data["body"], data["x_test"], data["version"]) == (
-        "POST", "/h2", "q=1", "h2 body", ["h2"], "2",
+        "POST",
+        "/h2",
+        "q=1",
+        "h2 body",
+        ["h2"],
+        "2",
     )
     serving.stop()
 
@@ -396,7 +399,12 @@ def client_context(certs: Certificates) -> ssl.SSLContext:
 
 def test_serve_secure_native_http(run_serve: Callable[..., Serving], certs: Certificates) -> None:
     serving = run_serve(
-        serve_secure_native_http, echo_handler, "localhost", 0, certificate_path=certs.cert_path, key_path=certs.key_path
+        serve_secure_native_http,
+        echo_handler,
+        "localhost",
+        0,
+        certificate_path=certs.cert_path,
+        key_path=certs.key_path,
     )
     lines = serving.echo(2 if ipv6_available() else 1)
     assert {line.scheme for line in lines} == {"https"}
@@ -466,11 +474,18 @@ def test_native_multi_server_bind_secure(run_serve: Callable[..., Serving], cert
     serving.stop()
 
 
-def test_serve_secure_with_a_missing_certificate_raises(loop_thread: BackgroundLoop, certs: Certificates, tmp_path: Path) -> None:
+def test_serve_secure_with_a_missing_certificate_raises(
+    loop_thread: BackgroundLoop, certs: Certificates, tmp_path: Path
+) -> None:
     with pytest.raises(FileNotFoundError):
         loop_thread.run(
             serve_secure_native_http(
-                echo_handler, "127.0.0.1", 0, certificate_path=tmp_path / "missing.pem", key_path=certs.key_path, http3=False
+                echo_handler,
+                "127.0.0.1",
+                0,
+                certificate_path=tmp_path / "missing.pem",
+                key_path=certs.key_path,
+                http3=False,
             )
         )
 
@@ -502,7 +517,11 @@ class Child:
     """The CHILD script in a subprocess, its stdout read line by line."""
 
     def __init__(self) -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+        env = dict(
+            os.environ,
+            PYTHONUNBUFFERED="1",
+            PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        )
         self.process = subprocess.Popen(
             [sys.executable, "-c", CHILD],
             cwd=ROOT,

@@ -106,13 +106,21 @@ def test_a_body_that_keeps_arriving_is_not_timed_out(serve: Any) -> None:
     ("request_bytes", "needles"),
     [
         (b"GET /a#b HTTP/1.1\r\nHost: x\r\n\r\n", ("refused an HTTP/1.1 request from 127.0.0.1", "fragment")),
-        (b"GET / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, chunked\r\n\r\n0\r\n\r\n", ("refused an HTTP/1.1 request from 127.0.0.1", "Transfer-Encoding")),
+        (
+            b"GET / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, chunked\r\n\r\n0\r\n\r\n",
+            ("refused an HTTP/1.1 request from 127.0.0.1", "Transfer-Encoding"),
+        ),
         (b"GET / HTTP/9.9\r\nHost: x\r\n\r\n", ("refused an HTTP/1.1 request from 127.0.0.1", "version")),
-        (b"GET / HTTP/1.1\r\nHost: x\r\nBad Header: y\r\n\r\n", ("refused an HTTP/1.1 request from 127.0.0.1", "header")),
+        (
+            b"GET / HTTP/1.1\r\nHost: x\r\nBad Header: y\r\n\r\n",
+            ("refused an HTTP/1.1 request from 127.0.0.1", "header"),
+        ),
     ],
     ids=["fragment", "double-chunked", "bad-version", "bad-header-name"],
 )
-def test_a_request_refused_natively_is_logged(serve: Any, request_bytes: bytes, needles: tuple[str, ...], server_log: LogLines) -> None:
+def test_a_request_refused_natively_is_logged(
+    serve: Any, request_bytes: bytes, needles: tuple[str, ...], server_log: LogLines
+) -> None:
     server = serve(BodyReader())
     assert status_of(exchange(server.port, request_bytes, until_eof=True)) == 400
     server_log.wait(*needles)
@@ -152,12 +160,19 @@ def test_a_flood_of_refusals_is_one_line_a_second_with_a_count(serve: Any, serve
     assert int(counted.split()[0]) == 29
 
 
-def test_http3_left_off_for_a_taken_udp_port_is_a_warning(serve: Any, certs: Certificates, server_log: LogLines) -> None:
+def test_http3_left_off_for_a_taken_udp_port_is_a_warning(
+    serve: Any, certs: Certificates, server_log: LogLines
+) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
         port = free_port()  # free over TCP: only its UDP twin is taken
         taken.bind(("127.0.0.1", port))
         server = serve(
-            BodyReader(), port=port, certificate_path=certs.cert_path, key_path=certs.key_path, http3=True, http3_best_effort=True
+            BodyReader(),
+            port=port,
+            certificate_path=certs.cert_path,
+            key_path=certs.key_path,
+            http3=True,
+            http3_best_effort=True,
         )
         assert server.port == port
         line = server_log.wait("HTTP/3 is off", "serving over TCP only")
@@ -200,7 +215,12 @@ def test_running_out_of_descriptors_is_an_error_and_the_server_recovers(tmp_path
     probe.close()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
-        [sys.executable, str(script), str(port)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+        [sys.executable, str(script), str(port)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
     )
     try:
         assert proc.stdout is not None
@@ -227,4 +247,3 @@ def test_running_out_of_descriptors_is_an_error_and_the_server_recovers(tmp_path
     assert errors, output
     assert "Too many open files" in errors[0]
     assert len(errors) <= 3, errors  # about one a second, however many accepts failed
-

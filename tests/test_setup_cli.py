@@ -47,7 +47,9 @@ from server_native._dist import platforms as _platforms
 from server_native._dist import release as _prebuilt_release
 from server_native._dist import setup as prebuilt
 
-pytestmark = pytest.mark.skipif(HOST_LABEL is None or not REAL_LIBRARY.is_file(), reason="no platform label / library here")
+pytestmark = pytest.mark.skipif(
+    HOST_LABEL is None or not REAL_LIBRARY.is_file(), reason="no platform label / library here"
+)
 
 PREFIX = _prebuilt_release.TAG_PREFIX
 
@@ -96,7 +98,9 @@ class Release:
         folder.mkdir(parents=True, exist_ok=True)
         return folder
 
-    def add(self, tag: str, labels: list[str], *, draft: bool = False, prerelease: bool = False, manifest: bool = True) -> Path:
+    def add(
+        self, tag: str, labels: list[str], *, draft: bool = False, prerelease: bool = False, manifest: bool = True
+    ) -> Path:
         folder = self.folder(tag)
         for label in labels:
             staged = folder / "staging" / label / _platforms.library_name(label)
@@ -193,7 +197,9 @@ class Project:
         env.update(extra)
         return env
 
-    def setup(self, release: Release, *args: str, quiet: bool = True, base_url: str | None = None) -> subprocess.CompletedProcess[str]:
+    def setup(
+        self, release: Release, *args: str, quiet: bool = True, base_url: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         options = ["--base-url", base_url or release.base_url, "--api-url", release.api_url]
         return run_cli("setup", *options, *(["--quiet"] if quiet else []), *args, cwd=self.root, env=self.env())
 
@@ -235,14 +241,19 @@ def test_tagged_download_then_the_loader_uses_it_and_serves(project: Project, re
     record = json.loads((library.parent / prebuilt.INSTALL_RECORD).read_text())
     assert record["sha256"] == sha256(release.host_asset(TAG)) and record["tag"] == TAG
     # the archive stays beside the library (the loader checks one against the other)
-    assert sorted(p.name for p in library.parent.iterdir()) == sorted([library.name, release.host_asset(TAG).name, prebuilt.INSTALL_RECORD])
+    assert sorted(p.name for p in library.parent.iterdir()) == sorted(
+        [library.name, release.host_asset(TAG).name, prebuilt.INSTALL_RECORD]
+    )
     assert (library.parent / release.host_asset(TAG).name).read_bytes() == release.host_asset(TAG).read_bytes()
     # no staging folder left behind, and nothing others can write to
     assert sorted(p.name for p in library.parent.parent.iterdir()) == [HOST_LABEL]
     for folder in (library.parent, library.parent.parent, project.root / ".server_native"):
         assert folder.stat().st_mode & 0o022 == 0, folder
     # this build ships no hashes and names no repository: nothing proved the download, and setup says so
-    assert f"not verified: this build of server_native names no GitHub repository to check an attestation against. {prebuilt.NOT_PROVEN}." in done.stderr
+    assert (
+        f"not verified: this build of server_native names no GitHub repository to check an attestation against. {prebuilt.NOT_PROVEN}."
+        in done.stderr
+    )
 
     info = probe(cwd=project.root, env=project.env())
     assert (info["rung"], info["source"], info["path"]) == (2, "project cache", str(library))
@@ -312,7 +323,9 @@ def test_user_destination(project: Project, release: Release) -> None:
     done = project.setup(release, "--tag", TAG, "--dest", "user")
     assert done.returncode == 0, done.stderr
     assert HOST_LABEL is not None
-    library = user_cache_of(project.env(), project.root) / "prebuilt" / TAG / HOST_LABEL / _platforms.library_name(HOST_LABEL)
+    library = (
+        user_cache_of(project.env(), project.root) / "prebuilt" / TAG / HOST_LABEL / _platforms.library_name(HOST_LABEL)
+    )
     assert library.read_bytes() == REAL_LIBRARY.read_bytes()
     assert project.prebuilt_tree() == []
     info = probe(cwd=project.root, env=project.env())
@@ -340,11 +353,22 @@ def test_wrong_checksum_is_refused_and_nothing_installed(project: Project, relea
 def test_package_shipped_hash_is_checked_for_the_package_tag(project: Project, release: Release) -> None:
     assert HOST_LABEL is not None
     with pytest.raises(prebuilt.SetupError, match="the hash shipped in this package is f{64}"):
-        prebuilt.setup(TAG, base_url=release.base_url, progress=False, start=project.root, package_hashes={HOST_LABEL: "f" * 64}, log=lambda m: None)
+        prebuilt.setup(
+            TAG,
+            base_url=release.base_url,
+            progress=False,
+            start=project.root,
+            package_hashes={HOST_LABEL: "f" * 64},
+            log=lambda m: None,
+        )
     assert not project.installed().exists()
     installed = prebuilt.setup(
-        TAG, base_url=release.base_url, progress=False, start=project.root,
-        package_hashes={HOST_LABEL: sha256(release.host_asset(TAG))}, log=lambda m: None,
+        TAG,
+        base_url=release.base_url,
+        progress=False,
+        start=project.root,
+        package_hashes={HOST_LABEL: sha256(release.host_asset(TAG))},
+        log=lambda m: None,
     )
     assert installed.path == project.installed() and installed.downloaded
     record = json.loads((installed.path.parent / prebuilt.INSTALL_RECORD).read_text())
@@ -384,7 +408,10 @@ def test_missing_tag(project: Project, release: Release) -> None:
     done = project.setup(release, "--tag", f"{PREFIX}7.7.7")
     assert done.returncode == 1
     line = one_error_line(done)
-    assert f"release {PREFIX}7.7.7 not found (no SHA256SUMS at {release.base_url}/download/{PREFIX}7.7.7/SHA256SUMS)" in line
+    assert (
+        f"release {PREFIX}7.7.7 not found (no SHA256SUMS at {release.base_url}/download/{PREFIX}7.7.7/SHA256SUMS)"
+        in line
+    )
 
 
 def test_latest_without_any_release_for_the_platform(project: Project, release: Release) -> None:
@@ -400,8 +427,14 @@ def test_server_down(project: Project, release: Release) -> None:
     done = project.setup(release, "--tag", TAG, base_url=f"http://127.0.0.1:{closed_port}/releases")
     assert done.returncode == 1
     line = one_error_line(done)
-    assert f"cannot get the SHA256SUMS of {TAG} from http://127.0.0.1:{closed_port}/releases/download/{TAG}/SHA256SUMS: " in line
-    assert f"127.0.0.1:{closed_port} refused the connection: nothing listens there (the server is down, or a wrong port) (3 attempts in " in line
+    assert (
+        f"cannot get the SHA256SUMS of {TAG} from http://127.0.0.1:{closed_port}/releases/download/{TAG}/SHA256SUMS: "
+        in line
+    )
+    assert (
+        f"127.0.0.1:{closed_port} refused the connection: nothing listens there (the server is down, or a wrong port) (3 attempts in "
+        in line
+    )
     assert project.prebuilt_tree() == []
 
 
@@ -434,7 +467,9 @@ def stalling_server() -> Iterator[tuple[int, list[socket.socket]]]:
     listener.close()
 
 
-def test_a_stalling_server_fails_within_the_budget_and_says_so(project: Project, release: Release, stalling_server: tuple[int, list[socket.socket]]) -> None:
+def test_a_stalling_server_fails_within_the_budget_and_says_so(
+    project: Project, release: Release, stalling_server: tuple[int, list[socket.socket]]
+) -> None:
     """All network waits of one setup share --timeout (60 s by default; 3 here):
     three tries of 30% of it each, then one line that says the server stalled."""
     port, taken = stalling_server
@@ -497,7 +532,10 @@ def test_setup_help_says_what_proves_a_download(project: Project) -> None:
     done = run_cli("setup", "--help", cwd=project.root, env=project.env())
     assert done.returncode == 0, done.stderr
     text = " ".join(done.stdout.split())
-    assert "SHA256SUMS comes from the same server as the archive, so it only catches a damaged download, not a forged one." in text
+    assert (
+        "SHA256SUMS comes from the same server as the archive, so it only catches a damaged download, not a forged one."
+        in text
+    )
     assert "Any other tag has no such check" in text and "gh attestation verify" in text
     assert "Naming a tag (--tag) for this machine pins it" in text
 
@@ -520,7 +558,10 @@ def test_own_tag_is_proven_by_the_shipped_hash_and_checked_again_on_load(project
     ship_hashes(project.package, {HOST_LABEL: sha256(release.host_asset(TAG))})
     done = project.setup(release, quiet=False)
     assert done.returncode == 0, done.stderr
-    assert f"verified: {_platforms.asset_name(HOST_LABEL)} has the SHA-256 shipped inside this package for {TAG}" in done.stderr
+    assert (
+        f"verified: {_platforms.asset_name(HOST_LABEL)} has the SHA-256 shipped inside this package for {TAG}"
+        in done.stderr
+    )
     assert "not verified" not in done.stderr
     library = project.installed()
     info = probe(cwd=project.root, env=project.env())
@@ -554,12 +595,19 @@ def gh_stand_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.mark.parametrize("attested", [True, False])
-def test_other_tags_are_checked_with_an_attestation(project: Project, release: Release, gh_stand_in: Path, attested: bool) -> None:
+def test_other_tags_are_checked_with_an_attestation(
+    project: Project, release: Release, gh_stand_in: Path, attested: bool
+) -> None:
     if attested:
         gh_stand_in.with_name("gh.ok").touch()
     messages: list[str] = []
     installed = prebuilt.setup(
-        f"{PREFIX}0.2.0", base_url=release.base_url, progress=False, start=project.root, log=messages.append, repository="owner/repo"
+        f"{PREFIX}0.2.0",
+        base_url=release.base_url,
+        progress=False,
+        start=project.root,
+        log=messages.append,
+        repository="owner/repo",
     )
     arguments = gh_stand_in.with_name("gh.args").read_text().split()
     assert arguments[:2] == ["attestation", "verify"] and arguments[3:] == ["--repo", "owner/repo"]
@@ -577,11 +625,20 @@ def test_other_tags_are_checked_with_an_attestation(project: Project, release: R
     assert installed.path.read_bytes() == REAL_LIBRARY.read_bytes()  # said, not refused
 
 
-def test_without_gh_setup_says_nothing_proved_the_download(project: Project, release: Release, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_gh_setup_says_nothing_proved_the_download(
+    project: Project, release: Release, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))  # no gh here
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
     messages: list[str] = []
-    prebuilt.setup(f"{PREFIX}0.2.0", base_url=release.base_url, progress=False, start=project.root, log=messages.append, repository="owner/repo")
+    prebuilt.setup(
+        f"{PREFIX}0.2.0",
+        base_url=release.base_url,
+        progress=False,
+        start=project.root,
+        log=messages.append,
+        repository="owner/repo",
+    )
     assert (
         "not verified: the GitHub CLI (gh) is not installed to check the release's artifact attestation. "
         f"{prebuilt.NOT_PROVEN}."
@@ -594,7 +651,9 @@ def test_without_gh_setup_says_nothing_proved_the_download(project: Project, rel
 def test_release_metadata_is_not_stale() -> None:
     """server_native/_dist/release.py matches the version in pyproject.toml
     (after a version bump: python tool/generate_prebuilt_release.py)."""
-    done = subprocess.run([sys.executable, str(ROOT / "tool" / "generate_prebuilt_release.py"), "--check"], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tool" / "generate_prebuilt_release.py"), "--check"], capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr
     assert _prebuilt_release.TAG == f"{PREFIX}{generator.project_version()}"
     assert _prebuilt_release.VERSION == generator.project_version()
@@ -603,7 +662,8 @@ def test_release_metadata_is_not_stale() -> None:
 def test_release_metadata_goes_stale_with_the_version(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, str(ROOT / "tool" / "generate_prebuilt_release.py"), "--check", "--version", "9.9.9"],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 1
     assert "is stale" in done.stderr and f'+TAG = "{PREFIX}9.9.9"' in done.stderr
@@ -622,7 +682,12 @@ def test_release_metadata_from_a_manifest(tmp_path: Path, release: Release) -> N
     assert generated.RELEASES_URL == "https://github.com/owner/repo/releases"
     assert generated.RELEASES_API_URL == "https://api.github.com/repos/owner/repo/releases"
     # the manifest URL form works too (served here)
-    assert generator.main(["--manifest", f"{release.base_url}/download/{TAG}/SHA256SUMS", "--output", str(output), "--check"]) == 0
+    assert (
+        generator.main(
+            ["--manifest", f"{release.base_url}/download/{TAG}/SHA256SUMS", "--output", str(output), "--check"]
+        )
+        == 0
+    )
 
 
 def test_staged_archives_hold_one_library_and_are_reproducible(tmp_path: Path) -> None:
@@ -630,7 +695,9 @@ def test_staged_archives_hold_one_library_and_are_reproducible(tmp_path: Path) -
     with tarfile.open(first) as tar:
         (only,) = tar.getmembers()
     assert (only.name, only.isreg(), only.mtime, only.mode) == ("_native.pyd", True, 0, 0o755)
-    again = stage_tool.write_archive(tmp_path / "prebuilt" / "windows-arm64" / "_native.pyd", "windows-arm64", tmp_path / "again")
+    again = stage_tool.write_archive(
+        tmp_path / "prebuilt" / "windows-arm64" / "_native.pyd", "windows-arm64", tmp_path / "again"
+    )
     assert sha256(first) == sha256(again)
     manifest = stage_tool.write_manifest(tmp_path / "dist", expect_all=False)
     assert manifest.read_text() == f"{sha256(first)}  server_native-windows-arm64.tar.gz\n"

@@ -91,10 +91,6 @@ def new_connection_is_served(port: int) -> bool:
         return False
 
 
-
-
-
-
 # ---------------------------------------------------------------- HTTP/1.1
 
 
@@ -216,8 +212,19 @@ def test_graceful_close_finishes_http2_streams_curl(serve: Any, loop_thread: Any
     running = serve(gate, shutdown_timeout=30, certificate_path=certs.cert_path, key_path=certs.key_path)
     urls = [arg for i in range(count) for arg in (running.url(f"/h2/{i}"), "-o", "/dev/null")]
     curl = subprocess.Popen(
-        ["curl", "-sS", "--http2", "--cacert", str(certs.ca_path), "--parallel", "--max-time", "20",
-         "-w", "%{http_code} %{http_version} %{url_effective}\\n", *urls],
+        [
+            "curl",
+            "-sS",
+            "--http2",
+            "--cacert",
+            str(certs.ca_path),
+            "--parallel",
+            "--max-time",
+            "20",
+            "-w",
+            "%{http_code} %{http_version} %{url_effective}\\n",
+            *urls,
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

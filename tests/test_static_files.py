@@ -202,7 +202,9 @@ def test_if_none_match_and_if_modified_since_answer_304(static_server: Any, site
             "other tag": client.get(url, headers={"if-none-match": '"other"'}),
             "earlier date": client.get(url, headers={"if-modified-since": earlier}),
             # If-None-Match decides alone when both are sent (RFC 9110 13.2.2).
-            "other tag, same date": client.get(url, headers={"if-none-match": '"other"', "if-modified-since": modified}),
+            "other tag, same date": client.get(
+                url, headers={"if-none-match": '"other"', "if-modified-since": modified}
+            ),
         }
     statuses = {why: response.status_code for why, response in answers.items()}
     assert statuses == {
@@ -336,7 +338,17 @@ def test_other_methods_answer_405_without_the_app(static_server: Any, method: st
 
 
 @pytest.mark.parametrize(
-    "path", ["/static/missing.txt", "/static/sub/", "/static/sub", "/static/", "/static", "/static/hello.txt/", "/static/hello.txt/x", "/static/fifo"]
+    "path",
+    [
+        "/static/missing.txt",
+        "/static/sub/",
+        "/static/sub",
+        "/static/",
+        "/static",
+        "/static/hello.txt/",
+        "/static/hello.txt/x",
+        "/static/fifo",
+    ],
 )
 def test_what_is_not_a_file_is_404_without_the_app(static_server: Any, path: str) -> None:
     running, app = static_server()
@@ -414,7 +426,17 @@ def test_curl_as_is_traversal_and_download(static_server: Any, site: Site, tmp_p
     curl = shutil.which("curl") or "curl"
 
     def fetch(path: str, *options: str) -> subprocess.CompletedProcess[bytes]:
-        args = [curl, "-sS", "--path-as-is", "-o", str(tmp_path / "out"), "-w", "%{http_code}", *options, running.url(path)]
+        args = [
+            curl,
+            "-sS",
+            "--path-as-is",
+            "-o",
+            str(tmp_path / "out"),
+            "-w",
+            "%{http_code}",
+            *options,
+            running.url(path),
+        ]
         return subprocess.run(args, capture_output=True, timeout=60, check=True)
 
     assert fetch("/static/../secret.txt").stdout == b"404"
@@ -438,12 +460,29 @@ def test_a_symlink_whose_file_is_inside_the_mount_is_followed(static_server: Any
 @pytest.mark.parametrize(
     ("method", "target", "logged", "level"),
     [
-        ("GET", "/static/escape.txt", "/static/escape.txt: a link out of its static directory: answered 404", logging.WARNING),
-        ("GET", "/static/%2e%2e/secret.txt", "/static/%2e%2e/secret.txt: a path that leaves its static directory: answered 404", logging.WARNING),
-        ("DELETE", "/static/hello.txt", "DELETE /static/hello.txt: a static file is only read: answered 405", logging.INFO),
+        (
+            "GET",
+            "/static/escape.txt",
+            "/static/escape.txt: a link out of its static directory: answered 404",
+            logging.WARNING,
+        ),
+        (
+            "GET",
+            "/static/%2e%2e/secret.txt",
+            "/static/%2e%2e/secret.txt: a path that leaves its static directory: answered 404",
+            logging.WARNING,
+        ),
+        (
+            "DELETE",
+            "/static/hello.txt",
+            "DELETE /static/hello.txt: a static file is only read: answered 405",
+            logging.INFO,
+        ),
     ],
 )
-def test_refusals_are_logged(static_server: Any, server_log: LogLines, method: str, target: str, logged: str, level: int) -> None:
+def test_refusals_are_logged(
+    static_server: Any, server_log: LogLines, method: str, target: str, logged: str, level: int
+) -> None:
     running, _ = static_server()
     connection = http.client.HTTPConnection("127.0.0.1", running.port, timeout=TIMEOUT)
     try:
@@ -480,7 +519,9 @@ def evicted_from_page_cache(path: Path) -> bool:
 
 
 @pytest.mark.skipif(not hasattr(os, "RWF_NOWAIT"), reason="reads from the page cache alone are a Linux feature")
-def test_a_file_out_of_the_page_cache_is_read_on_blocking_threads(static_server: Any, tmp_path: Path, site: Site) -> None:
+def test_a_file_out_of_the_page_cache_is_read_on_blocking_threads(
+    static_server: Any, tmp_path: Path, site: Site
+) -> None:
     running, _ = static_server(static_files=[("/static", tmp_path)])
     data = (site.public / "big.bin").read_bytes()[: 4 * MIB + 12345]
     (tmp_path / "cold.bin").write_bytes(data)
@@ -504,7 +545,10 @@ def test_http2_file_range_304_head_and_a_20_mib_file(static_server: Any, site: S
     with tls_client(certs, http2=True) as client:
         whole = client.get(running.url("/static/hello.txt"))
         assert (whole.http_version, whole.status_code, whole.content) == ("HTTP/2", 200, HELLO)
-        assert client.get(running.url("/static/hello.txt"), headers={"if-none-match": whole.headers["etag"]}).status_code == 304
+        assert (
+            client.get(running.url("/static/hello.txt"), headers={"if-none-match": whole.headers["etag"]}).status_code
+            == 304
+        )
         part = client.get(running.url("/static/hello.txt"), headers={"range": "bytes=0-4"})
         assert (part.status_code, part.content, part.headers["content-range"]) == (206, HELLO[:5], "bytes 0-4/20")
         head = client.head(running.url("/static/big.bin"))
@@ -534,7 +578,11 @@ def test_http3_file_range_head_traversal_and_a_20_mib_file(
     got = run(loop_thread, scenario(), timeout=150)
     assert (got["whole"].status, got["whole"].body) == (200, HELLO)
     assert got["whole"].header("content-type") == "text/plain; charset=utf-8"
-    assert (got["part"].status, got["part"].body, got["part"].header("content-range")) == (206, HELLO[-6:], "bytes 14-19/20")
+    assert (got["part"].status, got["part"].body, got["part"].header("content-range")) == (
+        206,
+        HELLO[-6:],
+        "bytes 14-19/20",
+    )
     assert (got["head"].status, got["head"].body, got["head"].header("content-length")) == (200, b"", "20")
     assert got["escape"].status == 404 and SECRET not in got["escape"].body
     assert got["big"].header("content-length") == str(BIG_SIZE)
@@ -579,7 +627,9 @@ CALLED: list[str] = []
     ],
     ids=["asgi", "asgi-bridge", "wsgi", "direct", "direct-thread"],
 )
-def test_every_interface_serves_files_without_the_app(site: Site, helper: Any, app: Any, options: dict[str, Any]) -> None:
+def test_every_interface_serves_files_without_the_app(
+    site: Site, helper: Any, app: Any, options: dict[str, Any]
+) -> None:
     CALLED.clear()
     with serving(helper, app, static_files=[("/static", site.public)], **options) as running:
         with httpx.Client(timeout=TIMEOUT) as client:
@@ -644,8 +694,12 @@ def test_cli_one_mount_alone_is_served_under_static(app_dir: Path, site: Site) -
 )
 def test_cli_refuses_bad_static_options(app_dir: Path, args: tuple[str, ...], message: str) -> None:
     result = subprocess.run(
-        command("serve", "cliapp:app", *args), cwd=app_dir, env=environment(), capture_output=True, text=True, timeout=60
+        command("serve", "cliapp:app", *args),
+        cwd=app_dir,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 2
     assert message in result.stderr
-

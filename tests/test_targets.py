@@ -110,7 +110,9 @@ class CrossTarget:
             return f"no {AARCH64_MUSL_SPECS} (Debian: musl-dev:arm64; .ci/run installs it)"
         libdir = subprocess.run(
             [str(Path(CARGO).parent / "rustc"), "--print", "target-libdir", "--target", self.triple],
-            capture_output=True, text=True, timeout=60,
+            capture_output=True,
+            text=True,
+            timeout=60,
         ).stdout.strip()
         if not libdir or not Path(libdir).is_dir():
             return f"Rust's standard library for {self.triple} is not installed (rustup target add {self.triple})"
@@ -120,10 +122,16 @@ class CrossTarget:
 TARGETS = {
     target.triple: target
     for target in (
-        CrossTarget("x86_64-unknown-linux-musl", "musl-gcc", "musl-tools", "ELF x86-64", libgcc_from="x86_64-linux-gnu-gcc"),
         CrossTarget(
-            "aarch64-unknown-linux-musl", "aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu", "ELF aarch64",
-            compiler_args=(f"-specs={AARCH64_MUSL_SPECS}",), libgcc_from="aarch64-linux-gnu-gcc",
+            "x86_64-unknown-linux-musl", "musl-gcc", "musl-tools", "ELF x86-64", libgcc_from="x86_64-linux-gnu-gcc"
+        ),
+        CrossTarget(
+            "aarch64-unknown-linux-musl",
+            "aarch64-linux-gnu-gcc",
+            "gcc-aarch64-linux-gnu",
+            "ELF aarch64",
+            compiler_args=(f"-specs={AARCH64_MUSL_SPECS}",),
+            libgcc_from="aarch64-linux-gnu-gcc",
         ),
         CrossTarget("aarch64-unknown-linux-gnu", "aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu", "ELF aarch64"),
         CrossTarget("x86_64-pc-windows-gnu", "x86_64-w64-mingw32-gcc", "gcc-mingw-w64-x86-64", "PE x86-64"),
@@ -249,7 +257,9 @@ def test_the_library_builds_for(triple: str, cross_builds: CrossBuilds) -> None:
         return
     details = elf_details(library)
     needed = re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", details)
-    assert re.search(r"\sFUNC\s+GLOBAL\s+DEFAULT\s+\d+\s+PyInit__native$", details, re.M), "PyInit__native is not exported"
+    assert re.search(r"\sFUNC\s+GLOBAL\s+DEFAULT\s+\d+\s+PyInit__native$", details, re.M), (
+        "PyInit__native is not exported"
+    )
     assert not [name for name in needed if name.startswith("libpython")], needed
     if target.musl:
         assert "libc.so" in needed and "libc.so.6" not in needed, needed
@@ -261,7 +271,10 @@ def test_the_library_builds_for(triple: str, cross_builds: CrossBuilds) -> None:
 # ---------------------------------------------------------------- a prebuilt release of two of them
 
 
-RELEASED = {"linux-arm64": ("aarch64-unknown-linux-gnu", "aarch64-linux-gnu-strip"), "windows-x64": ("x86_64-pc-windows-gnu", "x86_64-w64-mingw32-strip")}
+RELEASED = {
+    "linux-arm64": ("aarch64-unknown-linux-gnu", "aarch64-linux-gnu-strip"),
+    "windows-x64": ("x86_64-pc-windows-gnu", "x86_64-w64-mingw32-strip"),
+}
 
 
 class _QuietHandler(SimpleHTTPRequestHandler):
@@ -290,15 +303,29 @@ def tool(name: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(4800)
-def test_a_release_of_cross_built_libraries_installs_with_setup(cross_builds: CrossBuilds, served: tuple[Path, str], tmp_path: Path) -> None:
+def test_a_release_of_cross_built_libraries_installs_with_setup(
+    cross_builds: CrossBuilds, served: tuple[Path, str], tmp_path: Path
+) -> None:
     www, url = served
     release = www / "download" / TAG
     for label, (triple, strip) in RELEASED.items():
         if shutil.which(strip) is None:
             pytest.skip(f"{strip} is not installed")
         library = cross_builds.library(triple)
-        tool("stage_prebuilt", "stage", "--label", label, "--library", str(library), "--strip", f"{strip} --strip-unneeded",
-             "--prebuilt-dir", str(tmp_path / "prebuilt"), "--dist", str(release))
+        tool(
+            "stage_prebuilt",
+            "stage",
+            "--label",
+            label,
+            "--library",
+            str(library),
+            "--strip",
+            f"{strip} --strip-unneeded",
+            "--prebuilt-dir",
+            str(tmp_path / "prebuilt"),
+            "--dist",
+            str(release),
+        )
     tool("stage_prebuilt", "manifest", str(release))
     manifest = dict(line.split()[::-1] for line in (release / "SHA256SUMS").read_text().splitlines())
     assert sorted(manifest) == sorted(_platforms.asset_name(label) for label in RELEASED)
@@ -307,7 +334,15 @@ def test_a_release_of_cross_built_libraries_installs_with_setup(cross_builds: Cr
     site = tmp_path / "site"
     package = copy_package(site)
     metadata = package / "_dist" / "release.py"
-    tool("generate_prebuilt_release", "--manifest", str(release / "SHA256SUMS"), "--repository", "example/server_native", "--output", str(metadata))
+    tool(
+        "generate_prebuilt_release",
+        "--manifest",
+        str(release / "SHA256SUMS"),
+        "--repository",
+        "example/server_native",
+        "--output",
+        str(metadata),
+    )
     tool("generate_prebuilt_release", "--check", "--output", str(metadata))
     generated = metadata.read_text()
     assert f'TAG = "{_prebuilt_release.TAG}"' in generated

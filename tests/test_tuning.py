@@ -287,7 +287,9 @@ def test_a_client_no_crl_covers_is_refused(serve: Any, certs: Certificates, clie
 
 
 @native_only
-def test_a_file_that_is_no_crl_is_refused_by_name(serve: Any, certs: Certificates, clients: Clients, tmp_path: Path) -> None:
+def test_a_file_that_is_no_crl_is_refused_by_name(
+    serve: Any, certs: Certificates, clients: Clients, tmp_path: Path
+) -> None:
     not_pem = tmp_path / "garbage.crl"
     not_pem.write_bytes(b"\x30\x03\x02\x01\x01")
     with pytest.raises(TlsConfigError, match=f"{not_pem} holds no usable certificate revocation list"):
@@ -298,16 +300,22 @@ def test_a_file_that_is_no_crl_is_refused_by_name(serve: Any, certs: Certificate
 
 def test_a_crl_without_verified_client_certificates_is_refused(certs: Certificates, clients: Clients) -> None:
     with pytest.raises(ValueError, match="crl_paths checks client certificates: it needs client_ca_path"):
-        TlsConfig(str(certs.cert_path), str(certs.key_path), require_client_certificate=True, crl_paths=[clients.crl_pem])
+        TlsConfig(
+            str(certs.cert_path), str(certs.key_path), require_client_certificate=True, crl_paths=[clients.crl_pem]
+        )
     with pytest.raises(FileNotFoundError):
-        TlsConfig(str(certs.cert_path), str(certs.key_path), client_ca_path=str(clients.ca_path), crl_paths="missing.crl")
+        TlsConfig(
+            str(certs.cert_path), str(certs.key_path), client_ca_path=str(clients.ca_path), crl_paths="missing.crl"
+        )
 
 
 # ---------------------------------------------------------------- HTTP/2 settings
 
 
 def h2_client() -> h2.connection.H2Connection:
-    config = h2.config.H2Configuration(client_side=True, validate_outbound_headers=False, normalize_outbound_headers=False)
+    config = h2.config.H2Configuration(
+        client_side=True, validate_outbound_headers=False, normalize_outbound_headers=False
+    )
     return h2.connection.H2Connection(config=config)
 
 
@@ -497,14 +505,23 @@ def test_a_peer_that_answers_pings_stays(serve: Any) -> None:
 @pytest.mark.parametrize(
     ("options", "error"),
     [
-        ({"http2_max_frame_size": 1024}, "http2_max_frame_size must be a whole number from 16384 to 16777215, not 1024"),
-        ({"http2_initial_stream_window_size": 2**31}, "http2_initial_stream_window_size must be a whole number from 1024 to 2147483647"),
+        (
+            {"http2_max_frame_size": 1024},
+            "http2_max_frame_size must be a whole number from 16384 to 16777215, not 1024",
+        ),
+        (
+            {"http2_initial_stream_window_size": 2**31},
+            "http2_initial_stream_window_size must be a whole number from 1024 to 2147483647",
+        ),
         ({"http2_initial_connection_window_size": "1M"}, "http2_initial_connection_window_size must be a whole number"),
         ({"max_concurrent_streams": 0}, "max_concurrent_streams must be a whole number from 1"),
         ({"http2_max_headers_size": 0}, "http2_max_headers_size must be a whole number from 1"),
         ({"http2_keep_alive_timeout": 0}, "http2_keep_alive_timeout must be a number of seconds above 0"),
         ({"http2_keep_alive_interval": -1}, "http2_keep_alive_interval must be a number of seconds"),
-        ({"http2_adaptive_window": True, "http2_initial_stream_window_size": 100_000}, "http2_adaptive_window sizes the flow control windows itself"),
+        (
+            {"http2_adaptive_window": True, "http2_initial_stream_window_size": 100_000},
+            "http2_adaptive_window sizes the flow control windows itself",
+        ),
         ({"runtime_threads": 0}, "runtime_threads must be a whole number from 1 to 1024, not 0"),
     ],
 )
@@ -530,7 +547,11 @@ def test_cli_tls_options(app_dir: Path, certs: Certificates, clients: Clients) -
     )  # fmt: skip
     with serving(app_dir, "cliapp:app", *tls, ready=ready_for(certs.ca_path, clients.good)) as (_, port):
         handshake = https_get(port, certs.ca_path, client=clients.good)
-        assert (handshake.cipher, handshake.version, handshake.status) == ("TLS_CHACHA20_POLY1305_SHA256", "TLSv1.3", 200)
+        assert (handshake.cipher, handshake.version, handshake.status) == (
+            "TLS_CHACHA20_POLY1305_SHA256",
+            "TLSv1.3",
+            200,
+        )
         with pytest.raises(ssl.SSLError, match="CERTIFICATE_REVOKED"):
             https_get(port, certs.ca_path, client=clients.revoked)
         with pytest.raises(ssl.SSLError):
@@ -557,18 +578,38 @@ def test_cli_http2_options(app_dir: Path) -> None:
         (("--ssl-ciphers", "HIGH"), 'argument --ssl-ciphers: unknown cipher suite "HIGH"'),
         (("--ssl-protocol-min", "tls1.1"), "argument --ssl-protocol-min: invalid choice: 'tls1.1'"),
         (("--ssl-ciphers", "TLS13_AES_128_GCM_SHA256"), "--ssl-ciphers needs --ssl-certfile and --ssl-keyfile"),
-        (("--ssl-certfile", "c", "--ssl-keyfile", "k", "--ssl-crl", "x.crl"), "--ssl-crl checks client certificates: it needs --ssl-ca-certs"),
-        (("--http2-max-frame-size", "1000"), "argument --http2-max-frame-size: must be a whole number from 16384 to 16777215, not 1000"),
-        (("--http2-initial-stream-window-size", "big"), "argument --http2-initial-stream-window-size: must be a whole number from 1024 to 2147483647, not 'big'"),
-        (("--http2-keep-alive-interval", "0"), "argument --http2-keep-alive-interval: must be a whole number of milliseconds from 1, not '0'"),
+        (
+            ("--ssl-certfile", "c", "--ssl-keyfile", "k", "--ssl-crl", "x.crl"),
+            "--ssl-crl checks client certificates: it needs --ssl-ca-certs",
+        ),
+        (
+            ("--http2-max-frame-size", "1000"),
+            "argument --http2-max-frame-size: must be a whole number from 16384 to 16777215, not 1000",
+        ),
+        (
+            ("--http2-initial-stream-window-size", "big"),
+            "argument --http2-initial-stream-window-size: must be a whole number from 1024 to 2147483647, not 'big'",
+        ),
+        (
+            ("--http2-keep-alive-interval", "0"),
+            "argument --http2-keep-alive-interval: must be a whole number of milliseconds from 1, not '0'",
+        ),
         (("--http2-keep-alive-timeout", "0"), "--http2-keep-alive-timeout must be a number of seconds above 0, not 0"),
-        (("--http2-adaptive-window", "--http2-initial-connection-window-size", "99999"), "--http2-adaptive-window sizes the flow control windows itself"),
+        (
+            ("--http2-adaptive-window", "--http2-initial-connection-window-size", "99999"),
+            "--http2-adaptive-window sizes the flow control windows itself",
+        ),
         (("--runtime-threads", "0"), "argument --runtime-threads: must be a whole number from 1 to 1024, not 0"),
     ],
 )
 def test_cli_refuses_bad_values_with_one_line(app_dir: Path, flags: tuple[str, ...], error: str) -> None:
     result = subprocess.run(
-        command("serve", "cliapp:app", *flags), cwd=app_dir, env=environment(), capture_output=True, text=True, timeout=60
+        command("serve", "cliapp:app", *flags),
+        cwd=app_dir,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
@@ -622,7 +663,7 @@ def test_a_bad_thread_count_in_the_environment_is_one_line(app_dir: Path) -> Non
     )  # fmt: skip
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
-        "server-native: error: ValueError: SERVER_NATIVE_THREADS must be a number of threads from 1 to 1024, not \"lots\""
+        'server-native: error: ValueError: SERVER_NATIVE_THREADS must be a number of threads from 1 to 1024, not "lots"'
     )
 
 
@@ -668,4 +709,3 @@ def test_the_runtime_is_process_wide(tmp_path: Path) -> None:
         "(started by the first server); give every server of a process the same value",
         "threads: 2",
     ]
-

@@ -70,7 +70,9 @@ async def scope_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["type"] != "http":
         return
     server = scope["server"]
-    body = json.dumps({"client": scope["client"], "server": list(server), "version": scope["http_version"], "scheme": scope["scheme"]})
+    body = json.dumps(
+        {"client": scope["client"], "server": list(server), "version": scope["http_version"], "scheme": scope["scheme"]}
+    )
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
     await send({"type": "http.response.body", "body": body.encode()})
 
@@ -128,7 +130,9 @@ def test_direct_handler_sees_no_client(sock_path: str, native_callback: bool) ->
 
 
 @contextmanager
-def http_server_on(path: str, loop_thread: BackgroundLoop, native_callback: bool, **options: Any) -> Iterator[NativeHttpServer]:
+def http_server_on(
+    path: str, loop_thread: BackgroundLoop, native_callback: bool, **options: Any
+) -> Iterator[NativeHttpServer]:
     async def handler(request: Any) -> None:
         info = request.connection_info
         request.response.write(f"{tuple(info)} {request.requested_uri.geturl()}")
@@ -154,7 +158,10 @@ def test_http_server_bind_unix_with_curl(sock_path: str, loop_thread: Background
         outputs = [
             subprocess.run(
                 ["curl", "-sS", "--max-time", "10", *flags, "--unix-socket", sock_path, "http://app/x?y=1"],
-                capture_output=True, text=True, timeout=30, check=True,
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=True,
             ).stdout
             for flags in ([], ["--http2-prior-knowledge"])
         ]
@@ -167,8 +174,21 @@ def test_tls_over_the_socket(sock_path: str, loop_thread: BackgroundLoop, certs:
     tls = tls_settings(certificate_path=certs.cert_path, key_path=certs.key_path)
     with http_server_on(sock_path, loop_thread, True, tls=tls):
         output = subprocess.run(
-            ["curl", "-sS", "--max-time", "10", "--cacert", str(certs.ca_path), "--unix-socket", sock_path, "https://localhost/"],
-            capture_output=True, text=True, timeout=30, check=True,
+            [
+                "curl",
+                "-sS",
+                "--max-time",
+                "10",
+                "--cacert",
+                str(certs.ca_path),
+                "--unix-socket",
+                sock_path,
+                "https://localhost/",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
         ).stdout
     assert output == "('', 0, 0) https://localhost/"
 
@@ -294,7 +314,9 @@ def cli_serving(app_dir: Path, path: str, *args: str) -> Iterator[subprocess.Pop
     ("target", "expected"),
     [("udsapp:app", " None "), ("udsapp:wsgi", "wsgi / ''"), ("udsapp:direct", "direct None")],
 )
-def test_cli_serves_every_interface_and_removes_the_socket(app_dir: Path, sock_path: str, target: str, expected: str) -> None:
+def test_cli_serves_every_interface_and_removes_the_socket(
+    app_dir: Path, sock_path: str, target: str, expected: str
+) -> None:
     interface = target.split(":")[1].replace("app", "asgi")
     with cli_serving(app_dir, sock_path, target, "--interface", interface) as process:
         body = get(sock_path)

@@ -87,10 +87,18 @@ def test_reduced_windows_and_no_context_takeover(serve: Any) -> None:
 
     running = serve(Echo())
     offer = ClientPerMessageDeflateFactory(
-        server_no_context_takeover=True, client_no_context_takeover=True, server_max_window_bits=9, client_max_window_bits=9
+        server_no_context_takeover=True,
+        client_no_context_takeover=True,
+        server_max_window_bits=9,
+        client_max_window_bits=9,
     )
     with connect(
-        ws_url(running), extensions=[offer], compression=None, max_size=None, open_timeout=TIMEOUT, close_timeout=TIMEOUT
+        ws_url(running),
+        extensions=[offer],
+        compression=None,
+        max_size=None,
+        open_timeout=TIMEOUT,
+        close_timeout=TIMEOUT,
     ) as ws:
         assert ws.response.headers["Sec-WebSocket-Extensions"] == (
             "permessage-deflate; server_no_context_takeover; client_no_context_takeover; server_max_window_bits=9"
@@ -136,7 +144,9 @@ def test_a_message_over_the_limit_is_1009(serve: Any, compression: str | None, f
 
     handler = Echo()
     running = serve(handler, websocket_max_message_size=MIB)
-    with connect(ws_url(running), compression=compression, max_size=None, open_timeout=TIMEOUT, close_timeout=TIMEOUT) as ws:
+    with connect(
+        ws_url(running), compression=compression, max_size=None, open_timeout=TIMEOUT, close_timeout=TIMEOUT
+    ) as ws:
         ws.send(b"just under" + bytes(MIB - 10))  # exactly the limit: fine
         assert len(ws.recv(timeout=TIMEOUT)) == MIB
         with pytest.raises(ConnectionClosed) as closed:
@@ -219,8 +229,12 @@ def test_the_server_compresses_what_it_sends(serve: Any) -> None:
 def handshake(sock: socket.socket, port: int, offers: list[str]) -> dict[str, str]:
     """An HTTP/1.1 upgrade written by hand; the 101's headers (lower-cased)."""
     lines = [
-        "GET / HTTP/1.1", f"Host: 127.0.0.1:{port}", "Upgrade: websocket", "Connection: Upgrade",
-        f"Sec-WebSocket-Key: {KEY}", "Sec-WebSocket-Version: 13",
+        "GET / HTTP/1.1",
+        f"Host: 127.0.0.1:{port}",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        f"Sec-WebSocket-Key: {KEY}",
+        "Sec-WebSocket-Version: 13",
         *(f"Sec-WebSocket-Extensions: {offer}" for offer in offers),
     ]
     sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
@@ -243,6 +257,7 @@ def client_frame(opcode: int, payload: bytes, *, fin: bool = True, rsv1: bool = 
 
 def server_frame(sock: socket.socket) -> tuple[int, bytes]:
     """The opcode and payload of the next (small, unmasked) server frame."""
+
     def exactly(count: int) -> bytes:
         data = b""
         while len(data) < count:
@@ -268,8 +283,13 @@ CLOSE = 0x8
         ([client_frame(0x1, b"a", fin=False), client_frame(0x1, b"b")], (CLOSE, 1002)),
         ([client_frame(0x1, b"compressed?", rsv1=True)], (CLOSE, 1002)),
     ],
-    ids=["utf8-split-across-frames", "invalid-utf8-across-frames", "lone-continuation", "message-inside-a-message",
-         "rsv1-without-deflate"],
+    ids=[
+        "utf8-split-across-frames",
+        "invalid-utf8-across-frames",
+        "lone-continuation",
+        "message-inside-a-message",
+        "rsv1-without-deflate",
+    ],
 )
 def test_frames_by_hand(serve: Any, frames: list[bytes], answer: tuple[int, Any]) -> None:
     running = serve(Echo())
@@ -286,13 +306,19 @@ def test_frames_by_hand(serve: Any, frames: list[bytes], answer: tuple[int, Any]
     [
         (["permessage-deflate; client_max_window_bits"], "permessage-deflate"),
         (["permessage-deflate; client_max_window_bits=10"], "permessage-deflate"),
-        (["permessage-deflate; server_max_window_bits=12; client_no_context_takeover"],
-         "permessage-deflate; server_max_window_bits=12; client_no_context_takeover"),
+        (
+            ["permessage-deflate; server_max_window_bits=12; client_no_context_takeover"],
+            "permessage-deflate; server_max_window_bits=12; client_no_context_takeover",
+        ),
         # zlib cannot keep to a 2^8 window: that offer is declined, the next one taken
-        (["permessage-deflate; server_max_window_bits=8, permessage-deflate; server_max_window_bits=10"],
-         "permessage-deflate; server_max_window_bits=10"),
-        (["x-webkit-deflate-frame", "PerMessage-Deflate; server_no_context_takeover"],
-         "permessage-deflate; server_no_context_takeover"),
+        (
+            ["permessage-deflate; server_max_window_bits=8, permessage-deflate; server_max_window_bits=10"],
+            "permessage-deflate; server_max_window_bits=10",
+        ),
+        (
+            ["x-webkit-deflate-frame", "PerMessage-Deflate; server_no_context_takeover"],
+            "permessage-deflate; server_no_context_takeover",
+        ),
         (["permessage-deflate; unknown_parameter, permessage-deflate"], "permessage-deflate"),
         (['permessage-deflate; server_max_window_bits="11"'], "permessage-deflate; server_max_window_bits=11"),
         (["permessage-deflate; server_max_window_bits=8"], None),
@@ -339,7 +365,9 @@ def test_asgi_app(transport: bool, compression: bool) -> None:
 
     message = compressible_text(MIB)
     with serving(serve_asgi, asgi_echo, native_callback=transport, websocket_compression=compression) as running:
-        with connect(f"ws://127.0.0.1:{running.port}/", max_size=None, open_timeout=TIMEOUT, close_timeout=TIMEOUT) as ws:
+        with connect(
+            f"ws://127.0.0.1:{running.port}/", max_size=None, open_timeout=TIMEOUT, close_timeout=TIMEOUT
+        ) as ws:
             assert bool(ws.protocol.extensions) is compression
             ws.send(message)
             assert ws.recv(timeout=TIMEOUT) == message

@@ -78,7 +78,9 @@ class ScopeRecorder:
 @pytest.mark.parametrize("secure", [False, True], ids=["ws", "wss"])
 @pytest.mark.parametrize("http_version", HTTP_VERSIONS)
 @pytest.mark.parametrize("native_callback", TRANSPORTS)
-def test_the_websocket_scope_has_the_spec_keys(native_callback: bool, http_version: str, secure: bool, certs: Certificates) -> None:
+def test_the_websocket_scope_has_the_spec_keys(
+    native_callback: bool, http_version: str, secure: bool, certs: Certificates
+) -> None:
     app = ScopeRecorder()
     tls = TlsConfig(certificate_path=str(certs.cert_path), key_path=str(certs.key_path)) if secure else None
     with serving(serve_asgi, app, lifespan="off", native_callback=native_callback, tls=tls) as running:
@@ -215,7 +217,9 @@ def test_a_denial_body_is_streamed(denials: tuple[Denials, Any], http_version: s
 
 
 @pytest.mark.parametrize("http_version", HTTP_VERSIONS)
-def test_close_before_accept_is_403_and_receive_returns_at_once(denials: tuple[Denials, Any], http_version: str) -> None:
+def test_close_before_accept_is_403_and_receive_returns_at_once(
+    denials: tuple[Denials, Any], http_version: str
+) -> None:
     app, running = denials
     assert denied(running.port, http_version, path="/closed").status == 403
     assert app.done.wait(TIMEOUT) and app.after == [NEVER_OPENED]
@@ -227,7 +231,9 @@ def test_close_before_accept_is_403_and_receive_returns_at_once(denials: tuple[D
      "/wrong-message", "/returns-without-accepting"],
 )  # fmt: skip
 @pytest.mark.parametrize("http_version", HTTP_VERSIONS)
-def test_an_unfinished_denial_is_500(denials: tuple[Denials, Any], http_version: str, path: str, server_log: LogLines) -> None:
+def test_an_unfinished_denial_is_500(
+    denials: tuple[Denials, Any], http_version: str, path: str, server_log: LogLines
+) -> None:
     app, running = denials
     assert denied(running.port, http_version, path=path).status == 500
     assert app.done.wait(TIMEOUT) and app.after == ([] if path == "/returns-without-accepting" else [NEVER_OPENED])
@@ -273,7 +279,11 @@ def test_an_invalid_handshake_is_answered_by_the_server(native_callback: bool, c
         assert ws.status == status, ws.body
         if "version" in case:
             assert ws.headers["sec-websocket-version"] == "13"
-        server_log.wait("GET /chat" if http_version == "1.1" else "CONNECT /chat", "not a valid WebSocket handshake", f"answered {status}")
+        server_log.wait(
+            "GET /chat" if http_version == "1.1" else "CONNECT /chat",
+            "not a valid WebSocket handshake",
+            f"answered {status}",
+        )
     assert app.calls == 0
 
 
@@ -328,7 +338,9 @@ def test_shutdown_closes_open_websockets_with_1012_and_waits_for_the_app(
     app = make_app()
     loop = BackgroundLoop()
     try:
-        running = start(loop, helper, app, native_callback=native_callback, **({"lifespan": "off"} if helper is serve_asgi else {}))
+        running = start(
+            loop, helper, app, native_callback=native_callback, **({"lifespan": "off"} if helper is serve_asgi else {})
+        )
         with connect(running.port, http_version) as ws:
             assert ws.receive() == "accepted"
             ws.send("before")

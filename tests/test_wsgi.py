@@ -85,7 +85,9 @@ def django_server() -> Iterator[Running]:
         yield running
 
 
-def run_raw(loop_thread: BackgroundLoop, app: Callable[[Environ, StartResponse], Iterable[bytes]], **options: Any) -> Running:
+def run_raw(
+    loop_thread: BackgroundLoop, app: Callable[[Environ, StartResponse], Iterable[bytes]], **options: Any
+) -> Running:
     return start(loop_thread, serve_wsgi, app, **options)
 
 
@@ -145,9 +147,20 @@ def test_flask_environ_basics(flask_server: Running) -> None:
 
 def test_flask_methods_and_bodies(flask_server: Running) -> None:
     for method in ("POST", "PUT", "PATCH", "DELETE"):
-        response = requests.request(method, flask_server.url("/environ"), data=b"payload", headers={"content-type": "text/plain"}, timeout=TIMEOUT)
+        response = requests.request(
+            method,
+            flask_server.url("/environ"),
+            data=b"payload",
+            headers={"content-type": "text/plain"},
+            timeout=TIMEOUT,
+        )
         data = response.json()
-        assert (data["REQUEST_METHOD"], data["CONTENT_TYPE"], data["CONTENT_LENGTH"], data["body"]) == (method, "text/plain", "7", "payload")
+        assert (data["REQUEST_METHOD"], data["CONTENT_TYPE"], data["CONTENT_LENGTH"], data["body"]) == (
+            method,
+            "text/plain",
+            "7",
+            "payload",
+        )
 
 
 def test_flask_json_body(flask_server: Running) -> None:
@@ -170,8 +183,18 @@ def test_flask_form_and_multipart_uploads(flask_server: Running) -> None:
         "form": {"title": ["two files"]},
         "files": {
             "doc": [
-                {"filename": "big.bin", "content_type": "application/octet-stream", "size": len(big), "sha256": hashlib.sha256(big).hexdigest()},
-                {"filename": "small.txt", "content_type": "text/plain", "size": len(small), "sha256": hashlib.sha256(small).hexdigest()},
+                {
+                    "filename": "big.bin",
+                    "content_type": "application/octet-stream",
+                    "size": len(big),
+                    "sha256": hashlib.sha256(big).hexdigest(),
+                },
+                {
+                    "filename": "small.txt",
+                    "content_type": "text/plain",
+                    "size": len(small),
+                    "sha256": hashlib.sha256(small).hexdigest(),
+                },
             ]
         },
     }
@@ -179,7 +202,10 @@ def test_flask_form_and_multipart_uploads(flask_server: Running) -> None:
 
 def test_flask_large_upload(flask_server: Running) -> None:
     body = os.urandom(4 * MiB + 5)
-    assert post(flask_server.url("/upload"), data=body).json() == {"size": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+    assert post(flask_server.url("/upload"), data=body).json() == {
+        "size": len(body),
+        "sha256": hashlib.sha256(body).hexdigest(),
+    }
 
 
 def test_flask_chunked_upload(flask_server: Running) -> None:
@@ -266,8 +292,14 @@ def test_flask_http2_split_cookie_headers(flask_server: Running) -> None:
         conn.initiate_connection()
         conn.send_headers(
             1,
-            [(":method", "GET"), (":path", "/cookies/get"), (":scheme", "http"), (":authority", f"127.0.0.1:{flask_server.port}"),
-             ("cookie", "a=1"), ("cookie", "b=2")],
+            [
+                (":method", "GET"),
+                (":path", "/cookies/get"),
+                (":scheme", "http"),
+                (":authority", f"127.0.0.1:{flask_server.port}"),
+                ("cookie", "a=1"),
+                ("cookie", "b=2"),
+            ],
             end_stream=True,
         )
         sock.sendall(conn.data_to_send())
@@ -304,7 +336,9 @@ def test_django_routing_reverse_and_404(django_server: Running) -> None:
 
 def test_django_meta_query_and_repeated_headers(django_server: Running) -> None:
     response = httpx.get(
-        django_server.url("/meta/?q=caf%C3%A9&q=2&sp=a+b"), headers=[("X-Multi", "one"), ("X-Multi", "two")], timeout=TIMEOUT
+        django_server.url("/meta/?q=caf%C3%A9&q=2&sp=a+b"),
+        headers=[("X-Multi", "one"), ("X-Multi", "two")],
+        timeout=TIMEOUT,
     )
     data = response.json()
     assert data["get"] == [["q", "café"], ["q", "2"], ["sp", "a b"]]
@@ -327,7 +361,16 @@ def test_django_json_form_and_upload(django_server: Running) -> None:
     )
     assert response.json() == {
         "form": {"title": ["upload"], "tag": ["a", "b"]},
-        "files": {"doc": [{"name": "big.bin", "content_type": "application/octet-stream", "size": len(big), "sha256": hashlib.sha256(big).hexdigest()}]},
+        "files": {
+            "doc": [
+                {
+                    "name": "big.bin",
+                    "content_type": "application/octet-stream",
+                    "size": len(big),
+                    "sha256": hashlib.sha256(big).hexdigest(),
+                }
+            ]
+        },
     }
 
 
@@ -391,7 +434,9 @@ def environ_of(loop_thread: BackgroundLoop, request: bytes) -> dict[str, Any]:
 
 
 def test_path_info_is_latin1_of_the_decoded_bytes(loop_thread: BackgroundLoop) -> None:
-    data = environ_of(loop_thread, b"GET /caf%C3%A9/a%20b/%2F/x?q=%C3%A9 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    data = environ_of(
+        loop_thread, b"GET /caf%C3%A9/a%20b/%2F/x?q=%C3%A9 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
     # PEP 3333: PATH_INFO is the percent-decoded bytes as a latin-1 "native string".
     assert data["PATH_INFO"] == "/caf\xc3\xa9/a b///x"
     assert data["PATH_INFO"].encode("latin-1").decode("utf-8") == "/café/a b///x"
@@ -482,7 +527,14 @@ class InputProbe:
                 digest.update(line)
                 count += 1
         after = stream.read(10)
-        body = json.dumps({"sha256": digest.hexdigest(), "count": count, "max_size": max(sizes, default=0), "after_end": after.decode()})
+        body = json.dumps(
+            {
+                "sha256": digest.hexdigest(),
+                "count": count,
+                "max_size": max(sizes, default=0),
+                "after_end": after.decode(),
+            }
+        )
         start_response("200 OK", [("Content-Type", "application/json")])
         return [body.encode()]
 
@@ -512,7 +564,10 @@ def test_wsgi_input_streams_while_the_client_is_still_sending(loop_thread: Backg
     first, second = os.urandom(MiB), os.urandom(MiB)
     try:
         with socket.create_connection(("127.0.0.1", running.port), timeout=TIMEOUT) as sock:
-            sock.sendall(f"POST /?read-size HTTP/1.1\r\nHost: x\r\nContent-Length: {2 * MiB}\r\nConnection: close\r\n\r\n".encode() + first)
+            sock.sendall(
+                f"POST /?read-size HTTP/1.1\r\nHost: x\r\nContent-Length: {2 * MiB}\r\nConnection: close\r\n\r\n".encode()
+                + first
+            )
             # The app reads the first half while the second has not been sent.
             # (Bounded at 5 s; sending the rest afterwards lets the test end either way.)
             reading = probe.first_read.wait(5)
@@ -585,7 +640,9 @@ class RawApps:
             try:
                 raise ValueError("failed after start_response (expected by the test)")
             except ValueError:
-                start_response("503 Service Unavailable", [("Content-Type", "text/plain"), ("X-Second", "yes")], sys.exc_info())
+                start_response(
+                    "503 Service Unavailable", [("Content-Type", "text/plain"), ("X-Second", "yes")], sys.exc_info()
+                )
             return [b"recovered with exc_info"]
         if path == "/exc-info-after-body":
             write = start_response("200 OK", [("Content-Type", "text/plain")])
@@ -1043,7 +1100,9 @@ def stalled_upload(port: int, apps: BlockingApps, head: str = "") -> socket.sock
     """A client that sends half of a 2 MiB body and stops, once the worker
     has started reading it."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
-    sock.sendall(f"POST /read HTTP/1.1\r\nHost: x\r\nContent-Length: {2 * MiB}\r\n{head}\r\n".encode() + os.urandom(MiB))
+    sock.sendall(
+        f"POST /read HTTP/1.1\r\nHost: x\r\nContent-Length: {2 * MiB}\r\n{head}\r\n".encode() + os.urandom(MiB)
+    )
     assert apps.reading.wait(TIMEOUT)
     return sock
 
@@ -1063,7 +1122,9 @@ def test_a_slow_reader_on_one_thread_holds_the_next_request_only_until_it_reads(
     try:
         with stalled_download(running.port, apps) as sock:
             waiting: list[Any] = []
-            second = threading.Thread(target=lambda: waiting.append(get(running.url("/next"), timeout=TIMEOUT + 10).text))
+            second = threading.Thread(
+                target=lambda: waiting.append(get(running.url("/next"), timeout=TIMEOUT + 10).text)
+            )
             second.start()
             head = b""
             while b"\r\n\r\n" not in head and (chunk := sock.recv(65536)):
@@ -1228,8 +1289,16 @@ class H2Client:
     def close(self) -> None:
         self.sock.close()
 
-    def start(self, stream_id: int, method: str, path: str, end_stream: bool, extra: tuple[tuple[str, str], ...] = ()) -> None:
-        headers = [(":method", method), (":path", path), (":scheme", "http"), (":authority", f"127.0.0.1:{self.port}"), *extra]
+    def start(
+        self, stream_id: int, method: str, path: str, end_stream: bool, extra: tuple[tuple[str, str], ...] = ()
+    ) -> None:
+        headers = [
+            (":method", method),
+            (":path", path),
+            (":scheme", "http"),
+            (":authority", f"127.0.0.1:{self.port}"),
+            *extra,
+        ]
         self.conn.send_headers(stream_id, headers, end_stream=end_stream)
         self.sock.sendall(self.conn.data_to_send())
 
@@ -1281,7 +1350,9 @@ class H2Client:
     ("blocked_in", "error_code"),
     [("read", "CANCEL"), ("read", "NO_ERROR"), ("write", "CANCEL")],
 )
-def test_h2_stream_reset_while_a_worker_is_blocked(loop_thread: BackgroundLoop, blocked_in: str, error_code: str) -> None:
+def test_h2_stream_reset_while_a_worker_is_blocked(
+    loop_thread: BackgroundLoop, blocked_in: str, error_code: str
+) -> None:
     """The client resets its stream while the one worker waits on it; the
     worker goes on to the next request on the same connection. (hyper ends
     a body reset with NO_ERROR as if it were complete: short of its

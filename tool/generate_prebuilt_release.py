@@ -47,7 +47,9 @@ MANIFEST_LINE = re.compile(r"^([0-9a-fA-F]{64})\s+\*?(\S.*?)\s*$")
 
 
 def _platforms() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("_server_native_platforms", ROOT / "server_native" / "_dist" / "platforms.py")
+    spec = importlib.util.spec_from_file_location(
+        "_server_native_platforms", ROOT / "server_native" / "_dist" / "platforms.py"
+    )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -138,7 +140,9 @@ def render(version: str, repository: str, hashes: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def generate(version: str | None = None, manifest: str | None = None, repository: str | None = None, module: Path = MODULE) -> str:
+def generate(
+    version: str | None = None, manifest: str | None = None, repository: str | None = None, module: Path = MODULE
+) -> str:
     platforms = _platforms()
     version = version or project_version()
     old = current_values(module)
@@ -146,7 +150,11 @@ def generate(version: str | None = None, manifest: str | None = None, repository
         repository = str(old.get("REPOSITORY", "") or "")
     if manifest is not None:
         entries = read_manifest(manifest)
-        hashes = {label: entries[platforms.asset_name(label)] for label in platforms.LABELS if platforms.asset_name(label) in entries}
+        hashes = {
+            label: entries[platforms.asset_name(label)]
+            for label in platforms.LABELS
+            if platforms.asset_name(label) in entries
+        }
         if not hashes:
             raise SystemExit(f"{manifest}: no server_native-<platform>.tar.gz entries")
     elif old.get("TAG") == TAG_PREFIX + version:
@@ -175,8 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repository", help="GitHub owner/name of the releases (default: kept)")
     parser.add_argument("--output", type=Path, default=MODULE, help="module to write (default: %(default)s)")
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 when the module is stale")
-    parser.add_argument("--require-release", action="store_true",
-                        help="with --check: exit 1 too unless the module names the repository and every platform's hash")
+    parser.add_argument(
+        "--require-release",
+        action="store_true",
+        help="with --check: exit 1 too unless the module names the repository and every platform's hash",
+    )
     args = parser.parse_args(argv)
     if args.require_release and not args.check:
         parser.error("--require-release goes with --check")
@@ -184,13 +195,18 @@ def main(argv: list[str] | None = None) -> int:
     existing = args.output.read_text(encoding="utf-8") if args.output.exists() else ""
     if args.check:
         if existing != text:
-            diff = "".join(difflib.unified_diff(existing.splitlines(True), text.splitlines(True), str(args.output), "regenerated"))
+            diff = "".join(
+                difflib.unified_diff(existing.splitlines(True), text.splitlines(True), str(args.output), "regenerated")
+            )
             print(f"{args.output} is stale; run `python tool/generate_prebuilt_release.py`:\n{diff}", file=sys.stderr)
             return 1
         gaps = release_gaps(args.output) if args.require_release else []
         if gaps:
-            print(f"{args.output} names no complete release: {'; '.join(gaps)}. Publish the prebuilt release "
-                  "(.github/workflows/prebuilt.yml) and commit the release metadata it makes.", file=sys.stderr)
+            print(
+                f"{args.output} names no complete release: {'; '.join(gaps)}. Publish the prebuilt release "
+                "(.github/workflows/prebuilt.yml) and commit the release metadata it makes.",
+                file=sys.stderr,
+            )
             return 1
         print(f"{args.output} is up to date" + (" and names the release" if args.require_release else ""))
         return 0

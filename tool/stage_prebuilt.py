@@ -35,7 +35,9 @@ MANIFEST = "SHA256SUMS"
 
 
 def _platforms() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("_server_native_platforms", ROOT / "server_native" / "_dist" / "platforms.py")
+    spec = importlib.util.spec_from_file_location(
+        "_server_native_platforms", ROOT / "server_native" / "_dist" / "platforms.py"
+    )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

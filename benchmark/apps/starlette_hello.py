@@ -21,6 +21,4 @@ async def echo(request: Request) -> Response:
     return PlainTextResponse(await request.body())
 
 
-app = Starlette(
-    routes=[Route("/", hello), Route(TEN_K_PATH, ten_k), Route(ECHO_PATH, echo, methods=["POST"])]
-)
+app = Starlette(routes=[Route("/", hello), Route(TEN_K_PATH, ten_k), Route(ECHO_PATH, echo, methods=["POST"])])

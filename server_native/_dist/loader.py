@@ -278,7 +278,11 @@ def cache_tag() -> tuple[str, str | None]:
     if named:
         tag = full_tag(named)
         if tag is None:
-            warnings.warn(f"server_native: {ENV_PREBUILT_TAG}={named!r} is not a tag or version: ignored", NativeLibraryWarning, stacklevel=3)
+            warnings.warn(
+                f"server_native: {ENV_PREBUILT_TAG}={named!r} is not a tag or version: ignored",
+                NativeLibraryWarning,
+                stacklevel=3,
+            )
         else:
             return tag, ENV_PREBUILT_TAG
     try:
@@ -287,7 +291,9 @@ def cache_tag() -> tuple[str, str | None]:
             return TAG, None
         reason = untrusted(pin, pin.parent.parent)
         if reason is not None:
-            warnings.warn(f"server_native: ignoring the pinned tag in {pin}: {reason}", NativeLibraryWarning, stacklevel=3)
+            warnings.warn(
+                f"server_native: ignoring the pinned tag in {pin}: {reason}", NativeLibraryWarning, stacklevel=3
+            )
             return TAG, None
         tag = full_tag(pin.read_text(encoding="utf-8").strip())
     except Exception:  # noqa: BLE001 - platformdirs missing or the pin unreadable: the package's own tag
@@ -405,7 +411,11 @@ class _Walk:
         library = cache_dir(cache, tag, self.label) / _platforms.library_name(self.label)
         if not library.is_file():
             others = other_tags(cache, self.label, tag)
-            hint = f" (also here: {', '.join(others)}; used only when named by {ENV_PREBUILT_TAG} or `setup --tag`)" if others else ""
+            hint = (
+                f" (also here: {', '.join(others)}; used only when named by {ENV_PREBUILT_TAG} or `setup --tag`)"
+                if others
+                else ""
+            )
             self.note(2, source, str(library), ("not found" if not library.exists() else "not a file") + hint)
             return False
         reason = untrusted(library, cache)
@@ -419,7 +429,11 @@ class _Walk:
         if tag != TAG:
             logger.warning(
                 "server_native: the %s library of %s (named by %s) overrides the package's own %s: %s",
-                source, tag, named_by, TAG, library,
+                source,
+                tag,
+                named_by,
+                TAG,
+                library,
             )
         return True
 
@@ -517,7 +531,9 @@ def _build_from_source(checkout: Path, maturin: list[str], cargo: str) -> Path:
             members = [
                 name
                 for name in archive.namelist()
-                if name.startswith(f"{PACKAGE_NAME}/_native") and name.count("/") == 1 and name.endswith((".so", ".pyd"))
+                if name.startswith(f"{PACKAGE_NAME}/_native")
+                and name.count("/") == 1
+                and name.endswith((".so", ".pyd"))
             ]
             if len(members) != 1:
                 raise _Skip(f"expected one {PACKAGE_NAME}/_native library in {wheels[0].name}, found {members}")
@@ -543,8 +559,12 @@ def _fixes(result: Resolution) -> list[str]:
     mobile = sys.platform.startswith(_platforms.PACKAGE_ONLY_PLATFORMS)
     if result.platform and not mobile:
         if release_location():
-            fixes.append(f"python -m server_native setup   (downloads the prebuilt library {TAG} for {result.platform} into the project cache)")
-        fixes.append(f"{ENV_PREBUILT}=/absolute/path/to/{_platforms.library_name(result.platform)}   (a library you built or have)")
+            fixes.append(
+                f"python -m server_native setup   (downloads the prebuilt library {TAG} for {result.platform} into the project cache)"
+            )
+        fixes.append(
+            f"{ENV_PREBUILT}=/absolute/path/to/{_platforms.library_name(result.platform)}   (a library you built or have)"
+        )
     return fixes
 
 

@@ -183,7 +183,11 @@ def wheel_platform_tag(label: str, library: str | os.PathLike[str] | None = None
         abi = {"android-arm64": "arm64_v8a", "android-armv7": "armeabi_v7a", "android-x64": "x86_64"}[label]
         return f"android_{api}_{abi}"
     ios = _deployment("IPHONEOS_DEPLOYMENT_TARGET", "13.0")
-    sdk = {"ios-arm64": "arm64_iphoneos", "ios-sim-arm64": "arm64_iphonesimulator", "ios-sim-x64": "x86_64_iphonesimulator"}[label]
+    sdk = {
+        "ios-arm64": "arm64_iphoneos",
+        "ios-sim-arm64": "arm64_iphonesimulator",
+        "ios-sim-x64": "x86_64_iphonesimulator",
+    }[label]
     return f"ios_{ios}_{sdk}"
 
 
@@ -193,14 +197,34 @@ def wheel_platform_tag(label: str, library: str | os.PathLike[str] | None = None
 # after reading its headers: the file format (ELF, Mach-O, PE), the CPU, and
 # the C library or OS it was linked for, against the Rust target of the build.
 
-_ELF_MACHINES = {0x03: "x86", 0x3E: "x86_64", 0x28: "arm", 0xB7: "aarch64", 0xF3: "riscv", 0x08: "mips",
-                 0x14: "ppc", 0x15: "ppc64", 0x16: "s390x", 0x102: "loongarch"}
+_ELF_MACHINES = {
+    0x03: "x86",
+    0x3E: "x86_64",
+    0x28: "arm",
+    0xB7: "aarch64",
+    0xF3: "riscv",
+    0x08: "mips",
+    0x14: "ppc",
+    0x15: "ppc64",
+    0x16: "s390x",
+    0x102: "loongarch",
+}
 _MACHO_CPUS = {7: "x86", 0x01000007: "x86_64", 12: "arm", 0x0100000C: "aarch64", 0x0200000C: "arm64_32"}
 _MACHO_PLATFORMS = {1: "macos", 2: "ios", 6: "mac-catalyst", 7: "ios-simulator", 3: "tvos", 4: "watchos"}
 _PE_MACHINES = {0x14C: "x86", 0x8664: "x86_64", 0x1C4: "arm", 0xAA64: "aarch64"}
 #: Rust target triple architecture -> the machine name used here.
-_TRIPLE_MACHINES = {"x86_64": "x86_64", "aarch64": "aarch64", "i686": "x86", "i586": "x86", "armv7": "arm",
-                    "arm": "arm", "thumbv7neon": "arm", "riscv64gc": "riscv", "s390x": "s390x", "powerpc64le": "ppc64"}
+_TRIPLE_MACHINES = {
+    "x86_64": "x86_64",
+    "aarch64": "aarch64",
+    "i686": "x86",
+    "i586": "x86",
+    "armv7": "arm",
+    "arm": "arm",
+    "thumbv7neon": "arm",
+    "riscv64gc": "riscv",
+    "s390x": "s390x",
+    "powerpc64le": "ppc64",
+}
 
 
 class Binary(NamedTuple):
@@ -271,7 +295,12 @@ def check_binary(path: str | os.PathLike[str], triple: str) -> Binary:
     except (ValueError, OSError) as exc:
         raise BinaryMismatch(f"{path}: not a library for {triple}: {exc}") from None
     wanted = f"{_article(format)} {machine} shared library ({system})"
-    if found.format != format or machine not in found.machines or not found.shared or found.system not in (None, system):
+    if (
+        found.format != format
+        or machine not in found.machines
+        or not found.shared
+        or found.system not in (None, system)
+    ):
         raise BinaryMismatch(f"{path} is {found.describe()}; the target {triple} needs {wanted}")
     return found
 
@@ -279,7 +308,7 @@ def check_binary(path: str | os.PathLike[str], triple: str) -> Binary:
 def _macho(data: bytes) -> Binary:
     magic = data[:4]
     if magic in (b"\xca\xfe\xba\xbe", b"\xca\xfe\xba\xbf"):  # universal: big-endian slice table
-        count, = struct.unpack_from(">I", data, 4)
+        (count,) = struct.unpack_from(">I", data, 4)
         if not 0 < count < 32:  # 0xcafebabe is also a Java class file
             raise ValueError("not a library (a Java class file?)")
         wide = magic[3] == 0xBF
@@ -291,8 +320,13 @@ def _macho(data: bytes) -> Binary:
                 _cpu, _sub, offset, _size, _align = struct.unpack_from(">iiIII", data, 8 + index * 20)
             slices.append(_macho_slice(data, offset))
         systems = {part.system for part in slices}
-        return Binary("Mach-O", tuple(m for part in slices for m in part.machines), max(p.bits for p in slices),
-                      all(p.shared for p in slices), systems.pop() if len(systems) == 1 else None)
+        return Binary(
+            "Mach-O",
+            tuple(m for part in slices for m in part.machines),
+            max(p.bits for p in slices),
+            all(p.shared for p in slices),
+            systems.pop() if len(systems) == 1 else None,
+        )
     return _macho_slice(data, 0)
 
 
@@ -311,7 +345,7 @@ def _macho_slice(data: bytes, offset: int) -> Binary:
     for _ in range(ncmds):
         command, size = struct.unpack_from(endian + "II", data, at)
         if command == 0x32:  # LC_BUILD_VERSION
-            platform_id, = struct.unpack_from(endian + "I", data, at + 8)
+            (platform_id,) = struct.unpack_from(endian + "I", data, at + 8)
             system = _MACHO_PLATFORMS.get(platform_id, f"platform {platform_id}")
         elif command == 0x24:  # LC_VERSION_MIN_MACOSX
             system = "macos"
@@ -325,12 +359,12 @@ def _macho_slice(data: bytes, offset: int) -> Binary:
 
 
 def _pe(data: bytes) -> Binary:
-    header, = struct.unpack_from("<I", data, 0x3C)
+    (header,) = struct.unpack_from("<I", data, 0x3C)
     if data[header : header + 4] != b"PE\0\0":
         raise ValueError("an MZ file without a PE header")
-    machine, = struct.unpack_from("<H", data, header + 4)
-    characteristics, = struct.unpack_from("<H", data, header + 22)
-    optional_magic, = struct.unpack_from("<H", data, header + 24)
+    (machine,) = struct.unpack_from("<H", data, header + 4)
+    (characteristics,) = struct.unpack_from("<H", data, header + 22)
+    (optional_magic,) = struct.unpack_from("<H", data, header + 24)
     name = _PE_MACHINES.get(machine, f"machine {machine:#x}")
     return Binary("PE", (name,), 64 if optional_magic == 0x20B else 32, bool(characteristics & 0x2000), "windows")
 
@@ -351,7 +385,7 @@ class _Elf:
 
     def sections(self) -> list[tuple[int, int, int, int, int]]:
         """(type, offset, size, link, info) of each section."""
-        shoff, = self._unpack("I", "Q", 0x28 if self.is64 else 0x20)
+        (shoff,) = self._unpack("I", "Q", 0x28 if self.is64 else 0x20)
         shentsize, shnum = self._unpack("HH", "HH", 0x3A if self.is64 else 0x2E)
         found = []
         for index in range(shnum):
@@ -376,10 +410,14 @@ class _Elf:
                 strtab = sections[link][1]
                 entry = offset
                 for _ in range(count):
-                    _version, aux_count, _file, aux, next_entry = struct.unpack_from(self.endian + "HHIII", self.data, entry)
+                    _version, aux_count, _file, aux, next_entry = struct.unpack_from(
+                        self.endian + "HHIII", self.data, entry
+                    )
                     aux_at = entry + aux
                     for _ in range(aux_count):
-                        _hash, _flags, _other, name_at, next_aux = struct.unpack_from(self.endian + "IHHII", self.data, aux_at)
+                        _hash, _flags, _other, name_at, next_aux = struct.unpack_from(
+                            self.endian + "IHHII", self.data, aux_at
+                        )
                         names.append(self._string(strtab, name_at))
                         if not next_aux:
                             break
@@ -422,14 +460,14 @@ class _Elf:
 
     def interpreter(self) -> str | None:
         """PT_INTERP (executables have one; shared libraries rarely do)."""
-        phoff, = self._unpack("I", "Q", 0x20 if self.is64 else 0x1C)
+        (phoff,) = self._unpack("I", "Q", 0x20 if self.is64 else 0x1C)
         phentsize, phnum = self._unpack("HH", "HH", 0x36 if self.is64 else 0x2A)
         for index in range(phnum):
             at = phoff + index * phentsize
-            kind, = struct.unpack_from(self.endian + "I", self.data, at)
+            (kind,) = struct.unpack_from(self.endian + "I", self.data, at)
             if kind == 3:
-                offset, = self._unpack("I", "Q", at + (8 if self.is64 else 4))
-                size, = self._unpack("I", "Q", at + (32 if self.is64 else 16))
+                (offset,) = self._unpack("I", "Q", at + (8 if self.is64 else 4))
+                (size,) = self._unpack("I", "Q", at + (32 if self.is64 else 16))
                 return self.data[offset : offset + size].rstrip(b"\0").decode("ascii", "replace")
         return None
 
@@ -438,8 +476,10 @@ class _Elf:
         interpreter = self.interpreter() or ""
         needed = self.needed_libraries()
         versions = self.needed_versions()
-        if "Android" in self.note_owners() or interpreter.startswith("/system/bin/linker") or any(
-            v == "LIBC" or v.startswith("LIBC_") for v in versions
+        if (
+            "Android" in self.note_owners()
+            or interpreter.startswith("/system/bin/linker")
+            or any(v == "LIBC" or v.startswith("LIBC_") for v in versions)
         ):
             return "android"
         if "ld-musl" in interpreter or any(name.startswith(("libc.musl-", "ld-musl-")) for name in needed):

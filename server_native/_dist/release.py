@@ -17,5 +17,4 @@ RELEASES_URL = ""
 RELEASES_API_URL = ""
 MANIFEST = "SHA256SUMS"
 #: SHA-256 of server_native-<platform>.tar.gz in release TAG, per platform label.
-SHA256: dict[str, str] = {
-}
+SHA256: dict[str, str] = {}

@@ -132,7 +132,9 @@ def default_platform() -> str:
             f"pass --platform (one of: {', '.join(_platforms.LABELS)})"
         )
     if _platforms.is_musl():
-        raise UsageError("the prebuilt Linux libraries need glibc and this is a musl system: install the musllinux wheel instead")
+        raise UsageError(
+            "the prebuilt Linux libraries need glibc and this is a musl system: install the musllinux wheel instead"
+        )
     return label
 
 
@@ -172,7 +174,11 @@ def _causes(exc: BaseException) -> list[BaseException]:
             continue
         seen.append(current)
         todo += [arg for arg in current.args if isinstance(arg, BaseException)]
-        todo += [link for link in (getattr(current, "reason", None), current.__cause__, current.__context__) if isinstance(link, BaseException)]
+        todo += [
+            link
+            for link in (getattr(current, "reason", None), current.__cause__, current.__context__)
+            if isinstance(link, BaseException)
+        ]
     return seen
 
 
@@ -193,7 +199,9 @@ def describe_failure(exc: BaseException, url: str, read_timeout: float) -> tuple
         return f"{host} refused the connection: nothing listens there (the server is down, or a wrong port)", True
     if isinstance(exc, requests.exceptions.ConnectTimeout):
         return f"connecting to {host} timed out: no answer to the connection (a firewall, or the host is down)", True
-    if isinstance(exc, requests.exceptions.ReadTimeout) or any(isinstance(c, (TimeoutError, socket.timeout)) for c in causes):
+    if isinstance(exc, requests.exceptions.ReadTimeout) or any(
+        isinstance(c, (TimeoutError, socket.timeout)) for c in causes
+    ):
         return f"{host} took the connection but sent nothing for {read_timeout:.0f}s (the server stalled)", True
     return f"the connection to {host} failed: {_reason(exc)}", True
 
@@ -235,7 +243,9 @@ class Network:
                 response.close()
             if not retry or attempt >= ATTEMPTS or self.remaining() <= self.pause:
                 tries = f"{attempt} attempt{'s' if attempt > 1 else ''}"
-                raise SetupError(f"cannot get {what} from {url}: {problem} ({tries} in {time.monotonic() - self.started:.0f}s)")
+                raise SetupError(
+                    f"cannot get {what} from {url}: {problem} ({tries} in {time.monotonic() - self.started:.0f}s)"
+                )
             time.sleep(self.pause)
 
 
@@ -312,15 +322,27 @@ def download(network: Network, url: str, target: Path, *, tag: str, asset: str, 
         received = 0
         import requests
 
-        with open(target, "wb") as out, tqdm(
-            total=size, unit="B", unit_scale=True, unit_divisor=1024, desc=asset, file=sys.stderr,
-            disable=not progress, leave=True, mininterval=0.25,
-        ) as bar:
+        with (
+            open(target, "wb") as out,
+            tqdm(
+                total=size,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=asset,
+                file=sys.stderr,
+                disable=not progress,
+                leave=True,
+                mininterval=0.25,
+            ) as bar,
+        ):
             try:
                 for chunk in response.iter_content(chunk_size=64 * 1024):
                     received += len(chunk)
                     if received > MAX_ARCHIVE_BYTES:
-                        raise SetupError(f"{asset} is larger than the {MAX_ARCHIVE_BYTES} bytes a library archive may be")
+                        raise SetupError(
+                            f"{asset} is larger than the {MAX_ARCHIVE_BYTES} bytes a library archive may be"
+                        )
                     digest.update(chunk)
                     out.write(chunk)
                     bar.update(len(chunk))
@@ -492,7 +514,9 @@ def setup(
         log(f"downloading {url}")
         got = download(network, url, archive, tag=tag, asset=asset, progress=progress)
         if got != expected:
-            raise SetupError(f"checksum mismatch for {asset} of {tag}: {MANIFEST} says {expected}, the download is {got}; nothing installed")
+            raise SetupError(
+                f"checksum mismatch for {asset} of {tag}: {MANIFEST} says {expected}, the download is {got}; nothing installed"
+            )
         checked = [MANIFEST]
         if shipped is not None:
             if got != shipped.lower():
@@ -503,7 +527,9 @@ def setup(
             checked.append("package")
             log(f"verified: {asset} has the SHA-256 shipped inside this package for {tag}")
         else:
-            attested, said = check_attestation(archive, release_metadata.REPOSITORY if repository is None else repository)
+            attested, said = check_attestation(
+                archive, release_metadata.REPOSITORY if repository is None else repository
+            )
             if attested:
                 checked.append("attestation")
                 log(f"verified: {said}")
@@ -570,12 +596,23 @@ def add_setup_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = "Download the prebuilt native library of a release into a cache the loader reads."
     parser.epilog = SETUP_EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--tag", help=f"release tag, a version, or 'latest' (default: {release_metadata.TAG}); naming one pins it")
+    parser.add_argument(
+        "--tag", help=f"release tag, a version, or 'latest' (default: {release_metadata.TAG}); naming one pins it"
+    )
     parser.add_argument("--platform", help="platform label (default: this machine's)")
-    parser.add_argument("--dest", choices=("project", "user"), default="project", help="project cache (default) or user cache")
+    parser.add_argument(
+        "--dest", choices=("project", "user"), default="project", help="project cache (default) or user cache"
+    )
     parser.add_argument("--base-url", help=f"release downloads URL (default: ${ENV_RELEASES_URL} or the package's)")
-    parser.add_argument("--api-url", help=f"releases API URL for --tag latest (default: ${ENV_RELEASES_API_URL} or the package's)")
-    parser.add_argument("--timeout", type=float, default=TIMEOUT, help=f"seconds for all network waits, retries included (default {TIMEOUT:.0f})")
+    parser.add_argument(
+        "--api-url", help=f"releases API URL for --tag latest (default: ${ENV_RELEASES_API_URL} or the package's)"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=TIMEOUT,
+        help=f"seconds for all network waits, retries included (default {TIMEOUT:.0f})",
+    )
     parser.add_argument("--force", action="store_true", help="download again even when installed")
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no messages but errors")
 
@@ -635,11 +672,16 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"platform:     {info['platform'] or '(no prebuilt label)'}")
     print(f"release tag:  {info['tag']}")
     if info["cache_tag"] != info["tag"]:
-        print(f"cache tag:    {info['cache_tag']} (named by {ENV_PREBUILT_TAG} or a pin; it overrides the package's own)")
+        print(
+            f"cache tag:    {info['cache_tag']} (named by {ENV_PREBUILT_TAG} or a pin; it overrides the package's own)"
+        )
     print("tried:")
     for attempt in info["tried"]:
         print(f"  {attempt['rung']}. {attempt['source']}: {attempt['place']}: {attempt['outcome']}")
     if not info["loaded"]:
-        print("no native library fits. Fix it with one of:" + info["error"].split("Fix it with one of:", 1)[-1], file=sys.stderr)
+        print(
+            "no native library fits. Fix it with one of:" + info["error"].split("Fix it with one of:", 1)[-1],
+            file=sys.stderr,
+        )
         return 1
     return 0

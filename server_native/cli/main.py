@@ -68,7 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="server-native", description="A Rust-backed HTTP server for Python apps.", allow_abbrev=False
     )
-    parser.add_argument("--version", action=_Version, help="print the versions of the package and of its native library")
+    parser.add_argument(
+        "--version", action=_Version, help="print the versions of the package and of its native library"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser(
         "serve",
@@ -83,106 +85,167 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to bind: an IP, a name, 'localhost' or 'any' (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="default 8000")
     serve.add_argument("--uds", help="bind a Unix domain socket at this path instead of a TCP port")
-    serve.add_argument("--uds-mode", type=_octal, help="the Unix socket file's mode, e.g. 660 (default: from the umask)")
     serve.add_argument(
-        "--fd", type=int, action="append",
+        "--uds-mode", type=_octal, help="the Unix socket file's mode, e.g. 660 (default: from the umask)"
+    )
+    serve.add_argument(
+        "--fd",
+        type=int,
+        action="append",
         help="serve on this inherited listening socket (TCP or Unix) instead of binding; repeatable",
     )
     serve.add_argument("--backlog", type=int, default=0)
-    serve.add_argument("--workers", type=int, default=1, help="worker processes sharing the port (SO_REUSEPORT) or the Unix socket")
+    serve.add_argument(
+        "--workers", type=int, default=1, help="worker processes sharing the port (SO_REUSEPORT) or the Unix socket"
+    )
     serve.add_argument("--threads", type=int, default=4, help="WSGI worker threads per process")
     serve.add_argument("--http", choices=("auto", "1", "2"), default="auto", help="HTTP versions over TCP")
-    serve.add_argument("--http3", action=argparse.BooleanOptionalAction, default=True, help="HTTP/3 over QUIC (with TLS)")
+    serve.add_argument(
+        "--http3", action=argparse.BooleanOptionalAction, default=True, help="HTTP/3 over QUIC (with TLS)"
+    )
     serve.add_argument("--ssl-certfile")
     serve.add_argument("--ssl-keyfile")
     serve.add_argument("--ssl-keyfile-password")
-    serve.add_argument("--ssl-ca-certs", "--ssl-ca", dest="ssl_ca", help="CA bundle that client certificates must chain to")
     serve.add_argument(
-        "--ssl-cert-reqs", type=int, choices=(0, 1, 2), default=0, help="client certificates: 0 none, 1 optional, 2 required"
+        "--ssl-ca-certs", "--ssl-ca", dest="ssl_ca", help="CA bundle that client certificates must chain to"
+    )
+    serve.add_argument(
+        "--ssl-cert-reqs",
+        type=int,
+        choices=(0, 1, 2),
+        default=0,
+        help="client certificates: 0 none, 1 optional, 2 required",
     )
     serve.add_argument("--lifespan", choices=("auto", "on", "off"), default="auto")
     serve.add_argument("--root-path", default="")
-    serve.add_argument("--proxy-headers", action=argparse.BooleanOptionalAction, default=True, help="trust X-Forwarded-* / Forwarded from --forwarded-allow-ips")
     serve.add_argument(
-        "--forwarded-allow-ips", default=os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1,::1"),
+        "--proxy-headers",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="trust X-Forwarded-* / Forwarded from --forwarded-allow-ips",
+    )
+    serve.add_argument(
+        "--forwarded-allow-ips",
+        default=os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1,::1"),
         help="comma-separated addresses or networks ('*': any) trusted with proxy headers and PROXY protocol headers",
     )
     serve.add_argument(
-        "--proxy-protocol", action="store_true",
+        "--proxy-protocol",
+        action="store_true",
         help="every connection opens with a PROXY protocol header (v1 or v2) from --forwarded-allow-ips; no HTTP/3",
     )
     serve.add_argument(
-        "--log-level", choices=LOG_LEVELS,
+        "--log-level",
+        choices=LOG_LEVELS,
         help="level of the server's loggers (server_native, server_native.access); the root logger is the app's "
         "(default info, or as --log-config says)",
     )
     serve.add_argument(
-        "--access-log", action=argparse.BooleanOptionalAction,
+        "--access-log",
+        action=argparse.BooleanOptionalAction,
         help="log every request to the server_native.access logger, whatever the interface (default: off, on with --access-log-format)",
     )
     serve.add_argument(
-        "--server-header", action=argparse.BooleanOptionalAction, default=False,
+        "--server-header",
+        action=argparse.BooleanOptionalAction,
+        default=False,
         help=f"send 'Server: {SERVER_HEADER}' with responses that have no Server header",
     )
     serve.add_argument(
-        "--date-header", action=argparse.BooleanOptionalAction, default=True,
+        "--date-header",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="send a Date header with responses that have none",
     )
     serve.add_argument(
-        "--header", dest="headers", action="append", default=[], type=_header, metavar="NAME:VALUE",
+        "--header",
+        dest="headers",
+        action="append",
+        default=[],
+        type=_header,
+        metavar="NAME:VALUE",
         help="a header for every response that does not set it itself; repeatable",
     )
     serve.add_argument(
-        "--static-path-route", action="append", default=[], metavar="ROUTE",
+        "--static-path-route",
+        action="append",
+        default=[],
+        metavar="ROUTE",
         help="serve files under this route natively (default /static with one --static-path-mount); "
         "repeatable, paired in order with --static-path-mount",
     )
     serve.add_argument(
-        "--static-path-mount", action="append", default=[], metavar="DIRECTORY",
+        "--static-path-mount",
+        action="append",
+        default=[],
+        metavar="DIRECTORY",
         help="the directory whose files a --static-path-route serves; repeatable",
     )
     serve.add_argument(
-        "--static-path-expires", type=_duration, default=ServerConfig.static_files_expires, metavar="DURATION",
+        "--static-path-expires",
+        type=_duration,
+        default=ServerConfig.static_files_expires,
+        metavar="DURATION",
         help="Cache-Control max-age of static files: seconds or e.g. 1d, 2h30m (default 86400; 0 sends none)",
     )
     serve.add_argument(
-        "--static-path-dir-to-file", metavar="NAME",
+        "--static-path-dir-to-file",
+        metavar="NAME",
         help="the file served for a directory under a static route, e.g. index.html (default: 404)",
     )
     serve.add_argument("--max-body-size", type=int, help="bytes (default 32 MiB)")
     serve.add_argument("--max-header-size", type=int, help="bytes (default 64 KiB)")
     serve.add_argument("--max-connections", type=int)
     serve.add_argument(
-        "--ws-max-size", dest="websocket_max_message_size", type=int, metavar="BYTES",
+        "--ws-max-size",
+        dest="websocket_max_message_size",
+        type=int,
+        metavar="BYTES",
         help="largest WebSocket message accepted, in bytes (default 16 MiB; 1009 beyond it)",
     )
     serve.add_argument(
-        "--ws-max-queue", type=int, metavar="N",
+        "--ws-max-queue",
+        type=int,
+        metavar="N",
         help=f"received WebSocket messages held for the app at most (default {ServerConfig.ws_max_queue})",
     )
     serve.add_argument(
-        "--ws-ping-interval", type=float, metavar="SECONDS",
+        "--ws-ping-interval",
+        type=float,
+        metavar="SECONDS",
         help=f"seconds between the server's WebSocket pings (default {ServerConfig.ws_ping_interval:g}; 0: none)",
     )
     serve.add_argument(
-        "--ws-ping-timeout", type=float, metavar="SECONDS",
+        "--ws-ping-timeout",
+        type=float,
+        metavar="SECONDS",
         help=f"seconds a pong may take before the WebSocket is closed with 1011 (default {ServerConfig.ws_ping_timeout:g}; 0: no limit)",
     )
     serve.add_argument(
-        "--ws-per-message-deflate", dest="websocket_compression", action=argparse.BooleanOptionalAction, default=True,
+        "--ws-per-message-deflate",
+        dest="websocket_compression",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="WebSocket permessage-deflate compression, when the client offers it",
     )
     serve.add_argument("--header-read-timeout", type=float)
-    serve.add_argument("--body-read-timeout", type=float, help="seconds a request body may stall before 408 (default 60)")
+    serve.add_argument(
+        "--body-read-timeout", type=float, help="seconds a request body may stall before 408 (default 60)"
+    )
     serve.add_argument("--keep-alive-timeout", "--timeout-keep-alive", dest="idle_timeout", type=float)
     serve.add_argument("--response-timeout", type=float)
     serve.add_argument(
-        "--shutdown-timeout", "--timeout-graceful-shutdown", dest="shutdown_timeout", type=float,
+        "--shutdown-timeout",
+        "--timeout-graceful-shutdown",
+        dest="shutdown_timeout",
+        type=float,
         help="on SIGTERM/SIGINT, seconds that requests in flight (downloads, event streams) have to finish "
         f"before they are cut (default {ServerConfig.shutdown_timeout:g}; 0 cuts at once); a second signal stops at once",
     )
     serve.add_argument("--reload", action="store_true", help="restart when Python files change (needs watchfiles)")
-    serve.add_argument("--reload-dir", action="append", default=[], help="directories to watch (default: the current one)")
+    serve.add_argument(
+        "--reload-dir", action="append", default=[], help="directories to watch (default: the current one)"
+    )
     serve.add_argument("--shared", action="store_true", help=argparse.SUPPRESS)
     _add_tuning_arguments(serve)
     _add_process_options(serve)
@@ -203,55 +266,81 @@ def _add_tuning_arguments(serve: argparse.ArgumentParser) -> None:
     threads, named as Granian names them."""
     tls = serve.add_argument_group("TLS: cipher suites, versions, revocation")
     tls.add_argument(
-        "--ssl-ciphers", type=_cipher_suites, metavar="NAMES",
+        "--ssl-ciphers",
+        type=_cipher_suites,
+        metavar="NAMES",
         help="cipher suites, separated by commas or colons, by rustls name (TLS13_AES_256_GCM_SHA384, "
         "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256) or OpenSSL's (ECDHE-ECDSA-AES128-GCM-SHA256); "
         "not OpenSSL cipher strings such as HIGH:!aNULL (default: every suite rustls has)",
     )
     tls.add_argument(
-        "--ssl-protocol-min", choices=PROTOCOL_VERSIONS, default="tls1.2", help="the oldest TLS version accepted (default tls1.2)"
+        "--ssl-protocol-min",
+        choices=PROTOCOL_VERSIONS,
+        default="tls1.2",
+        help="the oldest TLS version accepted (default tls1.2)",
     )
     tls.add_argument(
-        "--ssl-crl", action="append", metavar="FILE",
+        "--ssl-crl",
+        action="append",
+        metavar="FILE",
         help="a certificate revocation list (PEM or DER) for client certificates, with --ssl-ca-certs and "
         "--ssl-cert-reqs 1 or 2; repeatable",
     )
     http2 = serve.add_argument_group("HTTP/2")
     http2.add_argument(
-        "--http2-max-concurrent-streams", dest="max_concurrent_streams", type=_bounded("max_concurrent_streams"),
-        metavar="N", help=f"streams a connection may have open at once, HTTP/3's too (default {ServerConfig.max_concurrent_streams})",
+        "--http2-max-concurrent-streams",
+        dest="max_concurrent_streams",
+        type=_bounded("max_concurrent_streams"),
+        metavar="N",
+        help=f"streams a connection may have open at once, HTTP/3's too (default {ServerConfig.max_concurrent_streams})",
     )
     http2.add_argument(
-        "--http2-initial-connection-window-size", type=_bounded("http2_initial_connection_window_size"), metavar="BYTES",
+        "--http2-initial-connection-window-size",
+        type=_bounded("http2_initial_connection_window_size"),
+        metavar="BYTES",
         help="request body a connection may send ahead of the application (default 1 MiB)",
     )
     http2.add_argument(
-        "--http2-initial-stream-window-size", type=_bounded("http2_initial_stream_window_size"), metavar="BYTES",
+        "--http2-initial-stream-window-size",
+        type=_bounded("http2_initial_stream_window_size"),
+        metavar="BYTES",
         help="request body a stream may send ahead of the application (default 1 MiB)",
     )
     http2.add_argument(
-        "--http2-adaptive-window", action=argparse.BooleanOptionalAction, default=False,
+        "--http2-adaptive-window",
+        action=argparse.BooleanOptionalAction,
+        default=False,
         help="size the flow control windows from the measured bandwidth-delay product (instead of the two above)",
     )
     http2.add_argument(
-        "--http2-keep-alive-interval", type=_milliseconds, metavar="MS",
+        "--http2-keep-alive-interval",
+        type=_milliseconds,
+        metavar="MS",
         help="milliseconds between PINGs to every connection, as Granian takes it (default: none)",
     )
     http2.add_argument(
-        "--http2-keep-alive-timeout", type=float, metavar="SECONDS",
+        "--http2-keep-alive-timeout",
+        type=float,
+        metavar="SECONDS",
         help=f"a connection that leaves a PING unanswered this long is closed (default {ServerConfig.http2_keep_alive_timeout:g})",
     )
     http2.add_argument(
-        "--http2-max-frame-size", type=_bounded("http2_max_frame_size"), metavar="BYTES",
+        "--http2-max-frame-size",
+        type=_bounded("http2_max_frame_size"),
+        metavar="BYTES",
         help=f"the largest frame accepted (default {ServerConfig.http2_max_frame_size})",
     )
     http2.add_argument(
-        "--http2-max-headers-size", type=_bounded("http2_max_headers_size"), metavar="BYTES",
+        "--http2-max-headers-size",
+        type=_bounded("http2_max_headers_size"),
+        metavar="BYTES",
         help="the largest header list accepted, 431 beyond it (default: --max-header-size)",
     )
     runtime = serve.add_argument_group("runtime")
     runtime.add_argument(
-        "--runtime-threads", type=_bounded("runtime_threads"), metavar="N",
+        "--runtime-threads",
+        type=_bounded("runtime_threads"),
+        metavar="N",
         help="I/O threads per process (default: $SERVER_NATIVE_THREADS, or one per CPU it may run on, at most 64)",
     )
 
@@ -294,17 +383,25 @@ def _cipher_suites(text: str) -> tuple[str, ...]:
 
 def _check_tuning(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """TLS options need TLS; revocation lists need verified client certificates."""
-    tls_only = {"--ssl-ciphers": args.ssl_ciphers, "--ssl-crl": args.ssl_crl, "--ssl-protocol-min": args.ssl_protocol_min != "tls1.2"}
+    tls_only = {
+        "--ssl-ciphers": args.ssl_ciphers,
+        "--ssl-crl": args.ssl_crl,
+        "--ssl-protocol-min": args.ssl_protocol_min != "tls1.2",
+    }
     given = [flag for flag, value in tls_only.items() if value]
     if given and not args.ssl_certfile:
         parser.error(f"{', '.join(given)} needs --ssl-certfile and --ssl-keyfile")
     if args.ssl_crl and (not args.ssl_ca or not args.ssl_cert_reqs):
         parser.error("--ssl-crl checks client certificates: it needs --ssl-ca-certs and --ssl-cert-reqs 1 or 2")
     if args.http2_keep_alive_timeout is not None and not args.http2_keep_alive_timeout > 0:
-        parser.error(f"--http2-keep-alive-timeout must be a number of seconds above 0, not {args.http2_keep_alive_timeout:g}")
+        parser.error(
+            f"--http2-keep-alive-timeout must be a number of seconds above 0, not {args.http2_keep_alive_timeout:g}"
+        )
     windows = args.http2_initial_connection_window_size, args.http2_initial_stream_window_size
     if args.http2_adaptive_window and any(size is not None for size in windows):
-        parser.error("--http2-adaptive-window sizes the flow control windows itself: give it or the window sizes, not both")
+        parser.error(
+            "--http2-adaptive-window sizes the flow control windows itself: give it or the window sizes, not both"
+        )
 
 
 def _tuning_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -320,39 +417,56 @@ def _add_process_options(serve: argparse.ArgumentParser) -> None:
     the logging configuration."""
     group = serve.add_argument_group("worker processes, pid file, environment, logging")
     group.add_argument(
-        "--limit-max-requests", type=_at_least(1, int), metavar="N",
+        "--limit-max-requests",
+        type=_at_least(1, int),
+        metavar="N",
         help="replace a worker once it has answered N requests (a successor starts first, then it drains); "
         "runs the server under a supervisor even without --workers",
     )
     group.add_argument(
-        "--limit-max-requests-jitter", type=_at_least(0, int), default=0, metavar="J",
+        "--limit-max-requests-jitter",
+        type=_at_least(0, int),
+        default=0,
+        metavar="J",
         help="each worker's limit is --limit-max-requests plus a random 0 to J, so that workers are not replaced together",
     )
     group.add_argument(
-        "--workers-lifetime", type=_above_zero, metavar="SECONDS",
+        "--workers-lifetime",
+        type=_above_zero,
+        metavar="SECONDS",
         help="replace a worker this long after it started, as --limit-max-requests does",
     )
     group.add_argument(
-        "--workers-max-rss", type=_at_least(1, int), metavar="MiB",
+        "--workers-max-rss",
+        type=_at_least(1, int),
+        metavar="MiB",
         help="replace a worker whose resident memory (VmRSS, read every second) is above this, as --limit-max-requests does",
     )
     group.add_argument(
-        "--timeout-worker-healthcheck", type=_at_least(0, float), metavar="SECONDS",
+        "--timeout-worker-healthcheck",
+        type=_at_least(0, float),
+        metavar="SECONDS",
         help="replace a worker whose event loop leaves a ping unanswered this long, and kill it (SIGKILL) "
         f"if it does not answer as long again (default {_HEALTHCHECK_TIMEOUT:g} with worker processes, none with --reload; 0: none)",
     )
     group.add_argument("--pid-file", metavar="PATH", help="write the server's process id to this file; removed at exit")
     group.add_argument(
-        "--env-file", type=_existing_file, metavar="PATH",
+        "--env-file",
+        type=_existing_file,
+        metavar="PATH",
         help="load environment variables from this dotenv file before the app is imported; "
         "variables already set win (needs python-dotenv)",
     )
     group.add_argument(
-        "--log-config", type=_existing_file, metavar="PATH",
+        "--log-config",
+        type=_existing_file,
+        metavar="PATH",
         help="logging configuration replacing the server's: .json or .yaml (dictConfig), else .ini (fileConfig)",
     )
     group.add_argument(
-        "--access-log-format", type=_access_log_format, metavar="FORMAT",
+        "--access-log-format",
+        type=_access_log_format,
+        metavar="FORMAT",
         help="the access log line, with gunicorn's atoms, e.g. '%%(h)s \"%%(r)s\" %%(s)s %%(b)s %%(D)s' "
         "(see the README); turns the access log on",
     )
@@ -362,17 +476,23 @@ def _add_process_options(serve: argparse.ArgumentParser) -> None:
 def _add_metrics_options(serve: argparse.ArgumentParser) -> None:
     group = serve.add_argument_group("metrics")
     group.add_argument(
-        "--metrics", action="store_true",
+        "--metrics",
+        action="store_true",
         help="serve the server's figures (connections, requests by protocol and status class, refusals, bytes, "
         "request durations; with --workers, added up over the workers, and their spawns and memory) "
         "in the Prometheus text format at http://ADDRESS:PORT/metrics",
     )
     group.add_argument(
-        "--metrics-address", default=None, metavar="ADDRESS",
+        "--metrics-address",
+        default=None,
+        metavar="ADDRESS",
         help=f"the address --metrics listens on (default {_METRICS_ADDRESS})",
     )
     group.add_argument(
-        "--metrics-port", type=_port, default=None, metavar="PORT",
+        "--metrics-port",
+        type=_port,
+        default=None,
+        metavar="PORT",
         help=f"the port --metrics listens on (default {_METRICS_PORT})",
     )
 
@@ -400,7 +520,9 @@ def _at_least(low: float, kind: Callable[[str], Any]) -> Callable[[str], Any]:
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"not {'a whole number' if kind is int else 'a number'}: {text!r}") from None
+            raise argparse.ArgumentTypeError(
+                f"not {'a whole number' if kind is int else 'a number'}: {text!r}"
+            ) from None
         if not value >= low:  # NaN too
             raise argparse.ArgumentTypeError(f"must be at least {low:g}, not {text}")
         return value
@@ -472,7 +594,9 @@ def _socket_activation(args: argparse.Namespace, parser: argparse.ArgumentParser
     if not count.isdigit() or int(count) < 1:
         parser.error(f"LISTEN_FDS must be a number of sockets, not {count!r}")
     if args.fd is not None or args.uds is not None or args.host is not None or args.port is not None:
-        parser.error(f"systemd passed {count} listening socket(s) (LISTEN_FDS): --host, --port, --uds and --fd would listen elsewhere")
+        parser.error(
+            f"systemd passed {count} listening socket(s) (LISTEN_FDS): --host, --port, --uds and --fd would listen elsewhere"
+        )
     args.fd = [SD_LISTEN_FDS_START + index for index in range(int(count))]
 
 
@@ -552,7 +676,9 @@ def _recycling(args: argparse.Namespace) -> Any:
     if timeout is None:
         # A debugger stopped at a breakpoint blocks the loop: not a fault.
         timeout = None if args.reload else _HEALTHCHECK_TIMEOUT
-    return Recycling(lifetime=args.workers_lifetime, max_rss_mib=args.workers_max_rss, healthcheck_timeout=timeout or None)
+    return Recycling(
+        lifetime=args.workers_lifetime, max_rss_mib=args.workers_max_rss, healthcheck_timeout=timeout or None
+    )
 
 
 def _load_env_file(path: str) -> None:
@@ -710,7 +836,9 @@ def _metrics_listener(listen: tuple[str, int] | None) -> Iterator[None]:
     try:
         listener = MetricsListener(*listen, FiguresCollector(process_metrics))
     except OSError as exc:
-        raise OSError(exc.errno, f"--metrics: cannot listen on {listen[0]} port {listen[1]}: {exc.strerror or exc}") from None
+        raise OSError(
+            exc.errno, f"--metrics: cannot listen on {listen[0]} port {listen[1]}: {exc.strerror or exc}"
+        ) from None
     try:
         yield
     finally:
@@ -749,7 +877,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 uds_mode=args.uds_mode,
                 fds=args.fd,
                 backlog=args.backlog,
-                shutdown_timeout=ServerConfig.shutdown_timeout if args.shutdown_timeout is None else args.shutdown_timeout,
+                shutdown_timeout=ServerConfig.shutdown_timeout
+                if args.shutdown_timeout is None
+                else args.shutdown_timeout,
                 recycling=_recycling(args),
                 metrics=_metrics_listen(args),
             )

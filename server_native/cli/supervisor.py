@@ -262,7 +262,9 @@ class _Supervisor:
                     if isinstance(message.get("figures"), dict):
                         worker.figures = message["figures"]
         with self.figures_lock:
-            self.exited_figures = add_figures(self.exited_figures, worker.figures.get("metrics") or {}, counters_only=True)
+            self.exited_figures = add_figures(
+                self.exited_figures, worker.figures.get("metrics") or {}, counters_only=True
+            )
             worker.figures = {}
         if worker.channel is not None:
             self.selector.unregister(worker.channel)
@@ -386,7 +388,9 @@ class _Supervisor:
             draining.append(worker)
             assert worker.terminated_at is not None
             if not worker.killed and now - worker.terminated_at > self.drain_limit:
-                logger.warning("worker %d still running %gs after it was told to drain: killed", worker.pid, self.drain_limit)
+                logger.warning(
+                    "worker %d still running %gs after it was told to drain: killed", worker.pid, self.drain_limit
+                )
                 worker.process.kill()
                 worker.killed = True
         self.retiring = draining
@@ -536,7 +540,10 @@ def supervise(
                 held.callback(socket_file.remove)
                 per_slot = [[held.enter_context(sock)]] * workers
             else:
-                per_slot = [[held.enter_context(sock) for sock in group] for group in _bind_tcp_slots(host, port, backlog, workers)]
+                per_slot = [
+                    [held.enter_context(sock) for sock in group]
+                    for group in _bind_tcp_slots(host, port, backlog, workers)
+                ]
         except OSError as exc:
             print(f"server-native: error: {exc}", file=sys.stderr)
             return 1
@@ -607,14 +614,19 @@ def _listen_tcp(address: str, port: int, backlog: int, reuse_port: bool) -> sock
     return sock
 
 
-def _supervise(supervisor: _Supervisor, reload: bool, reload_dirs: Sequence[str], metrics: tuple[str, int] | None) -> int:
+def _supervise(
+    supervisor: _Supervisor, reload: bool, reload_dirs: Sequence[str], metrics: tuple[str, int] | None
+) -> int:
     """Runs the supervisor, with ``metrics`` (address, port) serving its figures."""
     listener = None
     if metrics is not None:
         try:
             listener = _serve_metrics(supervisor, *metrics)
         except OSError as exc:
-            print(f"server-native: error: --metrics: cannot listen on {metrics[0]} port {metrics[1]}: {exc}", file=sys.stderr)
+            print(
+                f"server-native: error: --metrics: cannot listen on {metrics[0]} port {metrics[1]}: {exc}",
+                file=sys.stderr,
+            )
             return 1
     try:
         return _run(supervisor, reload, reload_dirs)
@@ -631,7 +643,9 @@ def _serve_metrics(supervisor: _Supervisor, address: str, port: int) -> MetricsL
 
     def workers() -> WorkerFigures:
         running = supervisor.everyone()
-        resident = [(worker.slot, worker.pid, 1024 * kib) for worker in running if (kib := resident_kib(worker.pid)) is not None]
+        resident = [
+            (worker.slot, worker.pid, 1024 * kib) for worker in running if (kib := resident_kib(worker.pid)) is not None
+        ]
         return WorkerFigures(supervisor.spawns, max(supervisor.spawns - len(supervisor.slots), 0), resident)
 
     supervisor.collect_figures = True
@@ -664,5 +678,7 @@ def _watch(directories: Sequence[str]) -> Iterator[bool]:
         from watchfiles import PythonFilter, watch
     except ImportError:
         sys.exit("server-native: error: --reload needs watchfiles (pip install watchfiles)")
-    for changes in watch(*directories, watch_filter=PythonFilter(), rust_timeout=int(_POLL * 1000), yield_on_timeout=True):
+    for changes in watch(
+        *directories, watch_filter=PythonFilter(), rust_timeout=int(_POLL * 1000), yield_on_timeout=True
+    ):
         yield bool(changes)

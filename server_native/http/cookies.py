@@ -118,9 +118,7 @@ class Cookie:
     def expires(self, expires: datetime | None) -> None:
         if expires is not None:
             expires = (
-                expires.replace(tzinfo=timezone.utc)
-                if expires.tzinfo is None
-                else expires.astimezone(timezone.utc)
+                expires.replace(tzinfo=timezone.utc) if expires.tzinfo is None else expires.astimezone(timezone.utc)
             )
         self._expires = expires
 

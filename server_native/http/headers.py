@@ -18,9 +18,7 @@ __all__ = ["ContentType", "HttpHeaders", "format_http_date", "parse_http_date", 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 # Headers that hold one value: add() replaces instead of appending, as in dart:io.
-_SINGLE_VALUED = frozenset(
-    {"content-length", "content-type", "date", "expires", "host", "if-modified-since"}
-)
+_SINGLE_VALUED = frozenset({"content-length", "content-type", "date", "expires", "host", "if-modified-since"})
 
 HeaderValue = Union[str, int, datetime, "ContentType"]
 
@@ -60,10 +58,7 @@ def _to_str(value: HeaderValue) -> str:
         return format_http_date(value)
     if isinstance(value, ContentType):
         return value.value
-    raise TypeError(
-        "HTTP header value must be str, int, datetime or ContentType, "
-        f"not {type(value).__name__}"
-    )
+    raise TypeError(f"HTTP header value must be str, int, datetime or ContentType, not {type(value).__name__}")
 
 
 def _check_name(name: str) -> str:
@@ -74,10 +69,7 @@ def _check_name(name: str) -> str:
 
 def _check_value(name: str, value: str) -> None:
     if "\r" in value or "\n" in value or "\0" in value:
-        raise ValueError(
-            f"Invalid HTTP header field value for {name!r}: {value!r} "
-            "(CR, LF and NUL are not allowed)"
-        )
+        raise ValueError(f"Invalid HTTP header field value for {name!r}: {value!r} (CR, LF and NUL are not allowed)")
     if name == "content-length" and not (value.isascii() and value.isdigit()):
         raise ValueError(f"Content-Length must contain only digits, got {value!r}")
 
@@ -178,11 +170,7 @@ class HttpHeaders:
 
     def _tokens(self, name: str) -> list[str]:
         """The comma-separated, lowercased tokens of every value of ``name``."""
-        return [
-            token.strip().lower()
-            for value in self._lookup().get(name, ())
-            for token in value.split(",")
-        ]
+        return [token.strip().lower() for value in self._lookup().get(name, ()) for token in value.split(",")]
 
     def _remove_token(self, name: str, token: str) -> None:
         """Drop ``token`` from list-valued header ``name``, and values left empty."""
@@ -285,9 +273,7 @@ class HttpHeaders:
 
     def copy(self) -> HttpHeaders:
         """A mutable copy (also of immutable request headers)."""
-        return HttpHeaders(
-            self._list[:], protocol_version=self.protocol_version, _trusted=True
-        )
+        return HttpHeaders(self._list[:], protocol_version=self.protocol_version, _trusted=True)
 
     def __repr__(self) -> str:
         return f"HttpHeaders({self._list!r})"
@@ -394,9 +380,7 @@ class HttpHeaders:
     @port.setter
     def port(self, port: int | None) -> None:
         self._check_mutable()
-        if port is not None and (
-            isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535
-        ):
+        if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535):
             raise ValueError(f"port must be an int in 0..65535 or None, got {port!r}")
         current = self.get("host")
         host = None if current is None else split_host(current)[0]
@@ -551,9 +535,7 @@ class ContentType:
         self._primary_type = primary
         self._sub_type = sub
         self._parameters = parameters
-        self._value = f"{primary}/{sub}" + "".join(
-            f"; {key}={_quote(value)}" for key, value in parameters.items()
-        )
+        self._value = f"{primary}/{sub}" + "".join(f"; {key}={_quote(value)}" for key, value in parameters.items())
 
     @classmethod
     def parse(cls, value: str) -> ContentType:

@@ -352,10 +352,12 @@ class HttpResponse:
 
 
 def _too_long(size: int, declared: int, uri: str) -> HttpBodyError:
-    return HttpBodyError(f"Content size exceeds specified contentLength. {size} bytes written while expected {declared}.", uri=uri)
+    return HttpBodyError(
+        f"Content size exceeds specified contentLength. {size} bytes written while expected {declared}.", uri=uri
+    )
 
 
 def _too_short(size: int, declared: int, uri: str) -> HttpBodyError:
-    return HttpBodyError(f"Content size below specified contentLength.  {size} bytes written but expected {declared}.", uri=uri)
-
-
+    return HttpBodyError(
+        f"Content size below specified contentLength.  {size} bytes written but expected {declared}.", uri=uri
+    )

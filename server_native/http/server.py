@@ -137,7 +137,11 @@ class NativeHttpServer(BoundServer):
             self._native.set_default_headers(pairs)
             content_type = headers.content_type
             self._default_charset = (content_type.charset if content_type else None) or "latin-1"
-            self._synced_headers, self._synced_version, self._synced_server = headers, headers._version, self.server_header
+            self._synced_headers, self._synced_version, self._synced_server = (
+                headers,
+                headers._version,
+                self.server_header,
+            )
         return self._default_charset
 
     # -- requests -----------------------------------------------------------

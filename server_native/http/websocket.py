@@ -34,7 +34,9 @@ async def upgrade_websocket(
     native_request = request._native
     if not native_request.websocket:
         raise HttpException("not a WebSocket upgrade request", uri=request.uri.path)
-    offered = [p.strip() for value in request.headers.get_all("sec-websocket-protocol") for p in value.split(",") if p.strip()]
+    offered = [
+        p.strip() for value in request.headers.get_all("sec-websocket-protocol") for p in value.split(",") if p.strip()
+    ]
     chosen = protocol_selector(offered) if protocol_selector is not None and offered else None
     if not native_request.accept_websocket(chosen, list(headers)):
         raise _ClientDisconnected("the client left before the WebSocket was accepted")

@@ -143,7 +143,11 @@ class _HttpCycle:
                 self._gone = True
                 raise _ClientDisconnected("the client disconnected")
         elif state != _STREAMING:
-            raise RuntimeError("ASGI: http.response.body before http.response.start" if state == _BEFORE_START else "ASGI: response already complete")
+            raise RuntimeError(
+                "ASGI: http.response.body before http.response.start"
+                if state == _BEFORE_START
+                else "ASGI: response already complete"
+            )
         if body:
             await self._write(body)
         if not more:
@@ -264,7 +268,12 @@ async def _run(app: ASGIApp, scope: Scope, cycle: _HttpCycle, access_log: bool) 
         cycle.close_for_app(exc)
         if cycle.client_gone:
             # Most often the app passing on our ClientDisconnected as its own.
-            logger.debug("ASGI app ended with an error after its client left: %s %s", scope["method"], scope["path"], exc_info=exc)
+            logger.debug(
+                "ASGI app ended with an error after its client left: %s %s",
+                scope["method"],
+                scope["path"],
+                exc_info=exc,
+            )
         elif not isinstance(exc, asyncio.CancelledError):
             logger.error("ASGI app failed: %s %s", scope["method"], scope["path"], exc_info=exc)
     else:
@@ -362,7 +371,9 @@ class _WebSocketCycle:
             status = message["status"]
             if not isinstance(status, int) or not 200 <= status <= 599:
                 raise RuntimeError(f"ASGI: invalid status {status!r} in websocket.http.response.start: must be 200-599")
-            await self._denial.send({"type": "http.response.start", "status": status, "headers": message.get("headers", ())})
+            await self._denial.send(
+                {"type": "http.response.start", "status": status, "headers": message.get("headers", ())}
+            )
         elif kind == "websocket.http.response.body" and state == _DENYING and self._denial is not None:
             more = message.get("more_body", False)
             await self._denial.send({"type": "http.response.body", "body": message.get("body", b""), "more_body": more})
@@ -379,12 +390,16 @@ class _WebSocketCycle:
         if state == _CONNECTING:
             self._state = _DENIED
             if error is None:
-                error_logger.error("ASGI app returned without accepting or denying the WebSocket %s: answered 500", self._native.path)
+                error_logger.error(
+                    "ASGI app returned without accepting or denying the WebSocket %s: answered 500", self._native.path
+                )
             self._native.abort()  # a 500: nothing has gone out
         elif state == _DENYING and self._denial is not None:
             self._state = _DENIED
             if error is None:
-                error_logger.error("ASGI app returned before finishing its denial of the WebSocket %s: answered 500", self._native.path)
+                error_logger.error(
+                    "ASGI app returned before finishing its denial of the WebSocket %s: answered 500", self._native.path
+                )
             self._denial.close_for_app(error or RuntimeError("unfinished denial"))
         elif state == _ACCEPTED:
             self._state = _CLOSED
@@ -449,7 +464,9 @@ class Lifespan:
                 if self._mode == "on":
                     self._startup.set_exception(LifespanFailure(f"lifespan failed: {exc!r}"))
                 else:
-                    logging.getLogger("server_native").info("the app does not support lifespan (%r): serving without it", exc)
+                    logging.getLogger("server_native").info(
+                        "the app does not support lifespan (%r): serving without it", exc
+                    )
                     self._mode = "off"
                     self._startup.set_result(None)
             elif self._shutdown is not None and not self._shutdown.done():

@@ -133,7 +133,13 @@ class DirectServer(BoundServer):
     """A bound server answering through a direct handler."""
 
     def __init__(
-        self, config: ServerConfig, hosts: list[str], port: int, *, native_direct: bool = False, access_log: bool = False
+        self,
+        config: ServerConfig,
+        hosts: list[str],
+        port: int,
+        *,
+        native_direct: bool = False,
+        access_log: bool = False,
     ) -> None:
         self._handler: DirectHandler | None = None
         self._native_direct = native_direct

@@ -123,7 +123,9 @@ class _Response:
         #: Body bytes handed over, for the access log.
         self.sent = 0
 
-    def start_response(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable[[bytes], None]:
+    def start_response(
+        self, status: str, headers: list[tuple[str, str]], exc_info: Any = None
+    ) -> Callable[[bytes], None]:
         if exc_info is not None:
             try:
                 if self.streaming:
@@ -213,13 +215,17 @@ class WSGIServer(BoundServer):
         # Built natively: the CGI variables, the headers and the client.
         environ: dict[str, Any] = native_request.wsgi_environ(self._base)
         if self._proxy is not None and native_request.has_proxy_headers:
-            client, scheme = self._proxy.resolve(native_request.remote_addr, native_request.scheme, native_request.raw_headers())
+            client, scheme = self._proxy.resolve(
+                native_request.remote_addr, native_request.scheme, native_request.raw_headers()
+            )
             if client is not None:
                 environ["REMOTE_ADDR"], port = client
                 environ["REMOTE_PORT"] = str(port)
             environ["wsgi.url_scheme"] = scheme
         if self._uds is not None and native_request.authority:
-            environ["SERVER_NAME"], environ["SERVER_PORT"] = _server_name_and_port(native_request.authority, environ["wsgi.url_scheme"])
+            environ["SERVER_NAME"], environ["SERVER_PORT"] = _server_name_and_port(
+                native_request.authority, environ["wsgi.url_scheme"]
+            )
         environ["wsgi.input"] = InputStream(native_request)
         return environ
 
@@ -231,13 +237,19 @@ class WSGIServer(BoundServer):
             self._respond(app, native_request, response, environ)
         finally:
             if self._access_log:
-                client = (environ["REMOTE_ADDR"], int(environ["REMOTE_PORT"])) if "REMOTE_PORT" in environ else native_request.remote_addr
+                client = (
+                    (environ["REMOTE_ADDR"], int(environ["REMOTE_PORT"]))
+                    if "REMOTE_PORT" in environ
+                    else native_request.remote_addr
+                )
                 log_access(
                     client, native_request.method, native_request.path, native_request.http_version, response.status,
                     query=native_request.query, sent=response.sent, started=started, header=native_request.header,
                 )  # fmt: skip
 
-    def _respond(self, app: WSGIApp, native_request: ThreadedRequest, response: _Response, environ: dict[str, Any]) -> None:
+    def _respond(
+        self, app: WSGIApp, native_request: ThreadedRequest, response: _Response, environ: dict[str, Any]
+    ) -> None:
         """Runs the app on one request and sends what it answers; ``environ``
         is filled in for the access log."""
         try:

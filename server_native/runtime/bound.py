@@ -32,6 +32,8 @@ PLAIN_TEXT = [("content-type", "text/plain; charset=utf-8")]
 def answer_unavailable(native_request: Request) -> None:
     """A request that arrives while no handler is set: 503."""
     native_request.respond(503, PLAIN_TEXT, b"Service Unavailable")
+
+
 #: What the native side decided on its own (refusals, framing errors of the
 #: application, failed accepts and handshakes), queued natively.
 native_logger = logging.getLogger("server_native.error")
@@ -340,7 +342,9 @@ class BoundServer:
             native_logger.warning(
                 "shutdown: cancelled %d application task(s) still running %s",
                 cancelled,
-                "on a forced close" if self._forced else f"after the shutdown timeout ({self._config.shutdown_timeout:g}s)",
+                "on a forced close"
+                if self._forced
+                else f"after the shutdown timeout ({self._config.shutdown_timeout:g}s)",
             )
         if not await runner.wait(CANCELLED_TASKS_GRACE):
             native_logger.error("shutdown: %d application task(s) ignored their cancellation", runner.running)

@@ -128,7 +128,9 @@ def _headers_payload(headers: Iterable[tuple[Any, Any]], parts: list[Any]) -> in
         if not _token(name_bytes):
             raise ValueError(f"invalid header name {name_bytes.decode('latin-1')!r}")
         if not _field_value(value_bytes):
-            raise ValueError(f"invalid value for header {name_bytes.decode('latin-1').lower()}: {value_bytes.decode('latin-1')!r}")
+            raise ValueError(
+                f"invalid value for header {name_bytes.decode('latin-1').lower()}: {value_bytes.decode('latin-1')!r}"
+            )
         parts += (pack(len(name_bytes)), name_bytes, pack(len(value_bytes)), value_bytes)
         count += 1
     return count
@@ -263,7 +265,9 @@ class BridgeRequest:
         """Request headers as ``(name, value)`` pairs in order, names
         lowercase, values decoded as latin-1."""
         fields = self._fields
-        return [(fields[index].decode("latin-1"), fields[index + 1].decode("latin-1")) for index in range(8, len(fields), 2)]
+        return [
+            (fields[index].decode("latin-1"), fields[index + 1].decode("latin-1")) for index in range(8, len(fields), 2)
+        ]
 
     def raw_headers(self) -> list[tuple[bytes, bytes]]:
         fields = self._fields
@@ -378,7 +382,9 @@ class BridgeRequest:
         if not self._pending and size <= self._credit and size <= CHUNK:
             self._credit -= size
             if kind == WS_MESSAGE:
-                self._conn._send_parts(_FRAME.pack(size + _HEADER + 1, VERSION, WS_MESSAGE, self._id) + bytes((flags,)), data)
+                self._conn._send_parts(
+                    _FRAME.pack(size + _HEADER + 1, VERSION, WS_MESSAGE, self._id) + bytes((flags,)), data
+                )
             else:
                 self._conn._send_parts(_FRAME.pack(size + _HEADER, VERSION, kind, self._id), data)
             return
@@ -412,7 +418,9 @@ class BridgeRequest:
             self._credit -= take
             if kind == WS_MESSAGE:
                 more = _WS_MORE if take < size else 0
-                conn._send_parts(_FRAME.pack(take + _HEADER + 1, VERSION, WS_MESSAGE, stream) + bytes((flags | more,)), data[:take])
+                conn._send_parts(
+                    _FRAME.pack(take + _HEADER + 1, VERSION, WS_MESSAGE, stream) + bytes((flags | more,)), data[:take]
+                )
             else:
                 conn._send_parts(_FRAME.pack(take + _HEADER, VERSION, kind, stream), data[:take])
             if take == size:
@@ -462,7 +470,11 @@ class BridgeRequest:
             raise RuntimeError("the response was already sent")
 
     def respond(
-        self, status: int, headers: Iterable[tuple[Any, Any]] | None, body: bytes | bytearray | memoryview, reason: str | None = None
+        self,
+        status: int,
+        headers: Iterable[tuple[Any, Any]] | None,
+        body: bytes | bytearray | memoryview,
+        reason: str | None = None,
     ) -> bool:
         """Sends a whole response. ``headers=None`` sends the server's default
         headers. Returns False when the client is already gone."""
@@ -560,7 +572,9 @@ class BridgeRequest:
 
     # -- WebSocket --------------------------------------------------------
 
-    def accept_websocket(self, subprotocol: str | None = None, headers: Iterable[tuple[Any, Any]] | None = None) -> bool:
+    def accept_websocket(
+        self, subprotocol: str | None = None, headers: Iterable[tuple[Any, Any]] | None = None
+    ) -> bool:
         """Accepts the WebSocket: 101 (HTTP/1.1) or 200 (HTTP/2) with
         ``headers`` and the chosen ``subprotocol``. False when the client
         already left (or it was accepted before)."""
@@ -788,7 +802,9 @@ class _BridgeConnection(asyncio.Protocol):
                 elif kind == ABORT:
                     reason = data[start] if end > start else _ABORT_CLIENT_GONE
                     if reason == _ABORT_DISCARDED:
-                        message = "the rest of the request body was dropped: the response was complete before it was read"
+                        message = (
+                            "the rest of the request body was dropped: the response was complete before it was read"
+                        )
                         request._finish_body((_ClientDisconnected, message))
                         request._maybe_over()
                     elif reason == _ABORT_TOO_LARGE:

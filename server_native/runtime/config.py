@@ -259,12 +259,24 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         for name in (
-            "header_read_timeout", "tls_handshake_timeout", "body_read_timeout", "idle_timeout", "response_timeout",
-            "ws_ping_interval", "ws_ping_timeout",
+            "header_read_timeout",
+            "tls_handshake_timeout",
+            "body_read_timeout",
+            "idle_timeout",
+            "response_timeout",
+            "ws_ping_interval",
+            "ws_ping_timeout",
         ):
             setattr(self, name, _seconds(name, getattr(self, name), none_is_no_limit=True))
         self.shutdown_timeout = _seconds("shutdown_timeout", self.shutdown_timeout, none_is_no_limit=False)
-        for name in ("max_header_size", "max_headers", "max_body_size", "max_connections", "max_pending_requests", "ws_max_queue"):
+        for name in (
+            "max_header_size",
+            "max_headers",
+            "max_body_size",
+            "max_connections",
+            "max_pending_requests",
+            "ws_max_queue",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         self._check_tuning()
@@ -290,7 +302,6 @@ class ServerConfig:
         if index is not None and (index in ("", ".", "..") or any(c in index for c in "/\\\0")):
             raise ValueError(f"static_files_index must be a file name, not {index!r}")
 
-
     def _check_tuning(self) -> None:
         """The HTTP/2 settings and ``runtime_threads``."""
         for name in BOUNDS:
@@ -300,7 +311,9 @@ class ServerConfig:
                 raise ValueError(f"{name} {problem}")
         given_windows = self.http2_initial_connection_window_size, self.http2_initial_stream_window_size
         if self.http2_adaptive_window and any(size is not None for size in given_windows):
-            raise ValueError("http2_adaptive_window sizes the flow control windows itself: give it or the window sizes, not both")
+            raise ValueError(
+                "http2_adaptive_window sizes the flow control windows itself: give it or the window sizes, not both"
+            )
         self.http2_keep_alive_interval = _seconds(
             "http2_keep_alive_interval", self.http2_keep_alive_interval, none_is_no_limit=True
         )

@@ -143,7 +143,10 @@ ACCESS_LOG_ATOMS: dict[str, tuple[str, Callable[[_Access], Any]]] = {
     "l": ("'-'", lambda a: "-"),
     "u": ("user name ('-')", lambda a: "-"),
     "t": ("time the request came, [10/Oct/2000:13:55:36 +0000]", _request_time),
-    "r": ("request line: GET /path?query HTTP/1.1", lambda a: f"{a.method} {a.path}{'?' if a.query else ''}{a.query} HTTP/{a.http_version}"),
+    "r": (
+        "request line: GET /path?query HTTP/1.1",
+        lambda a: f"{a.method} {a.path}{'?' if a.query else ''}{a.query} HTTP/{a.http_version}",
+    ),
     "m": ("method", lambda a: a.method),
     "U": ("path, without the query", lambda a: a.path),
     "q": ("query string", lambda a: a.query),
@@ -173,7 +176,9 @@ def _atom(key: str) -> Callable[[_Access], Any]:
         name = header.group(1).lower()
         return lambda a: _dash(a.header(name))
     if key not in ACCESS_LOG_ATOMS:
-        raise ValueError(f"unknown access log atom %({key})s: the atoms are {', '.join(ACCESS_LOG_ATOMS)} and {{name}}i")
+        raise ValueError(
+            f"unknown access log atom %({key})s: the atoms are {', '.join(ACCESS_LOG_ATOMS)} and {{name}}i"
+        )
     return ACCESS_LOG_ATOMS[key][1]
 
 

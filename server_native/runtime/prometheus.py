@@ -58,13 +58,17 @@ def server_families(figures: Mapping[str, Any]) -> Iterator[Metric]:
     yield GaugeMetricFamily(
         f"{PREFIX}_connections_active", "Connections with a request in flight now.", value=count("connections_active")
     )
-    yield CounterMetricFamily(f"{PREFIX}_connections_handled", "Connections accepted.", value=count("connections_handled"))
+    yield CounterMetricFamily(
+        f"{PREFIX}_connections_handled", "Connections accepted.", value=count("connections_handled")
+    )
     yield CounterMetricFamily(
         f"{PREFIX}_connections_errored",
         "Connections ended by an error (TLS handshake, malformed request, slow head, HTTP/2 protocol error).",
         value=count("connections_errored"),
     )
-    yield labelled(CounterMetricFamily(f"{PREFIX}_requests", "Requests answered, by protocol.", labels=["protocol"]), "requests")
+    yield labelled(
+        CounterMetricFamily(f"{PREFIX}_requests", "Requests answered, by protocol.", labels=["protocol"]), "requests"
+    )
     yield labelled(
         CounterMetricFamily(f"{PREFIX}_responses", "Responses, by status class.", labels=["status_class"]), "responses"
     )
@@ -76,7 +80,9 @@ def server_families(figures: Mapping[str, Any]) -> Iterator[Metric]:
         ),
         "refused",
     )
-    yield CounterMetricFamily(f"{PREFIX}_received_bytes", "Bytes received, TLS included.", value=count("bytes_received"))
+    yield CounterMetricFamily(
+        f"{PREFIX}_received_bytes", "Bytes received, TLS included.", value=count("bytes_received")
+    )
     yield CounterMetricFamily(f"{PREFIX}_sent_bytes", "Bytes sent, TLS included.", value=count("bytes_sent"))
     durations = figures.get("request_duration_seconds")
     if durations:

@@ -75,7 +75,9 @@ class ProxyHeaders:
                         key, _, item = pair.strip().partition("=")
                         item = item.strip().strip('"')
                         if key.lower() == "for":
-                            forwarded_for.append(item[1:item.index("]")] if item.startswith("[") else item.split(":")[0])
+                            forwarded_for.append(
+                                item[1 : item.index("]")] if item.startswith("[") else item.split(":")[0]
+                            )
                         elif key.lower() == "proto":
                             proto = item.lower()
         host = None if client is None else client[0]

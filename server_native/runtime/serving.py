@@ -48,7 +48,9 @@ async def serve_bound(
             watcher.cancel()
         if force_close:
             # Failed to start, or cancelled: nothing may keep listening.
-            await asyncio.shield(asyncio.gather(*(server.close(force=True) for server in servers), return_exceptions=True))
+            await asyncio.shield(
+                asyncio.gather(*(server.close(force=True) for server in servers), return_exceptions=True)
+            )
     if signals.second is not None:
         raise SystemExit(128 + signals.second)
 

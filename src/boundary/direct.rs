@@ -114,7 +114,14 @@ impl DirectResponse {
                 return None;
             }
             let mut out = BytesMut::new();
-            crate::bridge::put_response_head(&mut out, None, self.status, Some(&self.headers), b"", Some(self.body.len()));
+            crate::bridge::put_response_head(
+                &mut out,
+                None,
+                self.status,
+                Some(&self.headers),
+                b"",
+                Some(self.body.len()),
+            );
             out.extend_from_slice(&self.body);
             Some(PyBytes::new(py, &out).unbind())
         });

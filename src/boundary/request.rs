@@ -8,8 +8,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, HOST};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version};
-use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use hyper::ext::ReasonPhrase;
+use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
@@ -177,7 +177,12 @@ impl NativeRequest {
 
     /// The ASGI `http` scope: `base` updated with this request's keys and a
     /// copy of `state` (see `asgi::scope`).
-    fn asgi_scope<'py>(&self, py: Python<'py>, base: &Bound<'py, PyDict>, state: &Bound<'py, PyDict>) -> PyResult<Bound<'py, PyDict>> {
+    fn asgi_scope<'py>(
+        &self,
+        py: Python<'py>,
+        base: &Bound<'py, PyDict>,
+        state: &Bound<'py, PyDict>,
+    ) -> PyResult<Bound<'py, PyDict>> {
         super::asgi::exchange_scope(py, &self.exchange, base, state)
     }
 
@@ -213,7 +218,11 @@ impl NativeRequest {
     /// a future made by `create_future` that resolves when it is worth asking
     /// again (None without `create_future`: just "not yet").
     #[pyo3(signature = (create_future = None))]
-    fn read<'py>(&self, py: Python<'py>, create_future: Option<&Bound<'py, PyAny>>) -> PyResult<Option<Bound<'py, PyAny>>> {
+    fn read<'py>(
+        &self,
+        py: Python<'py>,
+        create_future: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Option<Bound<'py, PyAny>>> {
         let mut future = create_future.map(|f| self.park(f)).transpose()?;
         let step = self.exchange.body.read(|| future.as_mut().map(Parked::make));
         match step {
@@ -253,10 +262,20 @@ impl NativeRequest {
 
     /// Sends the response head; the body follows with `write` and `finish`.
     #[pyo3(signature = (status, headers, reason = None))]
-    fn start(&self, status: &Bound<'_, PyAny>, headers: Option<&Bound<'_, PyAny>>, reason: Option<&str>) -> PyResult<bool> {
+    fn start(
+        &self,
+        status: &Bound<'_, PyAny>,
+        headers: Option<&Bound<'_, PyAny>>,
+        reason: Option<&str>,
+    ) -> PyResult<bool> {
         self.send_built(|| {
             let stream = ResponseStream::new(self.server.events.clone());
-            let response = self.response(status, headers, reason, ResponseBody::Stream(StreamBody::new(stream.clone(), &self.exchange)))?;
+            let response = self.response(
+                status,
+                headers,
+                reason,
+                ResponseBody::Stream(StreamBody::new(stream.clone(), &self.exchange)),
+            )?;
             self.exchange.set_stream(stream);
             Ok(response)
         })
@@ -279,7 +298,8 @@ impl NativeRequest {
     /// blocks this thread (without the GIL) until it has caught up. For
     /// consumer threads (WSGI): no other thread has to run for it to return.
     fn write_blocking(&self, py: Python<'_>, data: &[u8]) -> PyResult<()> {
-        let stream = self.exchange.stream().ok_or_else(|| PyRuntimeError::new_err("write_blocking() before start()"))?;
+        let stream =
+            self.exchange.stream().ok_or_else(|| PyRuntimeError::new_err("write_blocking() before start()"))?;
         let sent = match stream.write_nowait(Bytes::copy_from_slice(data)) {
             WriteResult::Ready => true,
             WriteResult::Wait => py.detach(|| self.server.events.while_blocked(|| stream.wait_drained())),
@@ -362,8 +382,12 @@ impl NativeRequest {
         let mut future = self.park(create_future)?;
         let item = match socket.recv(|| future.make()) {
             // Checked UTF-8: the lossy view borrows without copying or replacing.
-            Received::Message(Message::Text(text)) => ("text", String::from_utf8_lossy(&text)).into_pyobject(py)?.into_any(),
-            Received::Message(Message::Binary(data)) => ("bytes", PyBytes::new(py, &data)).into_pyobject(py)?.into_any(),
+            Received::Message(Message::Text(text)) => {
+                ("text", String::from_utf8_lossy(&text)).into_pyobject(py)?.into_any()
+            }
+            Received::Message(Message::Binary(data)) => {
+                ("bytes", PyBytes::new(py, &data)).into_pyobject(py)?.into_any()
+            }
             Received::Closed(code, reason) => ("close", (code, reason)).into_pyobject(py)?.into_any(),
             Received::Pending => return future.take(),
         };
@@ -372,7 +396,11 @@ impl NativeRequest {
 
     /// Queues a text (str) or binary (bytes) message. None, or a future to
     /// await before sending more; raises ClientDisconnected once closed.
-    fn ws_send<'py>(&self, data: &Bound<'py, PyAny>, create_future: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, PyAny>>> {
+    fn ws_send<'py>(
+        &self,
+        data: &Bound<'py, PyAny>,
+        create_future: &Bound<'py, PyAny>,
+    ) -> PyResult<Option<Bound<'py, PyAny>>> {
         let socket = self.socket()?;
         let message = if let Ok(text) = data.cast::<PyString>() {
             Frame::text(Bytes::copy_from_slice(text.to_str()?.as_bytes()))
@@ -499,7 +527,9 @@ pub fn percent_decoded(path: &[u8]) -> std::borrow::Cow<'_, [u8]> {
     let mut i = 0;
     while i < path.len() {
         if path[i] == b'%' {
-            if let (Some(high), Some(low)) = (path.get(i + 1).and_then(|&b| hex(b)), path.get(i + 2).and_then(|&b| hex(b))) {
+            if let (Some(high), Some(low)) =
+                (path.get(i + 1).and_then(|&b| hex(b)), path.get(i + 2).and_then(|&b| hex(b)))
+            {
                 out.push(high << 4 | low);
                 i += 3;
                 continue;
@@ -551,9 +581,8 @@ pub fn header_map(headers: &Bound<'_, PyAny>) -> PyResult<HeaderMap> {
         let (name, value) = (item.get_item(0)?, item.get_item(1)?);
         let name = header_bytes(&name)?;
         let value = header_bytes(&value)?;
-        let name = HeaderName::from_bytes(&name).map_err(|_| {
-            PyValueError::new_err(format!("invalid header name {:?}", String::from_utf8_lossy(&name)))
-        })?;
+        let name = HeaderName::from_bytes(&name)
+            .map_err(|_| PyValueError::new_err(format!("invalid header name {:?}", String::from_utf8_lossy(&name))))?;
         let value = HeaderValue::from_bytes(&value).map_err(|_| {
             PyValueError::new_err(format!("invalid value for header {name}: {:?}", String::from_utf8_lossy(&value)))
         })?;

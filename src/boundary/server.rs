@@ -12,7 +12,7 @@ use tokio_rustls::TlsAcceptor;
 use parking_lot::Condvar;
 
 use super::direct::DirectResponse;
-use super::queue::{Consumer, Event, EventQueue, WakeSignal, Waiter};
+use super::queue::{Consumer, Event, EventQueue, Waiter, WakeSignal};
 use super::request::{header_map, NativeRequest};
 use crate::config::{seconds, ServerConfig};
 use crate::errors::TlsConfigError;
@@ -39,7 +39,13 @@ impl NativeServer {
     /// on one client while others queue behind it).
     #[new]
     #[pyo3(signature = (config, hosts, port, wake_fd, whole_body = false))]
-    fn new(config: ServerConfig, hosts: Vec<String>, port: u16, wake_fd: Option<i64>, whole_body: bool) -> PyResult<Self> {
+    fn new(
+        config: ServerConfig,
+        hosts: Vec<String>,
+        port: u16,
+        wake_fd: Option<i64>,
+        whole_body: bool,
+    ) -> PyResult<Self> {
         crate::runtime::start(config.runtime_threads).map_err(PyValueError::new_err)?;
         let ips = hosts
             .iter()
@@ -64,7 +70,8 @@ impl NativeServer {
             Some(fds) => {
                 let backlog = shared.config.backlog;
                 let close = shared.config.close_fd;
-                let listeners = fds.into_iter().map(|fd| adopt(fd, backlog, close)).collect::<std::io::Result<Vec<_>>>()?;
+                let listeners =
+                    fds.into_iter().map(|fd| adopt(fd, backlog, close)).collect::<std::io::Result<Vec<_>>>()?;
                 shared.listen(listeners)?
             }
             None => bind_and_listen(&shared, &ips, port)?,
@@ -171,7 +178,8 @@ impl NativeServer {
     #[pyo3(signature = (force, timeout, future))]
     fn close(&self, force: bool, timeout: Option<f64>, future: Py<PyAny>) {
         let shared = self.shared.clone();
-        let limit = timeout.and_then(seconds).or(if timeout.is_some() { Some(std::time::Duration::ZERO) } else { None });
+        let limit =
+            timeout.and_then(seconds).or(if timeout.is_some() { Some(std::time::Duration::ZERO) } else { None });
         let closed = shared.clone().close(force, limit);
         crate::runtime::runtime().spawn(async move {
             closed.await;
@@ -325,7 +333,11 @@ fn tls_error(error: TlsError) -> PyErr {
 const UDP_TWIN_ATTEMPTS: usize = 16;
 
 /// Binds the TCP listeners and starts serving, HTTP/3 included.
-fn bind_and_listen(shared: &Arc<ServerShared>, ips: &[IpAddr], port: u16) -> PyResult<(Vec<SocketAddr>, Vec<Arc<str>>)> {
+fn bind_and_listen(
+    shared: &Arc<ServerShared>,
+    ips: &[IpAddr],
+    port: u16,
+) -> PyResult<(Vec<SocketAddr>, Vec<Arc<str>>)> {
     let config = &shared.config;
     let options = SocketOptions { backlog: config.backlog, v6_only: config.v6_only, shared: config.shared };
     let mut attempts_left = UDP_TWIN_ATTEMPTS;

@@ -220,7 +220,14 @@ pub fn head_flags(flags: u8) -> (bool, bool) {
 /// string with a NUL byte between them — so the Python end takes them apart
 /// with one `split`. False (nothing written) when a string holds a NUL,
 /// which neither a URI nor a header value may.
-pub(super) fn encode_request_head(out: &mut BytesMut, stream: u32, head: &Parts, info: &ConnInfo, websocket: bool, end: bool) -> bool {
+pub(super) fn encode_request_head(
+    out: &mut BytesMut,
+    stream: u32,
+    head: &Parts,
+    info: &ConnInfo,
+    websocket: bool,
+    end: bool,
+) -> bool {
     let (peer_ip, peer_port) = info.addresses.remote().unwrap_or_default();
     let (local_ip, local_port) = info.addresses.local();
     let authority = match head.uri.authority() {
@@ -239,7 +246,10 @@ pub(super) fn encode_request_head(out: &mut BytesMut, stream: u32, head: &Parts,
     ];
     let certificate = info.peer_certificate.as_ref().map_or(&b""[..], |c| c.as_ref());
     let strings = || {
-        fixed.iter().copied().chain(head.headers.iter().flat_map(|(name, value)| [name.as_str().as_bytes(), value.as_bytes()]))
+        fixed
+            .iter()
+            .copied()
+            .chain(head.headers.iter().flat_map(|(name, value)| [name.as_str().as_bytes(), value.as_bytes()]))
     };
     let mut bytes = 0;
     for string in strings() {
@@ -252,7 +262,12 @@ pub(super) fn encode_request_head(out: &mut BytesMut, stream: u32, head: &Parts,
     out.put_u16(peer_port);
     out.put_u16(local_port.unwrap_or(0));
     let unix = if local_port.is_none() { HEAD_UNIX } else { 0 };
-    out.put_u8(if info.tls { HEAD_TLS } else { 0 } | if websocket { HEAD_WEBSOCKET } else { 0 } | if end { HEAD_END } else { 0 } | unix);
+    out.put_u8(
+        if info.tls { HEAD_TLS } else { 0 }
+            | if websocket { HEAD_WEBSOCKET } else { 0 }
+            | if end { HEAD_END } else { 0 }
+            | unix,
+    );
     out.put_u32(certificate.len() as u32);
     out.extend_from_slice(certificate);
     for (index, string) in strings().enumerate() {
@@ -301,7 +316,8 @@ pub(super) fn decode_response_head(payload: Bytes, defaults: &HeaderMap) -> Resu
         let name = fields.bytes()?;
         let value = fields.bytes()?;
         let name = HeaderName::from_bytes(&name).map_err(|_| BridgeError::Malformed("invalid header name"))?;
-        let value = HeaderValue::from_maybe_shared(value).map_err(|_| BridgeError::Malformed("invalid header value"))?;
+        let value =
+            HeaderValue::from_maybe_shared(value).map_err(|_| BridgeError::Malformed("invalid header value"))?;
         headers.append(name, value);
     }
     let body = if flags & FLAG_INLINE_BODY != 0 {

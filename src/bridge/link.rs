@@ -235,7 +235,8 @@ impl Link {
 
     /// A new stream; None once the connection failed.
     pub(super) fn open(self: &Arc<Self>) -> Option<Stream> {
-        let inbox = Arc::new(Inbox { frames: Mutex::default(), granted: AtomicUsize::new(WINDOW), more: Notify::new() });
+        let inbox =
+            Arc::new(Inbox { frames: Mutex::default(), granted: AtomicUsize::new(WINDOW), more: Notify::new() });
         let id = {
             let mut streams = self.streams.lock();
             if streams.closed {
@@ -255,7 +256,8 @@ impl Link {
         let streams = self.streams.lock();
         let Some(inbox) = streams.map.get(&frame.stream) else { return Ok(()) };
         if frame.kind == kind::WINDOW {
-            let bytes: [u8; 4] = frame.payload[..].try_into().map_err(|_| BridgeError::Malformed("window frame size"))?;
+            let bytes: [u8; 4] =
+                frame.payload[..].try_into().map_err(|_| BridgeError::Malformed("window frame size"))?;
             inbox.granted.fetch_add(u32::from_be_bytes(bytes) as usize, Ordering::AcqRel);
             inbox.more.notify_one();
         } else {

@@ -248,7 +248,8 @@ impl Bridge {
                 None => {}
             }
         }
-        let whole_body = first.take_if(|data| body.is_end_stream() && data.len() <= CHUNK && data.len() as u64 <= limit);
+        let whole_body =
+            first.take_if(|data| body.is_end_stream() && data.len() <= CHUNK && data.len() as u64 <= limit);
         let mut stream = self.open_stream().await?;
         let link = stream.link.clone();
         let mut out = BytesMut::with_capacity(512);

@@ -45,7 +45,12 @@ pub(super) struct PumpSignals {
 
 /// Moves the request body to Python as chunk frames, within the stream's
 /// credit, enforcing `limits`; ends with the request end, or an abort.
-pub(super) async fn pump<B: RequestBodySource>(mut body: B, mut sender: Sender, limits: PumpLimits, signals: PumpSignals) {
+pub(super) async fn pump<B: RequestBodySource>(
+    mut body: B,
+    mut sender: Sender,
+    limits: PumpLimits,
+    signals: PumpSignals,
+) {
     let PumpSignals { refused, broke_off, stop, discard } = signals;
     let mut total: u64 = 0;
     let mut discarded = false;

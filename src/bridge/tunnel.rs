@@ -17,12 +17,15 @@ pub(super) async fn accept_websocket(
     let count = fields.u32()?;
     let mut headers = HeaderMap::new();
     for _ in 0..count {
-        let name = HeaderName::from_bytes(&fields.bytes()?).map_err(|_| BridgeError::Malformed("invalid header name"))?;
-        let value = HeaderValue::from_maybe_shared(fields.bytes()?).map_err(|_| BridgeError::Malformed("invalid header value"))?;
+        let name =
+            HeaderName::from_bytes(&fields.bytes()?).map_err(|_| BridgeError::Malformed("invalid header name"))?;
+        let value = HeaderValue::from_maybe_shared(fields.bytes()?)
+            .map_err(|_| BridgeError::Malformed("invalid header value"))?;
         headers.append(name, value);
     }
     if !subprotocol.is_empty() {
-        let value = HeaderValue::from_maybe_shared(subprotocol).map_err(|_| BridgeError::Malformed("invalid subprotocol"))?;
+        let value =
+            HeaderValue::from_maybe_shared(subprotocol).map_err(|_| BridgeError::Malformed("invalid subprotocol"))?;
         headers.insert(http::header::SEC_WEBSOCKET_PROTOCOL, value);
     }
     let (status, handshake) = websocket::accept_head(request.version, &request.headers, &mut headers, &server.config);

@@ -56,7 +56,12 @@ pub struct PendingHead {
 impl PendingHead {
     /// Pending from now: a new connection.
     pub fn new() -> Self {
-        PendingHead { since: AtomicU64::new(1), epoch: Instant::now(), started: Notify::new(), refused: OnceLock::new() }
+        PendingHead {
+            since: AtomicU64::new(1),
+            epoch: Instant::now(),
+            started: Notify::new(),
+            refused: OnceLock::new(),
+        }
     }
 
     /// Why the guard refused this connection's HTTP/1 request, if it did.
@@ -184,7 +189,11 @@ impl<S> Guard<S> {
                 Verdict::Refuse(refusal) => {
                     // HTTP/1: the connection logs hyper's 400 with the reason.
                     if let Follower::Http2(_) = self.follower {
-                        self.log.report(Kind::Request, Level::Warning, format!("refused an HTTP/2 request: {}", refusal.reason));
+                        self.log.report(
+                            Kind::Request,
+                            Level::Warning,
+                            format!("refused an HTTP/2 request: {}", refusal.reason),
+                        );
                         crate::metrics::Metrics::refused_by(self.log, crate::metrics::Refused::BadRequest);
                     }
                     Verdict::Refuse(refusal.shifted(from))

@@ -40,11 +40,27 @@ def index(request: HttpRequest) -> HttpResponse:
 
 
 def item(request: HttpRequest, pk: int) -> JsonResponse:
-    return JsonResponse({"pk": pk, "url": reverse("item", args=[pk]), "absolute": request.build_absolute_uri(reverse("item", args=[pk]))})
+    return JsonResponse(
+        {
+            "pk": pk,
+            "url": reverse("item", args=[pk]),
+            "absolute": request.build_absolute_uri(reverse("item", args=[pk])),
+        }
+    )
 
 
 def meta(request: HttpRequest) -> JsonResponse:
-    keys = ["REQUEST_METHOD", "SCRIPT_NAME", "PATH_INFO", "QUERY_STRING", "REMOTE_ADDR", "REMOTE_PORT", "SERVER_PROTOCOL", "CONTENT_TYPE", "CONTENT_LENGTH"]
+    keys = [
+        "REQUEST_METHOD",
+        "SCRIPT_NAME",
+        "PATH_INFO",
+        "QUERY_STRING",
+        "REMOTE_ADDR",
+        "REMOTE_PORT",
+        "SERVER_PROTOCOL",
+        "CONTENT_TYPE",
+        "CONTENT_LENGTH",
+    ]
     return JsonResponse(
         {
             "meta": {key: request.META.get(key) for key in keys},
@@ -68,7 +84,12 @@ def echo_json(request: HttpRequest) -> JsonResponse:
 def form(request: HttpRequest) -> JsonResponse:
     files = {
         name: [
-            {"name": f.name, "content_type": f.content_type, "size": f.size, "sha256": hashlib.sha256(f.read()).hexdigest()}
+            {
+                "name": f.name,
+                "content_type": f.content_type,
+                "size": f.size,
+                "sha256": hashlib.sha256(f.read()).hexdigest(),
+            }
             for f in request.FILES.getlist(name)
         ]
         for name in request.FILES

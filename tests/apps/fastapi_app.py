@@ -92,7 +92,14 @@ async def upload(
     out = []
     for upload in files:
         content = await upload.read()
-        out.append({"filename": upload.filename, "content_type": upload.content_type, "size": len(content), "sha256": hashlib.sha256(content).hexdigest()})
+        out.append(
+            {
+                "filename": upload.filename,
+                "content_type": upload.content_type,
+                "size": len(content),
+                "sha256": hashlib.sha256(content).hexdigest(),
+            }
+        )
     return {"description": description, "files": out}
 
 

@@ -39,7 +39,9 @@ def home() -> str:
 
 @app.get("/items/<int:item_id>")
 def item(item_id: int) -> Any:
-    return jsonify(item_id=item_id, url=url_for("item", item_id=item_id), external=url_for("item", item_id=item_id, _external=True))
+    return jsonify(
+        item_id=item_id, url=url_for("item", item_id=item_id), external=url_for("item", item_id=item_id, _external=True)
+    )
 
 
 @app.get("/words/<word>")
@@ -51,9 +53,21 @@ def word(word: str) -> Any:
 def environ_view() -> Any:
     env = request.environ
     keys = [
-        "REQUEST_METHOD", "SCRIPT_NAME", "PATH_INFO", "QUERY_STRING", "SERVER_PROTOCOL", "SERVER_NAME",
-        "SERVER_PORT", "REMOTE_ADDR", "REMOTE_PORT", "CONTENT_TYPE", "CONTENT_LENGTH", "wsgi.url_scheme",
-        "wsgi.multithread", "wsgi.multiprocess", "wsgi.run_once",
+        "REQUEST_METHOD",
+        "SCRIPT_NAME",
+        "PATH_INFO",
+        "QUERY_STRING",
+        "SERVER_PROTOCOL",
+        "SERVER_NAME",
+        "SERVER_PORT",
+        "REMOTE_ADDR",
+        "REMOTE_PORT",
+        "CONTENT_TYPE",
+        "CONTENT_LENGTH",
+        "wsgi.url_scheme",
+        "wsgi.multithread",
+        "wsgi.multiprocess",
+        "wsgi.run_once",
     ]
     data = {key: env.get(key) for key in keys}
     data["wsgi.version"] = list(env["wsgi.version"])
@@ -74,7 +88,12 @@ def echo_json() -> Any:
 def form() -> Any:
     files = {
         name: [
-            {"filename": f.filename, "content_type": f.content_type, "size": len(data := f.read()), "sha256": hashlib.sha256(data).hexdigest()}
+            {
+                "filename": f.filename,
+                "content_type": f.content_type,
+                "size": len(data := f.read()),
+                "sha256": hashlib.sha256(data).hexdigest(),
+            }
             for f in request.files.getlist(name)
         ]
         for name in request.files
@@ -109,7 +128,9 @@ def stream() -> Response:
 
 @app.get("/file")
 def file() -> Response:
-    return send_file(request.args["path"], mimetype="application/octet-stream", as_attachment=True, download_name="data.bin")
+    return send_file(
+        request.args["path"], mimetype="application/octet-stream", as_attachment=True, download_name="data.bin"
+    )
 
 
 @app.get("/cookies/set")

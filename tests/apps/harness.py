@@ -160,7 +160,9 @@ def start(
             await event.wait()
 
         signal = until_stopped()
-        future = asyncio.run_coroutine_threadsafe(helper(app, host, chosen, shutdown_signal=signal, **options), loop.loop)
+        future = asyncio.run_coroutine_threadsafe(
+            helper(app, host, chosen, shutdown_signal=signal, **options), loop.loop
+        )
         # A helper that fails before serving never awaits its signal.
         future.add_done_callback(lambda _: signal.close())
         running = Running(loop, future, chosen, scheme, host, stop_events)
@@ -229,7 +231,20 @@ def uvicorn_process(target: str, *args: str) -> Iterator[str]:
     import subprocess
     import sys
 
-    command = [sys.executable, "-m", "uvicorn", target, "--host", "127.0.0.1", "--port", "0", "--app-dir", str(TESTS_DIR), "--no-access-log", *args]
+    command = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        target,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--app-dir",
+        str(TESTS_DIR),
+        "--no-access-log",
+        *args,
+    ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(TESTS_DIR))
     lines: queue.Queue[str | None] = queue.Queue()
 
@@ -409,7 +424,9 @@ class H1WebSocket(RawWebSocket):
         head, self._rest = received.split(b"\r\n\r\n", 1)
         status_line, *fields = head.decode("latin-1").split("\r\n")
         self.status = int(status_line.split()[1])
-        self.headers = {name.strip().lower(): value.strip() for name, value in (field.split(":", 1) for field in fields)}
+        self.headers = {
+            name.strip().lower(): value.strip() for name, value in (field.split(":", 1) for field in fields)
+        }
         if self.status != 101:
             length = int(self.headers.get("content-length", "0"))
             while len(self._rest) < length:
@@ -519,7 +536,9 @@ class H2WebSocket(RawWebSocket):
             elif frame.stream_id != self.STREAM:
                 continue
             elif isinstance(frame, frames.HeadersFrame):
-                self.headers = {name.decode(): value.decode() for name, value in self._decoder.decode(frame.data, raw=True)}
+                self.headers = {
+                    name.decode(): value.decode() for name, value in self._decoder.decode(frame.data, raw=True)
+                }
                 self.status = int(self.headers[":status"])
             elif isinstance(frame, frames.DataFrame):
                 self._data.append(frame.data)

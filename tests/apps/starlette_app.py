@@ -57,7 +57,9 @@ async def home(request: Request) -> Response:
 
 
 async def item(request: Request) -> Response:
-    return JSONResponse({"item_id": request.path_params["item_id"], "type": type(request.path_params["item_id"]).__name__})
+    return JSONResponse(
+        {"item_id": request.path_params["item_id"], "type": type(request.path_params["item_id"]).__name__}
+    )
 
 
 async def user_file(request: Request) -> Response:
@@ -65,7 +67,13 @@ async def user_file(request: Request) -> Response:
 
 
 async def raw_view(request: Request) -> Response:
-    return JSONResponse({"path": request.scope["path"], "raw_path": request.scope["raw_path"].decode("latin-1"), "rest": request.path_params["rest"]})
+    return JSONResponse(
+        {
+            "path": request.scope["path"],
+            "raw_path": request.scope["raw_path"].decode("latin-1"),
+            "rest": request.path_params["rest"],
+        }
+    )
 
 
 async def scope_view(request: Request) -> Response:

@@ -24,7 +24,17 @@ def _server_native(host: str, port: int) -> subprocess.Popen[Any]:
             f"run(_asgi_test_app.application, host={host!r}, port={port}, native_callback=False, http3=False)"
         )
         return subprocess.Popen((sys.executable, "-c", code), cwd=app_dir)
-    command = ("-m", "server_native", "serve", "--host", host, "--port", str(port), "--access-log", "_asgi_test_app:application")
+    command = (
+        "-m",
+        "server_native",
+        "serve",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--access-log",
+        "_asgi_test_app:application",
+    )
     return subprocess.Popen((sys.executable, *command), cwd=app_dir)
 
 
