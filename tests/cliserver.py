@@ -24,6 +24,18 @@ def command(*args: str) -> list[str]:
     return [sys.executable, "-m", "server_native", *args]
 
 
+def serve_once(app_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``serve cliapp:app`` with ``args``, for options that end it before it serves."""
+    return subprocess.run(
+        command("serve", "cliapp:app", *args),
+        cwd=app_dir,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 def environment() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT)}
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 from apps.harness import H1WebSocket, WebSocketClosed, free_port, wait_refused
-from cliserver import command, environment, get, serving, stop
+from cliserver import command, environment, get, serve_once, serving, stop
 from conftest import Certificates
 from h3client import H3Response
 
@@ -260,14 +260,7 @@ def test_websocket_compression_flag(app_dir: Path, flag: tuple[str, ...], answer
 
 
 def test_a_bad_option_exits_with_usage(app_dir: Path) -> None:
-    result = subprocess.run(
-        command("serve", "cliapp:app", "--http", "3"),
-        cwd=app_dir,
-        env=environment(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = serve_once(app_dir, "--http", "3")
     assert result.returncode == 2
     assert "invalid choice" in result.stderr
 
@@ -550,14 +543,7 @@ def test_a_server_given_with_header_replaces_the_server_header(app_dir: Path) ->
 
 
 def test_a_bad_header_option_exits_with_usage(app_dir: Path) -> None:
-    result = subprocess.run(
-        command("serve", "cliapp:app", "--header", "no-colon"),
-        cwd=app_dir,
-        env=environment(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = serve_once(app_dir, "--header", "no-colon")
     assert result.returncode == 2
     assert "a header is NAME:VALUE, not 'no-colon'" in result.stderr
 
@@ -655,13 +641,6 @@ def test_ws_ping_options_close_a_silent_client_with_1011(app_dir: Path) -> None:
 
 
 def test_ws_max_queue_must_be_positive(app_dir: Path) -> None:
-    result = subprocess.run(
-        command("serve", "cliapp:app", "--ws-max-queue", "0"),
-        cwd=app_dir,
-        env=environment(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = serve_once(app_dir, "--ws-max-queue", "0")
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == ["server-native: error: ValueError: ws_max_queue must be positive"]

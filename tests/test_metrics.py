@@ -20,7 +20,7 @@ from typing import TypeVar
 import httpx
 import pytest
 from apps.harness import BackgroundLoop, free_port, wait_for
-from cliserver import ROOT, command, environment, get, serving
+from cliserver import ROOT, command, environment, get, serve_once, serving
 from conftest import Certificates, RunningServer
 from h3client import h3_connect
 from prometheus_client.parser import text_string_to_metric_families
@@ -297,14 +297,7 @@ def test_help_and_readme_document_the_metrics_options() -> None:
     ],
 )
 def test_metrics_options_are_checked(app_dir: Path, args: list[str], message: str) -> None:
-    finished = subprocess.run(
-        command("serve", "cliapp:app", *args),
-        cwd=app_dir,
-        env=environment(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    finished = serve_once(app_dir, *args)
     assert finished.returncode == 2
     assert message in finished.stderr
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from apps.harness import free_port, wait_for
-from cliserver import ROOT, command, environment, get, serving, stop
+from cliserver import ROOT, command, environment, get, serve_once, serving, stop
 
 EXAMPLES = ROOT / "examples"
 
@@ -149,14 +149,7 @@ def test_log_level_still_applies_over_a_log_config(app_dir: Path) -> None:
 
 def test_a_broken_log_config_is_one_line(app_dir: Path) -> None:
     (app_dir / "log.json").write_text('{"version": 1, "handlers": {"h": {"class": "no.such.Handler"}}}')
-    result = subprocess.run(
-        command("serve", "cliapp:app", "--log-config", "log.json"),
-        cwd=app_dir,
-        env=environment(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = serve_once(app_dir, "--log-config", "log.json")
     assert result.returncode == 2
     assert error_line(result).startswith("error: --log-config log.json: ValueError: Unable to configure handler 'h'")
 
@@ -318,13 +311,6 @@ def test_the_readme_lists_every_process_option() -> None:
     ids=lambda value: value[0] if isinstance(value, tuple) else "",
 )
 def test_a_bad_value_is_one_line(app_dir: Path, args: tuple[str, ...], message: str) -> None:
-    result = subprocess.run(
-        command("serve", "cliapp:app", *args),
-        cwd=app_dir,
-        env=environment(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = serve_once(app_dir, *args)
     assert result.returncode == 2
     assert error_line(result) == f"error: {message}"

@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 import pytest
 from apps.harness import serving
-from cliserver import command, environment
+from cliserver import serve_once
 from conftest import (
     BackgroundLoop,
     Certificates,
@@ -693,13 +693,6 @@ def test_cli_one_mount_alone_is_served_under_static(app_dir: Path, site: Site) -
     ],
 )
 def test_cli_refuses_bad_static_options(app_dir: Path, args: tuple[str, ...], message: str) -> None:
-    result = subprocess.run(
-        command("serve", "cliapp:app", *args),
-        cwd=app_dir,
-        env=environment(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = serve_once(app_dir, *args)
     assert result.returncode == 2
     assert message in result.stderr

@@ -25,7 +25,7 @@ import h2.settings
 import pytest
 import trustme
 from apps.harness import TIMEOUT
-from cliserver import command, environment, serving
+from cliserver import command, environment, serve_once, serving
 from conftest import Certificates, LogLines
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -603,14 +603,7 @@ def test_cli_http2_options(app_dir: Path) -> None:
     ],
 )
 def test_cli_refuses_bad_values_with_one_line(app_dir: Path, flags: tuple[str, ...], error: str) -> None:
-    result = subprocess.run(
-        command("serve", "cliapp:app", *flags),
-        cwd=app_dir,
-        env=environment(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = serve_once(app_dir, *flags)
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert error in last, result.stderr
