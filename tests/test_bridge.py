@@ -35,7 +35,7 @@ from typing import Any
 
 import httpx
 import pytest
-from apps.harness import free_port, h2_websocket_exchange, wait_for
+from apps.harness import free_port, get, h2_websocket_exchange, wait_for
 
 from server_native import (
     ClientDisconnected,
@@ -427,11 +427,6 @@ def native_server() -> Iterator[Callable[..., Native]]:
     made.clear()
     wake_read.close()
     wake_write.close()
-
-
-def get(url: str, **options: Any) -> httpx.Response:
-    with httpx.Client(timeout=TIMEOUT, **options) as client:
-        return client.get(url)
 
 
 def post(url: str, body: bytes, **options: Any) -> httpx.Response:

@@ -26,7 +26,7 @@ from typing import Any
 
 import httpx
 import pytest
-from apps.harness import free_port, refused
+from apps.harness import free_port, get, refused
 
 from server_native import (
     Cookie,
@@ -71,11 +71,6 @@ def parse_echo(text: str) -> list[EchoLine]:
             host = match.group(2).strip("[]")
             lines.append(EchoLine(match.group(1), host, int(match.group(3)), match.group(4)))
     return lines
-
-
-def get(url: str, **options: Any) -> httpx.Response:
-    with httpx.Client(timeout=TIMEOUT, **options) as client:
-        return client.get(url)
 
 
 def url(host: str, port: int, path: str = "/", scheme: str = "http") -> str:

@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
+
 TIMEOUT = 10.0
 
 
@@ -199,6 +201,12 @@ def serving(helper: Callable[..., Any], app: Any, **options: Any) -> Iterator[Ru
                 running.stop()
     finally:
         loop.stop()
+
+
+def get(url: str, **options: Any) -> httpx.Response:
+    """One GET with httpx; ``options`` go to its Client (``http2``, ``verify``...)."""
+    with httpx.Client(timeout=TIMEOUT, **options) as client:
+        return client.get(url)
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = TIMEOUT, what: str = "condition") -> Any:
