@@ -67,6 +67,7 @@ pytestmark = [
 SDIST_FILES = [
     "Cargo.toml",
     "Cargo.lock",
+    "third_party/h2/src/lib.rs",
     "src/lib.rs",
     "hatch_build.py",
     "pyproject.toml",
