@@ -35,8 +35,8 @@ cargo's progress bar, the crate compiling) to the terminal itself
 * ``SERVER_NATIVE_BUILD_FROM_SOURCE=1`` skips the prebuilt rungs.
 * ``SERVER_NATIVE_SKIP_BUILD=1`` skips all of this (a pure wheel without the library).
 
-The sdist carries src/, Cargo.toml, Cargo.lock and this file, so ``pip install
-<sdist>`` compiles from source wherever a Rust toolchain is installed.
+The sdist carries src/, third_party/, Cargo.toml, Cargo.lock and this file, so
+``pip install <sdist>`` compiles from source wherever a Rust toolchain is installed.
 """
 
 from __future__ import annotations

@@ -247,7 +247,7 @@ def test_loader_builds_from_source_in_a_checkout_without_a_library(tmp_path: Pat
     checkout.mkdir()
     for name in ("pyproject.toml", "Cargo.toml", "Cargo.lock", "README.md"):
         shutil.copy2(ROOT / name, checkout / name)
-    shutil.copytree(ROOT / "src", checkout / "src")
+    copy_crate_sources(checkout)
     copy_sources(checkout / "server_native")
     home = tmp_path / "home"
     home.mkdir()
@@ -273,9 +273,15 @@ def source_tree(target: Path) -> Path:
     target.mkdir()
     for name in ("pyproject.toml", "Cargo.toml", "Cargo.lock", "hatch_build.py", "README.md", "LICENSE"):
         shutil.copyfile(ROOT / name, target / name)
-    shutil.copytree(ROOT / "src", target / "src")
+    copy_crate_sources(target)
     copy_sources(target / "server_native")
     return target
+
+
+def copy_crate_sources(target: Path) -> None:
+    """The crate's Rust sources, and the patched dependencies Cargo.toml points at."""
+    for folder in ("src", "third_party"):
+        shutil.copytree(ROOT / folder, target / folder)
 
 
 def build_wheel_without_rust(tree: Path, out: Path, home: Path, **extra: str) -> subprocess.CompletedProcess[str]:
