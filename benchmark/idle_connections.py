@@ -487,8 +487,8 @@ def targets(runs: list[Run]) -> list[str]:
         if protocol in TARGETS_KIB:
             limit, named = TARGETS_KIB[protocol], f"{TARGETS_KIB[protocol]:.0f}"
         else:
-            peers = {case: per_connection(case, protocol) for case in cases if not case.startswith("native")}
-            measured = {case: value for case, value in peers.items() if value is not None}
+            measured = {case: value for case in cases if not case.startswith("native")
+                        if (value := per_connection(case, protocol)) is not None}  # fmt: skip
             if not measured:
                 continue
             best = min(measured, key=measured.__getitem__)

@@ -130,9 +130,7 @@ where
 
     /// Lets go of the write buffer if all it held is written.
     pub(crate) fn release_buffer(&mut self) {
-        if self.encoder.next.is_none() && !self.encoder.buf.has_remaining() {
-            *self.encoder.buf.get_mut() = BytesMut::new();
-        }
+        self.encoder.release_buffer();
     }
 
     /// Buffer a frame.
@@ -320,6 +318,12 @@ where
     fn reserve_buffer(&mut self) {
         if self.buf.get_ref().capacity() == 0 {
             self.buf.get_mut().reserve(DEFAULT_BUFFER_CAPACITY);
+        }
+    }
+
+    fn release_buffer(&mut self) {
+        if self.next.is_none() && self.is_empty() {
+            *self.buf.get_mut() = BytesMut::new();
         }
     }
 
