@@ -392,9 +392,9 @@ def tree_rss_mib(root: int) -> float:
     return sum(rss_kib(pid) for pid in process_tree(root)) / 1024
 
 
-def tree_cpu_s(root: int) -> float:
-    """User + system CPU time of a process tree, every thread included."""
-    ticks = 0
+def tree_cpu_s(root: int) -> tuple[float, float]:
+    """User and system CPU time of a process tree, every thread included."""
+    user = system = 0
     for pid in process_tree(root):
         try:
             stat = Path(f"/proc/{pid}/stat").read_text()
@@ -402,8 +402,10 @@ def tree_cpu_s(root: int) -> float:
             continue
         # Fields after the ")" closing the command name: utime and stime are 12th and 13th.
         fields = stat.rpartition(")")[2].split()
-        ticks += int(fields[11]) + int(fields[12])
-    return ticks / os.sysconf("SC_CLK_TCK")
+        user += int(fields[11])
+        system += int(fields[12])
+    ticks = os.sysconf("SC_CLK_TCK")
+    return user / ticks, system / ticks
 
 
 def log_tail(path: Path, lines: int = 3) -> str:
@@ -518,8 +520,10 @@ class LoadResult:
     errors: int  # socket/stream errors, timeouts, and 4xx/5xx answers
     client_cpu: float  # CPU time of the load generator / wall time: 1.0 is one core
     # The server's process-tree CPU time per request, in microseconds: what each request
-    # costs the server, whoever limits the rate.
+    # costs the server, whoever limits the rate; and the part of it spent in the kernel
+    # (system time: sockets, loopback TCP, wake-ups), which every server pays alike.
     server_cpu_us: float | None = None
+    server_kernel_us: float | None = None
 
 
 def to_ms(value: str, unit: str) -> float:
@@ -695,9 +699,12 @@ def calibrated_seconds(rate: float, requests: int) -> int:
 
 def with_server_cpu(server: Server, run: Callable[[], LoadResult]) -> LoadResult:
     """`run`, with the server's CPU time per request during it."""
-    before = tree_cpu_s(server.pid)
+    user_before, system_before = tree_cpu_s(server.pid)
     result = run()
-    result.server_cpu_us = (tree_cpu_s(server.pid) - before) * 1e6 / max(result.requests, 1)
+    user, system = tree_cpu_s(server.pid)
+    requests = max(result.requests, 1)
+    result.server_cpu_us = (user - user_before + system - system_before) * 1e6 / requests
+    result.server_kernel_us = (system - system_before) * 1e6 / requests
     return result
 
 
@@ -791,7 +798,11 @@ def describe(run: Run) -> str:
     latency = f"mean {r.mean_ms:.3f} ms"
     if r.p50_ms is not None and r.p99_ms is not None:
         latency = f"p50 {r.p50_ms:.3f} ms, p99 {r.p99_ms:.3f} ms, " + latency
-    server_cpu = "" if r.server_cpu_us is None else f", server CPU {r.server_cpu_us:.1f} us/req"
+    server_cpu = (
+        ""
+        if r.server_cpu_us is None or r.server_kernel_us is None
+        else f", server CPU {r.server_cpu_us:.1f} us/req ({r.server_kernel_us:.1f} in the kernel)"
+    )
     return (
         f"{head} {r.requests_per_s:,.0f} req/s, {latency}, RSS {run.rss_mib:.1f} MiB,"
         f" errors {r.errors}, {r.tool} CPU {r.client_cpu:.0%}{server_cpu}"
@@ -841,6 +852,7 @@ class Summary:
     rss_mib: float | None = None
     client_cpu: float | None = None
     server_cpu_us: float | None = None
+    server_kernel_us: float | None = None
     errors: int = 0
     failures: list[str] = field(default_factory=list)
 
@@ -865,6 +877,7 @@ def summarize_runs(mine: list[Run], first: Run) -> Summary:
         summary.rss_mib = median_of([run.rss_mib for run in measured])
         summary.client_cpu = statistics.median(r.client_cpu for r in results)
         summary.server_cpu_us = median_of([r.server_cpu_us for r in results])
+        summary.server_kernel_us = median_of([r.server_kernel_us for r in results])
         summary.errors = sum(r.errors for r in results)
     return summary
 
@@ -1119,8 +1132,8 @@ def markdown_table(summaries: list[Summary], cases: list[Case], pinned: bool, pr
         f"#### {protocol} · {workload.name} ({workload.description})",
         "",
         f"| case | req/s | vs {BASELINES[0]} | vs {BASELINES[1]} | p50 ms | p99 ms | mean ms"
-        f" | RSS MiB | {tool} CPU | server µs/req | errors | runs ok |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f" | RSS MiB | {tool} CPU | server µs/req | of which kernel | errors | runs ok |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     not_here = []
     for case in cases:
@@ -1136,7 +1149,7 @@ def markdown_table(summaries: list[Summary], cases: list[Case], pinned: bool, pr
             f"| {s.case} | {rate} | {ratio_cell(s.ratios.get(BASELINES[0]))}"
             f" | {ratio_cell(s.ratios.get(BASELINES[1]))} | {cell(s.p50_ms, 3)}"
             f" | {cell(s.p99_ms, 3)} | {cell(s.mean_ms, 3)} | {cell(s.rss_mib, 1)} | {client}"
-            f" | {cell(s.server_cpu_us, 1)} | {s.errors} | {s.ok_runs}/{s.runs} |"
+            f" | {cell(s.server_cpu_us, 1)} | {cell(s.server_kernel_us, 1)} | {s.errors} | {s.ok_runs}/{s.runs} |"
         )
     if not_here:
         lines += ["", "Not run here: " + "; ".join(not_here) + "."]
@@ -1207,7 +1220,8 @@ def markdown_report(
         *(f"- {case.name}: {case.description}" for case in args.framework),
         "",
         "`server µs/req`: the server's CPU time (user + system, its whole process tree)"
-        " per request of the measured run.",
+        " per request of the measured run; `of which kernel`: its system time, the part"
+        " spent in system calls and the loopback TCP stack.",
         "",
     ]
     if "h2c" in args.protocol and not args.h2c_percentiles:

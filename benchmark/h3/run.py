@@ -179,9 +179,9 @@ class Server:
                 time.sleep(0.05)
         raise RuntimeError(f"server did not listen within {timeout} s: {self.tail()}")
 
-    def cpu_seconds(self) -> float:
-        """CPU time (user + system) of every process of the server's group."""
-        ticks = 0
+    def cpu_seconds(self) -> tuple[float, float]:
+        """User and system CPU time of every process of the server's group."""
+        user = system = 0
         for stat in Path("/proc").glob("[0-9]*/stat"):
             try:
                 text = stat.read_text()
@@ -189,8 +189,10 @@ class Server:
                 continue
             fields = text[text.rindex(")") + 2 :].split()
             if int(fields[2]) == self.process.pid:  # pgrp: the server's session
-                ticks += int(fields[11]) + int(fields[12])
-        return ticks / os.sysconf("SC_CLK_TCK")
+                user += int(fields[11])
+                system += int(fields[12])
+        ticks = os.sysconf("SC_CLK_TCK")
+        return user / ticks, system / ticks
 
     def tail(self) -> str:
         self.output.seek(0)
@@ -221,11 +223,14 @@ class Result:
     requests: int = 0
     errors: int = 0
     error: str | None = None
-    #: CPU used over the run's wall time (100 = one core), and the server's
-    #: CPU time per request.
+    #: CPU used over the run's wall time (100 = one core); the server's CPU
+    #: time per request, the part of it spent in the kernel (system time), and
+    #: the load generator's: on two cores both share one machine.
     server_cpu: float = 0.0
     client_cpu: float = 0.0
     server_us_per_request: float = 0.0
+    server_kernel_us_per_request: float = 0.0
+    client_us_per_request: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -333,13 +338,18 @@ def measure(case: Case, iteration: int, options: argparse.Namespace, certs: tupl
                 else:
                     report = run_h2load(f"http://127.0.0.1:{port}{path}", workload, options, pins[1], scratch)
                 wall = time.monotonic() - started
-                server_cpu, client_cpu = server.cpu_seconds() - server_before, children_cpu_seconds() - client_before
+                (user, system), client_cpu = server.cpu_seconds(), children_cpu_seconds() - client_before
+                server_kernel = system - server_before[1]
+                server_cpu = user - server_before[0] + server_kernel
                 result.rps, result.p50_ms, result.p99_ms = report["rps"], report["p50_ms"], report["p99_ms"]
                 result.requests, result.errors = report["requests"], report["errors"]
                 result.server_cpu, result.client_cpu = 100 * server_cpu / wall, 100 * client_cpu / wall
                 # warm-up requests are not counted: estimate them at the measured rate
                 served = result.rps * (options.duration + options.warmup)
-                result.server_us_per_request = 1e6 * server_cpu / served if served else 0.0
+                if served:
+                    result.server_us_per_request = 1e6 * server_cpu / served
+                    result.server_kernel_us_per_request = 1e6 * server_kernel / served
+                    result.client_us_per_request = 1e6 * client_cpu / served
                 if report.get("last_error"):
                     result.extra["last_error"] = report["last_error"]
             except Exception as error:  # noqa: BLE001 - reported, the others still run
@@ -349,7 +359,8 @@ def measure(case: Case, iteration: int, options: argparse.Namespace, certs: tupl
                 + (f"FAILED {result.error}" if result.error else
                    f"{result.rps:10.0f} req/s  p50 {result.p50_ms:7.2f} ms  p99 {result.p99_ms:7.2f} ms  errors {result.errors}"
                    f"  CPU server {result.server_cpu:3.0f}% client {result.client_cpu:3.0f}%"
-                   f"  server {result.server_us_per_request:.0f} us/req")
+                   f"  server {result.server_us_per_request:.1f} us/req"
+                   f" ({result.server_kernel_us_per_request:.1f} kernel) client {result.client_us_per_request:.1f}")
             )
             results.append(result)
     except Exception as error:  # noqa: BLE001
@@ -379,6 +390,8 @@ def medians(results: list[Result]) -> dict[tuple[str, str], dict[str, float]]:
             "server_cpu": statistics.median(r.server_cpu for r in good),
             "client_cpu": statistics.median(r.client_cpu for r in good),
             "server_us_per_request": statistics.median(r.server_us_per_request for r in good),
+            "server_kernel_us_per_request": statistics.median(r.server_kernel_us_per_request for r in good),
+            "client_us_per_request": statistics.median(r.client_us_per_request for r in good),
             "runs": len(good),
         }
     return table
@@ -426,13 +439,15 @@ def markdown(table: dict[tuple[str, str], dict[str, float]], rows: list[dict[str
         f"{options.iterations} iteration(s) of {options.duration:g} s (+{options.warmup:g} s warm-up), "
         f"{options.connections} connections x {options.streams} streams, client threads {options.threads}, pin {options.pin}",
         "",
-        "| case | workload | req/s (median) | p50 ms | p99 ms | errors | server CPU | client CPU | server CPU per request |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| case | workload | req/s (median) | p50 ms | p99 ms | errors | server CPU | client CPU"
+        " | server µs/req | of which kernel | client µs/req |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for (case, workload), row in table.items():
         lines.append(
             f"| `{case}` | {workload} | {row['rps']:,.0f} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | {row['errors']:.0f} "
-            f"| {row['server_cpu']:.0f}% | {row['client_cpu']:.0f}% | {row['server_us_per_request']:.0f} us |"
+            f"| {row['server_cpu']:.0f}% | {row['client_cpu']:.0f}% | {row['server_us_per_request']:.1f}"
+            f" | {row['server_kernel_us_per_request']:.1f} | {row['client_us_per_request']:.1f} |"
         )
     lines += ["", "| workload | native_h3 against | ratio | target | met |", "| --- | --- | ---: | ---: | --- |"]
     for row in rows:
@@ -503,7 +518,8 @@ def main() -> int:
             print(
                 f"{name:20} {workload:4} {row['rps']:10.0f} req/s  p50 {row['p50_ms']:.2f} ms  p99 {row['p99_ms']:.2f} ms"
                 f"  errors {row['errors']:.0f}  CPU server {row['server_cpu']:.0f}% client {row['client_cpu']:.0f}%"
-                f"  server {row['server_us_per_request']:.0f} us/req"
+                f"  server {row['server_us_per_request']:.1f} us/req ({row['server_kernel_us_per_request']:.1f} kernel)"
+                f"  client {row['client_us_per_request']:.1f} us/req"
             )
         for row in rows:
             print(f"native_h3 / {row['against']:12} {row['workload']:4} {row['ratio']:6.2f}x (target >= {row['target']:g}x: {'met' if row['met'] else 'NOT met'})")
