@@ -6,7 +6,7 @@ use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
@@ -204,7 +204,7 @@ async fn serve_request(request: Request<()>, stream: Stream, conn: Arc<Connectio
     let (mut parts, ()) = request.into_parts();
     parts.version = Version::HTTP_3;
     let date_header = conn.server.config.date_header;
-    let Ok(response) = service::handle(Request::from_parts(parts, H3Body(recv)), conn).await;
+    let Ok(response) = service::handle(Request::from_parts(parts, H3Body::new(recv)), conn).await;
     let (mut head, mut body) = response.into_parts();
     // Connection-specific headers are malformed in HTTP/3 (RFC 9114 4.2).
     for name in [
@@ -243,24 +243,67 @@ async fn serve_request(request: Request<()>, stream: Stream, conn: Arc<Connectio
     let _ = send.finish().await;
 }
 
+type RecvStream = RequestStream<guard::h3::RequestStream<h3_quinn::RecvStream>, Bytes>;
+
 /// The request body of an HTTP/3 stream, as an `http_body::Body`.
-struct H3Body(RequestStream<guard::h3::RequestStream<h3_quinn::RecvStream>, Bytes>);
+struct H3Body {
+    stream: RecvStream,
+    /// What the stream gave when the request came, not handed on yet.
+    peeked: Option<Result<Bytes, h3::error::StreamError>>,
+    ended: bool,
+}
+
+impl H3Body {
+    /// Reads what has already arrived. HTTP/3 has no flag for a request
+    /// without a body (HTTP/2's END_STREAM), but the stream's end usually
+    /// comes with the head: known at once, it spares the service waiting
+    /// for a body that will never come.
+    fn new(stream: RecvStream) -> Self {
+        let mut body = H3Body { stream, peeked: None, ended: false };
+        if let Poll::Ready(Some(first)) = body.read(&mut Context::from_waker(Waker::noop())) {
+            body.peeked = Some(first);
+        }
+        body
+    }
+
+    fn read(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, h3::error::StreamError>>> {
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        match self.stream.poll_recv_data(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(Some(mut data))) => Poll::Ready(Some(Ok(data.copy_to_bytes(data.remaining())))),
+            Poll::Ready(Ok(None)) => {
+                self.ended = true;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Err(error)) => Poll::Ready(Some(Err(error))),
+        }
+    }
+}
 
 impl Body for H3Body {
     type Data = Bytes;
     type Error = h3::error::StreamError;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        match self.0.poll_recv_data(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Ok(Some(mut data))) => Poll::Ready(Some(Ok(Frame::data(data.copy_to_bytes(data.remaining()))))),
-            Poll::Ready(Ok(None)) => Poll::Ready(None),
-            Poll::Ready(Err(error)) => Poll::Ready(Some(Err(error))),
-        }
+        let next = match self.peeked.take() {
+            Some(first) => Poll::Ready(Some(first)),
+            None => self.read(cx),
+        };
+        next.map(|frame| frame.map(|result| result.map(Frame::data)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended && self.peeked.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
-        SizeHint::default()
+        if self.is_end_stream() {
+            SizeHint::with_exact(0)
+        } else {
+            SizeHint::default()
+        }
     }
 }
 
