@@ -332,15 +332,16 @@ def measure(case: Case, iteration: int, options: argparse.Namespace, certs: tupl
             result = Result(case.name, workload, iteration)
             path = "/" if workload == "get" else "/echo"
             try:
-                server_before, client_before, started = server.cpu_seconds(), children_cpu_seconds(), time.monotonic()
+                (user_before, system_before), client_before = server.cpu_seconds(), children_cpu_seconds()
+                started = time.monotonic()
                 if case.protocol == "h3":
                     report = run_h3load(f"https://127.0.0.1:{port}{path}", workload, ca, options, pins[1])
                 else:
                     report = run_h2load(f"http://127.0.0.1:{port}{path}", workload, options, pins[1], scratch)
                 wall = time.monotonic() - started
                 (user, system), client_cpu = server.cpu_seconds(), children_cpu_seconds() - client_before
-                server_kernel = system - server_before[1]
-                server_cpu = user - server_before[0] + server_kernel
+                server_kernel = system - system_before
+                server_cpu = user - user_before + server_kernel
                 result.rps, result.p50_ms, result.p99_ms = report["rps"], report["p50_ms"], report["p99_ms"]
                 result.requests, result.errors = report["requests"], report["errors"]
                 result.server_cpu, result.client_cpu = 100 * server_cpu / wall, 100 * client_cpu / wall
